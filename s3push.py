@@ -735,12 +735,13 @@ def object_key(prefix, relative):
 
     Raises FileError for a name that is not UTF-8 or a key longer than S3 allows.
     """
-    key = prefix + relative
     try:
-        size = len(key.encode("utf-8"))
-    except UnicodeEncodeError:
+        # From the bytes on disk: under a C locale Python 3.6 decodes names as ASCII.
+        key = prefix + os.fsencode(relative).decode("utf-8")
+    except UnicodeDecodeError:
         raise FileError("the name is not valid UTF-8 (%s): rename it; it was left in place"
                         % safe_name(relative))
+    size = len(key.encode("utf-8"))
     if size > MAX_KEY_BYTES:
         raise FileError("the key would be %d bytes, over S3's limit of %d: shorten the path; "
                         "it was left in place" % (size, MAX_KEY_BYTES))
@@ -749,8 +750,7 @@ def object_key(prefix, relative):
 
 def safe_name(name):
     """A file name fit for a terminal: undecodable bytes and control characters escaped."""
-    raw = name.encode("utf-8", "surrogateescape")
-    text = raw.decode("utf-8", "backslashreplace")
+    text = os.fsencode(name).decode("utf-8", "backslashreplace")
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 

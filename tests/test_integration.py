@@ -1,0 +1,309 @@
+"""The real script, run as a subprocess, against a real S3 server that checks signatures.
+
+Each test moves its own directory under its own key prefix and then compares the
+bytes that landed with what was written. The subprocess gets a cron-like
+environment: no LANG, an empty HOME, credentials only from what the test sets.
+"""
+
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import s3server  # noqa: E402
+
+SERVER = None
+RUN_TIMEOUT = 120
+OLD = time.time() - 3600   # mtime for files that are old enough for the default --min-age
+
+
+def setUpModule():
+    global SERVER
+    SERVER = s3server.start_server()
+
+
+def tearDownModule():
+    if SERVER is not None:
+        SERVER.stop()
+
+
+def write_file(root, relative, data, mtime=OLD):
+    """Create root/relative (UTF-8 name, whatever the locale) with data and an old mtime."""
+    path = os.path.join(os.fsencode(root), relative.encode("utf-8"))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as handle:
+        handle.write(data)
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def files_under(root):
+    """Relative paths (bytes) of every non-directory under root."""
+    root = os.fsencode(root)
+    found = []
+    for directory, _, names in os.walk(root):
+        found.extend(os.path.relpath(os.path.join(directory, n), root) for n in names)
+    return sorted(found)
+
+
+class Result(object):
+    def __init__(self, status, stdout, stderr):
+        self.status = status
+        self.stdout = stdout
+        self.stderr = stderr
+
+
+class IntegrationCase(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="s3push-test-")
+        self.source = os.path.join(self.tmp, "src")
+        self.home = os.path.join(self.tmp, "home")
+        os.makedirs(self.source)
+        os.makedirs(self.home)
+        self.prefix = "%s-%d/" % (self.id().rsplit(".", 1)[-1], random.randrange(10 ** 9))
+
+    def tearDown(self):
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def env(self, **extra):
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": self.home,
+               "AWS_ACCESS_KEY_ID": SERVER.access_key,
+               "AWS_SECRET_ACCESS_KEY": SERVER.secret_key, "AWS_REGION": SERVER.region}
+        env.update(extra)
+        return {k: v for k, v in env.items() if v is not None}
+
+    def command(self, *args, **kw):
+        endpoint = kw.get("endpoint", SERVER.endpoint)
+        source = kw.get("source", self.source)
+        return [sys.executable, s3server.S3PUSH, "--endpoint-url", endpoint] + list(args) + \
+            [source, "s3://%s/%s" % (SERVER.bucket, self.prefix)]
+
+    def run_s3push(self, *args, **kw):
+        env = kw.pop("env", None) or self.env()
+        cwd = kw.pop("cwd", None)
+        done = subprocess.run(self.command(*args, **kw), env=env, cwd=cwd,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              stdin=subprocess.DEVNULL, timeout=RUN_TIMEOUT)
+        return Result(done.returncode, done.stdout.decode("utf-8", "replace"),
+                      done.stderr.decode("utf-8", "replace"))
+
+    def assert_landed(self, expected):
+        """expected: {relative path: bytes}; each is on the server under the prefix."""
+        for relative, data in expected.items():
+            got = SERVER.object_bytes(self.prefix + relative)
+            self.assertIsNotNone(got, "missing on the server: %r" % relative)
+            self.assertEqual(got, data, "bytes differ on the server: %r" % relative)
+
+
+AWKWARD = ["space name", "plus+sign", "per%cent", "til~de", "hash#tag", "quest?ion",
+           "amp&ersand", "equal=s", "ünïcödé-日本", "-leading-dash", "semi;colon",
+           "comma,s", "at@sign", "dollar$", "paren(s)", "quote'", "bra[ck]et"]
+
+
+class MovesFiles(IntegrationCase):
+    def test_moves_1000_files_with_awkward_names(self):
+        rng = random.Random(1000)
+        expected = {}
+        for i in range(1000):
+            folder = "/".join(rng.choice(AWKWARD) for _ in range(rng.randrange(0, 3)))
+            name = "%s %d.dat" % (rng.choice(AWKWARD), i)
+            relative = (folder + "/" + name) if folder else name
+            expected[relative] = os.urandom(rng.randrange(0, 3000))
+            write_file(self.source, relative, expected[relative])
+        result = self.run_s3push()
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertEqual(result.stdout + result.stderr, "", "not silent on success")
+        self.assertEqual(files_under(self.source), [])
+        self.assertEqual(SERVER.keys(self.prefix), {self.prefix + k for k in expected})
+        self.assert_landed(expected)
+
+    def test_empty_files(self):
+        write_file(self.source, "empty", b"")
+        write_file(self.source, "sub/also-empty.txt", b"")
+        result = self.run_s3push()
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assert_landed({"empty": b"", "sub/also-empty.txt": b""})
+        self.assertEqual(files_under(self.source), [])
+
+    def test_source_dir_however_written(self):
+        parent = os.path.dirname(self.source)
+        for spelling in ("src", "src/", "./src//", self.source, self.source + "/"):
+            data = spelling.encode()
+            write_file(self.source, "d/f.txt", data)
+            result = self.run_s3push(source=spelling, cwd=parent)
+            self.assertEqual(result.status, 0, result.stderr)
+            self.assertEqual(SERVER.object_bytes(self.prefix + "d/f.txt"), data, spelling)
+            self.assertEqual(SERVER.keys(self.prefix), {self.prefix + "d/f.txt"})
+
+    def test_prefix_forms(self):
+        unique = self.prefix.rstrip("/")
+        bucket = "s3://" + SERVER.bucket
+        for destination, name, key in ((bucket, unique + "-root", unique + "-root"),
+                                       (bucket + "/", unique + "-slash", unique + "-slash"),
+                                       (bucket + "/" + unique + "/a", "x", unique + "/a/x"),
+                                       (bucket + "/" + unique + "/b/", "y", unique + "/b/y")):
+            write_file(self.source, name, destination.encode())
+            argv = [sys.executable, s3server.S3PUSH, "--endpoint-url", SERVER.endpoint,
+                    self.source, destination]
+            done = subprocess.run(argv, env=self.env(), timeout=RUN_TIMEOUT,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            self.assertEqual(done.returncode, 0, done.stderr)
+            self.assertEqual(SERVER.object_bytes(key), destination.encode(), destination)
+
+    def test_verbose_lines_and_summary(self):
+        write_file(self.source, "a.txt", b"12345")
+        write_file(self.source, "b/c.txt", b"678")
+        result = self.run_s3push("-v")
+        self.assertEqual(result.status, 0, result.stderr)
+        lines = result.stdout.splitlines()
+        self.assertEqual(len(lines), 3, result.stdout)
+        self.assertIn("moved %s -> s3://%s/%sb/c.txt (3 bytes)"
+                      % (os.path.join(self.source, "b", "c.txt"), SERVER.bucket, self.prefix),
+                      lines)
+        self.assertRegex(lines[-1], r"^s3push: moved 2 files, 8 bytes in [0-9.]+ s "
+                                    r"\([0-9.]+ MB/s\); 0 failed, 0 left for later")
+
+    def test_delete_empty_dirs(self):
+        write_file(self.source, "a/b/c/file", b"x")
+        write_file(self.source, "a/keep/young", b"y", mtime=time.time())
+        write_file(self.source, "d/e/file", b"z")
+        result = self.run_s3push("--delete-empty-dirs")
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertEqual(sorted(os.listdir(self.source)), ["a"])
+        self.assertEqual(sorted(os.listdir(os.path.join(self.source, "a"))), ["keep"])
+        self.run_s3push("--delete-empty-dirs", "--min-age", "0")
+        self.assertEqual(os.listdir(self.source), [], "SOURCE_DIR itself must stay, empty")
+        self.assertTrue(os.path.isdir(self.source))
+
+    def test_without_delete_empty_dirs_directories_stay(self):
+        write_file(self.source, "a/b/file", b"x")
+        self.assertEqual(self.run_s3push().status, 0)
+        self.assertTrue(os.path.isdir(os.path.join(self.source, "a", "b")))
+
+    def test_credentials_from_profile_file(self):
+        write_file(self.source, "f", b"profile")
+        aws = os.path.join(self.home, ".aws")
+        os.makedirs(aws)
+        with open(os.path.join(aws, "credentials"), "w", newline="\r\n") as handle:
+            handle.write("\ufeff[ops]\naws_access_key_id = %s\naws_secret_access_key = %s\n"
+                         % (SERVER.access_key, SERVER.secret_key))
+        env = self.env(AWS_ACCESS_KEY_ID="AKWRONG", AWS_SECRET_ACCESS_KEY="wrong")
+        result = self.run_s3push("--profile", "ops", env=env)
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assert_landed({"f": b"profile"})
+
+
+class KeepsFiles(IntegrationCase):
+    def test_wrong_secret_keeps_every_file(self):
+        for i in range(5):
+            write_file(self.source, "f%d" % i, b"data")
+        canary = "CANARY-secret-%d" % random.randrange(10 ** 9)
+        result = self.run_s3push(env=self.env(AWS_SECRET_ACCESS_KEY=canary))
+        self.assertEqual(result.status, 77, result.stderr)
+        self.assertEqual(len(files_under(self.source)), 5)
+        self.assertIn("SignatureDoesNotMatch", result.stderr)
+        self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+        self.assertNotIn(canary, result.stdout + result.stderr)
+        self.assertEqual(SERVER.keys(self.prefix), set())
+
+    def test_young_file_is_left(self):
+        write_file(self.source, "old", b"old")
+        write_file(self.source, "young", b"young", mtime=time.time())
+        result = self.run_s3push()
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertEqual(files_under(self.source), [b"young"])
+        self.assertEqual(SERVER.keys(self.prefix), {self.prefix + "old"})
+
+    def test_dry_run_changes_nothing(self):
+        write_file(self.source, "x/a b.txt", b"a")
+        write_file(self.source, "y", b"bb")
+        result = self.run_s3push("--dry-run")
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertIn("would move %s -> s3://%s/%sx/a b.txt (1 bytes)"
+                      % (os.path.join(self.source, "x", "a b.txt"), SERVER.bucket,
+                         self.prefix), result.stdout)
+        self.assertEqual(len(result.stdout.splitlines()), 2)
+        self.assertEqual(files_under(self.source), [b"x/a b.txt", b"y"])
+        self.assertEqual(SERVER.keys(self.prefix), set())
+
+    def test_in_progress_names_special_files_and_symlinks(self):
+        for name in (".hidden", "x.tmp", "y.part", "z.partial", ".w.swp", "v~", "skip.log",
+                     ".staging/inside"):
+            write_file(self.source, name, b"in progress")
+        write_file(self.source, "real", b"real")
+        os.mkfifo(os.path.join(self.source, "fifo"))
+        outside = write_file(self.tmp, "outside", b"outside")
+        os.symlink(outside, os.path.join(self.source, "link"))
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(os.path.join(self.source, "sock"))
+        try:
+            result = self.run_s3push("--exclude", "*.log")
+        finally:
+            sock.close()
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertEqual(SERVER.keys(self.prefix), {self.prefix + "real"})
+        left = files_under(self.source)
+        self.assertEqual(len(left), 11, left)   # all but 'real'
+        self.assertTrue(os.path.exists(outside))
+
+    def test_unreachable_endpoint_fails_fast(self):
+        write_file(self.source, "f", b"data")
+        started = time.monotonic()
+        result = self.run_s3push(endpoint="http://127.0.0.1:%d" % s3server.free_port())
+        self.assertEqual(result.status, 75, result.stderr)
+        self.assertLess(time.monotonic() - started, 30)
+        self.assertIn("cannot connect", result.stderr)
+        self.assertEqual(files_under(self.source), [b"f"])
+
+
+class Races(IntegrationCase):
+    """A gate proxy holds the upload after the script read the file: deterministic races."""
+
+    def gated_run(self):
+        port = int(SERVER.endpoint.rsplit(":", 1)[1])
+        gate = s3server.GateProxy(port)
+        self.addCleanup(gate.close)
+        process = subprocess.Popen(self.command(endpoint=gate.endpoint), env=self.env(),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   stdin=subprocess.DEVNULL)
+        self.addCleanup(process.kill)
+        self.assertTrue(gate.arrived.wait(RUN_TIMEOUT), "the upload never reached the proxy")
+        return gate, process
+
+    def test_file_appended_during_upload_is_kept(self):
+        path = write_file(self.source, "growing.log", b"first part\n")
+        gate, process = self.gated_run()
+        with open(path, "ab") as handle:
+            handle.write(b"appended while uploading\n")
+        gate.release.set()
+        _, stderr = process.communicate(timeout=RUN_TIMEOUT)
+        self.assertEqual(process.returncode, 65, stderr)
+        self.assertIn(b"changed while it was uploading", stderr)
+        with open(path, "rb") as handle:
+            self.assertEqual(handle.read(), b"first part\nappended while uploading\n")
+        self.assert_landed({"growing.log": b"first part\n"})
+
+    def test_second_run_exits_at_once(self):
+        write_file(self.source, "a", b"a")
+        write_file(self.source, "b", b"b")
+        gate, process = self.gated_run()
+        second = self.run_s3push()
+        self.assertEqual(second.status, 0, second.stderr)
+        self.assertIn("another run", second.stderr)
+        self.assertEqual(SERVER.keys(self.prefix), set(), "the second run touched files")
+        self.assertEqual(len(files_under(self.source)), 2)
+        gate.release.set()
+        process.communicate(timeout=RUN_TIMEOUT)
+        self.assertEqual(process.returncode, 0)
+        self.assertEqual(files_under(self.source), [])
+        self.assert_landed({"a": b"a", "b": b"b"})
+
+
+if __name__ == "__main__":
+    unittest.main()
