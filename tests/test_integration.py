@@ -261,6 +261,20 @@ class KeepsFiles(IntegrationCase):
         self.assertIn("cannot connect", result.stderr)
         self.assertEqual(files_under(self.source), [b"f"])
 
+    def test_bad_source_and_destination(self):
+        write_file(self.source, "f", b"x")
+        missing = self.run_s3push(source=os.path.join(self.tmp, "missing"))
+        self.assertEqual(missing.status, 66, missing.stderr)
+        self.assertIn("missing does not exist", missing.stderr)
+        not_dir = self.run_s3push(source=os.path.join(self.source, "f"))
+        self.assertEqual(not_dir.status, 66, not_dir.stderr)
+        argv = [sys.executable, s3server.S3PUSH, self.source, "my-bucket/x"]
+        done = subprocess.run(argv, env=self.env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=RUN_TIMEOUT)
+        self.assertEqual(done.returncode, 2)
+        self.assertIn(b"'my-bucket/x' is not an s3://BUCKET[/PREFIX] URL", done.stderr)
+        self.assertEqual(files_under(self.source), [b"f"])
+
 
 class Races(IntegrationCase):
     """A gate proxy holds the upload after the script read the file: deterministic races."""
