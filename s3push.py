@@ -44,26 +44,25 @@ signer, transport, S3 operations, local side, command line.
 
 import argparse
 import base64
-import configparser
+import collections
 import datetime
 import errno
 import fcntl
 import fnmatch
 import hashlib
 import hmac
-import http.client
 import itertools
-import mimetypes
 import os
 import re
 import signal
 import socket
-import ssl
 import stat
 import sys
+import threading
 import time
 import urllib.parse
-import xml.etree.ElementTree as ElementTree
+# Deferred to first use, so that a cron tick with nothing to send never loads them:
+# configparser (settings), http.client and ssl (transport), mimetypes, xml.etree.
 
 if sys.version_info < (3, 6):
     sys.exit("s3push needs Python 3.6 or newer; this is %s" % sys.version.split()[0])
@@ -73,17 +72,29 @@ if sys.version_info < (3, 6):
 VERSION = "0.1.0"
 USER_AGENT = "s3push/%s python/%d.%d" % ((VERSION,) + tuple(sys.version_info[:2]))
 ALGORITHM = "AWS4-HMAC-SHA256"
-EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 DEFAULT_REGION = "us-east-1"
 DEFAULT_MIN_AGE = 60
 DEFAULT_EXCLUDES = (".*", "*.tmp", "*.part", "*.partial", "*.swp", "*~")
+MIB = 1024 ** 2
 MAX_KEY_BYTES = 1024
 MAX_PUT_BYTES = 5 * 1024 ** 3          # S3's limit for one PUT
-IN_MEMORY_BYTES = 1024 ** 2            # smaller files are read once and sent from memory
+MAX_OBJECT_BYTES = 5 * 1024 ** 4       # and for one object
+MIN_PART_BYTES = 5 * MIB               # S3's minimum part size (but for the last part)
+MAX_PARTS = 10000
+DEFAULT_JOBS = 8
+DEFAULT_MULTIPART_THRESHOLD = 16 * MIB
+DEFAULT_PART_SIZE = 16 * MIB
+IN_MEMORY_BYTES = 256 * 1024           # smaller bodies are read once and sent from memory
 BLOCK_BYTES = 256 * 1024
 MAX_ERROR_BODY = 64 * 1024             # an error answer longer than this is cut
+MAX_ANSWER_BODY = 1024 * 1024          # a success answer is XML of a few hundred bytes
 CONNECT_TIMEOUT = 10
 READ_TIMEOUT = 60
+DEFAULT_RETRIES = 5
+BACKOFF_BASE = 0.2                     # seconds; full jitter below base * 2**retry
+BACKOFF_CAP = 20.0
+RETRY_AFTER_CAP = 60.0
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -187,6 +198,7 @@ class Settings(object):
 
 def parse_ini(text, path):
     """Parse AWS-style INI text into {section: {key: value}}; errors name file and line only."""
+    import configparser
     parser = configparser.RawConfigParser(strict=False, default_section="\x00none")
     try:
         parser.read_string(text.lstrip("\ufeff"), source=path)
@@ -437,23 +449,31 @@ def object_address(endpoint, bucket, key):
     return endpoint.netloc(bucket + "." + endpoint.host), "%s/%s" % (endpoint.base_path, key)
 
 
-def xml_child_text(root, name):
-    """Text of the first child called `name`, whatever its namespace."""
-    for child in root:
-        if child.tag == name or child.tag.endswith("}" + name):
-            return (child.text or "").strip()
+def parse_xml(body):
+    """The root element of an XML answer, or None; no DTD or entity is ever expanded."""
+    if b"<!DOCTYPE" in body or b"<!ENTITY" in body:
+        return None
+    import xml.etree.ElementTree as ElementTree
+    try:
+        return ElementTree.fromstring(body.strip())
+    except (ElementTree.ParseError, ValueError):
+        return None
+
+
+def xml_text(root, name):
+    """Text of the first element called name, whatever its namespace ('' if none)."""
+    for element in root.iter() if root is not None else ():
+        if element.tag == name or element.tag.endswith("}" + name):
+            return (element.text or "").strip()
     return ""
 
 
 def parse_error_body(body):
-    """(code, message) from an S3 XML error; ("", "") when the body is not such XML."""
-    if b"<!DOCTYPE" in body or b"<!ENTITY" in body:
-        return "", ""   # no document type or entity is ever expanded
-    try:
-        root = ElementTree.fromstring(body)
-    except (ElementTree.ParseError, ValueError):
+    """(code, message) of an S3 <Error> answer; ("", "") for anything else."""
+    root = parse_xml(body)
+    if root is None or root.tag.rsplit("}", 1)[-1] != "Error":
         return "", ""
-    return xml_child_text(root, "Code"), xml_child_text(root, "Message")
+    return xml_text(root, "Code"), xml_text(root, "Message")
 
 
 class Response(object):
@@ -469,24 +489,26 @@ class Response(object):
         return self.headers.get(name.lower(), "")
 
 
-def error_from_response(response, what):
-    """The S3PushError for a non-2xx answer, named by its S3 code and request id."""
+def error_from_response(response, what=""):
+    """The S3PushError for a non-2xx answer, named by its S3 code and request id.
+
+    what: the request, when the key alone does not say it (e.g. 'part 3').
+    """
     code, message = parse_error_body(response.body)
     code = code or "HTTP%d" % response.status
     request_id = response.header("x-amz-request-id") or response.header("x-amz-id-2")
-    text = "%s: %s (HTTP %d%s)" % (code, one_line(message or response.reason),
-                                   response.status,
-                                   ", request id " + request_id if request_id else "")
+    text = "%s%s: %s (HTTP %d%s)" % (what + ": " if what else "", code,
+                                     one_line(message or response.reason), response.status,
+                                     ", request id " + request_id if request_id else "")
     if code == "RequestTimeTooSkewed":
-        return ConfigError("%s: %s: set this host's clock right (NTP)" % (what, text))
+        return ConfigError("%s: set this host's clock right (NTP)" % text)
     if code in ACCESS_CODES or response.status in (401, 403):
-        return AccessError("%s: %s: check the credentials and that they allow s3:PutObject"
-                           % (what, text))
+        return AccessError("%s: check the credentials and that they allow s3:PutObject" % text)
     if code in CONFIG_CODES or response.status in (301, 307, 404):
-        return ConfigError("%s: %s: check the bucket, region and endpoint" % (what, text))
+        return ConfigError("%s: check the bucket, region and endpoint" % text)
     if code in TEMPORARY_CODES or response.status >= 500 or response.status == 429:
-        return TemporaryError("%s: %s: try again later" % (what, text))
-    return FileError("%s: %s" % (what, text))
+        return TemporaryError("%s: try again later" % text)
+    return FileError(text)
 
 
 def one_line(text, limit=300):
@@ -495,14 +517,31 @@ def one_line(text, limit=300):
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+class FileRange(object):
+    """length bytes of an open file from offset: a request body read with pread, never held."""
+
+    def __init__(self, fd, offset, length):
+        self.fd = fd
+        self.offset = offset
+        self.length = length
+
+    def blocks(self):
+        position, end = self.offset, self.offset + self.length
+        while position < end:
+            block = os.pread(self.fd, min(BLOCK_BYTES, end - position), position)
+            if not block:
+                raise FileError("the file shrank while it was being sent; kept for the next run")
+            position += len(block)
+            yield block
+
+
 class Connection(object):
     """One persistent HTTP/1.1 connection to one host, reopened when it was closed."""
 
-    def __init__(self, scheme, host, port, context=None):
+    def __init__(self, scheme, host, port):
         self.scheme = scheme
         self.host = host
         self.port = port
-        self.context = context
         self.conn = None
         self.requests = 0   # answered on the current connection
 
@@ -512,10 +551,11 @@ class Connection(object):
         self.conn = None
 
     def open(self):
+        import http.client   # deferred, like ssl: an idle cron tick never loads them
         if self.scheme == "https":
-            context = self.context or ssl.create_default_context()
+            import ssl
             conn = http.client.HTTPSConnection(self.host, self.port, timeout=CONNECT_TIMEOUT,
-                                               context=context)
+                                               context=ssl.create_default_context())
         else:
             conn = http.client.HTTPConnection(self.host, self.port, timeout=CONNECT_TIMEOUT)
         try:
@@ -525,10 +565,13 @@ class Connection(object):
                                    "the server up?" % (self.host, self.port,
                                                        describe_os_error(exc)))
         conn.sock.settimeout(READ_TIMEOUT)
+        # Headers and body go out in separate writes: without this, Nagle's algorithm and
+        # delayed ACKs stall each streamed request by up to 40 ms.
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.conn, self.requests = conn, 0
 
     def exchange(self, method, target, headers, body):
-        """Send one request and read the answer; body is bytes or a (file, length) pair."""
+        """Send one request and read the answer; body is bytes or a FileRange."""
         if self.conn is None:
             self.open()
         conn = self.conn
@@ -536,30 +579,19 @@ class Connection(object):
         for name, value in headers.items():
             conn.putheader(name, value)
         if isinstance(body, bytes):
-            conn.endheaders(body)
+            conn.endheaders(body)   # one write for headers and a small body
         else:
             conn.endheaders()
-            send_file_body(conn, body[0], body[1])
+            for block in body.blocks():
+                conn.send(block)
         answer = conn.getresponse()
-        data = answer.read(MAX_ERROR_BODY if answer.status >= 300 else None)
+        data = answer.read(MAX_ERROR_BODY if answer.status >= 300 else MAX_ANSWER_BODY)
         if answer.will_close or not answer.isclosed():
             self.close()
         else:
             self.requests += 1
         return Response(answer.status, answer.reason,
                         {k.lower(): v for k, v in answer.getheaders()}, data)
-
-
-def send_file_body(conn, handle, length):
-    """Stream `length` bytes of an open file from its start, in blocks."""
-    handle.seek(0)
-    left = length
-    while left > 0:
-        block = handle.read(min(BLOCK_BYTES, left))
-        if not block:
-            raise FileError("the file shrank while it was being sent")
-        conn.send(block)
-        left -= len(block)
 
 
 def describe_os_error(exc):
@@ -570,11 +602,12 @@ def describe_os_error(exc):
 
 
 class S3Client(object):
-    """Signs and sends requests for one bucket, reusing one connection."""
+    """Signs and sends requests for one bucket over one connection (one per worker)."""
 
-    def __init__(self, settings, bucket, clock=None):
+    def __init__(self, settings, bucket, retries=0):
         self.settings = settings
         self.bucket = bucket
+        self.retries = retries
         if settings.endpoint_url:
             self.endpoint = parse_endpoint_url(settings.endpoint_url)
         else:
@@ -582,33 +615,71 @@ class S3Client(object):
         host = self.endpoint.host if self.endpoint.path_style else bucket + "." + \
             self.endpoint.host
         self.connection = Connection(self.endpoint.scheme, host, self.endpoint.port)
-        self.clock = clock or utc_now
 
     def close(self):
         self.connection.close()
 
     def request(self, method, key, headers, body, body_hash, query=()):
-        """One signed request for an object; a stale kept-alive connection is retried once."""
+        """One signed request with retries; returns the last answer.
+
+        Transient answers (5xx, 429, SlowDown, RequestTimeout, ...) and broken
+        connections are retried with exponential backoff and full jitter, or after the
+        server's Retry-After. Each attempt is signed afresh; a FileRange body is read
+        from disk again. A server that refuses connections is not retried.
+        """
+        import random
         host, path = object_address(self.endpoint, self.bucket, key)
         target = canonical_uri(path)
         if query:
             target += "?" + canonical_query_string(query)
-        for attempt in (1, 2):
-            signed = sign_request(method, host, path, query, headers, body_hash,
-                                  self.settings.credentials, self.settings.region, self.clock())
-            signed["user-agent"] = USER_AGENT
-            reused = self.connection.requests > 0
+        for retry in range(self.retries + 1):
+            if retry:
+                time.sleep(delay)
             try:
-                return self.connection.exchange(method, target, signed, body)
-            except S3PushError:
-                self.connection.close()
+                response = self.attempt(method, host, path, target, query, headers, body,
+                                        body_hash)
+            except UnreachableError:
                 raise
-            except (OSError, http.client.HTTPException) as exc:
-                self.connection.close()
-                if not (reused and attempt == 1):
-                    raise TemporaryError("the connection failed during the request (%s); "
-                                         "the file is kept" % describe_os_error(exc))
-        raise TemporaryError("the connection failed twice")   # not reached
+            except TemporaryError:
+                if retry == self.retries:
+                    raise
+                delay = backoff_delay(retry, "", random.random())
+                continue
+            if retry == self.retries or not is_retryable(response):
+                return response
+            delay = backoff_delay(retry, response.header("retry-after"), random.random())
+
+    def attempt(self, method, host, path, target, query, headers, body, body_hash):
+        import http.client
+        signed = sign_request(method, host, path, query, headers, body_hash,
+                              self.settings.credentials, self.settings.region, utc_now())
+        signed["user-agent"] = USER_AGENT
+        try:
+            return self.connection.exchange(method, target, signed, body)
+        except S3PushError:
+            self.connection.close()
+            raise
+        except (OSError, http.client.HTTPException) as exc:
+            self.connection.close()
+            raise TemporaryError("the connection failed during the request (%s); the file "
+                                 "is kept" % describe_os_error(exc))
+
+
+def is_retryable(response):
+    """5xx, 429 and the S3 codes that mean "try again" (RequestTimeout comes as a 400)."""
+    if response.status >= 500 or response.status == 429:
+        return True
+    return response.status >= 400 and parse_error_body(response.body)[0] in TEMPORARY_CODES
+
+
+def backoff_delay(retry, retry_after, unit):
+    """Seconds to wait before retry number `retry` (0 first): the server's Retry-After
+    (capped), else full jitter, unit * min(cap, base * 2**retry), with unit in [0, 1).
+    """
+    try:
+        return min(max(float(retry_after), 0.0), RETRY_AFTER_CAP)
+    except ValueError:
+        return unit * min(BACKOFF_CAP, BACKOFF_BASE * 2 ** retry)
 
 
 def utc_now():
@@ -619,13 +690,13 @@ def utc_now():
 
 
 class Digest(object):
-    """What the first read of a file found: its bytes (small files), hashes and size."""
+    """What one read of a file or part found: size, SHA-256, MD5 and (small) its bytes."""
 
     def __init__(self, size, sha256_hex, md5_raw, body):
         self.size = size
         self.sha256_hex = sha256_hex
         self.md5_raw = md5_raw      # None where the interpreter forbids MD5 (FIPS)
-        self.body = body            # the bytes for a small file, else None
+        self.body = body            # the bytes when small enough to keep, else None
 
     @property
     def md5_hex(self):
@@ -646,34 +717,35 @@ def new_md5():
         return None
 
 
-def digest_file(handle, size):
-    """Read `size` bytes once, computing SHA-256 and MD5 together."""
+def digest_range(fd, offset, length):
+    """Read a range once with pread, computing SHA-256 and MD5 in the same pass.
+
+    Bodies up to IN_MEMORY_BYTES are kept, to be sent without a second read.
+    """
     sha, md5 = hashlib.sha256(), new_md5()
-    keep = size <= IN_MEMORY_BYTES
-    chunks, left = [], size
-    while left > 0:
-        block = handle.read(min(BLOCK_BYTES, left))
-        if not block:
-            raise FileError("the file shrank while it was being read; kept for the next run")
+    keep = length <= IN_MEMORY_BYTES
+    chunks = []
+    for block in FileRange(fd, offset, length).blocks():
         sha.update(block)
         if md5 is not None:
             md5.update(block)
         if keep:
             chunks.append(block)
-        left -= len(block)
-    return Digest(size, sha.hexdigest(), md5.digest() if md5 is not None else None,
+    return Digest(length, sha.hexdigest(), md5.digest() if md5 is not None else None,
                   b"".join(chunks) if keep else None)
 
 
-def put_headers(digest, content_type):
-    headers = {"content-type": content_type, "content-length": str(digest.size)}
+def body_headers(digest, content_type=None):
+    headers = {"content-length": str(digest.size)}
+    if content_type:
+        headers["content-type"] = content_type
     if digest.md5_raw is not None:
         headers["content-md5"] = base64.b64encode(digest.md5_raw).decode("ascii")
     return headers
 
 
-def etag_confirms(etag, digest):
-    """True when the answer's ETag is the MD5 of the bytes sent (or no MD5 to compare).
+def etag_confirms(etag, md5_hex):
+    """True when an ETag is the MD5 of the bytes sent (or there is no MD5 to compare).
 
     An ETag that is not a plain MD5 (SSE-KMS, some servers) cannot confirm; the
     server-checked Content-MD5 and signed SHA-256 are then what vouch for the bytes.
@@ -681,26 +753,294 @@ def etag_confirms(etag, digest):
     etag = etag.strip().strip('"').lower()
     if not etag:
         return False
-    if digest.md5_hex is None or not re.match(r"^[0-9a-f]{32}$", etag):
+    if md5_hex is None or not re.match(r"^[0-9a-f]{32}$", etag):
         return True
-    return hmac.compare_digest(etag, digest.md5_hex)
+    return hmac.compare_digest(etag, md5_hex)
 
 
-def put_object(client, key, handle, digest, content_type):
-    """PUT one object; raise unless the server confirmed exactly these bytes."""
-    if digest.size > MAX_PUT_BYTES:
-        raise FileError("larger than 5 GiB, S3's limit for one PUT")
-    body = digest.body if digest.body is not None else (handle, digest.size)
-    response = client.request("PUT", key, put_headers(digest, content_type), body,
-                              digest.sha256_hex)
-    what = "s3://%s/%s" % (client.bucket, key)
+def check_answer(response, what):
+    """Raise the S3PushError for a failed answer, including a 200 that carries an <Error>."""
     if not 200 <= response.status < 300:
         raise error_from_response(response, what)
+    code, _ = parse_error_body(response.body)
+    if code:   # CompleteMultipartUpload can fail after its 200 was sent
+        raise error_from_response(Response(500, "error in a 200 answer", response.headers,
+                                           response.body), what)
+
+
+def put_object(client, key, fd, size, content_type):
+    """PUT one object from an open file; raise unless the server confirmed these bytes."""
+    digest = digest_range(fd, 0, size)
+    body = digest.body if digest.body is not None else FileRange(fd, 0, size)
+    response = client.request("PUT", key, body_headers(digest, content_type), body,
+                              digest.sha256_hex)
+    check_answer(response, "")
     etag = response.header("etag")
-    if not etag_confirms(etag, digest):
-        raise FileError("%s: the server's ETag %s is not the MD5 of the file (%s): "
-                        "the bytes were damaged on the way; kept" % (what, etag or "(none)",
-                                                                      digest.md5_hex))
+    if not etag_confirms(etag, digest.md5_hex):
+        raise FileError("the server's ETag %s is not the MD5 of the file (%s): the bytes were "
+                        "damaged on the way; kept" % (etag or "(none)", digest.md5_hex))
+
+
+def create_multipart_upload(client, key, content_type):
+    """POST ?uploads; returns the upload id."""
+    response = client.request("POST", key, {"content-type": content_type,
+                                            "content-length": "0"},
+                              b"", EMPTY_SHA256, query=[("uploads", "")])
+    check_answer(response, "starting the multipart upload")
+    upload_id = xml_text(parse_xml(response.body), "UploadId")
+    if not upload_id:
+        raise TemporaryError("the server started a multipart upload but gave no UploadId")
+    return upload_id
+
+
+def upload_part(client, key, upload_id, number, fd, offset, length):
+    """PUT one part; returns (its ETag as sent back, its MD5) once the ETag checks out."""
+    digest = digest_range(fd, offset, length)
+    body = digest.body if digest.body is not None else FileRange(fd, offset, length)
+    what = "part %d" % number
+    response = client.request("PUT", key, body_headers(digest), body, digest.sha256_hex,
+                              query=[("partNumber", str(number)), ("uploadId", upload_id)])
+    check_answer(response, what)
+    etag = response.header("etag")
+    if not etag_confirms(etag, digest.md5_hex):
+        raise FileError("%s: the server's ETag %s is not the MD5 of the part (%s); kept"
+                        % (what, etag or "(none)", digest.md5_hex))
+    return etag, digest.md5_raw
+
+
+def complete_multipart_upload(client, key, upload_id, parts):
+    """POST the part list; check the object's ETag (MD5 of the part MD5s, '-N') if given.
+
+    A server whose answer carries no ETag (Ceph RGW 16.2) is trusted through the parts,
+    each of which was checked; never through a HEAD, which PutObject-only keys cannot do.
+    """
+    body = ("<CompleteMultipartUpload>%s</CompleteMultipartUpload>" % "".join(
+        "<Part><PartNumber>%d</PartNumber><ETag>%s</ETag></Part>" % (n, xml_escape(etag))
+        for n, (etag, _) in enumerate(parts, 1))).encode("utf-8")
+    digest = digest_range_of_bytes(body)
+    what = "completing the multipart upload"
+    response = client.request("POST", key, body_headers(digest, "application/xml"), body,
+                              digest.sha256_hex, query=[("uploadId", upload_id)])
+    check_answer(response, what)
+    etag = (xml_text(parse_xml(response.body), "ETag") or response.header("etag"))
+    etag = etag.strip('"').lower()
+    md5s = [md5 for _, md5 in parts]
+    if etag and None not in md5s:
+        expected = "%s-%d" % (digest_range_of_bytes(b"".join(md5s)).md5_hex, len(parts))
+        if etag != expected:
+            raise FileError("the server's ETag %s is not %s, the MD5 of the parts' MD5s: kept"
+                            % (etag, expected))
+
+
+def digest_range_of_bytes(data):
+    md5 = new_md5()
+    if md5 is not None:
+        md5.update(data)
+    return Digest(len(data), payload_hash(data), md5.digest() if md5 else None, data)
+
+
+def xml_escape(text):
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace(
+        '"', "&quot;")
+
+
+def part_size_for(size, requested):
+    """The requested part size, grown so that the file fits in 10,000 parts (whole MiB)."""
+    needed = -(-size // MAX_PARTS)
+    part = max(requested, needed, MIN_PART_BYTES)
+    return -(-part // MIB) * MIB
+
+
+def part_ranges(size, part_size):
+    """[(part number, offset, length)]; the last part may be short."""
+    return [(n + 1, offset, min(part_size, size - offset))
+            for n, offset in enumerate(range(0, size, part_size))]
+
+
+# === Parallel transfers ===
+# Workers (threads, one connection each) take tasks from one queue: parts of a started
+# multipart upload first, then files. The scan feeds files in as it finds them, and the
+# queue holds only a few per worker, so memory does not grow with the directory.
+
+
+class WorkQueue(object):
+    def __init__(self, max_files):
+        self.cond = threading.Condition()
+        self.files = collections.deque()
+        self.parts = collections.deque()
+        self.max_files = max_files
+        self.producing = True   # the scan may still add files
+        self.uploads = 0        # multipart uploads in progress
+        self.stopped = False
+
+    def add_file(self, task):
+        """Queue a file, waiting while the queue is full; False once the run stopped."""
+        with self.cond:
+            while len(self.files) >= self.max_files and not self.stopped:
+                self.cond.wait(1.0)
+            if not self.stopped:
+                self.files.append(task)
+                self.cond.notify()
+            return not self.stopped
+
+    def begin_upload(self, tasks):
+        with self.cond:
+            self.uploads += 1
+            self.parts.extend(tasks)
+            self.cond.notify_all()
+
+    def end_upload(self):
+        with self.cond:
+            self.uploads -= 1
+            self.cond.notify_all()
+
+    def done_producing(self):
+        with self.cond:
+            self.producing = False
+            self.cond.notify_all()
+
+    def stop(self):
+        """Take no new work: queued files stay on disk, queued parts are abandoned."""
+        with self.cond:
+            self.stopped = True
+            self.files.clear()
+            abandoned, self.parts = list(self.parts), collections.deque()
+            self.cond.notify_all()
+        for part in abandoned:
+            part.abandon()
+
+    def next_task(self):
+        """The next part or file; None when there is nothing left to do."""
+        with self.cond:
+            while True:
+                if self.parts:
+                    return self.parts.popleft()
+                if self.files and not self.stopped:
+                    self.cond.notify_all()   # room for the scan
+                    return self.files.popleft()
+                if self.stopped or (not self.producing and self.uploads == 0):
+                    return None
+                self.cond.wait()
+
+    def next_part(self):
+        with self.cond:
+            return self.parts.popleft() if self.parts else None
+
+
+class PartTracker(object):
+    """The parts of one multipart upload: what each returned, and the first error."""
+
+    def __init__(self, count):
+        self.cond = threading.Condition()
+        self.results = [None] * count
+        self.left = count
+        self.error = None
+
+    def finish(self, index, result=None, error=None):
+        with self.cond:
+            self.results[index] = result
+            if error is not None and self.error is None:
+                self.error = error
+            self.left -= 1
+            self.cond.notify_all()
+
+    def wait(self, seconds):
+        with self.cond:
+            if self.left:
+                self.cond.wait(seconds)
+            return self.left == 0
+
+
+class PartTask(object):
+    """One part to upload, runnable by any worker."""
+
+    def __init__(self, job, tracker, index, key, upload_id, fd, offset, length):
+        self.job, self.tracker, self.index = job, tracker, index
+        self.key, self.upload_id = key, upload_id
+        self.fd, self.offset, self.length = fd, offset, length
+
+    def run(self, client):
+        """Whatever happens, the tracker hears of this part: its upload never waits forever."""
+        result, error = None, None
+        try:
+            result = upload_part(client, self.key, self.upload_id, self.index + 1, self.fd,
+                                 self.offset, self.length)
+        except S3PushError as exc:
+            error = exc
+            if exc.fatal:
+                self.job.queue.stop()
+        except OSError as exc:
+            error = FileError("cannot read part %d (%s)" % (self.index + 1, exc.strerror))
+        except BaseException:
+            error = S3PushError("part %d stopped by an internal error" % (self.index + 1))
+            raise
+        finally:
+            self.tracker.finish(self.index, result, error)
+
+    def abandon(self):
+        self.tracker.finish(self.index, error=TemporaryError("the run stopped before part %d "
+                                                             "was sent" % (self.index + 1)))
+
+
+def multipart_upload(client, job, key, fd, size, content_type):
+    """Create, send the parts through the workers (helping them), then complete.
+
+    On failure nothing is aborted (AbortMultipartUpload is a DELETE): a bucket lifecycle
+    rule removes the incomplete upload.
+    """
+    upload_id = create_multipart_upload(client, key, content_type)
+    ranges = part_ranges(size, part_size_for(size, job.part_size))
+    tracker = PartTracker(len(ranges))
+    job.queue.begin_upload([PartTask(job, tracker, number - 1, key, upload_id, fd, offset,
+                                     length) for number, offset, length in ranges])
+    try:
+        while not tracker.wait(0):
+            task = job.queue.next_part()
+            if task is not None:
+                task.run(client)
+            else:
+                tracker.wait(0.5)
+    finally:
+        job.queue.end_upload()
+    if tracker.error is not None:
+        raise tracker.error
+    complete_multipart_upload(client, key, upload_id, tracker.results)
+
+
+class FileTask(object):
+    """One file to move: upload, verify, delete; the outcome goes to the run's tally."""
+
+    def __init__(self, job, path, relative):
+        self.job, self.path, self.relative = job, path, relative
+
+    def run(self, client):
+        job = self.job
+        url = "s3://%s/%s%s" % (job.destination.bucket, job.destination.prefix,
+                                safe_name(self.relative))
+        try:
+            size = move_file(client, job, self.path, self.relative)
+        except S3PushError as exc:
+            job.run.failed(self.path, url, exc)
+            if exc.fatal:
+                job.queue.stop()
+            return
+        job.run.moved(self.path, url, size, job.verbose)
+
+
+def worker(job):
+    """Run tasks until the queue is done, over this worker's own connection."""
+    client = S3Client(job.settings, job.destination.bucket, job.retries)
+    try:
+        while True:
+            task = job.queue.next_task()
+            if task is None:
+                return
+            task.run(client)
+    except Exception as exc:   # a bug: stop the run, keep the files, say where
+        job.run.crashed(exc)
+        job.queue.stop()
+    finally:
+        client.close()
 
 
 # === Local side ===
@@ -823,7 +1163,7 @@ def open_regular_file(path):
     if not stat.S_ISREG(info.st_mode):
         os.close(fd)
         raise FileError("no longer a regular file; left in place")
-    return os.fdopen(fd, "rb", buffering=0), info
+    return fd, info
 
 
 def delete_if_unchanged(path, before):
@@ -838,21 +1178,31 @@ def delete_if_unchanged(path, before):
 
 
 def guess_content_type(name):
+    import mimetypes   # deferred: it reads the system's mime.types
     return mimetypes.guess_type(name, strict=False)[0] or "application/octet-stream"
 
 
-def move_file(client, path, relative, destination):
-    """Upload one file, verify, then delete it. Returns its size."""
-    key = object_key(destination.prefix, relative)
+def move_file(client, job, path, relative):
+    """Upload one file (one PUT, or multipart above the threshold), verify, delete it."""
+    key = object_key(job.destination.prefix, relative)
     try:
-        handle, info = open_regular_file(path)
+        fd, info = open_regular_file(path)
     except FileNotFoundError:
         raise FileError("vanished before it could be read; nothing to do")
     except OSError as exc:
         raise FileError("cannot read (%s); left in place" % exc.strerror)
-    with handle:
-        digest = digest_file(handle, info.st_size)
-        put_object(client, key, handle, digest, guess_content_type(relative))
+    try:
+        content_type = guess_content_type(relative)
+        if info.st_size > MAX_OBJECT_BYTES:
+            raise FileError("larger than 5 TiB, S3's limit for one object; left in place")
+        if info.st_size > min(job.multipart_threshold, MAX_PUT_BYTES):
+            multipart_upload(client, job, key, fd, info.st_size, content_type)
+        else:
+            put_object(client, key, fd, info.st_size, content_type)
+    except OSError as exc:
+        raise FileError("cannot read (%s); left in place" % exc.strerror)
+    finally:
+        os.close(fd)
     delete_if_unchanged(path, info)
     return info.st_size
 
@@ -896,6 +1246,7 @@ def build_parser():
                         help="remove subdirectories the run emptied (never SOURCE_DIR)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print what would move where, change nothing")
+    add_transfer_options(parser)
     parser.add_argument("--profile", help="profile in ~/.aws/credentials and ~/.aws/config")
     parser.add_argument("--region", help="signing region (default: from the environment or "
                         "profile, else us-east-1)")
@@ -907,14 +1258,61 @@ def build_parser():
     return parser
 
 
+def add_transfer_options(parser):
+    parser.add_argument("--retries", type=non_negative_int, default=DEFAULT_RETRIES,
+                        metavar="N", help="retry a request that failed for a transient reason "
+                        "(5xx, throttling, a broken connection) up to N times, with "
+                        "exponential backoff (default %(default)s)")
+    parser.add_argument("--jobs", type=positive_int, default=DEFAULT_JOBS, metavar="N",
+                        help="files and parts sent at once, each over its own kept-alive "
+                        "connection (default %(default)s)")
+    parser.add_argument("--multipart-threshold", type=size_argument, metavar="SIZE",
+                        default=DEFAULT_MULTIPART_THRESHOLD,
+                        help="files larger than this go up in parts (default %s)"
+                        % format_size(DEFAULT_MULTIPART_THRESHOLD))
+    parser.add_argument("--part-size", type=part_size_argument, metavar="SIZE",
+                        default=DEFAULT_PART_SIZE,
+                        help="size of each part, at least 5MiB; grown by itself so that any "
+                        "file fits in 10,000 parts (default %s)" % format_size(DEFAULT_PART_SIZE))
+
+
 def non_negative_int(text):
     try:
         value = int(text)
     except ValueError:
         value = -1
     if value < 0:
-        raise argparse.ArgumentTypeError("%r is not a whole number of seconds >= 0" % text)
+        raise argparse.ArgumentTypeError("%r is not a whole number >= 0" % text)
     return value
+
+
+def positive_int(text):
+    value = non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+SIZE_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "t": 1024 ** 4}
+
+
+def size_argument(text):
+    """Bytes from '8388608', '8M', '8MiB', '1.5G' (binary units)."""
+    match = re.match(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError("%r is not a size such as 64MiB or 1G" % text)
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
+
+
+def part_size_argument(text):
+    value = size_argument(text)
+    if value < MIN_PART_BYTES:
+        raise argparse.ArgumentTypeError("%r is below S3's minimum part size of 5MiB" % text)
+    return value
+
+
+def format_size(size):
+    return "%dMiB" % (size // MIB) if size % MIB == 0 else "%d bytes" % size
 
 
 def emit(stream, line):
@@ -925,15 +1323,40 @@ def emit(stream, line):
 
 
 class Run(object):
-    """The tally of one run: what moved, what failed, what was left for later."""
+    """The tally of one run, shared by the workers: moved, failed, left for later."""
 
     def __init__(self):
-        self.moved = []
+        self.lock = threading.Lock()
+        self.moved_paths = []
         self.bytes = 0
         self.failures = []     # exit codes of the failed files
         self.too_young = []
         self.fatal = None      # the error that stopped the run early
         self.started = time.monotonic()
+
+    def moved(self, path, url, size, verbose):
+        with self.lock:
+            self.moved_paths.append(path)
+            self.bytes += size
+            if verbose:
+                emit(sys.stdout, "moved %s -> %s (%d bytes)" % (safe_name(path), url, size))
+
+    def failed(self, path, url, exc):
+        """One line on stderr naming the file, the key (when there is one) and the reason."""
+        with self.lock:
+            self.failures.append(exc.exit_code)
+            if exc.fatal and self.fatal is not None:
+                return   # the same cause hit the other workers: said once is enough
+            if exc.fatal:
+                self.fatal = exc
+            target = " -> " + url if url else ""
+            emit(sys.stderr, "s3push: error: %s%s: %s" % (safe_name(path), target, exc))
+
+    def crashed(self, exc):
+        with self.lock:
+            self.fatal = S3PushError("internal error: %s: %s; no file was lost"
+                                     % (exc.__class__.__name__, one_line(exc)))
+            emit(sys.stderr, "s3push: %s" % self.fatal)
 
     def exit_code(self):
         if self.fatal is not None:
@@ -946,33 +1369,42 @@ class Run(object):
         seconds = max(time.monotonic() - self.started, 1e-6)
         return ("s3push: moved %d files, %d bytes in %.2f s (%.2f MB/s); %d failed, "
                 "%d left for later (younger than --min-age)"
-                % (len(self.moved), self.bytes, seconds, self.bytes / seconds / 1e6,
+                % (len(self.moved_paths), self.bytes, seconds, self.bytes / seconds / 1e6,
                    len(self.failures), len(self.too_young)))
 
 
-def report_failure(run, path, key_url, exc):
-    """One line on stderr naming the file, the key (when there is one) and the reason."""
-    run.failures.append(exc.exit_code)
-    target = " -> " + key_url if key_url else ""
-    emit(sys.stderr, "s3push: error: %s%s: %s" % (safe_name(path), target, exc))
+class Job(object):
+    """What the workers share: settings, destination, options, the queue and the tally."""
+
+    def __init__(self, options, settings, destination, run):
+        self.settings = settings
+        self.destination = destination
+        self.run = run
+        self.verbose = options.verbose
+        self.multipart_threshold = options.multipart_threshold
+        self.part_size = options.part_size
+        self.jobs = options.jobs
+        self.retries = options.retries
+        self.queue = WorkQueue(max_files=4 * options.jobs)
 
 
-def move_all(client, files, destination, options, run):
-    """Move each selected file; a fatal error (credentials, server down) stops the run."""
-    for path, relative, _ in files:
-        url = "s3://%s/%s%s" % (destination.bucket, destination.prefix, safe_name(relative))
-        try:
-            size = move_file(client, path, relative, destination)
-        except S3PushError as exc:
-            report_failure(run, path, url, exc)
-            if exc.fatal:
-                run.fatal = exc
-                return
-            continue
-        run.moved.append(path)
-        run.bytes += size
-        if options.verbose:
-            emit(sys.stdout, "moved %s -> %s (%d bytes)" % (safe_name(path), url, size))
+def move_all(job, files):
+    """Feed the scan's files to the workers and wait for them; SIGTERM stops the feed."""
+    workers = [threading.Thread(target=worker, args=(job,), daemon=True)
+               for _ in range(job.jobs)]
+    for thread in workers:
+        thread.start()
+    try:
+        for path, relative, _ in files:
+            if not job.queue.add_file(FileTask(job, path, relative)):
+                break
+        job.queue.done_producing()
+        for thread in workers:
+            while thread.is_alive():
+                thread.join(0.5)   # a timed join lets signals through on every Python
+    except BaseException:
+        job.queue.stop()   # in-flight uploads are abandoned; nothing unconfirmed is deleted
+        raise
 
 
 def dry_run(files, destination, run):
@@ -981,7 +1413,7 @@ def dry_run(files, destination, run):
         try:
             key = object_key(destination.prefix, relative)
         except FileError as exc:
-            report_failure(run, path, None, exc)
+            run.failed(path, None, exc)
             continue
         emit(sys.stdout, "would move %s -> s3://%s/%s (%d bytes)"
              % (safe_name(path), destination.bucket, safe_name(key), info.st_size))
@@ -1005,7 +1437,11 @@ def check_source(source):
 
 
 def run_transfer(options, environ):
-    """The whole run after argument parsing; returns the exit status."""
+    """The whole run after argument parsing; returns the exit status.
+
+    Nothing beyond the scan happens until it finds a file: an idle tick reads no
+    settings and loads no network code.
+    """
     destination = parse_destination(options.destination)
     check_source(options.source)
     lock = None if options.dry_run else lock_directory(options.source)
@@ -1018,19 +1454,16 @@ def run_transfer(options, environ):
     files = select_files(scan(options.source, patterns, errors), options.min_age,
                          time.time(), run.too_young)
     first, files = first_and_rest(files)
-    settings = load_settings(options, environ) if first is not None else None
-    if options.dry_run:
-        dry_run(files or [], destination, run)
-    elif first is not None:
-        client = S3Client(settings, destination.bucket)
-        try:
-            move_all(client, files, destination, options, run)
-        finally:
-            client.close()
-        if options.delete_empty_dirs:
-            remove_empty_dirs(options.source, run.moved)
+    if first is not None:
+        settings = load_settings(options, environ)
+        if options.dry_run:
+            dry_run(files, destination, run)
+        else:
+            move_all(Job(options, settings, destination, run), files)
+            if options.delete_empty_dirs:
+                remove_empty_dirs(options.source, run.moved_paths)
     for path, message in errors:
-        report_failure(run, path, None, FileError(message))
+        run.failed(path, None, FileError(message))
     if options.verbose:
         emit(sys.stdout, run.summary())
     return run.exit_code()

@@ -272,19 +272,19 @@ class Selection(unittest.TestCase):
 
 
 class Verification(unittest.TestCase):
-    def digest(self, data):
-        md5 = s3push.new_md5()
-        md5.update(data)
-        return s3push.Digest(len(data), s3push.payload_hash(data), md5.digest(), data)
-
     def test_etag_must_equal_md5(self):
-        digest = self.digest(b"hello")
-        self.assertTrue(s3push.etag_confirms('"5d41402abc4b2a76b9719d911017c592"', digest))
-        self.assertFalse(s3push.etag_confirms('"5d41402abc4b2a76b9719d911017c593"', digest))
-        self.assertFalse(s3push.etag_confirms("", digest))
+        md5 = "5d41402abc4b2a76b9719d911017c592"   # of b"hello"
+        self.assertTrue(s3push.etag_confirms('"%s"' % md5, md5))
+        self.assertTrue(s3push.etag_confirms(md5.upper(), md5))
+        self.assertFalse(s3push.etag_confirms('"5d41402abc4b2a76b9719d911017c593"', md5))
+        self.assertFalse(s3push.etag_confirms("", md5))
 
     def test_non_md5_etag_rests_on_content_md5(self):
-        self.assertTrue(s3push.etag_confirms('"abc-2"', self.digest(b"x")))
+        self.assertTrue(s3push.etag_confirms('"abc-2"', "5d41402abc4b2a76b9719d911017c592"))
+
+    def test_no_md5_available(self):
+        self.assertTrue(s3push.etag_confirms('"5d41402abc4b2a76b9719d911017c593"', None))
+        self.assertFalse(s3push.etag_confirms("", None))
 
     def test_errors_map_to_exit_codes(self):
         def answer(status, code):
