@@ -276,3 +276,108 @@ def pump(source, sink):
             except OSError:
                 pass
             sock.close()
+
+
+class FaultProxy(object):
+    """An HTTP/1.1 proxy that records every request and can answer some itself.
+
+    rule(method, target, attempt) -> None to forward, or (status, code) to answer with
+    an S3 error instead; attempt counts earlier requests with the same method and target.
+    `requests` lists (method, target) of everything the script sent.
+    """
+
+    def __init__(self, upstream_port, rule=None):
+        self.upstream_port = upstream_port
+        self.rule = rule or (lambda method, target, attempt: None)
+        self.requests = []
+        self.lock = threading.Lock()
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.endpoint = "http://127.0.0.1:%d" % self.listener.getsockname()[1]
+        threading.Thread(target=self.accept_loop, daemon=True).start()
+
+    def close(self):
+        self.listener.close()
+
+    def accept_loop(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.serve, args=(client,), daemon=True).start()
+
+    def serve(self, client):
+        reader = client.makefile("rb")
+        upstream = upstream_reader = None
+        try:
+            while True:
+                head = read_head(reader)
+                if head is None:
+                    return
+                body = reader.read(content_length(head))
+                method, target = head.split(b" ", 2)[:2]
+                method, target = method.decode(), target.decode()
+                with self.lock:
+                    attempt = self.requests.count((method, target))
+                    self.requests.append((method, target))
+                answer = self.rule(method, target, attempt)
+                if answer is not None:
+                    client.sendall(error_answer(*answer))
+                    continue
+                if upstream is None:
+                    upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+                    upstream_reader = upstream.makefile("rb")
+                upstream.sendall(head + body)
+                client.sendall(read_answer(upstream_reader))
+        except OSError:
+            return
+        finally:
+            for sock in (client, upstream):
+                if sock is not None:
+                    sock.close()
+
+
+def read_head(reader):
+    """Request or status line plus headers, through the blank line; None at EOF."""
+    lines = []
+    while True:
+        line = reader.readline(65537)
+        if not line:
+            return None
+        lines.append(line)
+        if line in (b"\r\n", b"\n"):
+            return b"".join(lines)
+
+
+def content_length(head):
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
+
+
+def read_answer(reader):
+    """One whole HTTP answer, bytes as received (Content-Length or chunked body)."""
+    head = read_head(reader)
+    if head is None:
+        raise OSError("upstream closed")
+    if b"transfer-encoding: chunked" not in head.lower():
+        return head + reader.read(content_length(head))
+    parts = [head]
+    while True:
+        size_line = reader.readline()
+        parts.append(size_line)
+        size = int(size_line.split(b";")[0], 16)
+        parts.append(reader.read(size + 2))
+        if size == 0:
+            return b"".join(parts)
+
+
+def error_answer(status, code):
+    body = ("<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>%s</Code><Message>"
+            "injected by the test proxy</Message></Error>" % code).encode()
+    return (b"HTTP/1.1 %d Injected\r\nContent-Type: application/xml\r\nContent-Length: %d\r\n"
+            b"\r\n" % (status, len(body))) + body

@@ -319,5 +319,91 @@ class Races(IntegrationCase):
         self.assert_landed({"a": b"a", "b": b"b"})
 
 
+MIB = 1024 * 1024
+
+
+class Multipart(IntegrationCase):
+    """Small part sizes keep these fast: 5 MiB, S3's minimum."""
+
+    def proxied(self, rule=None):
+        proxy = s3server.FaultProxy(int(SERVER.endpoint.rsplit(":", 1)[1]), rule)
+        self.addCleanup(proxy.close)
+        return proxy
+
+    def methods(self, proxy):
+        return [(m, t.split("?", 1)[1].split("=")[0] if "?" in t else "")
+                for m, t in proxy.requests]
+
+    def test_several_parts_and_a_short_last_part(self):
+        data = os.urandom(2 * 5 * MIB + 12345)
+        write_file(self.source, "big/file.bin", data)
+        write_file(self.source, "small.txt", b"small")
+        proxy = self.proxied()
+        result = self.run_s3push("--multipart-threshold", "5MiB", "--part-size", "5MiB",
+                                 endpoint=proxy.endpoint)
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assert_landed({"big/file.bin": data, "small.txt": b"small"})
+        self.assertEqual(files_under(self.source), [])
+        calls = self.methods(proxy)
+        self.assertEqual(calls.count(("POST", "uploads")), 1)
+        self.assertEqual(calls.count(("PUT", "partNumber")), 3)
+        self.assertEqual(calls.count(("POST", "uploadId")), 1)
+        self.assertEqual(calls.count(("PUT", "")), 1)
+        self.assertEqual({m for m, _ in calls}, {"PUT", "POST"}, "only PUT and POST are sent")
+
+    def test_zero_byte_and_threshold_sized_files_go_in_one_put(self):
+        exact = os.urandom(5 * MIB)
+        write_file(self.source, "empty", b"")
+        write_file(self.source, "exact", exact)
+        proxy = self.proxied()
+        result = self.run_s3push("--multipart-threshold", "5MiB", "--part-size", "5MiB",
+                                 endpoint=proxy.endpoint)
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assert_landed({"empty": b"", "exact": exact})
+        self.assertEqual(sorted(self.methods(proxy)), [("PUT", ""), ("PUT", "")])
+
+    def test_a_failing_part_keeps_the_file(self):
+        data = os.urandom(3 * 5 * MIB)
+        write_file(self.source, "big.bin", data)
+
+        def rule(method, target, attempt):
+            return (503, "SlowDown") if "partNumber=2&" in target else None
+        proxy = self.proxied(rule)
+        result = self.run_s3push("--multipart-threshold", "5MiB", "--part-size", "5MiB",
+                                 "--retries", "1", endpoint=proxy.endpoint)
+        self.assertEqual(result.status, 75, result.stderr)
+        self.assertIn("part 2: SlowDown", result.stderr)
+        self.assertEqual(files_under(self.source), [b"big.bin"])
+        calls = self.methods(proxy)
+        self.assertEqual(len([t for m, t in proxy.requests if "partNumber=2&" in t]), 2,
+                         "one retry of the failing part")
+        self.assertNotIn(("POST", "uploadId"), calls, "an upload with a failed part was "
+                         "completed")
+        self.assertIsNone(SERVER.object_bytes(self.prefix + "big.bin"))
+
+    def test_a_part_that_fails_once_is_retried(self):
+        data = os.urandom(2 * 5 * MIB + 1)
+        write_file(self.source, "big.bin", data)
+
+        def rule(method, target, attempt):
+            return (500, "InternalError") if "partNumber=1&" in target and not attempt \
+                else None
+        result = self.run_s3push("--multipart-threshold", "5MiB", "--part-size", "5MiB",
+                                 endpoint=self.proxied(rule).endpoint)
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assert_landed({"big.bin": data})
+
+    def test_many_files_and_multipart_files_in_parallel(self):
+        expected = {"m%d.bin" % i: os.urandom(5 * MIB + i * 7919) for i in range(3)}
+        expected.update({"dir%d/s%d" % (i % 5, i): os.urandom(i * 13) for i in range(200)})
+        for relative, data in expected.items():
+            write_file(self.source, relative, data)
+        result = self.run_s3push("--multipart-threshold", "5MiB", "--part-size", "5MiB",
+                                 "--jobs", "3")
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertEqual(files_under(self.source), [])
+        self.assert_landed(expected)
+
+
 if __name__ == "__main__":
     unittest.main()

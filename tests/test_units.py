@@ -314,5 +314,57 @@ class Verification(unittest.TestCase):
         self.assertEqual(s3push.parse_error_body(body), ("", ""))
 
 
+class PartsAndRetries(unittest.TestCase):
+    MIB = 1024 * 1024
+
+    def test_part_size_grows_to_fit_ten_thousand_parts(self):
+        self.assertEqual(s3push.part_size_for(100 * self.MIB, 16 * self.MIB), 16 * self.MIB)
+        five_tib = 5 * 1024 ** 4
+        size = s3push.part_size_for(five_tib, 5 * self.MIB)
+        self.assertLessEqual(-(-five_tib // size), 10000)
+        self.assertEqual(size % self.MIB, 0)
+        self.assertEqual(s3push.part_size_for(1, 1), 5 * self.MIB)
+
+    def test_part_ranges(self):
+        self.assertEqual(s3push.part_ranges(12, 5), [(1, 0, 5), (2, 5, 5), (3, 10, 2)])
+        self.assertEqual(s3push.part_ranges(10, 5), [(1, 0, 5), (2, 5, 5)])
+
+    def test_sizes(self):
+        for text, value in (("123", 123), ("8M", 8 * self.MIB), ("8MiB", 8 * self.MIB),
+                            ("1.5g", 3 * 512 * self.MIB), ("64 KB", 65536)):
+            self.assertEqual(s3push.size_argument(text), value, text)
+        for bad in ("", "M", "-1", "1X"):
+            with self.assertRaises(argparse.ArgumentTypeError, msg=bad):
+                s3push.size_argument(bad)
+        with self.assertRaises(argparse.ArgumentTypeError):
+            s3push.part_size_argument("4MiB")
+
+    def test_backoff(self):
+        self.assertEqual(s3push.backoff_delay(0, "", 0.0), 0.0)
+        self.assertAlmostEqual(s3push.backoff_delay(0, "", 0.5), 0.1)
+        self.assertAlmostEqual(s3push.backoff_delay(3, "", 0.999), 0.999 * 1.6)
+        self.assertEqual(s3push.backoff_delay(30, "", 0.5), 10.0, "capped at 20 s")
+        self.assertEqual(s3push.backoff_delay(0, "3", 0.5), 3.0, "Retry-After wins")
+        self.assertEqual(s3push.backoff_delay(0, "9999", 0.5), 60.0)
+
+    def test_retryable_answers(self):
+        def answer(status, code=""):
+            body = ("<Error><Code>%s</Code></Error>" % code).encode() if code else b""
+            return s3push.Response(status, "", {}, body)
+        for status, code in ((500, ""), (503, "SlowDown"), (429, ""), (400, "RequestTimeout")):
+            self.assertTrue(s3push.is_retryable(answer(status, code)), (status, code))
+        for status, code in ((200, ""), (403, "AccessDenied"), (400, "BadDigest"),
+                             (404, "NoSuchBucket")):
+            self.assertFalse(s3push.is_retryable(answer(status, code)), (status, code))
+
+    def test_complete_answer_with_an_error_inside_a_200(self):
+        body = b"   \n<Error><Code>InternalError</Code><Message>m</Message></Error>"
+        with self.assertRaises(s3push.TemporaryError):
+            s3push.check_answer(s3push.Response(200, "OK", {}, body), "completing")
+        s3push.check_answer(s3push.Response(200, "OK", {}, b"<CompleteMultipartUploadResult>"
+                                            b"<ETag>x</ETag></CompleteMultipartUploadResult>"),
+                            "completing")
+
+
 if __name__ == "__main__":
     unittest.main()
