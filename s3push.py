@@ -43,26 +43,21 @@ signer, transport, S3 operations, local side, command line.
 """
 
 import argparse
-import base64
 import collections
-import datetime
 import errno
 import fcntl
 import fnmatch
-import hashlib
-import hmac
 import itertools
 import os
 import re
 import signal
-import socket
 import stat
 import sys
 import threading
 import time
-import urllib.parse
-# Deferred to first use, so that a cron tick with nothing to send never loads them:
-# configparser (settings), http.client and ssl (transport), mimetypes, xml.etree.
+# Imported where first used, so that a cron tick with nothing to send never pays for
+# them (half the start-up time): base64, configparser, datetime, hashlib, hmac,
+# http.client, mimetypes, random, socket, ssl, urllib.parse, xml.etree.ElementTree.
 
 if sys.version_info < (3, 6):
     sys.exit("s3push needs Python 3.6 or newer; this is %s" % sys.version.split()[0])
@@ -313,6 +308,7 @@ def load_settings(options, environ):
 
 def uri_encode(text, safe=""):
     """Percent-encode all but A-Z a-z 0-9 - _ . ~ (and `safe`); '~' kept on every Python."""
+    import urllib.parse
     return urllib.parse.quote(text.encode("utf-8"), safe="-_.~" + safe)
 
 
@@ -343,6 +339,7 @@ def canonical_headers(headers):
 
 def payload_hash(body):
     """Hex SHA-256 of a request body."""
+    import hashlib
     return hashlib.sha256(body).hexdigest()
 
 
@@ -358,12 +355,15 @@ def credential_scope(date, region, service):
 
 def string_to_sign(amz_date, scope, request_text):
     """Algorithm, request time, scope and the hash of the canonical request."""
+    import hashlib
     digest = hashlib.sha256(request_text.encode("utf-8")).hexdigest()
     return "\n".join([ALGORITHM, amz_date, scope, digest])
 
 
 def signing_key(secret_key, date, region, service):
     """The HMAC chain kDate -> kRegion -> kService -> kSigning."""
+    import hashlib
+    import hmac
     key = ("AWS4" + secret_key).encode("utf-8")
     for part in (date, region, service, "aws4_request"):
         key = hmac.new(key, part.encode("utf-8"), hashlib.sha256).digest()
@@ -372,6 +372,8 @@ def signing_key(secret_key, date, region, service):
 
 def signature(key, text):
     """Hex HMAC-SHA256 of the string to sign."""
+    import hashlib
+    import hmac
     return hmac.new(key, text.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
@@ -423,6 +425,7 @@ class Endpoint(object):
 
 def parse_endpoint_url(url):
     """An http(s) endpoint URL from the settings; path-style addressing is used with it."""
+    import urllib.parse
     parts = urllib.parse.urlsplit(url)
     try:
         port = parts.port
@@ -470,7 +473,7 @@ def xml_text(root, name):
 
 def parse_error_body(body):
     """(code, message) of an S3 <Error> answer; ("", "") for anything else."""
-    root = parse_xml(body)
+    root = parse_xml(body) if body.strip() else None
     if root is None or root.tag.rsplit("}", 1)[-1] != "Error":
         return "", ""
     return xml_text(root, "Code"), xml_text(root, "Message")
@@ -551,7 +554,8 @@ class Connection(object):
         self.conn = None
 
     def open(self):
-        import http.client   # deferred, like ssl: an idle cron tick never loads them
+        import http.client
+        import socket
         if self.scheme == "https":
             import ssl
             conn = http.client.HTTPSConnection(self.host, self.port, timeout=CONNECT_TIMEOUT,
@@ -596,6 +600,7 @@ class Connection(object):
 
 def describe_os_error(exc):
     """A short reason for a network error, e.g. 'Connection refused' or 'timed out'."""
+    import socket
     if isinstance(exc, socket.timeout):
         return "timed out"
     return getattr(exc, "strerror", None) or exc.__class__.__name__
@@ -683,6 +688,7 @@ def backoff_delay(retry, retry_after, unit):
 
 
 def utc_now():
+    import datetime
     return datetime.datetime.now(datetime.timezone.utc)
 
 
@@ -705,6 +711,7 @@ class Digest(object):
 
 def new_md5():
     """An MD5 hash for Content-MD5 and ETag checks, or None where FIPS forbids MD5."""
+    import hashlib
     try:
         return hashlib.new("md5", usedforsecurity=False)
     except TypeError:   # Python before 3.9 has no usedforsecurity
@@ -722,6 +729,7 @@ def digest_range(fd, offset, length):
 
     Bodies up to IN_MEMORY_BYTES are kept, to be sent without a second read.
     """
+    import hashlib
     sha, md5 = hashlib.sha256(), new_md5()
     keep = length <= IN_MEMORY_BYTES
     chunks = []
@@ -740,6 +748,7 @@ def body_headers(digest, content_type=None):
     if content_type:
         headers["content-type"] = content_type
     if digest.md5_raw is not None:
+        import base64
         headers["content-md5"] = base64.b64encode(digest.md5_raw).decode("ascii")
     return headers
 
@@ -755,6 +764,7 @@ def etag_confirms(etag, md5_hex):
         return False
     if md5_hex is None or not re.match(r"^[0-9a-f]{32}$", etag):
         return True
+    import hmac
     return hmac.compare_digest(etag, md5_hex)
 
 

@@ -1,0 +1,277 @@
+"""make bench: s3push against `aws s3 mv` and `rclone move`, one local rclone server, one run.
+
+A benchmark, not a test: it prints figures and ratios and never fails on a target.
+Workloads: an empty directory; 1,000 files of 4 KiB in 10 folders; one 1 GiB file.
+For each tool: wall seconds, files/s, MB/s and peak RSS (wait4's ru_maxrss of the
+tool's process). A tool's run counts only if every file landed byte-identical and the
+source was emptied; otherwise its row says FAILED and why.
+
+Environment: BENCH_PYTHON (the interpreter for s3push; default /usr/bin/python3, what a
+locked-down host runs, else this one), BENCH_BIG_MIB (size of the big file, default 1024),
+BENCH_REPEAT (runs of the small workloads, best kept; default 3), AWS_BIN, RCLONE_BIN.
+"""
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import s3server  # noqa: E402
+
+REPO = s3server.REPO
+BIG_MIB = int(os.environ.get("BENCH_BIG_MIB", "1024"))
+REPEAT = int(os.environ.get("BENCH_REPEAT", "3"))
+TARGET_RSS_MIB = 32
+
+
+def find_python():
+    chosen = os.environ.get("BENCH_PYTHON")
+    if chosen:
+        return chosen
+    if os.access("/usr/bin/python3", os.X_OK):
+        return "/usr/bin/python3"
+    return sys.executable
+
+
+def find_aws():
+    """The AWS CLI's real script (a pyenv shim would add its own start-up time)."""
+    if os.environ.get("AWS_BIN"):
+        return os.environ["AWS_BIN"]
+    own = os.path.join(REPO, ".testenv", "awscli", "bin", "aws")
+    if os.access(own, os.X_OK):
+        return own
+    found = shutil.which("aws")
+    if found and "/shims/" in found:
+        try:
+            found = subprocess.check_output(["pyenv", "which", "aws"]).decode().strip()
+        except (OSError, subprocess.CalledProcessError):
+            pass
+    return found
+
+
+GNU_TIME = "/usr/bin/time"
+
+
+def measure(argv, env):
+    """(wall seconds, peak RSS in MiB, exit status, stderr tail) of one process.
+
+    Peak RSS comes from GNU time, a small parent: a child forked from this (larger)
+    process would carry this process's high-water mark across exec into ru_maxrss.
+    Without GNU time, wait4's figure is used and is an upper bound.
+    """
+    with tempfile.NamedTemporaryFile() as rss_file, tempfile.TemporaryFile() as err:
+        prefix = [GNU_TIME, "-f", "%M", "-o", rss_file.name] \
+            if os.access(GNU_TIME, os.X_OK) else []
+        started = time.monotonic()
+        process = subprocess.Popen(prefix + argv, env=env, stdout=subprocess.DEVNULL,
+                                   stderr=err, stdin=subprocess.DEVNULL)
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.monotonic() - started
+        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status)
+        rss_kib = usage.ru_maxrss
+        if prefix:
+            with open(rss_file.name) as handle:
+                rss_kib = int(handle.read().split()[-1])
+        err.seek(0)
+        tail = err.read().decode("utf-8", "replace").strip().splitlines()[-3:]
+    return wall, rss_kib / 1024.0, code, " | ".join(tail)
+
+
+class Tools(object):
+    """The command line of each tool for moving SOURCE to the bucket under PREFIX."""
+
+    def __init__(self, server, python, aws, rclone):
+        self.server, self.python, self.aws, self.rclone = server, python, aws, rclone
+        self.env = dict(os.environ, AWS_ACCESS_KEY_ID=server.access_key,
+                        AWS_SECRET_ACCESS_KEY=server.secret_key, AWS_DEFAULT_REGION="us-east-1",
+                        AWS_CONFIG_FILE="/dev/null", AWS_SHARED_CREDENTIALS_FILE="/dev/null",
+                        RCLONE_CONFIG="/dev/null", RCLONE_S3_PROVIDER="Other",
+                        RCLONE_S3_ACCESS_KEY_ID=server.access_key,
+                        RCLONE_S3_SECRET_ACCESS_KEY=server.secret_key,
+                        RCLONE_S3_ENDPOINT=server.endpoint, RCLONE_S3_REGION="us-east-1")
+
+    def names(self):
+        return ["s3push"] + (["aws s3 mv"] if self.aws else []) + ["rclone move"]
+
+    def argv(self, name, source, prefix):
+        url = "s3://%s/%s" % (self.server.bucket, prefix)
+        if name == "s3push":
+            return [self.python, s3server.S3PUSH, "--endpoint-url", self.server.endpoint,
+                    "--min-age", "0", source, url]
+        if name == "aws s3 mv":
+            return [self.aws, "s3", "mv", "--recursive", "--only-show-errors", "--endpoint-url",
+                    self.server.endpoint, source, url]
+        # Write-only credentials: no bucket check, no listing of the destination, no HEAD.
+        return [self.rclone, "move", source, ":s3:%s/%s" % (self.server.bucket, prefix),
+                "--s3-no-check-bucket", "--no-check-dest", "--s3-no-head"]
+
+
+def make_small(source):
+    """1,000 files of 4 KiB in 10 folders; returns {relative path: bytes}."""
+    files = {}
+    for i in range(1000):
+        relative = "folder%02d/file%04d.dat" % (i % 10, i)
+        files[relative] = hashlib.sha256(b"%d" % i).digest() * 128
+        path = os.path.join(source, relative)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as handle:
+            handle.write(files[relative])
+    return files
+
+
+def make_big(path, mib):
+    """A file of random bytes; returns its SHA-256."""
+    digest = hashlib.sha256()
+    with open(path, "wb") as handle:
+        for _ in range(mib):
+            block = os.urandom(1024 * 1024)
+            digest.update(block)
+            handle.write(block)
+    return digest.hexdigest()
+
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1024 * 1024), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def leftover_files(source):
+    return sum(len(names) for _, _, names in os.walk(source))
+
+
+def check_landed(server, prefix, expected):
+    """None if each key holds the expected bytes (or SHA-256), else what is wrong."""
+    root = os.path.join(server.data, server.bucket, prefix)
+    for relative, want in expected.items():
+        path = os.path.join(root, relative)
+        if not os.path.exists(path):
+            return "missing: " + relative
+        got = sha256_of(path) if isinstance(want, str) else open(path, "rb").read()
+        if got != want:
+            return "bytes differ: " + relative
+    return None
+
+
+class Bench(object):
+    def __init__(self, tools, work):
+        self.tools, self.work, self.rows = tools, work, []
+        self.server = tools.server
+
+    def run_once(self, name, workload, setup):
+        """Set the source up, move it with one tool, check, clean; returns a result dict."""
+        tag = "%s-%s-%d" % (name.split()[0], workload, int(time.monotonic() * 1e6))
+        source = os.path.join(self.work, tag)
+        os.makedirs(source)
+        expected, size = setup(source)
+        wall, rss, status, err = measure(self.tools.argv(name, source, tag + "/"),
+                                         self.tools.env)
+        problem = None
+        if status != 0:
+            problem = "exit %d: %s" % (status, err)
+        elif leftover_files(source):
+            problem = "%d files left in the source" % leftover_files(source)
+        else:
+            problem = check_landed(self.server, tag, expected)
+        shutil.rmtree(source, ignore_errors=True)
+        shutil.rmtree(os.path.join(self.server.data, self.server.bucket, tag),
+                      ignore_errors=True)
+        return {"wall": wall, "rss": rss, "files": len(expected), "bytes": size,
+                "problem": problem}
+
+    def run(self, workload, setup, repeat):
+        for name in self.tools.names():
+            results = [self.run_once(name, workload, setup) for _ in range(repeat)]
+            good = [r for r in results if r["problem"] is None]
+            best = min(good, key=lambda r: r["wall"]) if good else results[0]
+            best["rss"] = max(r["rss"] for r in results)
+            best.update(tool=name, workload=workload, runs=len(results))
+            self.rows.append(best)
+            print_row(best)
+
+
+def print_row(row):
+    wall = row["wall"]
+    files_s = row["files"] / wall if row["files"] else 0
+    mb_s = row["bytes"] / wall / 1e6 if row["bytes"] else 0
+    status = "ok" if row["problem"] is None else "FAILED: " + row["problem"]
+    print("%-11s %-13s %8.3f %10.0f %9.1f %9.1f  %s" % (
+        row["workload"], row["tool"], wall, files_s, mb_s, row["rss"], status), flush=True)
+
+
+def find(rows, workload, tool):
+    for row in rows:
+        if row["workload"] == workload and row["tool"] == tool and row["problem"] is None:
+            return row
+    return None
+
+
+def ratio_line(label, mine, theirs, target, higher_is_better):
+    if mine is None or theirs is None or not theirs:
+        print("%-52s   n/a" % label)
+        return
+    value = mine / theirs
+    met = value >= target if higher_is_better else value <= target
+    print("%-52s %6.2f  (target %s %.1f: %s)" % (label, value, ">=" if higher_is_better
+                                                 else "<=", target, "met" if met else "MISSED"))
+
+
+def print_ratios(rows):
+    def rate(workload, tool, key):
+        row = find(rows, workload, tool)
+        return None if row is None else row[key] / row["wall"]
+    print("\nratios (s3push / peer)")
+    empty_s3push, empty_aws = find(rows, "empty", "s3push"), find(rows, "empty", "aws s3 mv")
+    ratio_line("empty dir: wall time vs aws s3 mv",
+               empty_s3push and empty_s3push["wall"], empty_aws and empty_aws["wall"],
+               0.1, False)
+    for peer, target in (("rclone move", 1.0), ("aws s3 mv", 4.0)):
+        ratio_line("1,000 x 4 KiB: files/s vs %s" % peer, rate("small", "s3push", "files"),
+                   rate("small", peer, "files"), target, True)
+    peers = [rate("big", p, "bytes") for p in ("aws s3 mv", "rclone move")]
+    peers = [p for p in peers if p]
+    ratio_line("%d MiB: MB/s vs the faster peer" % BIG_MIB, rate("big", "s3push", "bytes"),
+               max(peers) if peers else None, 1.0, True)
+    worst = max(r["rss"] for r in rows if r["tool"] == "s3push")
+    print("%-52s %6.1f MiB  (target <= %d: %s)" % ("s3push peak RSS, all workloads", worst,
+                                                  TARGET_RSS_MIB, "met"
+                                                  if worst <= TARGET_RSS_MIB else "MISSED"))
+
+
+def main():
+    python, aws = find_python(), find_aws()
+    server = s3server.RcloneServer()
+    rclone = os.environ.get("RCLONE_BIN") or s3server.RCLONE
+    work = tempfile.mkdtemp(prefix="s3push-bench-")
+    try:
+        tools = Tools(server, python, aws, rclone)
+        print("s3push on %s; aws: %s; rclone: %s; server: rclone serve s3 on %s"
+              % (python, aws or "not found (skipped)", rclone, server.endpoint))
+        print("%d runs of the small workloads (best kept), 1 of the big one\n" % REPEAT)
+        print("%-11s %-13s %8s %10s %9s %9s" % ("workload", "tool", "wall s", "files/s",
+                                                 "MB/s", "RSS MiB"))
+        bench = Bench(tools, work)
+        bench.run("empty", lambda source: ({}, 0), REPEAT)
+        bench.run("small", lambda source: (make_small(source), 1000 * 4096), REPEAT)
+        big = os.path.join(work, "big.template")
+        big_sha = make_big(big, BIG_MIB)
+
+        def setup_big(source):
+            os.link(big, os.path.join(source, "big.bin"))   # instant, same bytes each time
+            return {"big.bin": big_sha}, BIG_MIB * 1024 * 1024
+        bench.run("big", setup_big, 1)
+        print_ratios(bench.rows)
+    finally:
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
