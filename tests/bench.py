@@ -8,7 +8,7 @@ source was emptied; otherwise its row says FAILED and why.
 
 Environment: BENCH_PYTHON (the interpreter for s3push; default /usr/bin/python3, what a
 locked-down host runs, else this one), BENCH_BIG_MIB (size of the big file, default 1024),
-BENCH_REPEAT (runs of the small workloads, best kept; default 3), AWS_BIN, RCLONE_BIN.
+BENCH_REPEAT (rounds of the small workloads, best kept; default 3), AWS_BIN, RCLONE_BIN.
 """
 
 import hashlib
@@ -185,13 +185,25 @@ class Bench(object):
         return {"wall": wall, "rss": rss, "files": len(expected), "bytes": size,
                 "problem": problem}
 
-    def run(self, workload, setup, repeat):
-        for name in self.tools.names():
-            results = [self.run_once(name, workload, setup) for _ in range(repeat)]
-            good = [r for r in results if r["problem"] is None]
-            best = min(good, key=lambda r: r["wall"]) if good else results[0]
-            best["rss"] = max(r["rss"] for r in results)
-            best.update(tool=name, workload=workload, runs=len(results))
+    def run(self, workload, setup, repeat, warm_up=False):
+        """Each tool `repeat` times, round-robin so that no tool always meets the server
+        cold or warm; the fastest good run of each is kept. A warm-up round, if asked
+        for, is run first and not counted (rclone's server is slower on its first runs).
+        """
+        names = self.tools.names()
+        if warm_up:
+            for name in names:
+                self.run_once(name, workload, setup)
+        results = {name: [] for name in names}
+        for _ in range(repeat):
+            for name in names:
+                results[name].append(self.run_once(name, workload, setup))
+        for name in names:
+            good = [r for r in results[name] if r["problem"] is None]
+            best = min(good, key=lambda r: r["wall"]) if good else results[name][0]
+            best["rss"] = max(r["rss"] for r in results[name])
+            best.update(tool=name, workload=workload,
+                        walls=" ".join("%.2f" % r["wall"] for r in results[name]))
             self.rows.append(best)
             print_row(best)
 
@@ -201,8 +213,9 @@ def print_row(row):
     files_s = row["files"] / wall if row["files"] else 0
     mb_s = row["bytes"] / wall / 1e6 if row["bytes"] else 0
     status = "ok" if row["problem"] is None else "FAILED: " + row["problem"]
-    print("%-11s %-13s %8.3f %10.0f %9.1f %9.1f  %s" % (
-        row["workload"], row["tool"], wall, files_s, mb_s, row["rss"], status), flush=True)
+    print("%-11s %-13s %8.3f %10.0f %9.1f %9.1f  %-4s %s" % (
+        row["workload"], row["tool"], wall, files_s, mb_s, row["rss"], status,
+        "(runs: %s s)" % row["walls"] if row["walls"].count(" ") else ""), flush=True)
 
 
 def find(rows, workload, tool):
@@ -253,12 +266,14 @@ def main():
         tools = Tools(server, python, aws, rclone)
         print("s3push on %s; aws: %s; rclone: %s; server: rclone serve s3 on %s"
               % (python, aws or "not found (skipped)", rclone, server.endpoint))
-        print("%d runs of the small workloads (best kept), 1 of the big one\n" % REPEAT)
+        print("after a warm-up round: %d rounds of the small workloads, tools in turn, the "
+              "fastest kept; 1 round of the big one\n" % REPEAT)
         print("%-11s %-13s %8s %10s %9s %9s" % ("workload", "tool", "wall s", "files/s",
                                                  "MB/s", "RSS MiB"))
         bench = Bench(tools, work)
-        bench.run("empty", lambda source: ({}, 0), REPEAT)
-        bench.run("small", lambda source: (make_small(source), 1000 * 4096), REPEAT)
+        bench.run("empty", lambda source: ({}, 0), REPEAT, warm_up=True)
+        bench.run("small", lambda source: (make_small(source), 1000 * 4096), REPEAT,
+                  warm_up=True)
         big = os.path.join(work, "big.template")
         big_sha = make_big(big, BIG_MIB)
 

@@ -319,6 +319,37 @@ class Races(IntegrationCase):
         self.assert_landed({"a": b"a", "b": b"b"})
 
 
+class IdleTick(IntegrationCase):
+    """A cron tick with nothing to send reads no settings and loads no network code."""
+    HEAVY = ("http.client", "ssl", "socket", "hashlib", "configparser", "xml.etree",
+             "urllib.parse", "mimetypes")
+
+    def test_nothing_to_send_loads_nothing_heavy(self):
+        write_file(self.source, "young", b"x", mtime=time.time())
+        write_file(self.source, "in-progress.part", b"x")
+        # Only what the script imports counts (a site .pth may load some of these first).
+        probe = ("import runpy, sys\n"
+                 "before = set(sys.modules)\n"
+                 "sys.argv = ['s3push.py', %r, 's3://bucket/p']\n"
+                 "try:\n    runpy.run_path(%r, run_name='__main__')\n"
+                 "except SystemExit as exc:\n    status = exc.code\n"
+                 "print(status, ' '.join(m for m in %r if m in set(sys.modules) - before))"
+                 % (self.source, s3server.S3PUSH, self.HEAVY))
+        done = subprocess.run([sys.executable, "-c", probe], env=self.env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              timeout=RUN_TIMEOUT)
+        self.assertEqual(done.stdout.decode().split(), ["0"], done.stderr)
+
+    def test_nothing_to_send_reads_no_settings(self):
+        config = os.path.join(self.home, "broken-config")
+        with open(config, "w") as handle:
+            handle.write("this is not an INI file\n")
+        env = self.env(AWS_CONFIG_FILE=config)
+        self.assertEqual(self.run_s3push(env=env).status, 0, "an empty tick read settings")
+        write_file(self.source, "f", b"x")
+        self.assertEqual(self.run_s3push(env=env).status, 78, "the file was not read at all")
+
+
 MIB = 1024 * 1024
 
 
