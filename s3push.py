@@ -84,12 +84,14 @@ IN_MEMORY_BYTES = 256 * 1024           # smaller bodies are read once and sent f
 BLOCK_BYTES = 256 * 1024
 MAX_ERROR_BODY = 64 * 1024             # an error answer longer than this is cut
 MAX_ANSWER_BODY = 1024 * 1024          # a success answer is XML of a few hundred bytes
-CONNECT_TIMEOUT = 10
-READ_TIMEOUT = 60
+CONNECT_TIMEOUT = 10                   # seconds, at most (never more than --timeout)
+DEFAULT_TIMEOUT = 60                   # seconds without progress before a request fails
 DEFAULT_RETRIES = 5
 BACKOFF_BASE = 0.2                     # seconds; full jitter below base * 2**retry
 BACKOFF_CAP = 20.0
 RETRY_AFTER_CAP = 60.0
+SKEW_TOLERANCE = 300                   # seconds; S3 itself refuses beyond 900
+MAX_CORRECTIONS = 3                    # clock, region, credentials: at most once each
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -115,6 +117,8 @@ CONFIG_CODES = frozenset([
 TEMPORARY_CODES = frozenset([
     "SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "Throttling",
     "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
+    # The body was damaged or cut on the way: sending it again is the cure.
+    "BadDigest", "XAmzContentSHA256Mismatch", "IncompleteBody",
 ])
 
 # === Errors ===
@@ -541,10 +545,11 @@ class FileRange(object):
 class Connection(object):
     """One persistent HTTP/1.1 connection to one host, reopened when it was closed."""
 
-    def __init__(self, scheme, host, port):
+    def __init__(self, scheme, host, port, timeout=DEFAULT_TIMEOUT):
         self.scheme = scheme
         self.host = host
         self.port = port
+        self.timeout = timeout
         self.conn = None
         self.requests = 0   # answered on the current connection
 
@@ -556,19 +561,20 @@ class Connection(object):
     def open(self):
         import http.client
         import socket
+        connect_timeout = min(CONNECT_TIMEOUT, self.timeout)
         if self.scheme == "https":
             import ssl
-            conn = http.client.HTTPSConnection(self.host, self.port, timeout=CONNECT_TIMEOUT,
+            conn = http.client.HTTPSConnection(self.host, self.port, timeout=connect_timeout,
                                                context=ssl.create_default_context())
         else:
-            conn = http.client.HTTPConnection(self.host, self.port, timeout=CONNECT_TIMEOUT)
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=connect_timeout)
         try:
             conn.connect()
         except (OSError, http.client.HTTPException) as exc:
             raise UnreachableError("cannot connect to %s:%d (%s): is the endpoint right and "
                                    "the server up?" % (self.host, self.port,
                                                        describe_os_error(exc)))
-        conn.sock.settimeout(READ_TIMEOUT)
+        conn.sock.settimeout(self.timeout)
         # Headers and body go out in separate writes: without this, Nagle's algorithm and
         # delayed ACKs stall each streamed request by up to 40 ms.
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -606,58 +612,185 @@ def describe_os_error(exc):
     return getattr(exc, "strerror", None) or exc.__class__.__name__
 
 
+class Session(object):
+    """What every worker shares, and what a server's answer may correct during the run:
+    the clock offset (a host clock minutes off), the region (a bucket elsewhere) and the
+    credentials (expired: read again, once, from their source). Each correction is
+    announced once on stderr; the request that met it is sent again at once.
+    """
+
+    def __init__(self, settings, bucket, reload_credentials=None, deadline=None):
+        self.lock = threading.Lock()
+        self.bucket = bucket
+        self.endpoint_url = settings.endpoint_url
+        self.credentials = settings.credentials
+        self.region = settings.region
+        self.endpoint = endpoint_for(settings.endpoint_url, settings.region, bucket)
+        self.offset = 0.0                 # seconds to add to this host's clock
+        self.reload_credentials = reload_credentials
+        self.reloaded = False
+        self.deadline = deadline          # time.monotonic() value, or None
+        self.said = set()
+
+    def snapshot(self):
+        with self.lock:
+            return self.credentials, self.region, self.endpoint, self.offset
+
+    def can_wait(self, seconds):
+        return self.deadline is None or time.monotonic() + seconds < self.deadline
+
+    def expired(self):
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def correct(self, response, used, signed_at):
+        """True when the answer showed a mistake that is now fixed (maybe by another
+        worker since this request was signed): send the request again."""
+        with self.lock:
+            if used != (self.credentials, self.region, self.endpoint, self.offset):
+                return True
+            return (self.fix_clock(response, signed_at) or self.fix_region(response)
+                    or self.fix_credentials(response))
+
+    def fix_clock(self, response, signed_at):
+        code, _ = parse_error_body(response.body)
+        server_time = answer_time(response)
+        if response.status not in (400, 403) or server_time is None:
+            return False
+        skew = (server_time - signed_at).total_seconds()
+        if code != "RequestTimeTooSkewed" and abs(skew) < SKEW_TOLERANCE:
+            return False
+        self.offset += skew
+        self.say("clock", "this host's clock is %d s %s the server's: signing with the "
+                 "server's time for this run; fix the clock (NTP)"
+                 % (abs(skew), "behind" if skew > 0 else "ahead of"))
+        return True
+
+    def fix_region(self, response):
+        region = response.header("x-amz-bucket-region") or xml_text(parse_xml(response.body),
+                                                                      "Region")
+        if response.status not in (301, 307, 400, 403) or not region or \
+                region == self.region or not REGION_NAME.match(region):
+            return False
+        self.say("region", "bucket %s is in region %s, not %s: set --region %s (or "
+                 "AWS_REGION) to spare a round trip" % (self.bucket, region, self.region,
+                                                        region))
+        self.region = region
+        self.endpoint = endpoint_for(self.endpoint_url, region, self.bucket)
+        return True
+
+    def fix_credentials(self, response):
+        code, _ = parse_error_body(response.body)
+        if code != "ExpiredToken" or self.reloaded or self.reload_credentials is None:
+            return False
+        self.reloaded = True
+        try:
+            fresh = self.reload_credentials()
+        except S3PushError:
+            return False
+        old = self.credentials
+        if (fresh.access_key, fresh.secret_key, fresh.token) == \
+                (old.access_key, old.secret_key, old.token):
+            return False
+        self.say("token", "the credentials had expired; read them again from %s"
+                 % fresh.source)
+        self.credentials = fresh
+        return True
+
+    def say(self, topic, message):
+        if topic not in self.said:
+            self.said.add(topic)
+            emit(sys.stderr, "s3push: warning: " + message)
+
+
+REGION_NAME = re.compile(r"^[a-z]{2}(-[a-z0-9]+)+-\d+$")
+
+
+def endpoint_for(endpoint_url, region, bucket):
+    return parse_endpoint_url(endpoint_url) if endpoint_url else aws_endpoint(region, bucket)
+
+
+def answer_time(response):
+    """The server's clock: <ServerTime> of a skew error, else the Date header (aware UTC)."""
+    import datetime
+    import email.utils
+    server_time = xml_text(parse_xml(response.body), "ServerTime")
+    match = re.match(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)", server_time)
+    if match:
+        return datetime.datetime.strptime(match.group(1), "%Y-%m-%dT%H:%M:%S").replace(
+            tzinfo=datetime.timezone.utc)
+    try:
+        when = email.utils.parsedate_to_datetime(response.header("date"))
+    except (TypeError, ValueError, IndexError):
+        return None
+    return when if when.tzinfo else when.replace(tzinfo=datetime.timezone.utc)
+
+
 class S3Client(object):
     """Signs and sends requests for one bucket over one connection (one per worker)."""
 
-    def __init__(self, settings, bucket, retries=0):
-        self.settings = settings
-        self.bucket = bucket
+    def __init__(self, session, retries=0, timeout=DEFAULT_TIMEOUT):
+        self.session = session
         self.retries = retries
-        if settings.endpoint_url:
-            self.endpoint = parse_endpoint_url(settings.endpoint_url)
-        else:
-            self.endpoint = aws_endpoint(settings.region, bucket)
-        host = self.endpoint.host if self.endpoint.path_style else bucket + "." + \
-            self.endpoint.host
-        self.connection = Connection(self.endpoint.scheme, host, self.endpoint.port)
+        self.timeout = timeout
+        self.connection = None
 
     def close(self):
-        self.connection.close()
+        if self.connection is not None:
+            self.connection.close()
 
     def request(self, method, key, headers, body, body_hash, query=()):
-        """One signed request with retries; returns the last answer.
+        """One signed request with retries and corrections; returns the last answer.
 
         Transient answers (5xx, 429, SlowDown, RequestTimeout, ...) and broken
         connections are retried with exponential backoff and full jitter, or after the
-        server's Retry-After. Each attempt is signed afresh; a FileRange body is read
-        from disk again. A server that refuses connections is not retried.
+        server's Retry-After, while the run's deadline allows. A skewed clock, a wrong
+        region and an expired token are corrected and sent again without using up a
+        retry. Each attempt is signed afresh; a FileRange body is read from disk again.
+        A server that refuses connections is not retried.
         """
         import random
-        host, path = object_address(self.endpoint, self.bucket, key)
-        target = canonical_uri(path)
-        if query:
-            target += "?" + canonical_query_string(query)
-        for retry in range(self.retries + 1):
-            if retry:
-                time.sleep(delay)
+        retry = corrections = 0
+        while True:
+            used = self.session.snapshot()
+            signed_at = utc_now() + datetime_delta(used[3])
             try:
-                response = self.attempt(method, host, path, target, query, headers, body,
-                                        body_hash)
+                response = self.attempt(method, key, query, headers, body, body_hash, used,
+                                        signed_at)
             except UnreachableError:
                 raise
             except TemporaryError:
-                if retry == self.retries:
-                    raise
                 delay = backoff_delay(retry, "", random.random())
+                if retry >= self.retries or not self.session.can_wait(delay):
+                    raise
+                time.sleep(delay)
+                retry += 1
                 continue
-            if retry == self.retries or not is_retryable(response):
-                return response
+            if response.status >= 300 and corrections < MAX_CORRECTIONS and \
+                    self.session.correct(response, used, signed_at):
+                corrections += 1
+                continue
             delay = backoff_delay(retry, response.header("retry-after"), random.random())
+            if retry >= self.retries or not is_retryable(response) or \
+                    not self.session.can_wait(delay):
+                return response
+            time.sleep(delay)
+            retry += 1
 
-    def attempt(self, method, host, path, target, query, headers, body, body_hash):
+    def attempt(self, method, key, query, headers, body, body_hash, used, signed_at):
         import http.client
-        signed = sign_request(method, host, path, query, headers, body_hash,
-                              self.settings.credentials, self.settings.region, utc_now())
+        credentials, region, endpoint, _ = used
+        host, path = object_address(endpoint, self.session.bucket, key)
+        target = canonical_uri(path)
+        if query:
+            target += "?" + canonical_query_string(query)
+        connect_host = host.rsplit(":", 1)[0] if ":" in host else host
+        if self.connection is None or self.connection.host != connect_host or \
+                self.connection.port != endpoint.port:
+            self.close()
+            self.connection = Connection(endpoint.scheme, connect_host, endpoint.port,
+                                         self.timeout)
+        signed = sign_request(method, host, path, query, headers, body_hash, credentials,
+                              region, signed_at)
         signed["user-agent"] = USER_AGENT
         try:
             return self.connection.exchange(method, target, signed, body)
@@ -668,6 +801,11 @@ class S3Client(object):
             self.connection.close()
             raise TemporaryError("the connection failed during the request (%s); the file "
                                  "is kept" % describe_os_error(exc))
+
+
+def datetime_delta(seconds):
+    import datetime
+    return datetime.timedelta(seconds=seconds)
 
 
 def is_retryable(response):
@@ -1039,7 +1177,7 @@ class FileTask(object):
 
 def worker(job):
     """Run tasks until the queue is done, over this worker's own connection."""
-    client = S3Client(job.settings, job.destination.bucket, job.retries)
+    client = S3Client(job.session, job.retries, job.timeout)
     try:
         while True:
             task = job.queue.next_task()
@@ -1269,6 +1407,13 @@ def build_parser():
 
 
 def add_transfer_options(parser):
+    parser.add_argument("--deadline", type=non_negative_int, default=0, metavar="SECONDS",
+                        help="start no upload and no retry after this many seconds, so that "
+                        "a cron run ends before the next one starts; what is left waits "
+                        "for the next run (default 0: none)")
+    parser.add_argument("--timeout", type=positive_int, default=DEFAULT_TIMEOUT,
+                        metavar="SECONDS", help="give up on a connection that makes no "
+                        "progress for this long, then retry (default %(default)s)")
     parser.add_argument("--retries", type=non_negative_int, default=DEFAULT_RETRIES,
                         metavar="N", help="retry a request that failed for a transient reason "
                         "(5xx, throttling, a broken connection) up to N times, with "
@@ -1362,6 +1507,13 @@ class Run(object):
             target = " -> " + url if url else ""
             emit(sys.stderr, "s3push: error: %s%s: %s" % (safe_name(path), target, exc))
 
+    def out_of_time(self):
+        """The deadline stopped the run: what was not sent waits for the next one."""
+        with self.lock:
+            self.failures.append(EXIT_TEMPFAIL)
+            emit(sys.stderr, "s3push: the --deadline was reached: files not sent yet are "
+                 "left for the next run")
+
     def crashed(self, exc):
         with self.lock:
             self.fatal = S3PushError("internal error: %s: %s; no file was lost"
@@ -1386,8 +1538,8 @@ class Run(object):
 class Job(object):
     """What the workers share: settings, destination, options, the queue and the tally."""
 
-    def __init__(self, options, settings, destination, run):
-        self.settings = settings
+    def __init__(self, options, session, destination, run):
+        self.session = session
         self.destination = destination
         self.run = run
         self.verbose = options.verbose
@@ -1395,6 +1547,7 @@ class Job(object):
         self.part_size = options.part_size
         self.jobs = options.jobs
         self.retries = options.retries
+        self.timeout = options.timeout
         self.queue = WorkQueue(max_files=4 * options.jobs)
 
 
@@ -1406,12 +1559,16 @@ def move_all(job, files):
         thread.start()
     try:
         for path, relative, _ in files:
-            if not job.queue.add_file(FileTask(job, path, relative)):
+            if job.session.expired() or not job.queue.add_file(FileTask(job, path, relative)):
                 break
         job.queue.done_producing()
         for thread in workers:
             while thread.is_alive():
                 thread.join(0.5)   # a timed join lets signals through on every Python
+                if job.session.expired() and not job.queue.stopped:
+                    job.queue.stop()   # no new file or part; requests in flight finish
+        if job.session.expired():
+            job.run.out_of_time()
     except BaseException:
         job.queue.stop()   # in-flight uploads are abandoned; nothing unconfirmed is deleted
         raise
@@ -1469,7 +1626,10 @@ def run_transfer(options, environ):
         if options.dry_run:
             dry_run(files, destination, run)
         else:
-            move_all(Job(options, settings, destination, run), files)
+            deadline = run.started + options.deadline if options.deadline else None
+            session = Session(settings, destination.bucket,
+                              lambda: load_settings(options, environ).credentials, deadline)
+            move_all(Job(options, session, destination, run), files)
             if options.delete_empty_dirs:
                 remove_empty_dirs(options.source, run.moved_paths)
     for path, message in errors:

@@ -278,17 +278,38 @@ def pump(source, sink):
             sock.close()
 
 
-class FaultProxy(object):
-    """An HTTP/1.1 proxy that records every request and can answer some itself.
+class Request(object):
+    """What a FaultProxy rule sees of one request."""
 
-    rule(method, target, attempt) -> None to forward, or (status, code) to answer with
-    an S3 error instead; attempt counts earlier requests with the same method and target.
+    def __init__(self, head, body, attempt):
+        self.head, self.body, self.attempt = head, body, attempt
+        line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        self.method, self.target = line.split(" ")[:2]
+
+    def header(self, name):
+        for line in self.head.split(b"\r\n")[1:]:
+            key, _, value = line.partition(b":")
+            if key.strip().lower() == name.lower().encode():
+                return value.strip().decode("latin-1")
+        return ""
+
+
+class FaultProxy(object):
+    """An HTTP/1.1 proxy between the script and the server that records every request and
+    does to each what its rule says. rule(request) returns None (forward it) or a tuple:
+      ("answer", status, code[, extra XML[, {header: value}]])  answer it with an S3 error
+      ("reset-before",)   close the connection without forwarding
+      ("reset-after",)    forward, then close without answering (the server has it)
+      ("truncate",)       forward, send the client half of the answer, close
+      ("stall", seconds)  wait, then forward
+      ("flip",)           flip one byte of the body, then forward
+      ("etag", value)     forward, and replace the answer's ETag
     `requests` lists (method, target) of everything the script sent.
     """
 
     def __init__(self, upstream_port, rule=None):
         self.upstream_port = upstream_port
-        self.rule = rule or (lambda method, target, attempt: None)
+        self.rule = rule or (lambda request: None)
         self.requests = []
         self.lock = threading.Lock()
         self.listener = socket.socket()
@@ -310,33 +331,63 @@ class FaultProxy(object):
 
     def serve(self, client):
         reader = client.makefile("rb")
-        upstream = upstream_reader = None
+        upstream = [None, None]   # socket, reader: opened on the first forwarded request
         try:
             while True:
                 head = read_head(reader)
                 if head is None:
                     return
                 body = reader.read(content_length(head))
-                method, target = head.split(b" ", 2)[:2]
-                method, target = method.decode(), target.decode()
                 with self.lock:
-                    attempt = self.requests.count((method, target))
-                    self.requests.append((method, target))
-                answer = self.rule(method, target, attempt)
-                if answer is not None:
-                    client.sendall(error_answer(*answer))
-                    continue
-                if upstream is None:
-                    upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
-                    upstream_reader = upstream.makefile("rb")
-                upstream.sendall(head + body)
-                client.sendall(read_answer(upstream_reader))
+                    request = Request(head, body, 0)
+                    request.attempt = self.requests.count((request.method, request.target))
+                    self.requests.append((request.method, request.target))
+                if not self.act(client, request, self.rule(request), upstream):
+                    return
         except OSError:
             return
         finally:
-            for sock in (client, upstream):
+            for sock in (client, upstream[0]):
                 if sock is not None:
                     sock.close()
+
+    def act(self, client, request, action, upstream):
+        """Carry out one action; False when the client connection is to be closed."""
+        kind = action[0] if action else "forward"
+        if kind == "answer":
+            client.sendall(error_answer(*action[1:]))
+            return True
+        if kind == "reset-before":
+            client.shutdown(socket.SHUT_RDWR)
+            return False
+        if kind == "stall":
+            time.sleep(action[1])
+        body = request.body
+        if kind == "flip" and body:
+            body = body[:len(body) // 2] + bytes([body[len(body) // 2] ^ 0x01]) + \
+                body[len(body) // 2 + 1:]
+        if upstream[0] is None:
+            upstream[0] = socket.create_connection(("127.0.0.1", self.upstream_port))
+            upstream[1] = upstream[0].makefile("rb")
+        upstream[0].sendall(request.head + body)
+        answer = read_answer(upstream[1])
+        if kind == "reset-after":
+            client.shutdown(socket.SHUT_RDWR)
+            return False
+        if kind == "truncate":
+            client.sendall(answer[:max(1, len(answer) // 2)])
+            client.shutdown(socket.SHUT_RDWR)
+            return False
+        if kind == "etag":
+            answer = replace_header(answer, b"etag", action[1].encode())
+        client.sendall(answer)
+        return True
+
+
+def replace_header(answer, name, value):
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = [line for line in head.split(b"\r\n") if line.split(b":")[0].lower() != name]
+    return b"\r\n".join(lines + [name + b": " + value]) + b"\r\n\r\n" + body
 
 
 def read_head(reader):
@@ -376,8 +427,10 @@ def read_answer(reader):
             return b"".join(parts)
 
 
-def error_answer(status, code):
+def error_answer(status, code, extra_xml="", headers=None):
     body = ("<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>%s</Code><Message>"
-            "injected by the test proxy</Message></Error>" % code).encode()
-    return (b"HTTP/1.1 %d Injected\r\nContent-Type: application/xml\r\nContent-Length: %d\r\n"
-            b"\r\n" % (status, len(body))) + body
+            "injected by the test proxy</Message>%s</Error>" % (code, extra_xml)).encode()
+    lines = ["HTTP/1.1 %d Injected" % status, "Content-Type: application/xml",
+             "Content-Length: %d" % len(body)]
+    lines += ["%s: %s" % item for item in (headers or {}).items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body

@@ -397,8 +397,8 @@ class Multipart(IntegrationCase):
         data = os.urandom(3 * 5 * MIB)
         write_file(self.source, "big.bin", data)
 
-        def rule(method, target, attempt):
-            return (503, "SlowDown") if "partNumber=2&" in target else None
+        def rule(request):
+            return ("answer", 503, "SlowDown") if "partNumber=2&" in request.target else None
         proxy = self.proxied(rule)
         result = self.run_s3push("--multipart-threshold", "5MiB", "--part-size", "5MiB",
                                  "--retries", "1", endpoint=proxy.endpoint)
@@ -416,9 +416,9 @@ class Multipart(IntegrationCase):
         data = os.urandom(2 * 5 * MIB + 1)
         write_file(self.source, "big.bin", data)
 
-        def rule(method, target, attempt):
-            return (500, "InternalError") if "partNumber=1&" in target and not attempt \
-                else None
+        def rule(request):
+            return ("answer", 500, "InternalError") \
+                if "partNumber=1&" in request.target and not request.attempt else None
         result = self.run_s3push("--multipart-threshold", "5MiB", "--part-size", "5MiB",
                                  endpoint=self.proxied(rule).endpoint)
         self.assertEqual(result.status, 0, result.stderr)

@@ -295,7 +295,8 @@ class Verification(unittest.TestCase):
                  (404, "NoSuchBucket", s3push.ConfigError),
                  (503, "SlowDown", s3push.TemporaryError),
                  (500, "InternalError", s3push.TemporaryError),
-                 (400, "BadDigest", s3push.FileError)]
+                 (400, "BadDigest", s3push.TemporaryError),
+                 (400, "KeyTooLongError", s3push.FileError)]
         for status, code, kind in cases:
             error = s3push.error_from_response(answer(status, code), "s3://b/k")
             self.assertIsInstance(error, kind, code)
@@ -351,9 +352,10 @@ class PartsAndRetries(unittest.TestCase):
         def answer(status, code=""):
             body = ("<Error><Code>%s</Code></Error>" % code).encode() if code else b""
             return s3push.Response(status, "", {}, body)
-        for status, code in ((500, ""), (503, "SlowDown"), (429, ""), (400, "RequestTimeout")):
+        for status, code in ((500, ""), (503, "SlowDown"), (429, ""), (400, "RequestTimeout"),
+                             (400, "BadDigest")):
             self.assertTrue(s3push.is_retryable(answer(status, code)), (status, code))
-        for status, code in ((200, ""), (403, "AccessDenied"), (400, "BadDigest"),
+        for status, code in ((200, ""), (403, "AccessDenied"), (400, "KeyTooLongError"),
                              (404, "NoSuchBucket")):
             self.assertFalse(s3push.is_retryable(answer(status, code)), (status, code))
 
