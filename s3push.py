@@ -160,6 +160,10 @@ class FileError(S3PushError):
     fatal = False
 
 
+class UploadGoneError(FileError):
+    """NoSuchUpload: the server dropped the multipart upload (some do after a failed part)."""
+
+
 class Interrupted(BaseException):
     """Raised by the SIGTERM handler; a BaseException so no per-file handler swallows it."""
 
@@ -511,6 +515,9 @@ def error_from_response(response, what=""):
         return ConfigError("%s: set this host's clock right (NTP)" % text)
     if code in ACCESS_CODES or response.status in (401, 403):
         return AccessError("%s: check the credentials and that they allow s3:PutObject" % text)
+    if code == "NoSuchUpload":   # completed by an attempt whose answer was lost, or expired
+        return UploadGoneError("%s: the multipart upload is gone; the file is sent again "
+                               "next run" % text)
     if code in CONFIG_CODES or response.status in (301, 307, 404):
         return ConfigError("%s: check the bucket, region and endpoint" % text)
     if code in TEMPORARY_CODES or response.status >= 500 or response.status == 429:
@@ -588,12 +595,15 @@ class Connection(object):
         conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
         for name, value in headers.items():
             conn.putheader(name, value)
-        if isinstance(body, bytes):
-            conn.endheaders(body)   # one write for headers and a small body
-        else:
-            conn.endheaders()
-            for block in body.blocks():
-                conn.send(block)
+        try:
+            if isinstance(body, bytes):
+                conn.endheaders(body)   # one write for headers and a small body
+            else:
+                conn.endheaders()
+                for block in body.blocks():
+                    conn.send(block)
+        except (BrokenPipeError, ConnectionResetError):
+            pass   # the server may have answered early (an error) and closed: read it
         answer = conn.getresponse()
         data = answer.read(MAX_ERROR_BODY if answer.status >= 300 else MAX_ANSWER_BODY)
         if answer.will_close or not answer.isclosed():
@@ -793,7 +803,7 @@ class S3Client(object):
                               region, signed_at)
         signed["user-agent"] = USER_AGENT
         try:
-            return self.connection.exchange(method, target, signed, body)
+            response = self.connection.exchange(method, target, signed, body)
         except S3PushError:
             self.connection.close()
             raise
@@ -801,6 +811,10 @@ class S3Client(object):
             self.connection.close()
             raise TemporaryError("the connection failed during the request (%s); the file "
                                  "is kept" % describe_os_error(exc))
+        if method == "PUT" and 200 <= response.status < 300 and not response.header("etag"):
+            self.connection.close()   # http.client takes headers cut short for complete ones
+            raise TemporaryError("the answer carried no ETag (cut short?); the file is kept")
+        return response
 
 
 def datetime_delta(seconds):
@@ -1131,11 +1145,19 @@ class PartTask(object):
 
 
 def multipart_upload(client, job, key, fd, size, content_type):
-    """Create, send the parts through the workers (helping them), then complete.
+    """A multipart upload; started afresh once if the server dropped it on the way.
 
     On failure nothing is aborted (AbortMultipartUpload is a DELETE): a bucket lifecycle
     rule removes the incomplete upload.
     """
+    try:
+        multipart_upload_once(client, job, key, fd, size, content_type)
+    except UploadGoneError:
+        multipart_upload_once(client, job, key, fd, size, content_type)
+
+
+def multipart_upload_once(client, job, key, fd, size, content_type):
+    """Create, send the parts through the workers (helping them), then complete."""
     upload_id = create_multipart_upload(client, key, content_type)
     ranges = part_ranges(size, part_size_for(size, job.part_size))
     tracker = PartTracker(len(ranges))

@@ -369,8 +369,14 @@ class FaultProxy(object):
         if upstream[0] is None:
             upstream[0] = socket.create_connection(("127.0.0.1", self.upstream_port))
             upstream[1] = upstream[0].makefile("rb")
-        upstream[0].sendall(request.head + body)
+        try:
+            upstream[0].sendall(request.head + body)
+        except OSError:
+            pass   # the server answered early and closed: pass its answer on, as a wire would
         answer = read_answer(upstream[1])
+        if b"connection: close" in answer.split(b"\r\n\r\n", 1)[0].lower():
+            upstream[0].close()
+            upstream[0] = None
         if kind == "reset-after":
             client.shutdown(socket.SHUT_RDWR)
             return False

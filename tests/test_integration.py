@@ -1,105 +1,20 @@
 """The real script, run as a subprocess, against a real S3 server that checks signatures.
 
 Each test moves its own directory under its own key prefix and then compares the
-bytes that landed with what was written. The subprocess gets a cron-like
-environment: no LANG, an empty HOME, credentials only from what the test sets.
+bytes that landed with what was written (helpers.py: the server and the environment).
 """
 
 import os
 import random
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import s3server  # noqa: E402
-
-SERVER = None
-RUN_TIMEOUT = 120
-OLD = time.time() - 3600   # mtime for files that are old enough for the default --min-age
-
-
-def setUpModule():
-    global SERVER
-    SERVER = s3server.start_server()
-
-
-def tearDownModule():
-    if SERVER is not None:
-        SERVER.stop()
-
-
-def write_file(root, relative, data, mtime=OLD):
-    """Create root/relative (UTF-8 name, whatever the locale) with data and an old mtime."""
-    path = os.path.join(os.fsencode(root), relative.encode("utf-8"))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as handle:
-        handle.write(data)
-    os.utime(path, (mtime, mtime))
-    return path
-
-
-def files_under(root):
-    """Relative paths (bytes) of every non-directory under root."""
-    root = os.fsencode(root)
-    found = []
-    for directory, _, names in os.walk(root):
-        found.extend(os.path.relpath(os.path.join(directory, n), root) for n in names)
-    return sorted(found)
-
-
-class Result(object):
-    def __init__(self, status, stdout, stderr):
-        self.status = status
-        self.stdout = stdout
-        self.stderr = stderr
-
-
-class IntegrationCase(unittest.TestCase):
-    def setUp(self):
-        self.tmp = tempfile.mkdtemp(prefix="s3push-test-")
-        self.source = os.path.join(self.tmp, "src")
-        self.home = os.path.join(self.tmp, "home")
-        os.makedirs(self.source)
-        os.makedirs(self.home)
-        self.prefix = "%s-%d/" % (self.id().rsplit(".", 1)[-1], random.randrange(10 ** 9))
-
-    def tearDown(self):
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-    def env(self, **extra):
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": self.home,
-               "AWS_ACCESS_KEY_ID": SERVER.access_key,
-               "AWS_SECRET_ACCESS_KEY": SERVER.secret_key, "AWS_REGION": SERVER.region}
-        env.update(extra)
-        return {k: v for k, v in env.items() if v is not None}
-
-    def command(self, *args, **kw):
-        endpoint = kw.get("endpoint", SERVER.endpoint)
-        source = kw.get("source", self.source)
-        return [sys.executable, s3server.S3PUSH, "--endpoint-url", endpoint] + list(args) + \
-            [source, "s3://%s/%s" % (SERVER.bucket, self.prefix)]
-
-    def run_s3push(self, *args, **kw):
-        env = kw.pop("env", None) or self.env()
-        cwd = kw.pop("cwd", None)
-        done = subprocess.run(self.command(*args, **kw), env=env, cwd=cwd,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              stdin=subprocess.DEVNULL, timeout=RUN_TIMEOUT)
-        return Result(done.returncode, done.stdout.decode("utf-8", "replace"),
-                      done.stderr.decode("utf-8", "replace"))
-
-    def assert_landed(self, expected):
-        """expected: {relative path: bytes}; each is on the server under the prefix."""
-        for relative, data in expected.items():
-            got = SERVER.object_bytes(self.prefix + relative)
-            self.assertIsNotNone(got, "missing on the server: %r" % relative)
-            self.assertEqual(got, data, "bytes differ on the server: %r" % relative)
-
+from helpers import RUN_TIMEOUT, IntegrationCase, files_under, write_file  # noqa: E402
 
 AWKWARD = ["space name", "plus+sign", "per%cent", "til~de", "hash#tag", "quest?ion",
            "amp&ersand", "equal=s", "ünïcödé-日本", "-leading-dash", "semi;colon",
@@ -120,7 +35,7 @@ class MovesFiles(IntegrationCase):
         self.assertEqual(result.status, 0, result.stderr)
         self.assertEqual(result.stdout + result.stderr, "", "not silent on success")
         self.assertEqual(files_under(self.source), [])
-        self.assertEqual(SERVER.keys(self.prefix), {self.prefix + k for k in expected})
+        self.assertEqual(self.server.keys(self.prefix), {self.prefix + k for k in expected})
         self.assert_landed(expected)
 
     def test_empty_files(self):
@@ -138,23 +53,23 @@ class MovesFiles(IntegrationCase):
             write_file(self.source, "d/f.txt", data)
             result = self.run_s3push(source=spelling, cwd=parent)
             self.assertEqual(result.status, 0, result.stderr)
-            self.assertEqual(SERVER.object_bytes(self.prefix + "d/f.txt"), data, spelling)
-            self.assertEqual(SERVER.keys(self.prefix), {self.prefix + "d/f.txt"})
+            self.assertEqual(self.server.object_bytes(self.prefix + "d/f.txt"), data, spelling)
+            self.assertEqual(self.server.keys(self.prefix), {self.prefix + "d/f.txt"})
 
     def test_prefix_forms(self):
         unique = self.prefix.rstrip("/")
-        bucket = "s3://" + SERVER.bucket
+        bucket = "s3://" + self.server.bucket
         for destination, name, key in ((bucket, unique + "-root", unique + "-root"),
                                        (bucket + "/", unique + "-slash", unique + "-slash"),
                                        (bucket + "/" + unique + "/a", "x", unique + "/a/x"),
                                        (bucket + "/" + unique + "/b/", "y", unique + "/b/y")):
             write_file(self.source, name, destination.encode())
-            argv = [sys.executable, s3server.S3PUSH, "--endpoint-url", SERVER.endpoint,
+            argv = [sys.executable, s3server.S3PUSH, "--endpoint-url", self.server.endpoint,
                     self.source, destination]
             done = subprocess.run(argv, env=self.env(), timeout=RUN_TIMEOUT,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             self.assertEqual(done.returncode, 0, done.stderr)
-            self.assertEqual(SERVER.object_bytes(key), destination.encode(), destination)
+            self.assertEqual(self.server.object_bytes(key), destination.encode(), destination)
 
     def test_verbose_lines_and_summary(self):
         write_file(self.source, "a.txt", b"12345")
@@ -164,7 +79,7 @@ class MovesFiles(IntegrationCase):
         lines = result.stdout.splitlines()
         self.assertEqual(len(lines), 3, result.stdout)
         self.assertIn("moved %s -> s3://%s/%sb/c.txt (3 bytes)"
-                      % (os.path.join(self.source, "b", "c.txt"), SERVER.bucket, self.prefix),
+                      % (os.path.join(self.source, "b", "c.txt"), self.server.bucket, self.prefix),
                       lines)
         self.assertRegex(lines[-1], r"^s3push: moved 2 files, 8 bytes in [0-9.]+ s "
                                     r"\([0-9.]+ MB/s\); 0 failed, 0 left for later")
@@ -192,7 +107,7 @@ class MovesFiles(IntegrationCase):
         os.makedirs(aws)
         with open(os.path.join(aws, "credentials"), "w", newline="\r\n") as handle:
             handle.write("\ufeff[ops]\naws_access_key_id = %s\naws_secret_access_key = %s\n"
-                         % (SERVER.access_key, SERVER.secret_key))
+                         % (self.server.access_key, self.server.secret_key))
         env = self.env(AWS_ACCESS_KEY_ID="AKWRONG", AWS_SECRET_ACCESS_KEY="wrong")
         result = self.run_s3push("--profile", "ops", env=env)
         self.assertEqual(result.status, 0, result.stderr)
@@ -210,7 +125,7 @@ class KeepsFiles(IntegrationCase):
         self.assertIn("SignatureDoesNotMatch", result.stderr)
         self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
         self.assertNotIn(canary, result.stdout + result.stderr)
-        self.assertEqual(SERVER.keys(self.prefix), set())
+        self.assertEqual(self.server.keys(self.prefix), set())
 
     def test_young_file_is_left(self):
         write_file(self.source, "old", b"old")
@@ -218,7 +133,7 @@ class KeepsFiles(IntegrationCase):
         result = self.run_s3push()
         self.assertEqual(result.status, 0, result.stderr)
         self.assertEqual(files_under(self.source), [b"young"])
-        self.assertEqual(SERVER.keys(self.prefix), {self.prefix + "old"})
+        self.assertEqual(self.server.keys(self.prefix), {self.prefix + "old"})
 
     def test_dry_run_changes_nothing(self):
         write_file(self.source, "x/a b.txt", b"a")
@@ -226,11 +141,11 @@ class KeepsFiles(IntegrationCase):
         result = self.run_s3push("--dry-run")
         self.assertEqual(result.status, 0, result.stderr)
         self.assertIn("would move %s -> s3://%s/%sx/a b.txt (1 bytes)"
-                      % (os.path.join(self.source, "x", "a b.txt"), SERVER.bucket,
+                      % (os.path.join(self.source, "x", "a b.txt"), self.server.bucket,
                          self.prefix), result.stdout)
         self.assertEqual(len(result.stdout.splitlines()), 2)
         self.assertEqual(files_under(self.source), [b"x/a b.txt", b"y"])
-        self.assertEqual(SERVER.keys(self.prefix), set())
+        self.assertEqual(self.server.keys(self.prefix), set())
 
     def test_in_progress_names_special_files_and_symlinks(self):
         for name in (".hidden", "x.tmp", "y.part", "z.partial", ".w.swp", "v~", "skip.log",
@@ -247,7 +162,7 @@ class KeepsFiles(IntegrationCase):
         finally:
             sock.close()
         self.assertEqual(result.status, 0, result.stderr)
-        self.assertEqual(SERVER.keys(self.prefix), {self.prefix + "real"})
+        self.assertEqual(self.server.keys(self.prefix), {self.prefix + "real"})
         left = files_under(self.source)
         self.assertEqual(len(left), 11, left)   # all but 'real'
         self.assertTrue(os.path.exists(outside))
@@ -280,7 +195,7 @@ class Races(IntegrationCase):
     """A gate proxy holds the upload after the script read the file: deterministic races."""
 
     def gated_run(self):
-        port = int(SERVER.endpoint.rsplit(":", 1)[1])
+        port = int(self.server.endpoint.rsplit(":", 1)[1])
         gate = s3server.GateProxy(port)
         self.addCleanup(gate.close)
         process = subprocess.Popen(self.command(endpoint=gate.endpoint), env=self.env(),
@@ -310,7 +225,7 @@ class Races(IntegrationCase):
         second = self.run_s3push()
         self.assertEqual(second.status, 0, second.stderr)
         self.assertIn("another run", second.stderr)
-        self.assertEqual(SERVER.keys(self.prefix), set(), "the second run touched files")
+        self.assertEqual(self.server.keys(self.prefix), set(), "the second run touched files")
         self.assertEqual(len(files_under(self.source)), 2)
         gate.release.set()
         process.communicate(timeout=RUN_TIMEOUT)
@@ -357,13 +272,14 @@ class Multipart(IntegrationCase):
     """Small part sizes keep these fast: 5 MiB, S3's minimum."""
 
     def proxied(self, rule=None):
-        proxy = s3server.FaultProxy(int(SERVER.endpoint.rsplit(":", 1)[1]), rule)
+        proxy = s3server.FaultProxy(int(self.server.endpoint.rsplit(":", 1)[1]), rule)
         self.addCleanup(proxy.close)
         return proxy
 
     def methods(self, proxy):
+        """(method, first query name) of each distinct request: a retry repeats its target."""
         return [(m, t.split("?", 1)[1].split("=")[0] if "?" in t else "")
-                for m, t in proxy.requests]
+                for m, t in sorted(set(proxy.requests))]
 
     def test_several_parts_and_a_short_last_part(self):
         data = os.urandom(2 * 5 * MIB + 12345)
@@ -410,7 +326,7 @@ class Multipart(IntegrationCase):
                          "one retry of the failing part")
         self.assertNotIn(("POST", "uploadId"), calls, "an upload with a failed part was "
                          "completed")
-        self.assertIsNone(SERVER.object_bytes(self.prefix + "big.bin"))
+        self.assertIsNone(self.server.object_bytes(self.prefix + "big.bin"))
 
     def test_a_part_that_fails_once_is_retried(self):
         data = os.urandom(2 * 5 * MIB + 1)

@@ -1,0 +1,102 @@
+"""What the integration test modules share: one server per test process, files, runs.
+
+The server (see s3server.start_server) starts on first use and stops when the process
+exits. The script runs as a subprocess with a cron-like environment: no LANG, an empty
+HOME, credentials only from what the test sets.
+"""
+
+import atexit
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import s3server  # noqa: E402
+
+RUN_TIMEOUT = 120
+OLD = time.time() - 3600   # mtime for files that are old enough for the default --min-age
+_SERVERS = []
+
+
+def server():
+    """The test server of this process, started on first use."""
+    if not _SERVERS:
+        _SERVERS.append(s3server.start_server())
+        atexit.register(_SERVERS[0].stop)
+    return _SERVERS[0]
+
+
+def write_file(root, relative, data, mtime=OLD):
+    """Create root/relative (UTF-8 name, whatever the locale) with data and an old mtime."""
+    path = os.path.join(os.fsencode(root), relative.encode("utf-8"))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as handle:
+        handle.write(data)
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def files_under(root):
+    """Relative paths (bytes) of every non-directory under root."""
+    root = os.fsencode(root)
+    found = []
+    for directory, _, names in os.walk(root):
+        found.extend(os.path.relpath(os.path.join(directory, n), root) for n in names)
+    return sorted(found)
+
+
+class Result(object):
+    def __init__(self, status, stdout, stderr):
+        self.status = status
+        self.stdout = stdout
+        self.stderr = stderr
+
+
+class IntegrationCase(unittest.TestCase):
+    """A source directory, an empty HOME and a key prefix of its own for each test."""
+
+    def setUp(self):
+        self.server = server()
+        self.tmp = tempfile.mkdtemp(prefix="s3push-test-")
+        self.source = os.path.join(self.tmp, "src")
+        self.home = os.path.join(self.tmp, "home")
+        os.makedirs(self.source)
+        os.makedirs(self.home)
+        self.prefix = "%s-%d/" % (self.id().rsplit(".", 1)[-1], random.randrange(10 ** 9))
+
+    def tearDown(self):
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def env(self, **extra):
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": self.home,
+               "AWS_ACCESS_KEY_ID": self.server.access_key,
+               "AWS_SECRET_ACCESS_KEY": self.server.secret_key, "AWS_REGION": self.server.region}
+        env.update(extra)
+        return {k: v for k, v in env.items() if v is not None}
+
+    def command(self, *args, **kw):
+        endpoint = kw.get("endpoint", self.server.endpoint)
+        source = kw.get("source", self.source)
+        return [sys.executable, s3server.S3PUSH, "--endpoint-url", endpoint] + list(args) + \
+            [source, "s3://%s/%s" % (self.server.bucket, self.prefix)]
+
+    def run_s3push(self, *args, **kw):
+        env = kw.pop("env", None) or self.env()
+        cwd = kw.pop("cwd", None)
+        done = subprocess.run(self.command(*args, **kw), env=env, cwd=cwd,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              stdin=subprocess.DEVNULL, timeout=RUN_TIMEOUT)
+        return Result(done.returncode, done.stdout.decode("utf-8", "replace"),
+                      done.stderr.decode("utf-8", "replace"))
+
+    def assert_landed(self, expected):
+        """expected: {relative path: bytes}; each is on the server under the prefix."""
+        for relative, data in expected.items():
+            got = self.server.object_bytes(self.prefix + relative)
+            self.assertIsNotNone(got, "missing on the server: %r" % relative)
+            self.assertEqual(got, data, "bytes differ on the server: %r" % relative)

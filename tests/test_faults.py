@@ -1,0 +1,424 @@
+"""Never lose a file: faults injected between the script and the server, crashes, signals,
+clocks off by 20 minutes, wrong regions, expired tokens, files changing mid-upload.
+
+Most tests put a FaultProxy (s3server.py) between the real script and the real server;
+the proxy records every request and does to each what the test's rule says. After every
+run the same invariant is checked: a file that left SOURCE_DIR is on the server intact.
+"""
+
+import glob
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import s3server  # noqa: E402
+from helpers import RUN_TIMEOUT, IntegrationCase, files_under, write_file  # noqa: E402
+
+MIB = 1024 * 1024
+MULTIPART = ("--multipart-threshold", "5MiB", "--part-size", "5MiB")
+
+
+def faketime_library():
+    """libfaketime, unpacked by `make test` into .testenv/faketime."""
+    found = glob.glob(os.path.join(s3server.REPO, ".testenv", "faketime", "usr", "lib", "*",
+                                   "faketime", "libfaketimeMT.so.1"))
+    if not found:
+        raise RuntimeError("libfaketime not found under .testenv/faketime: run `make test`, "
+                           "which unpacks it from Debian's package")
+    return found[0]
+
+
+class FaultCase(IntegrationCase):
+    def proxy(self, rule=None):
+        proxy = s3server.FaultProxy(int(self.server.endpoint.rsplit(":", 1)[1]), rule)
+        self.addCleanup(proxy.close)
+        return proxy
+
+    def corpus(self, count, big=0, seed=0):
+        """count small files in nested folders and `big` multipart ones; {relative: bytes}."""
+        rng = random.Random(seed)
+        files = {}
+        for i in range(count):
+            relative = "d%d/e%d/f%03d.bin" % (i % 7, i % 3, i)
+            size = rng.randrange(0, 3000)
+            files[relative] = rng.getrandbits(8 * size).to_bytes(size, "little") if size else b""
+        for i in range(big):
+            files["big/b%d.bin" % i] = os.urandom(5 * MIB + rng.randrange(1, 3 * MIB))
+        for relative, data in files.items():
+            write_file(self.source, relative, data)
+        return files
+
+    def assert_nothing_lost(self, expected):
+        """Every file that left the source is on the server with exactly its bytes."""
+        left = {os.fsdecode(p) for p in files_under(self.source)}
+        for relative, data in expected.items():
+            if relative not in left:
+                got = self.server.object_bytes(self.prefix + relative)
+                self.assertEqual(got, data, "%s left the source but the server has %s"
+                                 % (relative, "nothing" if got is None else "other bytes"))
+        return left
+
+
+class Retries(FaultCase):
+    def test_transient_answers_are_retried(self):
+        write_file(self.source, "f", b"data")
+        proxy = self.proxy(lambda r: ("answer", 503, "SlowDown") if r.attempt < 2 else None)
+        result = self.run_s3push(endpoint=proxy.endpoint)
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assert_landed({"f": b"data"})
+        self.assertEqual([m for m, _ in proxy.requests], ["PUT"] * 3)
+
+    def test_permission_errors_are_not_retried(self):
+        write_file(self.source, "f", b"data")
+        proxy = self.proxy(lambda r: ("answer", 403, "AccessDenied"))
+        result = self.run_s3push(endpoint=proxy.endpoint)
+        self.assertEqual(result.status, 77, result.stderr)
+        self.assertEqual(len(proxy.requests), 1)
+        self.assertEqual(files_under(self.source), [b"f"])
+
+    def test_broken_connections_are_retried(self):
+        write_file(self.source, "f", b"data")
+        faults = [("reset-before",), ("reset-after",), ("truncate",)]
+        proxy = self.proxy(lambda r: faults[r.attempt] if r.attempt < len(faults) else None)
+        result = self.run_s3push(endpoint=proxy.endpoint)
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assert_landed({"f": b"data"})
+        self.assertEqual(len(proxy.requests), 4)
+
+    def test_a_stalled_server_times_out_and_is_retried(self):
+        write_file(self.source, "f", b"data")
+        proxy = self.proxy(lambda r: ("stall", 3) if r.attempt == 0 else None)
+        result = self.run_s3push("--timeout", "1", endpoint=proxy.endpoint)
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assert_landed({"f": b"data"})
+
+    def test_retry_after_is_honoured(self):
+        write_file(self.source, "f", b"data")
+        seen = []
+
+        def rule(request):
+            seen.append(time.monotonic())
+            return ("answer", 503, "SlowDown", "", {"Retry-After": "2"}) \
+                if request.attempt == 0 else None
+        result = self.run_s3push(endpoint=self.proxy(rule).endpoint)
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertGreaterEqual(seen[1] - seen[0], 1.9, "Retry-After: 2 was not waited for")
+
+    def test_the_deadline_ends_a_run_that_keeps_failing(self):
+        write_file(self.source, "f", b"data")
+        proxy = self.proxy(lambda r: ("answer", 503, "SlowDown", "", {"Retry-After": "30"}))
+        started = time.monotonic()
+        result = self.run_s3push("--deadline", "2", "--retries", "10", endpoint=proxy.endpoint)
+        self.assertEqual(result.status, 75, result.stderr)
+        self.assertLess(time.monotonic() - started, 25, "the deadline did not end the run")
+        self.assertEqual(files_under(self.source), [b"f"])
+
+
+class Corrections(FaultCase):
+    def run_faked_clock(self, offset):
+        write_file(self.source, "f1", b"one")
+        write_file(self.source, "d/f2", b"two")
+        env = self.env(LD_PRELOAD=faketime_library(), FAKETIME=offset,
+                       FAKETIME_DONT_FAKE_MONOTONIC="1")
+        result = self.run_s3push(env=env)
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assert_landed({"f1": b"one", "d/f2": b"two"})
+        lines = result.stderr.strip().splitlines()
+        self.assertEqual(len(lines), 1, result.stderr)
+        self.assertRegex(lines[0], r"clock is 1[12]\d\d s (behind|ahead of) the server's")
+        return lines[0]
+
+    def test_clock_20_minutes_behind(self):
+        self.assertIn("behind", self.run_faked_clock("-20m"))
+
+    def test_clock_20_minutes_ahead(self):
+        self.assertIn("ahead of", self.run_faked_clock("+20m"))
+
+    def test_wrong_region_from_the_error_body(self):
+        for i in range(5):
+            write_file(self.source, "f%d" % i, b"x%d" % i)
+
+        def rule(request):
+            if "/us-east-1/" in request.header("authorization"):
+                return ("answer", 400, "AuthorizationHeaderMalformed",
+                        "<Region>eu-west-1</Region>")
+            return None
+        result = self.run_s3push(endpoint=self.proxy(rule).endpoint)
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assert_landed({"f%d" % i: b"x%d" % i for i in range(5)})
+        self.assertEqual(result.stderr.count("\n"), 1, result.stderr)
+        self.assertIn("is in region eu-west-1, not us-east-1: set --region eu-west-1",
+                      result.stderr)
+
+    def test_permanent_redirect_with_a_region_header(self):
+        write_file(self.source, "f", b"data")
+
+        def rule(request):
+            if "/ap-southeast-2/" not in request.header("authorization"):
+                return ("answer", 301, "PermanentRedirect", "",
+                        {"x-amz-bucket-region": "ap-southeast-2"})
+            return None
+        result = self.run_s3push(endpoint=self.proxy(rule).endpoint)
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertIn("set --region ap-southeast-2", result.stderr)
+
+    def credentials_file(self, token):
+        aws = os.path.join(self.home, ".aws")
+        os.makedirs(aws, exist_ok=True)
+        path = os.path.join(aws, "credentials")
+        with open(path, "w") as handle:
+            handle.write("[default]\naws_access_key_id = %s\naws_secret_access_key = %s\n"
+                         "aws_session_token = %s\n" % (self.server.access_key,
+                                                       self.server.secret_key, token))
+        return path
+
+    def test_expired_token_is_read_again_once(self):
+        write_file(self.source, "f", b"data")
+        self.credentials_file("OLD-TOKEN")
+
+        def rule(request):
+            if request.header("x-amz-security-token") == "OLD-TOKEN":
+                self.credentials_file("NEW-TOKEN")   # rotated meanwhile, as by an agent
+                return ("answer", 400, "ExpiredToken")
+            return None
+        env = self.env(AWS_ACCESS_KEY_ID=None, AWS_SECRET_ACCESS_KEY=None)
+        result = self.run_s3push(env=env, endpoint=self.proxy(rule).endpoint)
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertIn("credentials had expired; read them again", result.stderr)
+        self.assert_landed({"f": b"data"})
+
+    def test_expired_token_not_renewed_stops_the_run(self):
+        write_file(self.source, "f", b"data")
+        self.credentials_file("OLD-TOKEN")
+        proxy = self.proxy(lambda r: ("answer", 400, "ExpiredToken"))
+        env = self.env(AWS_ACCESS_KEY_ID=None, AWS_SECRET_ACCESS_KEY=None)
+        result = self.run_s3push(env=env, endpoint=proxy.endpoint)
+        self.assertEqual(result.status, 77, result.stderr)
+        self.assertIn("ExpiredToken", result.stderr)
+        self.assertEqual(files_under(self.source), [b"f"])
+
+
+class Corruption(FaultCase):
+    def test_flipped_body_bytes_never_land(self):
+        files = self.corpus(20, big=1)
+        proxy = self.proxy(lambda r: ("flip",) if r.attempt == 0 and r.body else None)
+        result = self.run_s3push("--retries", "0", *MULTIPART, endpoint=proxy.endpoint)
+        self.assertNotEqual(result.status, 0, result.stderr)
+        self.assertIn("BadDigest", result.stderr)
+        self.assert_nothing_lost(files)
+        # With retries, each file's body flipped once more. rclone's server drops a whole
+        # multipart upload when a part fails its Content-MD5 check: the script then starts
+        # the upload afresh.
+        flipped = set()
+
+        def once_per_file(request):
+            path = request.target.split("?")[0]
+            if request.body and path not in flipped and "uploadId" not in request.target \
+                    or "partNumber=1&" in request.target and path not in flipped:
+                flipped.add(path)
+                return ("flip",)
+            return None
+        proxy = self.proxy(once_per_file)
+        result = self.run_s3push(*MULTIPART, endpoint=proxy.endpoint)
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertEqual(files_under(self.source), [])
+        self.assert_landed(files)
+
+    def test_an_etag_that_is_not_the_md5_keeps_the_file(self):
+        write_file(self.source, "f", b"data")
+        proxy = self.proxy(lambda r: ("etag", '"0123456789abcdef0123456789abcdef"'))
+        result = self.run_s3push(endpoint=proxy.endpoint)
+        self.assertEqual(result.status, 65, result.stderr)
+        self.assertIn("is not the MD5 of the file", result.stderr)
+        self.assertEqual(files_under(self.source), [b"f"])
+
+    def test_a_multipart_etag_that_is_not_the_md5_of_md5s_keeps_the_file(self):
+        self.corpus(0, big=1)
+        proxy = self.proxy(lambda r: ("etag", '"0123456789abcdef0123456789abcdef"')
+                           if "partNumber=2&" in r.target else None)
+        result = self.run_s3push(*MULTIPART, endpoint=proxy.endpoint)
+        self.assertEqual(result.status, 65, result.stderr)
+        self.assertIn("part 2", result.stderr)
+        self.assertEqual(len(files_under(self.source)), 1)
+
+
+class Chaos(FaultCase):
+    """A corpus through a proxy that breaks a quarter of all requests, run again and again."""
+    FAULTS = [("reset-before",), ("reset-after",), ("answer", 500, "InternalError"),
+              ("answer", 503, "SlowDown"), ("truncate",), ("stall", 2), ("flip",)]
+
+    def test_every_file_arrives_intact_through_random_faults(self):
+        files = self.corpus(300, big=3, seed=4)
+        rng = random.Random(1234)
+        injected = {}
+
+        def rule(request):
+            if rng.random() >= 0.25:
+                return None
+            fault = rng.choice(self.FAULTS)
+            injected[fault[0] + (str(fault[1]) if len(fault) > 1 else "")] = \
+                injected.get(fault[0] + (str(fault[1]) if len(fault) > 1 else ""), 0) + 1
+            return fault
+        proxy = self.proxy(rule)
+        for _ in range(30):
+            result = self.run_s3push("--retries", "2", "--timeout", "1", "--jobs", "4",
+                                     *MULTIPART, endpoint=proxy.endpoint)
+            left = self.assert_nothing_lost(files)
+            if not left:
+                break
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertEqual(files_under(self.source), [])
+        self.assert_landed(files)
+        sys.stderr.write("[chaos: %d requests, %d faults injected: %s] "
+                         % (len(proxy.requests), sum(injected.values()),
+                            " ".join("%s=%d" % kv for kv in sorted(injected.items()))))
+        self.assertGreaterEqual(min(injected.values()), 3, injected)
+        self.assertEqual(len(injected), len(self.FAULTS), injected)
+
+
+class Crashes(FaultCase):
+    def test_kill_9_at_random_moments(self):
+        files = self.corpus(500, big=3, seed=9)
+        rng = random.Random(99)
+        kills = runs = 0
+        while kills < 20 and runs < 80:
+            runs += 1
+            process = subprocess.Popen(self.command("--jobs", "2", *MULTIPART), env=self.env(),
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(rng.uniform(0.03, 0.4))
+            if process.poll() is None:
+                process.send_signal(signal.SIGKILL)
+                kills += 1
+            process.wait(RUN_TIMEOUT)
+            left = self.assert_nothing_lost(files)
+            if not left:
+                self.corpus_refill(files, rng)
+        result = self.run_s3push(*MULTIPART)
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertEqual(files_under(self.source), [])
+        self.assert_landed(files)
+        sys.stderr.write("[crash: %d kills in %d runs] " % (kills, runs))
+        self.assertGreaterEqual(kills, 20)
+
+    def corpus_refill(self, files, rng):
+        """All moved before 20 kills: put a fresh set in (new names, same check)."""
+        for i in range(100):
+            relative = "refill%d/f%d" % (len(files), i)
+            files[relative] = os.urandom(rng.randrange(0, 2000))
+            write_file(self.source, relative, files[relative])
+
+
+class ChangingFiles(FaultCase):
+    """The gate holds the first request until the test has changed the file."""
+
+    def gated(self, *args):
+        gate = s3server.GateProxy(int(self.server.endpoint.rsplit(":", 1)[1]))
+        self.addCleanup(gate.close)
+        process = subprocess.Popen(self.command(*args, endpoint=gate.endpoint),
+                                   env=self.env(), stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        self.addCleanup(process.kill)
+        self.assertTrue(gate.arrived.wait(RUN_TIMEOUT))
+        return gate, process
+
+    def finish(self, gate, process):
+        gate.release.set()
+        out, err = process.communicate(timeout=RUN_TIMEOUT)
+        return process.returncode, out.decode(), err.decode()
+
+    def change_and_run(self, change, data, *args):
+        path = write_file(self.source, "f.bin", data)
+        gate, process = self.gated(*args)
+        change(path)
+        return self.finish(gate, process)
+
+    def truncate(self, path):
+        with open(path, "r+b") as handle:
+            handle.truncate(10)
+
+    def replace(self, path):
+        write_file(self.source, "f.bin.new", b"new contents")
+        os.rename(path + b".new", path)
+
+    def test_truncated_small_and_multipart(self):
+        for data, args in ((b"x" * 1000, ()), (os.urandom(11 * MIB), MULTIPART)):
+            status, _, err = self.change_and_run(self.truncate, data, *args)
+            self.assertEqual(status, 65, err)
+            self.assertEqual(files_under(self.source), [b"f.bin"], err)
+            with open(os.path.join(self.source, "f.bin"), "rb") as handle:
+                self.assertEqual(handle.read(), data[:10])
+
+    def test_replaced_by_rename(self):
+        for data, args in ((b"y" * 1000, ()), (os.urandom(11 * MIB), MULTIPART)):
+            status, _, err = self.change_and_run(self.replace, data, *args)
+            self.assertEqual(status, 65, err)
+            self.assertIn("changed while it was uploading", err)
+            with open(os.path.join(self.source, "f.bin"), "rb") as handle:
+                self.assertEqual(handle.read(), b"new contents")
+
+    def test_deleted_during_upload(self):
+        for data, args in ((b"z" * 1000, ()), (os.urandom(11 * MIB), MULTIPART)):
+            status, out, err = self.change_and_run(os.unlink, data, *args)
+            self.assertEqual(files_under(self.source), [])
+            if status == 0:   # what was read was delivered whole
+                self.assert_landed({"f.bin": data})
+            else:
+                self.assertEqual(status, 65, err)
+
+    def test_appended_during_multipart(self):
+        data = os.urandom(11 * MIB)
+
+        def append(path):
+            with open(path, "ab") as handle:
+                handle.write(b"more")
+        status, _, err = self.change_and_run(append, data, *MULTIPART)
+        self.assertEqual(status, 65, err)
+        self.assertEqual(os.path.getsize(os.path.join(self.source, "f.bin")), len(data) + 4)
+
+
+class Signals(FaultCase):
+    def stopped_by(self, signum):
+        write_file(self.source, "f", b"data")
+        gate = s3server.GateProxy(int(self.server.endpoint.rsplit(":", 1)[1]))
+        self.addCleanup(gate.close)
+        process = subprocess.Popen(self.command(endpoint=gate.endpoint), env=self.env(),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(process.kill)
+        self.assertTrue(gate.arrived.wait(RUN_TIMEOUT))
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=30)
+        gate.release.set()
+        self.assertEqual(files_under(self.source), [b"f"])
+        self.assertIn(b"files not yet confirmed were left in place", err)
+        return process.returncode
+
+    def test_sigterm(self):
+        self.assertEqual(self.stopped_by(signal.SIGTERM), 143)
+
+    def test_sigint(self):
+        self.assertEqual(self.stopped_by(signal.SIGINT), 130)
+
+
+class ConcurrentRuns(FaultCase):
+    def test_several_runs_at_once(self):
+        files = self.corpus(300, seed=5)
+        processes = [subprocess.Popen(self.command("--jobs", "1"), env=self.env(),
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                     for _ in range(5)]
+        outcomes = [(p.wait(RUN_TIMEOUT), p.stderr.read()) for p in processes]
+        for process in processes:
+            process.stdout.close()
+            process.stderr.close()
+        self.assertEqual([status for status, _ in outcomes], [0] * 5, outcomes)
+        self.assertGreaterEqual(sum(b"another run" in err for _, err in outcomes), 1)
+        self.assertEqual(files_under(self.source), [])
+        self.assert_landed(files)
+
+
+if __name__ == "__main__":
+    unittest.main()
