@@ -7,13 +7,25 @@ RCLONE := $(TESTENV)/rclone/bin/rclone
 RCLONE_VERSION := 1.75.2
 # libfaketime from Debian, unpacked (not installed): the clock-skew tests preload it.
 FAKETIME := $(TESTENV)/faketime/.unpacked
+# Ceph RGW 16.2 from Debian 12, unpacked (not installed) for make test-all.
+CEPH := $(TESTENV)/ceph/.unpacked
+CEPH_DEBS := radosgw librgw2 librados2 ceph-common ceph-base ceph-mon ceph-osd python3-rados \
+	python3-ceph-argparse python3-ceph-common python3-prettytable python3-wcwidth \
+	librabbitmq4 liblua5.3-0 libboost-context1.74.0 libboost-thread1.74.0 libfmt9 libibverbs1 \
+	librdmacm1 libnl-3-200 libnl-route-3-200 libleveldb1d libsnappy1v5 libaio1 libfuse2 \
+	libpmem1 libndctl6 libdaxctl1 libkmod2 liboath0
 
 AWSCLI := $(TESTENV)/awscli/bin/aws
 
-.PHONY: test demo bench clean
+.PHONY: test test-all demo bench clean
 
 test: $(RCLONE) $(FAKETIME)
 	LC_ALL=C.UTF-8 $(PYTHON) tests/run_all.py
+
+# The quick suite, then the integration suites again against Ceph RGW, the strict server
+# (payload SHA-256, chunk signatures, If-None-Match, clock skew both ways).
+test-all: test $(CEPH)
+	LC_ALL=C.UTF-8 $(PYTHON) tests/run_all.py --server rgw
 
 demo: $(RCLONE)
 	$(PYTHON) tests/demo.py
@@ -38,6 +50,13 @@ $(FAKETIME):
 	cd $(TESTENV)/faketime/debs && { apt-get download -q libfaketime >/dev/null 2>&1 || \
 		{ apt-get update -q >/dev/null && apt-get download -q libfaketime; }; }
 	dpkg-deb -x $(TESTENV)/faketime/debs/libfaketime_*.deb $(TESTENV)/faketime
+	touch $@
+
+$(CEPH):
+	rm -rf $(TESTENV)/ceph && mkdir -p $(TESTENV)/ceph/debs $(TESTENV)/ceph/root
+	cd $(TESTENV)/ceph/debs && { apt-get download -q $(CEPH_DEBS) >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null && apt-get download -q $(CEPH_DEBS); }; }
+	for deb in $(TESTENV)/ceph/debs/*.deb; do dpkg-deb -x $$deb $(TESTENV)/ceph/root || exit 1; done
 	touch $@
 
 clean:

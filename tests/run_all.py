@@ -3,6 +3,9 @@
 Interpreters: every python3.X under $(pyenv root)/versions/*/bin and every python3.X on
 PATH, one per minor version (pyenv's first). PYTHONS="path ..." names them instead.
 Closing line: 'N passed, N failed, N skipped' summed over the interpreters.
+
+--server rgw: start Ceph RGW once (s3server.RgwServer) and run the suites that talk to a
+server (SERVER_MODULES) against it on every interpreter.
 """
 
 import glob
@@ -12,6 +15,7 @@ import subprocess
 import sys
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
+SERVER_MODULES = "test_integration test_faults"
 PROBE = "import sys; print('%d.%d' % sys.version_info[:2], sys.executable)"
 
 
@@ -53,17 +57,13 @@ def interpreters():
     return chosen
 
 
-def main():
-    found = interpreters()
-    if not found:
-        print("no Python 3.6+ interpreter found")
-        print("0 passed, 1 failed")
-        return 1
+def run_everywhere(found, env):
+    """Run the suite on each interpreter; (passed, failed, skipped) summed."""
     totals = [0, 0, 0]
     for version in sorted(found):
         print("=== Python %d.%d: %s" % (version + (found[version],)), flush=True)
         done = subprocess.run([found[version], os.path.join(TESTS, "run.py")],
-                              stdout=subprocess.PIPE)
+                              stdout=subprocess.PIPE, env=env)
         out = done.stdout.decode("utf-8", "replace")
         match = re.search(r"^RESULT (\d+) (\d+) (\d+)$", out, re.M)
         counts = [int(x) for x in match.groups()] if match else [0, 1, 0]
@@ -72,10 +72,42 @@ def main():
         print("--- Python %d.%d: %d passed, %d failed, %d skipped"
               % (version + tuple(counts)), flush=True)
         totals = [a + b for a, b in zip(totals, counts)]
+    return totals
+
+
+def shared_server(kind):
+    """A server started once for every interpreter's run, and the environment naming it."""
+    sys.path.insert(0, TESTS)
+    import s3server
+    server = s3server.RgwServer() if kind == "rgw" else None
+    if server is None:
+        raise SystemExit("unknown --server %r (known: rgw)" % kind)
+    env = dict(os.environ, S3PUSH_TEST_ENDPOINT=server.endpoint,
+               S3PUSH_TEST_BUCKET=server.bucket, S3PUSH_TEST_ACCESS_KEY_ID=server.access_key,
+               S3PUSH_TEST_SECRET_ACCESS_KEY=server.secret_key, S3PUSH_TEST_SERVER_KIND=kind,
+               S3PUSH_TEST_MODULES=SERVER_MODULES)
+    return server, env
+
+
+def main(argv):
+    found = interpreters()
+    if not found:
+        print("no Python 3.6+ interpreter found")
+        print("0 passed, 1 failed")
+        return 1
+    server, env = None, None
+    if len(argv) == 2 and argv[0] == "--server":
+        print("starting the %s server for every interpreter" % argv[1], flush=True)
+        server, env = shared_server(argv[1])
+    try:
+        totals = run_everywhere(found, env)
+    finally:
+        if server is not None:
+            server.stop()
     print("interpreters: %s" % " ".join("%d.%d" % v for v in sorted(found)))
     print("%d passed, %d failed, %d skipped" % tuple(totals))
     return 1 if totals[1] else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

