@@ -748,7 +748,7 @@ class S3Client(object):
         if self.connection is not None:
             self.connection.close()
 
-    def request(self, method, key, headers, body, body_hash, query=()):
+    def request(self, method, key, headers, body, body_hash, query=(), expect_md5=None):
         """One signed request with retries and corrections; returns the last answer.
 
         Transient answers (5xx, 429, SlowDown, RequestTimeout, ...) and broken
@@ -756,6 +756,8 @@ class S3Client(object):
         server's Retry-After, while the run's deadline allows. A skewed clock, a wrong
         region and an expired token are corrected and sent again without using up a
         retry. Each attempt is signed afresh; a FileRange body is read from disk again.
+        A PUT's answer must carry the ETag expect_md5 (when it is an MD5): one without an
+        ETag was cut short, one with another was damaged on the way; both are retried.
         A server that refuses connections is not retried.
         """
         import random
@@ -765,7 +767,7 @@ class S3Client(object):
             signed_at = utc_now() + datetime_delta(used[3])
             try:
                 response = self.attempt(method, key, query, headers, body, body_hash, used,
-                                        signed_at)
+                                        signed_at, expect_md5)
             except UnreachableError:
                 raise
             except TemporaryError:
@@ -786,7 +788,8 @@ class S3Client(object):
             time.sleep(delay)
             retry += 1
 
-    def attempt(self, method, key, query, headers, body, body_hash, used, signed_at):
+    def attempt(self, method, key, query, headers, body, body_hash, used, signed_at,
+                expect_md5):
         import http.client
         credentials, region, endpoint, _ = used
         host, path = object_address(endpoint, self.session.bucket, key)
@@ -811,9 +814,8 @@ class S3Client(object):
             self.connection.close()
             raise TemporaryError("the connection failed during the request (%s); the file "
                                  "is kept" % describe_os_error(exc))
-        if method == "PUT" and 200 <= response.status < 300 and not response.header("etag"):
-            self.connection.close()   # http.client takes headers cut short for complete ones
-            raise TemporaryError("the answer carried no ETag (cut short?); the file is kept")
+        if method == "PUT" and 200 <= response.status < 300:
+            check_etag(response.header("etag"), expect_md5)
         return response
 
 
@@ -920,6 +922,16 @@ def etag_confirms(etag, md5_hex):
     return hmac.compare_digest(etag, md5_hex)
 
 
+def check_etag(etag, md5_hex):
+    """Raise (a retryable error) unless the answer's ETag confirms the bytes sent."""
+    if not etag:   # http.client takes headers cut short for complete ones
+        raise TemporaryError("the answer carried no ETag (cut short?); the file is kept")
+    if not etag_confirms(etag, md5_hex):
+        raise TemporaryError("the server's ETag %s is not the MD5 of what was sent (%s): the "
+                             "bytes were damaged on the way; the file is kept"
+                             % (etag, md5_hex))
+
+
 def check_answer(response, what):
     """Raise the S3PushError for a failed answer, including a 200 that carries an <Error>."""
     if not 200 <= response.status < 300:
@@ -935,12 +947,9 @@ def put_object(client, key, fd, size, content_type):
     digest = digest_range(fd, 0, size)
     body = digest.body if digest.body is not None else FileRange(fd, 0, size)
     response = client.request("PUT", key, body_headers(digest, content_type), body,
-                              digest.sha256_hex)
+                              digest.sha256_hex, expect_md5=digest.md5_hex)
     check_answer(response, "")
-    etag = response.header("etag")
-    if not etag_confirms(etag, digest.md5_hex):
-        raise FileError("the server's ETag %s is not the MD5 of the file (%s): the bytes were "
-                        "damaged on the way; kept" % (etag or "(none)", digest.md5_hex))
+    check_etag(response.header("etag"), digest.md5_hex)
 
 
 def create_multipart_upload(client, key, content_type):
@@ -960,13 +969,15 @@ def upload_part(client, key, upload_id, number, fd, offset, length):
     digest = digest_range(fd, offset, length)
     body = digest.body if digest.body is not None else FileRange(fd, offset, length)
     what = "part %d" % number
-    response = client.request("PUT", key, body_headers(digest), body, digest.sha256_hex,
-                              query=[("partNumber", str(number)), ("uploadId", upload_id)])
+    try:
+        response = client.request("PUT", key, body_headers(digest), body, digest.sha256_hex,
+                                  query=[("partNumber", str(number)), ("uploadId", upload_id)],
+                                  expect_md5=digest.md5_hex)
+    except TemporaryError as exc:
+        raise exc.__class__("%s: %s" % (what, exc))
     check_answer(response, what)
     etag = response.header("etag")
-    if not etag_confirms(etag, digest.md5_hex):
-        raise FileError("%s: the server's ETag %s is not the MD5 of the part (%s); kept"
-                        % (what, etag or "(none)", digest.md5_hex))
+    check_etag(etag, digest.md5_hex)
     return etag, digest.md5_raw
 
 
@@ -1296,10 +1307,11 @@ def scan(source_dir, patterns, errors):
 
 
 def select_files(files, min_age, now, skipped):
-    """Pass on files last modified at least min_age seconds before now; count the rest."""
+    """Pass on files last modified at least min_age seconds before now; count the rest
+    in skipped[0] (a count, not a list: memory stays flat however many files wait)."""
     for path, relative, info in files:
         if now - info.st_mtime < min_age:
-            skipped.append(path)
+            skipped[0] += 1
             continue
         yield path, relative, info
 
@@ -1377,10 +1389,10 @@ def move_file(client, job, path, relative):
     return info.st_size
 
 
-def remove_empty_dirs(source_dir, paths):
-    """rmdir the directories of moved files and their parents, never SOURCE_DIR itself."""
+def remove_empty_dirs(source_dir, directories):
+    """rmdir the directories moved files were in, and their parents, never SOURCE_DIR."""
     top = os.path.abspath(source_dir)
-    candidates = {os.path.dirname(os.path.abspath(p)) for p in paths}
+    candidates = {os.path.abspath(d) for d in directories}
     for directory in sorted(candidates, key=len, reverse=True):
         while directory.startswith(top + os.sep):
             try:
@@ -1504,16 +1516,18 @@ class Run(object):
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.moved_paths = []
+        self.moved_count = 0
+        self.emptied = set()   # directories of moved files, for --delete-empty-dirs
         self.bytes = 0
         self.failures = []     # exit codes of the failed files
-        self.too_young = []
+        self.too_young = [0]   # a counter select_files can add to
         self.fatal = None      # the error that stopped the run early
         self.started = time.monotonic()
 
     def moved(self, path, url, size, verbose):
         with self.lock:
-            self.moved_paths.append(path)
+            self.moved_count += 1
+            self.emptied.add(os.path.dirname(path))
             self.bytes += size
             if verbose:
                 emit(sys.stdout, "moved %s -> %s (%d bytes)" % (safe_name(path), url, size))
@@ -1553,8 +1567,8 @@ class Run(object):
         seconds = max(time.monotonic() - self.started, 1e-6)
         return ("s3push: moved %d files, %d bytes in %.2f s (%.2f MB/s); %d failed, "
                 "%d left for later (younger than --min-age)"
-                % (len(self.moved_paths), self.bytes, seconds, self.bytes / seconds / 1e6,
-                   len(self.failures), len(self.too_young)))
+                % (self.moved_count, self.bytes, seconds, self.bytes / seconds / 1e6,
+                   len(self.failures), self.too_young[0]))
 
 
 class Job(object):
@@ -1653,7 +1667,7 @@ def run_transfer(options, environ):
                               lambda: load_settings(options, environ).credentials, deadline)
             move_all(Job(options, session, destination, run), files)
             if options.delete_empty_dirs:
-                remove_empty_dirs(options.source, run.moved_paths)
+                remove_empty_dirs(options.source, run.emptied)
     for path, message in errors:
         run.failed(path, None, FileError(message))
     if options.verbose:

@@ -235,18 +235,19 @@ class Corruption(FaultCase):
     def test_an_etag_that_is_not_the_md5_keeps_the_file(self):
         write_file(self.source, "f", b"data")
         proxy = self.proxy(lambda r: ("etag", '"0123456789abcdef0123456789abcdef"'))
-        result = self.run_s3push(endpoint=proxy.endpoint)
-        self.assertEqual(result.status, 65, result.stderr)
-        self.assertIn("is not the MD5 of the file", result.stderr)
+        result = self.run_s3push("--retries", "1", endpoint=proxy.endpoint)
+        self.assertEqual(result.status, 75, result.stderr)
+        self.assertIn("is not the MD5 of what was sent", result.stderr)
         self.assertEqual(files_under(self.source), [b"f"])
+        self.assertEqual(len(proxy.requests), 2, "a damaged answer is retried")
 
     def test_a_multipart_etag_that_is_not_the_md5_of_md5s_keeps_the_file(self):
         self.corpus(0, big=1)
         proxy = self.proxy(lambda r: ("etag", '"0123456789abcdef0123456789abcdef"')
                            if "partNumber=2&" in r.target else None)
-        result = self.run_s3push(*MULTIPART, endpoint=proxy.endpoint)
-        self.assertEqual(result.status, 65, result.stderr)
-        self.assertIn("part 2", result.stderr)
+        result = self.run_s3push("--retries", "1", *MULTIPART, endpoint=proxy.endpoint)
+        self.assertEqual(result.status, 75, result.stderr)
+        self.assertIn("part 2: the server's ETag", result.stderr)
         self.assertEqual(len(files_under(self.source)), 1)
 
 
