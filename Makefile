@@ -7,6 +7,7 @@ RCLONE := $(TESTENV)/rclone/bin/rclone
 RCLONE_VERSION := 1.75.2
 # libfaketime from Debian, unpacked (not installed): the clock-skew tests preload it.
 FAKETIME := $(TESTENV)/faketime/.unpacked
+MOTO := $(TESTENV)/moto/bin/moto_server
 # Ceph RGW 16.2 from Debian 12, unpacked (not installed) for make test-all.
 CEPH := $(TESTENV)/ceph/.unpacked
 CEPH_DEBS := radosgw librgw2 librados2 ceph-common ceph-base ceph-mon ceph-osd python3-rados \
@@ -17,18 +18,22 @@ CEPH_DEBS := radosgw librgw2 librados2 ceph-common ceph-base ceph-mon ceph-osd p
 
 AWSCLI := $(TESTENV)/awscli/bin/aws
 
-.PHONY: test test-all test-rgw demo bench clean
+.PHONY: test test-all test-rgw test-moto demo bench clean
 
 test: $(RCLONE) $(FAKETIME)
 	LC_ALL=C.UTF-8 $(PYTHON) tests/run_all.py
 
 # test-all: the quick suite, then the server-facing suites again against the stricter
-# servers. test-rgw: Ceph RGW (checks the payload SHA-256, chunk signatures, If-None-Match
+# servers. test-moto: IAM enforced, PutObject-only keys. test-rgw: Ceph RGW (checks the payload SHA-256, chunk signatures, If-None-Match
 # and clock skew both ways), started once and used by every Python.
-test-all: test test-rgw
+test-all: test test-rgw test-moto
 
 test-rgw: $(CEPH)
 	LC_ALL=C.UTF-8 $(PYTHON) tests/run_all.py --server rgw
+
+# moto's server with IAM enforced: the script's keys may only s3:PutObject.
+test-moto: $(MOTO)
+	LC_ALL=C.UTF-8 $(PYTHON) tests/run_all.py --server moto
 
 demo: $(RCLONE)
 	$(PYTHON) tests/demo.py
@@ -54,6 +59,13 @@ $(FAKETIME):
 		{ apt-get update -q >/dev/null && apt-get download -q libfaketime; }; }
 	dpkg-deb -x $(TESTENV)/faketime/debs/libfaketime_*.deb $(TESTENV)/faketime
 	touch $@
+
+$(MOTO):
+	rm -rf $(TESTENV)/moto
+	$(PYTHON) -m venv $(TESTENV)/moto
+	$(TESTENV)/moto/bin/pip install --quiet --disable-pip-version-check \
+		moto==5.2.5 flask flask-cors
+	test -x $@
 
 $(CEPH):
 	rm -rf $(TESTENV)/ceph && mkdir -p $(TESTENV)/ceph/debs $(TESTENV)/ceph/root

@@ -18,6 +18,19 @@ import unittest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import s3server  # noqa: E402
 
+# What a test server does not check, and so cannot be tested against it.
+LACKS = {
+    "moto": {"clock": "moto does not check the request time",
+             "session-token": "moto checks session tokens against its own STS; the test's "
+                              "tokens are made up"},
+}
+
+
+def skip_unless_server_checks(feature):
+    reason = LACKS.get(s3server.server_kind(), {}).get(feature)
+    return unittest.skipIf(reason is not None, reason)
+
+
 RUN_TIMEOUT = 120
 OLD = time.time() - 3600   # mtime for files that are old enough for the default --min-age
 _SERVERS = []
@@ -62,6 +75,10 @@ class IntegrationCase(unittest.TestCase):
 
     def setUp(self):
         self.server = server()
+        # Every request of every test goes through a recording proxy (a FaultProxy that
+        # breaks nothing), and proxies a test adds record too: tearDown checks them all.
+        self.recorder = s3server.FaultProxy(self.server.endpoint)
+        self.proxies = [self.recorder]
         self.tmp = tempfile.mkdtemp(prefix="s3push-test-")
         self.source = os.path.join(self.tmp, "src")
         self.home = os.path.join(self.tmp, "home")
@@ -71,6 +88,13 @@ class IntegrationCase(unittest.TestCase):
 
     def tearDown(self):
         shutil.rmtree(self.tmp, ignore_errors=True)
+        for proxy in self.proxies:
+            proxy.close()
+            for method, target in proxy.requests:
+                self.assertTrue(method == "PUT" or method == "POST" and (
+                    "?uploads=" in target or "?uploadId=" in target),
+                    "the script sent %s %s: only PUT and multipart POSTs may be sent"
+                    % (method, target))
 
     def env(self, **extra):
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": self.home,
@@ -80,7 +104,7 @@ class IntegrationCase(unittest.TestCase):
         return {k: v for k, v in env.items() if v is not None}
 
     def command(self, *args, **kw):
-        endpoint = kw.get("endpoint", self.server.endpoint)
+        endpoint = kw.get("endpoint", self.recorder.endpoint)
         source = kw.get("source", self.source)
         return [sys.executable, s3server.S3PUSH, "--endpoint-url", endpoint] + list(args) + \
             [source, "s3://%s/%s" % (self.server.bucket, self.prefix)]

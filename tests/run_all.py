@@ -4,8 +4,8 @@ Interpreters: every python3.X under $(pyenv root)/versions/*/bin and every pytho
 PATH, one per minor version (pyenv's first). PYTHONS="path ..." names them instead.
 Closing line: 'N passed, N failed, N skipped' summed over the interpreters.
 
---server rgw: start Ceph RGW once (s3server.RgwServer) and run the suites that talk to a
-server (SERVER_MODULES) against it on every interpreter.
+--server rgw|moto: start Ceph RGW, or moto with IAM enforced, once and run the suites
+that talk to a server (SERVER_MODULES) against it on every interpreter.
 """
 
 import glob
@@ -79,13 +79,17 @@ def shared_server(kind):
     """A server started once for every interpreter's run, and the environment naming it."""
     sys.path.insert(0, TESTS)
     import s3server
-    server = s3server.RgwServer() if kind == "rgw" else None
-    if server is None:
-        raise SystemExit("unknown --server %r (known: rgw)" % kind)
+    servers = {"rgw": s3server.RgwServer, "moto": s3server.MotoServer}
+    if kind not in servers:
+        raise SystemExit("unknown --server %r (known: %s)" % (kind, " ".join(sorted(servers))))
+    server = servers[kind]()
     env = dict(os.environ, S3PUSH_TEST_ENDPOINT=server.endpoint,
                S3PUSH_TEST_BUCKET=server.bucket, S3PUSH_TEST_ACCESS_KEY_ID=server.access_key,
                S3PUSH_TEST_SECRET_ACCESS_KEY=server.secret_key, S3PUSH_TEST_SERVER_KIND=kind,
                S3PUSH_TEST_MODULES=SERVER_MODULES)
+    if server.reader_key:
+        env.update(S3PUSH_TEST_READER_ACCESS_KEY_ID=server.reader_key[0],
+                   S3PUSH_TEST_READER_SECRET_ACCESS_KEY=server.reader_key[1])
     return server, env
 
 

