@@ -192,11 +192,12 @@ class Credentials(object):
 class Settings(object):
     """Everything resolved from options, environment and files, before any request."""
 
-    def __init__(self, profile, region, endpoint_url, credentials):
+    def __init__(self, profile, region, endpoint_url, credentials, ca_bundle=None):
         self.profile = profile
         self.region = region
         self.endpoint_url = endpoint_url
         self.credentials = credentials
+        self.ca_bundle = ca_bundle
 
 
 def parse_ini(text, path):
@@ -258,7 +259,19 @@ def resolve_credentials(environ, explicit_profile, profile, sources):
         raise ConfigError("no credentials for profile '%s': set AWS_ACCESS_KEY_ID and "
                           "AWS_SECRET_ACCESS_KEY, or add them to %s"
                           % (profile, sources[0][1]))
+    check_credentials(found)
     return found
+
+
+def check_credentials(credentials):
+    """Refuse keys with white space or control characters (a paste gone wrong): sent as
+    headers they would make the HTTP library raise an error that quotes them."""
+    for name, value in (("access key id", credentials.access_key),
+                        ("secret access key", credentials.secret_key),
+                        ("session token", credentials.token or "")):
+        if any(c.isspace() or not c.isprintable() or ord(c) > 126 for c in value):
+            raise ConfigError("the %s from %s holds a space, a control or a non-ASCII "
+                              "character: copy it again" % (name, credentials.source))
 
 
 def resolve_settings(options, environ, credentials_ini, config_ini, paths):
@@ -280,7 +293,9 @@ def resolve_settings(options, environ, credentials_ini, config_ini, paths):
               or conf_section.get("region") or DEFAULT_REGION)
     endpoint = (options.endpoint_url or environ.get("AWS_ENDPOINT_URL_S3")
                 or environ.get("AWS_ENDPOINT_URL") or conf_section.get("endpoint_url") or None)
-    return Settings(profile, region, endpoint, credentials)
+    ca_bundle = (getattr(options, "ca_bundle", None) or environ.get("AWS_CA_BUNDLE")
+                 or conf_section.get("ca_bundle") or None)
+    return Settings(profile, region, endpoint, credentials, ca_bundle)
 
 
 def read_ini_file(path):
@@ -305,8 +320,23 @@ def load_settings(options, environ):
         home, ".aws", "credentials")
     conf_path = environ.get("AWS_CONFIG_FILE") or os.path.join(home, ".aws", "config")
     cred_path, conf_path = os.path.expanduser(cred_path), os.path.expanduser(conf_path)
-    return resolve_settings(options, environ, read_ini_file(cred_path),
-                            read_ini_file(conf_path), (cred_path, conf_path))
+    settings = resolve_settings(options, environ, read_ini_file(cred_path),
+                                read_ini_file(conf_path), (cred_path, conf_path))
+    for path in (cred_path, conf_path):
+        if settings.credentials.source.startswith(path + " ["):
+            warn_if_exposed(path)
+    return settings
+
+
+def warn_if_exposed(path):
+    """A credentials file that group or others may read deserves a word (ssh refuses)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if mode & 0o077:
+        emit(sys.stderr, "s3push: warning: %s holds credentials and is readable by group or "
+             "others (mode %04o): chmod 600 it" % (path, stat.S_IMODE(mode)))
 
 
 # === SigV4 signer ===
@@ -391,11 +421,12 @@ def authorization_header(access_key, scope, signed_headers, signature_hex):
 
 
 def sign_request(method, host, path, query, headers, body_hash, credentials, region, now,
-                 service="s3"):
+                 service="s3", trace=None):
     """Compose the steps: return the headers to send, Authorization included.
 
     path is unencoded; the caller sends canonical_uri(path) as the request target.
-    now is an aware datetime: the signer never reads the clock itself.
+    now is an aware datetime: the signer never reads the clock itself. trace, if given,
+    is called with the canonical request and the string to sign (for --debug).
     """
     amz_date = now.strftime("%Y%m%dT%H%M%SZ")
     signed = dict(headers)
@@ -406,11 +437,22 @@ def sign_request(method, host, path, query, headers, body_hash, credentials, reg
     request_text = canonical_request(method, canonical_uri(path), canonical_query_string(query),
                                      headers_text, signed_names, body_hash)
     scope = credential_scope(amz_date[:8], region, service)
+    text = string_to_sign(amz_date, scope, request_text)
+    if trace is not None:
+        trace(request_text, text)
     key = signing_key(credentials.secret_key, amz_date[:8], region, service)
-    signed["authorization"] = authorization_header(
-        credentials.access_key, scope, signed_names,
-        signature(key, string_to_sign(amz_date, scope, request_text)))
+    signed["authorization"] = authorization_header(credentials.access_key, scope, signed_names,
+                                                   signature(key, text))
     return signed
+
+
+def redact(text, credentials):
+    """text without the secret key, the session token or any signature: the one way by
+    which request details reach the output (--debug) or an error message."""
+    for secret in (credentials.secret_key, credentials.token) if credentials else ():
+        if secret:
+            text = text.replace(secret, "<redacted>")
+    return re.sub(r"(Signature=)[0-9a-fA-F]+", r"\1<redacted>", text)
 
 
 # === Transport ===
@@ -552,11 +594,12 @@ class FileRange(object):
 class Connection(object):
     """One persistent HTTP/1.1 connection to one host, reopened when it was closed."""
 
-    def __init__(self, scheme, host, port, timeout=DEFAULT_TIMEOUT):
+    def __init__(self, scheme, host, port, timeout=DEFAULT_TIMEOUT, tls=None):
         self.scheme = scheme
         self.host = host
         self.port = port
         self.timeout = timeout
+        self.tls = tls          # an ssl.SSLContext for https
         self.conn = None
         self.requests = 0   # answered on the current connection
 
@@ -570,14 +613,22 @@ class Connection(object):
         import socket
         connect_timeout = min(CONNECT_TIMEOUT, self.timeout)
         if self.scheme == "https":
-            import ssl
             conn = http.client.HTTPSConnection(self.host, self.port, timeout=connect_timeout,
-                                               context=ssl.create_default_context())
+                                               context=self.tls or tls_context(None))
         else:
             conn = http.client.HTTPConnection(self.host, self.port, timeout=connect_timeout)
         try:
             conn.connect()
-        except (OSError, http.client.HTTPException) as exc:
+        except OSError as exc:
+            if is_certificate_error(exc):
+                raise ConfigError("the TLS certificate of %s:%d is not trusted (%s): if the "
+                                  "server uses a private CA, name it with --ca-bundle, "
+                                  "AWS_CA_BUNDLE or ca_bundle in the profile"
+                                  % (self.host, self.port, one_line(exc)))
+            raise UnreachableError("cannot connect to %s:%d (%s): is the endpoint right and "
+                                   "the server up?" % (self.host, self.port,
+                                                       describe_os_error(exc)))
+        except http.client.HTTPException as exc:
             raise UnreachableError("cannot connect to %s:%d (%s): is the endpoint right and "
                                    "the server up?" % (self.host, self.port,
                                                        describe_os_error(exc)))
@@ -614,6 +665,22 @@ class Connection(object):
                         {k.lower(): v for k, v in answer.getheaders()}, data)
 
 
+def tls_context(ca_bundle):
+    """Certificates always verified; against ca_bundle instead of the system's CAs if given."""
+    import ssl
+    try:
+        return ssl.create_default_context(cafile=ca_bundle)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("cannot use the CA bundle %s (%s): fix --ca-bundle, AWS_CA_BUNDLE "
+                          "or ca_bundle" % (ca_bundle, one_line(exc)))
+
+
+def is_certificate_error(exc):
+    import ssl
+    return isinstance(exc, ssl.CertificateError) or (
+        isinstance(exc, ssl.SSLError) and "CERTIFICATE_VERIFY_FAILED" in str(exc))
+
+
 def describe_os_error(exc):
     """A short reason for a network error, e.g. 'Connection refused' or 'timed out'."""
     import socket
@@ -641,6 +708,9 @@ class Session(object):
         self.reloaded = False
         self.deadline = deadline          # time.monotonic() value, or None
         self.said = set()
+        self.tls = tls_context(settings.ca_bundle) if self.endpoint.scheme == "https" or \
+            settings.ca_bundle else None
+        self.debug = False
 
     def snapshot(self):
         with self.lock:
@@ -801,9 +871,10 @@ class S3Client(object):
                 self.connection.port != endpoint.port:
             self.close()
             self.connection = Connection(endpoint.scheme, connect_host, endpoint.port,
-                                         self.timeout)
+                                         self.timeout, self.session.tls)
+        trace = self.trace(method, target, credentials) if self.session.debug else None
         signed = sign_request(method, host, path, query, headers, body_hash, credentials,
-                              region, signed_at)
+                              region, signed_at, trace=trace)
         signed["user-agent"] = USER_AGENT
         try:
             response = self.connection.exchange(method, target, signed, body)
@@ -814,9 +885,22 @@ class S3Client(object):
             self.connection.close()
             raise TemporaryError("the connection failed during the request (%s); the file "
                                  "is kept" % describe_os_error(exc))
+        if self.session.debug:
+            emit(sys.stderr, "s3push: debug: answer %d %s, ETag %s, request id %s" % (
+                response.status, response.reason, response.header("etag") or "-",
+                response.header("x-amz-request-id") or "-"))
         if method == "PUT" and 200 <= response.status < 300:
             check_etag(response.header("etag"), expect_md5)
         return response
+
+    @staticmethod
+    def trace(method, target, credentials):
+        """--debug: the canonical request and string to sign, through redact()."""
+        def show(request_text, text):
+            emit(sys.stderr, redact("s3push: debug: %s %s\n--- canonical request\n%s\n"
+                                    "--- string to sign\n%s" % (method, target, request_text,
+                                                                 text), credentials))
+        return show
 
 
 def datetime_delta(seconds):
@@ -1434,8 +1518,15 @@ def build_parser():
                         "profile, else us-east-1)")
     parser.add_argument("--endpoint-url", metavar="URL",
                         help="S3-compatible server, e.g. http://127.0.0.1:9000")
+    parser.add_argument("--ca-bundle", metavar="FILE",
+                        help="trust the CAs in FILE (PEM) instead of the system's for TLS; "
+                        "also AWS_CA_BUNDLE or ca_bundle in the profile")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="print one line per moved file and a summary")
+    parser.add_argument("--debug", action="store_true",
+                        help="also print each request's canonical request, string to sign "
+                        "and answer on stderr (the secret, the token and signatures are "
+                        "left out)")
     parser.add_argument("--version", action="version", version="s3push " + VERSION)
     return parser
 
@@ -1522,6 +1613,7 @@ class Run(object):
         self.failures = []     # exit codes of the failed files
         self.too_young = [0]   # a counter select_files can add to
         self.fatal = None      # the error that stopped the run early
+        self.credentials = None   # once loaded: what error text must never show
         self.started = time.monotonic()
 
     def moved(self, path, url, size, verbose):
@@ -1552,8 +1644,7 @@ class Run(object):
 
     def crashed(self, exc):
         with self.lock:
-            self.fatal = S3PushError("internal error: %s: %s; no file was lost"
-                                     % (exc.__class__.__name__, one_line(exc)))
+            self.fatal = internal_error(exc, self.credentials)
             emit(sys.stderr, "s3push: %s" % self.fatal)
 
     def exit_code(self):
@@ -1659,20 +1750,44 @@ def run_transfer(options, environ):
     first, files = first_and_rest(files)
     if first is not None:
         settings = load_settings(options, environ)
-        if options.dry_run:
-            dry_run(files, destination, run)
-        else:
-            deadline = run.started + options.deadline if options.deadline else None
-            session = Session(settings, destination.bucket,
-                              lambda: load_settings(options, environ).credentials, deadline)
-            move_all(Job(options, session, destination, run), files)
-            if options.delete_empty_dirs:
-                remove_empty_dirs(options.source, run.emptied)
+        run.credentials = settings.credentials
+        try:
+            transfer(options, environ, settings, destination, run, files)
+        except S3PushError:
+            raise
+        except Exception as exc:   # a bug: one line, no secret, every file kept
+            raise internal_error(exc, settings.credentials)
     for path, message in errors:
         run.failed(path, None, FileError(message))
     if options.verbose:
         emit(sys.stdout, run.summary())
     return run.exit_code()
+
+
+def transfer(options, environ, settings, destination, run, files):
+    """Dry run, or move the files, then remove the directories they left empty."""
+    if options.dry_run:
+        dry_run(files, destination, run)
+        return
+    deadline = run.started + options.deadline if options.deadline else None
+    session = Session(settings, destination.bucket,
+                      lambda: load_settings(options, environ).credentials, deadline)
+    session.debug = options.debug
+    move_all(Job(options, session, destination, run), files)
+    if options.delete_empty_dirs:
+        remove_empty_dirs(options.source, run.emptied)
+
+
+def internal_error(exc, credentials):
+    """The one line for a bug: where it happened, and its text without any secret."""
+    where = exc.__traceback__
+    while where is not None and where.tb_next is not None:
+        where = where.tb_next
+    line = " at line %d" % where.tb_lineno if where is not None else ""
+    error = S3PushError("internal error: %s%s: %s; no file was lost" % (
+        exc.__class__.__name__, line, redact(one_line(exc), credentials)))
+    error.exit_code = EXIT_SOFTWARE
+    return error
 
 
 def on_sigterm(signum, frame):
@@ -1693,12 +1808,8 @@ def main(argv=None):
     except S3PushError as exc:
         emit(sys.stderr, "s3push: error: %s" % exc)
         return exc.exit_code
-    except Exception as exc:   # a bug: say where, keep every file
-        where = exc.__traceback__
-        while where.tb_next is not None:
-            where = where.tb_next
-        emit(sys.stderr, "s3push: internal error: %s at line %d: %s; no file was lost"
-             % (exc.__class__.__name__, where.tb_lineno, one_line(exc)))
+    except Exception as exc:   # a bug before any credentials were read: say where
+        emit(sys.stderr, "s3push: error: %s" % internal_error(exc, None))
         return EXIT_SOFTWARE
 
 
