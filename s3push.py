@@ -160,6 +160,13 @@ class FileError(S3PushError):
     fatal = False
 
 
+class VanishedError(S3PushError):
+    """The file went (renamed or deleted by another process) before it was read: nothing
+    was lost and nothing failed, but the operator is told."""
+    exit_code = EXIT_OK
+    fatal = False
+
+
 class UploadGoneError(FileError):
     """NoSuchUpload: the server dropped the multipart upload (some do after a failed part)."""
 
@@ -1454,7 +1461,8 @@ def move_file(client, job, path, relative):
     try:
         fd, info = open_regular_file(path)
     except FileNotFoundError:
-        raise FileError("vanished before it could be read; nothing to do")
+        raise VanishedError("vanished before it was read (moved or deleted by another "
+                            "process); nothing to do")
     except OSError as exc:
         raise FileError("cannot read (%s); left in place" % exc.strerror)
     try:
@@ -1627,6 +1635,9 @@ class Run(object):
     def failed(self, path, url, exc):
         """One line on stderr naming the file, the key (when there is one) and the reason."""
         with self.lock:
+            if exc.exit_code == EXIT_OK:   # not a failure: a warning
+                emit(sys.stderr, "s3push: warning: %s: %s" % (safe_name(path), exc))
+                return
             self.failures.append(exc.exit_code)
             if exc.fatal and self.fatal is not None:
                 return   # the same cause hit the other workers: said once is enough

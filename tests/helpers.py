@@ -115,8 +115,14 @@ class IntegrationCase(unittest.TestCase):
         done = subprocess.run(self.command(*args, **kw), env=env, cwd=cwd,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               stdin=subprocess.DEVNULL, timeout=RUN_TIMEOUT)
-        return Result(done.returncode, done.stdout.decode("utf-8", "replace"),
-                      done.stderr.decode("utf-8", "replace"))
+        result = Result(done.returncode, done.stdout.decode("utf-8", "replace"),
+                        done.stderr.decode("utf-8", "replace"))
+        # Across the suite: no run ever prints a secret it was given, whatever happened.
+        for secret in (env.get("AWS_SECRET_ACCESS_KEY"), env.get("AWS_SESSION_TOKEN"),
+                       self.server.secret_key):
+            if secret:
+                self.assertNotIn(secret, result.stdout + result.stderr, "a secret was printed")
+        return result
 
     def assert_landed(self, expected):
         """expected: {relative path: bytes}; each is on the server under the prefix."""

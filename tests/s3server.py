@@ -151,19 +151,23 @@ class Server(object):
 class RcloneServer(Server):
     """rclone serve s3: objects are plain files under DATA/BUCKET, read directly."""
 
-    def __init__(self):
+    def __init__(self, tls=None):
+        """tls: (certificate file, key file) to serve https instead of http."""
         binary = os.environ.get("S3PUSH_RCLONE") or RCLONE
         if not os.access(binary, os.X_OK):
             raise RuntimeError("rclone not found at %s: run `make test`, which installs it"
                                % binary)
         port = free_port()
-        Server.__init__(self, "http://127.0.0.1:%d" % port, BUCKET, ACCESS_KEY, SECRET_KEY)
+        scheme = "https" if tls else "http"
+        Server.__init__(self, "%s://127.0.0.1:%d" % (scheme, port), BUCKET, ACCESS_KEY,
+                        SECRET_KEY)
         self.workdir = tempfile.mkdtemp(prefix="s3push-rclone-")
         self.data = os.path.join(self.workdir, "data")
         os.makedirs(os.path.join(self.data, BUCKET))
+        tls_args = ["--cert", tls[0], "--key", tls[1]] if tls else []
         self.start_process([binary, "serve", "s3", "--auth-key",
                             "%s,%s" % (ACCESS_KEY, SECRET_KEY), "--addr",
-                            "127.0.0.1:%d" % port, self.data])
+                            "127.0.0.1:%d" % port, self.data] + tls_args)
 
     def object_bytes(self, key):
         path = os.path.join(self.data.encode(), BUCKET.encode(), key.encode("utf-8"))

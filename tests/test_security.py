@@ -1,0 +1,473 @@
+"""Least privilege, secrets, TLS, and every way of holding the script wrong.
+
+Each test drives the real script. Bad input must end in one line naming the culprit, the
+right exit status, and no file deleted; secrets must never be printed; a hostile server
+must not crash, hang or fool the script.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import s3server  # noqa: E402
+from helpers import RUN_TIMEOUT, IntegrationCase, files_under, write_file  # noqa: E402
+
+sys.path.insert(0, s3server.REPO)
+import s3push  # noqa: E402
+
+CANARY_TOKEN = "CANARYtoken0123456789SESSION"
+NOBODY = 65534
+
+
+class Secrets(IntegrationCase):
+    """The canary: the server's real secret and a session token, in every situation."""
+
+    def assert_no_canary(self, result):
+        for canary in (self.server.secret_key, CANARY_TOKEN):
+            self.assertNotIn(canary, result.stdout + result.stderr)
+
+    def test_success_at_every_verbosity(self):
+        write_file(self.source, "f", b"data")
+        env = self.env(AWS_SESSION_TOKEN=CANARY_TOKEN)
+        result = self.run_s3push("-v", "--debug", env=env)
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assert_no_canary(result)
+        self.assertIn("--- canonical request", result.stderr)
+        self.assertIn("x-amz-security-token:<redacted>", result.stderr)
+        self.assertNotRegex(result.stderr, "Signature=[0-9a-f]{64}")
+
+    def test_errors(self):
+        write_file(self.source, "f", b"data")
+        cases = [
+            self.env(AWS_SESSION_TOKEN=CANARY_TOKEN, AWS_ACCESS_KEY_ID="AKWRONG"),
+            self.env(AWS_SESSION_TOKEN=CANARY_TOKEN, AWS_PROFILE="missing"),
+        ]
+        for env in cases:
+            result = self.run_s3push("-v", "--debug", env=env)
+            self.assertNotEqual(result.status, 0)
+            self.assert_no_canary(result)
+        result = self.run_s3push("--debug", env=self.env(AWS_SESSION_TOKEN=CANARY_TOKEN),
+                                 endpoint="http://127.0.0.1:%d" % s3server.free_port())
+        self.assertEqual(result.status, 75)
+        self.assert_no_canary(result)
+
+    def test_malformed_credentials_file(self):
+        write_file(self.source, "f", b"data")
+        path = os.path.join(self.home, "creds")
+        with open(path, "w") as handle:
+            handle.write("%s\n[default]\naws_access_key_id = AK\n" % self.server.secret_key)
+        env = self.env(AWS_ACCESS_KEY_ID=None, AWS_SECRET_ACCESS_KEY=None,
+                       AWS_SHARED_CREDENTIALS_FILE=path)
+        result = self.run_s3push(env=env)
+        self.assertEqual(result.status, 78, result.stderr)
+        self.assertIn("%s line 1" % path, result.stderr)
+        self.assert_no_canary(result)
+
+    def test_a_key_with_a_newline_is_refused_without_showing_it(self):
+        write_file(self.source, "f", b"data")
+        env = self.env(AWS_SESSION_TOKEN=CANARY_TOKEN + "\nX-Injected: 1")
+        result = self.run_s3push(env=env)
+        self.assertEqual(result.status, 78, result.stderr)
+        self.assertIn("the session token from environment holds a space", result.stderr)
+        self.assert_no_canary(result)
+
+    def test_internal_errors_are_scrubbed(self):
+        creds = s3push.Credentials("AK", self.server.secret_key, CANARY_TOKEN)
+        error = s3push.internal_error(ValueError("header %s and %s" % (
+            self.server.secret_key, CANARY_TOKEN)), creds)
+        self.assertNotIn(self.server.secret_key, str(error))
+        self.assertNotIn(CANARY_TOKEN, str(error))
+        self.assertEqual(error.exit_code, 70)
+
+    def test_the_command_line_holds_no_secret(self):
+        write_file(self.source, "f", b"data")
+        gate = s3server.GateProxy(self.recorder.endpoint)
+        self.addCleanup(gate.close)
+        process = subprocess.Popen(self.command(endpoint=gate.endpoint),
+                                   env=self.env(AWS_SESSION_TOKEN=CANARY_TOKEN),
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(process.kill)
+        self.assertTrue(gate.arrived.wait(RUN_TIMEOUT))
+        with open("/proc/%d/cmdline" % process.pid, "rb") as handle:
+            cmdline = handle.read()
+        gate.release.set()
+        process.wait(RUN_TIMEOUT)
+        self.assertNotIn(self.server.secret_key.encode(), cmdline)
+        self.assertNotIn(CANARY_TOKEN.encode(), cmdline)
+
+    def test_credentials_file_readable_by_others_is_warned_about(self):
+        write_file(self.source, "f", b"data")
+        path = os.path.join(self.home, "creds")
+        with open(path, "w") as handle:
+            handle.write("[default]\naws_access_key_id = %s\naws_secret_access_key = %s\n"
+                         % (self.server.access_key, self.server.secret_key))
+        env = self.env(AWS_ACCESS_KEY_ID=None, AWS_SECRET_ACCESS_KEY=None,
+                       AWS_SHARED_CREDENTIALS_FILE=path)
+        os.chmod(path, 0o644)
+        result = self.run_s3push(env=env)
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertIn("%s holds credentials and is readable by group or others (mode 0644)"
+                      % path, result.stderr)
+        self.assert_no_canary(result)
+        os.chmod(path, 0o600)
+        write_file(self.source, "g", b"data")
+        result = self.run_s3push(env=env)
+        self.assertEqual((result.status, result.stderr), (0, ""))
+
+
+@unittest.skipIf(s3server.server_kind() != "moto", "only moto enforces IAM policies here")
+class LeastPrivilege(IntegrationCase):
+    def test_the_keys_may_only_put(self):
+        """The script's keys are PutObject-only: reading or listing is refused."""
+        probe = s3server.Server(self.server.endpoint, self.server.bucket,
+                                self.server.access_key, self.server.secret_key)
+        self.assertEqual(probe.signed_get("/" + self.server.bucket)[0], 403)
+        write_file(self.source, "f", b"data")
+        self.assertEqual(self.run_s3push().status, 0)
+        self.assertEqual(probe.signed_get("/%s/%sf" % (self.server.bucket, self.prefix))[0],
+                         403)
+        self.assert_landed({"f": b"data"})
+
+
+def make_ca(directory):
+    """A throwaway CA and a certificate for 127.0.0.1 signed by it: (ca, cert, key)."""
+    def openssl(*args):
+        subprocess.run(["openssl"] + list(args), cwd=directory, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+    # The extensions a real CA sets: Python 3.13 verifies with VERIFY_X509_STRICT.
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
+            "ca.pem", "-days", "2", "-subj", "/CN=s3push test CA",
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+            "-addext", "subjectKeyIdentifier=hash")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out",
+            "server.csr", "-subj", "/CN=127.0.0.1")
+    with open(os.path.join(directory, "ext"), "w") as handle:
+        handle.write("subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+                     "basicConstraints=critical,CA:FALSE\n"
+                     "keyUsage=critical,digitalSignature,keyEncipherment\n"
+                     "extendedKeyUsage=serverAuth\n"
+                     "subjectKeyIdentifier=hash\n"
+                     "authorityKeyIdentifier=keyid,issuer\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "ext")
+    return [os.path.join(directory, name) for name in ("ca.pem", "server.pem", "server.key")]
+
+
+class Tls(IntegrationCase):
+    """rclone's server over https with a certificate from a CA of the test's own."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.pki = tempfile.mkdtemp(prefix="s3push-ca-")
+        cls.ca, cert, key = make_ca(cls.pki)
+        cls.https = s3server.RcloneServer(tls=(cert, key))
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.https.stop()
+        shutil.rmtree(cls.pki, ignore_errors=True)
+
+    def env(self, **extra):
+        extra.setdefault("AWS_ACCESS_KEY_ID", self.https.access_key)
+        extra.setdefault("AWS_SECRET_ACCESS_KEY", self.https.secret_key)
+        return IntegrationCase.env(self, **extra)
+
+    def landed(self, data):
+        return self.https.object_bytes(self.prefix + "f") == data
+
+    def test_refused_without_the_ca(self):
+        write_file(self.source, "f", b"data")
+        result = self.run_s3push(endpoint=self.https.endpoint)
+        self.assertEqual(result.status, 78, result.stderr)
+        self.assertIn("is not trusted", result.stderr)
+        self.assertIn("--ca-bundle", result.stderr)
+        self.assertEqual(files_under(self.source), [b"f"])
+
+    def test_works_with_the_ca_from_each_source(self):
+        config = os.path.join(self.home, "config")
+        with open(config, "w") as handle:
+            handle.write("[default]\nca_bundle = %s\n" % self.ca)
+        for args, env in ((["--ca-bundle", self.ca], self.env()),
+                          ([], self.env(AWS_CA_BUNDLE=self.ca)),
+                          ([], self.env(AWS_CONFIG_FILE=config))):
+            write_file(self.source, "f", b"via %r" % args)
+            result = self.run_s3push(*args, endpoint=self.https.endpoint, env=env)
+            self.assertEqual(result.status, 0, result.stderr)
+            self.assertTrue(self.landed(b"via %r" % args))
+
+    def test_a_missing_ca_bundle_is_a_clear_error(self):
+        write_file(self.source, "f", b"data")
+        result = self.run_s3push("--ca-bundle", "/nonexistent.pem",
+                                 endpoint=self.https.endpoint)
+        self.assertEqual(result.status, 78, result.stderr)
+        self.assertIn("cannot use the CA bundle /nonexistent.pem", result.stderr)
+
+
+class BadInput(IntegrationCase):
+    def assert_one_line(self, result, status, *fragments):
+        self.assertEqual(result.status, status, result.stderr)
+        self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+        for fragment in fragments:
+            self.assertIn(fragment, result.stderr)
+
+    def as_nobody(self):
+        """Run the script as nobody when root (whom no permission stops), else as is."""
+        if os.geteuid() != 0:
+            return None
+        for path in (self.tmp, self.source, self.home):
+            os.chown(path, NOBODY, NOBODY)
+        return ["setpriv", "--reuid=%d" % NOBODY, "--regid=%d" % NOBODY, "--clear-groups",
+                "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable]
+
+    def run_as(self, prefix, *args, **kw):
+        argv = self.command(*args, **kw)
+        if prefix:
+            argv = prefix + argv[1:]
+        done = subprocess.run(argv, env=kw.get("env") or self.env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=RUN_TIMEOUT)
+        return done.returncode, done.stderr.decode("utf-8", "replace")
+
+    def test_unreadable_source_dir(self):
+        prefix = self.as_nobody()
+        write_file(self.source, "f", b"data")
+        os.chmod(self.source, 0)
+        try:
+            status, err = self.run_as(prefix)
+        finally:
+            os.chmod(self.source, 0o755)
+        self.assertEqual(status, 66, err)
+        self.assertIn("is not readable by this user", err)
+
+    def test_a_file_that_cannot_be_read(self):
+        prefix = self.as_nobody()
+        write_file(self.source, "ok", b"ok")
+        secret = write_file(self.source, "locked", b"locked")
+        os.chmod(secret, 0)
+        if prefix:
+            os.chown(os.path.join(self.source, "ok"), NOBODY, NOBODY)
+        status, err = self.run_as(prefix)
+        self.assertEqual(status, 65, err)
+        self.assertIn("locked -> s3://", err)
+        self.assertIn("cannot read (Permission denied)", err)
+        self.assertEqual(files_under(self.source), [b"locked"])
+        self.assert_landed({"ok": b"ok"})
+
+    def test_unreadable_credentials_file(self):
+        prefix = self.as_nobody()
+        write_file(self.source, "f", b"data")
+        path = os.path.join(self.tmp, "creds")
+        with open(path, "w") as handle:
+            handle.write("[default]\naws_access_key_id = A\naws_secret_access_key = B\n")
+        os.chmod(path, 0)
+        env = self.env(AWS_ACCESS_KEY_ID=None, AWS_SECRET_ACCESS_KEY=None,
+                       AWS_SHARED_CREDENTIALS_FILE=path)
+        status, err = self.run_as(prefix, env=env)
+        self.assertEqual(status, 78, err)
+        self.assertIn("cannot read %s" % path, err)
+
+    def test_settings_errors(self):
+        write_file(self.source, "f", b"data")
+        notini = os.path.join(self.home, "notini")
+        with open(notini, "w") as handle:
+            handle.write("just some text\n")
+        cases = [
+            (self.env(AWS_PROFILE="nope"), (), "profile 'nope' not found"),
+            (self.env(AWS_ACCESS_KEY_ID=None, AWS_SECRET_ACCESS_KEY=None,
+                      AWS_SHARED_CREDENTIALS_FILE=notini), (), notini + " line 1"),
+            (self.env(AWS_ACCESS_KEY_ID=None, AWS_SECRET_ACCESS_KEY=None,
+                      AWS_SHARED_CREDENTIALS_FILE=os.path.join(self.home, "missing")), (),
+             "no credentials for profile 'default'"),
+            (self.env(), ("--endpoint-url", "ftp://x"), "endpoint URL 'ftp://x'"),
+        ]
+        for env, args, fragment in cases:
+            argv = [sys.executable, s3server.S3PUSH] + list(args) + [
+                self.source, "s3://%s/p" % self.server.bucket]
+            if not args:
+                argv[2:2] = ["--endpoint-url", self.recorder.endpoint]
+            done = subprocess.run(argv, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, timeout=RUN_TIMEOUT)
+            err = done.stderr.decode()
+            self.assertEqual(done.returncode, 78, err)
+            self.assertEqual(len(err.strip().splitlines()), 1, err)
+            self.assertIn(fragment, err)
+        self.assertEqual(files_under(self.source), [b"f"])
+
+    def test_bad_destinations(self):
+        write_file(self.source, "f", b"data")
+        for destination, fragment in (("s3://", "bucket name ''"),
+                                      ("s3://No_Such", "bucket name 'No_Such'"),
+                                      ("/tmp/x", "'/tmp/x' is not an s3://")):
+            done = subprocess.run([sys.executable, s3server.S3PUSH, self.source, destination],
+                                  env=self.env(), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, timeout=RUN_TIMEOUT)
+            self.assertEqual(done.returncode, 2, done.stderr)
+            self.assertIn(fragment, done.stderr.decode())
+
+    def test_names_that_are_not_utf8_and_keys_too_long(self):
+        write_file(self.source, "fine", b"fine")
+        bad = os.path.join(os.fsencode(self.source), b"caf\xe9.txt")
+        with open(bad, "wb") as handle:
+            handle.write(b"latin-1 name")
+        os.utime(bad, (time.time() - 3600,) * 2)
+        long_name = "/".join(["d" * 250] * 4) + "/f"
+        write_file(self.source, long_name, b"deep")
+        result = self.run_s3push()
+        self.assertEqual(result.status, 65, result.stderr)
+        self.assertIn(r"not valid UTF-8 (caf\xe9.txt)", result.stderr)
+        self.assertIn("over S3's limit of 1024", result.stderr)
+        self.assertEqual(len(result.stderr.strip().splitlines()), 2, result.stderr)
+        self.assertEqual(sorted(files_under(self.source)),
+                         sorted([b"caf\xe9.txt", long_name.encode()]))
+        self.assert_landed({"fine": b"fine"})
+
+    def test_symlink_loops_and_links_outside(self):
+        write_file(self.source, "a/f", b"f")
+        os.symlink("..", os.path.join(self.source, "a", "loop"))
+        os.symlink(self.source, os.path.join(self.source, "self"))
+        os.symlink("/etc", os.path.join(self.source, "etc"))
+        result = self.run_s3push()
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertEqual(self.server.keys(self.prefix), {self.prefix + "a/f"})
+
+    def test_a_file_that_vanishes_after_the_scan(self):
+        write_file(self.source, "a", b"a")
+        write_file(self.source, "b", b"b")
+        gate = s3server.GateProxy(self.recorder.endpoint)
+        self.addCleanup(gate.close)
+        process = subprocess.Popen(self.command("--jobs", "1", endpoint=gate.endpoint),
+                                   env=self.env(), stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE)
+        self.addCleanup(process.kill)
+        self.assertTrue(gate.arrived.wait(RUN_TIMEOUT))
+        left = [n for n in os.listdir(self.source)]
+        for name in left:   # the one not being sent is renamed away, the other stays
+            os.rename(os.path.join(self.source, name), os.path.join(self.tmp, name))
+        gate.release.set()
+        _, err = process.communicate(timeout=RUN_TIMEOUT)
+        self.assertEqual(process.returncode, 0, err)
+        self.assertIn(b"vanished", err)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+
+    def test_a_directory_of_100000_files_keeps_memory_flat(self):
+        if not os.access("/usr/bin/time", os.X_OK):
+            self.skipTest("GNU time (/usr/bin/time) measures the peak RSS")
+        peaks = []
+        for count in (1000, 100000):
+            shutil.rmtree(self.source)
+            os.makedirs(self.source)
+            for i in range(count):
+                os.close(os.open(os.path.join(self.source, "f%06d" % i),
+                                 os.O_CREAT | os.O_WRONLY))
+            report = os.path.join(self.tmp, "rss")
+            argv = ["/usr/bin/time", "-f", "%M", "-o", report] + self.command(
+                "--min-age", "999999999")   # every file too young: the scan is the work
+            done = subprocess.run(argv, env=self.env(), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, timeout=RUN_TIMEOUT)
+            self.assertEqual(done.returncode, 0, done.stderr)
+            with open(report) as handle:
+                peaks.append(int(handle.read().split()[-1]))
+        self.assertLess(peaks[1] - peaks[0], 4096, "peak RSS grew from %d KiB to %d KiB"
+                        % tuple(peaks))
+
+
+class HostileServer(IntegrationCase):
+    """A server of the test's own that answers badly on purpose (it checks nothing)."""
+
+    def serve(self, answer):
+        """Answer every request with answer(request_head) -> bytes, or None to stall."""
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        self.addCleanup(listener.close)
+
+        def handle(client):
+            reader = client.makefile("rb")
+            try:
+                while True:
+                    head = s3server.read_head(reader)
+                    if head is None:
+                        return
+                    reader.read(s3server.content_length(head))
+                    data = answer(head)
+                    if data is None:
+                        time.sleep(30)
+                        return
+                    for start in range(0, len(data), 65536):
+                        client.sendall(data[start:start + 65536])
+            except OSError:
+                return
+            finally:
+                client.close()
+
+        def accept():
+            while True:
+                try:
+                    client, _ = listener.accept()
+                except OSError:
+                    return
+                threading.Thread(target=handle, args=(client,), daemon=True).start()
+        threading.Thread(target=accept, daemon=True).start()
+        return "http://127.0.0.1:%d" % listener.getsockname()[1]
+
+    def run_against(self, answer, *args):
+        write_file(self.source, "f", b"data")
+        started = time.monotonic()
+        result = self.run_s3push("--retries", "1", "--timeout", "2", *args,
+                                 endpoint=self.serve(answer))
+        self.assertLess(time.monotonic() - started, 60, "the run hung")
+        self.assertNotEqual(result.status, 0)
+        self.assertNotEqual(result.status, 70, "crashed: " + result.stderr)
+        self.assertEqual(files_under(self.source), [b"f"])
+        return result
+
+    @staticmethod
+    def http(status, body, headers=""):
+        return ("HTTP/1.1 %s\r\nContent-Length: %d\r\n%s\r\n" % (status, len(body), headers)
+                ).encode() + body
+
+    def test_answers_that_are_not_xml(self):
+        result = self.run_against(lambda h: self.http("500 Oops", b"<html>no</html>"))
+        self.assertEqual(result.status, 75)
+        self.assertIn("HTTP500: Oops", result.stderr)
+
+    def test_xml_with_an_external_entity(self):
+        body = (b'<?xml version="1.0"?><!DOCTYPE e [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
+                b"<Error><Code>&x;</Code></Error>")
+        result = self.run_against(lambda h: self.http("400 Bad Request", body))
+        self.assertNotIn("root:", result.stderr)
+        self.assertIn("HTTP400", result.stderr)
+
+    def test_xml_entity_expansion_bomb(self):
+        entities = "".join('<!ENTITY l%d "&l%d;&l%d;&l%d;&l%d;&l%d;&l%d;&l%d;&l%d;&l%d;&l%d;">'
+                           % ((i,) + (i - 1,) * 10) for i in range(1, 10))
+        body = ('<?xml version="1.0"?><!DOCTYPE b [<!ENTITY l0 "lol">%s]><Error><Code>&l9;'
+                '</Code></Error>' % entities).encode()
+        self.run_against(lambda h: self.http("400 Bad Request", body))
+
+    def test_a_huge_error_body(self):
+        huge = b"x" * (64 * 1024 * 1024)
+        result = self.run_against(lambda h: self.http("500 Huge", huge))
+        self.assertEqual(result.status, 75)
+
+    def test_a_redirect_to_another_host(self):
+        result = self.run_against(lambda h: self.http(
+            "307 Temporary Redirect", b"", "Location: http://203.0.113.1/steal\r\n"))
+        self.assertEqual(result.status, 78)
+        self.assertIn("HTTP 307", result.stderr)
+
+    def test_success_without_an_etag_and_garbage_and_silence(self):
+        self.assertEqual(self.run_against(lambda h: self.http("200 OK", b"")).status, 75)
+        self.assertEqual(self.run_against(lambda h: b"garbage\r\n\r\n").status, 75)
+        self.assertEqual(self.run_against(lambda h: None).status, 75)
+
+
+if __name__ == "__main__":
+    unittest.main()
