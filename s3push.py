@@ -564,6 +564,9 @@ def error_from_response(response, what=""):
         return ConfigError("%s: set this host's clock right (NTP)" % text)
     if code in ACCESS_CODES or response.status in (401, 403):
         return AccessError("%s: check the credentials and that they allow s3:PutObject" % text)
+    if response.status == 412 or code == "PreconditionFailed":
+        return FileError("%s: an object already exists at this key and --no-overwrite is set: "
+                         "kept (a conflict to resolve by hand)" % text)
     if code == "NoSuchUpload":   # completed by an attempt whose answer was lost, or expired
         return UploadGoneError("%s: the multipart upload is gone; the file is sent again "
                                "next run" % text)
@@ -988,6 +991,39 @@ def digest_range(fd, offset, length):
                   b"".join(chunks) if keep else None)
 
 
+class Upload(object):
+    """How one file's object is sent: its headers (type, storage class, encryption, ACL,
+    mtime), a condition (--no-overwrite: If-None-Match: *), and whether its ETag is an
+    MD5 to check (not under SSE-KMS, where Content-MD5 and the signed SHA-256 vouch)."""
+
+    def __init__(self, headers, condition, verify_md5):
+        self.headers = headers
+        self.condition = condition
+        self.verify_md5 = verify_md5
+
+
+def upload_for(job, relative, info):
+    headers = dict(job.object_headers)
+    headers["content-type"] = job.content_type or guess_content_type(relative)
+    headers["x-amz-meta-mtime"] = "%d.%09d" % divmod(info.st_mtime_ns, 10 ** 9)
+    condition = {"if-none-match": "*"} if job.no_overwrite else {}
+    return Upload(headers, condition, job.verify_md5)
+
+
+def object_headers(options):
+    """The headers every object of the run carries, from the upload options."""
+    headers = {}
+    if options.storage_class:
+        headers["x-amz-storage-class"] = options.storage_class
+    if options.sse:
+        headers["x-amz-server-side-encryption"] = options.sse
+    if options.sse_kms_key_id:
+        headers["x-amz-server-side-encryption-aws-kms-key-id"] = options.sse_kms_key_id
+    if options.acl:
+        headers["x-amz-acl"] = options.acl
+    return headers
+
+
 def body_headers(digest, content_type=None):
     headers = {"content-length": str(digest.size)}
     if content_type:
@@ -1033,21 +1069,24 @@ def check_answer(response, what):
                                            response.body), what)
 
 
-def put_object(client, key, fd, size, content_type):
+def put_object(client, key, fd, size, upload):
     """PUT one object from an open file; raise unless the server confirmed these bytes."""
     digest = digest_range(fd, 0, size)
     body = digest.body if digest.body is not None else FileRange(fd, 0, size)
-    response = client.request("PUT", key, body_headers(digest, content_type), body,
-                              digest.sha256_hex, expect_md5=digest.md5_hex)
+    expect = digest.md5_hex if upload.verify_md5 else None
+    headers = body_headers(digest)
+    headers.update(upload.headers)
+    headers.update(upload.condition)
+    response = client.request("PUT", key, headers, body, digest.sha256_hex, expect_md5=expect)
     check_answer(response, "")
-    check_etag(response.header("etag"), digest.md5_hex)
+    check_etag(response.header("etag"), expect)
 
 
-def create_multipart_upload(client, key, content_type):
+def create_multipart_upload(client, key, upload):
     """POST ?uploads; returns the upload id."""
-    response = client.request("POST", key, {"content-type": content_type,
-                                            "content-length": "0"},
-                              b"", EMPTY_SHA256, query=[("uploads", "")])
+    headers = {"content-length": "0"}
+    headers.update(upload.headers)
+    response = client.request("POST", key, headers, b"", EMPTY_SHA256, query=[("uploads", "")])
     check_answer(response, "starting the multipart upload")
     upload_id = xml_text(parse_xml(response.body), "UploadId")
     if not upload_id:
@@ -1055,24 +1094,25 @@ def create_multipart_upload(client, key, content_type):
     return upload_id
 
 
-def upload_part(client, key, upload_id, number, fd, offset, length):
+def upload_part(client, key, upload_id, number, fd, offset, length, verify_md5=True):
     """PUT one part; returns (its ETag as sent back, its MD5) once the ETag checks out."""
     digest = digest_range(fd, offset, length)
     body = digest.body if digest.body is not None else FileRange(fd, offset, length)
     what = "part %d" % number
+    expect = digest.md5_hex if verify_md5 else None
     try:
         response = client.request("PUT", key, body_headers(digest), body, digest.sha256_hex,
                                   query=[("partNumber", str(number)), ("uploadId", upload_id)],
-                                  expect_md5=digest.md5_hex)
+                                  expect_md5=expect)
     except TemporaryError as exc:
         raise exc.__class__("%s: %s" % (what, exc))
     check_answer(response, what)
     etag = response.header("etag")
-    check_etag(etag, digest.md5_hex)
-    return etag, digest.md5_raw
+    check_etag(etag, expect)
+    return etag, digest.md5_raw if verify_md5 else None
 
 
-def complete_multipart_upload(client, key, upload_id, parts):
+def complete_multipart_upload(client, key, upload_id, parts, upload):
     """POST the part list; check the object's ETag (MD5 of the part MD5s, '-N') if given.
 
     A server whose answer carries no ETag (Ceph RGW 16.2) is trusted through the parts,
@@ -1083,8 +1123,10 @@ def complete_multipart_upload(client, key, upload_id, parts):
         for n, (etag, _) in enumerate(parts, 1))).encode("utf-8")
     digest = digest_range_of_bytes(body)
     what = "completing the multipart upload"
-    response = client.request("POST", key, body_headers(digest, "application/xml"), body,
-                              digest.sha256_hex, query=[("uploadId", upload_id)])
+    headers = body_headers(digest, "application/xml")
+    headers.update(upload.condition)
+    response = client.request("POST", key, headers, body, digest.sha256_hex,
+                              query=[("uploadId", upload_id)])
     check_answer(response, what)
     etag = (xml_text(parse_xml(response.body), "ETag") or response.header("etag"))
     etag = etag.strip('"').lower()
@@ -1228,7 +1270,7 @@ class PartTask(object):
         result, error = None, None
         try:
             result = upload_part(client, self.key, self.upload_id, self.index + 1, self.fd,
-                                 self.offset, self.length)
+                                 self.offset, self.length, self.job.verify_md5)
         except S3PushError as exc:
             error = exc
             if exc.fatal:
@@ -1246,21 +1288,21 @@ class PartTask(object):
                                                              "was sent" % (self.index + 1)))
 
 
-def multipart_upload(client, job, key, fd, size, content_type):
+def multipart_upload(client, job, key, fd, size, upload):
     """A multipart upload; started afresh once if the server dropped it on the way.
 
     On failure nothing is aborted (AbortMultipartUpload is a DELETE): a bucket lifecycle
     rule removes the incomplete upload.
     """
     try:
-        multipart_upload_once(client, job, key, fd, size, content_type)
+        multipart_upload_once(client, job, key, fd, size, upload)
     except UploadGoneError:
-        multipart_upload_once(client, job, key, fd, size, content_type)
+        multipart_upload_once(client, job, key, fd, size, upload)
 
 
-def multipart_upload_once(client, job, key, fd, size, content_type):
+def multipart_upload_once(client, job, key, fd, size, upload):
     """Create, send the parts through the workers (helping them), then complete."""
-    upload_id = create_multipart_upload(client, key, content_type)
+    upload_id = create_multipart_upload(client, key, upload)
     ranges = part_ranges(size, part_size_for(size, job.part_size))
     tracker = PartTracker(len(ranges))
     job.queue.begin_upload([PartTask(job, tracker, number - 1, key, upload_id, fd, offset,
@@ -1276,7 +1318,7 @@ def multipart_upload_once(client, job, key, fd, size, content_type):
         job.queue.end_upload()
     if tracker.error is not None:
         raise tracker.error
-    complete_multipart_upload(client, key, upload_id, tracker.results)
+    complete_multipart_upload(client, key, upload_id, tracker.results, upload)
 
 
 class FileTask(object):
@@ -1466,13 +1508,13 @@ def move_file(client, job, path, relative):
     except OSError as exc:
         raise FileError("cannot read (%s); left in place" % exc.strerror)
     try:
-        content_type = guess_content_type(relative)
+        upload = upload_for(job, relative, info)
         if info.st_size > MAX_OBJECT_BYTES:
             raise FileError("larger than 5 TiB, S3's limit for one object; left in place")
         if info.st_size > min(job.multipart_threshold, MAX_PUT_BYTES):
-            multipart_upload(client, job, key, fd, info.st_size, content_type)
+            multipart_upload(client, job, key, fd, info.st_size, upload)
         else:
-            put_object(client, key, fd, info.st_size, content_type)
+            put_object(client, key, fd, info.st_size, upload)
     except OSError as exc:
         raise FileError("cannot read (%s); left in place" % exc.strerror)
     finally:
@@ -1521,6 +1563,7 @@ def build_parser():
     parser.add_argument("--dry-run", action="store_true",
                         help="print what would move where, change nothing")
     add_transfer_options(parser)
+    add_upload_options(parser)
     parser.add_argument("--profile", help="profile in ~/.aws/credentials and ~/.aws/config")
     parser.add_argument("--region", help="signing region (default: from the environment or "
                         "profile, else us-east-1)")
@@ -1537,6 +1580,33 @@ def build_parser():
                         "left out)")
     parser.add_argument("--version", action="version", version="s3push " + VERSION)
     return parser
+
+
+def add_upload_options(parser):
+    group = parser.add_argument_group("upload options")
+    group.add_argument("--storage-class", type=upper_word, metavar="CLASS",
+                       help="e.g. STANDARD_IA, INTELLIGENT_TIERING, GLACIER_IR")
+    group.add_argument("--sse", choices=("AES256", "aws:kms", "aws:kms:dsse"),
+                       help="server-side encryption; under aws:kms the ETag is no MD5, and "
+                       "Content-MD5 and the signed SHA-256 vouch for the bytes")
+    group.add_argument("--sse-kms-key-id", metavar="KEY", help="the KMS key for --sse aws:kms")
+    group.add_argument("--acl", choices=CANNED_ACLS, help="a canned ACL, e.g. "
+                       "bucket-owner-full-control (needs s3:PutObjectAcl)")
+    group.add_argument("--content-type", metavar="TYPE",
+                       help="Content-Type of every object (default: guessed from the name)")
+    group.add_argument("--no-overwrite", action="store_true",
+                       help="send If-None-Match: *; an object already at the key is a "
+                       "conflict: the file is kept and reported")
+
+
+CANNED_ACLS = ("private", "public-read", "public-read-write", "authenticated-read",
+               "aws-exec-read", "bucket-owner-read", "bucket-owner-full-control")
+
+
+def upper_word(text):
+    if not re.match(r"^[A-Z][A-Z0-9_]*$", text):
+        raise argparse.ArgumentTypeError("%r is not a storage class such as STANDARD_IA" % text)
+    return text
 
 
 def add_transfer_options(parser):
@@ -1686,6 +1756,10 @@ class Job(object):
         self.jobs = options.jobs
         self.retries = options.retries
         self.timeout = options.timeout
+        self.object_headers = object_headers(options)
+        self.content_type = options.content_type
+        self.no_overwrite = options.no_overwrite
+        self.verify_md5 = not (options.sse or "").startswith("aws:kms")
         self.queue = WorkQueue(max_files=4 * options.jobs)
 
 
@@ -1748,6 +1822,8 @@ def run_transfer(options, environ):
     settings and loads no network code.
     """
     destination = parse_destination(options.destination)
+    if options.sse_kms_key_id and not (options.sse or "").startswith("aws:kms"):
+        raise UsageError("--sse-kms-key-id goes with --sse aws:kms (or aws:kms:dsse)")
     check_source(options.source)
     lock = None if options.dry_run else lock_directory(options.source)
     if lock is None and not options.dry_run:

@@ -20,6 +20,7 @@ import s3server  # noqa: E402
 
 # What a test server does not check, and so cannot be tested against it.
 LACKS = {
+    "rclone": {"if-none-match": "rclone's server ignores If-None-Match"},
     "moto": {"clock": "moto does not check the request time",
              "session-token": "moto checks session tokens against its own STS; the test's "
                               "tokens are made up"},

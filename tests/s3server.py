@@ -552,6 +552,7 @@ class FaultProxy(object):
         self.upstream = upstream_address(upstream)
         self.rule = rule or (lambda request: None)
         self.requests = []
+        self.heads = []   # a Request (head only) for each, to see the headers sent
         self.lock = threading.Lock()
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
@@ -583,6 +584,7 @@ class FaultProxy(object):
                     request = Request(head, body, 0)
                     request.attempt = self.requests.count((request.method, request.target))
                     self.requests.append((request.method, request.target))
+                    self.heads.append(Request(head, b"", request.attempt))
                 if not self.act(client, request, self.rule(request), upstream):
                     return
         except OSError:

@@ -1,0 +1,83 @@
+"""Operations: upload options, key templates, summaries, progress (issue: operators' habits).
+
+The recording proxy in front of the server shows the headers each request carried.
+"""
+
+import os
+import sys
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from helpers import IntegrationCase, files_under, skip_unless_server_checks  # noqa: E402
+from helpers import write_file  # noqa: E402
+
+MULTIPART = ("--multipart-threshold", "5MiB", "--part-size", "5MiB")
+
+
+class UploadOptions(IntegrationCase):
+    def puts(self):
+        return [h for h in self.recorder.heads if h.method == "PUT" or "?uploads" in h.target]
+
+    def test_option_headers_reach_the_server(self):
+        write_file(self.source, "small.log", b"small")
+        write_file(self.source, "big.bin", os.urandom(6 * 1024 * 1024))
+        result = self.run_s3push("--storage-class", "STANDARD_IA", "--sse", "AES256",
+                                 "--acl", "bucket-owner-full-control", "--content-type",
+                                 "text/x-test", *MULTIPART)
+        self.assertEqual(result.status, 0, result.stderr)
+        first = [h for h in self.puts() if "partNumber" not in h.target]
+        self.assertEqual(len(first), 2)   # the small PUT and the multipart start
+        for head in first:
+            self.assertEqual(head.header("x-amz-storage-class"), "STANDARD_IA")
+            self.assertEqual(head.header("x-amz-server-side-encryption"), "AES256")
+            self.assertEqual(head.header("x-amz-acl"), "bucket-owner-full-control")
+            self.assertEqual(head.header("content-type"), "text/x-test")
+            self.assertRegex(head.header("x-amz-meta-mtime"), r"^\d+\.\d{9}$")
+            self.assertIn("x-amz-storage-class", head.header("authorization"))
+        self.assertEqual(files_under(self.source), [])
+
+    def test_content_type_guessed_and_mtime_kept(self):
+        path = write_file(self.source, "page.html", b"<html>")
+        mtime_ns = os.stat(path).st_mtime_ns
+        self.assertEqual(self.run_s3push().status, 0)
+        head = self.puts()[0]
+        self.assertEqual(head.header("content-type"), "text/html")
+        self.assertEqual(head.header("x-amz-meta-mtime"),
+                         "%d.%09d" % divmod(mtime_ns, 10 ** 9))
+
+    def test_sse_kms_rests_on_content_md5(self):
+        write_file(self.source, "f", b"data")
+        result = self.run_s3push("--sse", "aws:kms", "--sse-kms-key-id", "alias/logs")
+        self.assertEqual(result.status, 0, result.stderr)
+        head = self.puts()[0]
+        self.assertEqual(head.header("x-amz-server-side-encryption-aws-kms-key-id"),
+                         "alias/logs")
+        self.assertTrue(head.header("content-md5"))
+
+    def test_option_errors(self):
+        write_file(self.source, "f", b"data")
+        for args in (("--sse-kms-key-id", "k"), ("--storage-class", "standard"),
+                     ("--acl", "everyone"), ("--sse", "rot13")):
+            result = self.run_s3push(*args)
+            self.assertEqual(result.status, 2, (args, result.stderr))
+        self.assertEqual(files_under(self.source), [b"f"])
+
+    def test_no_overwrite_sends_if_none_match(self):
+        write_file(self.source, "f", b"data")
+        self.assertEqual(self.run_s3push("--no-overwrite").status, 0)
+        self.assertEqual(self.puts()[0].header("if-none-match"), "*")
+
+    @skip_unless_server_checks("if-none-match")
+    def test_no_overwrite_keeps_the_file_on_a_conflict(self):
+        write_file(self.source, "f", b"first")
+        self.assertEqual(self.run_s3push("--no-overwrite").status, 0)
+        write_file(self.source, "f", b"second")
+        result = self.run_s3push("--no-overwrite")
+        self.assertEqual(result.status, 65, result.stderr)
+        self.assertIn("--no-overwrite is set", result.stderr)
+        self.assertEqual(files_under(self.source), [b"f"])
+        self.assert_landed({"f": b"first"})
+
+
+if __name__ == "__main__":
+    unittest.main()
