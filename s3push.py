@@ -1324,12 +1324,12 @@ def multipart_upload_once(client, job, key, fd, size, upload):
 class FileTask(object):
     """One file to move: upload, verify, delete; the outcome goes to the run's tally."""
 
-    def __init__(self, job, path, relative):
-        self.job, self.path, self.relative = job, path, relative
+    def __init__(self, job, path, relative, mtime):
+        self.job, self.path, self.relative, self.mtime = job, path, relative, mtime
 
     def run(self, client):
         job = self.job
-        url = "s3://%s/%s%s" % (job.destination.bucket, job.destination.prefix,
+        url = "s3://%s/%s%s" % (job.destination.bucket, job.prefix_for(self.mtime),
                                 safe_name(self.relative))
         try:
             size = move_file(client, job, self.path, self.relative)
@@ -1371,6 +1371,36 @@ class Destination(object):
 BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$")
 
 
+PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+TIME_PARTS = {"date": "%Y-%m-%d", "year": "%Y", "month": "%m", "day": "%d", "hour": "%H"}
+PLACEHOLDERS = ("hostname",) + tuple(TIME_PARTS) + tuple("mtime_" + p for p in TIME_PARTS)
+
+
+def check_template(prefix, url):
+    """A UsageError naming any placeholder in the prefix that is not a known one."""
+    for name in PLACEHOLDER.findall(prefix):
+        if name not in PLACEHOLDERS:
+            raise UsageError("unknown placeholder {%s} in %r: known are %s" % (
+                name, url, " ".join("{%s}" % p for p in PLACEHOLDERS)))
+
+
+def expand_prefix(prefix, hostname, upload_time, mtime):
+    """The prefix with {hostname}, {date}, {year}, ... of the upload time and {mtime_date},
+    {mtime_year}, ... of the file's mtime (seconds), all in UTC, filled in."""
+    if "{" not in prefix:
+        return prefix
+    import datetime
+    modified = datetime.datetime.fromtimestamp(mtime, datetime.timezone.utc)
+
+    def value(match):
+        name = match.group(1)
+        if name == "hostname":
+            return hostname
+        when = modified if name.startswith("mtime_") else upload_time
+        return when.strftime(TIME_PARTS[name.replace("mtime_", "")])
+    return PLACEHOLDER.sub(value, prefix)
+
+
 def parse_destination(url):
     """s3://BUCKET[/PREFIX] to a Destination, or a UsageError saying what is wrong."""
     if not url.lower().startswith("s3://"):
@@ -1381,6 +1411,7 @@ def parse_destination(url):
                          "dots and hyphens" % (bucket, url))
     if prefix and not prefix.endswith("/"):
         prefix += "/"
+    check_template(prefix, url)
     return Destination(bucket, prefix)
 
 
@@ -1499,7 +1530,6 @@ def guess_content_type(name):
 
 def move_file(client, job, path, relative):
     """Upload one file (one PUT, or multipart above the threshold), verify, delete it."""
-    key = object_key(job.destination.prefix, relative)
     try:
         fd, info = open_regular_file(path)
     except FileNotFoundError:
@@ -1508,6 +1538,7 @@ def move_file(client, job, path, relative):
     except OSError as exc:
         raise FileError("cannot read (%s); left in place" % exc.strerror)
     try:
+        key = object_key(job.prefix_for(info.st_mtime), relative)
         upload = upload_for(job, relative, info)
         if info.st_size > MAX_OBJECT_BYTES:
             raise FileError("larger than 5 TiB, S3's limit for one object; left in place")
@@ -1761,6 +1792,28 @@ class Job(object):
         self.no_overwrite = options.no_overwrite
         self.verify_md5 = not (options.sse or "").startswith("aws:kms")
         self.queue = WorkQueue(max_files=4 * options.jobs)
+        self.template = Template(destination.prefix)
+
+    def prefix_for(self, mtime):
+        return self.template.prefix_for(mtime)
+
+
+class Template(object):
+    """The destination prefix of a run, with its run-wide placeholders fixed once."""
+
+    def __init__(self, prefix):
+        import datetime
+        self.prefix = prefix
+        self.hostname = host_name() if "{hostname}" in prefix else ""
+        self.upload_time = datetime.datetime.now(datetime.timezone.utc)
+
+    def prefix_for(self, mtime):
+        return expand_prefix(self.prefix, self.hostname, self.upload_time, mtime)
+
+
+def host_name():
+    import socket
+    return socket.gethostname()
 
 
 def move_all(job, files):
@@ -1770,8 +1823,9 @@ def move_all(job, files):
     for thread in workers:
         thread.start()
     try:
-        for path, relative, _ in files:
-            if job.session.expired() or not job.queue.add_file(FileTask(job, path, relative)):
+        for path, relative, info in files:
+            task = FileTask(job, path, relative, info.st_mtime)
+            if job.session.expired() or not job.queue.add_file(task):
                 break
         job.queue.done_producing()
         for thread in workers:
@@ -1788,9 +1842,10 @@ def move_all(job, files):
 
 def dry_run(files, destination, run):
     """Print where each file would go; names that cannot be keys are reported."""
+    template = Template(destination.prefix)
     for path, relative, info in files:
         try:
-            key = object_key(destination.prefix, relative)
+            key = object_key(template.prefix_for(info.st_mtime), relative)
         except FileError as exc:
             run.failed(path, None, exc)
             continue

@@ -79,5 +79,36 @@ class UploadOptions(IntegrationCase):
         self.assert_landed({"f": b"first"})
 
 
+class KeyTemplates(IntegrationCase):
+    def test_hostname_and_dates(self):
+        import datetime
+        import socket
+        path = write_file(self.source, "a/f.log", b"log")
+        os.utime(path, (0, 86400 * 365))   # 1971-01-01
+        template = "s3://%s/%s{hostname}/{mtime_date}/{year}/" % (self.server.bucket,
+                                                                  self.prefix)
+        argv = self.command()
+        argv[-1] = template
+        import subprocess
+        done = subprocess.run(argv + ["-v"], env=self.env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=120)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        year = datetime.datetime.now(datetime.timezone.utc).strftime("%Y")
+        key = "%s%s/1971-01-01/%s/a/f.log" % (self.prefix, socket.gethostname(), year)
+        self.assertEqual(self.server.object_bytes(key), b"log")
+        self.assertIn(key, done.stdout.decode())
+
+    def test_unknown_placeholder(self):
+        write_file(self.source, "f", b"x")
+        argv = self.command()
+        argv[-1] = "s3://%s/{hostnme}/" % self.server.bucket
+        import subprocess
+        done = subprocess.run(argv, env=self.env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=120)
+        self.assertEqual(done.returncode, 2)
+        self.assertIn(b"unknown placeholder {hostnme}", done.stderr)
+        self.assertEqual(files_under(self.source), [b"f"])
+
+
 if __name__ == "__main__":
     unittest.main()

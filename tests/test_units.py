@@ -368,5 +368,21 @@ class PartsAndRetries(unittest.TestCase):
                             "completing")
 
 
+class Templates(unittest.TestCase):
+    def test_expand(self):
+        import datetime
+        upload = datetime.datetime(2026, 11, 24, 6, 5, tzinfo=datetime.timezone.utc)
+        mtime = datetime.datetime(2025, 1, 2, 3, tzinfo=datetime.timezone.utc).timestamp()
+        self.assertEqual(s3push.expand_prefix("logs/{hostname}/{date}/{hour}/{mtime_year}/"
+                                              "{mtime_month}-{mtime_day}/", "web1", upload,
+                                              mtime),
+                         "logs/web1/2026-11-24/06/2025/01-02/")
+        self.assertEqual(s3push.expand_prefix("plain/", "h", upload, mtime), "plain/")
+
+    def test_unknown(self):
+        with self.assertRaisesRegex(s3push.UsageError, r"unknown placeholder \{when\}"):
+            s3push.parse_destination("s3://bucket/{when}/")
+
+
 if __name__ == "__main__":
     unittest.main()
