@@ -92,6 +92,8 @@ BACKOFF_CAP = 20.0
 RETRY_AFTER_CAP = 60.0
 SKEW_TOLERANCE = 300                   # seconds; S3 itself refuses beyond 900
 MAX_CORRECTIONS = 3                    # clock, region, credentials: at most once each
+MAX_SUMMARY_ERRORS = 20
+PROGRESS_INTERVAL = 0.5
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -1609,6 +1611,13 @@ def build_parser():
                         help="also print each request's canonical request, string to sign "
                         "and answer on stderr (the secret, the token and signatures are "
                         "left out)")
+    parser.add_argument("--progress", action="store_true", default=None,
+                        help="a live status line on stderr (files and bytes done of those "
+                        "found, rate, ETA); the default on a terminal, never under cron")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--summary-json", metavar="FILE",
+                        help="write a summary of the run (counts, bytes, seconds, exit "
+                        "status, first errors) to FILE as JSON, for monitoring")
     parser.add_argument("--version", action="version", version="s3push " + VERSION)
     return parser
 
@@ -1724,18 +1733,26 @@ class Run(object):
         self.fatal = None      # the error that stopped the run early
         self.credentials = None   # once loaded: what error text must never show
         self.started = time.monotonic()
+        self.started_at = time.time()
+        self.found = [0, 0]    # files and bytes the scan has handed over so far
+        self.scan_done = False
+        self.errors = []       # the first lines said on stderr, for --summary-json
+        self.errors_total = 0
+        self.progress = False  # a live status line is on stderr
 
     def moved(self, path, url, size, verbose):
         with self.lock:
             self.moved_count += 1
             self.emptied.add(os.path.dirname(path))
             self.bytes += size
+            self.clear_status()
             if verbose:
                 emit(sys.stdout, "moved %s -> %s (%d bytes)" % (safe_name(path), url, size))
 
     def failed(self, path, url, exc):
         """One line on stderr naming the file, the key (when there is one) and the reason."""
         with self.lock:
+            self.clear_status()
             if exc.exit_code == EXIT_OK:   # not a failure: a warning
                 emit(sys.stderr, "s3push: warning: %s: %s" % (safe_name(path), exc))
                 return
@@ -1745,7 +1762,11 @@ class Run(object):
             if exc.fatal:
                 self.fatal = exc
             target = " -> " + url if url else ""
-            emit(sys.stderr, "s3push: error: %s%s: %s" % (safe_name(path), target, exc))
+            line = "s3push: error: %s%s: %s" % (safe_name(path), target, exc)
+            emit(sys.stderr, line)
+            self.errors_total += 1
+            if len(self.errors) < MAX_SUMMARY_ERRORS:
+                self.errors.append(line)
 
     def out_of_time(self):
         """The deadline stopped the run: what was not sent waits for the next one."""
@@ -1765,6 +1786,36 @@ class Run(object):
         if EXIT_FILES_LEFT in self.failures:
             return EXIT_FILES_LEFT
         return max(self.failures) if self.failures else EXIT_OK
+
+    def clear_status(self):
+        if self.progress:
+            sys.stderr.write("\r\x1b[K")
+
+    def status_line(self):
+        """files and bytes done of those found, rate and (once the scan is done) ETA."""
+        seconds = max(time.monotonic() - self.started, 1e-6)
+        rate = self.bytes / seconds
+        left = max(self.found[1] - self.bytes, 0)
+        eta = " ETA %ds" % (left / rate) if self.scan_done and rate > 0 else ""
+        more = "" if self.scan_done else "+"
+        return "s3push: %d/%d%s files, %.1f/%.1f%s MB, %.1f MB/s%s" % (
+            self.moved_count, self.found[0], more, self.bytes / 1e6, self.found[1] / 1e6,
+            more, rate / 1e6, eta)
+
+    def show_status(self):
+        with self.lock:
+            sys.stderr.write("\r" + self.status_line() + "\x1b[K")
+            sys.stderr.flush()
+
+    def summary_data(self, options, status):
+        """The run for monitoring (--summary-json)."""
+        return {"s3push": VERSION, "source": safe_name(options.source),
+                "destination": options.destination, "started": time.strftime(
+                    "%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started_at)),
+                "seconds": round(time.monotonic() - self.started, 3), "exit_status": status,
+                "files_moved": self.moved_count, "bytes_moved": self.bytes,
+                "files_failed": len(self.failures), "files_left_young": self.too_young[0],
+                "errors_total": self.errors_total, "errors": self.errors}
 
     def summary(self):
         seconds = max(time.monotonic() - self.started, 1e-6)
@@ -1822,11 +1873,18 @@ def move_all(job, files):
                for _ in range(job.jobs)]
     for thread in workers:
         thread.start()
+    done = threading.Event()
+    status_line = threading.Thread(target=show_progress, args=(job.run, done), daemon=True)
+    if job.run.progress:
+        status_line.start()
     try:
         for path, relative, info in files:
             task = FileTask(job, path, relative, info.st_mtime)
             if job.session.expired() or not job.queue.add_file(task):
                 break
+            job.run.found[0] += 1
+            job.run.found[1] += info.st_size
+        job.run.scan_done = True
         job.queue.done_producing()
         for thread in workers:
             while thread.is_alive():
@@ -1838,6 +1896,19 @@ def move_all(job, files):
     except BaseException:
         job.queue.stop()   # in-flight uploads are abandoned; nothing unconfirmed is deleted
         raise
+    finally:
+        done.set()
+        if status_line.is_alive():
+            status_line.join(1)
+
+
+def show_progress(run, done):
+    """The live status line on stderr, until done is set."""
+    while not done.wait(PROGRESS_INTERVAL):
+        run.show_status()
+    with run.lock:
+        run.clear_status()
+        run.progress = False
 
 
 def dry_run(files, destination, run):
@@ -1870,7 +1941,7 @@ def check_source(source):
                            % safe_name(source))
 
 
-def run_transfer(options, environ):
+def run_transfer(options, environ, run):
     """The whole run after argument parsing; returns the exit status.
 
     Nothing beyond the scan happens until it finds a file: an idle tick reads no
@@ -1885,7 +1956,7 @@ def run_transfer(options, environ):
         emit(sys.stderr, "s3push: another run is moving %s; this one exits"
              % safe_name(options.source))
         return EXIT_OK
-    run, errors = Run(), []
+    errors = []
     patterns = DEFAULT_EXCLUDES + tuple(options.exclude)
     files = select_files(scan(options.source, patterns, errors), options.min_age,
                          time.time(), run.too_young)
@@ -1915,6 +1986,7 @@ def transfer(options, environ, settings, destination, run, files):
     session = Session(settings, destination.bucket,
                       lambda: load_settings(options, environ).credentials, deadline)
     session.debug = options.debug
+    run.progress = sys.stderr.isatty() if options.progress is None else options.progress
     move_all(Job(options, session, destination, run), files)
     if options.delete_empty_dirs:
         remove_empty_dirs(options.source, run.emptied)
@@ -1938,9 +2010,32 @@ def on_sigterm(signum, frame):
 
 def main(argv=None):
     options = build_parser().parse_args(argv)
+    run = Run()
+    status = run_main(options, run)
+    if options.summary_json:
+        write_summary(options.summary_json, run.summary_data(options, status))
+    return status
+
+
+def write_summary(path, data):
+    """Replace path with the run's summary as JSON, atomically (a monitor never reads half)."""
+    import json
+    temporary = "%s.%d.tmp" % (path, os.getpid())
+    try:
+        with open(temporary, "w") as handle:
+            json.dump(data, handle, indent=1, sort_keys=True)
+            handle.write("\n")
+        os.replace(temporary, path)
+    except OSError as exc:
+        emit(sys.stderr, "s3push: warning: cannot write the summary to %s (%s)"
+             % (path, exc.strerror or exc))
+
+
+def run_main(options, run):
+    """Run, mapping every way a run can end to its exit status and one line."""
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        return run_transfer(options, os.environ)
+        return run_transfer(options, os.environ, run)
     except KeyboardInterrupt:
         emit(sys.stderr, "s3push: interrupted; files not yet confirmed were left in place")
         return EXIT_SIGNAL_BASE + signal.SIGINT

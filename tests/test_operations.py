@@ -5,11 +5,13 @@ The recording proxy in front of the server shows the headers each request carrie
 
 import os
 import sys
+import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from helpers import IntegrationCase, files_under, skip_unless_server_checks  # noqa: E402
 from helpers import write_file  # noqa: E402
+import s3server  # noqa: E402
 
 MULTIPART = ("--multipart-threshold", "5MiB", "--part-size", "5MiB")
 
@@ -108,6 +110,45 @@ class KeyTemplates(IntegrationCase):
         self.assertEqual(done.returncode, 2)
         self.assertIn(b"unknown placeholder {hostnme}", done.stderr)
         self.assertEqual(files_under(self.source), [b"f"])
+
+
+class Summaries(IntegrationCase):
+    def test_summary_json(self):
+        import json
+        write_file(self.source, "a", b"12345")
+        write_file(self.source, "young", b"x", mtime=time.time())
+        write_file(self.source, "b", b"x")
+        path = os.path.join(self.tmp, "summary.json")
+        result = self.run_s3push("--summary-json", path)
+        with open(path) as handle:
+            summary = json.load(handle)
+        self.assertEqual(summary["exit_status"], result.status)
+        self.assertEqual((summary["files_moved"], summary["bytes_moved"],
+                          summary["files_left_young"]), (2, 6, 1))
+        self.assertEqual(summary["files_failed"], 0)
+
+    def test_summary_json_when_settings_fail(self):
+        import json
+        write_file(self.source, "a", b"1")
+        path = os.path.join(self.tmp, "summary.json")
+        result = self.run_s3push("--summary-json", path, env=self.env(AWS_PROFILE="nope"))
+        self.assertEqual(result.status, 78)
+        with open(path) as handle:
+            self.assertEqual(json.load(handle)["exit_status"], 78)
+
+    def test_progress_only_when_asked_off_a_terminal(self):
+        for i in range(20):
+            write_file(self.source, "f%d" % i, b"x" * 100)
+        self.assertNotIn("\r", self.run_s3push().stderr)
+        proxy_slow = s3server.FaultProxy(self.server.endpoint, lambda r: ("stall", 0.1))
+        self.addCleanup(proxy_slow.close)
+        self.proxies.append(proxy_slow)
+        for i in range(20):
+            write_file(self.source, "g%d" % i, b"x" * 100)
+        result = self.run_s3push("--progress", "--jobs", "1", endpoint=proxy_slow.endpoint)
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertRegex(result.stderr, r"\rs3push: \d+/20 files, [0-9.]+/0.0 MB")
+        self.assertTrue(result.stderr.endswith("\x1b[K"), repr(result.stderr[-40:]))
 
 
 if __name__ == "__main__":
