@@ -201,12 +201,14 @@ class Credentials(object):
 class Settings(object):
     """Everything resolved from options, environment and files, before any request."""
 
-    def __init__(self, profile, region, endpoint_url, credentials, ca_bundle=None):
+    def __init__(self, profile, region, endpoint_url, credentials, ca_bundle=None,
+                 proxies=None):
         self.profile = profile
         self.region = region
         self.endpoint_url = endpoint_url
         self.credentials = credentials
         self.ca_bundle = ca_bundle
+        self.proxies = proxies or {}   # {"http": url, "https": url, "no": list}
 
 
 def parse_ini(text, path):
@@ -304,7 +306,54 @@ def resolve_settings(options, environ, credentials_ini, config_ini, paths):
                 or environ.get("AWS_ENDPOINT_URL") or conf_section.get("endpoint_url") or None)
     ca_bundle = (getattr(options, "ca_bundle", None) or environ.get("AWS_CA_BUNDLE")
                  or conf_section.get("ca_bundle") or None)
-    return Settings(profile, region, endpoint, credentials, ca_bundle)
+    return Settings(profile, region, endpoint, credentials, ca_bundle, proxy_settings(environ))
+
+
+def proxy_settings(environ):
+    """HTTPS_PROXY, HTTP_PROXY and NO_PROXY (lower case first, as curl reads them)."""
+    def get(name):
+        return environ.get(name.lower()) or environ.get(name) or ""
+    return {"https": get("HTTPS_PROXY"), "http": get("HTTP_PROXY"),
+            "no": [e.strip().lower() for e in get("NO_PROXY").split(",") if e.strip()]}
+
+
+def bypasses_proxy(host, port, no_proxy):
+    """NO_PROXY: '*', a host name or domain suffix ('example.com', '.example.com'), an IP,
+    each optionally with ':port'."""
+    host = host.lower().strip("[]")
+    for entry in no_proxy:
+        name, _, entry_port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
+        if entry == "*" or (entry_port and entry_port != str(port)):
+            if entry == "*":
+                return True
+            continue
+        name = name.lstrip(".")
+        if host == name or host.endswith("." + name):
+            return True
+    return False
+
+
+def proxy_for(proxies, scheme, host, port):
+    """(host, port, Proxy-Authorization value or None) of the proxy to use, or None."""
+    url = proxies.get(scheme) or ""
+    if not url or bypasses_proxy(host, port, proxies.get("no", [])):
+        return None
+    import urllib.parse
+    parts = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
+    try:
+        proxy_port = parts.port or 80
+    except ValueError:
+        proxy_port = -1
+    if parts.scheme != "http" or not parts.hostname or proxy_port < 0:
+        raise ConfigError("the %s proxy %s://%s is not http://HOST:PORT: fix %s_PROXY"
+                          % (scheme, parts.scheme, parts.hostname or "", scheme.upper()))
+    auth = None
+    if parts.username is not None:
+        import base64
+        pair = "%s:%s" % (urllib.parse.unquote(parts.username),
+                          urllib.parse.unquote(parts.password or ""))
+        auth = "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")
+    return parts.hostname, proxy_port, auth
 
 
 def read_ini_file(path):
@@ -566,6 +615,9 @@ def error_from_response(response, what=""):
         return ConfigError("%s: set this host's clock right (NTP)" % text)
     if code in ACCESS_CODES or response.status in (401, 403):
         return AccessError("%s: check the credentials and that they allow s3:PutObject" % text)
+    if response.status == 407:
+        return ConfigError("the proxy refused the request (HTTP 407): fix the user and "
+                           "password in HTTP_PROXY or HTTPS_PROXY")
     if response.status == 412 or code == "PreconditionFailed":
         return FileError("%s: an object already exists at this key and --no-overwrite is set: "
                          "kept (a conflict to resolve by hand)" % text)
@@ -606,12 +658,13 @@ class FileRange(object):
 class Connection(object):
     """One persistent HTTP/1.1 connection to one host, reopened when it was closed."""
 
-    def __init__(self, scheme, host, port, timeout=DEFAULT_TIMEOUT, tls=None):
+    def __init__(self, scheme, host, port, timeout=DEFAULT_TIMEOUT, tls=None, proxy=None):
         self.scheme = scheme
         self.host = host
         self.port = port
         self.timeout = timeout
         self.tls = tls          # an ssl.SSLContext for https
+        self.proxy = proxy      # (host, port, Proxy-Authorization or None), or None
         self.conn = None
         self.requests = 0   # answered on the current connection
 
@@ -624,11 +677,15 @@ class Connection(object):
         import http.client
         import socket
         connect_timeout = min(CONNECT_TIMEOUT, self.timeout)
+        host, port = self.proxy[:2] if self.proxy else (self.host, self.port)
         if self.scheme == "https":
-            conn = http.client.HTTPSConnection(self.host, self.port, timeout=connect_timeout,
+            conn = http.client.HTTPSConnection(host, port, timeout=connect_timeout,
                                                context=self.tls or tls_context(None))
+            if self.proxy:   # a CONNECT tunnel, then TLS with the endpoint itself
+                auth = {"Proxy-Authorization": self.proxy[2]} if self.proxy[2] else None
+                conn.set_tunnel(self.host, self.port, headers=auth)
         else:
-            conn = http.client.HTTPConnection(self.host, self.port, timeout=connect_timeout)
+            conn = http.client.HTTPConnection(host, port, timeout=connect_timeout)
         try:
             conn.connect()
         except OSError as exc:
@@ -637,12 +694,12 @@ class Connection(object):
                                   "server uses a private CA, name it with --ca-bundle, "
                                   "AWS_CA_BUNDLE or ca_bundle in the profile"
                                   % (self.host, self.port, one_line(exc)))
-            raise UnreachableError("cannot connect to %s:%d (%s): is the endpoint right and "
-                                   "the server up?" % (self.host, self.port,
+            raise UnreachableError("cannot connect to %s:%d%s (%s): is the endpoint right and "
+                                   "the server up?" % (self.host, self.port, self.via(),
                                                        describe_os_error(exc)))
         except http.client.HTTPException as exc:
-            raise UnreachableError("cannot connect to %s:%d (%s): is the endpoint right and "
-                                   "the server up?" % (self.host, self.port,
+            raise UnreachableError("cannot connect to %s:%d%s (%s): is the endpoint right and "
+                                   "the server up?" % (self.host, self.port, self.via(),
                                                        describe_os_error(exc)))
         conn.sock.settimeout(self.timeout)
         # Headers and body go out in separate writes: without this, Nagle's algorithm and
@@ -650,10 +707,18 @@ class Connection(object):
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.conn, self.requests = conn, 0
 
+    def via(self):
+        """' through the proxy HOST:PORT' (never its password), or ''."""
+        return " through the proxy %s:%d" % self.proxy[:2] if self.proxy else ""
+
     def exchange(self, method, target, headers, body):
         """Send one request and read the answer; body is bytes or a FileRange."""
         if self.conn is None:
             self.open()
+        if self.proxy and self.scheme == "http":   # a forward proxy takes absolute URLs
+            target = "http://%s:%d%s" % (self.host, self.port, target)
+            if self.proxy[2]:
+                headers = dict(headers, **{"proxy-authorization": self.proxy[2]})
         conn = self.conn
         conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
         for name, value in headers.items():
@@ -698,7 +763,7 @@ def describe_os_error(exc):
     import socket
     if isinstance(exc, socket.timeout):
         return "timed out"
-    return getattr(exc, "strerror", None) or exc.__class__.__name__
+    return getattr(exc, "strerror", None) or one_line(exc) or exc.__class__.__name__
 
 
 class Session(object):
@@ -722,6 +787,7 @@ class Session(object):
         self.said = set()
         self.tls = tls_context(settings.ca_bundle) if self.endpoint.scheme == "https" or \
             settings.ca_bundle else None
+        self.proxies = settings.proxies
         self.debug = False
 
     def snapshot(self):
@@ -883,7 +949,9 @@ class S3Client(object):
                 self.connection.port != endpoint.port:
             self.close()
             self.connection = Connection(endpoint.scheme, connect_host, endpoint.port,
-                                         self.timeout, self.session.tls)
+                                         self.timeout, self.session.tls, proxy_for(
+                                             self.session.proxies, endpoint.scheme,
+                                             connect_host, endpoint.port))
         trace = self.trace(method, target, credentials) if self.session.debug else None
         signed = sign_request(method, host, path, query, headers, body_hash, credentials,
                               region, signed_at, trace=trace)

@@ -683,3 +683,76 @@ def error_answer(status, code, extra_xml="", headers=None):
              "Content-Length: %d" % len(body)]
     lines += ["%s: %s" % item for item in (headers or {}).items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+class ForwardProxy(object):
+    """An HTTP proxy of the tests' own: CONNECT tunnels (https endpoints) and absolute-form
+    requests (http endpoints). `seen` lists (method, target) of what it was asked;
+    `require`, if set, is the Proxy-Authorization value it insists on (else 407)."""
+
+    def __init__(self, require=None):
+        self.require = require
+        self.seen = []
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.url = "http://127.0.0.1:%d" % self.listener.getsockname()[1]
+        threading.Thread(target=self.accept_loop, daemon=True).start()
+
+    def close(self):
+        self.listener.close()
+
+    def accept_loop(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.serve, args=(client,), daemon=True).start()
+
+    def serve(self, client):
+        reader = client.makefile("rb")
+        upstream = None
+        try:
+            while True:
+                head = read_head(reader)
+                if head is None:
+                    return
+                request = Request(head, reader.read(content_length(head)), 0)
+                self.seen.append((request.method, request.target))
+                if self.require and request.header("proxy-authorization") != self.require:
+                    client.sendall(b"HTTP/1.1 407 Proxy Authentication Required\r\n"
+                                   b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+                    return
+                if request.method == "CONNECT":
+                    self.tunnel(client, request.target)
+                    return
+                upstream = upstream or socket.create_connection(upstream_address(
+                    request.target))
+                upstream_reader = upstream.makefile("rb")
+                upstream.sendall(origin_form(request.head) + request.body)
+                client.sendall(read_answer(upstream_reader))
+        except OSError:
+            return
+        finally:
+            client.close()
+            if upstream is not None:
+                upstream.close()
+
+    @staticmethod
+    def tunnel(client, target):
+        host, port = target.rsplit(":", 1)
+        upstream = socket.create_connection((host, int(port)))
+        client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        threading.Thread(target=pump, args=(upstream, client), daemon=True).start()
+        pump(client, upstream)
+
+
+def origin_form(head):
+    """A request head with its absolute URL cut to the path, Proxy-Authorization removed."""
+    line, _, rest = head.partition(b"\r\n")
+    method, url, version = line.split(b" ")
+    parts = urllib.parse.urlsplit(url.decode())
+    path = parts.path + ("?" + parts.query if parts.query else "")
+    kept = [l for l in rest.split(b"\r\n") if not l.lower().startswith(b"proxy-authorization")]
+    return b" ".join([method, path.encode(), version]) + b"\r\n" + b"\r\n".join(kept)

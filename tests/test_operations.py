@@ -151,5 +151,64 @@ class Summaries(IntegrationCase):
         self.assertTrue(result.stderr.endswith("\x1b[K"), repr(result.stderr[-40:]))
 
 
+class Proxies(IntegrationCase):
+    def proxy(self, require=None):
+        proxy = s3server.ForwardProxy(require)
+        self.addCleanup(proxy.close)
+        return proxy
+
+    def test_http_proxy_with_a_password(self):
+        import base64
+        write_file(self.source, "f", b"via proxy")
+        proxy = self.proxy("Basic " + base64.b64encode(b"ops:pa@ss").decode())
+        url = proxy.url.replace("http://", "http://ops:pa%40ss@")
+        result = self.run_s3push(env=self.env(HTTP_PROXY=url))
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assert_landed({"f": b"via proxy"})
+        self.assertTrue(proxy.seen and all(t.startswith("http://") for _, t in proxy.seen))
+        write_file(self.source, "g", b"x")
+        result = self.run_s3push(env=self.env(HTTP_PROXY=url.replace("pa%40ss", "wrong")))
+        self.assertEqual(result.status, 78, result.stderr)
+        self.assertIn("the proxy refused the request (HTTP 407)", result.stderr)
+        self.assertNotIn("wrong", result.stderr)
+
+    def test_no_proxy(self):
+        write_file(self.source, "f", b"direct")
+        proxy = self.proxy()
+        for no_proxy in ("127.0.0.1", "*", "localhost,127.0.0.1:%s"
+                         % self.recorder.endpoint.rsplit(":", 1)[1]):
+            write_file(self.source, "f", b"direct")
+            result = self.run_s3push(env=self.env(HTTP_PROXY=proxy.url, NO_PROXY=no_proxy))
+            self.assertEqual(result.status, 0, result.stderr)
+        self.assertEqual(proxy.seen, [])
+
+    def test_https_through_a_connect_tunnel(self):
+        import shutil
+        import tempfile
+        import test_security
+        pki = tempfile.mkdtemp(prefix="s3push-ca-")
+        self.addCleanup(shutil.rmtree, pki, True)
+        ca, cert, key = test_security.make_ca(pki)
+        https = s3server.RcloneServer(tls=(cert, key))
+        self.addCleanup(https.stop)
+        write_file(self.source, "f", b"tunnelled")
+        proxy = self.proxy()
+        env = self.env(HTTPS_PROXY=proxy.url, AWS_ACCESS_KEY_ID=https.access_key,
+                       AWS_SECRET_ACCESS_KEY=https.secret_key)
+        result = self.run_s3push("--ca-bundle", ca, endpoint=https.endpoint, env=env)
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertEqual(https.object_bytes(self.prefix + "f"), b"tunnelled")
+        self.assertEqual(proxy.seen, [("CONNECT", https.endpoint.split("//")[1])])
+
+    def test_a_dead_proxy_is_named(self):
+        write_file(self.source, "f", b"x")
+        port = s3server.free_port()
+        result = self.run_s3push(env=self.env(HTTP_PROXY="http://u:secretpw@127.0.0.1:%d"
+                                              % port))
+        self.assertEqual(result.status, 75, result.stderr)
+        self.assertIn("through the proxy 127.0.0.1:%d" % port, result.stderr)
+        self.assertNotIn("secretpw", result.stderr)
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -384,5 +384,27 @@ class Templates(unittest.TestCase):
             s3push.parse_destination("s3://bucket/{when}/")
 
 
+class ProxyRules(unittest.TestCase):
+    def test_no_proxy_matching(self):
+        rules = ["example.com", ".internal", "10.0.0.1", "s3.local:9000"]
+        for host, port, expected in (("example.com", 443, True), ("a.example.com", 80, True),
+                                     ("badexample.com", 80, False), ("x.internal", 1, True),
+                                     ("10.0.0.1", 9000, True), ("s3.local", 9000, True),
+                                     ("s3.local", 443, False), ("other", 80, False)):
+            self.assertEqual(s3push.bypasses_proxy(host, port, rules), expected, host)
+        self.assertTrue(s3push.bypasses_proxy("anything", 1, ["*"]))
+
+    def test_proxy_for(self):
+        proxies = s3push.proxy_settings({"HTTPS_PROXY": "http://u:p%40w@proxy:3128",
+                                         "no_proxy": "localhost"})
+        self.assertEqual(s3push.proxy_for(proxies, "https", "s3.amazonaws.com", 443),
+                         ("proxy", 3128, "Basic dTpwQHc="))
+        self.assertIsNone(s3push.proxy_for(proxies, "http", "s3.amazonaws.com", 80))
+        self.assertIsNone(s3push.proxy_for(proxies, "https", "localhost", 443))
+        with self.assertRaises(s3push.ConfigError) as caught:
+            s3push.proxy_for({"https": "socks5://u:secret@p:1"}, "https", "h", 443)
+        self.assertNotIn("secret", str(caught.exception))
+
+
 if __name__ == "__main__":
     unittest.main()
