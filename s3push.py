@@ -85,6 +85,8 @@ BLOCK_BYTES = 256 * 1024
 MAX_ERROR_BODY = 64 * 1024             # an error answer longer than this is cut
 MAX_ANSWER_BODY = 1024 * 1024          # a success answer is XML of a few hundred bytes
 CONNECT_TIMEOUT = 10                   # seconds, at most (never more than --timeout)
+METADATA_TIMEOUT = 1                   # seconds for the EC2 metadata service, as botocore
+REFRESH_MARGIN = 300                   # refresh temporary credentials this long before expiry
 DEFAULT_TIMEOUT = 60                   # seconds without progress before a request fails
 DEFAULT_RETRIES = 5
 BACKOFF_BASE = 0.2                     # seconds; full jitter below base * 2**retry
@@ -186,13 +188,14 @@ class Interrupted(BaseException):
 
 class Credentials(object):
     """An access key pair; its repr shows the key id and where it came from, never the secret."""
-    __slots__ = ("access_key", "secret_key", "token", "source")
+    __slots__ = ("access_key", "secret_key", "token", "source", "expiration")
 
-    def __init__(self, access_key, secret_key, token=None, source=""):
+    def __init__(self, access_key, secret_key, token=None, source="", expiration=None):
         self.access_key = access_key
         self.secret_key = secret_key
         self.token = token
         self.source = source
+        self.expiration = expiration   # seconds since the epoch, for temporary ones
 
     def __repr__(self):
         return "Credentials(access_key=%r, source=%r)" % (self.access_key, self.source)
@@ -256,22 +259,64 @@ def environment_credentials(environ):
     return Credentials(key, secret, environ.get("AWS_SESSION_TOKEN") or None, "environment")
 
 
-def resolve_credentials(environ, explicit_profile, profile, sources):
-    """The AWS tools' order; an explicit --profile passes over the environment's keys.
+def resolve_credentials(environ, explicit_profile, profile, sources, fetch=None):
+    """The AWS tools' order: the environment (passed over for an explicit --profile), a
+    role to assume (role_arn), the credentials file, credential_process, the config file,
+    container credentials, the EC2 instance profile.
 
     sources: [(section or None, path)] for the credentials file, then the config file.
+    fetch(kind, **info) does what needs I/O (STS, a process, metadata services); without
+    it only the environment and the files count.
     """
-    found = None if explicit_profile else environment_credentials(environ)
-    for section, path in sources:
-        if found is None and section and set(section) & {"aws_access_key_id",
-                                                         "aws_secret_access_key"}:
-            found = credentials_from_section(section, path, profile)
-    if found is None:
-        raise ConfigError("no credentials for profile '%s': set AWS_ACCESS_KEY_ID and "
-                          "AWS_SECRET_ACCESS_KEY, or add them to %s"
-                          % (profile, sources[0][1]))
-    check_credentials(found)
-    return found
+    (cred_section, cred_path), (conf_section, conf_path) = sources
+    conf_section = conf_section or {}
+    steps = [
+        lambda: None if explicit_profile else environment_credentials(environ),
+        lambda: fetch("assume-role", section=conf_section, profile=profile)
+        if fetch and conf_section.get("role_arn") else None,
+        lambda: credentials_from_section(cred_section, cred_path, profile)
+        if has_keys(cred_section) else None,
+        lambda: fetch("process", command=conf_section["credential_process"], profile=profile)
+        if fetch and conf_section.get("credential_process") else None,
+        lambda: credentials_from_section(conf_section, conf_path, profile)
+        if has_keys(conf_section) else None,
+        lambda: fetch("container") if fetch else None,
+        lambda: fetch("instance") if fetch else None,
+    ]
+    for step in steps:
+        found = step()
+        if found is not None:
+            check_credentials(found)
+            return found
+    raise ConfigError("no credentials for profile '%s': set AWS_ACCESS_KEY_ID and "
+                      "AWS_SECRET_ACCESS_KEY, add them to %s, or run with an instance "
+                      "profile or container role" % (profile, cred_path))
+
+
+def has_keys(section):
+    return bool(section) and bool(set(section) & {"aws_access_key_id", "aws_secret_access_key"})
+
+
+def credentials_from_json(data, source):
+    """Credentials from the JSON of credential_process, a container or the EC2 metadata."""
+    import json
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise ConfigError("%s did not answer with JSON credentials" % source)
+    if not isinstance(doc, dict) or not doc.get("AccessKeyId") or \
+            not doc.get("SecretAccessKey"):
+        raise ConfigError("%s gave no AccessKeyId and SecretAccessKey" % source)
+    return Credentials(doc["AccessKeyId"], doc["SecretAccessKey"],
+                       doc.get("SessionToken") or doc.get("Token") or None, source,
+                       parse_expiration(doc.get("Expiration")))
+
+
+def parse_expiration(text):
+    """Seconds since the epoch of an ISO 8601 UTC time such as 2026-11-24T08:00:00Z."""
+    import calendar
+    match = re.match(r"^(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)", text or "")
+    return calendar.timegm(tuple(int(x) for x in match.groups())) if match else None
 
 
 def check_credentials(credentials):
@@ -285,7 +330,7 @@ def check_credentials(credentials):
                               "character: copy it again" % (name, credentials.source))
 
 
-def resolve_settings(options, environ, credentials_ini, config_ini, paths):
+def resolve_settings(options, environ, credentials_ini, config_ini, paths, fetch=None):
     """Pure: options (argparse namespace), environ and parsed files give the Settings.
 
     paths: (credentials file path, config file path), for messages.
@@ -298,10 +343,11 @@ def resolve_settings(options, environ, credentials_ini, config_ini, paths):
         raise ConfigError("profile '%s' not found in %s or %s: check --profile or AWS_PROFILE"
                           % (profile, paths[0], paths[1]))
     conf_section = conf_section or {}
-    credentials = resolve_credentials(environ, explicit, profile,
-                                      [(cred_section, paths[0]), (conf_section, paths[1])])
     region = (options.region or environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
               or conf_section.get("region") or DEFAULT_REGION)
+    credentials = resolve_credentials(environ, explicit, profile,
+                                      [(cred_section, paths[0]), (conf_section, paths[1])],
+                                      fetch)
     endpoint = (options.endpoint_url or environ.get("AWS_ENDPOINT_URL_S3")
                 or environ.get("AWS_ENDPOINT_URL") or conf_section.get("endpoint_url") or None)
     ca_bundle = (getattr(options, "ca_bundle", None) or environ.get("AWS_CA_BUNDLE")
@@ -378,12 +424,152 @@ def load_settings(options, environ):
         home, ".aws", "credentials")
     conf_path = environ.get("AWS_CONFIG_FILE") or os.path.join(home, ".aws", "config")
     cred_path, conf_path = os.path.expanduser(cred_path), os.path.expanduser(conf_path)
-    settings = resolve_settings(options, environ, read_ini_file(cred_path),
-                                read_ini_file(conf_path), (cred_path, conf_path))
-    for path in (cred_path, conf_path):
-        if settings.credentials.source.startswith(path + " ["):
-            warn_if_exposed(path)
-    return settings
+    inis, paths = (read_ini_file(cred_path), read_ini_file(conf_path)), (cred_path, conf_path)
+    region = (options.region or environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
+              or (profile_section(inis[1], options.profile or environ.get("AWS_PROFILE")
+                                  or "default", True) or {}).get("region") or DEFAULT_REGION)
+
+    def fetch(kind, **info):
+        return fetch_credentials(kind, info, environ, inis, paths, region)
+    return resolve_settings(options, environ, inis[0], inis[1], paths, fetch)
+
+
+def fetch_credentials(kind, info, environ, inis, paths, region):
+    """The credential sources that need I/O: STS AssumeRole, a process, metadata."""
+    if kind == "process":
+        return process_credentials(info["command"], info["profile"])
+    if kind == "container":
+        return container_credentials(environ)
+    if kind == "instance":
+        return instance_credentials(environ)
+    section, source = info["section"], info["section"].get("source_profile")
+    if not source:
+        raise ConfigError("profile '%s' has role_arn but no source_profile (the only "
+                          "credential source s3push knows for a role)" % info["profile"])
+    source_credentials = resolve_credentials(
+        environ, True, source, [(profile_section(inis[0], source, False), paths[0]),
+                                (profile_section(inis[1], source, True), paths[1])])
+    return assume_role(section, source_credentials, region, environ, info["profile"])
+
+
+def warn_if_exposed_credentials(credentials):
+    """Warn about the file the credentials came from ('PATH [profile]'), if it is open."""
+    path = credentials.source.rsplit(" [", 1)[0]
+    if credentials.source.endswith("]") and os.path.isfile(path):
+        warn_if_exposed(path)
+
+
+def http_call(method, url, headers=None, body=None, timeout=METADATA_TIMEOUT):
+    """(status, body) of one small request to a credential service (metadata, STS)."""
+    import http.client
+    import urllib.parse
+    parts = urllib.parse.urlsplit(url)
+    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    conn = kind(parts.hostname, parts.port, timeout=timeout)
+    try:
+        conn.request(method, (parts.path or "/") + ("?" + parts.query if parts.query else ""),
+                     body=body, headers=headers or {})
+        answer = conn.getresponse()
+        return answer.status, answer.read(MAX_ANSWER_BODY)
+    finally:
+        conn.close()
+
+
+def process_credentials(command, profile):
+    """credential_process: run it (no shell), read its JSON; its output is never shown."""
+    import shlex
+    import subprocess
+    what = "credential_process of profile '%s'" % profile
+    try:
+        done = subprocess.run(shlex.split(command), stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, timeout=60)
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        raise ConfigError("%s could not run (%s): fix the command"
+                          % (what, exc.__class__.__name__))
+    if done.returncode != 0:
+        raise ConfigError("%s failed with exit status %d" % (what, done.returncode))
+    return credentials_from_json(done.stdout, what)
+
+
+def container_credentials(environ):
+    """ECS/EKS container credentials, or None when the container variables are not set."""
+    relative = environ.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+    url = "http://169.254.170.2" + relative if relative else \
+        environ.get("AWS_CONTAINER_CREDENTIALS_FULL_URI")
+    if not url:
+        return None
+    token = environ.get("AWS_CONTAINER_AUTHORIZATION_TOKEN")
+    token_file = environ.get("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE")
+    if token_file:
+        try:
+            with open(token_file) as handle:
+                token = handle.read().strip()
+        except OSError as exc:
+            raise ConfigError("cannot read %s (%s)" % (token_file, exc.strerror))
+    what = "the container credentials service %s" % url.split("?")[0]
+    try:
+        status, body = http_call("GET", url, {"Authorization": token} if token else {},
+                                 timeout=2)
+    except (OSError, ValueError) as exc:
+        raise ConfigError("%s did not answer (%s)" % (what, describe_os_error(exc)))
+    if status != 200:
+        raise ConfigError("%s answered HTTP %d" % (what, status))
+    return credentials_from_json(body, what)
+
+
+def instance_credentials(environ):
+    """The EC2 instance profile through IMDSv2 (token PUT, then GETs), or None."""
+    if environ.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true":
+        return None
+    base = (environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT")
+            or "http://169.254.169.254").rstrip("/")
+    try:
+        status, token = http_call("PUT", base + "/latest/api/token",
+                                  {"X-aws-ec2-metadata-token-ttl-seconds": "21600"})
+        if status != 200:
+            return None
+        headers = {"X-aws-ec2-metadata-token": token.decode("ascii", "replace").strip()}
+        listing = base + "/latest/meta-data/iam/security-credentials/"
+        status, roles = http_call("GET", listing, headers)
+        role = roles.decode("utf-8", "replace").split()[0] if status == 200 and roles else ""
+        if not role:
+            return None
+        status, body = http_call("GET", listing + role, headers)
+    except (OSError, ValueError):
+        return None   # not on EC2, or in a container with a metadata hop limit of 1
+    if status != 200:
+        return None
+    return credentials_from_json(body, "the EC2 instance profile %s" % role)
+
+
+def assume_role(section, source, region, environ, profile):
+    """STS AssumeRole, signed with the source profile's keys by our own signer."""
+    import urllib.parse
+    url = environ.get("AWS_ENDPOINT_URL_STS") or "https://sts.%s.amazonaws.com" % region
+    params = [("Action", "AssumeRole"), ("Version", "2011-06-15"),
+              ("RoleArn", section["role_arn"]), ("DurationSeconds",
+                                                 section.get("duration_seconds", "3600")),
+              ("RoleSessionName", section.get("role_session_name") or "s3push-%d" % time.time())]
+    if section.get("external_id"):
+        params.append(("ExternalId", section["external_id"]))
+    body = canonical_query_string(params).encode("ascii")
+    netloc = urllib.parse.urlsplit(url).netloc
+    headers = sign_request("POST", netloc, "/", [], {
+        "content-type": "application/x-www-form-urlencoded; charset=utf-8",
+        "content-length": str(len(body))}, payload_hash(body), source, region, utc_now(),
+        service="sts")
+    what = "AssumeRole of %s (profile '%s')" % (section["role_arn"], profile)
+    try:
+        status, answer = http_call("POST", url.rstrip("/") + "/", headers, body, timeout=10)
+    except (OSError, ValueError) as exc:
+        raise ConfigError("%s: STS did not answer (%s)" % (what, describe_os_error(exc)))
+    root = parse_xml(answer)
+    if status != 200:
+        raise AccessError("%s failed: %s: %s" % (what, xml_text(root, "Code") or status,
+                                                 one_line(xml_text(root, "Message"))))
+    return Credentials(xml_text(root, "AccessKeyId"), xml_text(root, "SecretAccessKey"),
+                       xml_text(root, "SessionToken"), "role %s" % section["role_arn"],
+                       parse_expiration(xml_text(root, "Expiration")))
 
 
 def warn_if_exposed(path):
@@ -783,6 +969,7 @@ class Session(object):
         self.offset = 0.0                 # seconds to add to this host's clock
         self.reload_credentials = reload_credentials
         self.reloaded = False
+        self.last_refresh = 0.0
         self.deadline = deadline          # time.monotonic() value, or None
         self.said = set()
         self.tls = tls_context(settings.ca_bundle) if self.endpoint.scheme == "https" or \
@@ -792,7 +979,22 @@ class Session(object):
 
     def snapshot(self):
         with self.lock:
+            self.refresh_if_expiring()
             return self.credentials, self.region, self.endpoint, self.offset
+
+    def refresh_if_expiring(self):
+        """Temporary credentials are read again from their source before they expire
+        (at most once a minute; on failure the old ones serve until refused)."""
+        expiration = self.credentials.expiration
+        now = time.time()
+        if expiration is None or self.reload_credentials is None or \
+                now < expiration - REFRESH_MARGIN or now - self.last_refresh < 60:
+            return
+        self.last_refresh = now
+        try:
+            self.credentials = self.reload_credentials()
+        except S3PushError as exc:
+            self.say("refresh", "could not refresh the credentials (%s)" % exc)
 
     def can_wait(self, seconds):
         return self.deadline is None or time.monotonic() + seconds < self.deadline
@@ -2031,6 +2233,7 @@ def run_transfer(options, environ, run):
     first, files = first_and_rest(files)
     if first is not None:
         settings = load_settings(options, environ)
+        warn_if_exposed_credentials(settings.credentials)
         run.credentials = settings.credentials
         try:
             transfer(options, environ, settings, destination, run, files)

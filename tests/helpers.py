@@ -98,7 +98,11 @@ class IntegrationCase(unittest.TestCase):
                     % (method, target))
 
     def env(self, **extra):
+        # AWS_EC2_METADATA_DISABLED: a run without credentials must not look for the EC2
+        # metadata service (169.254.169.254 is no address tests may reach); the tests of
+        # instance credentials point AWS_EC2_METADATA_SERVICE_ENDPOINT at a loopback fake.
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": self.home,
+               "AWS_EC2_METADATA_DISABLED": "true",
                "AWS_ACCESS_KEY_ID": self.server.access_key,
                "AWS_SECRET_ACCESS_KEY": self.server.secret_key, "AWS_REGION": self.server.region}
         env.update(extra)

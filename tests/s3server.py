@@ -756,3 +756,45 @@ def origin_form(head):
     path = parts.path + ("?" + parts.query if parts.query else "")
     kept = [l for l in rest.split(b"\r\n") if not l.lower().startswith(b"proxy-authorization")]
     return b" ".join([method, path.encode(), version]) + b"\r\n" + b"\r\n".join(kept)
+
+
+class TinyServer(object):
+    """A loopback HTTP/1.1 server for fake credential services (metadata, container, STS).
+    handler(request) -> (status, body bytes); `requests` lists every Request it got."""
+
+    def __init__(self, handler):
+        self.handler = handler
+        self.requests = []
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.url = "http://127.0.0.1:%d" % self.listener.getsockname()[1]
+        threading.Thread(target=self.accept_loop, daemon=True).start()
+
+    def close(self):
+        self.listener.close()
+
+    def accept_loop(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.serve, args=(client,), daemon=True).start()
+
+    def serve(self, client):
+        reader = client.makefile("rb")
+        try:
+            while True:
+                head = read_head(reader)
+                if head is None:
+                    return
+                request = Request(head, reader.read(content_length(head)), 0)
+                self.requests.append(request)
+                status, body = self.handler(request)
+                client.sendall(b"HTTP/1.1 %d X\r\nContent-Length: %d\r\n\r\n"
+                               % (status, len(body)) + body)
+        except OSError:
+            return
+        finally:
+            client.close()

@@ -210,5 +210,109 @@ class Proxies(IntegrationCase):
         self.assertNotIn("secretpw", result.stderr)
 
 
+def credentials_json(server, expires_in=3600, token="TOKEN"):
+    import datetime
+    import json
+    expiration = (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(
+        seconds=expires_in)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return json.dumps({"Version": 1, "AccessKeyId": server.access_key,
+                       "SecretAccessKey": server.secret_key, "Token": token,
+                       "SessionToken": token, "Expiration": expiration}).encode()
+
+
+class CredentialSources(IntegrationCase):
+    """Credentials from a process, a container service, EC2 metadata and STS: fakes on
+    loopback that hand out the test server's own keys."""
+
+    def fake(self, handler):
+        server = s3server.TinyServer(handler)
+        self.addCleanup(server.close)
+        return server
+
+    def no_keys(self, **extra):
+        return self.env(AWS_ACCESS_KEY_ID=None, AWS_SECRET_ACCESS_KEY=None, **extra)
+
+    def test_credential_process(self):
+        script = os.path.join(self.home, "creds.py")
+        with open(script, "w") as handle:
+            handle.write("import sys\nsys.stdout.write(%r)\nsys.exit(int(sys.argv[1]))\n"
+                         % credentials_json(self.server).decode())
+        config = os.path.join(self.home, "config")
+        for status, expected in (("0", 0), ("3", 78)):
+            with open(config, "w") as handle:
+                handle.write("[default]\ncredential_process = %s %s %s\n"
+                             % (sys.executable, script, status))
+            write_file(self.source, "f", b"data")
+            result = self.run_s3push(env=self.no_keys(AWS_CONFIG_FILE=config))
+            self.assertEqual(result.status, expected, result.stderr)
+        self.assertIn("credential_process of profile 'default' failed with exit status 3",
+                      result.stderr)
+
+    def test_container_credentials_refreshed_before_they_expire(self):
+        def handler(request):
+            if request.header("authorization") != "container-token":
+                return 401, b""
+            return 200, credentials_json(self.server, expires_in=120)
+        fake = self.fake(handler)
+        for i in range(3):
+            write_file(self.source, "f%d" % i, b"data")
+        env = self.no_keys(AWS_CONTAINER_CREDENTIALS_FULL_URI=fake.url + "/creds",
+                           AWS_CONTAINER_AUTHORIZATION_TOKEN="container-token")
+        result = self.run_s3push("--jobs", "1", env=env)
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertEqual(files_under(self.source), [])
+        self.assertGreaterEqual(len(fake.requests), 2, "credentials expiring within 5 "
+                                "minutes were not refreshed")
+
+    def test_ec2_instance_profile_through_imdsv2(self):
+        def handler(request):
+            if request.method == "PUT" and request.target == "/latest/api/token":
+                return 200, b"IMDS-TOKEN"
+            if request.header("x-aws-ec2-metadata-token") != "IMDS-TOKEN":
+                return 401, b""
+            base = "/latest/meta-data/iam/security-credentials/"
+            if request.target == base:
+                return 200, b"uploader-role\n"
+            if request.target == base + "uploader-role":
+                return 200, credentials_json(self.server)
+            return 404, b""
+        fake = self.fake(handler)
+        write_file(self.source, "f", b"data")
+        env = self.no_keys(AWS_EC2_METADATA_DISABLED=None,
+                           AWS_EC2_METADATA_SERVICE_ENDPOINT=fake.url)
+        result = self.run_s3push(env=env)
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertEqual([r.method for r in fake.requests][:3], ["PUT", "GET", "GET"])
+
+    def test_assume_role_signed_by_our_signer(self):
+        def handler(request):
+            body = request.body.decode()
+            if "Action=AssumeRole" not in body or "RoleArn=arn%3Aaws%3Aiam" not in body:
+                return 400, b"<ErrorResponse><Error><Code>Bad</Code></Error></ErrorResponse>"
+            if "Credential=AKBASE/" not in request.header("authorization") or \
+                    "/sts/aws4_request" not in request.header("authorization"):
+                return 403, b"<ErrorResponse><Error><Code>AccessDenied</Code></Error>" \
+                            b"</ErrorResponse>"
+            return 200, ("<AssumeRoleResponse><AssumeRoleResult><Credentials>"
+                         "<AccessKeyId>%s</AccessKeyId><SecretAccessKey>%s</SecretAccessKey>"
+                         "<SessionToken>ROLETOKEN</SessionToken><Expiration>2099-01-01T00:00:"
+                         "00Z</Expiration></Credentials></AssumeRoleResult></AssumeRoleResponse>"
+                         % (self.server.access_key, self.server.secret_key)).encode()
+        fake = self.fake(handler)
+        with open(os.path.join(self.home, "config"), "w") as handle:
+            handle.write("[profile ops]\nrole_arn = arn:aws:iam::123456789012:role/up\n"
+                         "source_profile = base\n")
+        with open(os.path.join(self.home, "credentials"), "w") as handle:
+            handle.write("[base]\naws_access_key_id = AKBASE\naws_secret_access_key = s\n")
+        write_file(self.source, "f", b"data")
+        env = self.no_keys(AWS_CONFIG_FILE=os.path.join(self.home, "config"),
+                           AWS_SHARED_CREDENTIALS_FILE=os.path.join(self.home, "credentials"),
+                           AWS_ENDPOINT_URL_STS=fake.url)
+        result = self.run_s3push("--profile", "ops", env=env)
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertEqual(len(fake.requests), 1)
+        self.assert_landed({"f": b"data"})
+
+
 if __name__ == "__main__":
     unittest.main()
