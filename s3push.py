@@ -1867,6 +1867,13 @@ def build_parser():
                         help="print what would move where, change nothing")
     add_transfer_options(parser)
     add_upload_options(parser)
+    add_settings_options(parser)
+    add_output_options(parser)
+    parser.add_argument("--version", action="version", version="s3push " + VERSION)
+    return parser
+
+
+def add_settings_options(parser):
     parser.add_argument("--profile", help="profile in ~/.aws/credentials and ~/.aws/config")
     parser.add_argument("--region", help="signing region (default: from the environment or "
                         "profile, else us-east-1)")
@@ -1875,6 +1882,9 @@ def build_parser():
     parser.add_argument("--ca-bundle", metavar="FILE",
                         help="trust the CAs in FILE (PEM) instead of the system's for TLS; "
                         "also AWS_CA_BUNDLE or ca_bundle in the profile")
+
+
+def add_output_options(parser):
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="print one line per moved file and a summary")
     parser.add_argument("--debug", action="store_true",
@@ -1888,8 +1898,6 @@ def build_parser():
     parser.add_argument("--summary-json", metavar="FILE",
                         help="write a summary of the run (counts, bytes, seconds, exit "
                         "status, first errors) to FILE as JSON, for monitoring")
-    parser.add_argument("--version", action="version", version="s3push " + VERSION)
-    return parser
 
 
 def add_upload_options(parser):

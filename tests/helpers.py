@@ -22,8 +22,8 @@ import s3server  # noqa: E402
 LACKS = {
     "rclone": {"if-none-match": "rclone's server ignores If-None-Match"},
     "moto": {"clock": "moto does not check the request time",
-             "session-token": "moto checks session tokens against its own STS; the test's "
-                              "tokens are made up"},
+             "session-token": "moto checks session tokens against its own STS and refuses "
+                              "the test's made-up ones"},
 }
 
 

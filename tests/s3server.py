@@ -460,7 +460,34 @@ def upstream_address(endpoint):
     return parts.hostname, parts.port or 80
 
 
-class GateProxy(object):
+class LoopbackServer(object):
+    """A listener on 127.0.0.1; each connection is served by self.serve(client) in a thread
+    of its own. Subclasses set their attributes, then call LoopbackServer.__init__."""
+
+    def __init__(self):
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.url = self.endpoint = "http://127.0.0.1:%d" % self.port
+        threading.Thread(target=self.accept_loop, daemon=True).start()
+
+    def close(self):
+        self.listener.close()
+
+    def accept_loop(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.serve, args=(client,), daemon=True).start()
+
+    def serve(self, client):
+        raise NotImplementedError
+
+
+class GateProxy(LoopbackServer):
     """A TCP proxy that holds each connection's first bytes until the test releases them
     (upstream: an http:// endpoint URL, a server's or a FaultProxy's).
 
@@ -472,26 +499,13 @@ class GateProxy(object):
         self.upstream = upstream_address(upstream)
         self.arrived = threading.Event()
         self.release = threading.Event()
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(16)
-        self.port = self.listener.getsockname()[1]
-        self.endpoint = "http://127.0.0.1:%d" % self.port
-        threading.Thread(target=self.accept_loop, daemon=True).start()
+        LoopbackServer.__init__(self)
 
     def close(self):
         self.release.set()
-        self.listener.close()
+        LoopbackServer.close(self)
 
-    def accept_loop(self):
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self.handle, args=(client,), daemon=True).start()
-
-    def handle(self, client):
+    def serve(self, client):
         upstream = socket.create_connection(self.upstream)
         first = client.recv(65536)
         self.arrived.set()
@@ -535,7 +549,7 @@ class Request(object):
         return ""
 
 
-class FaultProxy(object):
+class FaultProxy(LoopbackServer):
     """An HTTP/1.1 proxy between the script and the server that records every request and
     does to each what its rule says. rule(request) returns None (forward it) or a tuple:
       ("answer", status, code[, extra XML[, {header: value}]])  answer it with an S3 error
@@ -554,22 +568,7 @@ class FaultProxy(object):
         self.requests = []
         self.heads = []   # a Request (head only) for each, to see the headers sent
         self.lock = threading.Lock()
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(64)
-        self.endpoint = "http://127.0.0.1:%d" % self.listener.getsockname()[1]
-        threading.Thread(target=self.accept_loop, daemon=True).start()
-
-    def close(self):
-        self.listener.close()
-
-    def accept_loop(self):
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self.serve, args=(client,), daemon=True).start()
+        LoopbackServer.__init__(self)
 
     def serve(self, client):
         reader = client.makefile("rb")
@@ -685,7 +684,7 @@ def error_answer(status, code, extra_xml="", headers=None):
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
-class ForwardProxy(object):
+class ForwardProxy(LoopbackServer):
     """An HTTP proxy of the tests' own: CONNECT tunnels (https endpoints) and absolute-form
     requests (http endpoints). `seen` lists (method, target) of what it was asked;
     `require`, if set, is the Proxy-Authorization value it insists on (else 407)."""
@@ -693,22 +692,7 @@ class ForwardProxy(object):
     def __init__(self, require=None):
         self.require = require
         self.seen = []
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(16)
-        self.url = "http://127.0.0.1:%d" % self.listener.getsockname()[1]
-        threading.Thread(target=self.accept_loop, daemon=True).start()
-
-    def close(self):
-        self.listener.close()
-
-    def accept_loop(self):
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self.serve, args=(client,), daemon=True).start()
+        LoopbackServer.__init__(self)
 
     def serve(self, client):
         reader = client.makefile("rb")
@@ -758,29 +742,14 @@ def origin_form(head):
     return b" ".join([method, path.encode(), version]) + b"\r\n" + b"\r\n".join(kept)
 
 
-class TinyServer(object):
+class TinyServer(LoopbackServer):
     """A loopback HTTP/1.1 server for fake credential services (metadata, container, STS).
     handler(request) -> (status, body bytes); `requests` lists every Request it got."""
 
     def __init__(self, handler):
         self.handler = handler
         self.requests = []
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(16)
-        self.url = "http://127.0.0.1:%d" % self.listener.getsockname()[1]
-        threading.Thread(target=self.accept_loop, daemon=True).start()
-
-    def close(self):
-        self.listener.close()
-
-    def accept_loop(self):
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self.serve, args=(client,), daemon=True).start()
+        LoopbackServer.__init__(self)
 
     def serve(self, client):
         reader = client.makefile("rb")

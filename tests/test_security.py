@@ -17,7 +17,8 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import s3server  # noqa: E402
-from helpers import RUN_TIMEOUT, IntegrationCase, files_under, write_file  # noqa: E402
+from helpers import (RUN_TIMEOUT, IntegrationCase, files_under,  # noqa: E402
+                     skip_unless_server_checks, write_file)
 
 sys.path.insert(0, s3server.REPO)
 import s3push  # noqa: E402
@@ -33,6 +34,7 @@ class Secrets(IntegrationCase):
         for canary in (self.server.secret_key, CANARY_TOKEN):
             self.assertNotIn(canary, result.stdout + result.stderr)
 
+    @skip_unless_server_checks("session-token")
     def test_success_at_every_verbosity(self):
         write_file(self.source, "f", b"data")
         env = self.env(AWS_SESSION_TOKEN=CANARY_TOKEN)
