@@ -526,6 +526,11 @@ def instance_credentials(environ):
     try:
         status, token = http_call("PUT", base + "/latest/api/token",
                                   {"X-aws-ec2-metadata-token-ttl-seconds": "21600"})
+    except OSError as exc:
+        if "timed out" in describe_os_error(exc):   # the PUT's answer may not reach a
+            raise ConfigError(NO_METADATA_HINT)    # container: too few hops allowed
+        return None
+    try:
         if status != 200:
             return None
         headers = {"X-aws-ec2-metadata-token": token.decode("ascii", "replace").strip()}
@@ -540,6 +545,13 @@ def instance_credentials(environ):
     if status != 200:
         return None
     return credentials_from_json(body, "the EC2 instance profile %s" % role)
+
+
+NO_METADATA_HINT = (
+    "no credentials found, and the EC2 metadata service did not answer in 1 s: off EC2, "
+    "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or a profile (and "
+    "AWS_EC2_METADATA_DISABLED=true); in a container on EC2, raise the instance's metadata "
+    "hop limit to 2 (aws ec2 modify-instance-metadata-options --http-put-response-hop-limit 2)")
 
 
 def assume_role(section, source, region, environ, profile):

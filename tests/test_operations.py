@@ -289,6 +289,19 @@ class CredentialSources(IntegrationCase):
         self.assertEqual([r.method for r in fake.requests][:3], ["PUT", "GET", "GET"])
 
     @skip_unless_server_checks("session-token")
+    def test_a_metadata_service_that_does_not_answer_gives_the_hop_limit_hint(self):
+        silent = self.fake(lambda request: time.sleep(5) or (200, b""))
+        write_file(self.source, "f", b"data")
+        env = self.no_keys(AWS_EC2_METADATA_DISABLED=None,
+                           AWS_EC2_METADATA_SERVICE_ENDPOINT=silent.url)
+        started = time.monotonic()
+        result = self.run_s3push(env=env)
+        self.assertEqual(result.status, 78, result.stderr)
+        self.assertIn("metadata hop limit to 2", result.stderr)
+        self.assertLess(time.monotonic() - started, 4.5, "the metadata timeout is 1 s")
+        self.assertEqual(files_under(self.source), [b"f"])
+
+    @skip_unless_server_checks("session-token")
     def test_assume_role_signed_by_our_signer(self):
         def handler(request):
             body = request.body.decode()
