@@ -11,6 +11,7 @@ Which server (first that applies):
 Every server started here listens on 127.0.0.1 on a free port and is stopped by PID.
 """
 
+import base64
 import datetime
 import os
 import shutil
@@ -268,7 +269,14 @@ osd class dir = {lib}/rados-classes
 rgw frontends = beast endpoint=127.0.0.1:{rgw_port}
 rgw data = {run}/rgw
 rgw dns name = localhost
+# SSE-KMS over plain HTTP with a fixed test key (RGW 16 has no SSE-S3, so no AES256)
+rgw crypt require ssl = false
+rgw crypt s3 kms backend = testing
+rgw crypt s3 kms encryption keys = {kms_key_id}={kms_key}
 """
+
+
+RGW_KMS_KEY_ID = "alias/logs"
 
 
 class RgwServer(Server):
@@ -324,7 +332,8 @@ class RgwServer(Server):
             handle.write(CEPH_CONF.format(fsid=uuid.uuid4(), mon_port=mon_port, run=run,
                                           lib=os.path.join(CEPH_ROOT, "usr", "lib",
                                                            "x86_64-linux-gnu"),
-                                          rgw_port=rgw_port))
+                                          rgw_port=rgw_port, kms_key_id=RGW_KMS_KEY_ID,
+                                          kms_key=base64.b64encode(os.urandom(32)).decode()))
         self.make_mon(run, mon_port)
         self.daemon("mon", "ceph-mon", "-f", "-i", "a")
         osd_uuid = str(uuid.uuid4())
@@ -342,6 +351,14 @@ class RgwServer(Server):
         self.check(self.tool("radosgw-admin", "user", "create", "--uid=tester",
                              "--display-name=tester", "--access-key=" + ACCESS_KEY,
                              "--secret-key=" + SECRET_KEY))
+        for scope, more in (("zonegroup", []),   # a second storage class, as AWS has
+                            ("zone", ["--data-pool", "default.rgw.buckets.data"])):
+            self.check(self.tool("radosgw-admin", scope, "placement", "add", "--rgw-" + scope,
+                                 "default", "--placement-id", "default-placement",
+                                 "--storage-class", "STANDARD_IA", *more))
+        self.stop_daemon("rgw")   # radosgw reads its zone only at start
+        self.daemon("rgw", "radosgw", "-f", "-n", "client.rgw.a")
+        self.wait("radosgw", lambda: self.listening(rgw_port))
         create_bucket(self)
 
     def make_mon(self, run, mon_port):
@@ -389,8 +406,9 @@ class RgwServer(Server):
         if result[0] != 0:
             raise RuntimeError("a Ceph tool failed: %s" % result[1][-500:])
 
-    def stop(self):
-        for _, process in reversed(self.daemons):   # rgw, then the OSD, then the mon
+    def stop_daemon(self, name):
+        for entry in [d for d in self.daemons if d[0] == name]:
+            process = entry[1]
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGTERM)
                 try:
@@ -398,7 +416,11 @@ class RgwServer(Server):
                 except subprocess.TimeoutExpired:
                     os.killpg(process.pid, signal.SIGKILL)
                     process.wait(15)
-        self.daemons = []
+            self.daemons.remove(entry)
+
+    def stop(self):
+        for name, _ in reversed(self.daemons):   # rgw, then the OSD, then the mon
+            self.stop_daemon(name)
         if self.workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
