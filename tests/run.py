@@ -37,6 +37,8 @@ def main():
     runner = unittest.TextTestRunner(verbosity=verbosity, stream=sys.stderr,
                                      resultclass=CountingResult)
     result = runner.run(suite)
+    for test, reason in result.skipped:   # a skip is never silent
+        print("skipped %s: %s" % (test.id(), reason), file=sys.stderr)
     failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
     print("RESULT %d %d %d" % (result.passed, failed, len(result.skipped)))
     return 0 if failed == 0 and result.passed > 0 else 1

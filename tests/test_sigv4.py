@@ -200,25 +200,22 @@ class S3DocExamples(unittest.TestCase, StepChecks):
                          example["expected"]["signature"])
         self.assertIn("x-amz-content-sha256", signed["authorization"])
 
-    def test_get_object(self):
-        example = self.example("get-object")
+    def steps_and_composed(self, name):
+        example = self.example(name)
         self.steps(example, example["payload"]["sha256"])
         self.composed(example)
+
+    def test_get_object(self):
+        self.steps_and_composed("get-object")
 
     def test_put_object(self):
-        example = self.example("put-object")
-        self.steps(example, example["payload"]["sha256"])
-        self.composed(example)
+        self.steps_and_composed("put-object")
 
     def test_get_bucket_lifecycle(self):
-        example = self.example("get-bucket-lifecycle")
-        self.steps(example, example["payload"]["sha256"])
-        self.composed(example)
+        self.steps_and_composed("get-bucket-lifecycle")
 
     def test_get_bucket_list_objects(self):
-        example = self.example("get-bucket-list-objects")
-        self.steps(example, example["payload"]["sha256"])
-        self.composed(example)
+        self.steps_and_composed("get-bucket-list-objects")
 
     def test_presigned_get_object(self):
         self.steps(self.example("presigned-get-object"), "UNSIGNED-PAYLOAD")
