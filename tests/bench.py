@@ -8,7 +8,8 @@ source was emptied; otherwise its row says FAILED and why.
 
 Environment: BENCH_PYTHON (the interpreter for s3push; default /usr/bin/python3, what a
 locked-down host runs, else this one), BENCH_BIG_MIB (size of the big file, default 1024),
-BENCH_REPEAT (rounds of the small workloads, best kept; default 3), AWS_BIN, RCLONE_BIN.
+BENCH_REPEAT (rounds of the small workloads, best kept; default 3), BENCH_BIG_REPEAT
+(rounds of the big one; default BENCH_REPEAT), AWS_BIN, RCLONE_BIN.
 """
 
 import hashlib
@@ -25,6 +26,7 @@ import s3server  # noqa: E402
 REPO = s3server.REPO
 BIG_MIB = int(os.environ.get("BENCH_BIG_MIB", "1024"))
 REPEAT = int(os.environ.get("BENCH_REPEAT", "3"))
+BIG_REPEAT = int(os.environ.get("BENCH_BIG_REPEAT", str(REPEAT)))
 TARGET_RSS_MIB = 32
 
 
@@ -266,8 +268,8 @@ def main():
         tools = Tools(server, python, aws, rclone)
         print("s3push on %s; aws: %s; rclone: %s; server: rclone serve s3 on %s"
               % (python, aws or "not found (skipped)", rclone, server.endpoint))
-        print("after a warm-up round: %d rounds of the small workloads, tools in turn, the "
-              "fastest kept; 1 round of the big one\n" % REPEAT)
+        print("%d rounds of the small workloads (after a warm-up round) and %d of the big one, "
+              "tools in turn, the fastest kept\n" % (REPEAT, BIG_REPEAT))
         print("%-11s %-13s %8s %10s %9s %9s" % ("workload", "tool", "wall s", "files/s",
                                                  "MB/s", "RSS MiB"))
         bench = Bench(tools, work)
@@ -280,7 +282,7 @@ def main():
         def setup_big(source):
             os.link(big, os.path.join(source, "big.bin"))   # instant, same bytes each time
             return {"big.bin": big_sha}, BIG_MIB * 1024 * 1024
-        bench.run("big", setup_big, 1)
+        bench.run("big", setup_big, BIG_REPEAT)
         print_ratios(bench.rows)
     finally:
         server.stop()
