@@ -442,14 +442,37 @@ def fetch_credentials(kind, info, environ, inis, paths, region):
         return container_credentials(environ)
     if kind == "instance":
         return instance_credentials(environ)
-    section, source = info["section"], info["section"].get("source_profile")
+    section = info["section"]
+    source_credentials = role_source_credentials(section, info["profile"], environ, inis, paths)
+    return assume_role(section, source_credentials, region, environ, info["profile"])
+
+
+def role_source_credentials(section, profile, environ, inis, paths):
+    """The credentials that call AssumeRole for a profile with role_arn: those of its
+    source_profile, or of its credential_source (Environment, Ec2InstanceMetadata,
+    EcsContainer), as the AWS CLI has it; exactly one of the two."""
+    source, named = section.get("source_profile"), section.get("credential_source")
+    sources = {"Environment": environment_credentials, "Ec2InstanceMetadata":
+               instance_credentials, "EcsContainer": container_credentials}
+    if source and named:
+        raise ConfigError("profile '%s' has both source_profile and credential_source: keep "
+                          "one" % profile)
+    if named:
+        if named not in sources:
+            raise ConfigError("profile '%s': credential_source = %s is not one of %s"
+                              % (profile, named, ", ".join(sorted(sources))))
+        found = sources[named](environ)
+        if found is None:
+            raise ConfigError("profile '%s': credential_source = %s found no credentials"
+                              % (profile, named))
+        check_credentials(found)
+        return found
     if not source:
-        raise ConfigError("profile '%s' has role_arn but no source_profile (the only "
-                          "credential source s3push knows for a role)" % info["profile"])
-    source_credentials = resolve_credentials(
+        raise ConfigError("profile '%s' has role_arn but neither source_profile nor "
+                          "credential_source: add one" % profile)
+    return resolve_credentials(
         environ, True, source, [(profile_section(inis[0], source, False), paths[0]),
                                 (profile_section(inis[1], source, True), paths[1])])
-    return assume_role(section, source_credentials, region, environ, info["profile"])
 
 
 def warn_if_exposed_credentials(credentials):

@@ -303,6 +303,7 @@ class CredentialSources(IntegrationCase):
 
     @skip_unless_server_checks("session-token")
     def test_assume_role_signed_by_our_signer(self):
+        """role_arn with source_profile, then with credential_source = Environment."""
         def handler(request):
             body = request.body.decode()
             if "Action=AssumeRole" not in body or "RoleArn=arn%3Aaws%3Aiam" not in body:
@@ -317,19 +318,26 @@ class CredentialSources(IntegrationCase):
                          "00Z</Expiration></Credentials></AssumeRoleResult></AssumeRoleResponse>"
                          % (self.server.access_key, self.server.secret_key)).encode()
         fake = self.fake(handler)
-        with open(os.path.join(self.home, "config"), "w") as handle:
-            handle.write("[profile ops]\nrole_arn = arn:aws:iam::123456789012:role/up\n"
-                         "source_profile = base\n")
         with open(os.path.join(self.home, "credentials"), "w") as handle:
-            handle.write("[base]\naws_access_key_id = AKBASE\naws_secret_access_key = s\n")
-        write_file(self.source, "f", b"data")
-        env = self.no_keys(AWS_CONFIG_FILE=os.path.join(self.home, "config"),
-                           AWS_SHARED_CREDENTIALS_FILE=os.path.join(self.home, "credentials"),
-                           AWS_ENDPOINT_URL_STS=fake.url)
-        result = self.run_s3push("--profile", "ops", env=env)
-        self.assertEqual(result.status, 0, result.stderr)
-        self.assertEqual(len(fake.requests), 1)
-        self.assert_landed({"f": b"data"})
+            handle.write("[base]\naws_access_key_id = AKBASE\n"
+                         "aws_secret_access_key = base-secret-0\n")
+        base_env = {"AWS_ACCESS_KEY_ID": "AKBASE", "AWS_SECRET_ACCESS_KEY": "base-secret-0"}
+        for n, (source, extra_env) in enumerate((("source_profile = base", {}),
+                                                 ("credential_source = Environment",
+                                                  base_env))):
+            with open(os.path.join(self.home, "config"), "w") as handle:
+                handle.write("[profile ops]\nrole_arn = arn:aws:iam::123456789012:role/up\n"
+                             "%s\n" % source)
+            write_file(self.source, "f%d" % n, b"data")
+            env = self.no_keys(AWS_CONFIG_FILE=os.path.join(self.home, "config"),
+                               AWS_SHARED_CREDENTIALS_FILE=os.path.join(self.home,
+                                                                        "credentials"),
+                               AWS_ENDPOINT_URL_STS=fake.url)
+            env.update(extra_env)
+            result = self.run_s3push("--profile", "ops", env=env)
+            self.assertEqual(result.status, 0, source + ": " + result.stderr)
+            self.assertEqual(len(fake.requests), n + 1, source)
+        self.assert_landed({"f0": b"data", "f1": b"data"})
 
 
 if __name__ == "__main__":

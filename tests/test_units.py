@@ -125,6 +125,35 @@ class Settings(unittest.TestCase):
             self.assertNotIn("CANARY", str(caught.exception))
             self.assertIn("/h/.aws/credentials line", str(caught.exception))
 
+    def role_source(self, config, environ=None):
+        section = s3push.parse_ini(config, PATHS[1])["profile ops"]
+        return s3push.role_source_credentials(section, "ops", environ or {},
+                                              (ini(""), s3push.parse_ini(config, PATHS[1])),
+                                              PATHS)
+
+    def test_role_credential_source(self):
+        role = "[profile ops]\nrole_arn = arn:aws:iam::1:role/r\n"
+        found = self.role_source(role + "credential_source = Environment\n",
+                                 {"AWS_ACCESS_KEY_ID": "AKENV", "AWS_SECRET_ACCESS_KEY": "s"})
+        self.assertEqual((found.access_key, found.source), ("AKENV", "environment"))
+        found = self.role_source(role + "source_profile = base\n[profile base]\n"
+                                 "aws_access_key_id = AKBASE\naws_secret_access_key = b\n",
+                                 {"AWS_ACCESS_KEY_ID": "AKENV", "AWS_SECRET_ACCESS_KEY": "s"})
+        self.assertEqual(found.access_key, "AKBASE")
+        for extra, message in (
+                ("credential_source = Environment\n", "credential_source = Environment found "
+                 "no credentials"),
+                ("credential_source = Ec2InstanceMetadata\n", "credential_source = "
+                 "Ec2InstanceMetadata found no credentials"),   # metadata disabled below
+                ("credential_source = Bogus\n", "credential_source = Bogus is not one of "
+                 "Ec2InstanceMetadata, EcsContainer, Environment"),
+                ("credential_source = Environment\nsource_profile = base\n", "profile 'ops' "
+                 "has both source_profile and credential_source"),
+                ("", "profile 'ops' has role_arn but neither source_profile nor "
+                 "credential_source")):
+            with self.assertRaisesRegex(s3push.ConfigError, message):
+                self.role_source(role + extra, {"AWS_EC2_METADATA_DISABLED": "true"})
+
     def test_credentials_repr_hides_secret_and_token(self):
         creds = s3push.Credentials("AKID", "CANARY-SECRET", "CANARY-TOKEN", "env")
         self.assertNotIn("CANARY", repr(creds) + str(creds))
