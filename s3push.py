@@ -36,7 +36,10 @@ Files and environment read (the AWS tools' precedence):
 Security:
     No option takes a secret. The secret key and the session token are never
     printed, logged or put into exception text; Credentials shows only its key id.
-    TLS certificates are verified. Requests sent: PUT only.
+    TLS certificates are verified. Requests sent: PUT only. Nothing outside
+    SOURCE_DIR is read or removed whatever a writer does to the tree meanwhile:
+    every file is reached from SOURCE_DIR's descriptor one name at a time, never
+    through a symlink, and checked against what the scan saw (see Local side).
 
 Sections (grep '^# ==='): constants, errors, credentials and settings, SigV4
 signer, transport, S3 operations, local side, command line.
@@ -169,6 +172,11 @@ class VanishedError(S3PushError):
     was lost and nothing failed, but the operator is told."""
     exit_code = EXIT_OK
     fatal = False
+
+
+class TreeChangedError(VanishedError):
+    """A directory or file under SOURCE_DIR was moved, replaced or swapped for a symlink
+    during the run: what is behind it is left alone this run, like a vanished file."""
 
 
 class UploadGoneError(FileError):
@@ -1631,21 +1639,22 @@ def multipart_upload_once(client, job, key, fd, size, upload):
 class FileTask(object):
     """One file to move: upload, verify, delete; the outcome goes to the run's tally."""
 
-    def __init__(self, job, path, relative, mtime):
-        self.job, self.path, self.relative, self.mtime = job, path, relative, mtime
+    def __init__(self, job, found):
+        self.job, self.found = job, found
 
     def run(self, client):
-        job = self.job
-        url = "s3://%s/%s%s" % (job.destination.bucket, job.prefix_for(self.mtime),
-                                safe_name(self.relative))
+        job, found = self.job, self.found
+        path = os.path.join(job.source, found.relative)
+        url = "s3://%s/%s%s" % (job.destination.bucket, job.prefix_for(found.info.st_mtime),
+                                safe_name(found.relative))
         try:
-            size = move_file(client, job, self.path, self.relative)
+            size = move_file(client, job, found)
         except S3PushError as exc:
-            job.run.failed(self.path, url, exc)
+            job.run.failed(path, url, exc)
             if exc.fatal:
                 job.queue.stop()
             return
-        job.run.moved(self.path, url, size, job.verbose)
+        job.run.moved(path, url, size, found.directory, job.verbose)
 
 
 def worker(job):
@@ -1752,55 +1761,145 @@ def is_excluded(name, relative, patterns):
                for p in patterns)
 
 
-def scan(source_dir, patterns, errors):
-    """Yield (path, relative path, lstat) of each regular file, streaming, no symlinks.
+# The walk never leaves SOURCE_DIR, whatever a writer does to the tree meanwhile: SOURCE_DIR
+# is opened once, every directory below it is reached from that descriptor one name at a
+# time without following a symlink and checked against the device and inode the scan saw,
+# and each file is opened, checked and unlinked through its own directory's descriptor.
+DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK
+FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+# A name that went, or became a symlink or something else than a directory, under the run.
+CHANGED_ERRNOS = frozenset([errno.ENOENT, errno.ENOTDIR, errno.ELOOP])
+# "1": the kernel lets nobody hard-link a file they could not read and write themselves.
+PROTECTED_HARDLINKS = "/proc/sys/fs/protected_hardlinks"
 
-    Excluded names are skipped, and so are the directories they name. FIFOs,
-    sockets and devices are never opened. Unreadable directories go to `errors`.
+
+class Directory(collections.namedtuple("Directory", "relative steps")):
+    """A directory under SOURCE_DIR as the scan met it: its relative path ('' or ending in
+    '/') and, for each step down from SOURCE_DIR, (name, device, inode) as seen then."""
+    __slots__ = ()
+
+    def child(self, name, info):
+        return Directory(self.relative + name + "/",
+                         self.steps + ((name, info.st_dev, info.st_ino),))
+
+
+class Found(collections.namedtuple("Found", "directory name info")):
+    """A regular file the scan found: its Directory, its name there and its lstat."""
+    __slots__ = ()
+
+    @property
+    def relative(self):
+        return self.directory.relative + self.name
+
+
+def open_source(source):
+    """A descriptor of SOURCE_DIR, resolved once (it may itself be a symlink): the whole run
+    reaches its files through it, whatever becomes of the path."""
+    return os.open(source, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def lock_directory(fd):
+    """An exclusive flock on SOURCE_DIR (open as fd); the kernel drops it when the process
+    dies. False when another run holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+def open_directory(root_fd, steps):
+    """A descriptor of the directory that steps lead to from SOURCE_DIR (open as root_fd):
+    each name opened relative to the one before, never through a symlink, and its device
+    and inode checked against the scan's. TreeChangedError when the tree changed."""
+    fd = os.dup(root_fd)
+    try:
+        for name, device, inode in steps:
+            child = os.open(name, DIRECTORY_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = child
+            info = os.fstat(fd)
+            if (info.st_dev, info.st_ino) != (device, inode):
+                raise OSError(errno.ENOENT, "replaced")
+    except BaseException as exc:
+        os.close(fd)
+        if isinstance(exc, OSError) and exc.errno in CHANGED_ERRNOS:
+            raise TreeChangedError("a directory on its path was moved, replaced or swapped "
+                                   "for a symlink during the run; left alone")
+        raise
+    return fd
+
+
+def list_directory(fd):
+    """The names in the directory open as fd, streamed (memory stays flat however many).
+
+    os.scandir takes a descriptor only from Python 3.7, but /proc/self/fd/N is that very
+    directory on every Python; without /proc, os.listdir(fd) reads it whole.
     """
-    stack = [(source_dir, "")]
+    proc = "/proc/self/fd/%d" % fd
+    if not os.path.isdir(proc):
+        yield from os.listdir(fd)
+        return
+    with os.scandir(proc) as entries:
+        for entry in entries:
+            yield entry.name
+
+
+def scan(root_fd, patterns, errors):
+    """Yield a Found for each regular file under SOURCE_DIR (open as root_fd), streaming.
+
+    Symlinks are never followed; excluded names are skipped, and so are the directories
+    they name; FIFOs, sockets and devices are never opened. Three descriptors at most are
+    open at once, however deep or wide the tree. A directory that cannot be read or that
+    changed under the scan goes to `errors` as (relative path, S3PushError).
+    """
+    stack = [Directory("", ())]
     while stack:
-        directory, relative_dir = stack.pop()
+        directory = stack.pop()
         try:
-            entries = os.scandir(directory)
-        except OSError as exc:
-            errors.append((directory, "cannot read the directory (%s)" % exc.strerror))
+            fd = open_directory(root_fd, directory.steps)
+        except TreeChangedError as exc:
+            errors.append((directory.relative, exc))
             continue
-        with entries:
-            for entry in entries:
-                relative = relative_dir + entry.name
-                if is_excluded(entry.name, relative, patterns):
-                    continue
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append((entry.path, relative + "/"))
-                elif entry.is_file(follow_symlinks=False):
-                    yield entry.path, relative, entry.stat(follow_symlinks=False)
+        except OSError as exc:
+            errors.append((directory.relative, FileError("cannot read the directory (%s)"
+                                                         % exc.strerror)))
+            continue
+        try:
+            yield from scan_directory(fd, directory, patterns, stack, errors)
+        finally:
+            os.close(fd)
+
+
+def scan_directory(fd, directory, patterns, stack, errors):
+    """The regular files of one directory (open as fd); its subdirectories go on stack."""
+    for name in list_directory(fd):
+        relative = directory.relative + name
+        if is_excluded(name, relative, patterns):
+            continue
+        try:
+            info = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            continue   # gone since the listing
+        except OSError as exc:
+            errors.append((relative, FileError("cannot read (%s)" % exc.strerror)))
+            continue
+        if stat.S_ISDIR(info.st_mode):
+            stack.append(directory.child(name, info))
+        elif stat.S_ISREG(info.st_mode):
+            yield Found(directory, name, info)
 
 
 def select_files(files, min_age, now, skipped):
     """Pass on files last modified at least min_age seconds before now; count the rest
     in skipped[0] (a count, not a list: memory stays flat however many files wait)."""
-    for path, relative, info in files:
-        if now - info.st_mtime < min_age:
+    for found in files:
+        if now - found.info.st_mtime < min_age:
             skipped[0] += 1
             continue
-        yield path, relative, info
-
-
-def lock_directory(source_dir):
-    """An exclusive flock on SOURCE_DIR itself; the kernel drops it when the process dies.
-
-    Returns the descriptor to keep open, or None when another run holds the lock.
-    """
-    fd = os.open(source_dir, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            return None
-        raise
-    return fd
+        yield found
 
 
 def same_file(before, after):
@@ -1809,25 +1908,57 @@ def same_file(before, after):
         (after.st_dev, after.st_ino, after.st_size, after.st_mtime_ns)
 
 
-def open_regular_file(path):
-    """Open a file for reading without following a symlink or blocking on a FIFO."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+def open_regular_file(parent_fd, name):
+    """Open a file for reading through its directory's descriptor, without following a
+    symlink or blocking on a FIFO."""
+    try:
+        fd = os.open(name, FILE_FLAGS, dir_fd=parent_fd)
+    except FileNotFoundError:
+        raise VanishedError("vanished before it was read (moved or deleted by another "
+                            "process); nothing to do")
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise TreeChangedError("replaced by a symlink during the run; not followed, "
+                                   "left alone")
+        raise FileError("cannot read (%s); left in place" % exc.strerror)
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         os.close(fd)
-        raise FileError("no longer a regular file; left in place")
+        raise TreeChangedError("no longer a regular file; left alone")
     return fd, info
 
 
-def delete_if_unchanged(path, before):
-    """Unlink the file only if it is still the one that was read; else keep it."""
+def check_links(info, allowed, protected_path=PROTECTED_HARDLINKS):
+    """Refuse a file with more than one hard link, unless --allow-hardlinks or the kernel
+    keeps users from linking in files they cannot read (fs.protected_hardlinks = 1):
+    otherwise a writer could link any file of the host into SOURCE_DIR to have it sent."""
+    if info.st_nlink <= 1 or allowed:
+        return
     try:
-        after = os.lstat(path)
+        with open(protected_path) as handle:
+            if handle.read().strip() == "1":
+                return
+    except OSError:
+        pass   # unknown: as unsafe as off
+    raise FileError("has %d hard links and fs.protected_hardlinks is not on, so it may be "
+                    "another user's file linked in; left in place (--allow-hardlinks moves "
+                    "such files)" % info.st_nlink)
+
+
+def delete_if_unchanged(root_fd, parent_fd, found, before):
+    """Unlink the file only if it is still the one that was read and its directory is still
+    where the scan saw it under SOURCE_DIR; else keep it."""
+    try:
+        after = os.stat(found.name, dir_fd=parent_fd, follow_symlinks=False)
     except FileNotFoundError:
         return
+    if stat.S_ISLNK(after.st_mode):
+        raise TreeChangedError("replaced by a symlink during the run; not followed, left "
+                               "alone")
     if not same_file(before, after):
         raise FileError("changed while it was uploading; kept for the next run")
-    os.unlink(path)
+    os.close(open_directory(root_fd, found.directory.steps))   # not moved away meanwhile
+    os.unlink(found.name, dir_fd=parent_fd)
 
 
 def guess_content_type(name):
@@ -1835,18 +1966,30 @@ def guess_content_type(name):
     return mimetypes.guess_type(name, strict=False)[0] or "application/octet-stream"
 
 
-def move_file(client, job, path, relative):
-    """Upload one file (one PUT, or multipart above the threshold), verify, delete it."""
+def move_file(client, job, found):
+    """Upload one file (one PUT, or multipart above the threshold), verify, delete it; all
+    through its directory's descriptor, reached afresh from SOURCE_DIR."""
     try:
-        fd, info = open_regular_file(path)
-    except FileNotFoundError:
-        raise VanishedError("vanished before it was read (moved or deleted by another "
-                            "process); nothing to do")
+        parent = open_directory(job.root, found.directory.steps)
     except OSError as exc:
-        raise FileError("cannot read (%s); left in place" % exc.strerror)
+        raise FileError("cannot open its directory (%s); left in place" % exc.strerror)
     try:
-        key = object_key(job.prefix_for(info.st_mtime), relative)
-        upload = upload_for(job, relative, info)
+        info = upload_file(client, job, parent, found)
+        delete_if_unchanged(job.root, parent, found, info)
+    except OSError as exc:
+        raise FileError("cannot remove it (%s); left in place" % exc.strerror)
+    finally:
+        os.close(parent)
+    return info.st_size
+
+
+def upload_file(client, job, parent, found):
+    """Send the file named found.name in the directory open as parent; its fstat."""
+    fd, info = open_regular_file(parent, found.name)
+    try:
+        check_links(info, job.allow_hardlinks)
+        key = object_key(job.prefix_for(info.st_mtime), found.relative)
+        upload = upload_for(job, found.relative, info)
         if info.st_size > MAX_OBJECT_BYTES:
             raise FileError("larger than 5 TiB, S3's limit for one object; left in place")
         if info.st_size > min(job.multipart_threshold, MAX_PUT_BYTES):
@@ -1857,21 +2000,34 @@ def move_file(client, job, path, relative):
         raise FileError("cannot read (%s); left in place" % exc.strerror)
     finally:
         os.close(fd)
-    delete_if_unchanged(path, info)
-    return info.st_size
+    return info
 
 
-def remove_empty_dirs(source_dir, directories):
-    """rmdir the directories moved files were in, and their parents, never SOURCE_DIR."""
-    top = os.path.abspath(source_dir)
-    candidates = {os.path.abspath(d) for d in directories}
-    for directory in sorted(candidates, key=len, reverse=True):
-        while directory.startswith(top + os.sep):
-            try:
-                os.rmdir(directory)
-            except OSError:
-                break
-            directory = os.path.dirname(directory)
+def remove_empty_dirs(root_fd, directories):
+    """rmdir the directories moved files were in, and their parents, never SOURCE_DIR; each
+    through its parent's descriptor, and only while it is the directory the scan saw."""
+    for steps in sorted({d.steps for d in directories}, key=len, reverse=True):
+        while steps and remove_directory(root_fd, steps):
+            steps = steps[:-1]
+
+
+def remove_directory(root_fd, steps):
+    """rmdir the directory steps lead to; False when it is not empty or not the same."""
+    try:
+        parent = open_directory(root_fd, steps[:-1])
+    except (OSError, TreeChangedError):
+        return False
+    name, device, inode = steps[-1]
+    try:
+        info = os.stat(name, dir_fd=parent, follow_symlinks=False)
+        if (info.st_dev, info.st_ino) != (device, inode):
+            return False
+        os.rmdir(name, dir_fd=parent)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(parent)
 
 
 # === Command line ===
@@ -1898,6 +2054,10 @@ def build_parser():
                         "skipped: " + " ".join(DEFAULT_EXCLUDES))
     parser.add_argument("--delete-empty-dirs", action="store_true",
                         help="remove subdirectories the run emptied (never SOURCE_DIR)")
+    parser.add_argument("--allow-hardlinks", action="store_true",
+                        help="move files with more than one hard link even where the kernel "
+                        "lets users link in files they cannot read (fs.protected_hardlinks "
+                        "off); by default such files are left in place and reported")
     parser.add_argument("--dry-run", action="store_true",
                         help="print what would move where, change nothing")
     add_transfer_options(parser)
@@ -2053,10 +2213,10 @@ class Run(object):
         self.errors_total = 0
         self.progress = False  # a live status line is on stderr
 
-    def moved(self, path, url, size, verbose):
+    def moved(self, path, url, size, directory, verbose):
         with self.lock:
             self.moved_count += 1
-            self.emptied.add(os.path.dirname(path))
+            self.emptied.add(directory)
             self.bytes += size
             self.clear_status()
             if verbose:
@@ -2141,7 +2301,10 @@ class Run(object):
 class Job(object):
     """What the workers share: settings, destination, options, the queue and the tally."""
 
-    def __init__(self, options, session, destination, run):
+    def __init__(self, options, session, destination, run, root):
+        self.root = root   # SOURCE_DIR's descriptor: every file is reached through it
+        self.source = options.source
+        self.allow_hardlinks = options.allow_hardlinks
         self.session = session
         self.destination = destination
         self.run = run
@@ -2191,12 +2354,11 @@ def move_all(job, files):
     if job.run.progress:
         status_line.start()
     try:
-        for path, relative, info in files:
-            task = FileTask(job, path, relative, info.st_mtime)
-            if job.session.expired() or not job.queue.add_file(task):
+        for found in files:
+            if job.session.expired() or not job.queue.add_file(FileTask(job, found)):
                 break
             job.run.found[0] += 1
-            job.run.found[1] += info.st_size
+            job.run.found[1] += found.info.st_size
         job.run.scan_done = True
         job.queue.done_producing()
         for thread in workers:
@@ -2224,17 +2386,18 @@ def show_progress(run, done):
         run.progress = False
 
 
-def dry_run(files, destination, run):
+def dry_run(source, files, destination, run):
     """Print where each file would go; names that cannot be keys are reported."""
     template = Template(destination.prefix)
-    for path, relative, info in files:
+    for found in files:
+        path = os.path.join(source, found.relative)
         try:
-            key = object_key(template.prefix_for(info.st_mtime), relative)
+            key = object_key(template.prefix_for(found.info.st_mtime), found.relative)
         except FileError as exc:
             run.failed(path, None, exc)
             continue
         emit(sys.stdout, "would move %s -> s3://%s/%s (%d bytes)"
-             % (safe_name(path), destination.bucket, safe_name(key), info.st_size))
+             % (safe_name(path), destination.bucket, safe_name(key), found.info.st_size))
 
 
 def first_and_rest(iterator):
@@ -2264,46 +2427,58 @@ def run_transfer(options, environ, run):
     if options.sse_kms_key_id and not (options.sse or "").startswith("aws:kms"):
         raise UsageError("--sse-kms-key-id goes with --sse aws:kms (or aws:kms:dsse)")
     check_source(options.source)
-    lock = None if options.dry_run else lock_directory(options.source)
-    if lock is None and not options.dry_run:
+    try:
+        root = open_source(options.source)
+    except OSError as exc:
+        raise NoInputError("cannot open SOURCE_DIR %s (%s): check the path"
+                           % (safe_name(options.source), exc.strerror))
+    try:
+        return run_source(options, environ, run, destination, root)
+    finally:
+        os.close(root)
+
+
+def run_source(options, environ, run, destination, root):
+    """Lock SOURCE_DIR (open as root), scan it, and move what the scan finds."""
+    if not options.dry_run and not lock_directory(root):
         emit(sys.stderr, "s3push: another run is moving %s; this one exits"
              % safe_name(options.source))
         return EXIT_OK
     errors = []
     patterns = DEFAULT_EXCLUDES + tuple(options.exclude)
-    files = select_files(scan(options.source, patterns, errors), options.min_age,
-                         time.time(), run.too_young)
+    files = select_files(scan(root, patterns, errors), options.min_age, time.time(),
+                         run.too_young)
     first, files = first_and_rest(files)
     if first is not None:
         settings = load_settings(options, environ)
         warn_if_exposed_credentials(settings.credentials)
         run.credentials = settings.credentials
         try:
-            transfer(options, environ, settings, destination, run, files)
+            transfer(options, environ, settings, destination, run, files, root)
         except S3PushError:
             raise
         except Exception as exc:   # a bug: one line, no secret, every file kept
             raise internal_error(exc, settings.credentials)
-    for path, message in errors:
-        run.failed(path, None, FileError(message))
+    for relative, exc in errors:
+        run.failed(os.path.join(options.source, relative), None, exc)
     if options.verbose:
         emit(sys.stdout, run.summary())
     return run.exit_code()
 
 
-def transfer(options, environ, settings, destination, run, files):
+def transfer(options, environ, settings, destination, run, files, root):
     """Dry run, or move the files, then remove the directories they left empty."""
     if options.dry_run:
-        dry_run(files, destination, run)
+        dry_run(options.source, files, destination, run)
         return
     deadline = run.started + options.deadline if options.deadline else None
     session = Session(settings, destination.bucket,
                       lambda: load_settings(options, environ).credentials, deadline)
     session.debug = options.debug
     run.progress = sys.stderr.isatty() if options.progress is None else options.progress
-    move_all(Job(options, session, destination, run), files)
+    move_all(Job(options, session, destination, run, root), files)
     if options.delete_empty_dirs:
-        remove_empty_dirs(options.source, run.emptied)
+        remove_empty_dirs(root, run.emptied)
 
 
 def internal_error(exc, credentials):

@@ -17,7 +17,7 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import s3server  # noqa: E402
-from helpers import (RUN_TIMEOUT, IntegrationCase, files_under,  # noqa: E402
+from helpers import (RUN_TIMEOUT, IntegrationCase, Result, files_under,  # noqa: E402
                      skip_unless_server_checks, write_file)
 
 sys.path.insert(0, s3server.REPO)
@@ -378,6 +378,219 @@ class BadInput(IntegrationCase):
                 peaks.append(int(handle.read().split()[-1]))
         self.assertLess(peaks[1] - peaks[0], 4096, "peak RSS grew from %d KiB to %d KiB"
                         % tuple(peaks))
+
+
+# A writer that swaps SOURCE_DIR's top-level entries for symlinks into the victim folder
+# (directories for the folder, files for its secret.txt) and back, at seeded moments; at
+# the end everything it moved away is put back.
+WRITER = r"""
+import os, random, sys, time
+source, victim, away, seed, seconds = sys.argv[1:]
+rng, moved = random.Random(int(seed)), {}
+deadline = time.time() + float(seconds)
+time.sleep(rng.uniform(0, float(seconds) / 3))
+n = 0
+while time.time() < deadline:
+    names = sorted(os.listdir(source))
+    if names:
+        name = rng.choice(names)
+        path = os.path.join(source, name)
+        n += 1
+        if name in moved:
+            os.unlink(path)
+            os.rename(moved.pop(name), path)
+        elif not os.path.islink(path):
+            target = victim if os.path.isdir(path) else os.path.join(victim, "secret.txt")
+            moved[name] = os.path.join(away, "%s.%d" % (name, n))
+            os.rename(path, moved[name])
+            os.symlink(target, path)
+    time.sleep(rng.uniform(0, 0.05))
+for name, saved in moved.items():
+    os.unlink(os.path.join(source, name))
+    os.rename(saved, os.path.join(source, name))
+"""
+
+
+class HostileWriter(IntegrationCase):
+    """A writer in SOURCE_DIR swaps directories and files for symlinks into a victim folder
+    outside it, whose names match: no run may read, upload, unlink or rmdir anything there."""
+
+    def setUp(self):
+        IntegrationCase.setUp(self)
+        self.victim = os.path.join(self.tmp, "victim")
+        self.away = os.path.join(self.tmp, "away")
+        os.makedirs(os.path.join(self.victim, "q"))   # empty: an rmdir through a link takes it
+        os.makedirs(self.away)
+        for name in ("secret.txt", "f0", "f1", "victim-only.txt", "sub/secret.txt"):
+            write_file(self.victim, name, b"VICTIM " + name.encode())
+        self.victim_before = self.tree(self.victim)
+
+    @staticmethod
+    def tree(root):
+        """{relative path: bytes, or None for a directory} of everything under root."""
+        found = {}
+        for directory, dirs, names in os.walk(root):
+            for name in dirs:
+                found[os.path.relpath(os.path.join(directory, name), root)] = None
+            for name in names:
+                path = os.path.join(directory, name)
+                with open(path, "rb") as handle:
+                    found[os.path.relpath(path, root)] = handle.read()
+        return found
+
+    def assert_victim_untouched(self, result=None):
+        detail = result.stderr if result is not None else ""
+        self.assertEqual(self.tree(self.victim), self.victim_before, detail)
+        for key in self.server.keys(self.prefix):
+            self.assertNotIn(b"VICTIM", self.server.object_bytes(key), key + detail)
+
+    def write_tree(self, names):
+        """Files whose bytes say their own path; {relative: bytes}."""
+        written = {}
+        for name in names:
+            written[name] = ("mine %s\n" % name).encode()
+            write_file(self.source, name, written[name])
+        return written
+
+    def swap_for_link(self, name, target):
+        os.rename(os.path.join(self.source, name), os.path.join(self.away, name))
+        os.symlink(target, os.path.join(self.source, name))
+
+    def held_run(self, *args, hold=1):
+        """A run whose hold-th PUT waits until the test releases it; (proxy, events, process)."""
+        arrived, release, puts = threading.Event(), threading.Event(), []
+
+        def rule(request):
+            if request.method == "PUT" and request.attempt == 0:
+                puts.append(request.target)
+                if len(puts) == hold:
+                    arrived.set()
+                    release.wait(RUN_TIMEOUT)
+            return None
+        proxy = s3server.FaultProxy(self.recorder.endpoint, rule)
+        self.proxies.append(proxy)
+        self.addCleanup(release.set)
+        process = subprocess.Popen(self.command("--jobs", "1", *args, endpoint=proxy.endpoint),
+                                   env=self.env(), stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        self.addCleanup(process.kill)
+        self.assertTrue(arrived.wait(RUN_TIMEOUT), "the held PUT never came")
+        return puts, release, process
+
+    def finish(self, release, process):
+        release.set()
+        out, err = process.communicate(timeout=RUN_TIMEOUT)
+        return Result(process.returncode, out.decode(), err.decode())
+
+    def test_a_directory_swapped_for_a_symlink_during_the_run(self):
+        # The first file of zzz is held on its way up (the scan has met zzz by then); zzz
+        # is swapped for a link to the victim folder, whose files have the same names.
+        mine = self.write_tree(["zzz/secret.txt", "zzz/f0", "zzz/f1"])
+        puts, release, process = self.held_run()
+        self.swap_for_link("zzz", self.victim)
+        result = self.finish(release, process)
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertEqual(result.stderr.count("swapped for a symlink during the run"), 3,
+                         result.stderr)
+        self.assert_victim_untouched(result)
+        held = puts[0].split("/")[-1]
+        self.assertEqual(self.server.keys(self.prefix), {self.prefix + "zzz/" + held})
+        self.assert_landed({"zzz/" + held: mine["zzz/" + held]})
+        self.assertEqual(self.tree(os.path.join(self.away, "zzz")),
+                         {name.split("/")[1]: data for name, data in mine.items()})
+
+    def test_a_file_swapped_for_a_symlink_during_the_run(self):
+        self.write_tree(["f0", "f1"])
+        _, release, process = self.held_run()
+        for name in ("f0", "f1"):   # the one held was opened already; the other was not
+            self.swap_for_link(name, os.path.join(self.victim, name))
+        result = self.finish(release, process)
+        self.assertEqual(result.status, 0, result.stderr)
+        # The held one is refused at its unlink; the other at its open, or passed over by
+        # the scan if it was not listed yet.
+        self.assertIn(result.stderr.count("replaced by a symlink during the run"), (1, 2),
+                      result.stderr)
+        self.assert_victim_untouched(result)
+        self.assertEqual(sorted(os.listdir(self.source)), ["f0", "f1"])   # the links, kept
+        self.assertEqual(sorted(os.listdir(self.away)), ["f0", "f1"])
+
+    def test_delete_empty_dirs_with_a_swapped_parent(self):
+        # p/q/secret.txt and y/q/secret.txt: whichever goes first, its top directory is
+        # swapped for a symlink to a folder that has q/ too, before the rmdirs.
+        mine = self.write_tree(["p/q/secret.txt", "y/q/secret.txt"])
+        puts, release, process = self.held_run("--delete-empty-dirs", hold=2)
+        first = puts[0].split("/")[-3]
+        self.swap_for_link(first, self.victim)
+        result = self.finish(release, process)
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assert_victim_untouched(result)
+        self.assertEqual(os.listdir(self.source), [first])   # the link; the other is gone
+        self.assertTrue(os.path.islink(os.path.join(self.source, first)))
+        self.assertEqual(self.tree(os.path.join(self.away, first)), {"q": None})
+        self.assert_landed(mine)
+
+    def test_hard_links_follow_the_kernel_s_protection(self):
+        mine = self.write_tree(["linked"])
+        os.link(os.path.join(self.source, "linked"), os.path.join(self.tmp, "other-link"))
+        with open("/proc/sys/fs/protected_hardlinks") as handle:
+            protected = handle.read().strip() == "1"
+        result = self.run_s3push()
+        if not protected:   # refused, named, kept; then moved when allowed
+            self.assertEqual(result.status, 65, result.stderr)
+            self.assertIn("has 2 hard links", result.stderr)
+            self.assertEqual(files_under(self.source), [b"linked"])
+            result = self.run_s3push("--allow-hardlinks")
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertEqual(files_under(self.source), [])
+        self.assert_landed(mine)
+        with open(os.path.join(self.tmp, "other-link"), "rb") as handle:
+            self.assertEqual(handle.read(), mine["linked"])
+
+    def test_swaps_at_seeded_moments(self):
+        names = ["top0", "top1", "top2"] + \
+            ["d%d/%s" % (d, n) for d in range(5) for n in ("secret.txt", "f0", "f1", "g",
+                                                            "sub/secret.txt")]
+        slow = s3server.FaultProxy(self.recorder.endpoint, lambda request: ("stall", 0.03))
+        self.proxies.append(slow)
+        for seed in range(6):
+            shutil.rmtree(self.source)
+            mine = self.write_tree(names)
+            away = os.path.join(self.away, str(seed))
+            os.makedirs(away)
+            writer = subprocess.Popen([sys.executable, "-c", WRITER, self.source, self.victim,
+                                       away, str(seed), "1.5"])
+            self.addCleanup(writer.kill)
+            result = self.run_s3push("--jobs", str(1 + seed % 3), "--delete-empty-dirs",
+                                     endpoint=slow.endpoint)
+            self.assertEqual(writer.wait(RUN_TIMEOUT), 0)
+            self.assertIn(result.status, (0, 65), result.stderr)
+            self.assert_victim_untouched(result)
+            self.assertFalse([k for k in self.server.keys(self.prefix) if "victim-only" in k])
+            # Nothing lost: what the writer put back goes up on a quiet second run.
+            again = self.run_s3push("--delete-empty-dirs")
+            self.assertEqual(again.status, 0, again.stderr)
+            self.assertEqual(files_under(self.source), [], again.stderr)
+            self.assert_landed(mine)
+            self.assert_victim_untouched(again)
+            self.prefix = self.prefix.rstrip("/") + "-%d/" % seed
+
+    def test_a_scan_through_a_swapping_tree_lists_nothing_outside(self):
+        names = ["d%03d/f0" % d for d in range(300)]
+        self.write_tree(names)
+        writer = subprocess.Popen([sys.executable, "-c", WRITER.replace(
+            "rng.uniform(0, 0.05)", "0").replace("float(seconds) / 3", "0"), self.source,
+            self.victim, self.away, "7", "2"])
+        self.addCleanup(writer.kill)
+        seen = set()
+        while writer.poll() is None:
+            result = self.run_s3push("--dry-run")
+            self.assertEqual(result.status, 0, result.stderr)
+            lines = result.stdout.splitlines()
+            self.assertEqual([x for x in lines if "victim-only" in x or "/sub/" in x], [])
+            seen.update(line.split()[2] for line in lines)
+        self.assertEqual(writer.returncode, 0)
+        self.assertTrue(seen, "the dry runs listed nothing")
+        self.assert_victim_untouched()
 
 
 class HostileServer(IntegrationCase):

@@ -234,9 +234,14 @@ class Selection(unittest.TestCase):
         os.utime(path, (mtime, mtime))
         return path
 
+    def scan(self, root, patterns, errors):
+        fd = s3push.open_source(root)
+        self.addCleanup(os.close, fd)
+        return s3push.scan(fd, patterns, errors)
+
     def scanned(self, patterns=s3push.DEFAULT_EXCLUDES):
         errors = []
-        found = sorted(r for _, r, _ in s3push.scan(self.root, patterns, errors))
+        found = sorted(f.relative for f in self.scan(self.root, patterns, errors))
         return found, errors
 
     def test_regular_files_only(self):
@@ -260,20 +265,58 @@ class Selection(unittest.TestCase):
         patterns = s3push.DEFAULT_EXCLUDES + ("logs/*",)
         self.assertEqual(self.scanned(patterns)[0], ["keep.txt"])
 
-    def test_unreadable_directory_is_reported(self):
-        # A directory that vanished after it was listed: the branch a chmod 000 takes too,
-        # reachable as root (whom no permission stops).
-        errors = []
-        self.assertEqual(list(s3push.scan(os.path.join(self.root, "gone"), (), errors)), [])
-        self.assertEqual(len(errors), 1)
-        self.assertIn("cannot read the directory", errors[0][1])
+    def test_a_directory_that_changed_is_reported(self):
+        # Directories replaced, swapped for a symlink or gone between the listing and
+        # their turn: each is TreeChangedError (a warning), never followed.
+        for name in ("replaced", "symlinked", "gone"):
+            self.touch(name + "/f")
+        outside = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, outside)
+        fd = s3push.open_source(self.root)
+        self.addCleanup(os.close, fd)
+        stack = []   # the root's listing: three directories to visit
+        self.assertEqual(list(s3push.scan_directory(fd, s3push.Directory("", ()), (), stack,
+                                                    [])), [])
+        shutil.rmtree(os.path.join(self.root, "gone"))
+        os.rename(os.path.join(self.root, "replaced"), os.path.join(outside, "away"))
+        os.mkdir(os.path.join(self.root, "replaced"))
+        with open(os.path.join(self.root, "replaced", "f"), "w"):
+            pass
+        os.rename(os.path.join(self.root, "symlinked"), os.path.join(outside, "moved"))
+        os.symlink(outside, os.path.join(self.root, "symlinked"))
+        self.assertEqual(sorted(d.relative for d in stack), ["gone/", "replaced/", "symlinked/"])
+        for directory in stack:
+            with self.assertRaises(s3push.TreeChangedError) as caught:
+                s3push.open_directory(fd, directory.steps)
+            self.assertEqual(caught.exception.exit_code, 0)
+
+    def test_a_deep_tree_with_few_descriptors(self):
+        # 400 levels, with no more than a few descriptors open at any time.
+        path = self.root
+        for _ in range(400):
+            path = os.path.join(path, "d")
+        os.makedirs(path)
+        self.touch(os.path.relpath(os.path.join(path, "f"), self.root))
+        before = len(os.listdir("/proc/self/fd"))
+        most = [0]
+        found = []
+        for item in self.scan(self.root, (), []):
+            most[0] = max(most[0], len(os.listdir("/proc/self/fd")) - before)
+            found.append(item)
+        self.assertEqual([f.relative for f in found], ["d/" * 400 + "f"])
+        self.assertLessEqual(most[0], 3)
+        fd = s3push.open_source(self.root)
+        self.addCleanup(os.close, fd)
+        parent = s3push.open_directory(fd, found[0].directory.steps)
+        self.assertTrue(os.path.samestat(os.fstat(parent), os.stat(path)))
+        os.close(parent)
 
     def test_min_age(self):
         self.touch("old", mtime=1000)
         self.touch("new", mtime=1990)
         skipped = [0]
-        files = s3push.scan(self.root, (), [])
-        kept = [r for _, r, _ in s3push.select_files(files, 60, 2000, skipped)]
+        files = self.scan(self.root, (), [])
+        kept = [f.relative for f in s3push.select_files(files, 60, 2000, skipped)]
         self.assertEqual(kept, ["old"])
         self.assertEqual(skipped, [1])
 
@@ -285,19 +328,44 @@ class Selection(unittest.TestCase):
         self.assertFalse(s3push.same_file(before, os.lstat(path)))
 
     def test_lock_is_exclusive_and_released(self):
-        first = s3push.lock_directory(self.root)
-        self.assertIsNotNone(first)
-        self.assertIsNone(s3push.lock_directory(self.root))
+        first, second = s3push.open_source(self.root), s3push.open_source(self.root)
+        self.addCleanup(os.close, second)
+        self.assertTrue(s3push.lock_directory(first))
+        self.assertFalse(s3push.lock_directory(second))
         os.close(first)
-        again = s3push.lock_directory(self.root)
-        self.assertIsNotNone(again)
-        os.close(again)
+        self.assertTrue(s3push.lock_directory(second))
 
-    def test_open_refuses_fifo_without_blocking(self):
-        fifo = os.path.join(self.root, "fifo")
-        os.mkfifo(fifo)
-        with self.assertRaises(s3push.FileError):
-            s3push.open_regular_file(fifo)
+    def test_open_refuses_fifo_and_symlink_without_blocking(self):
+        os.mkfifo(os.path.join(self.root, "fifo"))
+        os.symlink("/etc/hostname", os.path.join(self.root, "link"))
+        fd = s3push.open_source(self.root)
+        self.addCleanup(os.close, fd)
+        for name in ("fifo", "link"):
+            with self.assertRaises(s3push.TreeChangedError):
+                s3push.open_regular_file(fd, name)
+        with self.assertRaises(s3push.VanishedError):
+            s3push.open_regular_file(fd, "missing")
+
+    def test_hard_links_only_where_the_kernel_protects_them_or_allowed(self):
+        path = self.touch("f")
+        os.link(path, os.path.join(self.root, "g"))
+        switch = os.path.join(self.root, "protected")
+        for value, allowed, refused in (("1\n", False, False), ("0\n", False, True),
+                                        ("0\n", True, False), (None, False, True)):
+            if value is None:
+                os.unlink(switch)   # unknown counts as off
+            else:
+                with open(switch, "w") as handle:
+                    handle.write(value)
+            check = lambda info: s3push.check_links(info, allowed, switch)  # noqa: E731
+            if refused:
+                with self.assertRaisesRegex(s3push.FileError, "has 2 hard links .*"
+                                            "--allow-hardlinks"):
+                    check(os.lstat(path))
+            else:
+                check(os.lstat(path))
+        os.unlink(os.path.join(self.root, "g"))
+        s3push.check_links(os.lstat(path), False, switch)   # one link: always fine
 
 
 class Verification(unittest.TestCase):
