@@ -7,8 +7,9 @@ Synopsis:
 Every regular file under SOURCE_DIR that is older than --min-age goes up to
 BUCKET at key PREFIX/relative/path in one signed PUT. The local copy is removed
 only after the server confirmed those exact bytes (its ETag equals the MD5 the
-script computed) and the file is still the one that was read (same device,
-inode, size and mtime). Anything ambiguous keeps the file for the next run.
+script computed), the file is still the one that was read (same device,
+inode, size and mtime), and no process has it open for writing. Anything
+ambiguous keeps the file for the next run.
 Only PUT is ever sent: credentials allowing nothing but s3:PutObject suffice.
 
 Exit status (the cron contract; these numbers never change):
@@ -177,6 +178,17 @@ class VanishedError(S3PushError):
 class TreeChangedError(VanishedError):
     """A directory or file under SOURCE_DIR was moved, replaced or swapped for a symlink
     during the run: what is behind it is left alone this run, like a vanished file."""
+
+
+class StillWrittenError(S3PushError):
+    """A process still has the file open for writing: it is left for a later run, like a
+    file younger than --min-age; not a failure."""
+    exit_code = EXIT_OK
+    fatal = False
+
+
+class KeyTakenError(FileError):
+    """If-None-Match: * met an object already at the key (HTTP 412)."""
 
 
 class UploadGoneError(FileError):
@@ -848,8 +860,9 @@ def error_from_response(response, what=""):
         return ConfigError("the proxy refused the request (HTTP 407): fix the user and "
                            "password in HTTP_PROXY or HTTPS_PROXY")
     if response.status == 412 or code == "PreconditionFailed":
-        return FileError("%s: an object already exists at this key and --no-overwrite is set: "
-                         "kept (a conflict to resolve by hand)" % text)
+        return KeyTakenError("%s: an object already exists at this key and --if-exists is "
+                             "keep: kept (a conflict to resolve by hand, or --if-exists "
+                             "number)" % text)
     if code == "NoSuchUpload":   # completed by an attempt whose answer was lost, or expired
         return UploadGoneError("%s: the multipart upload is gone; the file is sent again "
                                "next run" % text)
@@ -1308,8 +1321,9 @@ def digest_range(fd, offset, length):
 
 class Upload(object):
     """How one file's object is sent: its headers (type, storage class, encryption, ACL,
-    mtime), a condition (--no-overwrite: If-None-Match: *), and whether its ETag is an
-    MD5 to check (not under SSE-KMS, where Content-MD5 and the signed SHA-256 vouch)."""
+    mtime), a condition (--if-exists keep or number: If-None-Match: *), and whether its
+    ETag is an MD5 to check (not under SSE-KMS, where Content-MD5 and the signed SHA-256
+    vouch)."""
 
     def __init__(self, headers, condition, verify_md5):
         self.headers = headers
@@ -1321,7 +1335,7 @@ def upload_for(job, relative, info):
     headers = dict(job.object_headers)
     headers["content-type"] = job.content_type or guess_content_type(relative)
     headers["x-amz-meta-mtime"] = "%d.%09d" % divmod(info.st_mtime_ns, 10 ** 9)
-    condition = {"if-none-match": "*"} if job.no_overwrite else {}
+    condition = {"if-none-match": "*"} if job.if_exists != "overwrite" else {}
     return Upload(headers, condition, job.verify_md5)
 
 
@@ -1648,12 +1662,16 @@ class FileTask(object):
         url = "s3://%s/%s%s" % (job.destination.bucket, job.prefix_for(found.info.st_mtime),
                                 safe_name(found.relative))
         try:
-            size = move_file(client, job, found)
+            key, size = move_file(client, job, found)
+        except StillWrittenError as exc:
+            job.run.left_open(path, exc, job.verbose)
+            return
         except S3PushError as exc:
             job.run.failed(path, url, exc)
             if exc.fatal:
                 job.queue.stop()
             return
+        url = "s3://%s/%s" % (job.destination.bucket, safe_name(key))
         job.run.moved(path, url, size, found.directory, job.verbose)
 
 
@@ -1945,9 +1963,99 @@ def check_links(info, allowed, protected_path=PROTECTED_HARDLINKS):
                     "such files)" % info.st_nlink)
 
 
-def delete_if_unchanged(root_fd, parent_fd, found, before):
-    """Unlink the file only if it is still the one that was read and its directory is still
-    where the scan saw it under SOURCE_DIR; else keep it."""
+# A file that some process still has open for writing is left for a later run: moved now,
+# what the writer adds later would go into a deleted file. The kernel tells exactly, for
+# every process of every user, through a read lease, which cannot be taken while anyone has
+# the file open for writing; it is taken and dropped at once (a lease break would send
+# SIGIO, which run_main ignores). Where no lease can be taken (neither the file's owner nor
+# root: EACCES; NFS or some FUSE: EINVAL), /proc tells for the processes this user may see.
+TAKE_LEASES = True   # the tests turn it off to exercise the /proc fallback
+
+
+def proc_writers(proc):
+    """{(device, inode)} of every file open for writing in the processes under proc (those
+    this user may see): /proc/PID/fd names the file, /proc/PID/fdinfo its access mode."""
+    found = set()
+    for pid in os.listdir(proc):
+        if not pid.isdigit():
+            continue
+        try:
+            names = os.listdir(os.path.join(proc, pid, "fd"))
+        except OSError:
+            continue   # gone, or another user's
+        for name in names:
+            try:
+                if fd_writable(os.path.join(proc, pid, "fdinfo", name)):
+                    target = os.stat(os.path.join(proc, pid, "fd", name))
+                    found.add((target.st_dev, target.st_ino))
+            except OSError:
+                continue   # closed meanwhile
+    return found
+
+
+def fd_writable(fdinfo_path):
+    """True when the 'flags:' line of a /proc fdinfo file gives O_WRONLY or O_RDWR."""
+    with open(fdinfo_path) as handle:
+        for line in handle:
+            if line.startswith("flags:"):
+                return int(line.split()[1], 8) & os.O_ACCMODE != os.O_RDONLY
+    return False
+
+
+class WriterIndex(object):
+    """The files open for writing as /proc shows them: built on first use (an idle tick
+    never pays for it), and again only when a check needs a newer view than the last."""
+
+    def __init__(self, proc="/proc"):
+        self.proc = proc
+        self.lock = threading.Lock()
+        self.built = None   # time.monotonic() when the last view was started
+        self.writing = frozenset()
+
+    def has_writer(self, info, since):
+        """Whether the file of info is open for writing, in a view started after `since`;
+        None when there is no /proc to tell."""
+        with self.lock:
+            if self.built is None or self.built < since:
+                if not os.path.isdir(os.path.join(self.proc, "self", "fdinfo")):
+                    return None
+                started = time.monotonic()
+                self.writing = frozenset(proc_writers(self.proc))
+                self.built = started
+            return (info.st_dev, info.st_ino) in self.writing
+
+
+def open_for_writing(fd, info, index, since):
+    """True when some process has the file (open read-only as fd) open for writing, False
+    when none has, None when neither a lease nor /proc can tell. A /proc view must have
+    been started after `since` (time.monotonic())."""
+    if TAKE_LEASES:
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+        except OSError as exc:
+            if exc.errno == errno.EAGAIN:
+                return True
+        else:
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+            return False
+    return index.has_writer(info, since)
+
+
+def check_no_writer(job, fd, info, since, uploaded):
+    """StillWrittenError when a process has the file open for writing."""
+    writing = open_for_writing(fd, info, job.writers, since)
+    if writing is None:
+        job.run.note_once("s3push: cannot tell whether other processes still write files "
+                          "here (no file lease, no /proc): relying on --min-age and "
+                          "in-progress names", job.verbose)
+    elif writing:
+        raise StillWrittenError("%sstill open for writing by another process; left for a "
+                                "later run" % ("uploaded, but " if uploaded else ""))
+
+
+def delete_if_unchanged(job, parent_fd, fd, found, before, opened):
+    """Unlink the file only if it is still the one that was read, no process has it open
+    for writing, and its directory is still where the scan saw it; else keep it."""
     try:
         after = os.stat(found.name, dir_fd=parent_fd, follow_symlinks=False)
     except FileNotFoundError:
@@ -1957,7 +2065,8 @@ def delete_if_unchanged(root_fd, parent_fd, found, before):
                                "alone")
     if not same_file(before, after):
         raise FileError("changed while it was uploading; kept for the next run")
-    os.close(open_directory(root_fd, found.directory.steps))   # not moved away meanwhile
+    check_no_writer(job, fd, before, opened, True)   # the last moment before the unlink
+    os.close(open_directory(job.root, found.directory.steps))   # not moved away meanwhile
     os.unlink(found.name, dir_fd=parent_fd)
 
 
@@ -1966,41 +2075,77 @@ def guess_content_type(name):
     return mimetypes.guess_type(name, strict=False)[0] or "application/octet-stream"
 
 
+MAX_NUMBERED_KEYS = 100   # --if-exists number tries KEY, then at most this many more
+
+
+def numbered_key(key, number):
+    """KEY with a number before its extension: logs/app.log -> logs/app.1.log; a name
+    without an extension gets it at the end: logs/app -> logs/app.1."""
+    head, _, name = key.rpartition("/")
+    stem, extension = os.path.splitext(name)
+    return "%s%s%s.%d%s" % (head, "/" if head else "", stem, number, extension)
+
+
+def candidate_keys(key, if_exists):
+    """The keys to try in turn: KEY, and under --if-exists number KEY.1, KEY.2, ..."""
+    yield key
+    if if_exists == "number":
+        for number in range(1, MAX_NUMBERED_KEYS + 1):
+            yield numbered_key(key, number)
+
+
 def move_file(client, job, found):
     """Upload one file (one PUT, or multipart above the threshold), verify, delete it; all
-    through its directory's descriptor, reached afresh from SOURCE_DIR."""
+    through its directory's descriptor, reached afresh from SOURCE_DIR. Returns the key
+    the object went to and the size."""
     try:
         parent = open_directory(job.root, found.directory.steps)
     except OSError as exc:
         raise FileError("cannot open its directory (%s); left in place" % exc.strerror)
     try:
-        info = upload_file(client, job, parent, found)
-        delete_if_unchanged(job.root, parent, found, info)
+        opened = time.monotonic()
+        fd, info = open_regular_file(parent, found.name)
+        try:
+            check_no_writer(job, fd, info, float("-inf"), False)
+            key = upload_file(client, job, fd, info, found)
+            delete_if_unchanged(job, parent, fd, found, info, opened)
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise FileError("cannot remove it (%s); left in place" % exc.strerror)
     finally:
         os.close(parent)
-    return info.st_size
+    return key, info.st_size
 
 
-def upload_file(client, job, parent, found):
-    """Send the file named found.name in the directory open as parent; its fstat."""
-    fd, info = open_regular_file(parent, found.name)
+def upload_file(client, job, fd, info, found):
+    """Send the open file to its key, or under --if-exists number to the first free
+    numbered one; returns the key it went to."""
     try:
         check_links(info, job.allow_hardlinks)
-        key = object_key(job.prefix_for(info.st_mtime), found.relative)
-        upload = upload_for(job, found.relative, info)
         if info.st_size > MAX_OBJECT_BYTES:
             raise FileError("larger than 5 TiB, S3's limit for one object; left in place")
-        if info.st_size > min(job.multipart_threshold, MAX_PUT_BYTES):
-            multipart_upload(client, job, key, fd, info.st_size, upload)
-        else:
-            put_object(client, key, fd, info.st_size, upload)
+        upload = upload_for(job, found.relative, info)
+        first = object_key(job.prefix_for(info.st_mtime), found.relative)
+        for key in candidate_keys(first, job.if_exists):
+            try:
+                send_file(client, job, object_key("", key), fd, info.st_size, upload)
+                return key
+            except KeyTakenError:
+                if job.if_exists != "number":
+                    raise
     except OSError as exc:
         raise FileError("cannot read (%s); left in place" % exc.strerror)
-    finally:
-        os.close(fd)
-    return info
+    raise FileError("%s and the next %d numbered keys are all taken: left in place"
+                    % (safe_name(first), MAX_NUMBERED_KEYS))
+
+
+def send_file(client, job, key, fd, size, upload):
+    """One PUT, or a multipart upload above the threshold."""
+    if size > min(job.multipart_threshold, MAX_PUT_BYTES):
+        multipart_upload(client, job, key, fd, size, upload)
+    else:
+        put_object(client, key, fd, size, upload)
 
 
 def remove_empty_dirs(root_fd, directories):
@@ -2107,9 +2252,14 @@ def add_upload_options(parser):
                        "bucket-owner-full-control (needs s3:PutObjectAcl)")
     group.add_argument("--content-type", metavar="TYPE",
                        help="Content-Type of every object (default: guessed from the name)")
-    group.add_argument("--no-overwrite", action="store_true",
-                       help="send If-None-Match: *; an object already at the key is a "
-                       "conflict: the file is kept and reported")
+    group.add_argument("--if-exists", choices=("overwrite", "keep", "number"),
+                       help="when an object is already at the key: overwrite it (the "
+                       "default); keep it, and the file too, as a conflict to resolve; or "
+                       "number: send the file to the first free key of name.1.ext, "
+                       "name.2.ext, ... (keep and number send If-None-Match: *)")
+    group.add_argument("--no-overwrite", dest="if_exists", action="store_const",
+                       const="keep", help="the same as --if-exists keep")
+    parser.set_defaults(if_exists="overwrite")
 
 
 CANNED_ACLS = ("private", "public-read", "public-read-write", "authenticated-read",
@@ -2203,6 +2353,8 @@ class Run(object):
         self.bytes = 0
         self.failures = []     # exit codes of the failed files
         self.too_young = [0]   # a counter select_files can add to
+        self.open_count = 0    # files left because a process still had them open for writing
+        self.notes = set()     # what was said once already
         self.fatal = None      # the error that stopped the run early
         self.credentials = None   # once loaded: what error text must never show
         self.started = time.monotonic()
@@ -2240,6 +2392,21 @@ class Run(object):
             self.errors_total += 1
             if len(self.errors) < MAX_SUMMARY_ERRORS:
                 self.errors.append(line)
+
+    def left_open(self, path, exc, verbose):
+        """Left for a later run, like a file younger than --min-age: said under -v only."""
+        with self.lock:
+            self.open_count += 1
+            if verbose:
+                self.clear_status()
+                emit(sys.stdout, "left %s: %s" % (safe_name(path), exc))
+
+    def note_once(self, line, verbose):
+        with self.lock:
+            if verbose and line not in self.notes:
+                self.notes.add(line)
+                self.clear_status()
+                emit(sys.stderr, line)
 
     def out_of_time(self):
         """The deadline stopped the run: what was not sent waits for the next one."""
@@ -2288,14 +2455,16 @@ class Run(object):
                 "seconds": round(time.monotonic() - self.started, 3), "exit_status": status,
                 "files_moved": self.moved_count, "bytes_moved": self.bytes,
                 "files_failed": len(self.failures), "files_left_young": self.too_young[0],
+                "files_left_open": self.open_count,
                 "errors_total": self.errors_total, "errors": self.errors}
 
     def summary(self):
         seconds = max(time.monotonic() - self.started, 1e-6)
         return ("s3push: moved %d files, %d bytes in %.2f s (%.2f MB/s); %d failed, "
-                "%d left for later (younger than --min-age)"
+                "%d left for later (%d younger than --min-age, %d still open for writing)"
                 % (self.moved_count, self.bytes, seconds, self.bytes / seconds / 1e6,
-                   len(self.failures), self.too_young[0]))
+                   len(self.failures), self.too_young[0] + self.open_count,
+                   self.too_young[0], self.open_count))
 
 
 class Job(object):
@@ -2316,7 +2485,8 @@ class Job(object):
         self.timeout = options.timeout
         self.object_headers = object_headers(options)
         self.content_type = options.content_type
-        self.no_overwrite = options.no_overwrite
+        self.if_exists = options.if_exists
+        self.writers = WriterIndex()
         self.verify_md5 = not (options.sse or "").startswith("aws:kms")
         self.queue = WorkQueue(max_files=4 * options.jobs)
         self.template = Template(destination.prefix)
@@ -2523,6 +2693,7 @@ def write_summary(path, data):
 def run_main(options, run):
     """Run, mapping every way a run can end to its exit status and one line."""
     signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGIO, signal.SIG_IGN)   # a lease break (see TAKE_LEASES): no harm
     try:
         return run_transfer(options, os.environ, run)
     except KeyboardInterrupt:

@@ -430,6 +430,172 @@ class Signals(FaultCase):
         self.assertEqual(self.stopped_by(signal.SIGINT), 130)
 
 
+# A writer process: appends `bursts` bursts of `size` bytes (burst i is the byte 'A' + i
+# repeated) to PATH, pausing `pause` seconds between them. "hold" keeps the file open the
+# whole time; "reopen" opens, appends and closes for each burst; "wait" opens the file for
+# appending, says "open" on stdout, and writes one burst when a line comes on stdin.
+WRITER = r"""
+import sys, time
+path, mode, bursts, size, pause = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+if mode == "wait":
+    with open(path, "ab") as handle:
+        print("open", flush=True)
+        sys.stdin.readline()
+        handle.write(b"A" * size)
+    sys.exit(0)
+handle = open(path, "ab") if mode == "hold" else None
+for i in range(bursts):
+    if i:
+        time.sleep(pause)
+    if mode == "reopen":
+        handle = open(path, "ab")
+    handle.write(bytes([65 + i]) * size)
+    handle.flush()
+    if mode == "reopen":
+        handle.close()
+handle.close()
+"""
+# The script with file leases off (an internal seam): the /proc fallback answers.
+NO_LEASES = ("import sys; sys.path.insert(0, %r); import s3push; s3push.TAKE_LEASES = False; "
+             "sys.argv[0] = s3push.__file__; sys.exit(s3push.main())" % s3server.REPO)
+
+
+def written(bursts, size):
+    return b"".join(bytes([65 + i]) * size for i in range(bursts))
+
+
+class OpenWriters(FaultCase):
+    """Writers as separate processes: a file still open for writing is never moved; after
+    every run what left the source is on the server, and in the end every byte written."""
+
+    def writer(self, path, mode, bursts, size, pause, user=None):
+        argv = [sys.executable, "-c", WRITER, path, mode, str(bursts), str(size), str(pause)]
+        if user is not None:
+            argv = ["setpriv", "--reuid=%d" % user, "--regid=%d" % user, "--clear-groups",
+                    "/usr/bin/python3" if os.path.exists("/usr/bin/python3")
+                    else sys.executable] + argv[1:]
+        process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.addCleanup(process.kill)
+        return process
+
+    def runs_while(self, process, leases, *args):
+        """Run the script (-v) again and again while the process lives, then once more."""
+        said = ""
+        while True:
+            alive = process.poll() is None
+            argv = self.command("-v", *args)
+            if not leases:
+                argv[1:2] = ["-c", NO_LEASES]
+            done = subprocess.run(argv, env=self.env(), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, timeout=RUN_TIMEOUT)
+            self.assertEqual(done.returncode, 0, done.stderr)
+            said += done.stdout.decode()
+            if not alive:
+                return said
+            self.assertIsNotNone(self.server)   # keep going: the writer is still writing
+            time.sleep(0.2)
+
+    def check_writer(self, mode, bursts, size, pause, args, leases=True, user=None):
+        path = os.path.join(self.source, "rec.bin")
+        process = self.writer(path, mode, bursts, size, pause, user)
+        said = self.runs_while(process, leases, *args)
+        self.assertEqual(process.wait(RUN_TIMEOUT), 0)
+        if files_under(self.source):   # the last burst was younger than --min-age
+            time.sleep(1.1)
+            said += self.run_s3push("-v", *args).stdout
+        self.assertEqual(files_under(self.source), [])
+        self.assert_landed({"rec.bin": written(bursts, size)})
+        self.assertIn("rec.bin: still open for writing by another process", said)
+
+    def test_a_writer_that_pauses_past_min_age(self):
+        for leases in (True, False):
+            with self.subTest(leases=leases):
+                self.prefix = self.prefix.rstrip("/") + "-%s/" % leases
+                self.check_writer("hold", 3, 1000, 1.5, ("--min-age", "1"), leases)
+
+    def test_a_slow_copy_of_several_mib(self):
+        self.check_writer("hold", 8, MIB, 0.3, ("--min-age", "0") + MULTIPART)
+
+    def test_a_writer_of_another_user(self):
+        if os.geteuid() != 0:
+            self.skipTest("runs the writer as nobody, which needs root")
+        os.chmod(self.tmp, 0o755)
+        os.chmod(self.source, 0o777)
+        for leases in (True, False):
+            with self.subTest(leases=leases):
+                self.prefix = self.prefix.rstrip("/") + "-%s/" % leases
+                self.check_writer("hold", 3, 1000, 1.5, ("--min-age", "1"), leases, 65534)
+
+    def test_a_writer_that_opens_the_file_during_the_upload(self):
+        path = write_file(self.source, "rec.bin", b"first\n")
+        gate = s3server.GateProxy(self.recorder.endpoint)
+        self.addCleanup(gate.close)
+        process = subprocess.Popen(self.command("-v", endpoint=gate.endpoint), env=self.env(),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(process.kill)
+        self.assertTrue(gate.arrived.wait(RUN_TIMEOUT))
+        writer = self.writer(path, "wait", 1, 10, 0)
+        self.assertEqual(writer.stdout.readline(), b"open\n")
+        gate.release.set()
+        out, err = process.communicate(timeout=RUN_TIMEOUT)
+        self.assertEqual(process.returncode, 0, err)
+        self.assertIn(b"uploaded, but still open for writing", out)
+        self.assertIn(b"1 still open for writing", out)
+        self.assertEqual(files_under(self.source), [b"rec.bin"])
+        writer.communicate(b"go\n", timeout=RUN_TIMEOUT)
+        result = self.run_s3push("--min-age", "0")
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assert_landed({"rec.bin": b"first\n" + b"A" * 10})
+        self.assertEqual(files_under(self.source), [])
+
+
+class IfExists(FaultCase):
+    def test_number_sends_if_none_match(self):
+        write_file(self.source, "f", b"data")
+        self.assertEqual(self.run_s3push("--if-exists", "number").status, 0)
+        self.assertEqual(self.recorder.heads[0].header("if-none-match"), "*")
+
+    @skip_unless_server_checks("if-none-match")
+    def test_a_file_that_comes_back_goes_to_numbered_keys(self):
+        # Three bursts, each a new file under the old name once the last was moved; the
+        # second is multipart (If-None-Match on CompleteMultipartUpload).
+        bursts = [b"first burst\n", os.urandom(6 * MIB), b"third burst\n"]
+        for data in bursts:
+            write_file(self.source, "logs/app.log", data)
+            result = self.run_s3push("-v", "--if-exists", "number", *MULTIPART)
+            self.assertEqual(result.status, 0, result.stderr)
+            self.assertEqual(files_under(self.source), [])
+        self.assertIn("-> s3://%s/%slogs/app.2.log" % (self.server.bucket, self.prefix),
+                      result.stdout)
+        self.assertEqual(self.server.keys(self.prefix), {self.prefix + k for k in (
+            "logs/app.log", "logs/app.1.log", "logs/app.2.log")})
+        self.assertEqual(b"".join(self.server.object_bytes(self.prefix + k) for k in (
+            "logs/app.log", "logs/app.1.log", "logs/app.2.log")), b"".join(bursts))
+
+    @skip_unless_server_checks("if-none-match")
+    def test_a_writer_that_reopens_between_runs_loses_nothing(self):
+        path = os.path.join(self.source, "rec.bin")
+        process = self.writer_process(path)
+        while process.poll() is None:
+            result = self.run_s3push("--min-age", "1", "--if-exists", "number")
+            self.assertEqual(result.status, 0, result.stderr)
+            time.sleep(0.3)
+        time.sleep(1.1)
+        self.assertEqual(self.run_s3push("--min-age", "1", "--if-exists", "number").status, 0)
+        self.assertEqual(files_under(self.source), [])
+        keys = ["rec.bin"] + ["rec.%d.bin" % n for n in range(1, 4)]
+        pieces = [self.server.object_bytes(self.prefix + k) for k in keys]
+        self.assertEqual(b"".join(p for p in pieces if p), written(3, 1000))
+        self.assertEqual(self.server.keys(self.prefix),
+                         {self.prefix + k for k, p in zip(keys, pieces) if p})
+
+    def writer_process(self, path):
+        process = subprocess.Popen([sys.executable, "-c", WRITER, path, "reopen", "3", "1000",
+                                    "1.6"])
+        self.addCleanup(process.kill)
+        return process
+
+
 class ConcurrentRuns(FaultCase):
     def test_several_runs_at_once(self):
         files = self.corpus(300, seed=5)

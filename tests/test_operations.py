@@ -76,7 +76,7 @@ class UploadOptions(IntegrationCase):
         write_file(self.source, "f", b"second")
         result = self.run_s3push("--no-overwrite")
         self.assertEqual(result.status, 65, result.stderr)
-        self.assertIn("--no-overwrite is set", result.stderr)
+        self.assertIn("--if-exists is keep", result.stderr)
         self.assertEqual(files_under(self.source), [b"f"])
         self.assert_landed({"f": b"first"})
 

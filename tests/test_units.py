@@ -6,6 +6,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -366,6 +367,78 @@ class Selection(unittest.TestCase):
                 check(os.lstat(path))
         os.unlink(os.path.join(self.root, "g"))
         s3push.check_links(os.lstat(path), False, switch)   # one link: always fine
+
+
+class OpenWriters(unittest.TestCase):
+    def setUp(self):
+        self.root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.root)
+        self.path = os.path.join(self.root, "f")
+        with open(self.path, "wb") as handle:
+            handle.write(b"x")
+        self.fd = os.open(self.path, os.O_RDONLY)
+        self.addCleanup(os.close, self.fd)
+        self.info = os.fstat(self.fd)
+        self.addCleanup(setattr, s3push, "TAKE_LEASES", s3push.TAKE_LEASES)
+
+    def test_by_lease_and_by_proc(self):
+        for leases in (True, False):
+            s3push.TAKE_LEASES = leases
+            index = s3push.WriterIndex()
+            self.assertIs(s3push.open_for_writing(self.fd, self.info, index, 0), False)
+            for mode in ("ab", "r+b"):
+                with open(self.path, mode):
+                    self.assertIs(s3push.open_for_writing(self.fd, self.info, index,
+                                                          time.monotonic()), True, mode)
+            with open(self.path, "rb"):   # a reader is no writer
+                self.assertIs(s3push.open_for_writing(self.fd, self.info, index,
+                                                      time.monotonic()), False)
+            self.assertEqual(index.built is None, leases)   # /proc only when no lease
+
+    def test_the_proc_view_is_built_again_only_when_too_old(self):
+        s3push.TAKE_LEASES = False
+        index = s3push.WriterIndex()
+        self.assertIs(s3push.open_for_writing(self.fd, self.info, index, 0), False)
+        built = index.built
+        with open(self.path, "ab"):
+            # An older view will do for `since` before it: the writer is not seen yet.
+            self.assertIs(s3push.open_for_writing(self.fd, self.info, index, built), False)
+            self.assertIs(s3push.open_for_writing(self.fd, self.info, index,
+                                                  time.monotonic()), True)
+        self.assertGreater(index.built, built)
+
+    def test_neither_lease_nor_proc_says_none(self):
+        s3push.TAKE_LEASES = False
+        index = s3push.WriterIndex(proc=os.path.join(self.root, "no-proc"))
+        self.assertIsNone(s3push.open_for_writing(self.fd, self.info, index, 0))
+
+    def test_fdinfo_flags(self):
+        for flags, writable in (("0100000", False), ("02", True), ("0100001", True),
+                                ("0102002", True), ("02100000", False)):
+            path = os.path.join(self.root, "fdinfo")
+            with open(path, "w") as handle:
+                handle.write("pos:\t0\nflags:\t%s\nmnt_id:\t25\n" % flags)
+            self.assertIs(s3push.fd_writable(path), writable, flags)
+
+
+class NumberedKeys(unittest.TestCase):
+    def test_numbered_key(self):
+        for key, expected in (("logs/app.log", "logs/app.3.log"), ("app", "app.3"),
+                              ("a.b/c", "a.b/c.3"), ("d/archive.tar.gz", "d/archive.tar.3.gz"),
+                              ("d/.hidden", "d/.hidden.3")):
+            self.assertEqual(s3push.numbered_key(key, 3), expected)
+
+    def test_candidates_are_bounded(self):
+        self.assertEqual(list(s3push.candidate_keys("k", "keep")), ["k"])
+        keys = list(s3push.candidate_keys("k.txt", "number"))
+        self.assertEqual(keys[:3], ["k.txt", "k.1.txt", "k.2.txt"])
+        self.assertEqual(len(keys), 1 + s3push.MAX_NUMBERED_KEYS)
+
+    def test_if_exists_and_its_alias(self):
+        parse = s3push.build_parser().parse_args
+        self.assertEqual(parse(["s", "s3://b"]).if_exists, "overwrite")
+        self.assertEqual(parse(["--no-overwrite", "s", "s3://b"]).if_exists, "keep")
+        self.assertEqual(parse(["--if-exists", "number", "s", "s3://b"]).if_exists, "number")
 
 
 class Verification(unittest.TestCase):
