@@ -20,7 +20,10 @@ import s3server  # noqa: E402
 
 # What a test server does not check, and so cannot be tested against it.
 LACKS = {
-    "rclone": {"if-none-match": "rclone's server ignores If-None-Match"},
+    "rclone": {"if-none-match": "rclone's server ignores If-None-Match",
+               "if-none-match-complete": "rclone's server ignores If-None-Match"},
+    "rgw": {"if-none-match-complete": "Ceph RGW 16 ignores If-None-Match on "
+                                      "CompleteMultipartUpload (it honours it on PUT)"},
     "moto": {"clock": "moto does not check the request time",
              "session-token": "moto checks session tokens against its own STS and refuses "
                               "the test's made-up ones"},

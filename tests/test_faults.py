@@ -555,22 +555,29 @@ class IfExists(FaultCase):
         self.assertEqual(self.run_s3push("--if-exists", "number").status, 0)
         self.assertEqual(self.recorder.heads[0].header("if-none-match"), "*")
 
-    @skip_unless_server_checks("if-none-match")
-    def test_a_file_that_comes_back_goes_to_numbered_keys(self):
-        # Three bursts, each a new file under the old name once the last was moved; the
-        # second is multipart (If-None-Match on CompleteMultipartUpload).
-        bursts = [b"first burst\n", os.urandom(6 * MIB), b"third burst\n"]
+    def comes_back(self, bursts, *args):
+        """Each burst a new file under the old name once the last was moved; the keys
+        used, which must hold the bursts in order."""
         for data in bursts:
             write_file(self.source, "logs/app.log", data)
-            result = self.run_s3push("-v", "--if-exists", "number", *MULTIPART)
+            result = self.run_s3push("-v", "--if-exists", "number", *args)
             self.assertEqual(result.status, 0, result.stderr)
             self.assertEqual(files_under(self.source), [])
-        self.assertIn("-> s3://%s/%slogs/app.2.log" % (self.server.bucket, self.prefix),
+        keys = ["logs/app.log"] + ["logs/app.%d.log" % n for n in range(1, len(bursts))]
+        self.assertIn("-> s3://%s/%s%s" % (self.server.bucket, self.prefix, keys[-1]),
                       result.stdout)
-        self.assertEqual(self.server.keys(self.prefix), {self.prefix + k for k in (
-            "logs/app.log", "logs/app.1.log", "logs/app.2.log")})
-        self.assertEqual(b"".join(self.server.object_bytes(self.prefix + k) for k in (
-            "logs/app.log", "logs/app.1.log", "logs/app.2.log")), b"".join(bursts))
+        self.assertEqual(self.server.keys(self.prefix), {self.prefix + k for k in keys})
+        self.assertEqual(b"".join(self.server.object_bytes(self.prefix + k) for k in keys),
+                         b"".join(bursts))
+
+    @skip_unless_server_checks("if-none-match")
+    def test_a_file_that_comes_back_goes_to_numbered_keys(self):
+        self.comes_back([b"first burst\n", b"second burst\n", b"third burst\n"])
+
+    @skip_unless_server_checks("if-none-match-complete")
+    def test_numbered_keys_for_multipart_uploads_too(self):
+        # The second burst is multipart: If-None-Match on CompleteMultipartUpload.
+        self.comes_back([b"first burst\n", os.urandom(6 * MIB), b"third burst\n"], *MULTIPART)
 
     @skip_unless_server_checks("if-none-match")
     def test_a_writer_that_reopens_between_runs_loses_nothing(self):
