@@ -59,12 +59,22 @@ import stat
 import sys
 import threading
 import time
-# Imported where first used, so that a cron tick with nothing to send never pays for
-# them (half the start-up time): base64, configparser, datetime, hashlib, hmac,
-# http.client, mimetypes, random, socket, ssl, urllib.parse, xml.etree.ElementTree.
 
 if sys.version_info < (3, 6):
     sys.exit("s3push needs Python 3.6 or newer; this is %s" % sys.version.split()[0])
+
+# Imported by load_deferred_modules() where the scan first finds a file, so that a cron
+# tick with nothing to send never pays for them (they are half the start-up time).
+DEFERRED_MODULES = ("base64", "calendar", "configparser", "datetime", "email.utils", "hashlib",
+                    "hmac", "http.client", "json", "mimetypes", "random", "shlex", "socket",
+                    "ssl", "subprocess", "urllib.parse", "xml.etree.ElementTree")
+
+
+def load_deferred_modules():
+    """Import DEFERRED_MODULES, each bound to its top-level name as `import` binds it."""
+    for name in DEFERRED_MODULES:
+        globals()[name.partition(".")[0]] = __import__(name)
+
 
 # === Constants ===
 
@@ -236,7 +246,6 @@ class Settings(object):
 
 def parse_ini(text, path):
     """Parse AWS-style INI text into {section: {key: value}}; errors name file and line only."""
-    import configparser
     parser = configparser.RawConfigParser(strict=False, default_section="\x00none")
     try:
         parser.read_string(text.lstrip("\ufeff"), source=path)
@@ -319,7 +328,6 @@ def has_keys(section):
 
 def credentials_from_json(data, source):
     """Credentials from the JSON of credential_process, a container or the EC2 metadata."""
-    import json
     try:
         doc = json.loads(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError):
@@ -334,7 +342,6 @@ def credentials_from_json(data, source):
 
 def parse_expiration(text):
     """Seconds since the epoch of an ISO 8601 UTC time such as 2026-11-24T08:00:00Z."""
-    import calendar
     match = re.match(r"^(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)", text or "")
     return calendar.timegm(tuple(int(x) for x in match.groups())) if match else None
 
@@ -404,7 +411,6 @@ def proxy_for(proxies, scheme, host, port):
     url = proxies.get(scheme) or ""
     if not url or bypasses_proxy(host, port, proxies.get("no", [])):
         return None
-    import urllib.parse
     parts = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
     try:
         proxy_port = parts.port or 80
@@ -415,7 +421,6 @@ def proxy_for(proxies, scheme, host, port):
                           % (scheme, parts.scheme, parts.hostname or "", scheme.upper()))
     auth = None
     if parts.username is not None:
-        import base64
         pair = "%s:%s" % (urllib.parse.unquote(parts.username),
                           urllib.parse.unquote(parts.password or ""))
         auth = "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")
@@ -504,8 +509,6 @@ def warn_if_exposed_credentials(credentials):
 
 def http_call(method, url, headers=None, body=None, timeout=METADATA_TIMEOUT):
     """(status, body) of one small request to a credential service (metadata, STS)."""
-    import http.client
-    import urllib.parse
     parts = urllib.parse.urlsplit(url)
     kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
     conn = kind(parts.hostname, parts.port, timeout=timeout)
@@ -520,8 +523,6 @@ def http_call(method, url, headers=None, body=None, timeout=METADATA_TIMEOUT):
 
 def process_credentials(command, profile):
     """credential_process: run it (no shell), read its JSON; its output is never shown."""
-    import shlex
-    import subprocess
     what = "credential_process of profile '%s'" % profile
     try:
         done = subprocess.run(shlex.split(command), stdout=subprocess.PIPE,
@@ -599,7 +600,6 @@ NO_METADATA_HINT = (
 
 def assume_role(section, source, region, environ, profile):
     """STS AssumeRole, signed with the source profile's keys by our own signer."""
-    import urllib.parse
     url = environ.get("AWS_ENDPOINT_URL_STS") or "https://sts.%s.amazonaws.com" % region
     params = [("Action", "AssumeRole"), ("Version", "2011-06-15"),
               ("RoleArn", section["role_arn"]), ("DurationSeconds",
@@ -611,7 +611,8 @@ def assume_role(section, source, region, environ, profile):
     netloc = urllib.parse.urlsplit(url).netloc
     headers = sign_request("POST", netloc, "/", [], {
         "content-type": "application/x-www-form-urlencoded; charset=utf-8",
-        "content-length": str(len(body))}, payload_hash(body), source, region, utc_now(),
+        "content-length": str(len(body))}, payload_hash(body), source, region,
+        datetime.datetime.now(datetime.timezone.utc),
         service="sts")
     what = "AssumeRole of %s (profile '%s')" % (section["role_arn"], profile)
     try:
@@ -645,7 +646,6 @@ def warn_if_exposed(path):
 
 def uri_encode(text, safe=""):
     """Percent-encode all but A-Z a-z 0-9 - _ . ~ (and `safe`); '~' kept on every Python."""
-    import urllib.parse
     return urllib.parse.quote(text.encode("utf-8"), safe="-_.~" + safe)
 
 
@@ -676,7 +676,6 @@ def canonical_headers(headers):
 
 def payload_hash(body):
     """Hex SHA-256 of a request body."""
-    import hashlib
     return hashlib.sha256(body).hexdigest()
 
 
@@ -692,15 +691,12 @@ def credential_scope(date, region, service):
 
 def string_to_sign(amz_date, scope, request_text):
     """Algorithm, request time, scope and the hash of the canonical request."""
-    import hashlib
     digest = hashlib.sha256(request_text.encode("utf-8")).hexdigest()
     return "\n".join([ALGORITHM, amz_date, scope, digest])
 
 
 def signing_key(secret_key, date, region, service):
     """The HMAC chain kDate -> kRegion -> kService -> kSigning."""
-    import hashlib
-    import hmac
     key = ("AWS4" + secret_key).encode("utf-8")
     for part in (date, region, service, "aws4_request"):
         key = hmac.new(key, part.encode("utf-8"), hashlib.sha256).digest()
@@ -709,8 +705,6 @@ def signing_key(secret_key, date, region, service):
 
 def signature(key, text):
     """Hex HMAC-SHA256 of the string to sign."""
-    import hashlib
-    import hmac
     return hmac.new(key, text.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
@@ -774,7 +768,6 @@ class Endpoint(object):
 
 def parse_endpoint_url(url):
     """An http(s) endpoint URL from the settings; path-style addressing is used with it."""
-    import urllib.parse
     parts = urllib.parse.urlsplit(url)
     try:
         port = parts.port
@@ -805,10 +798,9 @@ def parse_xml(body):
     """The root element of an XML answer, or None; no DTD or entity is ever expanded."""
     if b"<!DOCTYPE" in body or b"<!ENTITY" in body:
         return None
-    import xml.etree.ElementTree as ElementTree
     try:
-        return ElementTree.fromstring(body.strip())
-    except (ElementTree.ParseError, ValueError):
+        return xml.etree.ElementTree.fromstring(body.strip())
+    except (xml.etree.ElementTree.ParseError, ValueError):
         return None
 
 
@@ -916,8 +908,6 @@ class Connection(object):
         self.conn = None
 
     def open(self):
-        import http.client
-        import socket
         connect_timeout = min(CONNECT_TIMEOUT, self.timeout)
         host, port = self.proxy[:2] if self.proxy else (self.host, self.port)
         if self.scheme == "https":
@@ -986,7 +976,6 @@ class Connection(object):
 
 def tls_context(ca_bundle):
     """Certificates always verified; against ca_bundle instead of the system's CAs if given."""
-    import ssl
     try:
         return ssl.create_default_context(cafile=ca_bundle)
     except (OSError, ssl.SSLError) as exc:
@@ -995,14 +984,12 @@ def tls_context(ca_bundle):
 
 
 def is_certificate_error(exc):
-    import ssl
     return isinstance(exc, ssl.CertificateError) or (
         isinstance(exc, ssl.SSLError) and "CERTIFICATE_VERIFY_FAILED" in str(exc))
 
 
 def describe_os_error(exc):
     """A short reason for a network error, e.g. 'Connection refused' or 'timed out'."""
-    import socket
     if isinstance(exc, socket.timeout):
         return "timed out"
     return getattr(exc, "strerror", None) or one_line(exc) or exc.__class__.__name__
@@ -1127,8 +1114,6 @@ def endpoint_for(endpoint_url, region, bucket):
 
 def answer_time(response):
     """The server's clock: <ServerTime> of a skew error, else the Date header (aware UTC)."""
-    import datetime
-    import email.utils
     server_time = xml_text(parse_xml(response.body), "ServerTime")
     match = re.match(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)", server_time)
     if match:
@@ -1166,11 +1151,11 @@ class S3Client(object):
         ETag was cut short, one with another was damaged on the way; both are retried.
         A server that refuses connections is not retried.
         """
-        import random
         retry = corrections = 0
         while True:
             used = self.session.snapshot()
-            signed_at = utc_now() + datetime_delta(used[3])
+            signed_at = datetime.datetime.now(datetime.timezone.utc) + \
+                datetime.timedelta(seconds=used[3])
             try:
                 response = self.attempt(method, key, query, headers, body, body_hash, used,
                                         signed_at, expect_md5)
@@ -1196,7 +1181,6 @@ class S3Client(object):
 
     def attempt(self, method, key, query, headers, body, body_hash, used, signed_at,
                 expect_md5):
-        import http.client
         credentials, region, endpoint, _ = used
         host, path = object_address(endpoint, self.session.bucket, key)
         target = canonical_uri(path)
@@ -1241,11 +1225,6 @@ class S3Client(object):
         return show
 
 
-def datetime_delta(seconds):
-    import datetime
-    return datetime.timedelta(seconds=seconds)
-
-
 def is_retryable(response):
     """5xx, 429 and the S3 codes that mean "try again" (RequestTimeout comes as a 400)."""
     if response.status >= 500 or response.status == 429:
@@ -1261,11 +1240,6 @@ def backoff_delay(retry, retry_after, unit):
         return min(max(float(retry_after), 0.0), RETRY_AFTER_CAP)
     except ValueError:
         return unit * min(BACKOFF_CAP, BACKOFF_BASE * 2 ** retry)
-
-
-def utc_now():
-    import datetime
-    return datetime.datetime.now(datetime.timezone.utc)
 
 
 # === S3 operations ===
@@ -1287,7 +1261,6 @@ class Digest(object):
 
 def new_md5():
     """An MD5 hash for Content-MD5 and ETag checks, or None where FIPS forbids MD5."""
-    import hashlib
     try:
         return hashlib.new("md5", usedforsecurity=False)
     except TypeError:   # Python before 3.9 has no usedforsecurity
@@ -1305,7 +1278,6 @@ def digest_range(fd, offset, length):
 
     Bodies up to IN_MEMORY_BYTES are kept, to be sent without a second read.
     """
-    import hashlib
     sha, md5 = hashlib.sha256(), new_md5()
     keep = length <= IN_MEMORY_BYTES
     chunks = []
@@ -1358,7 +1330,6 @@ def body_headers(digest, content_type=None):
     if content_type:
         headers["content-type"] = content_type
     if digest.md5_raw is not None:
-        import base64
         headers["content-md5"] = base64.b64encode(digest.md5_raw).decode("ascii")
     return headers
 
@@ -1374,7 +1345,6 @@ def etag_confirms(etag, md5_hex):
         return False
     if md5_hex is None or not re.match(r"^[0-9a-f]{32}$", etag):
         return True
-    import hmac
     return hmac.compare_digest(etag, md5_hex)
 
 
@@ -1723,7 +1693,6 @@ def expand_prefix(prefix, hostname, upload_time, mtime):
     {mtime_year}, ... of the file's mtime (seconds), all in UTC, filled in."""
     if "{" not in prefix:
         return prefix
-    import datetime
     modified = datetime.datetime.fromtimestamp(mtime, datetime.timezone.utc)
 
     def value(match):
@@ -2071,7 +2040,6 @@ def delete_if_unchanged(job, parent_fd, fd, found, before, opened):
 
 
 def guess_content_type(name):
-    import mimetypes   # deferred: it reads the system's mime.types
     return mimetypes.guess_type(name, strict=False)[0] or "application/octet-stream"
 
 
@@ -2499,18 +2467,12 @@ class Template(object):
     """The destination prefix of a run, with its run-wide placeholders fixed once."""
 
     def __init__(self, prefix):
-        import datetime
         self.prefix = prefix
-        self.hostname = host_name() if "{hostname}" in prefix else ""
+        self.hostname = socket.gethostname() if "{hostname}" in prefix else ""
         self.upload_time = datetime.datetime.now(datetime.timezone.utc)
 
     def prefix_for(self, mtime):
         return expand_prefix(self.prefix, self.hostname, self.upload_time, mtime)
-
-
-def host_name():
-    import socket
-    return socket.gethostname()
 
 
 def move_all(job, files):
@@ -2620,6 +2582,7 @@ def run_source(options, environ, run, destination, root):
                          run.too_young)
     first, files = first_and_rest(files)
     if first is not None:
+        load_deferred_modules()
         settings = load_settings(options, environ)
         warn_if_exposed_credentials(settings.credentials)
         run.credentials = settings.credentials

@@ -28,6 +28,7 @@ import xml.etree.ElementTree as ElementTree
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import s3push  # noqa: E402
+s3push.load_deferred_modules()   # what a run loads once it has a file to send
 
 S3PUSH = os.path.join(REPO, "s3push.py")
 RCLONE = os.path.join(REPO, ".testenv", "rclone", "bin", "rclone")

@@ -22,6 +22,7 @@ from helpers import (RUN_TIMEOUT, IntegrationCase, Result, files_under,  # noqa:
 
 sys.path.insert(0, s3server.REPO)
 import s3push  # noqa: E402
+s3push.load_deferred_modules()   # what a run loads once it has a file to send
 
 CANARY_TOKEN = "CANARYtoken0123456789SESSION"
 NOBODY = 65534

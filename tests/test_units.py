@@ -11,6 +11,7 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import s3push  # noqa: E402
+s3push.load_deferred_modules()   # what a run loads once it has a file to send
 
 PATHS = ("/h/.aws/credentials", "/h/.aws/config")
 
