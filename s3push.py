@@ -406,8 +406,12 @@ def bypasses_proxy(host, port, no_proxy):
     return False
 
 
+# A proxy from HTTP(S)_PROXY: authorization is the Proxy-Authorization value, or None.
+Proxy = collections.namedtuple("Proxy", "host port authorization")
+
+
 def proxy_for(proxies, scheme, host, port):
-    """(host, port, Proxy-Authorization value or None) of the proxy to use, or None."""
+    """The Proxy to use, or None."""
     url = proxies.get(scheme) or ""
     if not url or bypasses_proxy(host, port, proxies.get("no", [])):
         return None
@@ -424,7 +428,7 @@ def proxy_for(proxies, scheme, host, port):
         pair = "%s:%s" % (urllib.parse.unquote(parts.username),
                           urllib.parse.unquote(parts.password or ""))
         auth = "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")
-    return parts.hostname, proxy_port, auth
+    return Proxy(parts.hostname, proxy_port, auth)
 
 
 def read_ini_file(path):
@@ -898,7 +902,7 @@ class Connection(object):
         self.port = port
         self.timeout = timeout
         self.tls = tls          # an ssl.SSLContext for https
-        self.proxy = proxy      # (host, port, Proxy-Authorization or None), or None
+        self.proxy = proxy      # a Proxy, or None
         self.conn = None
         self.requests = 0   # answered on the current connection
 
@@ -909,12 +913,14 @@ class Connection(object):
 
     def open(self):
         connect_timeout = min(CONNECT_TIMEOUT, self.timeout)
-        host, port = self.proxy[:2] if self.proxy else (self.host, self.port)
+        host, port = (self.proxy.host, self.proxy.port) if self.proxy else (self.host,
+                                                                             self.port)
         if self.scheme == "https":
             conn = http.client.HTTPSConnection(host, port, timeout=connect_timeout,
                                                context=self.tls or tls_context(None))
             if self.proxy:   # a CONNECT tunnel, then TLS with the endpoint itself
-                auth = {"Proxy-Authorization": self.proxy[2]} if self.proxy[2] else None
+                auth = self.proxy.authorization
+                auth = {"Proxy-Authorization": auth} if auth else None
                 conn.set_tunnel(self.host, self.port, headers=auth)
         else:
             conn = http.client.HTTPConnection(host, port, timeout=connect_timeout)
@@ -941,7 +947,8 @@ class Connection(object):
 
     def via(self):
         """' through the proxy HOST:PORT' (never its password), or ''."""
-        return " through the proxy %s:%d" % self.proxy[:2] if self.proxy else ""
+        return " through the proxy %s:%d" % (self.proxy.host, self.proxy.port) \
+            if self.proxy else ""
 
     def exchange(self, method, target, headers, body):
         """Send one request and read the answer; body is bytes or a FileRange."""
@@ -949,8 +956,8 @@ class Connection(object):
             self.open()
         if self.proxy and self.scheme == "http":   # a forward proxy takes absolute URLs
             target = "http://%s:%d%s" % (self.host, self.port, target)
-            if self.proxy[2]:
-                headers = dict(headers, **{"proxy-authorization": self.proxy[2]})
+            if self.proxy.authorization:
+                headers = dict(headers, **{"proxy-authorization": self.proxy.authorization})
         conn = self.conn
         conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
         for name, value in headers.items():
@@ -995,6 +1002,11 @@ def describe_os_error(exc):
     return getattr(exc, "strerror", None) or one_line(exc) or exc.__class__.__name__
 
 
+# What one request is signed with: the credentials, region and endpoint of the moment, and
+# the seconds to add to this host's clock.
+Signing = collections.namedtuple("Signing", "credentials region endpoint offset")
+
+
 class Session(object):
     """What every worker shares, and what a server's answer may correct during the run:
     the clock offset (a host clock minutes off), the region (a bucket elsewhere) and the
@@ -1021,9 +1033,10 @@ class Session(object):
         self.debug = False
 
     def snapshot(self):
+        """What a request is signed with now: a Signing."""
         with self.lock:
             self.refresh_if_expiring()
-            return self.credentials, self.region, self.endpoint, self.offset
+            return Signing(self.credentials, self.region, self.endpoint, self.offset)
 
     def refresh_if_expiring(self):
         """Temporary credentials are read again from their source before they expire
@@ -1049,7 +1062,7 @@ class Session(object):
         """True when the answer showed a mistake that is now fixed (maybe by another
         worker since this request was signed): send the request again."""
         with self.lock:
-            if used != (self.credentials, self.region, self.endpoint, self.offset):
+            if used != Signing(self.credentials, self.region, self.endpoint, self.offset):
                 return True
             return (self.fix_clock(response, signed_at) or self.fix_region(response)
                     or self.fix_credentials(response))
@@ -1139,7 +1152,7 @@ class S3Client(object):
         if self.connection is not None:
             self.connection.close()
 
-    def request(self, method, key, headers, body, body_hash, query=(), expect_md5=None):
+    def request(self, method, key, headers, body, body_hash, query=(), validate=None):
         """One signed request with retries and corrections; returns the last answer.
 
         Transient answers (5xx, 429, SlowDown, RequestTimeout, ...) and broken
@@ -1147,18 +1160,18 @@ class S3Client(object):
         server's Retry-After, while the run's deadline allows. A skewed clock, a wrong
         region and an expired token are corrected and sent again without using up a
         retry. Each attempt is signed afresh; a FileRange body is read from disk again.
-        A PUT's answer must carry the ETag expect_md5 (when it is an MD5): one without an
-        ETag was cut short, one with another was damaged on the way; both are retried.
-        A server that refuses connections is not retried.
+        validate(response), if given, checks a 2xx answer and raises TemporaryError to
+        have the request retried (an ETag that is not the MD5 sent). A server that refuses
+        connections is not retried.
         """
         retry = corrections = 0
         while True:
             used = self.session.snapshot()
             signed_at = datetime.datetime.now(datetime.timezone.utc) + \
-                datetime.timedelta(seconds=used[3])
+                datetime.timedelta(seconds=used.offset)
             try:
                 response = self.attempt(method, key, query, headers, body, body_hash, used,
-                                        signed_at, expect_md5)
+                                        signed_at, validate)
             except UnreachableError:
                 raise
             except TemporaryError:
@@ -1180,8 +1193,8 @@ class S3Client(object):
             retry += 1
 
     def attempt(self, method, key, query, headers, body, body_hash, used, signed_at,
-                expect_md5):
-        credentials, region, endpoint, _ = used
+                validate):
+        endpoint = used.endpoint
         host, path = object_address(endpoint, self.session.bucket, key)
         target = canonical_uri(path)
         if query:
@@ -1194,9 +1207,9 @@ class S3Client(object):
                                          self.timeout, self.session.tls, proxy_for(
                                              self.session.proxies, endpoint.scheme,
                                              connect_host, endpoint.port))
-        trace = self.trace(method, target, credentials) if self.session.debug else None
-        signed = sign_request(method, host, path, query, headers, body_hash, credentials,
-                              region, signed_at, trace=trace)
+        trace = self.trace(method, target, used.credentials) if self.session.debug else None
+        signed = sign_request(method, host, path, query, headers, body_hash, used.credentials,
+                              used.region, signed_at, trace=trace)
         signed["user-agent"] = USER_AGENT
         try:
             response = self.connection.exchange(method, target, signed, body)
@@ -1211,8 +1224,8 @@ class S3Client(object):
             emit(sys.stderr, "s3push: debug: answer %d %s, ETag %s, request id %s" % (
                 response.status, response.reason, response.header("etag") or "-",
                 response.header("x-amz-request-id") or "-"))
-        if method == "PUT" and 200 <= response.status < 300:
-            check_etag(response.header("etag"), expect_md5)
+        if validate is not None and 200 <= response.status < 300:
+            validate(response)
         return response
 
     @staticmethod
@@ -1368,17 +1381,28 @@ def check_answer(response, what):
                                            response.body), what)
 
 
+def put_range(client, key, fd, offset, length, headers, verify_md5, query=(), what=""):
+    """PUT a range of an open file, a whole object or one part: read once for SHA-256 and
+    MD5, sent with Content-MD5, retried until the answer's ETag is that MD5 (unless the
+    ETag is no MD5: verify_md5 false). Returns (the ETag as sent back, the raw MD5)."""
+    digest = digest_range(fd, offset, length)
+    body = digest.body if digest.body is not None else FileRange(fd, offset, length)
+    expect = digest.md5_hex if verify_md5 else None
+    headers = dict(body_headers(digest), **headers)
+    try:
+        response = client.request("PUT", key, headers, body, digest.sha256_hex, query=query,
+                                  validate=lambda answer: check_etag(answer.header("etag"),
+                                                                     expect))
+    except TemporaryError as exc:
+        raise exc.__class__("%s: %s" % (what, exc)) if what else exc
+    check_answer(response, what)
+    return response.header("etag"), digest.md5_raw if verify_md5 else None
+
+
 def put_object(client, key, fd, size, upload):
     """PUT one object from an open file; raise unless the server confirmed these bytes."""
-    digest = digest_range(fd, 0, size)
-    body = digest.body if digest.body is not None else FileRange(fd, 0, size)
-    expect = digest.md5_hex if upload.verify_md5 else None
-    headers = body_headers(digest)
-    headers.update(upload.headers)
-    headers.update(upload.condition)
-    response = client.request("PUT", key, headers, body, digest.sha256_hex, expect_md5=expect)
-    check_answer(response, "")
-    check_etag(response.header("etag"), expect)
+    put_range(client, key, fd, 0, size, dict(upload.headers, **upload.condition),
+              upload.verify_md5)
 
 
 def create_multipart_upload(client, key, upload):
@@ -1395,20 +1419,8 @@ def create_multipart_upload(client, key, upload):
 
 def upload_part(client, key, upload_id, number, fd, offset, length, verify_md5=True):
     """PUT one part; returns (its ETag as sent back, its MD5) once the ETag checks out."""
-    digest = digest_range(fd, offset, length)
-    body = digest.body if digest.body is not None else FileRange(fd, offset, length)
-    what = "part %d" % number
-    expect = digest.md5_hex if verify_md5 else None
-    try:
-        response = client.request("PUT", key, body_headers(digest), body, digest.sha256_hex,
-                                  query=[("partNumber", str(number)), ("uploadId", upload_id)],
-                                  expect_md5=expect)
-    except TemporaryError as exc:
-        raise exc.__class__("%s: %s" % (what, exc))
-    check_answer(response, what)
-    etag = response.header("etag")
-    check_etag(etag, expect)
-    return etag, digest.md5_raw if verify_md5 else None
+    return put_range(client, key, fd, offset, length, {}, verify_md5,
+                     [("partNumber", str(number)), ("uploadId", upload_id)], "part %d" % number)
 
 
 def complete_multipart_upload(client, key, upload_id, parts, upload):
@@ -1879,12 +1891,12 @@ def scan_directory(fd, directory, patterns, stack, errors):
             yield Found(directory, name, info)
 
 
-def select_files(files, min_age, now, skipped):
-    """Pass on files last modified at least min_age seconds before now; count the rest
-    in skipped[0] (a count, not a list: memory stays flat however many files wait)."""
+def select_files(files, min_age, now, on_young):
+    """Pass on files last modified at least min_age seconds before now; call on_young()
+    for each of the others (a count, not a list: memory stays flat however many wait)."""
     for found in files:
         if now - found.info.st_mtime < min_age:
-            skipped[0] += 1
+            on_young()
             continue
         yield found
 
@@ -2320,14 +2332,15 @@ class Run(object):
         self.emptied = set()   # directories of moved files, for --delete-empty-dirs
         self.bytes = 0
         self.failures = []     # exit codes of the failed files
-        self.too_young = [0]   # a counter select_files can add to
+        self.young_count = 0   # files left for later: younger than --min-age
         self.open_count = 0    # files left because a process still had them open for writing
         self.notes = set()     # what was said once already
         self.fatal = None      # the error that stopped the run early
         self.credentials = None   # once loaded: what error text must never show
         self.started = time.monotonic()
         self.started_at = time.time()
-        self.found = [0, 0]    # files and bytes the scan has handed over so far
+        self.found_files = 0   # files and bytes the scan has handed over so far
+        self.found_bytes = 0
         self.scan_done = False
         self.errors = []       # the first lines said on stderr, for --summary-json
         self.errors_total = 0
@@ -2360,6 +2373,17 @@ class Run(object):
             self.errors_total += 1
             if len(self.errors) < MAX_SUMMARY_ERRORS:
                 self.errors.append(line)
+
+    def handed_over(self, size):
+        """The scan handed over one more file of this size."""
+        with self.lock:
+            self.found_files += 1
+            self.found_bytes += size
+
+    def left_young(self):
+        """One more file younger than --min-age, left for later."""
+        with self.lock:
+            self.young_count += 1
 
     def left_open(self, path, exc, verbose):
         """Left for a later run, like a file younger than --min-age: said under -v only."""
@@ -2403,11 +2427,11 @@ class Run(object):
         """files and bytes done of those found, rate and (once the scan is done) ETA."""
         seconds = max(time.monotonic() - self.started, 1e-6)
         rate = self.bytes / seconds
-        left = max(self.found[1] - self.bytes, 0)
+        left = max(self.found_bytes - self.bytes, 0)
         eta = " ETA %ds" % (left / rate) if self.scan_done and rate > 0 else ""
         more = "" if self.scan_done else "+"
         return "s3push: %d/%d%s files, %.1f/%.1f%s MB, %.1f MB/s%s" % (
-            self.moved_count, self.found[0], more, self.bytes / 1e6, self.found[1] / 1e6,
+            self.moved_count, self.found_files, more, self.bytes / 1e6, self.found_bytes / 1e6,
             more, rate / 1e6, eta)
 
     def show_status(self):
@@ -2422,7 +2446,7 @@ class Run(object):
                     "%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started_at)),
                 "seconds": round(time.monotonic() - self.started, 3), "exit_status": status,
                 "files_moved": self.moved_count, "bytes_moved": self.bytes,
-                "files_failed": len(self.failures), "files_left_young": self.too_young[0],
+                "files_failed": len(self.failures), "files_left_young": self.young_count,
                 "files_left_open": self.open_count,
                 "errors_total": self.errors_total, "errors": self.errors}
 
@@ -2431,8 +2455,8 @@ class Run(object):
         return ("s3push: moved %d files, %d bytes in %.2f s (%.2f MB/s); %d failed, "
                 "%d left for later (%d younger than --min-age, %d still open for writing)"
                 % (self.moved_count, self.bytes, seconds, self.bytes / seconds / 1e6,
-                   len(self.failures), self.too_young[0] + self.open_count,
-                   self.too_young[0], self.open_count))
+                   len(self.failures), self.young_count + self.open_count,
+                   self.young_count, self.open_count))
 
 
 class Job(object):
@@ -2489,8 +2513,7 @@ def move_all(job, files):
         for found in files:
             if job.session.expired() or not job.queue.add_file(FileTask(job, found)):
                 break
-            job.run.found[0] += 1
-            job.run.found[1] += found.info.st_size
+            job.run.handed_over(found.info.st_size)
         job.run.scan_done = True
         job.queue.done_producing()
         for thread in workers:
@@ -2579,7 +2602,7 @@ def run_source(options, environ, run, destination, root):
     errors = []
     patterns = DEFAULT_EXCLUDES + tuple(options.exclude)
     files = select_files(scan(root, patterns, errors), options.min_age, time.time(),
-                         run.too_young)
+                         run.left_young)
     first, files = first_and_rest(files)
     if first is not None:
         load_deferred_modules()

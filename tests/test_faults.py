@@ -436,7 +436,8 @@ class Signals(FaultCase):
 # appending, says "open" on stdout, and writes one burst when a line comes on stdin.
 WRITER = r"""
 import sys, time
-path, mode, bursts, size, pause = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+path, mode = sys.argv[1:3]
+bursts, size, pause = int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
 if mode == "wait":
     with open(path, "ab") as handle:
         print("open", flush=True)

@@ -316,11 +316,12 @@ class Selection(unittest.TestCase):
     def test_min_age(self):
         self.touch("old", mtime=1000)
         self.touch("new", mtime=1990)
-        skipped = [0]
+        young = []
         files = self.scan(self.root, (), [])
-        kept = [f.relative for f in s3push.select_files(files, 60, 2000, skipped)]
+        kept = [f.relative for f in s3push.select_files(files, 60, 2000,
+                                                          lambda: young.append(1))]
         self.assertEqual(kept, ["old"])
-        self.assertEqual(skipped, [1])
+        self.assertEqual(young, [1])
 
     def test_same_file(self):
         path = self.touch("f")
