@@ -191,8 +191,8 @@ class TreeChangedError(VanishedError):
 
 
 class StillWrittenError(S3PushError):
-    """A process still has the file open for writing: it is left for a later run, like a
-    file younger than --min-age; not a failure."""
+    """A process still has the file open for writing, or it changed since the scan: it is
+    left for a later run, like a file younger than --min-age; not a failure."""
     exit_code = EXIT_OK
     fatal = False
 
@@ -1641,10 +1641,11 @@ class FileTask(object):
     def run(self, client):
         job, found = self.job, self.found
         path = os.path.join(job.source, found.relative)
-        url = "s3://%s/%s%s" % (job.destination.bucket, job.prefix_for(found.info.st_mtime),
-                                safe_name(found.relative))
-        try:
-            key, size = move_file(client, job, found)
+        url = None
+        try:   # the key, made once from the scan's mtime (a file changed since is left)
+            key = object_key(job.prefix_for(found.info.st_mtime), found.relative)
+            url = "s3://%s/%s" % (job.destination.bucket, safe_name(key))
+            key, size = move_file(client, job, found, key)
         except StillWrittenError as exc:
             job.run.left_open(path, exc, job.verbose)
             return
@@ -2074,10 +2075,10 @@ def candidate_keys(key, if_exists):
             yield numbered_key(key, number)
 
 
-def move_file(client, job, found):
-    """Upload one file (one PUT, or multipart above the threshold), verify, delete it; all
-    through its directory's descriptor, reached afresh from SOURCE_DIR. Returns the key
-    the object went to and the size."""
+def move_file(client, job, found, key):
+    """Upload one file to key (one PUT, or multipart above the threshold), verify, delete
+    it; all through its directory's descriptor, reached afresh from SOURCE_DIR. Returns
+    the key the object went to (another under --if-exists number) and the size."""
     try:
         parent = open_directory(job.root, found.directory.steps)
     except OSError as exc:
@@ -2086,8 +2087,10 @@ def move_file(client, job, found):
         opened = time.monotonic()
         fd, info = open_regular_file(parent, found.name)
         try:
+            if not same_file(found.info, info):   # the key was made from the scan's mtime
+                raise StillWrittenError("changed since the scan; left for a later run")
             check_no_writer(job, fd, info, float("-inf"), False)
-            key = upload_file(client, job, fd, info, found)
+            key = upload_file(client, job, fd, info, found, key)
             delete_if_unchanged(job, parent, fd, found, info, opened)
         finally:
             os.close(fd)
@@ -2098,15 +2101,14 @@ def move_file(client, job, found):
     return key, info.st_size
 
 
-def upload_file(client, job, fd, info, found):
-    """Send the open file to its key, or under --if-exists number to the first free
+def upload_file(client, job, fd, info, found, first):
+    """Send the open file to key `first`, or under --if-exists number to the first free
     numbered one; returns the key it went to."""
     try:
         check_links(info, job.allow_hardlinks)
         if info.st_size > MAX_OBJECT_BYTES:
             raise FileError("larger than 5 TiB, S3's limit for one object; left in place")
         upload = upload_for(job, found.relative, info)
-        first = object_key(job.prefix_for(info.st_mtime), found.relative)
         for key in candidate_keys(first, job.if_exists):
             try:
                 send_file(client, job, object_key("", key), fd, info.st_size, upload)
@@ -2333,7 +2335,7 @@ class Run(object):
         self.bytes = 0
         self.failures = []     # exit codes of the failed files
         self.young_count = 0   # files left for later: younger than --min-age
-        self.open_count = 0    # files left because a process still had them open for writing
+        self.writing_count = 0   # files left for later: still being written
         self.notes = set()     # what was said once already
         self.fatal = None      # the error that stopped the run early
         self.credentials = None   # once loaded: what error text must never show
@@ -2388,7 +2390,7 @@ class Run(object):
     def left_open(self, path, exc, verbose):
         """Left for a later run, like a file younger than --min-age: said under -v only."""
         with self.lock:
-            self.open_count += 1
+            self.writing_count += 1
             if verbose:
                 self.clear_status()
                 emit(sys.stdout, "left %s: %s" % (safe_name(path), exc))
@@ -2447,16 +2449,16 @@ class Run(object):
                 "seconds": round(time.monotonic() - self.started, 3), "exit_status": status,
                 "files_moved": self.moved_count, "bytes_moved": self.bytes,
                 "files_failed": len(self.failures), "files_left_young": self.young_count,
-                "files_left_open": self.open_count,
+                "files_left_writing": self.writing_count,
                 "errors_total": self.errors_total, "errors": self.errors}
 
     def summary(self):
         seconds = max(time.monotonic() - self.started, 1e-6)
         return ("s3push: moved %d files, %d bytes in %.2f s (%.2f MB/s); %d failed, "
-                "%d left for later (%d younger than --min-age, %d still open for writing)"
+                "%d left for later (%d younger than --min-age, %d still being written)"
                 % (self.moved_count, self.bytes, seconds, self.bytes / seconds / 1e6,
-                   len(self.failures), self.young_count + self.open_count,
-                   self.young_count, self.open_count))
+                   len(self.failures), self.young_count + self.writing_count,
+                   self.young_count, self.writing_count))
 
 
 class Job(object):

@@ -541,7 +541,7 @@ class OpenWriters(FaultCase):
         out, err = process.communicate(timeout=RUN_TIMEOUT)
         self.assertEqual(process.returncode, 0, err)
         self.assertIn(b"uploaded, but still open for writing", out)
-        self.assertIn(b"1 still open for writing", out)
+        self.assertIn(b"1 still being written", out)
         self.assertEqual(files_under(self.source), [b"rec.bin"])
         writer.communicate(b"go\n", timeout=RUN_TIMEOUT)
         result = self.run_s3push("--min-age", "0")

@@ -100,6 +100,46 @@ class KeyTemplates(IntegrationCase):
         self.assertEqual(self.server.object_bytes(key), b"log")
         self.assertIn(key, done.stdout.decode())
 
+    def test_a_file_touched_between_scan_and_upload_goes_under_the_key_reported(self):
+        # Two files, one at a time; the first is held on its way up while the other gets
+        # another (old) mtime: it is left for the next run, which files it by that date.
+        import subprocess
+        import threading
+        for name in ("a", "b"):
+            os.utime(write_file(self.source, name, name.encode()), (0, 86400 * 365))
+        arrived, release, puts = threading.Event(), threading.Event(), []
+
+        def hold_first(request):
+            puts.append(request.target)
+            if len(puts) == 1:
+                arrived.set()
+                release.wait(120)
+        proxy = s3server.FaultProxy(self.recorder.endpoint, hold_first)
+        self.proxies.append(proxy)
+        self.addCleanup(release.set)
+        argv = self.command("-v", "--jobs", "1", endpoint=proxy.endpoint)
+        argv[-1] = "s3://%s/%s{mtime_date}/" % (self.server.bucket, self.prefix)
+        process = subprocess.Popen(argv, env=self.env(), stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE)
+        self.addCleanup(process.kill)
+        self.assertTrue(arrived.wait(120))
+        first = puts[0].rsplit("/", 1)[-1]
+        other = "b" if first == "a" else "a"
+        os.utime(os.path.join(self.source, other), (0, 86400 * 366))
+        release.set()
+        out, err = process.communicate(timeout=120)
+        self.assertEqual(process.returncode, 0, err)
+        self.assertIn("/%s: changed since the scan; left for a later run" % other,
+                      out.decode())
+        done = subprocess.run(argv, env=self.env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=120)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        key = "%s1971-01-02/%s" % (self.prefix, other)
+        self.assertIn("-> s3://%s/%s " % (self.server.bucket, key), done.stdout.decode())
+        self.assertEqual(self.server.keys(self.prefix),
+                         {"%s1971-01-01/%s" % (self.prefix, first), key})
+        self.assertEqual(files_under(self.source), [])
+
     def test_unknown_placeholder(self):
         write_file(self.source, "f", b"x")
         argv = self.command()
