@@ -288,29 +288,30 @@ def environment_credentials(environ):
     return Credentials(key, secret, environ.get("AWS_SESSION_TOKEN") or None, "environment")
 
 
-def resolve_credentials(environ, explicit_profile, profile, sources, fetch=None):
+def resolve_credentials(environ, explicit_profile, profile, sources, io=None,
+                        region=DEFAULT_REGION):
     """The AWS tools' order: the environment (passed over for an explicit --profile), a
     role to assume (role_arn), the credentials file, credential_process, the config file,
     container credentials, the EC2 instance profile.
 
     sources: [(section or None, path)] for the credentials file, then the config file.
-    fetch(kind, **info) does what needs I/O (STS, a process, metadata services); without
-    it only the environment and the files count.
+    io: the CredentialSources that need I/O (STS, a process, metadata services); without
+    it only the environment and the files count. region: where STS is asked.
     """
     (cred_section, cred_path), (conf_section, conf_path) = sources
     conf_section = conf_section or {}
     steps = [
         lambda: None if explicit_profile else environment_credentials(environ),
-        lambda: fetch("assume-role", section=conf_section, profile=profile)
-        if fetch and conf_section.get("role_arn") else None,
+        lambda: io.assume_role(conf_section, profile, region)
+        if io and conf_section.get("role_arn") else None,
         lambda: credentials_from_section(cred_section, cred_path, profile)
         if has_keys(cred_section) else None,
-        lambda: fetch("process", command=conf_section["credential_process"], profile=profile)
-        if fetch and conf_section.get("credential_process") else None,
+        lambda: io.process(conf_section["credential_process"], profile)
+        if io and conf_section.get("credential_process") else None,
         lambda: credentials_from_section(conf_section, conf_path, profile)
         if has_keys(conf_section) else None,
-        lambda: fetch("container") if fetch else None,
-        lambda: fetch("instance") if fetch else None,
+        lambda: io.container() if io else None,
+        lambda: io.instance() if io else None,
     ]
     for step in steps:
         found = step()
@@ -357,10 +358,12 @@ def check_credentials(credentials):
                               "character: copy it again" % (name, credentials.source))
 
 
-def resolve_settings(options, environ, credentials_ini, config_ini, paths, fetch=None):
-    """Pure: options (argparse namespace), environ and parsed files give the Settings.
+def resolve_settings(options, environ, credentials_ini, config_ini, paths, io=None):
+    """Pure: options (argparse namespace), environ and parsed files give the Settings; the
+    one place where the profile and the region are decided.
 
-    paths: (credentials file path, config file path), for messages.
+    paths: (credentials file path, config file path), for messages. io: as for
+    resolve_credentials.
     """
     explicit = bool(getattr(options, "profile", None))
     profile = options.profile or environ.get("AWS_PROFILE") or "default"
@@ -374,7 +377,7 @@ def resolve_settings(options, environ, credentials_ini, config_ini, paths, fetch
               or conf_section.get("region") or DEFAULT_REGION)
     credentials = resolve_credentials(environ, explicit, profile,
                                       [(cred_section, paths[0]), (conf_section, paths[1])],
-                                      fetch)
+                                      io, region)
     endpoint = (options.endpoint_url or environ.get("AWS_ENDPOINT_URL_S3")
                 or environ.get("AWS_ENDPOINT_URL") or conf_section.get("endpoint_url") or None)
     ca_bundle = (getattr(options, "ca_bundle", None) or environ.get("AWS_CA_BUNDLE")
@@ -454,26 +457,29 @@ def load_settings(options, environ):
     conf_path = environ.get("AWS_CONFIG_FILE") or os.path.join(home, ".aws", "config")
     cred_path, conf_path = os.path.expanduser(cred_path), os.path.expanduser(conf_path)
     inis, paths = (read_ini_file(cred_path), read_ini_file(conf_path)), (cred_path, conf_path)
-    region = (options.region or environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
-              or (profile_section(inis[1], options.profile or environ.get("AWS_PROFILE")
-                                  or "default", True) or {}).get("region") or DEFAULT_REGION)
-
-    def fetch(kind, **info):
-        return fetch_credentials(kind, info, environ, inis, paths, region)
-    return resolve_settings(options, environ, inis[0], inis[1], paths, fetch)
+    return resolve_settings(options, environ, inis[0], inis[1], paths,
+                            CredentialSources(environ, inis, paths))
 
 
-def fetch_credentials(kind, info, environ, inis, paths, region):
-    """The credential sources that need I/O: STS AssumeRole, a process, metadata."""
-    if kind == "process":
-        return process_credentials(info["command"], info["profile"])
-    if kind == "container":
-        return container_credentials(environ)
-    if kind == "instance":
-        return instance_credentials(environ)
-    section = info["section"]
-    source_credentials = role_source_credentials(section, info["profile"], environ, inis, paths)
-    return assume_role(section, source_credentials, region, environ, info["profile"])
+class CredentialSources(object):
+    """The credential sources that need I/O, one method each: STS AssumeRole, a process,
+    the container and the EC2 instance metadata services."""
+
+    def __init__(self, environ, inis, paths):
+        self.environ, self.inis, self.paths = environ, inis, paths
+
+    def assume_role(self, section, profile, region):
+        source = role_source_credentials(section, profile, self.environ, self.inis, self.paths)
+        return assume_role(section, source, region, self.environ, profile)
+
+    def process(self, command, profile):
+        return process_credentials(command, profile)
+
+    def container(self):
+        return container_credentials(self.environ)
+
+    def instance(self):
+        return instance_credentials(self.environ)
 
 
 def role_source_credentials(section, profile, environ, inis, paths):
@@ -926,16 +932,12 @@ class Connection(object):
             conn = http.client.HTTPConnection(host, port, timeout=connect_timeout)
         try:
             conn.connect()
-        except OSError as exc:
+        except (OSError, http.client.HTTPException) as exc:
             if is_certificate_error(exc):
                 raise ConfigError("the TLS certificate of %s:%d is not trusted (%s): if the "
                                   "server uses a private CA, name it with --ca-bundle, "
                                   "AWS_CA_BUNDLE or ca_bundle in the profile"
                                   % (self.host, self.port, one_line(exc)))
-            raise UnreachableError("cannot connect to %s:%d%s (%s): is the endpoint right and "
-                                   "the server up?" % (self.host, self.port, self.via(),
-                                                       describe_os_error(exc)))
-        except http.client.HTTPException as exc:
             raise UnreachableError("cannot connect to %s:%d%s (%s): is the endpoint right and "
                                    "the server up?" % (self.host, self.port, self.via(),
                                                        describe_os_error(exc)))
@@ -1007,6 +1009,20 @@ def describe_os_error(exc):
 Signing = collections.namedtuple("Signing", "credentials region endpoint offset")
 
 
+class Deadline(object):
+    """--deadline: the moment (time.monotonic()) after which no upload and no retry starts;
+    None for none."""
+
+    def __init__(self, at=None):
+        self.at = at
+
+    def allows_wait(self, seconds):
+        return self.at is None or time.monotonic() + seconds < self.at
+
+    def passed(self):
+        return self.at is not None and time.monotonic() >= self.at
+
+
 class Session(object):
     """What every worker shares, and what a server's answer may correct during the run:
     the clock offset (a host clock minutes off), the region (a bucket elsewhere) and the
@@ -1014,7 +1030,7 @@ class Session(object):
     announced once on stderr; the request that met it is sent again at once.
     """
 
-    def __init__(self, settings, bucket, reload_credentials=None, deadline=None):
+    def __init__(self, settings, bucket, reload_credentials=None):
         self.lock = threading.Lock()
         self.bucket = bucket
         self.endpoint_url = settings.endpoint_url
@@ -1025,7 +1041,6 @@ class Session(object):
         self.reload_credentials = reload_credentials
         self.reloaded = False
         self.last_refresh = 0.0
-        self.deadline = deadline          # time.monotonic() value, or None
         self.said = set()
         self.tls = tls_context(settings.ca_bundle) if self.endpoint.scheme == "https" or \
             settings.ca_bundle else None
@@ -1051,12 +1066,6 @@ class Session(object):
             self.credentials = self.reload_credentials()
         except S3PushError as exc:
             self.say("refresh", "could not refresh the credentials (%s)" % exc)
-
-    def can_wait(self, seconds):
-        return self.deadline is None or time.monotonic() + seconds < self.deadline
-
-    def expired(self):
-        return self.deadline is not None and time.monotonic() >= self.deadline
 
     def correct(self, response, used, signed_at):
         """True when the answer showed a mistake that is now fixed (maybe by another
@@ -1142,8 +1151,9 @@ def answer_time(response):
 class S3Client(object):
     """Signs and sends requests for one bucket over one connection (one per worker)."""
 
-    def __init__(self, session, retries=0, timeout=DEFAULT_TIMEOUT):
+    def __init__(self, session, retries=0, timeout=DEFAULT_TIMEOUT, deadline=None):
         self.session = session
+        self.deadline = deadline or Deadline()
         self.retries = retries
         self.timeout = timeout
         self.connection = None
@@ -1176,7 +1186,7 @@ class S3Client(object):
                 raise
             except TemporaryError:
                 delay = backoff_delay(retry, "", random.random())
-                if retry >= self.retries or not self.session.can_wait(delay):
+                if retry >= self.retries or not self.deadline.allows_wait(delay):
                     raise
                 time.sleep(delay)
                 retry += 1
@@ -1187,7 +1197,7 @@ class S3Client(object):
                 continue
             delay = backoff_delay(retry, response.header("retry-after"), random.random())
             if retry >= self.retries or not is_retryable(response) or \
-                    not self.session.can_wait(delay):
+                    not self.deadline.allows_wait(delay):
                 return response
             time.sleep(delay)
             retry += 1
@@ -1432,7 +1442,7 @@ def complete_multipart_upload(client, key, upload_id, parts, upload):
     body = ("<CompleteMultipartUpload>%s</CompleteMultipartUpload>" % "".join(
         "<Part><PartNumber>%d</PartNumber><ETag>%s</ETag></Part>" % (n, xml_escape(etag))
         for n, (etag, _) in enumerate(parts, 1))).encode("utf-8")
-    digest = digest_range_of_bytes(body)
+    digest = digest_bytes(body)
     what = "completing the multipart upload"
     headers = body_headers(digest, "application/xml")
     headers.update(upload.condition)
@@ -1443,13 +1453,13 @@ def complete_multipart_upload(client, key, upload_id, parts, upload):
     etag = etag.strip('"').lower()
     md5s = [md5 for _, md5 in parts]
     if etag and None not in md5s:
-        expected = "%s-%d" % (digest_range_of_bytes(b"".join(md5s)).md5_hex, len(parts))
+        expected = "%s-%d" % (digest_bytes(b"".join(md5s)).md5_hex, len(parts))
         if etag != expected:
             raise FileError("the server's ETag %s is not %s, the MD5 of the parts' MD5s: kept"
                             % (etag, expected))
 
 
-def digest_range_of_bytes(data):
+def digest_bytes(data):
     md5 = new_md5()
     if md5 is not None:
         md5.update(data)
@@ -1576,7 +1586,7 @@ class PartTask(object):
         self.key, self.upload_id = key, upload_id
         self.fd, self.offset, self.length = fd, offset, length
 
-    def run(self, client):
+    def perform(self, client):
         """Whatever happens, the tracker hears of this part: its upload never waits forever."""
         result, error = None, None
         try:
@@ -1622,7 +1632,7 @@ def multipart_upload_once(client, job, key, fd, size, upload):
         while not tracker.wait(0):
             task = job.queue.next_part()
             if task is not None:
-                task.run(client)
+                task.perform(client)
             else:
                 tracker.wait(0.5)
     finally:
@@ -1638,7 +1648,7 @@ class FileTask(object):
     def __init__(self, job, found):
         self.job, self.found = job, found
 
-    def run(self, client):
+    def perform(self, client):
         job, found = self.job, self.found
         path = os.path.join(job.source, found.relative)
         url = None
@@ -1647,28 +1657,28 @@ class FileTask(object):
             url = "s3://%s/%s" % (job.destination.bucket, safe_name(key))
             key, size = move_file(client, job, found, key)
         except StillWrittenError as exc:
-            job.run.left_open(path, exc, job.verbose)
+            job.tally.left_open(path, exc, job.verbose)
             return
         except S3PushError as exc:
-            job.run.failed(path, url, exc)
+            job.tally.failed(path, url, exc)
             if exc.fatal:
                 job.queue.stop()
             return
         url = "s3://%s/%s" % (job.destination.bucket, safe_name(key))
-        job.run.moved(path, url, size, found.directory, job.verbose)
+        job.tally.moved(path, url, size, found.directory, job.verbose)
 
 
 def worker(job):
     """Run tasks until the queue is done, over this worker's own connection."""
-    client = S3Client(job.session, job.retries, job.timeout)
+    client = S3Client(job.session, job.retries, job.timeout, job.deadline)
     try:
         while True:
             task = job.queue.next_task()
             if task is None:
                 return
-            task.run(client)
+            task.perform(client)
     except Exception as exc:   # a bug: stop the run, keep the files, say where
-        job.run.crashed(exc)
+        job.tally.crashed(exc)
         job.queue.stop()
     finally:
         client.close()
@@ -2027,7 +2037,7 @@ def check_no_writer(job, fd, info, since, uploaded):
     """StillWrittenError when a process has the file open for writing."""
     writing = open_for_writing(fd, info, job.writers, since)
     if writing is None:
-        job.run.note_once("s3push: cannot tell whether other processes still write files "
+        job.tally.note_once("s3push: cannot tell whether other processes still write files "
                           "here (no file lease, no /proc): relying on --min-age and "
                           "in-progress names", job.verbose)
     elif writing:
@@ -2325,8 +2335,9 @@ def emit(stream, line):
     stream.flush()
 
 
-class Run(object):
-    """The tally of one run, shared by the workers: moved, failed, left for later."""
+class Tally(object):
+    """What one run did, shared by the workers: moved, failed, left for later; the lines
+    that say so, and the exit status that follows."""
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -2414,7 +2425,7 @@ class Run(object):
             self.fatal = internal_error(exc, self.credentials)
             emit(sys.stderr, "s3push: %s" % self.fatal)
 
-    def exit_code(self):
+    def exit_status(self):
         if self.fatal is not None:
             return self.fatal.exit_code
         if EXIT_FILES_LEFT in self.failures:
@@ -2464,17 +2475,19 @@ class Run(object):
 class Job(object):
     """What the workers share: settings, destination, options, the queue and the tally."""
 
-    def __init__(self, options, session, destination, run, root):
+    def __init__(self, options, session, destination, tally, root):
         self.root = root   # SOURCE_DIR's descriptor: every file is reached through it
         self.source = options.source
         self.allow_hardlinks = options.allow_hardlinks
         self.session = session
         self.destination = destination
-        self.run = run
+        self.tally = tally
         self.verbose = options.verbose
         self.multipart_threshold = options.multipart_threshold
         self.part_size = options.part_size
-        self.jobs = options.jobs
+        self.workers = options.jobs   # how many; each with its own connection
+        self.deadline = Deadline(tally.started + options.deadline if options.deadline
+                                 else None)
         self.retries = options.retries
         self.timeout = options.timeout
         self.object_headers = object_headers(options)
@@ -2504,27 +2517,27 @@ class Template(object):
 def move_all(job, files):
     """Feed the scan's files to the workers and wait for them; SIGTERM stops the feed."""
     workers = [threading.Thread(target=worker, args=(job,), daemon=True)
-               for _ in range(job.jobs)]
+               for _ in range(job.workers)]
     for thread in workers:
         thread.start()
     done = threading.Event()
-    status_line = threading.Thread(target=show_progress, args=(job.run, done), daemon=True)
-    if job.run.progress:
+    status_line = threading.Thread(target=show_progress, args=(job.tally, done), daemon=True)
+    if job.tally.progress:
         status_line.start()
     try:
         for found in files:
-            if job.session.expired() or not job.queue.add_file(FileTask(job, found)):
+            if job.deadline.passed() or not job.queue.add_file(FileTask(job, found)):
                 break
-            job.run.handed_over(found.info.st_size)
-        job.run.scan_done = True
+            job.tally.handed_over(found.info.st_size)
+        job.tally.scan_done = True
         job.queue.done_producing()
         for thread in workers:
             while thread.is_alive():
                 thread.join(0.5)   # a timed join lets signals through on every Python
-                if job.session.expired() and not job.queue.stopped:
+                if job.deadline.passed() and not job.queue.stopped:
                     job.queue.stop()   # no new file or part; requests in flight finish
-        if job.session.expired():
-            job.run.out_of_time()
+        if job.deadline.passed():
+            job.tally.out_of_time()
     except BaseException:
         job.queue.stop()   # in-flight uploads are abandoned; nothing unconfirmed is deleted
         raise
@@ -2534,16 +2547,16 @@ def move_all(job, files):
             status_line.join(1)
 
 
-def show_progress(run, done):
+def show_progress(tally, done):
     """The live status line on stderr, until done is set."""
     while not done.wait(PROGRESS_INTERVAL):
-        run.show_status()
-    with run.lock:
-        run.clear_status()
-        run.progress = False
+        tally.show_status()
+    with tally.lock:
+        tally.clear_status()
+        tally.progress = False
 
 
-def dry_run(source, files, destination, run):
+def print_plan(source, files, destination, tally):
     """Print where each file would go; names that cannot be keys are reported."""
     template = Template(destination.prefix)
     for found in files:
@@ -2551,7 +2564,7 @@ def dry_run(source, files, destination, run):
         try:
             key = object_key(template.prefix_for(found.info.st_mtime), found.relative)
         except FileError as exc:
-            run.failed(path, None, exc)
+            tally.failed(path, None, exc)
             continue
         emit(sys.stdout, "would move %s -> s3://%s/%s (%d bytes)"
              % (safe_name(path), destination.bucket, safe_name(key), found.info.st_size))
@@ -2574,7 +2587,7 @@ def check_source(source):
                            % safe_name(source))
 
 
-def run_transfer(options, environ, run):
+def push(options, environ, tally):
     """The whole run after argument parsing; returns the exit status.
 
     Nothing beyond the scan happens until it finds a file: an idle tick reads no
@@ -2590,12 +2603,12 @@ def run_transfer(options, environ, run):
         raise NoInputError("cannot open SOURCE_DIR %s (%s): check the path"
                            % (safe_name(options.source), exc.strerror))
     try:
-        return run_source(options, environ, run, destination, root)
+        return push_locked(options, environ, tally, destination, root)
     finally:
         os.close(root)
 
 
-def run_source(options, environ, run, destination, root):
+def push_locked(options, environ, tally, destination, root):
     """Lock SOURCE_DIR (open as root), scan it, and move what the scan finds."""
     if not options.dry_run and not lock_directory(root):
         emit(sys.stderr, "s3push: another run is moving %s; this one exits"
@@ -2604,39 +2617,33 @@ def run_source(options, environ, run, destination, root):
     errors = []
     patterns = DEFAULT_EXCLUDES + tuple(options.exclude)
     files = select_files(scan(root, patterns, errors), options.min_age, time.time(),
-                         run.left_young)
+                         tally.left_young)
     first, files = first_and_rest(files)
     if first is not None:
         load_deferred_modules()
         settings = load_settings(options, environ)
         warn_if_exposed_credentials(settings.credentials)
-        run.credentials = settings.credentials
-        try:
-            transfer(options, environ, settings, destination, run, files, root)
-        except S3PushError:
-            raise
-        except Exception as exc:   # a bug: one line, no secret, every file kept
-            raise internal_error(exc, settings.credentials)
+        tally.credentials = settings.credentials
+        move_or_plan(options, environ, settings, destination, tally, files, root)
     for relative, exc in errors:
-        run.failed(os.path.join(options.source, relative), None, exc)
+        tally.failed(os.path.join(options.source, relative), None, exc)
     if options.verbose:
-        emit(sys.stdout, run.summary())
-    return run.exit_code()
+        emit(sys.stdout, tally.summary())
+    return tally.exit_status()
 
 
-def transfer(options, environ, settings, destination, run, files, root):
+def move_or_plan(options, environ, settings, destination, tally, files, root):
     """Dry run, or move the files, then remove the directories they left empty."""
     if options.dry_run:
-        dry_run(options.source, files, destination, run)
+        print_plan(options.source, files, destination, tally)
         return
-    deadline = run.started + options.deadline if options.deadline else None
     session = Session(settings, destination.bucket,
-                      lambda: load_settings(options, environ).credentials, deadline)
+                      lambda: load_settings(options, environ).credentials)
     session.debug = options.debug
-    run.progress = sys.stderr.isatty() if options.progress is None else options.progress
-    move_all(Job(options, session, destination, run, root), files)
+    tally.progress = sys.stderr.isatty() if options.progress is None else options.progress
+    move_all(Job(options, session, destination, tally, root), files)
     if options.delete_empty_dirs:
-        remove_empty_dirs(root, run.emptied)
+        remove_empty_dirs(root, tally.emptied)
 
 
 def internal_error(exc, credentials):
@@ -2645,10 +2652,8 @@ def internal_error(exc, credentials):
     while where is not None and where.tb_next is not None:
         where = where.tb_next
     line = " at line %d" % where.tb_lineno if where is not None else ""
-    error = S3PushError("internal error: %s%s: %s; no file was lost" % (
+    return S3PushError("internal error: %s%s: %s; no file was lost" % (
         exc.__class__.__name__, line, redact(one_line(exc), credentials)))
-    error.exit_code = EXIT_SOFTWARE
-    return error
 
 
 def on_sigterm(signum, frame):
@@ -2657,10 +2662,10 @@ def on_sigterm(signum, frame):
 
 def main(argv=None):
     options = build_parser().parse_args(argv)
-    run = Run()
-    status = run_main(options, run)
+    tally = Tally()
+    status = exit_status(options, tally)
     if options.summary_json:
-        write_summary(options.summary_json, run.summary_data(options, status))
+        write_summary(options.summary_json, tally.summary_data(options, status))
     return status
 
 
@@ -2678,12 +2683,12 @@ def write_summary(path, data):
              % (path, exc.strerror or exc))
 
 
-def run_main(options, run):
+def exit_status(options, tally):
     """Run, mapping every way a run can end to its exit status and one line."""
     signal.signal(signal.SIGTERM, on_sigterm)
     signal.signal(signal.SIGIO, signal.SIG_IGN)   # a lease break (see TAKE_LEASES): no harm
     try:
-        return run_transfer(options, os.environ, run)
+        return push(options, os.environ, tally)
     except KeyboardInterrupt:
         emit(sys.stderr, "s3push: interrupted; files not yet confirmed were left in place")
         return EXIT_SIGNAL_BASE + signal.SIGINT
@@ -2693,8 +2698,8 @@ def run_main(options, run):
     except S3PushError as exc:
         emit(sys.stderr, "s3push: error: %s" % exc)
         return exc.exit_code
-    except Exception as exc:   # a bug before any credentials were read: say where
-        emit(sys.stderr, "s3push: error: %s" % internal_error(exc, None))
+    except Exception as exc:   # a bug: one line, no secret, every unconfirmed file kept
+        emit(sys.stderr, "s3push: error: %s" % internal_error(exc, tally.credentials))
         return EXIT_SOFTWARE
 
 
