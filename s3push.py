@@ -42,8 +42,11 @@ Security:
     every file is reached from SOURCE_DIR's descriptor one name at a time, never
     through a symlink, and checked against what the scan saw (see Local side).
 
-Sections (grep '^# ==='): constants, errors, credentials and settings, SigV4
-signer, transport, S3 operations, local side, command line.
+Sections (grep '^# ==='), lowest layer first; each uses only what stands above it:
+constants and output, errors, SigV4 signer, HTTP and XML transport, Session and
+S3Client, credentials and settings, S3 operations, local side (keys, the walk,
+open writers), the per-file move and parallel transfers, the run, command line
+(main last).
 """
 
 import argparse
@@ -76,7 +79,7 @@ def load_deferred_modules():
         globals()[name.partition(".")[0]] = __import__(name)
 
 
-# === Constants ===
+# === Constants and output ===
 
 VERSION = "0.1.0"
 USER_AGENT = "s3push/%s python/%d.%d" % ((VERSION,) + tuple(sys.version_info[:2]))
@@ -111,6 +114,7 @@ MAX_CORRECTIONS = 3                    # clock, region, credentials: at most onc
 MAX_SUMMARY_ERRORS = 20
 PROGRESS_INTERVAL = 0.5
 
+
 EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_FILES_LEFT = 65
@@ -121,12 +125,15 @@ EXIT_NO_PERMISSION = 77
 EXIT_CONFIG = 78
 EXIT_SIGNAL_BASE = 128
 
+
 # S3 error codes that mean "these credentials may not do this": stop the run.
 ACCESS_CODES = frozenset([
     "AccessDenied", "AccountProblem", "AllAccessDisabled", "ExpiredToken",
     "InvalidAccessKeyId", "InvalidToken", "SignatureDoesNotMatch", "TokenRefreshRequired",
     "InvalidObjectState", "NotSignedUp",
 ])
+
+
 # Codes that mean the settings are wrong, not the file: stop the run.
 CONFIG_CODES = frozenset([
     "NoSuchBucket", "PermanentRedirect", "AuthorizationHeaderMalformed",
@@ -139,8 +146,35 @@ TEMPORARY_CODES = frozenset([
     "BadDigest", "XAmzContentSHA256Mismatch", "IncompleteBody",
 ])
 
-# === Errors ===
 
+def redact(text, credentials):
+    """text without the secret key, the session token or any signature: the one way by
+    which request details reach the output (--debug) or an error message."""
+    for secret in (credentials.secret_key, credentials.token) if credentials else ():
+        if secret:
+            text = text.replace(secret, "<redacted>")
+    return re.sub(r"(Signature=)[0-9a-fA-F]+", r"\1<redacted>", text)
+
+
+def one_line(text, limit=300):
+    """Server text folded to one short line."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def safe_name(name):
+    """A file name fit for a terminal: undecodable bytes and control characters escaped."""
+    text = os.fsencode(name).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def emit(stream, line):
+    """Write one line; what the stream's encoding cannot show is escaped, not fatal."""
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    stream.write(line.encode(encoding, "backslashreplace").decode(encoding) + "\n")
+    stream.flush()
+
+# === Errors ===
 
 class S3PushError(Exception):
     """An expected failure; its text is one line for the operator, without secrets."""
@@ -211,443 +245,6 @@ class Interrupted(BaseException):
     def __init__(self, signum):
         BaseException.__init__(self, signum)
         self.signum = signum
-
-
-# === Credentials and settings ===
-
-
-class Credentials(object):
-    """An access key pair; its repr shows the key id and where it came from, never the secret."""
-    __slots__ = ("access_key", "secret_key", "token", "source", "expiration")
-
-    def __init__(self, access_key, secret_key, token=None, source="", expiration=None):
-        self.access_key = access_key
-        self.secret_key = secret_key
-        self.token = token
-        self.source = source
-        self.expiration = expiration   # seconds since the epoch, for temporary ones
-
-    def __repr__(self):
-        return "Credentials(access_key=%r, source=%r)" % (self.access_key, self.source)
-
-
-class Settings(object):
-    """Everything resolved from options, environment and files, before any request."""
-
-    def __init__(self, profile, region, endpoint_url, credentials, ca_bundle=None,
-                 proxies=None):
-        self.profile = profile
-        self.region = region
-        self.endpoint_url = endpoint_url
-        self.credentials = credentials
-        self.ca_bundle = ca_bundle
-        self.proxies = proxies or {}   # {"http": url, "https": url, "no": list}
-
-
-def parse_ini(text, path):
-    """Parse AWS-style INI text into {section: {key: value}}; errors name file and line only."""
-    parser = configparser.RawConfigParser(strict=False, default_section="\x00none")
-    try:
-        parser.read_string(text.lstrip("\ufeff"), source=path)
-    except configparser.Error as exc:
-        # The exception text quotes the offending line, which may hold a secret.
-        lineno = getattr(exc, "lineno", None) or (getattr(exc, "errors", None) or [(0,)])[0][0]
-        raise ConfigError("%s line %s is not 'name = value' under a [section]: fix the file"
-                          % (path, lineno))
-    return {name: dict(parser.items(name)) for name in parser.sections()}
-
-
-def profile_section(ini, profile, in_config_file):
-    """The section of `profile`: [NAME] in the credentials file, [profile NAME] in config."""
-    if in_config_file and profile != "default":
-        return ini.get("profile " + profile)
-    if in_config_file:
-        return ini.get("default", ini.get("profile default"))
-    return ini.get(profile)
-
-
-def credentials_from_section(section, path, profile):
-    """Credentials from one profile section, or a ConfigError naming the missing key."""
-    for key in ("aws_access_key_id", "aws_secret_access_key"):
-        if not section.get(key):
-            raise ConfigError("%s profile '%s' has no %s: add it or use another profile"
-                              % (path, profile, key))
-    return Credentials(section["aws_access_key_id"], section["aws_secret_access_key"],
-                       section.get("aws_session_token") or None, "%s [%s]" % (path, profile))
-
-
-def environment_credentials(environ):
-    """AWS_ACCESS_KEY_ID + AWS_SECRET_ACCESS_KEY, None when neither is set."""
-    key = environ.get("AWS_ACCESS_KEY_ID")
-    secret = environ.get("AWS_SECRET_ACCESS_KEY")
-    if not key and not secret:
-        return None
-    if not (key and secret):
-        missing = "AWS_SECRET_ACCESS_KEY" if key else "AWS_ACCESS_KEY_ID"
-        raise ConfigError("%s is not set but its partner is: set both or neither" % missing)
-    return Credentials(key, secret, environ.get("AWS_SESSION_TOKEN") or None, "environment")
-
-
-def resolve_credentials(environ, explicit_profile, profile, sources, io=None,
-                        region=DEFAULT_REGION):
-    """The AWS tools' order: the environment (passed over for an explicit --profile), a
-    role to assume (role_arn), the credentials file, credential_process, the config file,
-    container credentials, the EC2 instance profile.
-
-    sources: [(section or None, path)] for the credentials file, then the config file.
-    io: the CredentialSources that need I/O (STS, a process, metadata services); without
-    it only the environment and the files count. region: where STS is asked.
-    """
-    (cred_section, cred_path), (conf_section, conf_path) = sources
-    conf_section = conf_section or {}
-    steps = [
-        lambda: None if explicit_profile else environment_credentials(environ),
-        lambda: io.assume_role(conf_section, profile, region)
-        if io and conf_section.get("role_arn") else None,
-        lambda: credentials_from_section(cred_section, cred_path, profile)
-        if has_keys(cred_section) else None,
-        lambda: io.process(conf_section["credential_process"], profile)
-        if io and conf_section.get("credential_process") else None,
-        lambda: credentials_from_section(conf_section, conf_path, profile)
-        if has_keys(conf_section) else None,
-        lambda: io.container() if io else None,
-        lambda: io.instance() if io else None,
-    ]
-    for step in steps:
-        found = step()
-        if found is not None:
-            check_credentials(found)
-            return found
-    raise ConfigError("no credentials for profile '%s': set AWS_ACCESS_KEY_ID and "
-                      "AWS_SECRET_ACCESS_KEY, add them to %s, or run with an instance "
-                      "profile or container role" % (profile, cred_path))
-
-
-def has_keys(section):
-    return bool(section) and bool(set(section) & {"aws_access_key_id", "aws_secret_access_key"})
-
-
-def credentials_from_json(data, source):
-    """Credentials from the JSON of credential_process, a container or the EC2 metadata."""
-    try:
-        doc = json.loads(data.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        raise ConfigError("%s did not answer with JSON credentials" % source)
-    if not isinstance(doc, dict) or not doc.get("AccessKeyId") or \
-            not doc.get("SecretAccessKey"):
-        raise ConfigError("%s gave no AccessKeyId and SecretAccessKey" % source)
-    return Credentials(doc["AccessKeyId"], doc["SecretAccessKey"],
-                       doc.get("SessionToken") or doc.get("Token") or None, source,
-                       parse_expiration(doc.get("Expiration")))
-
-
-def parse_expiration(text):
-    """Seconds since the epoch of an ISO 8601 UTC time such as 2026-11-24T08:00:00Z."""
-    match = re.match(r"^(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)", text or "")
-    return calendar.timegm(tuple(int(x) for x in match.groups())) if match else None
-
-
-def check_credentials(credentials):
-    """Refuse keys with white space or control characters (a paste gone wrong): sent as
-    headers they would make the HTTP library raise an error that quotes them."""
-    for name, value in (("access key id", credentials.access_key),
-                        ("secret access key", credentials.secret_key),
-                        ("session token", credentials.token or "")):
-        if any(c.isspace() or not c.isprintable() or ord(c) > 126 for c in value):
-            raise ConfigError("the %s from %s holds a space, a control or a non-ASCII "
-                              "character: copy it again" % (name, credentials.source))
-
-
-def resolve_settings(options, environ, credentials_ini, config_ini, paths, io=None):
-    """Pure: options (argparse namespace), environ and parsed files give the Settings; the
-    one place where the profile and the region are decided.
-
-    paths: (credentials file path, config file path), for messages. io: as for
-    resolve_credentials.
-    """
-    explicit = bool(getattr(options, "profile", None))
-    profile = options.profile or environ.get("AWS_PROFILE") or "default"
-    cred_section = profile_section(credentials_ini, profile, False)
-    conf_section = profile_section(config_ini, profile, True)
-    if profile != "default" and cred_section is None and conf_section is None:
-        raise ConfigError("profile '%s' not found in %s or %s: check --profile or AWS_PROFILE"
-                          % (profile, paths[0], paths[1]))
-    conf_section = conf_section or {}
-    region = (options.region or environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
-              or conf_section.get("region") or DEFAULT_REGION)
-    credentials = resolve_credentials(environ, explicit, profile,
-                                      [(cred_section, paths[0]), (conf_section, paths[1])],
-                                      io, region)
-    endpoint = (options.endpoint_url or environ.get("AWS_ENDPOINT_URL_S3")
-                or environ.get("AWS_ENDPOINT_URL") or conf_section.get("endpoint_url") or None)
-    ca_bundle = (getattr(options, "ca_bundle", None) or environ.get("AWS_CA_BUNDLE")
-                 or conf_section.get("ca_bundle") or None)
-    return Settings(profile, region, endpoint, credentials, ca_bundle, proxy_settings(environ))
-
-
-def proxy_settings(environ):
-    """HTTPS_PROXY, HTTP_PROXY and NO_PROXY (lower case first, as curl reads them)."""
-    def get(name):
-        return environ.get(name.lower()) or environ.get(name) or ""
-    return {"https": get("HTTPS_PROXY"), "http": get("HTTP_PROXY"),
-            "no": [e.strip().lower() for e in get("NO_PROXY").split(",") if e.strip()]}
-
-
-def bypasses_proxy(host, port, no_proxy):
-    """NO_PROXY: '*', a host name or domain suffix ('example.com', '.example.com'), an IP,
-    each optionally with ':port'."""
-    host = host.lower().strip("[]")
-    for entry in no_proxy:
-        name, _, entry_port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
-        if entry == "*" or (entry_port and entry_port != str(port)):
-            if entry == "*":
-                return True
-            continue
-        name = name.lstrip(".")
-        if host == name or host.endswith("." + name):
-            return True
-    return False
-
-
-# A proxy from HTTP(S)_PROXY: authorization is the Proxy-Authorization value, or None.
-Proxy = collections.namedtuple("Proxy", "host port authorization")
-
-
-def proxy_for(proxies, scheme, host, port):
-    """The Proxy to use, or None."""
-    url = proxies.get(scheme) or ""
-    if not url or bypasses_proxy(host, port, proxies.get("no", [])):
-        return None
-    parts = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
-    try:
-        proxy_port = parts.port or 80
-    except ValueError:
-        proxy_port = -1
-    if parts.scheme != "http" or not parts.hostname or proxy_port < 0:
-        raise ConfigError("the %s proxy %s://%s is not http://HOST:PORT: fix %s_PROXY"
-                          % (scheme, parts.scheme, parts.hostname or "", scheme.upper()))
-    auth = None
-    if parts.username is not None:
-        pair = "%s:%s" % (urllib.parse.unquote(parts.username),
-                          urllib.parse.unquote(parts.password or ""))
-        auth = "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")
-    return Proxy(parts.hostname, proxy_port, auth)
-
-
-def read_ini_file(path):
-    """Parsed INI file, {} when the file does not exist; CRLF and a UTF-8 BOM are fine."""
-    try:
-        with open(path, encoding="utf-8-sig", newline=None) as handle:
-            text = handle.read()
-    except FileNotFoundError:
-        return {}
-    except UnicodeDecodeError:
-        raise ConfigError("%s is not UTF-8 text: fix the file" % path)
-    except OSError as exc:
-        raise ConfigError("cannot read %s (%s): fix its permissions"
-                          % (path, exc.strerror or exc))
-    return parse_ini(text, path)
-
-
-def load_settings(options, environ):
-    """Read the credentials and config files named by the environment, then resolve."""
-    home = os.path.expanduser("~")
-    cred_path = environ.get("AWS_SHARED_CREDENTIALS_FILE") or os.path.join(
-        home, ".aws", "credentials")
-    conf_path = environ.get("AWS_CONFIG_FILE") or os.path.join(home, ".aws", "config")
-    cred_path, conf_path = os.path.expanduser(cred_path), os.path.expanduser(conf_path)
-    inis, paths = (read_ini_file(cred_path), read_ini_file(conf_path)), (cred_path, conf_path)
-    return resolve_settings(options, environ, inis[0], inis[1], paths,
-                            CredentialSources(environ, inis, paths))
-
-
-class CredentialSources(object):
-    """The credential sources that need I/O, one method each: STS AssumeRole, a process,
-    the container and the EC2 instance metadata services."""
-
-    def __init__(self, environ, inis, paths):
-        self.environ, self.inis, self.paths = environ, inis, paths
-
-    def assume_role(self, section, profile, region):
-        source = role_source_credentials(section, profile, self.environ, self.inis, self.paths)
-        return assume_role(section, source, region, self.environ, profile)
-
-    def process(self, command, profile):
-        return process_credentials(command, profile)
-
-    def container(self):
-        return container_credentials(self.environ)
-
-    def instance(self):
-        return instance_credentials(self.environ)
-
-
-def role_source_credentials(section, profile, environ, inis, paths):
-    """The credentials that call AssumeRole for a profile with role_arn: those of its
-    source_profile, or of its credential_source (Environment, Ec2InstanceMetadata,
-    EcsContainer), as the AWS CLI has it; exactly one of the two."""
-    source, named = section.get("source_profile"), section.get("credential_source")
-    sources = {"Environment": environment_credentials, "Ec2InstanceMetadata":
-               instance_credentials, "EcsContainer": container_credentials}
-    if source and named:
-        raise ConfigError("profile '%s' has both source_profile and credential_source: keep "
-                          "one" % profile)
-    if named:
-        if named not in sources:
-            raise ConfigError("profile '%s': credential_source = %s is not one of %s"
-                              % (profile, named, ", ".join(sorted(sources))))
-        found = sources[named](environ)
-        if found is None:
-            raise ConfigError("profile '%s': credential_source = %s found no credentials"
-                              % (profile, named))
-        check_credentials(found)
-        return found
-    if not source:
-        raise ConfigError("profile '%s' has role_arn but neither source_profile nor "
-                          "credential_source: add one" % profile)
-    return resolve_credentials(
-        environ, True, source, [(profile_section(inis[0], source, False), paths[0]),
-                                (profile_section(inis[1], source, True), paths[1])])
-
-
-def warn_if_exposed_credentials(credentials):
-    """Warn about the file the credentials came from ('PATH [profile]'), if it is open."""
-    path = credentials.source.rsplit(" [", 1)[0]
-    if credentials.source.endswith("]") and os.path.isfile(path):
-        warn_if_exposed(path)
-
-
-def http_call(method, url, headers=None, body=None, timeout=METADATA_TIMEOUT):
-    """(status, body) of one small request to a credential service (metadata, STS)."""
-    parts = urllib.parse.urlsplit(url)
-    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    conn = kind(parts.hostname, parts.port, timeout=timeout)
-    try:
-        conn.request(method, (parts.path or "/") + ("?" + parts.query if parts.query else ""),
-                     body=body, headers=headers or {})
-        answer = conn.getresponse()
-        return answer.status, answer.read(MAX_ANSWER_BODY)
-    finally:
-        conn.close()
-
-
-def process_credentials(command, profile):
-    """credential_process: run it (no shell), read its JSON; its output is never shown."""
-    what = "credential_process of profile '%s'" % profile
-    try:
-        done = subprocess.run(shlex.split(command), stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, timeout=60)
-    except (OSError, ValueError, subprocess.SubprocessError) as exc:
-        raise ConfigError("%s could not run (%s): fix the command"
-                          % (what, exc.__class__.__name__))
-    if done.returncode != 0:
-        raise ConfigError("%s failed with exit status %d" % (what, done.returncode))
-    return credentials_from_json(done.stdout, what)
-
-
-def container_credentials(environ):
-    """ECS/EKS container credentials, or None when the container variables are not set."""
-    relative = environ.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
-    url = "http://169.254.170.2" + relative if relative else \
-        environ.get("AWS_CONTAINER_CREDENTIALS_FULL_URI")
-    if not url:
-        return None
-    token = environ.get("AWS_CONTAINER_AUTHORIZATION_TOKEN")
-    token_file = environ.get("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE")
-    if token_file:
-        try:
-            with open(token_file) as handle:
-                token = handle.read().strip()
-        except OSError as exc:
-            raise ConfigError("cannot read %s (%s)" % (token_file, exc.strerror))
-    what = "the container credentials service %s" % url.split("?")[0]
-    try:
-        status, body = http_call("GET", url, {"Authorization": token} if token else {},
-                                 timeout=2)
-    except (OSError, ValueError) as exc:
-        raise ConfigError("%s did not answer (%s)" % (what, describe_os_error(exc)))
-    if status != 200:
-        raise ConfigError("%s answered HTTP %d" % (what, status))
-    return credentials_from_json(body, what)
-
-
-def instance_credentials(environ):
-    """The EC2 instance profile through IMDSv2 (token PUT, then GETs), or None."""
-    if environ.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true":
-        return None
-    base = (environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT")
-            or "http://169.254.169.254").rstrip("/")
-    try:
-        status, token = http_call("PUT", base + "/latest/api/token",
-                                  {"X-aws-ec2-metadata-token-ttl-seconds": "21600"})
-    except OSError as exc:
-        if "timed out" in describe_os_error(exc):   # the PUT's answer may not reach a
-            raise ConfigError(NO_METADATA_HINT)    # container: too few hops allowed
-        return None
-    try:
-        if status != 200:
-            return None
-        headers = {"X-aws-ec2-metadata-token": token.decode("ascii", "replace").strip()}
-        listing = base + "/latest/meta-data/iam/security-credentials/"
-        status, roles = http_call("GET", listing, headers)
-        role = roles.decode("utf-8", "replace").split()[0] if status == 200 and roles else ""
-        if not role:
-            return None
-        status, body = http_call("GET", listing + role, headers)
-    except (OSError, ValueError):
-        return None   # not on EC2, or in a container with a metadata hop limit of 1
-    if status != 200:
-        return None
-    return credentials_from_json(body, "the EC2 instance profile %s" % role)
-
-
-NO_METADATA_HINT = (
-    "no credentials found, and the EC2 metadata service did not answer in 1 s: off EC2, "
-    "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or a profile (and "
-    "AWS_EC2_METADATA_DISABLED=true); in a container on EC2, raise the instance's metadata "
-    "hop limit to 2 (aws ec2 modify-instance-metadata-options --http-put-response-hop-limit 2)")
-
-
-def assume_role(section, source, region, environ, profile):
-    """STS AssumeRole, signed with the source profile's keys by our own signer."""
-    url = environ.get("AWS_ENDPOINT_URL_STS") or "https://sts.%s.amazonaws.com" % region
-    params = [("Action", "AssumeRole"), ("Version", "2011-06-15"),
-              ("RoleArn", section["role_arn"]), ("DurationSeconds",
-                                                 section.get("duration_seconds", "3600")),
-              ("RoleSessionName", section.get("role_session_name") or "s3push-%d" % time.time())]
-    if section.get("external_id"):
-        params.append(("ExternalId", section["external_id"]))
-    body = canonical_query_string(params).encode("ascii")
-    netloc = urllib.parse.urlsplit(url).netloc
-    headers = sign_request("POST", netloc, "/", [], {
-        "content-type": "application/x-www-form-urlencoded; charset=utf-8",
-        "content-length": str(len(body))}, payload_hash(body), source, region,
-        datetime.datetime.now(datetime.timezone.utc),
-        service="sts")
-    what = "AssumeRole of %s (profile '%s')" % (section["role_arn"], profile)
-    try:
-        status, answer = http_call("POST", url.rstrip("/") + "/", headers, body, timeout=10)
-    except (OSError, ValueError) as exc:
-        raise ConfigError("%s: STS did not answer (%s)" % (what, describe_os_error(exc)))
-    root = parse_xml(answer)
-    if status != 200:
-        raise AccessError("%s failed: %s: %s" % (what, xml_text(root, "Code") or status,
-                                                 one_line(xml_text(root, "Message"))))
-    return Credentials(xml_text(root, "AccessKeyId"), xml_text(root, "SecretAccessKey"),
-                       xml_text(root, "SessionToken"), "role %s" % section["role_arn"],
-                       parse_expiration(xml_text(root, "Expiration")))
-
-
-def warn_if_exposed(path):
-    """A credentials file that group or others may read deserves a word (ssh refuses)."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return
-    if mode & 0o077:
-        emit(sys.stderr, "s3push: warning: %s holds credentials and is readable by group or "
-             "others (mode %04o): chmod 600 it" % (path, stat.S_IMODE(mode)))
-
 
 # === SigV4 signer ===
 # Pure functions, one per step of the AWS Signature Version 4 spec, with S3's rules:
@@ -748,17 +345,69 @@ def sign_request(method, host, path, query, headers, body_hash, credentials, reg
                                                    signature(key, text))
     return signed
 
+# === HTTP and XML transport ===
 
-def redact(text, credentials):
-    """text without the secret key, the session token or any signature: the one way by
-    which request details reach the output (--debug) or an error message."""
-    for secret in (credentials.secret_key, credentials.token) if credentials else ():
-        if secret:
-            text = text.replace(secret, "<redacted>")
-    return re.sub(r"(Signature=)[0-9a-fA-F]+", r"\1<redacted>", text)
+def proxy_settings(environ):
+    """HTTPS_PROXY, HTTP_PROXY and NO_PROXY (lower case first, as curl reads them)."""
+    def get(name):
+        return environ.get(name.lower()) or environ.get(name) or ""
+    return {"https": get("HTTPS_PROXY"), "http": get("HTTP_PROXY"),
+            "no": [e.strip().lower() for e in get("NO_PROXY").split(",") if e.strip()]}
 
 
-# === Transport ===
+def bypasses_proxy(host, port, no_proxy):
+    """NO_PROXY: '*', a host name or domain suffix ('example.com', '.example.com'), an IP,
+    each optionally with ':port'."""
+    host = host.lower().strip("[]")
+    for entry in no_proxy:
+        name, _, entry_port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
+        if entry == "*" or (entry_port and entry_port != str(port)):
+            if entry == "*":
+                return True
+            continue
+        name = name.lstrip(".")
+        if host == name or host.endswith("." + name):
+            return True
+    return False
+
+
+# A proxy from HTTP(S)_PROXY: authorization is the Proxy-Authorization value, or None.
+Proxy = collections.namedtuple("Proxy", "host port authorization")
+
+
+def proxy_for(proxies, scheme, host, port):
+    """The Proxy to use, or None."""
+    url = proxies.get(scheme) or ""
+    if not url or bypasses_proxy(host, port, proxies.get("no", [])):
+        return None
+    parts = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
+    try:
+        proxy_port = parts.port or 80
+    except ValueError:
+        proxy_port = -1
+    if parts.scheme != "http" or not parts.hostname or proxy_port < 0:
+        raise ConfigError("the %s proxy %s://%s is not http://HOST:PORT: fix %s_PROXY"
+                          % (scheme, parts.scheme, parts.hostname or "", scheme.upper()))
+    auth = None
+    if parts.username is not None:
+        pair = "%s:%s" % (urllib.parse.unquote(parts.username),
+                          urllib.parse.unquote(parts.password or ""))
+        auth = "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")
+    return Proxy(parts.hostname, proxy_port, auth)
+
+
+def http_call(method, url, headers=None, body=None, timeout=METADATA_TIMEOUT):
+    """(status, body) of one small request to a credential service (metadata, STS)."""
+    parts = urllib.parse.urlsplit(url)
+    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    conn = kind(parts.hostname, parts.port, timeout=timeout)
+    try:
+        conn.request(method, (parts.path or "/") + ("?" + parts.query if parts.query else ""),
+                     body=body, headers=headers or {})
+        answer = conn.getresponse()
+        return answer.status, answer.read(MAX_ANSWER_BODY)
+    finally:
+        conn.close()
 
 
 class Endpoint(object):
@@ -875,12 +524,6 @@ def error_from_response(response, what=""):
     return FileError(text)
 
 
-def one_line(text, limit=300):
-    """Server text folded to one short line."""
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 class FileRange(object):
     """length bytes of an open file from offset: a request body read with pread, never held."""
 
@@ -897,6 +540,27 @@ class FileRange(object):
                 raise FileError("the file shrank while it was being sent; kept for the next run")
             position += len(block)
             yield block
+
+
+def tls_context(ca_bundle):
+    """Certificates always verified; against ca_bundle instead of the system's CAs if given."""
+    try:
+        return ssl.create_default_context(cafile=ca_bundle)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("cannot use the CA bundle %s (%s): fix --ca-bundle, AWS_CA_BUNDLE "
+                          "or ca_bundle" % (ca_bundle, one_line(exc)))
+
+
+def is_certificate_error(exc):
+    return isinstance(exc, ssl.CertificateError) or (
+        isinstance(exc, ssl.SSLError) and "CERTIFICATE_VERIFY_FAILED" in str(exc))
+
+
+def describe_os_error(exc):
+    """A short reason for a network error, e.g. 'Connection refused' or 'timed out'."""
+    if isinstance(exc, socket.timeout):
+        return "timed out"
+    return getattr(exc, "strerror", None) or one_line(exc) or exc.__class__.__name__
 
 
 class Connection(object):
@@ -982,27 +646,7 @@ class Connection(object):
         return Response(answer.status, answer.reason,
                         {k.lower(): v for k, v in answer.getheaders()}, data)
 
-
-def tls_context(ca_bundle):
-    """Certificates always verified; against ca_bundle instead of the system's CAs if given."""
-    try:
-        return ssl.create_default_context(cafile=ca_bundle)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError("cannot use the CA bundle %s (%s): fix --ca-bundle, AWS_CA_BUNDLE "
-                          "or ca_bundle" % (ca_bundle, one_line(exc)))
-
-
-def is_certificate_error(exc):
-    return isinstance(exc, ssl.CertificateError) or (
-        isinstance(exc, ssl.SSLError) and "CERTIFICATE_VERIFY_FAILED" in str(exc))
-
-
-def describe_os_error(exc):
-    """A short reason for a network error, e.g. 'Connection refused' or 'timed out'."""
-    if isinstance(exc, socket.timeout):
-        return "timed out"
-    return getattr(exc, "strerror", None) or one_line(exc) or exc.__class__.__name__
-
+# === Session and S3Client ===
 
 # What one request is signed with: the credentials, region and endpoint of the moment, and
 # the seconds to add to this host's clock.
@@ -1021,6 +665,27 @@ class Deadline(object):
 
     def passed(self):
         return self.at is not None and time.monotonic() >= self.at
+
+
+REGION_NAME = re.compile(r"^[a-z]{2}(-[a-z0-9]+)+-\d+$")
+
+
+def endpoint_for(endpoint_url, region, bucket):
+    return parse_endpoint_url(endpoint_url) if endpoint_url else aws_endpoint(region, bucket)
+
+
+def answer_time(response):
+    """The server's clock: <ServerTime> of a skew error, else the Date header (aware UTC)."""
+    server_time = xml_text(parse_xml(response.body), "ServerTime")
+    match = re.match(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)", server_time)
+    if match:
+        return datetime.datetime.strptime(match.group(1), "%Y-%m-%dT%H:%M:%S").replace(
+            tzinfo=datetime.timezone.utc)
+    try:
+        when = email.utils.parsedate_to_datetime(response.header("date"))
+    except (TypeError, ValueError, IndexError):
+        return None
+    return when if when.tzinfo else when.replace(tzinfo=datetime.timezone.utc)
 
 
 class Session(object):
@@ -1127,25 +792,21 @@ class Session(object):
             emit(sys.stderr, "s3push: warning: " + message)
 
 
-REGION_NAME = re.compile(r"^[a-z]{2}(-[a-z0-9]+)+-\d+$")
+def is_retryable(response):
+    """5xx, 429 and the S3 codes that mean "try again" (RequestTimeout comes as a 400)."""
+    if response.status >= 500 or response.status == 429:
+        return True
+    return response.status >= 400 and parse_error_body(response.body)[0] in TEMPORARY_CODES
 
 
-def endpoint_for(endpoint_url, region, bucket):
-    return parse_endpoint_url(endpoint_url) if endpoint_url else aws_endpoint(region, bucket)
-
-
-def answer_time(response):
-    """The server's clock: <ServerTime> of a skew error, else the Date header (aware UTC)."""
-    server_time = xml_text(parse_xml(response.body), "ServerTime")
-    match = re.match(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)", server_time)
-    if match:
-        return datetime.datetime.strptime(match.group(1), "%Y-%m-%dT%H:%M:%S").replace(
-            tzinfo=datetime.timezone.utc)
+def backoff_delay(retry, retry_after, unit):
+    """Seconds to wait before retry number `retry` (0 first): the server's Retry-After
+    (capped), else full jitter, unit * min(cap, base * 2**retry), with unit in [0, 1).
+    """
     try:
-        when = email.utils.parsedate_to_datetime(response.header("date"))
-    except (TypeError, ValueError, IndexError):
-        return None
-    return when if when.tzinfo else when.replace(tzinfo=datetime.timezone.utc)
+        return min(max(float(retry_after), 0.0), RETRY_AFTER_CAP)
+    except ValueError:
+        return unit * min(BACKOFF_CAP, BACKOFF_BASE * 2 ** retry)
 
 
 class S3Client(object):
@@ -1247,26 +908,378 @@ class S3Client(object):
                                                                  text), credentials))
         return show
 
+# === Credentials and settings ===
 
-def is_retryable(response):
-    """5xx, 429 and the S3 codes that mean "try again" (RequestTimeout comes as a 400)."""
-    if response.status >= 500 or response.status == 429:
-        return True
-    return response.status >= 400 and parse_error_body(response.body)[0] in TEMPORARY_CODES
+class Credentials(object):
+    """An access key pair; its repr shows the key id and where it came from, never the secret."""
+    __slots__ = ("access_key", "secret_key", "token", "source", "expiration")
+
+    def __init__(self, access_key, secret_key, token=None, source="", expiration=None):
+        self.access_key = access_key
+        self.secret_key = secret_key
+        self.token = token
+        self.source = source
+        self.expiration = expiration   # seconds since the epoch, for temporary ones
+
+    def __repr__(self):
+        return "Credentials(access_key=%r, source=%r)" % (self.access_key, self.source)
 
 
-def backoff_delay(retry, retry_after, unit):
-    """Seconds to wait before retry number `retry` (0 first): the server's Retry-After
-    (capped), else full jitter, unit * min(cap, base * 2**retry), with unit in [0, 1).
-    """
+class Settings(object):
+    """Everything resolved from options, environment and files, before any request."""
+
+    def __init__(self, profile, region, endpoint_url, credentials, ca_bundle=None,
+                 proxies=None):
+        self.profile = profile
+        self.region = region
+        self.endpoint_url = endpoint_url
+        self.credentials = credentials
+        self.ca_bundle = ca_bundle
+        self.proxies = proxies or {}   # {"http": url, "https": url, "no": list}
+
+
+def parse_ini(text, path):
+    """Parse AWS-style INI text into {section: {key: value}}; errors name file and line only."""
+    parser = configparser.RawConfigParser(strict=False, default_section="\x00none")
     try:
-        return min(max(float(retry_after), 0.0), RETRY_AFTER_CAP)
-    except ValueError:
-        return unit * min(BACKOFF_CAP, BACKOFF_BASE * 2 ** retry)
+        parser.read_string(text.lstrip("\ufeff"), source=path)
+    except configparser.Error as exc:
+        # The exception text quotes the offending line, which may hold a secret.
+        lineno = getattr(exc, "lineno", None) or (getattr(exc, "errors", None) or [(0,)])[0][0]
+        raise ConfigError("%s line %s is not 'name = value' under a [section]: fix the file"
+                          % (path, lineno))
+    return {name: dict(parser.items(name)) for name in parser.sections()}
 
+
+def profile_section(ini, profile, in_config_file):
+    """The section of `profile`: [NAME] in the credentials file, [profile NAME] in config."""
+    if in_config_file and profile != "default":
+        return ini.get("profile " + profile)
+    if in_config_file:
+        return ini.get("default", ini.get("profile default"))
+    return ini.get(profile)
+
+
+def credentials_from_section(section, path, profile):
+    """Credentials from one profile section, or a ConfigError naming the missing key."""
+    for key in ("aws_access_key_id", "aws_secret_access_key"):
+        if not section.get(key):
+            raise ConfigError("%s profile '%s' has no %s: add it or use another profile"
+                              % (path, profile, key))
+    return Credentials(section["aws_access_key_id"], section["aws_secret_access_key"],
+                       section.get("aws_session_token") or None, "%s [%s]" % (path, profile))
+
+
+def environment_credentials(environ):
+    """AWS_ACCESS_KEY_ID + AWS_SECRET_ACCESS_KEY, None when neither is set."""
+    key = environ.get("AWS_ACCESS_KEY_ID")
+    secret = environ.get("AWS_SECRET_ACCESS_KEY")
+    if not key and not secret:
+        return None
+    if not (key and secret):
+        missing = "AWS_SECRET_ACCESS_KEY" if key else "AWS_ACCESS_KEY_ID"
+        raise ConfigError("%s is not set but its partner is: set both or neither" % missing)
+    return Credentials(key, secret, environ.get("AWS_SESSION_TOKEN") or None, "environment")
+
+
+def has_keys(section):
+    return bool(section) and bool(set(section) & {"aws_access_key_id", "aws_secret_access_key"})
+
+
+def parse_expiration(text):
+    """Seconds since the epoch of an ISO 8601 UTC time such as 2026-11-24T08:00:00Z."""
+    match = re.match(r"^(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)", text or "")
+    return calendar.timegm(tuple(int(x) for x in match.groups())) if match else None
+
+
+def credentials_from_json(data, source):
+    """Credentials from the JSON of credential_process, a container or the EC2 metadata."""
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise ConfigError("%s did not answer with JSON credentials" % source)
+    if not isinstance(doc, dict) or not doc.get("AccessKeyId") or \
+            not doc.get("SecretAccessKey"):
+        raise ConfigError("%s gave no AccessKeyId and SecretAccessKey" % source)
+    return Credentials(doc["AccessKeyId"], doc["SecretAccessKey"],
+                       doc.get("SessionToken") or doc.get("Token") or None, source,
+                       parse_expiration(doc.get("Expiration")))
+
+
+def check_credentials(credentials):
+    """Refuse keys with white space or control characters (a paste gone wrong): sent as
+    headers they would make the HTTP library raise an error that quotes them."""
+    for name, value in (("access key id", credentials.access_key),
+                        ("secret access key", credentials.secret_key),
+                        ("session token", credentials.token or "")):
+        if any(c.isspace() or not c.isprintable() or ord(c) > 126 for c in value):
+            raise ConfigError("the %s from %s holds a space, a control or a non-ASCII "
+                              "character: copy it again" % (name, credentials.source))
+
+
+def resolve_credentials(environ, explicit_profile, profile, sources, io=None,
+                        region=DEFAULT_REGION):
+    """The AWS tools' order: the environment (passed over for an explicit --profile), a
+    role to assume (role_arn), the credentials file, credential_process, the config file,
+    container credentials, the EC2 instance profile.
+
+    sources: [(section or None, path)] for the credentials file, then the config file.
+    io: the CredentialSources that need I/O (STS, a process, metadata services); without
+    it only the environment and the files count. region: where STS is asked.
+    """
+    (cred_section, cred_path), (conf_section, conf_path) = sources
+    conf_section = conf_section or {}
+    steps = [
+        lambda: None if explicit_profile else environment_credentials(environ),
+        lambda: io.assume_role(conf_section, profile, region)
+        if io and conf_section.get("role_arn") else None,
+        lambda: credentials_from_section(cred_section, cred_path, profile)
+        if has_keys(cred_section) else None,
+        lambda: io.process(conf_section["credential_process"], profile)
+        if io and conf_section.get("credential_process") else None,
+        lambda: credentials_from_section(conf_section, conf_path, profile)
+        if has_keys(conf_section) else None,
+        lambda: io.container() if io else None,
+        lambda: io.instance() if io else None,
+    ]
+    for step in steps:
+        found = step()
+        if found is not None:
+            check_credentials(found)
+            return found
+    raise ConfigError("no credentials for profile '%s': set AWS_ACCESS_KEY_ID and "
+                      "AWS_SECRET_ACCESS_KEY, add them to %s, or run with an instance "
+                      "profile or container role" % (profile, cred_path))
+
+
+def resolve_settings(options, environ, credentials_ini, config_ini, paths, io=None):
+    """Pure: options (argparse namespace), environ and parsed files give the Settings; the
+    one place where the profile and the region are decided.
+
+    paths: (credentials file path, config file path), for messages. io: as for
+    resolve_credentials.
+    """
+    explicit = bool(getattr(options, "profile", None))
+    profile = options.profile or environ.get("AWS_PROFILE") or "default"
+    cred_section = profile_section(credentials_ini, profile, False)
+    conf_section = profile_section(config_ini, profile, True)
+    if profile != "default" and cred_section is None and conf_section is None:
+        raise ConfigError("profile '%s' not found in %s or %s: check --profile or AWS_PROFILE"
+                          % (profile, paths[0], paths[1]))
+    conf_section = conf_section or {}
+    region = (options.region or environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
+              or conf_section.get("region") or DEFAULT_REGION)
+    credentials = resolve_credentials(environ, explicit, profile,
+                                      [(cred_section, paths[0]), (conf_section, paths[1])],
+                                      io, region)
+    endpoint = (options.endpoint_url or environ.get("AWS_ENDPOINT_URL_S3")
+                or environ.get("AWS_ENDPOINT_URL") or conf_section.get("endpoint_url") or None)
+    ca_bundle = (getattr(options, "ca_bundle", None) or environ.get("AWS_CA_BUNDLE")
+                 or conf_section.get("ca_bundle") or None)
+    return Settings(profile, region, endpoint, credentials, ca_bundle, proxy_settings(environ))
+
+
+def read_ini_file(path):
+    """Parsed INI file, {} when the file does not exist; CRLF and a UTF-8 BOM are fine."""
+    try:
+        with open(path, encoding="utf-8-sig", newline=None) as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        return {}
+    except UnicodeDecodeError:
+        raise ConfigError("%s is not UTF-8 text: fix the file" % path)
+    except OSError as exc:
+        raise ConfigError("cannot read %s (%s): fix its permissions"
+                          % (path, exc.strerror or exc))
+    return parse_ini(text, path)
+
+
+def process_credentials(command, profile):
+    """credential_process: run it (no shell), read its JSON; its output is never shown."""
+    what = "credential_process of profile '%s'" % profile
+    try:
+        done = subprocess.run(shlex.split(command), stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, timeout=60)
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        raise ConfigError("%s could not run (%s): fix the command"
+                          % (what, exc.__class__.__name__))
+    if done.returncode != 0:
+        raise ConfigError("%s failed with exit status %d" % (what, done.returncode))
+    return credentials_from_json(done.stdout, what)
+
+
+def container_credentials(environ):
+    """ECS/EKS container credentials, or None when the container variables are not set."""
+    relative = environ.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+    url = "http://169.254.170.2" + relative if relative else \
+        environ.get("AWS_CONTAINER_CREDENTIALS_FULL_URI")
+    if not url:
+        return None
+    token = environ.get("AWS_CONTAINER_AUTHORIZATION_TOKEN")
+    token_file = environ.get("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE")
+    if token_file:
+        try:
+            with open(token_file) as handle:
+                token = handle.read().strip()
+        except OSError as exc:
+            raise ConfigError("cannot read %s (%s)" % (token_file, exc.strerror))
+    what = "the container credentials service %s" % url.split("?")[0]
+    try:
+        status, body = http_call("GET", url, {"Authorization": token} if token else {},
+                                 timeout=2)
+    except (OSError, ValueError) as exc:
+        raise ConfigError("%s did not answer (%s)" % (what, describe_os_error(exc)))
+    if status != 200:
+        raise ConfigError("%s answered HTTP %d" % (what, status))
+    return credentials_from_json(body, what)
+
+
+NO_METADATA_HINT = (
+    "no credentials found, and the EC2 metadata service did not answer in 1 s: off EC2, "
+    "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or a profile (and "
+    "AWS_EC2_METADATA_DISABLED=true); in a container on EC2, raise the instance's metadata "
+    "hop limit to 2 (aws ec2 modify-instance-metadata-options --http-put-response-hop-limit 2)")
+
+
+def instance_credentials(environ):
+    """The EC2 instance profile through IMDSv2 (token PUT, then GETs), or None."""
+    if environ.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true":
+        return None
+    base = (environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT")
+            or "http://169.254.169.254").rstrip("/")
+    try:
+        status, token = http_call("PUT", base + "/latest/api/token",
+                                  {"X-aws-ec2-metadata-token-ttl-seconds": "21600"})
+    except OSError as exc:
+        if "timed out" in describe_os_error(exc):   # the PUT's answer may not reach a
+            raise ConfigError(NO_METADATA_HINT)    # container: too few hops allowed
+        return None
+    try:
+        if status != 200:
+            return None
+        headers = {"X-aws-ec2-metadata-token": token.decode("ascii", "replace").strip()}
+        listing = base + "/latest/meta-data/iam/security-credentials/"
+        status, roles = http_call("GET", listing, headers)
+        role = roles.decode("utf-8", "replace").split()[0] if status == 200 and roles else ""
+        if not role:
+            return None
+        status, body = http_call("GET", listing + role, headers)
+    except (OSError, ValueError):
+        return None   # not on EC2, or in a container with a metadata hop limit of 1
+    if status != 200:
+        return None
+    return credentials_from_json(body, "the EC2 instance profile %s" % role)
+
+
+def role_source_credentials(section, profile, environ, inis, paths):
+    """The credentials that call AssumeRole for a profile with role_arn: those of its
+    source_profile, or of its credential_source (Environment, Ec2InstanceMetadata,
+    EcsContainer), as the AWS CLI has it; exactly one of the two."""
+    source, named = section.get("source_profile"), section.get("credential_source")
+    sources = {"Environment": environment_credentials, "Ec2InstanceMetadata":
+               instance_credentials, "EcsContainer": container_credentials}
+    if source and named:
+        raise ConfigError("profile '%s' has both source_profile and credential_source: keep "
+                          "one" % profile)
+    if named:
+        if named not in sources:
+            raise ConfigError("profile '%s': credential_source = %s is not one of %s"
+                              % (profile, named, ", ".join(sorted(sources))))
+        found = sources[named](environ)
+        if found is None:
+            raise ConfigError("profile '%s': credential_source = %s found no credentials"
+                              % (profile, named))
+        check_credentials(found)
+        return found
+    if not source:
+        raise ConfigError("profile '%s' has role_arn but neither source_profile nor "
+                          "credential_source: add one" % profile)
+    return resolve_credentials(
+        environ, True, source, [(profile_section(inis[0], source, False), paths[0]),
+                                (profile_section(inis[1], source, True), paths[1])])
+
+
+def assume_role(section, source, region, environ, profile):
+    """STS AssumeRole, signed with the source profile's keys by our own signer."""
+    url = environ.get("AWS_ENDPOINT_URL_STS") or "https://sts.%s.amazonaws.com" % region
+    params = [("Action", "AssumeRole"), ("Version", "2011-06-15"),
+              ("RoleArn", section["role_arn"]), ("DurationSeconds",
+                                                 section.get("duration_seconds", "3600")),
+              ("RoleSessionName", section.get("role_session_name") or "s3push-%d" % time.time())]
+    if section.get("external_id"):
+        params.append(("ExternalId", section["external_id"]))
+    body = canonical_query_string(params).encode("ascii")
+    netloc = urllib.parse.urlsplit(url).netloc
+    headers = sign_request("POST", netloc, "/", [], {
+        "content-type": "application/x-www-form-urlencoded; charset=utf-8",
+        "content-length": str(len(body))}, payload_hash(body), source, region,
+        datetime.datetime.now(datetime.timezone.utc),
+        service="sts")
+    what = "AssumeRole of %s (profile '%s')" % (section["role_arn"], profile)
+    try:
+        status, answer = http_call("POST", url.rstrip("/") + "/", headers, body, timeout=10)
+    except (OSError, ValueError) as exc:
+        raise ConfigError("%s: STS did not answer (%s)" % (what, describe_os_error(exc)))
+    root = parse_xml(answer)
+    if status != 200:
+        raise AccessError("%s failed: %s: %s" % (what, xml_text(root, "Code") or status,
+                                                 one_line(xml_text(root, "Message"))))
+    return Credentials(xml_text(root, "AccessKeyId"), xml_text(root, "SecretAccessKey"),
+                       xml_text(root, "SessionToken"), "role %s" % section["role_arn"],
+                       parse_expiration(xml_text(root, "Expiration")))
+
+
+class CredentialSources(object):
+    """The credential sources that need I/O, one method each: STS AssumeRole, a process,
+    the container and the EC2 instance metadata services."""
+
+    def __init__(self, environ, inis, paths):
+        self.environ, self.inis, self.paths = environ, inis, paths
+
+    def assume_role(self, section, profile, region):
+        source = role_source_credentials(section, profile, self.environ, self.inis, self.paths)
+        return assume_role(section, source, region, self.environ, profile)
+
+    def process(self, command, profile):
+        return process_credentials(command, profile)
+
+    def container(self):
+        return container_credentials(self.environ)
+
+    def instance(self):
+        return instance_credentials(self.environ)
+
+
+def load_settings(options, environ):
+    """Read the credentials and config files named by the environment, then resolve."""
+    home = os.path.expanduser("~")
+    cred_path = environ.get("AWS_SHARED_CREDENTIALS_FILE") or os.path.join(
+        home, ".aws", "credentials")
+    conf_path = environ.get("AWS_CONFIG_FILE") or os.path.join(home, ".aws", "config")
+    cred_path, conf_path = os.path.expanduser(cred_path), os.path.expanduser(conf_path)
+    inis, paths = (read_ini_file(cred_path), read_ini_file(conf_path)), (cred_path, conf_path)
+    return resolve_settings(options, environ, inis[0], inis[1], paths,
+                            CredentialSources(environ, inis, paths))
+
+
+def warn_if_exposed(path):
+    """A credentials file that group or others may read deserves a word (ssh refuses)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if mode & 0o077:
+        emit(sys.stderr, "s3push: warning: %s holds credentials and is readable by group or "
+             "others (mode %04o): chmod 600 it" % (path, stat.S_IMODE(mode)))
+
+
+def warn_if_exposed_credentials(credentials):
+    """Warn about the file the credentials came from ('PATH [profile]'), if it is open."""
+    path = credentials.source.rsplit(" [", 1)[0]
+    if credentials.source.endswith("]") and os.path.isfile(path):
+        warn_if_exposed(path)
 
 # === S3 operations ===
-
 
 class Digest(object):
     """What one read of a file or part found: size, SHA-256, MD5 and (small) its bytes."""
@@ -1324,28 +1337,6 @@ class Upload(object):
         self.headers = headers
         self.condition = condition
         self.verify_md5 = verify_md5
-
-
-def upload_for(job, relative, info):
-    headers = dict(job.object_headers)
-    headers["content-type"] = job.content_type or guess_content_type(relative)
-    headers["x-amz-meta-mtime"] = "%d.%09d" % divmod(info.st_mtime_ns, 10 ** 9)
-    condition = {"if-none-match": "*"} if job.if_exists != "overwrite" else {}
-    return Upload(headers, condition, job.verify_md5)
-
-
-def object_headers(options):
-    """The headers every object of the run carries, from the upload options."""
-    headers = {}
-    if options.storage_class:
-        headers["x-amz-storage-class"] = options.storage_class
-    if options.sse:
-        headers["x-amz-server-side-encryption"] = options.sse
-    if options.sse_kms_key_id:
-        headers["x-amz-server-side-encryption-aws-kms-key-id"] = options.sse_kms_key_id
-    if options.acl:
-        headers["x-amz-acl"] = options.acl
-    return headers
 
 
 def body_headers(digest, content_type=None):
@@ -1433,6 +1424,18 @@ def upload_part(client, key, upload_id, number, fd, offset, length, verify_md5=T
                      [("partNumber", str(number)), ("uploadId", upload_id)], "part %d" % number)
 
 
+def digest_bytes(data):
+    md5 = new_md5()
+    if md5 is not None:
+        md5.update(data)
+    return Digest(len(data), payload_hash(data), md5.digest() if md5 else None, data)
+
+
+def xml_escape(text):
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace(
+        '"', "&quot;")
+
+
 def complete_multipart_upload(client, key, upload_id, parts, upload):
     """POST the part list; check the object's ETag (MD5 of the part MD5s, '-N') if given.
 
@@ -1459,18 +1462,6 @@ def complete_multipart_upload(client, key, upload_id, parts, upload):
                             % (etag, expected))
 
 
-def digest_bytes(data):
-    md5 = new_md5()
-    if md5 is not None:
-        md5.update(data)
-    return Digest(len(data), payload_hash(data), md5.digest() if md5 else None, data)
-
-
-def xml_escape(text):
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace(
-        '"', "&quot;")
-
-
 def part_size_for(size, requested):
     """The requested part size, grown so that the file fits in 10,000 parts (whole MiB)."""
     needed = -(-size // MAX_PARTS)
@@ -1483,11 +1474,413 @@ def part_ranges(size, part_size):
     return [(n + 1, offset, min(part_size, size - offset))
             for n, offset in enumerate(range(0, size, part_size))]
 
+# === Local side ===
 
-# === Parallel transfers ===
+class Destination(object):
+    """A parsed s3://BUCKET[/PREFIX]; prefix is '' or ends with '/'."""
+
+    def __init__(self, bucket, prefix):
+        self.bucket = bucket
+        self.prefix = prefix
+
+
+BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$")
+
+
+PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+TIME_PARTS = {"date": "%Y-%m-%d", "year": "%Y", "month": "%m", "day": "%d", "hour": "%H"}
+PLACEHOLDERS = ("hostname",) + tuple(TIME_PARTS) + tuple("mtime_" + p for p in TIME_PARTS)
+
+
+def check_template(prefix, url):
+    """A UsageError naming any placeholder in the prefix that is not a known one."""
+    for name in PLACEHOLDER.findall(prefix):
+        if name not in PLACEHOLDERS:
+            raise UsageError("unknown placeholder {%s} in %r: known are %s" % (
+                name, url, " ".join("{%s}" % p for p in PLACEHOLDERS)))
+
+
+def expand_prefix(prefix, hostname, upload_time, mtime):
+    """The prefix with {hostname}, {date}, {year}, ... of the upload time and {mtime_date},
+    {mtime_year}, ... of the file's mtime (seconds), all in UTC, filled in."""
+    if "{" not in prefix:
+        return prefix
+    modified = datetime.datetime.fromtimestamp(mtime, datetime.timezone.utc)
+
+    def value(match):
+        name = match.group(1)
+        if name == "hostname":
+            return hostname
+        when = modified if name.startswith("mtime_") else upload_time
+        return when.strftime(TIME_PARTS[name.replace("mtime_", "")])
+    return PLACEHOLDER.sub(value, prefix)
+
+
+def parse_destination(url):
+    """s3://BUCKET[/PREFIX] to a Destination, or a UsageError saying what is wrong."""
+    if not url.lower().startswith("s3://"):
+        raise UsageError("destination %r is not an s3://BUCKET[/PREFIX] URL" % url)
+    bucket, _, prefix = url[5:].partition("/")
+    if not BUCKET_NAME.match(bucket) or ".." in bucket:
+        raise UsageError("bucket name %r in %r is not valid: 3-63 lower-case letters, digits, "
+                         "dots and hyphens" % (bucket, url))
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    check_template(prefix, url)
+    return Destination(bucket, prefix)
+
+
+def object_key(prefix, relative):
+    """The key for a file: PREFIX + its path relative to SOURCE_DIR, '/' separated.
+
+    Raises FileError for a name that is not UTF-8 or a key longer than S3 allows.
+    """
+    try:
+        # From the bytes on disk: under a C locale Python 3.6 decodes names as ASCII.
+        key = prefix + os.fsencode(relative).decode("utf-8")
+    except UnicodeDecodeError:
+        raise FileError("the name is not valid UTF-8 (%s): rename it; it was left in place"
+                        % safe_name(relative))
+    size = len(key.encode("utf-8"))
+    if size > MAX_KEY_BYTES:
+        raise FileError("the key would be %d bytes, over S3's limit of %d: shorten the path; "
+                        "it was left in place" % (size, MAX_KEY_BYTES))
+    return key
+
+
+MAX_NUMBERED_KEYS = 100   # --if-exists number tries KEY, then at most this many more
+
+
+def numbered_key(key, number):
+    """KEY with a number before its extension: logs/app.log -> logs/app.1.log; a name
+    without an extension gets it at the end: logs/app -> logs/app.1."""
+    head, _, name = key.rpartition("/")
+    stem, extension = os.path.splitext(name)
+    return "%s%s%s.%d%s" % (head, "/" if head else "", stem, number, extension)
+
+
+def candidate_keys(key, if_exists):
+    """The keys to try in turn: KEY, and under --if-exists number KEY.1, KEY.2, ..."""
+    yield key
+    if if_exists == "number":
+        for number in range(1, MAX_NUMBERED_KEYS + 1):
+            yield numbered_key(key, number)
+
+
+def guess_content_type(name):
+    return mimetypes.guess_type(name, strict=False)[0] or "application/octet-stream"
+
+
+def is_excluded(name, relative, patterns):
+    """True when the base name or the relative path matches any glob."""
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(relative, p)
+               for p in patterns)
+
+
+# The walk never leaves SOURCE_DIR, whatever a writer does to the tree meanwhile: SOURCE_DIR
+# is opened once, every directory below it is reached from that descriptor one name at a
+# time without following a symlink and checked against the device and inode the scan saw,
+# and each file is opened, checked and unlinked through its own directory's descriptor.
+DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK
+FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+
+
+# A name that went, or became a symlink or something else than a directory, under the run.
+CHANGED_ERRNOS = frozenset([errno.ENOENT, errno.ENOTDIR, errno.ELOOP])
+
+
+# "1": the kernel lets nobody hard-link a file they could not read and write themselves.
+PROTECTED_HARDLINKS = "/proc/sys/fs/protected_hardlinks"
+
+
+class Directory(collections.namedtuple("Directory", "relative steps")):
+    """A directory under SOURCE_DIR as the scan met it: its relative path ('' or ending in
+    '/') and, for each step down from SOURCE_DIR, (name, device, inode) as seen then."""
+    __slots__ = ()
+
+    def child(self, name, info):
+        return Directory(self.relative + name + "/",
+                         self.steps + ((name, info.st_dev, info.st_ino),))
+
+
+class Found(collections.namedtuple("Found", "directory name info")):
+    """A regular file the scan found: its Directory, its name there and its lstat."""
+    __slots__ = ()
+
+    @property
+    def relative(self):
+        return self.directory.relative + self.name
+
+
+def open_source(source):
+    """A descriptor of SOURCE_DIR, resolved once (it may itself be a symlink): the whole run
+    reaches its files through it, whatever becomes of the path."""
+    return os.open(source, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def lock_directory(fd):
+    """An exclusive flock on SOURCE_DIR (open as fd); the kernel drops it when the process
+    dies. False when another run holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+def open_directory(root_fd, steps):
+    """A descriptor of the directory that steps lead to from SOURCE_DIR (open as root_fd):
+    each name opened relative to the one before, never through a symlink, and its device
+    and inode checked against the scan's. TreeChangedError when the tree changed."""
+    fd = os.dup(root_fd)
+    try:
+        for name, device, inode in steps:
+            child = os.open(name, DIRECTORY_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = child
+            info = os.fstat(fd)
+            if (info.st_dev, info.st_ino) != (device, inode):
+                raise OSError(errno.ENOENT, "replaced")
+    except BaseException as exc:
+        os.close(fd)
+        if isinstance(exc, OSError) and exc.errno in CHANGED_ERRNOS:
+            raise TreeChangedError("a directory on its path was moved, replaced or swapped "
+                                   "for a symlink during the run; left alone")
+        raise
+    return fd
+
+
+def list_directory(fd):
+    """The names in the directory open as fd, streamed (memory stays flat however many).
+
+    os.scandir takes a descriptor only from Python 3.7, but /proc/self/fd/N is that very
+    directory on every Python; without /proc, os.listdir(fd) reads it whole.
+    """
+    proc = "/proc/self/fd/%d" % fd
+    if not os.path.isdir(proc):
+        yield from os.listdir(fd)
+        return
+    with os.scandir(proc) as entries:
+        for entry in entries:
+            yield entry.name
+
+
+def scan_directory(fd, directory, patterns, stack, errors):
+    """The regular files of one directory (open as fd); its subdirectories go on stack."""
+    for name in list_directory(fd):
+        relative = directory.relative + name
+        if is_excluded(name, relative, patterns):
+            continue
+        try:
+            info = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            continue   # gone since the listing
+        except OSError as exc:
+            errors.append((relative, FileError("cannot read (%s)" % exc.strerror)))
+            continue
+        if stat.S_ISDIR(info.st_mode):
+            stack.append(directory.child(name, info))
+        elif stat.S_ISREG(info.st_mode):
+            yield Found(directory, name, info)
+
+
+def scan(root_fd, patterns, errors):
+    """Yield a Found for each regular file under SOURCE_DIR (open as root_fd), streaming.
+
+    Symlinks are never followed; excluded names are skipped, and so are the directories
+    they name; FIFOs, sockets and devices are never opened. Three descriptors at most are
+    open at once, however deep or wide the tree. A directory that cannot be read or that
+    changed under the scan goes to `errors` as (relative path, S3PushError).
+    """
+    stack = [Directory("", ())]
+    while stack:
+        directory = stack.pop()
+        try:
+            fd = open_directory(root_fd, directory.steps)
+        except TreeChangedError as exc:
+            errors.append((directory.relative, exc))
+            continue
+        except OSError as exc:
+            errors.append((directory.relative, FileError("cannot read the directory (%s)"
+                                                         % exc.strerror)))
+            continue
+        try:
+            yield from scan_directory(fd, directory, patterns, stack, errors)
+        finally:
+            os.close(fd)
+
+
+def select_files(files, min_age, now, on_young):
+    """Pass on files last modified at least min_age seconds before now; call on_young()
+    for each of the others (a count, not a list: memory stays flat however many wait)."""
+    for found in files:
+        if now - found.info.st_mtime < min_age:
+            on_young()
+            continue
+        yield found
+
+
+def same_file(before, after):
+    """True when two stat results are one unchanged file: device, inode, size and mtime."""
+    return (before.st_dev, before.st_ino, before.st_size, before.st_mtime_ns) == \
+        (after.st_dev, after.st_ino, after.st_size, after.st_mtime_ns)
+
+
+def open_regular_file(parent_fd, name):
+    """Open a file for reading through its directory's descriptor, without following a
+    symlink or blocking on a FIFO."""
+    try:
+        fd = os.open(name, FILE_FLAGS, dir_fd=parent_fd)
+    except FileNotFoundError:
+        raise VanishedError("vanished before it was read (moved or deleted by another "
+                            "process); nothing to do")
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise TreeChangedError("replaced by a symlink during the run; not followed, "
+                                   "left alone")
+        raise FileError("cannot read (%s); left in place" % exc.strerror)
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise TreeChangedError("no longer a regular file; left alone")
+    return fd, info
+
+
+def check_links(info, allowed, protected_path=PROTECTED_HARDLINKS):
+    """Refuse a file with more than one hard link, unless --allow-hardlinks or the kernel
+    keeps users from linking in files they cannot read (fs.protected_hardlinks = 1):
+    otherwise a writer could link any file of the host into SOURCE_DIR to have it sent."""
+    if info.st_nlink <= 1 or allowed:
+        return
+    try:
+        with open(protected_path) as handle:
+            if handle.read().strip() == "1":
+                return
+    except OSError:
+        pass   # unknown: as unsafe as off
+    raise FileError("has %d hard links and fs.protected_hardlinks is not on, so it may be "
+                    "another user's file linked in; left in place (--allow-hardlinks moves "
+                    "such files)" % info.st_nlink)
+
+
+# A file that some process still has open for writing is left for a later run: moved now,
+# what the writer adds later would go into a deleted file. The kernel tells exactly, for
+# every process of every user, through a read lease, which cannot be taken while anyone has
+# the file open for writing; it is taken and dropped at once (a lease break would send
+# SIGIO, which run_main ignores). Where no lease can be taken (neither the file's owner nor
+# root: EACCES; NFS or some FUSE: EINVAL), /proc tells for the processes this user may see.
+TAKE_LEASES = True   # the tests turn it off to exercise the /proc fallback
+
+
+def fd_writable(fdinfo_path):
+    """True when the 'flags:' line of a /proc fdinfo file gives O_WRONLY or O_RDWR."""
+    with open(fdinfo_path) as handle:
+        for line in handle:
+            if line.startswith("flags:"):
+                return int(line.split()[1], 8) & os.O_ACCMODE != os.O_RDONLY
+    return False
+
+
+def proc_writers(proc):
+    """{(device, inode)} of every file open for writing in the processes under proc (those
+    this user may see): /proc/PID/fd names the file, /proc/PID/fdinfo its access mode."""
+    found = set()
+    for pid in os.listdir(proc):
+        if not pid.isdigit():
+            continue
+        try:
+            names = os.listdir(os.path.join(proc, pid, "fd"))
+        except OSError:
+            continue   # gone, or another user's
+        for name in names:
+            try:
+                if fd_writable(os.path.join(proc, pid, "fdinfo", name)):
+                    target = os.stat(os.path.join(proc, pid, "fd", name))
+                    found.add((target.st_dev, target.st_ino))
+            except OSError:
+                continue   # closed meanwhile
+    return found
+
+
+class WriterIndex(object):
+    """The files open for writing as /proc shows them: built on first use (an idle tick
+    never pays for it), and again only when a check needs a newer view than the last."""
+
+    def __init__(self, proc="/proc"):
+        self.proc = proc
+        self.lock = threading.Lock()
+        self.built = None   # time.monotonic() when the last view was started
+        self.writing = frozenset()
+
+    def has_writer(self, info, since):
+        """Whether the file of info is open for writing, in a view started after `since`;
+        None when there is no /proc to tell."""
+        with self.lock:
+            if self.built is None or self.built < since:
+                if not os.path.isdir(os.path.join(self.proc, "self", "fdinfo")):
+                    return None
+                started = time.monotonic()
+                self.writing = frozenset(proc_writers(self.proc))
+                self.built = started
+            return (info.st_dev, info.st_ino) in self.writing
+
+
+def open_for_writing(fd, info, index, since):
+    """True when some process has the file (open read-only as fd) open for writing, False
+    when none has, None when neither a lease nor /proc can tell. A /proc view must have
+    been started after `since` (time.monotonic())."""
+    if TAKE_LEASES:
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+        except OSError as exc:
+            if exc.errno == errno.EAGAIN:
+                return True
+        else:
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+            return False
+    return index.has_writer(info, since)
+
+
+def remove_directory(root_fd, steps):
+    """rmdir the directory steps lead to; False when it is not empty or not the same."""
+    try:
+        parent = open_directory(root_fd, steps[:-1])
+    except (OSError, TreeChangedError):
+        return False
+    name, device, inode = steps[-1]
+    try:
+        info = os.stat(name, dir_fd=parent, follow_symlinks=False)
+        if (info.st_dev, info.st_ino) != (device, inode):
+            return False
+        os.rmdir(name, dir_fd=parent)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(parent)
+
+
+def remove_empty_dirs(root_fd, directories):
+    """rmdir the directories moved files were in, and their parents, never SOURCE_DIR; each
+    through its parent's descriptor, and only while it is the directory the scan saw."""
+    for steps in sorted({d.steps for d in directories}, key=len, reverse=True):
+        while steps and remove_directory(root_fd, steps):
+            steps = steps[:-1]
+
+# === The per-file move and parallel transfers ===
 # Workers (threads, one connection each) take tasks from one queue: parts of a started
 # multipart upload first, then files. The scan feeds files in as it finds them, and the
 # queue holds only a few per worker, so memory does not grow with the directory.
+
+
+def upload_for(job, relative, info):
+    headers = dict(job.object_headers)
+    headers["content-type"] = job.content_type or guess_content_type(relative)
+    headers["x-amz-meta-mtime"] = "%d.%09d" % divmod(info.st_mtime_ns, 10 ** 9)
+    condition = {"if-none-match": "*"} if job.if_exists != "overwrite" else {}
+    return Upload(headers, condition, job.verify_md5)
 
 
 class WorkQueue(object):
@@ -1609,18 +2002,6 @@ class PartTask(object):
                                                              "was sent" % (self.index + 1)))
 
 
-def multipart_upload(client, job, key, fd, size, upload):
-    """A multipart upload; started afresh once if the server dropped it on the way.
-
-    On failure nothing is aborted (AbortMultipartUpload is a DELETE): a bucket lifecycle
-    rule removes the incomplete upload.
-    """
-    try:
-        multipart_upload_once(client, job, key, fd, size, upload)
-    except UploadGoneError:
-        multipart_upload_once(client, job, key, fd, size, upload)
-
-
 def multipart_upload_once(client, job, key, fd, size, upload):
     """Create, send the parts through the workers (helping them), then complete."""
     upload_id = create_multipart_upload(client, key, upload)
@@ -1640,6 +2021,102 @@ def multipart_upload_once(client, job, key, fd, size, upload):
     if tracker.error is not None:
         raise tracker.error
     complete_multipart_upload(client, key, upload_id, tracker.results, upload)
+
+
+def multipart_upload(client, job, key, fd, size, upload):
+    """A multipart upload; started afresh once if the server dropped it on the way.
+
+    On failure nothing is aborted (AbortMultipartUpload is a DELETE): a bucket lifecycle
+    rule removes the incomplete upload.
+    """
+    try:
+        multipart_upload_once(client, job, key, fd, size, upload)
+    except UploadGoneError:
+        multipart_upload_once(client, job, key, fd, size, upload)
+
+
+def send_file(client, job, key, fd, size, upload):
+    """One PUT, or a multipart upload above the threshold."""
+    if size > min(job.multipart_threshold, MAX_PUT_BYTES):
+        multipart_upload(client, job, key, fd, size, upload)
+    else:
+        put_object(client, key, fd, size, upload)
+
+
+def upload_file(client, job, fd, info, found, first):
+    """Send the open file to key `first`, or under --if-exists number to the first free
+    numbered one; returns the key it went to."""
+    try:
+        check_links(info, job.allow_hardlinks)
+        if info.st_size > MAX_OBJECT_BYTES:
+            raise FileError("larger than 5 TiB, S3's limit for one object; left in place")
+        upload = upload_for(job, found.relative, info)
+        for key in candidate_keys(first, job.if_exists):
+            try:
+                send_file(client, job, object_key("", key), fd, info.st_size, upload)
+                return key
+            except KeyTakenError:
+                if job.if_exists != "number":
+                    raise
+    except OSError as exc:
+        raise FileError("cannot read (%s); left in place" % exc.strerror)
+    raise FileError("%s and the next %d numbered keys are all taken: left in place"
+                    % (safe_name(first), MAX_NUMBERED_KEYS))
+
+
+def check_no_writer(job, fd, info, since, uploaded):
+    """StillWrittenError when a process has the file open for writing."""
+    writing = open_for_writing(fd, info, job.writers, since)
+    if writing is None:
+        job.tally.note_once("s3push: cannot tell whether other processes still write files "
+                          "here (no file lease, no /proc): relying on --min-age and "
+                          "in-progress names", job.verbose)
+    elif writing:
+        raise StillWrittenError("%sstill open for writing by another process; left for a "
+                                "later run" % ("uploaded, but " if uploaded else ""))
+
+
+def delete_if_unchanged(job, parent_fd, fd, found, before, opened):
+    """Unlink the file only if it is still the one that was read, no process has it open
+    for writing, and its directory is still where the scan saw it; else keep it."""
+    try:
+        after = os.stat(found.name, dir_fd=parent_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(after.st_mode):
+        raise TreeChangedError("replaced by a symlink during the run; not followed, left "
+                               "alone")
+    if not same_file(before, after):
+        raise FileError("changed while it was uploading; kept for the next run")
+    check_no_writer(job, fd, before, opened, True)   # the last moment before the unlink
+    os.close(open_directory(job.root, found.directory.steps))   # not moved away meanwhile
+    os.unlink(found.name, dir_fd=parent_fd)
+
+
+def move_file(client, job, found, key):
+    """Upload one file to key (one PUT, or multipart above the threshold), verify, delete
+    it; all through its directory's descriptor, reached afresh from SOURCE_DIR. Returns
+    the key the object went to (another under --if-exists number) and the size."""
+    try:
+        parent = open_directory(job.root, found.directory.steps)
+    except OSError as exc:
+        raise FileError("cannot open its directory (%s); left in place" % exc.strerror)
+    try:
+        opened = time.monotonic()
+        fd, info = open_regular_file(parent, found.name)
+        try:
+            if not same_file(found.info, info):   # the key was made from the scan's mtime
+                raise StillWrittenError("changed since the scan; left for a later run")
+            check_no_writer(job, fd, info, float("-inf"), False)
+            key = upload_file(client, job, fd, info, found, key)
+            delete_if_unchanged(job, parent, fd, found, info, opened)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise FileError("cannot remove it (%s); left in place" % exc.strerror)
+    finally:
+        os.close(parent)
+    return key, info.st_size
 
 
 class FileTask(object):
@@ -1683,656 +2160,42 @@ def worker(job):
     finally:
         client.close()
 
+# === The run ===
 
-# === Local side ===
+def object_headers(options):
+    """The headers every object of the run carries, from the upload options."""
+    headers = {}
+    if options.storage_class:
+        headers["x-amz-storage-class"] = options.storage_class
+    if options.sse:
+        headers["x-amz-server-side-encryption"] = options.sse
+    if options.sse_kms_key_id:
+        headers["x-amz-server-side-encryption-aws-kms-key-id"] = options.sse_kms_key_id
+    if options.acl:
+        headers["x-amz-acl"] = options.acl
+    return headers
 
 
-class Destination(object):
-    """A parsed s3://BUCKET[/PREFIX]; prefix is '' or ends with '/'."""
+class Template(object):
+    """The destination prefix of a run, with its run-wide placeholders fixed once."""
 
-    def __init__(self, bucket, prefix):
-        self.bucket = bucket
+    def __init__(self, prefix):
         self.prefix = prefix
-
-
-BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$")
-
-
-PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
-TIME_PARTS = {"date": "%Y-%m-%d", "year": "%Y", "month": "%m", "day": "%d", "hour": "%H"}
-PLACEHOLDERS = ("hostname",) + tuple(TIME_PARTS) + tuple("mtime_" + p for p in TIME_PARTS)
-
-
-def check_template(prefix, url):
-    """A UsageError naming any placeholder in the prefix that is not a known one."""
-    for name in PLACEHOLDER.findall(prefix):
-        if name not in PLACEHOLDERS:
-            raise UsageError("unknown placeholder {%s} in %r: known are %s" % (
-                name, url, " ".join("{%s}" % p for p in PLACEHOLDERS)))
-
-
-def expand_prefix(prefix, hostname, upload_time, mtime):
-    """The prefix with {hostname}, {date}, {year}, ... of the upload time and {mtime_date},
-    {mtime_year}, ... of the file's mtime (seconds), all in UTC, filled in."""
-    if "{" not in prefix:
-        return prefix
-    modified = datetime.datetime.fromtimestamp(mtime, datetime.timezone.utc)
-
-    def value(match):
-        name = match.group(1)
-        if name == "hostname":
-            return hostname
-        when = modified if name.startswith("mtime_") else upload_time
-        return when.strftime(TIME_PARTS[name.replace("mtime_", "")])
-    return PLACEHOLDER.sub(value, prefix)
-
-
-def parse_destination(url):
-    """s3://BUCKET[/PREFIX] to a Destination, or a UsageError saying what is wrong."""
-    if not url.lower().startswith("s3://"):
-        raise UsageError("destination %r is not an s3://BUCKET[/PREFIX] URL" % url)
-    bucket, _, prefix = url[5:].partition("/")
-    if not BUCKET_NAME.match(bucket) or ".." in bucket:
-        raise UsageError("bucket name %r in %r is not valid: 3-63 lower-case letters, digits, "
-                         "dots and hyphens" % (bucket, url))
-    if prefix and not prefix.endswith("/"):
-        prefix += "/"
-    check_template(prefix, url)
-    return Destination(bucket, prefix)
-
-
-def object_key(prefix, relative):
-    """The key for a file: PREFIX + its path relative to SOURCE_DIR, '/' separated.
-
-    Raises FileError for a name that is not UTF-8 or a key longer than S3 allows.
-    """
-    try:
-        # From the bytes on disk: under a C locale Python 3.6 decodes names as ASCII.
-        key = prefix + os.fsencode(relative).decode("utf-8")
-    except UnicodeDecodeError:
-        raise FileError("the name is not valid UTF-8 (%s): rename it; it was left in place"
-                        % safe_name(relative))
-    size = len(key.encode("utf-8"))
-    if size > MAX_KEY_BYTES:
-        raise FileError("the key would be %d bytes, over S3's limit of %d: shorten the path; "
-                        "it was left in place" % (size, MAX_KEY_BYTES))
-    return key
-
-
-def safe_name(name):
-    """A file name fit for a terminal: undecodable bytes and control characters escaped."""
-    text = os.fsencode(name).decode("utf-8", "backslashreplace")
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
-def is_excluded(name, relative, patterns):
-    """True when the base name or the relative path matches any glob."""
-    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(relative, p)
-               for p in patterns)
-
-
-# The walk never leaves SOURCE_DIR, whatever a writer does to the tree meanwhile: SOURCE_DIR
-# is opened once, every directory below it is reached from that descriptor one name at a
-# time without following a symlink and checked against the device and inode the scan saw,
-# and each file is opened, checked and unlinked through its own directory's descriptor.
-DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK
-FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
-# A name that went, or became a symlink or something else than a directory, under the run.
-CHANGED_ERRNOS = frozenset([errno.ENOENT, errno.ENOTDIR, errno.ELOOP])
-# "1": the kernel lets nobody hard-link a file they could not read and write themselves.
-PROTECTED_HARDLINKS = "/proc/sys/fs/protected_hardlinks"
-
-
-class Directory(collections.namedtuple("Directory", "relative steps")):
-    """A directory under SOURCE_DIR as the scan met it: its relative path ('' or ending in
-    '/') and, for each step down from SOURCE_DIR, (name, device, inode) as seen then."""
-    __slots__ = ()
-
-    def child(self, name, info):
-        return Directory(self.relative + name + "/",
-                         self.steps + ((name, info.st_dev, info.st_ino),))
-
-
-class Found(collections.namedtuple("Found", "directory name info")):
-    """A regular file the scan found: its Directory, its name there and its lstat."""
-    __slots__ = ()
-
-    @property
-    def relative(self):
-        return self.directory.relative + self.name
-
-
-def open_source(source):
-    """A descriptor of SOURCE_DIR, resolved once (it may itself be a symlink): the whole run
-    reaches its files through it, whatever becomes of the path."""
-    return os.open(source, os.O_RDONLY | os.O_DIRECTORY)
-
-
-def lock_directory(fd):
-    """An exclusive flock on SOURCE_DIR (open as fd); the kernel drops it when the process
-    dies. False when another run holds it."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            return False
-        raise
-    return True
-
-
-def open_directory(root_fd, steps):
-    """A descriptor of the directory that steps lead to from SOURCE_DIR (open as root_fd):
-    each name opened relative to the one before, never through a symlink, and its device
-    and inode checked against the scan's. TreeChangedError when the tree changed."""
-    fd = os.dup(root_fd)
-    try:
-        for name, device, inode in steps:
-            child = os.open(name, DIRECTORY_FLAGS, dir_fd=fd)
-            os.close(fd)
-            fd = child
-            info = os.fstat(fd)
-            if (info.st_dev, info.st_ino) != (device, inode):
-                raise OSError(errno.ENOENT, "replaced")
-    except BaseException as exc:
-        os.close(fd)
-        if isinstance(exc, OSError) and exc.errno in CHANGED_ERRNOS:
-            raise TreeChangedError("a directory on its path was moved, replaced or swapped "
-                                   "for a symlink during the run; left alone")
-        raise
-    return fd
-
-
-def list_directory(fd):
-    """The names in the directory open as fd, streamed (memory stays flat however many).
-
-    os.scandir takes a descriptor only from Python 3.7, but /proc/self/fd/N is that very
-    directory on every Python; without /proc, os.listdir(fd) reads it whole.
-    """
-    proc = "/proc/self/fd/%d" % fd
-    if not os.path.isdir(proc):
-        yield from os.listdir(fd)
-        return
-    with os.scandir(proc) as entries:
-        for entry in entries:
-            yield entry.name
-
-
-def scan(root_fd, patterns, errors):
-    """Yield a Found for each regular file under SOURCE_DIR (open as root_fd), streaming.
-
-    Symlinks are never followed; excluded names are skipped, and so are the directories
-    they name; FIFOs, sockets and devices are never opened. Three descriptors at most are
-    open at once, however deep or wide the tree. A directory that cannot be read or that
-    changed under the scan goes to `errors` as (relative path, S3PushError).
-    """
-    stack = [Directory("", ())]
-    while stack:
-        directory = stack.pop()
-        try:
-            fd = open_directory(root_fd, directory.steps)
-        except TreeChangedError as exc:
-            errors.append((directory.relative, exc))
-            continue
-        except OSError as exc:
-            errors.append((directory.relative, FileError("cannot read the directory (%s)"
-                                                         % exc.strerror)))
-            continue
-        try:
-            yield from scan_directory(fd, directory, patterns, stack, errors)
-        finally:
-            os.close(fd)
-
-
-def scan_directory(fd, directory, patterns, stack, errors):
-    """The regular files of one directory (open as fd); its subdirectories go on stack."""
-    for name in list_directory(fd):
-        relative = directory.relative + name
-        if is_excluded(name, relative, patterns):
-            continue
-        try:
-            info = os.stat(name, dir_fd=fd, follow_symlinks=False)
-        except FileNotFoundError:
-            continue   # gone since the listing
-        except OSError as exc:
-            errors.append((relative, FileError("cannot read (%s)" % exc.strerror)))
-            continue
-        if stat.S_ISDIR(info.st_mode):
-            stack.append(directory.child(name, info))
-        elif stat.S_ISREG(info.st_mode):
-            yield Found(directory, name, info)
-
-
-def select_files(files, min_age, now, on_young):
-    """Pass on files last modified at least min_age seconds before now; call on_young()
-    for each of the others (a count, not a list: memory stays flat however many wait)."""
-    for found in files:
-        if now - found.info.st_mtime < min_age:
-            on_young()
-            continue
-        yield found
-
-
-def same_file(before, after):
-    """True when two stat results are one unchanged file: device, inode, size and mtime."""
-    return (before.st_dev, before.st_ino, before.st_size, before.st_mtime_ns) == \
-        (after.st_dev, after.st_ino, after.st_size, after.st_mtime_ns)
-
-
-def open_regular_file(parent_fd, name):
-    """Open a file for reading through its directory's descriptor, without following a
-    symlink or blocking on a FIFO."""
-    try:
-        fd = os.open(name, FILE_FLAGS, dir_fd=parent_fd)
-    except FileNotFoundError:
-        raise VanishedError("vanished before it was read (moved or deleted by another "
-                            "process); nothing to do")
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise TreeChangedError("replaced by a symlink during the run; not followed, "
-                                   "left alone")
-        raise FileError("cannot read (%s); left in place" % exc.strerror)
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
-        os.close(fd)
-        raise TreeChangedError("no longer a regular file; left alone")
-    return fd, info
-
-
-def check_links(info, allowed, protected_path=PROTECTED_HARDLINKS):
-    """Refuse a file with more than one hard link, unless --allow-hardlinks or the kernel
-    keeps users from linking in files they cannot read (fs.protected_hardlinks = 1):
-    otherwise a writer could link any file of the host into SOURCE_DIR to have it sent."""
-    if info.st_nlink <= 1 or allowed:
-        return
-    try:
-        with open(protected_path) as handle:
-            if handle.read().strip() == "1":
-                return
-    except OSError:
-        pass   # unknown: as unsafe as off
-    raise FileError("has %d hard links and fs.protected_hardlinks is not on, so it may be "
-                    "another user's file linked in; left in place (--allow-hardlinks moves "
-                    "such files)" % info.st_nlink)
-
-
-# A file that some process still has open for writing is left for a later run: moved now,
-# what the writer adds later would go into a deleted file. The kernel tells exactly, for
-# every process of every user, through a read lease, which cannot be taken while anyone has
-# the file open for writing; it is taken and dropped at once (a lease break would send
-# SIGIO, which run_main ignores). Where no lease can be taken (neither the file's owner nor
-# root: EACCES; NFS or some FUSE: EINVAL), /proc tells for the processes this user may see.
-TAKE_LEASES = True   # the tests turn it off to exercise the /proc fallback
-
-
-def proc_writers(proc):
-    """{(device, inode)} of every file open for writing in the processes under proc (those
-    this user may see): /proc/PID/fd names the file, /proc/PID/fdinfo its access mode."""
-    found = set()
-    for pid in os.listdir(proc):
-        if not pid.isdigit():
-            continue
-        try:
-            names = os.listdir(os.path.join(proc, pid, "fd"))
-        except OSError:
-            continue   # gone, or another user's
-        for name in names:
-            try:
-                if fd_writable(os.path.join(proc, pid, "fdinfo", name)):
-                    target = os.stat(os.path.join(proc, pid, "fd", name))
-                    found.add((target.st_dev, target.st_ino))
-            except OSError:
-                continue   # closed meanwhile
-    return found
-
-
-def fd_writable(fdinfo_path):
-    """True when the 'flags:' line of a /proc fdinfo file gives O_WRONLY or O_RDWR."""
-    with open(fdinfo_path) as handle:
-        for line in handle:
-            if line.startswith("flags:"):
-                return int(line.split()[1], 8) & os.O_ACCMODE != os.O_RDONLY
-    return False
-
-
-class WriterIndex(object):
-    """The files open for writing as /proc shows them: built on first use (an idle tick
-    never pays for it), and again only when a check needs a newer view than the last."""
-
-    def __init__(self, proc="/proc"):
-        self.proc = proc
-        self.lock = threading.Lock()
-        self.built = None   # time.monotonic() when the last view was started
-        self.writing = frozenset()
-
-    def has_writer(self, info, since):
-        """Whether the file of info is open for writing, in a view started after `since`;
-        None when there is no /proc to tell."""
-        with self.lock:
-            if self.built is None or self.built < since:
-                if not os.path.isdir(os.path.join(self.proc, "self", "fdinfo")):
-                    return None
-                started = time.monotonic()
-                self.writing = frozenset(proc_writers(self.proc))
-                self.built = started
-            return (info.st_dev, info.st_ino) in self.writing
-
-
-def open_for_writing(fd, info, index, since):
-    """True when some process has the file (open read-only as fd) open for writing, False
-    when none has, None when neither a lease nor /proc can tell. A /proc view must have
-    been started after `since` (time.monotonic())."""
-    if TAKE_LEASES:
-        try:
-            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
-        except OSError as exc:
-            if exc.errno == errno.EAGAIN:
-                return True
-        else:
-            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
-            return False
-    return index.has_writer(info, since)
-
-
-def check_no_writer(job, fd, info, since, uploaded):
-    """StillWrittenError when a process has the file open for writing."""
-    writing = open_for_writing(fd, info, job.writers, since)
-    if writing is None:
-        job.tally.note_once("s3push: cannot tell whether other processes still write files "
-                          "here (no file lease, no /proc): relying on --min-age and "
-                          "in-progress names", job.verbose)
-    elif writing:
-        raise StillWrittenError("%sstill open for writing by another process; left for a "
-                                "later run" % ("uploaded, but " if uploaded else ""))
-
-
-def delete_if_unchanged(job, parent_fd, fd, found, before, opened):
-    """Unlink the file only if it is still the one that was read, no process has it open
-    for writing, and its directory is still where the scan saw it; else keep it."""
-    try:
-        after = os.stat(found.name, dir_fd=parent_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return
-    if stat.S_ISLNK(after.st_mode):
-        raise TreeChangedError("replaced by a symlink during the run; not followed, left "
-                               "alone")
-    if not same_file(before, after):
-        raise FileError("changed while it was uploading; kept for the next run")
-    check_no_writer(job, fd, before, opened, True)   # the last moment before the unlink
-    os.close(open_directory(job.root, found.directory.steps))   # not moved away meanwhile
-    os.unlink(found.name, dir_fd=parent_fd)
-
-
-def guess_content_type(name):
-    return mimetypes.guess_type(name, strict=False)[0] or "application/octet-stream"
-
-
-MAX_NUMBERED_KEYS = 100   # --if-exists number tries KEY, then at most this many more
-
-
-def numbered_key(key, number):
-    """KEY with a number before its extension: logs/app.log -> logs/app.1.log; a name
-    without an extension gets it at the end: logs/app -> logs/app.1."""
-    head, _, name = key.rpartition("/")
-    stem, extension = os.path.splitext(name)
-    return "%s%s%s.%d%s" % (head, "/" if head else "", stem, number, extension)
-
-
-def candidate_keys(key, if_exists):
-    """The keys to try in turn: KEY, and under --if-exists number KEY.1, KEY.2, ..."""
-    yield key
-    if if_exists == "number":
-        for number in range(1, MAX_NUMBERED_KEYS + 1):
-            yield numbered_key(key, number)
-
-
-def move_file(client, job, found, key):
-    """Upload one file to key (one PUT, or multipart above the threshold), verify, delete
-    it; all through its directory's descriptor, reached afresh from SOURCE_DIR. Returns
-    the key the object went to (another under --if-exists number) and the size."""
-    try:
-        parent = open_directory(job.root, found.directory.steps)
-    except OSError as exc:
-        raise FileError("cannot open its directory (%s); left in place" % exc.strerror)
-    try:
-        opened = time.monotonic()
-        fd, info = open_regular_file(parent, found.name)
-        try:
-            if not same_file(found.info, info):   # the key was made from the scan's mtime
-                raise StillWrittenError("changed since the scan; left for a later run")
-            check_no_writer(job, fd, info, float("-inf"), False)
-            key = upload_file(client, job, fd, info, found, key)
-            delete_if_unchanged(job, parent, fd, found, info, opened)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        raise FileError("cannot remove it (%s); left in place" % exc.strerror)
-    finally:
-        os.close(parent)
-    return key, info.st_size
-
-
-def upload_file(client, job, fd, info, found, first):
-    """Send the open file to key `first`, or under --if-exists number to the first free
-    numbered one; returns the key it went to."""
-    try:
-        check_links(info, job.allow_hardlinks)
-        if info.st_size > MAX_OBJECT_BYTES:
-            raise FileError("larger than 5 TiB, S3's limit for one object; left in place")
-        upload = upload_for(job, found.relative, info)
-        for key in candidate_keys(first, job.if_exists):
-            try:
-                send_file(client, job, object_key("", key), fd, info.st_size, upload)
-                return key
-            except KeyTakenError:
-                if job.if_exists != "number":
-                    raise
-    except OSError as exc:
-        raise FileError("cannot read (%s); left in place" % exc.strerror)
-    raise FileError("%s and the next %d numbered keys are all taken: left in place"
-                    % (safe_name(first), MAX_NUMBERED_KEYS))
-
-
-def send_file(client, job, key, fd, size, upload):
-    """One PUT, or a multipart upload above the threshold."""
-    if size > min(job.multipart_threshold, MAX_PUT_BYTES):
-        multipart_upload(client, job, key, fd, size, upload)
-    else:
-        put_object(client, key, fd, size, upload)
-
-
-def remove_empty_dirs(root_fd, directories):
-    """rmdir the directories moved files were in, and their parents, never SOURCE_DIR; each
-    through its parent's descriptor, and only while it is the directory the scan saw."""
-    for steps in sorted({d.steps for d in directories}, key=len, reverse=True):
-        while steps and remove_directory(root_fd, steps):
-            steps = steps[:-1]
-
-
-def remove_directory(root_fd, steps):
-    """rmdir the directory steps lead to; False when it is not empty or not the same."""
-    try:
-        parent = open_directory(root_fd, steps[:-1])
-    except (OSError, TreeChangedError):
-        return False
-    name, device, inode = steps[-1]
-    try:
-        info = os.stat(name, dir_fd=parent, follow_symlinks=False)
-        if (info.st_dev, info.st_ino) != (device, inode):
-            return False
-        os.rmdir(name, dir_fd=parent)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(parent)
-
-
-# === Command line ===
-
-
-def build_parser():
-    parser = argparse.ArgumentParser(
-        prog="s3push.py",
-        usage="%(prog)s [options] SOURCE_DIR s3://BUCKET[/PREFIX]",
-        description="Move the files under SOURCE_DIR into S3, verified: each file is "
-                    "deleted only after the server confirmed its exact bytes.",
-        epilog="exit status: 0 all moved, nothing to do or another run active; 2 usage; "
-               "65 some files failed and were left; 66 SOURCE_DIR unusable; 70 internal "
-               "error; 75 temporary failure, try again; 77 S3 refused the credentials or "
-               "permission; 78 configuration or credentials problem; 130/143 interrupted.")
-    parser.add_argument("source", metavar="SOURCE_DIR", help="directory whose files to move")
-    parser.add_argument("destination", metavar="s3://BUCKET[/PREFIX]",
-                        help="where the files go; keys are PREFIX/relative/path")
-    parser.add_argument("--min-age", type=non_negative_int, default=DEFAULT_MIN_AGE,
-                        metavar="SECONDS", help="leave files modified more recently than this "
-                        "for a later run (default %(default)s)")
-    parser.add_argument("--exclude", action="append", default=[], metavar="GLOB",
-                        help="skip names or relative paths matching GLOB (repeatable); always "
-                        "skipped: " + " ".join(DEFAULT_EXCLUDES))
-    parser.add_argument("--delete-empty-dirs", action="store_true",
-                        help="remove subdirectories the run emptied (never SOURCE_DIR)")
-    parser.add_argument("--allow-hardlinks", action="store_true",
-                        help="move files with more than one hard link even where the kernel "
-                        "lets users link in files they cannot read (fs.protected_hardlinks "
-                        "off); by default such files are left in place and reported")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print what would move where, change nothing")
-    add_transfer_options(parser)
-    add_upload_options(parser)
-    add_settings_options(parser)
-    add_output_options(parser)
-    parser.add_argument("--version", action="version", version="s3push " + VERSION)
-    return parser
-
-
-def add_settings_options(parser):
-    parser.add_argument("--profile", help="profile in ~/.aws/credentials and ~/.aws/config")
-    parser.add_argument("--region", help="signing region (default: from the environment or "
-                        "profile, else us-east-1)")
-    parser.add_argument("--endpoint-url", metavar="URL",
-                        help="S3-compatible server, e.g. http://127.0.0.1:9000")
-    parser.add_argument("--ca-bundle", metavar="FILE",
-                        help="trust the CAs in FILE (PEM) instead of the system's for TLS; "
-                        "also AWS_CA_BUNDLE or ca_bundle in the profile")
-
-
-def add_output_options(parser):
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="print one line per moved file and a summary")
-    parser.add_argument("--debug", action="store_true",
-                        help="also print each request's canonical request, string to sign "
-                        "and answer on stderr (the secret, the token and signatures are "
-                        "left out)")
-    parser.add_argument("--progress", action="store_true", default=None,
-                        help="a live status line on stderr (files and bytes done of those "
-                        "found, rate, ETA); the default on a terminal, never under cron")
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
-    parser.add_argument("--summary-json", metavar="FILE",
-                        help="write a summary of the run (counts, bytes, seconds, exit "
-                        "status, first errors) to FILE as JSON, for monitoring")
-
-
-def add_upload_options(parser):
-    group = parser.add_argument_group("upload options")
-    group.add_argument("--storage-class", type=upper_word, metavar="CLASS",
-                       help="e.g. STANDARD_IA, INTELLIGENT_TIERING, GLACIER_IR")
-    group.add_argument("--sse", choices=("AES256", "aws:kms", "aws:kms:dsse"),
-                       help="server-side encryption; under aws:kms the ETag is no MD5, and "
-                       "Content-MD5 and the signed SHA-256 vouch for the bytes")
-    group.add_argument("--sse-kms-key-id", metavar="KEY", help="the KMS key for --sse aws:kms")
-    group.add_argument("--acl", choices=CANNED_ACLS, help="a canned ACL, e.g. "
-                       "bucket-owner-full-control (needs s3:PutObjectAcl)")
-    group.add_argument("--content-type", metavar="TYPE",
-                       help="Content-Type of every object (default: guessed from the name)")
-    group.add_argument("--if-exists", choices=("overwrite", "keep", "number"),
-                       help="when an object is already at the key: overwrite it (the "
-                       "default); keep it, and the file too, as a conflict to resolve; or "
-                       "number: send the file to the first free key of name.1.ext, "
-                       "name.2.ext, ... (keep and number send If-None-Match: *)")
-    group.add_argument("--no-overwrite", dest="if_exists", action="store_const",
-                       const="keep", help="the same as --if-exists keep")
-    parser.set_defaults(if_exists="overwrite")
-
-
-CANNED_ACLS = ("private", "public-read", "public-read-write", "authenticated-read",
-               "aws-exec-read", "bucket-owner-read", "bucket-owner-full-control")
-
-
-def upper_word(text):
-    if not re.match(r"^[A-Z][A-Z0-9_]*$", text):
-        raise argparse.ArgumentTypeError("%r is not a storage class such as STANDARD_IA" % text)
-    return text
-
-
-def add_transfer_options(parser):
-    parser.add_argument("--deadline", type=non_negative_int, default=0, metavar="SECONDS",
-                        help="start no upload and no retry after this many seconds, so that "
-                        "a cron run ends before the next one starts; what is left waits "
-                        "for the next run (default 0: none)")
-    parser.add_argument("--timeout", type=positive_int, default=DEFAULT_TIMEOUT,
-                        metavar="SECONDS", help="give up on a connection that makes no "
-                        "progress for this long, then retry (default %(default)s)")
-    parser.add_argument("--retries", type=non_negative_int, default=DEFAULT_RETRIES,
-                        metavar="N", help="retry a request that failed for a transient reason "
-                        "(5xx, throttling, a broken connection) up to N times, with "
-                        "exponential backoff (default %(default)s)")
-    parser.add_argument("--jobs", type=positive_int, default=DEFAULT_JOBS, metavar="N",
-                        help="files and parts sent at once, each over its own kept-alive "
-                        "connection (default %(default)s)")
-    parser.add_argument("--multipart-threshold", type=size_argument, metavar="SIZE",
-                        default=DEFAULT_MULTIPART_THRESHOLD,
-                        help="files larger than this go up in parts (default %s)"
-                        % format_size(DEFAULT_MULTIPART_THRESHOLD))
-    parser.add_argument("--part-size", type=part_size_argument, metavar="SIZE",
-                        default=DEFAULT_PART_SIZE,
-                        help="size of each part, at least 5MiB; grown by itself so that any "
-                        "file fits in 10,000 parts (default %s)" % format_size(DEFAULT_PART_SIZE))
-
-
-def non_negative_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError("%r is not a whole number >= 0" % text)
-    return value
-
-
-def positive_int(text):
-    value = non_negative_int(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
-SIZE_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "t": 1024 ** 4}
-
-
-def size_argument(text):
-    """Bytes from '8388608', '8M', '8MiB', '1.5G' (binary units)."""
-    match = re.match(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", text, re.IGNORECASE)
-    if not match:
-        raise argparse.ArgumentTypeError("%r is not a size such as 64MiB or 1G" % text)
-    return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
-
-
-def part_size_argument(text):
-    value = size_argument(text)
-    if value < MIN_PART_BYTES:
-        raise argparse.ArgumentTypeError("%r is below S3's minimum part size of 5MiB" % text)
-    return value
-
-
-def format_size(size):
-    return "%dMiB" % (size // MIB) if size % MIB == 0 else "%d bytes" % size
-
-
-def emit(stream, line):
-    """Write one line; what the stream's encoding cannot show is escaped, not fatal."""
-    encoding = getattr(stream, "encoding", None) or "utf-8"
-    stream.write(line.encode(encoding, "backslashreplace").decode(encoding) + "\n")
-    stream.flush()
+        self.hostname = socket.gethostname() if "{hostname}" in prefix else ""
+        self.upload_time = datetime.datetime.now(datetime.timezone.utc)
+
+    def prefix_for(self, mtime):
+        return expand_prefix(self.prefix, self.hostname, self.upload_time, mtime)
+
+
+def internal_error(exc, credentials):
+    """The one line for a bug: where it happened, and its text without any secret."""
+    where = exc.__traceback__
+    while where is not None and where.tb_next is not None:
+        where = where.tb_next
+    line = " at line %d" % where.tb_lineno if where is not None else ""
+    return S3PushError("internal error: %s%s: %s; no file was lost" % (
+        exc.__class__.__name__, line, redact(one_line(exc), credentials)))
 
 
 class Tally(object):
@@ -2502,16 +2365,13 @@ class Job(object):
         return self.template.prefix_for(mtime)
 
 
-class Template(object):
-    """The destination prefix of a run, with its run-wide placeholders fixed once."""
-
-    def __init__(self, prefix):
-        self.prefix = prefix
-        self.hostname = socket.gethostname() if "{hostname}" in prefix else ""
-        self.upload_time = datetime.datetime.now(datetime.timezone.utc)
-
-    def prefix_for(self, mtime):
-        return expand_prefix(self.prefix, self.hostname, self.upload_time, mtime)
+def show_progress(tally, done):
+    """The live status line on stderr, until done is set."""
+    while not done.wait(PROGRESS_INTERVAL):
+        tally.show_status()
+    with tally.lock:
+        tally.clear_status()
+        tally.progress = False
 
 
 def move_all(job, files):
@@ -2547,15 +2407,6 @@ def move_all(job, files):
             status_line.join(1)
 
 
-def show_progress(tally, done):
-    """The live status line on stderr, until done is set."""
-    while not done.wait(PROGRESS_INTERVAL):
-        tally.show_status()
-    with tally.lock:
-        tally.clear_status()
-        tally.progress = False
-
-
 def print_plan(source, files, destination, tally):
     """Print where each file would go; names that cannot be keys are reported."""
     template = Template(destination.prefix)
@@ -2587,25 +2438,18 @@ def check_source(source):
                            % safe_name(source))
 
 
-def push(options, environ, tally):
-    """The whole run after argument parsing; returns the exit status.
-
-    Nothing beyond the scan happens until it finds a file: an idle tick reads no
-    settings and loads no network code.
-    """
-    destination = parse_destination(options.destination)
-    if options.sse_kms_key_id and not (options.sse or "").startswith("aws:kms"):
-        raise UsageError("--sse-kms-key-id goes with --sse aws:kms (or aws:kms:dsse)")
-    check_source(options.source)
-    try:
-        root = open_source(options.source)
-    except OSError as exc:
-        raise NoInputError("cannot open SOURCE_DIR %s (%s): check the path"
-                           % (safe_name(options.source), exc.strerror))
-    try:
-        return push_locked(options, environ, tally, destination, root)
-    finally:
-        os.close(root)
+def move_or_plan(options, environ, settings, destination, tally, files, root):
+    """Dry run, or move the files, then remove the directories they left empty."""
+    if options.dry_run:
+        print_plan(options.source, files, destination, tally)
+        return
+    session = Session(settings, destination.bucket,
+                      lambda: load_settings(options, environ).credentials)
+    session.debug = options.debug
+    tally.progress = sys.stderr.isatty() if options.progress is None else options.progress
+    move_all(Job(options, session, destination, tally, root), files)
+    if options.delete_empty_dirs:
+        remove_empty_dirs(root, tally.emptied)
 
 
 def push_locked(options, environ, tally, destination, root):
@@ -2632,41 +2476,25 @@ def push_locked(options, environ, tally, destination, root):
     return tally.exit_status()
 
 
-def move_or_plan(options, environ, settings, destination, tally, files, root):
-    """Dry run, or move the files, then remove the directories they left empty."""
-    if options.dry_run:
-        print_plan(options.source, files, destination, tally)
-        return
-    session = Session(settings, destination.bucket,
-                      lambda: load_settings(options, environ).credentials)
-    session.debug = options.debug
-    tally.progress = sys.stderr.isatty() if options.progress is None else options.progress
-    move_all(Job(options, session, destination, tally, root), files)
-    if options.delete_empty_dirs:
-        remove_empty_dirs(root, tally.emptied)
+def push(options, environ, tally):
+    """The whole run after argument parsing; returns the exit status.
 
-
-def internal_error(exc, credentials):
-    """The one line for a bug: where it happened, and its text without any secret."""
-    where = exc.__traceback__
-    while where is not None and where.tb_next is not None:
-        where = where.tb_next
-    line = " at line %d" % where.tb_lineno if where is not None else ""
-    return S3PushError("internal error: %s%s: %s; no file was lost" % (
-        exc.__class__.__name__, line, redact(one_line(exc), credentials)))
-
-
-def on_sigterm(signum, frame):
-    raise Interrupted(signum)
-
-
-def main(argv=None):
-    options = build_parser().parse_args(argv)
-    tally = Tally()
-    status = exit_status(options, tally)
-    if options.summary_json:
-        write_summary(options.summary_json, tally.summary_data(options, status))
-    return status
+    Nothing beyond the scan happens until it finds a file: an idle tick reads no
+    settings and loads no network code.
+    """
+    destination = parse_destination(options.destination)
+    if options.sse_kms_key_id and not (options.sse or "").startswith("aws:kms"):
+        raise UsageError("--sse-kms-key-id goes with --sse aws:kms (or aws:kms:dsse)")
+    check_source(options.source)
+    try:
+        root = open_source(options.source)
+    except OSError as exc:
+        raise NoInputError("cannot open SOURCE_DIR %s (%s): check the path"
+                           % (safe_name(options.source), exc.strerror))
+    try:
+        return push_locked(options, environ, tally, destination, root)
+    finally:
+        os.close(root)
 
 
 def write_summary(path, data):
@@ -2681,6 +2509,169 @@ def write_summary(path, data):
     except OSError as exc:
         emit(sys.stderr, "s3push: warning: cannot write the summary to %s (%s)"
              % (path, exc.strerror or exc))
+
+# === Command line ===
+
+def add_settings_options(parser):
+    parser.add_argument("--profile", help="profile in ~/.aws/credentials and ~/.aws/config")
+    parser.add_argument("--region", help="signing region (default: from the environment or "
+                        "profile, else us-east-1)")
+    parser.add_argument("--endpoint-url", metavar="URL",
+                        help="S3-compatible server, e.g. http://127.0.0.1:9000")
+    parser.add_argument("--ca-bundle", metavar="FILE",
+                        help="trust the CAs in FILE (PEM) instead of the system's for TLS; "
+                        "also AWS_CA_BUNDLE or ca_bundle in the profile")
+
+
+def add_output_options(parser):
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="print one line per moved file and a summary")
+    parser.add_argument("--debug", action="store_true",
+                        help="also print each request's canonical request, string to sign "
+                        "and answer on stderr (the secret, the token and signatures are "
+                        "left out)")
+    parser.add_argument("--progress", action="store_true", default=None,
+                        help="a live status line on stderr (files and bytes done of those "
+                        "found, rate, ETA); the default on a terminal, never under cron")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--summary-json", metavar="FILE",
+                        help="write a summary of the run (counts, bytes, seconds, exit "
+                        "status, first errors) to FILE as JSON, for monitoring")
+
+
+CANNED_ACLS = ("private", "public-read", "public-read-write", "authenticated-read",
+               "aws-exec-read", "bucket-owner-read", "bucket-owner-full-control")
+
+
+def upper_word(text):
+    if not re.match(r"^[A-Z][A-Z0-9_]*$", text):
+        raise argparse.ArgumentTypeError("%r is not a storage class such as STANDARD_IA" % text)
+    return text
+
+
+def add_upload_options(parser):
+    group = parser.add_argument_group("upload options")
+    group.add_argument("--storage-class", type=upper_word, metavar="CLASS",
+                       help="e.g. STANDARD_IA, INTELLIGENT_TIERING, GLACIER_IR")
+    group.add_argument("--sse", choices=("AES256", "aws:kms", "aws:kms:dsse"),
+                       help="server-side encryption; under aws:kms the ETag is no MD5, and "
+                       "Content-MD5 and the signed SHA-256 vouch for the bytes")
+    group.add_argument("--sse-kms-key-id", metavar="KEY", help="the KMS key for --sse aws:kms")
+    group.add_argument("--acl", choices=CANNED_ACLS, help="a canned ACL, e.g. "
+                       "bucket-owner-full-control (needs s3:PutObjectAcl)")
+    group.add_argument("--content-type", metavar="TYPE",
+                       help="Content-Type of every object (default: guessed from the name)")
+    group.add_argument("--if-exists", choices=("overwrite", "keep", "number"),
+                       help="when an object is already at the key: overwrite it (the "
+                       "default); keep it, and the file too, as a conflict to resolve; or "
+                       "number: send the file to the first free key of name.1.ext, "
+                       "name.2.ext, ... (keep and number send If-None-Match: *)")
+    group.add_argument("--no-overwrite", dest="if_exists", action="store_const",
+                       const="keep", help="the same as --if-exists keep")
+    parser.set_defaults(if_exists="overwrite")
+
+
+def non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError("%r is not a whole number >= 0" % text)
+    return value
+
+
+def positive_int(text):
+    value = non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+SIZE_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "t": 1024 ** 4}
+
+
+def size_argument(text):
+    """Bytes from '8388608', '8M', '8MiB', '1.5G' (binary units)."""
+    match = re.match(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError("%r is not a size such as 64MiB or 1G" % text)
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
+
+
+def part_size_argument(text):
+    value = size_argument(text)
+    if value < MIN_PART_BYTES:
+        raise argparse.ArgumentTypeError("%r is below S3's minimum part size of 5MiB" % text)
+    return value
+
+
+def format_size(size):
+    return "%dMiB" % (size // MIB) if size % MIB == 0 else "%d bytes" % size
+
+
+def add_transfer_options(parser):
+    parser.add_argument("--deadline", type=non_negative_int, default=0, metavar="SECONDS",
+                        help="start no upload and no retry after this many seconds, so that "
+                        "a cron run ends before the next one starts; what is left waits "
+                        "for the next run (default 0: none)")
+    parser.add_argument("--timeout", type=positive_int, default=DEFAULT_TIMEOUT,
+                        metavar="SECONDS", help="give up on a connection that makes no "
+                        "progress for this long, then retry (default %(default)s)")
+    parser.add_argument("--retries", type=non_negative_int, default=DEFAULT_RETRIES,
+                        metavar="N", help="retry a request that failed for a transient reason "
+                        "(5xx, throttling, a broken connection) up to N times, with "
+                        "exponential backoff (default %(default)s)")
+    parser.add_argument("--jobs", type=positive_int, default=DEFAULT_JOBS, metavar="N",
+                        help="files and parts sent at once, each over its own kept-alive "
+                        "connection (default %(default)s)")
+    parser.add_argument("--multipart-threshold", type=size_argument, metavar="SIZE",
+                        default=DEFAULT_MULTIPART_THRESHOLD,
+                        help="files larger than this go up in parts (default %s)"
+                        % format_size(DEFAULT_MULTIPART_THRESHOLD))
+    parser.add_argument("--part-size", type=part_size_argument, metavar="SIZE",
+                        default=DEFAULT_PART_SIZE,
+                        help="size of each part, at least 5MiB; grown by itself so that any "
+                        "file fits in 10,000 parts (default %s)" % format_size(DEFAULT_PART_SIZE))
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="s3push.py",
+        usage="%(prog)s [options] SOURCE_DIR s3://BUCKET[/PREFIX]",
+        description="Move the files under SOURCE_DIR into S3, verified: each file is "
+                    "deleted only after the server confirmed its exact bytes.",
+        epilog="exit status: 0 all moved, nothing to do or another run active; 2 usage; "
+               "65 some files failed and were left; 66 SOURCE_DIR unusable; 70 internal "
+               "error; 75 temporary failure, try again; 77 S3 refused the credentials or "
+               "permission; 78 configuration or credentials problem; 130/143 interrupted.")
+    parser.add_argument("source", metavar="SOURCE_DIR", help="directory whose files to move")
+    parser.add_argument("destination", metavar="s3://BUCKET[/PREFIX]",
+                        help="where the files go; keys are PREFIX/relative/path")
+    parser.add_argument("--min-age", type=non_negative_int, default=DEFAULT_MIN_AGE,
+                        metavar="SECONDS", help="leave files modified more recently than this "
+                        "for a later run (default %(default)s)")
+    parser.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                        help="skip names or relative paths matching GLOB (repeatable); always "
+                        "skipped: " + " ".join(DEFAULT_EXCLUDES))
+    parser.add_argument("--delete-empty-dirs", action="store_true",
+                        help="remove subdirectories the run emptied (never SOURCE_DIR)")
+    parser.add_argument("--allow-hardlinks", action="store_true",
+                        help="move files with more than one hard link even where the kernel "
+                        "lets users link in files they cannot read (fs.protected_hardlinks "
+                        "off); by default such files are left in place and reported")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print what would move where, change nothing")
+    add_transfer_options(parser)
+    add_upload_options(parser)
+    add_settings_options(parser)
+    add_output_options(parser)
+    parser.add_argument("--version", action="version", version="s3push " + VERSION)
+    return parser
+
+
+def on_sigterm(signum, frame):
+    raise Interrupted(signum)
 
 
 def exit_status(options, tally):
@@ -2701,6 +2692,15 @@ def exit_status(options, tally):
     except Exception as exc:   # a bug: one line, no secret, every unconfirmed file kept
         emit(sys.stderr, "s3push: error: %s" % internal_error(exc, tally.credentials))
         return EXIT_SOFTWARE
+
+
+def main(argv=None):
+    options = build_parser().parse_args(argv)
+    tally = Tally()
+    status = exit_status(options, tally)
+    if options.summary_json:
+        write_summary(options.summary_json, tally.summary_data(options, status))
+    return status
 
 
 if __name__ == "__main__":

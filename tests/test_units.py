@@ -443,6 +443,46 @@ class NumberedKeys(unittest.TestCase):
         self.assertEqual(parse(["--if-exists", "number", "s", "s3://b"]).if_exists, "number")
 
 
+class Layout(unittest.TestCase):
+    """The file reads top to bottom: no definition uses one that stands below it."""
+
+    def setUp(self):
+        import ast
+        with open(s3push.__file__) as handle:
+            self.tree = ast.parse(handle.read())
+        self.ast = ast
+
+    def test_each_definition_uses_only_what_stands_above_it(self):
+        ast, defined, later = self.ast, {}, []
+        for node in self.tree.body:
+            for name in self.names(node):
+                defined.setdefault(name, node.lineno)
+        for node in self.tree.body:
+            own = self.names(node)
+            for used in {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}:
+                if used in defined and used not in own and defined[used] > node.lineno:
+                    later.append("%s (line %d) uses %s (line %d)"
+                                 % (own[0], node.lineno, used, defined[used]))
+        self.assertEqual(later, [])
+
+    def test_main_last_and_few_imports_inside_functions(self):
+        ast = self.ast
+        definitions = [n for n in self.tree.body if isinstance(n, (ast.FunctionDef,
+                                                                   ast.ClassDef))]
+        self.assertEqual(definitions[-1].name, "main")
+        inner = [n.lineno for f in definitions for n in ast.walk(f)
+                 if isinstance(n, (ast.Import, ast.ImportFrom))]
+        self.assertLessEqual(len(inner), 3, inner)
+
+    def names(self, node):
+        ast = self.ast
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            return [node.name]
+        if isinstance(node, ast.Assign):
+            return [t.id for t in node.targets if isinstance(t, ast.Name)] or [""]
+        return [""]
+
+
 class Verification(unittest.TestCase):
     def test_etag_must_equal_md5(self):
         md5 = "5d41402abc4b2a76b9719d911017c592"   # of b"hello"
