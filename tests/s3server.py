@@ -655,6 +655,28 @@ class FaultProxy(LoopbackServer):
         return True
 
 
+class HoldProxy(FaultProxy):
+    """A FaultProxy that holds the hold-th PUT (first attempts only) until `release` is set:
+    `arrived` is set when it came, `puts` lists the targets of the PUTs so far."""
+
+    def __init__(self, upstream, hold=1):
+        self.arrived, self.release, self.puts, self.hold = (threading.Event(),
+                                                            threading.Event(), [], hold)
+        FaultProxy.__init__(self, upstream, self.hold_one)
+
+    def hold_one(self, request):
+        if request.method == "PUT" and request.attempt == 0:
+            self.puts.append(request.target)
+            if len(self.puts) == self.hold:
+                self.arrived.set()
+                self.release.wait(120)
+        return None
+
+    def close(self):
+        self.release.set()
+        FaultProxy.close(self)
+
+
 def replace_header(answer, name, value):
     head, _, body = answer.partition(b"\r\n\r\n")
     lines = [line for line in head.split(b"\r\n") if line.split(b":")[0].lower() != name]

@@ -104,29 +104,20 @@ class KeyTemplates(IntegrationCase):
         # Two files, one at a time; the first is held on its way up while the other gets
         # another (old) mtime: it is left for the next run, which files it by that date.
         import subprocess
-        import threading
         for name in ("a", "b"):
             os.utime(write_file(self.source, name, name.encode()), (0, 86400 * 365))
-        arrived, release, puts = threading.Event(), threading.Event(), []
-
-        def hold_first(request):
-            puts.append(request.target)
-            if len(puts) == 1:
-                arrived.set()
-                release.wait(120)
-        proxy = s3server.FaultProxy(self.recorder.endpoint, hold_first)
+        proxy = s3server.HoldProxy(self.recorder.endpoint)
         self.proxies.append(proxy)
-        self.addCleanup(release.set)
         argv = self.command("-v", "--jobs", "1", endpoint=proxy.endpoint)
         argv[-1] = "s3://%s/%s{mtime_date}/" % (self.server.bucket, self.prefix)
         process = subprocess.Popen(argv, env=self.env(), stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE)
         self.addCleanup(process.kill)
-        self.assertTrue(arrived.wait(120))
-        first = puts[0].rsplit("/", 1)[-1]
+        self.assertTrue(proxy.arrived.wait(120))
+        first = proxy.puts[0].rsplit("/", 1)[-1]
         other = "b" if first == "a" else "a"
         os.utime(os.path.join(self.source, other), (0, 86400 * 366))
-        release.set()
+        proxy.release.set()
         out, err = process.communicate(timeout=120)
         self.assertEqual(process.returncode, 0, err)
         self.assertIn("/%s: changed since the scan; left for a later run" % other,

@@ -458,25 +458,17 @@ class HostileWriter(IntegrationCase):
         os.symlink(target, os.path.join(self.source, name))
 
     def held_run(self, *args, hold=1):
-        """A run whose hold-th PUT waits until the test releases it; (proxy, events, process)."""
-        arrived, release, puts = threading.Event(), threading.Event(), []
-
-        def rule(request):
-            if request.method == "PUT" and request.attempt == 0:
-                puts.append(request.target)
-                if len(puts) == hold:
-                    arrived.set()
-                    release.wait(RUN_TIMEOUT)
-            return None
-        proxy = s3server.FaultProxy(self.recorder.endpoint, rule)
+        """A run whose hold-th PUT waits until the test releases it; (PUT targets so far,
+        the release event, the process)."""
+        proxy = s3server.HoldProxy(self.recorder.endpoint, hold)
         self.proxies.append(proxy)
-        self.addCleanup(release.set)
+        self.addCleanup(proxy.release.set)
         process = subprocess.Popen(self.command("--jobs", "1", *args, endpoint=proxy.endpoint),
                                    env=self.env(), stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
         self.addCleanup(process.kill)
-        self.assertTrue(arrived.wait(RUN_TIMEOUT), "the held PUT never came")
-        return puts, release, process
+        self.assertTrue(proxy.arrived.wait(RUN_TIMEOUT), "the held PUT never came")
+        return proxy.puts, proxy.release, process
 
     def finish(self, release, process):
         release.set()
