@@ -81,6 +81,7 @@ def load_deferred_modules():
 
 # === Constants and output ===
 
+
 VERSION = "0.1.0"
 USER_AGENT = "s3push/%s python/%d.%d" % ((VERSION,) + tuple(sys.version_info[:2]))
 ALGORITHM = "AWS4-HMAC-SHA256"
@@ -175,6 +176,7 @@ def emit(stream, line):
     stream.flush()
 
 # === Errors ===
+
 
 class S3PushError(Exception):
     """An expected failure; its text is one line for the operator, without secrets."""
@@ -346,6 +348,7 @@ def sign_request(method, host, path, query, headers, body_hash, credentials, reg
     return signed
 
 # === HTTP and XML transport ===
+
 
 def proxy_settings(environ):
     """HTTPS_PROXY, HTTP_PROXY and NO_PROXY (lower case first, as curl reads them)."""
@@ -583,8 +586,8 @@ class Connection(object):
 
     def open(self):
         connect_timeout = min(CONNECT_TIMEOUT, self.timeout)
-        host, port = (self.proxy.host, self.proxy.port) if self.proxy else (self.host,
-                                                                             self.port)
+        via = self.proxy or self
+        host, port = via.host, via.port
         if self.scheme == "https":
             conn = http.client.HTTPSConnection(host, port, timeout=connect_timeout,
                                                context=self.tls or tls_context(None))
@@ -647,6 +650,7 @@ class Connection(object):
                         {k.lower(): v for k, v in answer.getheaders()}, data)
 
 # === Session and S3Client ===
+
 
 # What one request is signed with: the credentials, region and endpoint of the moment, and
 # the seconds to add to this host's clock.
@@ -756,8 +760,8 @@ class Session(object):
         return True
 
     def fix_region(self, response):
-        region = response.header("x-amz-bucket-region") or xml_text(parse_xml(response.body),
-                                                                      "Region")
+        region = response.header("x-amz-bucket-region") or \
+            xml_text(parse_xml(response.body), "Region")
         if response.status not in (301, 307, 400, 403) or not region or \
                 region == self.region or not REGION_NAME.match(region):
             return False
@@ -904,11 +908,12 @@ class S3Client(object):
         """--debug: the canonical request and string to sign, through redact()."""
         def show(request_text, text):
             emit(sys.stderr, redact("s3push: debug: %s %s\n--- canonical request\n%s\n"
-                                    "--- string to sign\n%s" % (method, target, request_text,
-                                                                 text), credentials))
+                                    "--- string to sign\n%s"
+                                    % (method, target, request_text, text), credentials))
         return show
 
 # === Credentials and settings ===
+
 
 class Credentials(object):
     """An access key pair; its repr shows the key id and where it came from, never the secret."""
@@ -1281,6 +1286,7 @@ def warn_if_exposed_credentials(credentials):
 
 # === S3 operations ===
 
+
 class Digest(object):
     """What one read of a file or part found: size, SHA-256, MD5 and (small) its bytes."""
 
@@ -1475,6 +1481,7 @@ def part_ranges(size, part_size):
             for n, offset in enumerate(range(0, size, part_size))]
 
 # === Local side ===
+
 
 class Destination(object):
     """A parsed s3://BUCKET[/PREFIX]; prefix is '' or ends with '/'."""
@@ -2068,9 +2075,9 @@ def check_no_writer(job, fd, info, since, uploaded):
     """StillWrittenError when a process has the file open for writing."""
     writing = open_for_writing(fd, info, job.writers, since)
     if writing is None:
-        job.tally.note_once("s3push: cannot tell whether other processes still write files "
-                          "here (no file lease, no /proc): relying on --min-age and "
-                          "in-progress names", job.verbose)
+        job.tally.note_once("s3push: cannot tell whether other processes still write "
+                            "files here (no file lease, no /proc): relying on --min-age "
+                            "and in-progress names", job.verbose)
     elif writing:
         raise StillWrittenError("%sstill open for writing by another process; left for a "
                                 "later run" % ("uploaded, but " if uploaded else ""))
@@ -2161,6 +2168,7 @@ def worker(job):
         client.close()
 
 # === The run ===
+
 
 def object_headers(options):
     """The headers every object of the run carries, from the upload options."""
@@ -2511,6 +2519,7 @@ def write_summary(path, data):
              % (path, exc.strerror or exc))
 
 # === Command line ===
+
 
 def add_settings_options(parser):
     parser.add_argument("--profile", help="profile in ~/.aws/credentials and ~/.aws/config")

@@ -122,7 +122,6 @@ class Retries(FaultCase):
         self.assertLess(time.monotonic() - started, 25, "the deadline did not end the run")
         self.assertEqual(files_under(self.source), [b"f"])
 
-
     def test_no_new_file_starts_after_the_deadline(self):
         for i in range(10):
             write_file(self.source, "f%d" % i, b"data")

@@ -540,9 +540,8 @@ class HostileWriter(IntegrationCase):
             self.assertEqual(handle.read(), mine["linked"])
 
     def test_swaps_at_seeded_moments(self):
-        names = ["top0", "top1", "top2"] + \
-            ["d%d/%s" % (d, n) for d in range(5) for n in ("secret.txt", "f0", "f1", "g",
-                                                            "sub/secret.txt")]
+        inner = ("secret.txt", "f0", "f1", "g", "sub/secret.txt")
+        names = ["top0", "top1", "top2"] + ["d%d/%s" % (d, n) for d in range(5) for n in inner]
         slow = s3server.FaultProxy(self.recorder.endpoint, lambda request: ("stall", 0.03))
         self.proxies.append(slow)
         for seed in range(6):

@@ -318,8 +318,8 @@ class Selection(unittest.TestCase):
         self.touch("new", mtime=1990)
         young = []
         files = self.scan(self.root, (), [])
-        kept = [f.relative for f in s3push.select_files(files, 60, 2000,
-                                                          lambda: young.append(1))]
+        kept = [f.relative
+                for f in s3push.select_files(files, 60, 2000, lambda: young.append(1))]
         self.assertEqual(kept, ["old"])
         self.assertEqual(young, [1])
 
@@ -360,13 +360,12 @@ class Selection(unittest.TestCase):
             else:
                 with open(switch, "w") as handle:
                     handle.write(value)
-            check = lambda info: s3push.check_links(info, allowed, switch)  # noqa: E731
             if refused:
                 with self.assertRaisesRegex(s3push.FileError, "has 2 hard links .*"
                                             "--allow-hardlinks"):
-                    check(os.lstat(path))
+                    s3push.check_links(os.lstat(path), allowed, switch)
             else:
-                check(os.lstat(path))
+                s3push.check_links(os.lstat(path), allowed, switch)
         os.unlink(os.path.join(self.root, "g"))
         s3push.check_links(os.lstat(path), False, switch)   # one link: always fine
 
