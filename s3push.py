@@ -175,6 +175,7 @@ def emit(stream, line):
     stream.write(line.encode(encoding, "backslashreplace").decode(encoding) + "\n")
     stream.flush()
 
+
 # === Errors ===
 
 
@@ -247,6 +248,7 @@ class Interrupted(BaseException):
     def __init__(self, signum):
         BaseException.__init__(self, signum)
         self.signum = signum
+
 
 # === SigV4 signer ===
 # Pure functions, one per step of the AWS Signature Version 4 spec, with S3's rules:
@@ -346,6 +348,7 @@ def sign_request(method, host, path, query, headers, body_hash, credentials, reg
     signed["authorization"] = authorization_header(credentials.access_key, scope, signed_names,
                                                    signature(key, text))
     return signed
+
 
 # === HTTP and XML transport ===
 
@@ -490,6 +493,7 @@ class Response(object):
         self.reason = reason
         self.headers = headers
         self.body = body
+        self.expected_owner = None   # the x-amz-expected-bucket-owner the request carried
 
     def header(self, name):
         return self.headers.get(name.lower(), "")
@@ -508,6 +512,10 @@ def error_from_response(response, what=""):
                                      ", request id " + request_id if request_id else "")
     if code == "RequestTimeTooSkewed":
         return ConfigError("%s: set this host's clock right (NTP)" % text)
+    if response.expected_owner and response.status == 403 and code == "AccessDenied":
+        return AccessError("%s: the bucket is not owned by account %s (the expected "
+                           "bucket owner) or these credentials may not s3:PutObject there: "
+                           "check both; nothing was stored" % (text, response.expected_owner))
     if code in ACCESS_CODES or response.status in (401, 403):
         return AccessError("%s: check the credentials and that they allow s3:PutObject" % text)
     if response.status == 407:
@@ -649,6 +657,7 @@ class Connection(object):
         return Response(answer.status, answer.reason,
                         {k.lower(): v for k, v in answer.getheaders()}, data)
 
+
 # === Session and S3Client ===
 
 
@@ -714,6 +723,7 @@ class Session(object):
         self.tls = tls_context(settings.ca_bundle) if self.endpoint.scheme == "https" or \
             settings.ca_bundle else None
         self.proxies = settings.proxies
+        self.expected_owner = settings.expected_bucket_owner
         self.debug = False
 
     def snapshot(self):
@@ -882,6 +892,9 @@ class S3Client(object):
                                          self.timeout, self.session.tls, proxy_for(
                                              self.session.proxies, endpoint.scheme,
                                              connect_host, endpoint.port))
+        if self.session.expected_owner:   # S3 refuses (403) if another account owns it
+            headers = dict(headers, **{"x-amz-expected-bucket-owner":
+                                       self.session.expected_owner})
         trace = self.trace(method, target, used.credentials) if self.session.debug else None
         signed = sign_request(method, host, path, query, headers, body_hash, used.credentials,
                               used.region, signed_at, trace=trace)
@@ -895,6 +908,7 @@ class S3Client(object):
             self.connection.close()
             raise TemporaryError("the connection failed during the request (%s); the file "
                                  "is kept" % describe_os_error(exc))
+        response.expected_owner = self.session.expected_owner
         if self.session.debug:
             emit(sys.stderr, "s3push: debug: answer %d %s, ETag %s, request id %s" % (
                 response.status, response.reason, response.header("etag") or "-",
@@ -911,6 +925,7 @@ class S3Client(object):
                                     "--- string to sign\n%s"
                                     % (method, target, request_text, text), credentials))
         return show
+
 
 # === Credentials and settings ===
 
@@ -930,17 +945,21 @@ class Credentials(object):
         return "Credentials(access_key=%r, source=%r)" % (self.access_key, self.source)
 
 
+ACCOUNT_ID = re.compile(r"^\d{12}$")
+
+
 class Settings(object):
     """Everything resolved from options, environment and files, before any request."""
 
     def __init__(self, profile, region, endpoint_url, credentials, ca_bundle=None,
-                 proxies=None):
+                 proxies=None, expected_bucket_owner=None):
         self.profile = profile
         self.region = region
         self.endpoint_url = endpoint_url
         self.credentials = credentials
         self.ca_bundle = ca_bundle
         self.proxies = proxies or {}   # {"http": url, "https": url, "no": list}
+        self.expected_bucket_owner = expected_bucket_owner   # an account id, or None
 
 
 def parse_ini(text, path):
@@ -1081,7 +1100,15 @@ def resolve_settings(options, environ, credentials_ini, config_ini, paths, io=No
                 or environ.get("AWS_ENDPOINT_URL") or conf_section.get("endpoint_url") or None)
     ca_bundle = (getattr(options, "ca_bundle", None) or environ.get("AWS_CA_BUNDLE")
                  or conf_section.get("ca_bundle") or None)
-    return Settings(profile, region, endpoint, credentials, ca_bundle, proxy_settings(environ))
+    owner = (getattr(options, "expected_bucket_owner", None)
+             or environ.get("S3PUSH_EXPECTED_BUCKET_OWNER")
+             or conf_section.get("s3push_expected_bucket_owner") or None)
+    if owner is not None and not ACCOUNT_ID.match(owner):
+        raise ConfigError("the expected bucket owner %r (S3PUSH_EXPECTED_BUCKET_OWNER or "
+                          "s3push_expected_bucket_owner) is not a 12-digit account id"
+                          % owner)
+    return Settings(profile, region, endpoint, credentials, ca_bundle, proxy_settings(environ),
+                    owner)
 
 
 def read_ini_file(path):
@@ -1284,6 +1311,7 @@ def warn_if_exposed_credentials(credentials):
     if credentials.source.endswith("]") and os.path.isfile(path):
         warn_if_exposed(path)
 
+
 # === S3 operations ===
 
 
@@ -1479,6 +1507,7 @@ def part_ranges(size, part_size):
     """[(part number, offset, length)]; the last part may be short."""
     return [(n + 1, offset, min(part_size, size - offset))
             for n, offset in enumerate(range(0, size, part_size))]
+
 
 # === Local side ===
 
@@ -1876,6 +1905,7 @@ def remove_empty_dirs(root_fd, directories):
         while steps and remove_directory(root_fd, steps):
             steps = steps[:-1]
 
+
 # === The per-file move and parallel transfers ===
 # Workers (threads, one connection each) take tasks from one queue: parts of a started
 # multipart upload first, then files. The scan feeds files in as it finds them, and the
@@ -2167,6 +2197,7 @@ def worker(job):
     finally:
         client.close()
 
+
 # === The run ===
 
 
@@ -2332,7 +2363,8 @@ class Tally(object):
                 "files_moved": self.moved_count, "bytes_moved": self.bytes,
                 "files_failed": len(self.failures), "files_left_young": self.young_count,
                 "files_left_writing": self.writing_count,
-                "errors_total": self.errors_total, "errors": self.errors}
+                "errors_total": self.errors_total, "errors": self.errors,
+                "failures_by_status": collections.Counter(self.failures)}
 
     def summary(self):
         seconds = max(time.monotonic() - self.started, 1e-6)
@@ -2474,6 +2506,8 @@ def push_locked(options, environ, tally, destination, root):
     if first is not None:
         load_deferred_modules()
         settings = load_settings(options, environ)
+        if options.splay and not options.dry_run:   # a fleet's cron ticks spread out
+            time.sleep(random.uniform(0, options.splay))
         warn_if_exposed_credentials(settings.credentials)
         tally.credentials = settings.credentials
         move_or_plan(options, environ, settings, destination, tally, files, root)
@@ -2505,20 +2539,92 @@ def push(options, environ, tally):
         os.close(root)
 
 
-def write_summary(path, data):
-    """Replace path with the run's summary as JSON, atomically (a monitor never reads half)."""
-    import json
+def replace_file(path, text, what):
+    """Replace path with text atomically (a monitor never reads half); a warning if not."""
     temporary = "%s.%d.tmp" % (path, os.getpid())
     try:
         with open(temporary, "w") as handle:
-            json.dump(data, handle, indent=1, sort_keys=True)
-            handle.write("\n")
+            handle.write(text)
         os.replace(temporary, path)
     except OSError as exc:
-        emit(sys.stderr, "s3push: warning: cannot write the summary to %s (%s)"
-             % (path, exc.strerror or exc))
+        emit(sys.stderr, "s3push: warning: cannot write the %s to %s (%s)"
+             % (what, path, exc.strerror or exc))
+
+
+def write_summary(path, data):
+    """--summary-json: the run's summary as JSON."""
+    import json
+    replace_file(path, json.dumps(data, indent=1, sort_keys=True) + "\n", "summary")
+
+
+# The kinds of failure the metrics count, by exit status.
+FAILURE_KINDS = {EXIT_FILES_LEFT: "file", EXIT_TEMPFAIL: "temporary",
+                 EXIT_NO_PERMISSION: "permission", EXIT_CONFIG: "config",
+                 EXIT_SOFTWARE: "internal"}
+LAST_SUCCESS = "s3push_last_success_timestamp_seconds"
+
+
+def prometheus_labels(labels):
+    """{name="value",...} with backslash, quote and newline escaped as the format wants."""
+    return "{%s}" % ",".join('%s="%s"' % (name, value.replace("\\", "\\\\").replace(
+        '"', '\\"').replace("\n", "\\n")) for name, value in labels)
+
+
+def previous_success(path):
+    """The last success time a metrics file written before holds, or None."""
+    try:
+        with open(path) as handle:
+            for line in handle:
+                if line.startswith(LAST_SUCCESS + "{"):
+                    return float(line.rsplit(None, 1)[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def metrics_text(data, now, last_success):
+    """The run (summary_data) in the Prometheus text format, for node_exporter's textfile
+    collector: one gauge per figure, labelled with the source and the destination."""
+    base = (("source", data["source"]), ("destination", data["destination"]))
+    rows = [("s3push_files_moved", "files moved by the last run", (), data["files_moved"]),
+            ("s3push_bytes_moved", "bytes moved by the last run", (), data["bytes_moved"])]
+    for code, kind in sorted(FAILURE_KINDS.items()):
+        rows.append(("s3push_files_failed", "files the last run failed to move, by kind",
+                     (("kind", kind),), data["failures_by_status"].get(code, 0)))
+    rows += [("s3push_files_left", "files left for a later run, by reason",
+              (("reason", "young"),), data["files_left_young"]),
+             ("s3push_files_left", "files left for a later run, by reason",
+              (("reason", "writing"),), data["files_left_writing"]),
+             ("s3push_run_seconds", "how long the last run took", (), data["seconds"]),
+             ("s3push_exit_status", "the exit status of the last run", (),
+              data["exit_status"]),
+             ("s3push_last_run_timestamp_seconds", "when the last run ended", (), now)]
+    if last_success is not None:
+        rows.append((LAST_SUCCESS, "when a run last ended with exit status 0", (),
+                     last_success))
+    lines, said = [], set()
+    for name, text, labels, value in rows:
+        if name not in said:
+            said.add(name)
+            lines += ["# HELP %s %s" % (name, text), "# TYPE %s gauge" % name]
+        lines.append("%s%s %s" % (name, prometheus_labels(base + labels), value))
+    return "\n".join(lines) + "\n"
+
+
+def write_metrics(path, data):
+    """--metrics-file: the run's figures, and the last success carried over from before."""
+    now = round(time.time(), 3)
+    last_success = now if data["exit_status"] == EXIT_OK else previous_success(path)
+    replace_file(path, metrics_text(data, now, last_success), "metrics")
+
 
 # === Command line ===
+
+
+def account_id(text):
+    if not ACCOUNT_ID.match(text):
+        raise argparse.ArgumentTypeError("%r is not a 12-digit AWS account id" % text)
+    return text
 
 
 def add_settings_options(parser):
@@ -2527,6 +2633,11 @@ def add_settings_options(parser):
                         "profile, else us-east-1)")
     parser.add_argument("--endpoint-url", metavar="URL",
                         help="S3-compatible server, e.g. http://127.0.0.1:9000")
+    parser.add_argument("--expected-bucket-owner", type=account_id, metavar="ACCOUNT_ID",
+                        help="send x-amz-expected-bucket-owner on every request: S3 refuses "
+                        "(403) if another account owns the bucket; also "
+                        "S3PUSH_EXPECTED_BUCKET_OWNER or s3push_expected_bucket_owner in the "
+                        "profile")
     parser.add_argument("--ca-bundle", metavar="FILE",
                         help="trust the CAs in FILE (PEM) instead of the system's for TLS; "
                         "also AWS_CA_BUNDLE or ca_bundle in the profile")
@@ -2546,6 +2657,10 @@ def add_output_options(parser):
     parser.add_argument("--summary-json", metavar="FILE",
                         help="write a summary of the run (counts, bytes, seconds, exit "
                         "status, first errors) to FILE as JSON, for monitoring")
+    parser.add_argument("--metrics-file", metavar="FILE",
+                        help="write the run's figures to FILE in the Prometheus text format, "
+                        "for node_exporter's textfile collector (files and bytes moved, "
+                        "failures by kind, files left, seconds, exit status, last success)")
 
 
 CANNED_ACLS = ("private", "public-read", "public-read-write", "authenticated-read",
@@ -2624,6 +2739,11 @@ def add_transfer_options(parser):
                         help="start no upload and no retry after this many seconds, so that "
                         "a cron run ends before the next one starts; what is left waits "
                         "for the next run (default 0: none)")
+    parser.add_argument("--splay", type=non_negative_int, default=0, metavar="SECONDS",
+                        help="once there is something to send, first wait a random time "
+                        "below SECONDS, so that many hosts whose cron fires at once do not "
+                        "reach S3 at once; a run with nothing to send never waits "
+                        "(default 0)")
     parser.add_argument("--timeout", type=positive_int, default=DEFAULT_TIMEOUT,
                         metavar="SECONDS", help="give up on a connection that makes no "
                         "progress for this long, then retry (default %(default)s)")
@@ -2707,8 +2827,13 @@ def main(argv=None):
     options = build_parser().parse_args(argv)
     tally = Tally()
     status = exit_status(options, tally)
+    data = tally.summary_data(options, status)
     if options.summary_json:
-        write_summary(options.summary_json, tally.summary_data(options, status))
+        data_json = dict(data)
+        del data_json["failures_by_status"]
+        write_summary(options.summary_json, data_json)
+    if options.metrics_file:
+        write_metrics(options.metrics_file, data)
     return status
 
 

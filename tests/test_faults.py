@@ -488,11 +488,12 @@ class OpenWriters(FaultCase):
                 argv[1:2] = ["-c", NO_LEASES]
             done = subprocess.run(argv, env=self.env(), stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, timeout=RUN_TIMEOUT)
-            self.assertEqual(done.returncode, 0, done.stderr)
+            # 0, or 65 when the file changed during its upload (kept): never a loss, which
+            # the end of check_writer proves byte for byte.
+            self.assertIn(done.returncode, (0, 65), done.stderr)
             said += done.stdout.decode()
             if not alive:
                 return said
-            self.assertIsNotNone(self.server)   # keep going: the writer is still writing
             time.sleep(0.2)
 
     def check_writer(self, mode, bursts, size, pause, args, leases=True, user=None):
@@ -505,7 +506,10 @@ class OpenWriters(FaultCase):
             said += self.run_s3push("-v", *args).stdout
         self.assertEqual(files_under(self.source), [])
         self.assert_landed({"rec.bin": written(bursts, size)})
-        self.assertIn("rec.bin: still open for writing by another process", said)
+        # A writer caught at the open or the unlink, or (on a busy machine) between the
+        # scan and the open: either way the file was left while it was being written.
+        self.assertRegex(said, "rec.bin: (still open for writing by another process|"
+                               "changed since the scan)")
 
     def test_a_writer_that_pauses_past_min_age(self):
         for leases in (True, False):

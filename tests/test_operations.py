@@ -182,6 +182,108 @@ class Summaries(IntegrationCase):
         self.assertTrue(result.stderr.endswith("\x1b[K"), repr(result.stderr[-40:]))
 
 
+def parse_prometheus(text):
+    """{(name, ((label, value), ...)): float} of a Prometheus text-format file; raises on
+    any line that is not a comment, a blank or `name{labels} value`."""
+    import re
+    samples = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        match = re.match(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$', line)
+        if not match:
+            raise ValueError("not a sample line: %r" % line)
+        pairs = re.findall(r'(\w+)="((?:[^"\\]|\\.)*)",?', match.group(2) or "")
+        if ",".join('%s="%s"' % pair for pair in pairs) != (match.group(2) or ""):
+            raise ValueError("bad labels: %r" % line)
+
+        def unescape(value):
+            return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), value)
+        labels = tuple((name, unescape(value)) for name, value in pairs)
+        samples[(match.group(1), labels)] = float(match.group(3))
+    return samples
+
+
+class Fleets(IntegrationCase):
+    """Options for fleets: metrics for node_exporter, a start splay, the bucket's owner."""
+
+    def metrics(self, path):
+        with open(path) as handle:
+            samples = parse_prometheus(handle.read())
+        base = (("source", self.source),
+                ("destination", "s3://%s/%s" % (self.server.bucket, self.prefix)))
+        return {(name, labels[2:]): value for (name, labels), value in samples.items()
+                if labels[:2] == base}
+
+    def test_metrics_file(self):
+        write_file(self.source, "a", b"12345")
+        write_file(self.source, "young", b"x", mtime=time.time())
+        path = os.path.join(self.tmp, "s3push.prom")
+        self.assertEqual(self.run_s3push("--metrics-file", path).status, 0)
+        first = self.metrics(path)
+        self.assertEqual(first[("s3push_files_moved", ())], 1)
+        self.assertEqual(first[("s3push_bytes_moved", ())], 5)
+        self.assertEqual(first[("s3push_files_left", (("reason", "young"),))], 1)
+        self.assertEqual(first[("s3push_exit_status", ())], 0)
+        self.assertEqual(first[("s3push_last_success_timestamp_seconds", ())],
+                         first[("s3push_last_run_timestamp_seconds", ())])
+        # A failing run: its figures, and the last success carried over.
+        write_file(self.source, "b", b"x")
+        result = self.run_s3push("--metrics-file", path,
+                                 env=self.env(AWS_SECRET_ACCESS_KEY="wrong-secret"))
+        self.assertEqual(result.status, 77, result.stderr)
+        second = self.metrics(path)
+        self.assertEqual(second[("s3push_exit_status", ())], 77)
+        self.assertEqual(second[("s3push_files_failed", (("kind", "permission"),))], 1)
+        self.assertEqual(second[("s3push_last_success_timestamp_seconds", ())],
+                         first[("s3push_last_success_timestamp_seconds", ())])
+        self.assertGreater(second[("s3push_last_run_timestamp_seconds", ())],
+                           first[("s3push_last_run_timestamp_seconds", ())])
+
+    def test_splay_never_delays_a_run_with_nothing_to_send(self):
+        write_file(self.source, "young", b"x", mtime=time.time())
+        started = time.monotonic()
+        self.assertEqual(self.run_s3push("--splay", "3600").status, 0)
+        self.assertLess(time.monotonic() - started, 60, "an idle run waited")
+        write_file(self.source, "f", b"data")
+        self.assertEqual(self.run_s3push("--splay", "1").status, 0)
+        self.assert_landed({"f": b"data"})
+        self.assertEqual(self.run_s3push("--splay", "soon").status, 2)
+
+    def test_expected_bucket_owner_signed_on_every_request(self):
+        write_file(self.source, "small", b"data")
+        write_file(self.source, "big", os.urandom(11 * 1024 * 1024))
+        for args, env in ((("--expected-bucket-owner", "111122223333"), None),
+                          ((), self.env(S3PUSH_EXPECTED_BUCKET_OWNER="111122223333"))):
+            before = len(self.recorder.heads)
+            result = self.run_s3push(*(args + MULTIPART), env=env)
+            self.assertEqual(result.status, 0, result.stderr)
+            heads = self.recorder.heads[before:]
+            self.assertGreaterEqual(len(heads), 5)   # a PUT, then create, 3 parts, complete
+            for head in heads:
+                self.assertEqual(head.header("x-amz-expected-bucket-owner"), "111122223333",
+                                 head.target)
+                self.assertIn("x-amz-expected-bucket-owner",
+                              head.header("authorization").split("SignedHeaders=")[1])
+            write_file(self.source, "small", b"data")
+            write_file(self.source, "big", os.urandom(11 * 1024 * 1024))
+        self.assertEqual(self.run_s3push("--expected-bucket-owner", "1234").status, 2)
+        result = self.run_s3push(env=self.env(S3PUSH_EXPECTED_BUCKET_OWNER="x"))
+        self.assertEqual(result.status, 78, result.stderr)
+
+    def test_a_bucket_of_another_owner_is_named_and_exits_77(self):
+        write_file(self.source, "f", b"data")
+        refuse = s3server.FaultProxy(self.recorder.endpoint, lambda request: (
+            "answer", 403, "AccessDenied"))
+        self.proxies.append(refuse)
+        result = self.run_s3push("--expected-bucket-owner", "111122223333",
+                                 endpoint=refuse.endpoint)
+        self.assertEqual(result.status, 77, result.stderr)
+        self.assertIn("not owned by account 111122223333", result.stderr)
+        self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+        self.assertEqual(files_under(self.source), [b"f"])
+
+
 class Proxies(IntegrationCase):
     def proxy(self, require=None):
         proxy = s3server.ForwardProxy(require)
