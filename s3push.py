@@ -163,9 +163,16 @@ def one_line(text, limit=300):
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def name_bytes(name):
+    """The bytes of a name: a file name as on disk (under a C locale Python 3.6 decodes names
+    as ASCII, the rest as surrogates), or a key as UTF-8; os.fsencode fails on the latter."""
+    return name.encode("utf-8", "surrogateescape") if isinstance(name, str) else name
+
+
 def safe_name(name):
-    """A file name fit for a terminal: undecodable bytes and control characters escaped."""
-    text = os.fsencode(name).decode("utf-8", "backslashreplace")
+    """A file name or key fit for a terminal: undecodable bytes and control characters
+    escaped."""
+    text = name_bytes(name).decode("utf-8", "backslashreplace")
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
@@ -1572,8 +1579,7 @@ def object_key(prefix, relative):
     Raises FileError for a name that is not UTF-8 or a key longer than S3 allows.
     """
     try:
-        # From the bytes on disk: under a C locale Python 3.6 decodes names as ASCII.
-        key = prefix + os.fsencode(relative).decode("utf-8")
+        key = prefix + name_bytes(relative).decode("utf-8")   # from the bytes on disk
     except UnicodeDecodeError:
         raise FileError("the name is not valid UTF-8 (%s): rename it; it was left in place"
                         % safe_name(relative))
@@ -2228,11 +2234,13 @@ class Template(object):
 
 
 def internal_error(exc, credentials):
-    """The one line for a bug: where it happened, and its text without any secret."""
-    where = exc.__traceback__
-    while where is not None and where.tb_next is not None:
+    """The one line for a bug: where in this file it happened (the deepest line of ours,
+    not of the library that raised), and its text without any secret."""
+    where, line = exc.__traceback__, ""
+    while where is not None:
+        if where.tb_frame.f_code.co_filename == __file__:
+            line = " at line %d" % where.tb_lineno
         where = where.tb_next
-    line = " at line %d" % where.tb_lineno if where is not None else ""
     return S3PushError("internal error: %s%s: %s; no file was lost" % (
         exc.__class__.__name__, line, redact(one_line(exc), credentials)))
 

@@ -482,6 +482,18 @@ class Layout(unittest.TestCase):
         return [""]
 
 
+class InternalErrors(unittest.TestCase):
+    def test_the_line_named_is_ours_not_the_library_s(self):
+        try:
+            s3push.tls_context(5)   # fails inside ssl.py
+        except TypeError as exc:
+            error = str(s3push.internal_error(exc, None))
+        with open(s3push.__file__) as handle:
+            ours = [n for n, line in enumerate(handle, 1)
+                    if "ssl.create_default_context(cafile=ca_bundle)" in line]
+        self.assertIn(" at line %d:" % ours[0], error)
+
+
 class Verification(unittest.TestCase):
     def test_etag_must_equal_md5(self):
         md5 = "5d41402abc4b2a76b9719d911017c592"   # of b"hello"
