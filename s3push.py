@@ -33,6 +33,10 @@ Files and environment read (the AWS tools' precedence):
                  else us-east-1
     endpoint     --endpoint-url, AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, the
                  profile's endpoint_url, else AWS's regional endpoint
+    bucket owner --expected-bucket-owner, S3PUSH_EXPECTED_BUCKET_OWNER, the
+                 profile's s3push_expected_bucket_owner, else none
+    writers      /proc/sys/fs/protected_hardlinks; /proc/*/fd and /proc/*/fdinfo
+                 where no file lease can be taken (see Local side)
 
 Security:
     No option takes a secret. The secret key and the session token are never
