@@ -2152,9 +2152,10 @@ def move_file(client, job, found, key):
         opened = time.monotonic()
         fd, info = open_regular_file(parent, found.name)
         try:
+            check_no_writer(job, fd, info, float("-inf"), False)
+            info = os.fstat(fd)   # after the check: a writer's last words count as a change
             if not same_file(found.info, info):   # the key was made from the scan's mtime
                 raise StillWrittenError("changed since the scan; left for a later run")
-            check_no_writer(job, fd, info, float("-inf"), False)
             key = upload_file(client, job, fd, info, found, key)
             delete_if_unchanged(job, parent, fd, found, info, opened)
         finally:
