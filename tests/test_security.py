@@ -391,24 +391,34 @@ rng, moved = random.Random(int(seed)), {}
 deadline = time.time() + float(seconds)
 time.sleep(rng.uniform(0, float(seconds) / 3))
 n = 0
+
+def put_back(name):
+    path = os.path.join(source, name)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:   # a run unlinked the link itself (never what it points to)
+        pass
+    os.rename(moved.pop(name), path)
+
 while time.time() < deadline:
-    names = sorted(os.listdir(source))
+    names = sorted(set(os.listdir(source)) | set(moved))
     if names:
         name = rng.choice(names)
         path = os.path.join(source, name)
         n += 1
         if name in moved:
-            os.unlink(path)
-            os.rename(moved.pop(name), path)
-        elif not os.path.islink(path):
+            put_back(name)
+        elif not os.path.islink(path) and os.path.lexists(path):
             target = victim if os.path.isdir(path) else os.path.join(victim, "secret.txt")
+            try:
+                os.rename(path, os.path.join(away, "%s.%d" % (name, n)))
+            except FileNotFoundError:   # moved, or its empty directory removed, by a run
+                continue
             moved[name] = os.path.join(away, "%s.%d" % (name, n))
-            os.rename(path, moved[name])
             os.symlink(target, path)
     time.sleep(rng.uniform(0, 0.05))
-for name, saved in moved.items():
-    os.unlink(os.path.join(source, name))
-    os.rename(saved, os.path.join(source, name))
+for name in list(moved):
+    put_back(name)
 """
 
 
