@@ -2376,8 +2376,7 @@ class Tally(object):
                 "files_moved": self.moved_count, "bytes_moved": self.bytes,
                 "files_failed": len(self.failures), "files_left_young": self.young_count,
                 "files_left_writing": self.writing_count,
-                "errors_total": self.errors_total, "errors": self.errors,
-                "failures_by_status": collections.Counter(self.failures)}
+                "errors_total": self.errors_total, "errors": self.errors}
 
     def summary(self):
         seconds = max(time.monotonic() - self.started, 1e-6)
@@ -2595,7 +2594,7 @@ def previous_success(path):
     return None
 
 
-def metrics_text(data, now, last_success):
+def metrics_text(data, failures, now, last_success):
     """The run (summary_data) in the Prometheus text format, for node_exporter's textfile
     collector: one gauge per figure, labelled with the source and the destination."""
     base = (("source", data["source"]), ("destination", data["destination"]))
@@ -2603,7 +2602,7 @@ def metrics_text(data, now, last_success):
             ("s3push_bytes_moved", "bytes moved by the last run", (), data["bytes_moved"])]
     for code, kind in sorted(FAILURE_KINDS.items()):
         rows.append(("s3push_files_failed", "files the last run failed to move, by kind",
-                     (("kind", kind),), data["failures_by_status"].get(code, 0)))
+                     (("kind", kind),), failures.get(code, 0)))
     rows += [("s3push_files_left", "files left for a later run, by reason",
               (("reason", "young"),), data["files_left_young"]),
              ("s3push_files_left", "files left for a later run, by reason",
@@ -2624,11 +2623,11 @@ def metrics_text(data, now, last_success):
     return "\n".join(lines) + "\n"
 
 
-def write_metrics(path, data):
+def write_metrics(path, data, failures):
     """--metrics-file: the run's figures, and the last success carried over from before."""
     now = round(time.time(), 3)
     last_success = now if data["exit_status"] == EXIT_OK else previous_success(path)
-    replace_file(path, metrics_text(data, now, last_success), "metrics")
+    replace_file(path, metrics_text(data, failures, now, last_success), "metrics")
 
 
 # === Command line ===
@@ -2842,11 +2841,9 @@ def main(argv=None):
     status = exit_status(options, tally)
     data = tally.summary_data(options, status)
     if options.summary_json:
-        data_json = dict(data)
-        del data_json["failures_by_status"]
-        write_summary(options.summary_json, data_json)
+        write_summary(options.summary_json, data)
     if options.metrics_file:
-        write_metrics(options.metrics_file, data)
+        write_metrics(options.metrics_file, data, collections.Counter(tally.failures))
     return status
 
 
