@@ -37,6 +37,9 @@ Files and environment read (the AWS tools' precedence):
                  profile's s3push_expected_bucket_owner, else none
     writers      /proc/sys/fs/protected_hardlinks; /proc/*/fd and /proc/*/fdinfo
                  where no file lease can be taken (see Local side)
+    journals     written and read: --state-dir, $XDG_STATE_HOME/s3push, else
+                 ~/.local/state/s3push, so that a multipart upload cut off part-way
+                 resumes (see Resume journals)
 
 Security:
     No option takes a secret. The secret key and the session token are never
@@ -49,8 +52,8 @@ Security:
 Sections (grep '^# ==='), lowest layer first; each uses only what stands above it:
 constants and output, errors, SigV4 signer, HTTP and XML transport, Session and
 S3Client, credentials and settings, S3 operations, local side (keys, the walk,
-open writers), the per-file move and parallel transfers, the run, command line
-(main last).
+open writers), resume journals, the per-file move and parallel transfers, the run,
+command line (main last).
 """
 
 import argparse
@@ -536,6 +539,8 @@ def error_from_response(response, what=""):
         return KeyTakenError("%s: an object already exists at this key and --if-exists is "
                              "keep: kept (a conflict to resolve by hand, or --if-exists "
                              "number)" % text)
+    if response.status == 501 or code == "NotImplemented":   # not now, not later
+        return FileError("%s: this server does not do that" % text)
     if code == "NoSuchUpload":   # completed by an attempt whose answer was lost, or expired
         return UploadGoneError("%s: the multipart upload is gone; the file is sent again "
                                "next run" % text)
@@ -818,8 +823,9 @@ class Session(object):
 
 
 def is_retryable(response):
-    """5xx, 429 and the S3 codes that mean "try again" (RequestTimeout comes as a 400)."""
-    if response.status >= 500 or response.status == 429:
+    """5xx (but 501 NotImplemented: never later either), 429 and the S3 codes that mean
+    "try again" (RequestTimeout comes as a 400)."""
+    if response.status == 429 or response.status >= 500 and response.status != 501:
         return True
     return response.status >= 400 and parse_error_body(response.body)[0] in TEMPORARY_CODES
 
@@ -1427,10 +1433,16 @@ def check_answer(response, what):
                                            response.body), what)
 
 
+class Sent(collections.namedtuple("Sent", "etag md5_raw")):
+    """What the server confirmed of one PUT: its ETag as sent back, and the MD5 (raw) of
+    the bytes read and sent (None where FIPS forbids MD5)."""
+    __slots__ = ()
+
+
 def put_range(client, key, fd, offset, length, headers, verify_md5, query=(), what=""):
     """PUT a range of an open file, a whole object or one part: read once for SHA-256 and
     MD5, sent with Content-MD5, retried until the answer's ETag is that MD5 (unless the
-    ETag is no MD5: verify_md5 false). Returns (the ETag as sent back, the raw MD5)."""
+    ETag is no MD5: verify_md5 false). Returns what was Sent."""
     digest = digest_range(fd, offset, length)
     body = digest.body if digest.body is not None else FileRange(fd, offset, length)
     expect = digest.md5_hex if verify_md5 else None
@@ -1442,7 +1454,7 @@ def put_range(client, key, fd, offset, length, headers, verify_md5, query=(), wh
     except TemporaryError as exc:
         raise exc.__class__("%s: %s" % (what, exc)) if what else exc
     check_answer(response, what)
-    return response.header("etag"), digest.md5_raw if verify_md5 else None
+    return Sent(response.header("etag"), digest.md5_raw)
 
 
 def put_object(client, key, fd, size, upload):
@@ -1464,7 +1476,7 @@ def create_multipart_upload(client, key, upload):
 
 
 def upload_part(client, key, upload_id, number, fd, offset, length, verify_md5=True):
-    """PUT one part; returns (its ETag as sent back, its MD5) once the ETag checks out."""
+    """PUT one part; returns what was Sent once the ETag checks out."""
     return put_range(client, key, fd, offset, length, {}, verify_md5,
                      [("partNumber", str(number)), ("uploadId", upload_id)], "part %d" % number)
 
@@ -1488,8 +1500,8 @@ def complete_multipart_upload(client, key, upload_id, parts, upload):
     each of which was checked; never through a HEAD, which PutObject-only keys cannot do.
     """
     body = ("<CompleteMultipartUpload>%s</CompleteMultipartUpload>" % "".join(
-        "<Part><PartNumber>%d</PartNumber><ETag>%s</ETag></Part>" % (n, xml_escape(etag))
-        for n, (etag, _) in enumerate(parts, 1))).encode("utf-8")
+        "<Part><PartNumber>%d</PartNumber><ETag>%s</ETag></Part>" % (n, xml_escape(part.etag))
+        for n, part in enumerate(parts, 1))).encode("utf-8")
     digest = digest_bytes(body)
     what = "completing the multipart upload"
     headers = body_headers(digest, "application/xml")
@@ -1499,8 +1511,8 @@ def complete_multipart_upload(client, key, upload_id, parts, upload):
     check_answer(response, what)
     etag = (xml_text(parse_xml(response.body), "ETag") or response.header("etag"))
     etag = etag.strip('"').lower()
-    md5s = [md5 for _, md5 in parts]
-    if etag and None not in md5s:
+    md5s = [part.md5_raw for part in parts]
+    if etag and upload.verify_md5 and None not in md5s:
         expected = "%s-%d" % (digest_bytes(b"".join(md5s)).md5_hex, len(parts))
         if etag != expected:
             raise FileError("the server's ETag %s is not %s, the MD5 of the parts' MD5s: kept"
@@ -1916,6 +1928,281 @@ def remove_empty_dirs(root_fd, directories):
             steps = steps[:-1]
 
 
+# === Resume journals ===
+# A multipart upload cut off part-way (a kill, a reboot, a link that drops) resumes on the
+# next run from a journal kept outside SOURCE_DIR, one folder per source and destination:
+# the file it was for (device, inode, size, mtime), its key and upload id, and each part
+# the server confirmed (number, range, MD5, ETag). The server is asked nothing (no
+# ListParts): PutObject-only keys resume too. A recorded part is reused only while the
+# file's bytes there still have its MD5; from the first that differs, all are sent again.
+
+JOURNAL_VERSION = 1
+MAX_JOURNAL_BYTES = 16 * MIB   # 10,000 parts take about 2 MiB
+DEFAULT_RESUME_DAYS = 7
+
+
+def default_state_dir(environ):
+    """$XDG_STATE_HOME/s3push, else ~/.local/state/s3push; None without a home."""
+    base = environ.get("XDG_STATE_HOME", "")
+    if not os.path.isabs(base):   # the XDG spec: a relative path is to be ignored
+        home = environ.get("HOME", "")
+        if not os.path.isabs(home):
+            return None
+        base = os.path.join(home, ".local", "state")
+    return os.path.join(base, "s3push")
+
+
+class JournalPart(collections.namedtuple("JournalPart", "offset length md5_hex etag")):
+    """One part the server confirmed, as the journal recorded it."""
+    __slots__ = ()
+
+
+def file_identity(info):
+    return [info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns]
+
+
+def parse_journal(data):
+    """(header, {part number: JournalPart}) from a journal's bytes; ValueError (or
+    KeyError, TypeError) when it is not a whole journal of this version. A last line cut
+    short (a kill in the middle of an append) was never written."""
+    lines = data.split(b"\n")[:-1]
+    if not lines:
+        raise ValueError("it is empty")
+    header = json.loads(lines[0].decode("utf-8"))
+    if not isinstance(header, dict) or header.get("s3push_journal") != JOURNAL_VERSION:
+        raise ValueError("it was written by another version of s3push")
+    for name, kind in (("key", str), ("upload_id", str), ("part_size", int),
+                       ("headers", str), ("file", list), ("steps", list), ("name", str),
+                       ("created", (int, float))):
+        if not isinstance(header.get(name), kind):
+            raise ValueError("its %s is missing" % name)
+    parts = {}
+    for line in lines[1:]:
+        record = json.loads(line.decode("utf-8"))
+        md5_hex = str(record["md5"])
+        bytes.fromhex(md5_hex)
+        parts[int(record["part"])] = JournalPart(int(record["offset"]),
+                                                 int(record["length"]), md5_hex,
+                                                 str(record["etag"]))
+    return header, parts
+
+
+def part_line(number, part):
+    return json.dumps({"part": number, "offset": part.offset, "length": part.length,
+                       "md5": part.md5_hex, "etag": part.etag}) + "\n"
+
+
+def md5_of_range(fd, offset, length):
+    md5 = new_md5()
+    for block in FileRange(fd, offset, length).blocks():
+        md5.update(block)
+    return md5.hexdigest()
+
+
+class Resumption(collections.namedtuple("Resumption", "upload_id created parts")):
+    """A multipart upload to go on with: its id, when it was created (time.time()), and
+    {part number: JournalPart} of the parts the server holds."""
+    __slots__ = ()
+
+
+class Journal(object):
+    """The journal of one file's multipart upload. A write that fails turns it off for
+    the rest of its upload (the upload goes on, as without a journal): say() tells."""
+
+    def __init__(self, path, found, info, max_age, say):
+        self.path, self.found, self.identity = path, found, file_identity(info)
+        self.max_age, self.say = max_age, say
+        self.lock = threading.Lock()
+        self.fd = None
+
+    def load(self):
+        """(header, parts) of the journal kept for this very file, or None (also when its
+        upload is older than max_age: a lifecycle rule has likely removed it)."""
+        try:
+            with open(self.path, "rb") as handle:
+                data = handle.read(MAX_JOURNAL_BYTES + 1)
+            if len(data) > MAX_JOURNAL_BYTES:
+                raise ValueError("it is too large")
+            header, parts = parse_journal(data)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            return self.unusable(exc.strerror)
+        except (ValueError, KeyError, TypeError) as exc:
+            return self.unusable(exc if isinstance(exc, ValueError) else "it is corrupt")
+        if header["file"] != self.identity or time.time() - header["created"] > self.max_age:
+            return None
+        return header, parts
+
+    def unusable(self, why):
+        self.say("s3push: the resume journal %s of %s is unusable (%s): its upload starts "
+                 "over" % (self.path, safe_name(self.found.relative), one_line(why)))
+        return None
+
+    def start(self, key, plan, resumption):
+        """Write the journal afresh (a new file renamed over the old): the upload, how it
+        is cut into parts, and the parts of it that are reused."""
+        header = {"s3push_journal": JOURNAL_VERSION, "key": key,
+                  "upload_id": resumption.upload_id, "created": resumption.created,
+                  "part_size": plan.part_size, "headers": plan.headers, "file": self.identity,
+                  "steps": [list(step) for step in self.found.directory.steps],
+                  "name": self.found.name}
+        text = json.dumps(header) + "\n" + "".join(part_line(n, p) for n, p in
+                                                   sorted(resumption.parts.items()))
+        temporary = self.path + ".tmp"
+        with self.lock:
+            self.close_file()
+            try:
+                os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+                fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                try:
+                    os.write(fd, text.encode("utf-8"))
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(temporary, self.path)
+                self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            except OSError as exc:
+                self.fail(exc)
+
+    def confirmed(self, number, offset, length, sent):
+        """Append one part the server confirmed: one write of one line, then fsync."""
+        part = JournalPart(offset, length, sent.md5_raw.hex(), sent.etag)
+        with self.lock:
+            if self.fd is not None:
+                try:
+                    os.write(self.fd, part_line(number, part).encode("utf-8"))
+                    os.fsync(self.fd)
+                except OSError as exc:
+                    self.fail(exc)
+
+    def fail(self, exc):
+        self.close_file()
+        self.say("s3push: cannot write resume journals in %s (%s): an upload cut off "
+                 "part-way will start over" % (os.path.dirname(self.path), exc.strerror))
+
+    def close(self):
+        with self.lock:
+            self.close_file()
+
+    def close_file(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def remove(self):
+        """The upload completed, or is gone: nothing to resume any more."""
+        with self.lock:
+            self.close_file()
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                self.fail(exc)
+
+
+class NoJournal(object):
+    """What stands for a journal where none is kept (--resume-days 0, no state folder,
+    no MD5 to check parts by)."""
+
+    def load(self):
+        return None
+
+    def start(self, key, plan, resumption):
+        pass
+
+    def confirmed(self, number, offset, length, sent):
+        pass
+
+    def remove(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def journal_is_stale(root_fd, path, now, max_age):
+    """Whether a journal is of no more use: unusable, its upload older than max_age, or
+    the file it was kept for gone from SOURCE_DIR (reached as the scan reaches files,
+    never through a symlink)."""
+    try:
+        with open(path, "rb") as handle:
+            header, _ = parse_journal(handle.read(MAX_JOURNAL_BYTES))
+        steps = [(str(name), int(device), int(inode)) for name, device, inode in
+                 header["steps"]]
+    except (ValueError, KeyError, TypeError):
+        return True
+    if now - header["created"] > max_age:
+        return True
+    try:
+        parent = open_directory(root_fd, steps)
+    except TreeChangedError:
+        return True
+    try:
+        info = os.stat(header["name"], dir_fd=parent, follow_symlinks=False)
+    except FileNotFoundError:
+        return True
+    finally:
+        os.close(parent)
+    return [info.st_dev, info.st_ino] != header["file"][:2]
+
+
+def reusable_parts(journal, key, fd, plan):
+    """The Resumption of an upload the journal holds for this file, key, part size and
+    headers, with the parts whose bytes in the file still have the recorded MD5, up to
+    the first that differs; None when there is none."""
+    loaded = journal.load()
+    if loaded is None:
+        return None
+    header, recorded = loaded
+    if (header["key"], header["part_size"], header["headers"]) != \
+            (key, plan.part_size, plan.headers):
+        return None
+    reused = {}
+    for number, offset, length in plan.ranges:
+        part = recorded.get(number)
+        if part is None:
+            continue   # in flight when the run was cut off
+        if (part.offset, part.length) != (offset, length) or \
+                md5_of_range(fd, offset, length) != part.md5_hex:
+            break   # rewritten here: this part and every one after it are sent again
+        reused[number] = part
+    return Resumption(header["upload_id"], header["created"], reused)
+
+
+def headers_fingerprint(headers):
+    return hashlib.sha256(json.dumps(sorted(headers.items())).encode("utf-8")).hexdigest()
+
+
+class Journals(object):
+    """The journals of one source and destination: a folder under the state folder."""
+
+    def __init__(self, state_dir, source, destination, max_age, say):
+        name = hashlib.sha256(b"\0".join([os.fsencode(os.path.realpath(source)),
+                                          destination.encode("utf-8")])).hexdigest()[:24]
+        self.folder = os.path.join(state_dir, name)
+        self.max_age, self.say = max_age, say
+
+    def for_file(self, found, info):
+        name = hashlib.sha256(name_bytes(found.relative)).hexdigest()[:32] + ".journal"
+        return Journal(os.path.join(self.folder, name), found, info, self.max_age, self.say)
+
+    def sweep(self, root_fd, now):
+        """Remove the journals of no more use (see journal_is_stale)."""
+        try:
+            names = [n for n in os.listdir(self.folder) if n.endswith(".journal")]
+        except OSError:
+            return
+        for name in names:
+            path = os.path.join(self.folder, name)
+            try:
+                if journal_is_stale(root_fd, path, now, self.max_age):
+                    os.unlink(path)
+            except OSError:
+                pass
+
+
 # === The per-file move and parallel transfers ===
 # Workers (threads, one connection each) take tasks from one queue: parts of a started
 # multipart upload first, then files. The scan feeds files in as it finds them, and the
@@ -2019,19 +2306,23 @@ class PartTracker(object):
 
 
 class PartTask(object):
-    """One part to upload, runnable by any worker."""
+    """One part to upload, runnable by any worker; once confirmed, it goes in the journal."""
 
-    def __init__(self, job, tracker, index, key, upload_id, fd, offset, length):
-        self.job, self.tracker, self.index = job, tracker, index
+    def __init__(self, job, tracker, journal, index, key, upload_id, fd, offset, length):
+        self.job, self.tracker, self.journal, self.index = job, tracker, journal, index
         self.key, self.upload_id = key, upload_id
         self.fd, self.offset, self.length = fd, offset, length
 
     def perform(self, client):
         """Whatever happens, the tracker hears of this part: its upload never waits forever."""
         result, error = None, None
+        if self.tracker.error is not None:   # the upload failed: its other parts are not sent
+            self.tracker.finish(self.index)
+            return
         try:
             result = upload_part(client, self.key, self.upload_id, self.index + 1, self.fd,
                                  self.offset, self.length, self.job.verify_md5)
+            self.journal.confirmed(self.index + 1, self.offset, self.length, result)
         except S3PushError as exc:
             error = exc
             if exc.fatal:
@@ -2049,13 +2340,26 @@ class PartTask(object):
                                                              "was sent" % (self.index + 1)))
 
 
-def multipart_upload_once(client, job, key, fd, size, upload):
-    """Create, send the parts through the workers (helping them), then complete."""
-    upload_id = create_multipart_upload(client, key, upload)
-    ranges = part_ranges(size, part_size_for(size, job.part_size))
-    tracker = PartTracker(len(ranges))
-    job.queue.begin_upload([PartTask(job, tracker, number - 1, key, upload_id, fd, offset,
-                                     length) for number, offset, length in ranges])
+class MultipartPlan(collections.namedtuple("MultipartPlan", "part_size ranges headers")):
+    """How one file goes up in parts: the part size, [(number, offset, length)], and the
+    fingerprint of its headers (a journal of other headers is not resumed)."""
+    __slots__ = ()
+
+
+def send_parts(client, job, key, fd, plan, upload, journal, resumption):
+    """Create the upload (unless it is a Resumption), send the parts it lacks through the
+    workers (helping them), then complete."""
+    if resumption is None:
+        resumption = Resumption(create_multipart_upload(client, key, upload), time.time(),
+                                {})
+    upload_id, reused = resumption.upload_id, resumption.parts
+    journal.start(key, plan, resumption)
+    tracker = PartTracker(len(plan.ranges))
+    for number, part in reused.items():
+        tracker.finish(number - 1, Sent(part.etag, bytes.fromhex(part.md5_hex)))
+    job.queue.begin_upload([PartTask(job, tracker, journal, number - 1, key, upload_id, fd,
+                                     offset, length) for number, offset, length in plan.ranges
+                            if number not in reused])
     try:
         while not tracker.wait(0):
             task = job.queue.next_part()
@@ -2068,26 +2372,47 @@ def multipart_upload_once(client, job, key, fd, size, upload):
     if tracker.error is not None:
         raise tracker.error
     complete_multipart_upload(client, key, upload_id, tracker.results, upload)
+    journal.remove()
 
 
-def multipart_upload(client, job, key, fd, size, upload):
-    """A multipart upload; started afresh once if the server dropped it on the way.
+def multipart_upload(client, job, key, fd, size, upload, journal):
+    """A multipart upload, resumed where the journal says an earlier run left it.
 
-    On failure nothing is aborted (AbortMultipartUpload is a DELETE): a bucket lifecycle
-    rule removes the incomplete upload.
+    Started afresh (once) when the server will not go on with it: the upload is gone
+    (aborted, expired, or completed by an attempt whose answer was lost), or, resumed,
+    it refuses a part sent again (rclone's server will not replace one) or its result.
+    A KeyTakenError keeps the journal: the parts are there for a later run to complete.
+    On failure nothing is aborted (AbortMultipartUpload is a DELETE): the journal lets
+    the next run go on, and a bucket lifecycle rule removes an upload nobody completes.
     """
+    part_size = part_size_for(size, job.part_size)
+    plan = MultipartPlan(part_size, part_ranges(size, part_size),
+                         headers_fingerprint(upload.headers))
+    resumption = reusable_parts(journal, key, fd, plan)
+    if resumption is not None:
+        job.tally.resumed(os.path.join(job.source, journal.found.relative),
+                          len(resumption.parts), len(plan.ranges),
+                          sum(part.length for part in resumption.parts.values()), job.verbose)
     try:
-        multipart_upload_once(client, job, key, fd, size, upload)
-    except UploadGoneError:
-        multipart_upload_once(client, job, key, fd, size, upload)
+        send_parts(client, job, key, fd, plan, upload, journal, resumption)
+    except KeyTakenError:
+        raise
+    except FileError as exc:
+        journal.remove()   # never resumed: the server holds something else
+        if resumption is None and not isinstance(exc, UploadGoneError):
+            raise
+        send_parts(client, job, key, fd, plan, upload, journal, None)
+    finally:
+        journal.close()
 
 
-def send_file(client, job, key, fd, size, upload):
+def send_file(client, job, key, fd, info, found, upload):
     """One PUT, or a multipart upload above the threshold."""
-    if size > min(job.multipart_threshold, MAX_PUT_BYTES):
-        multipart_upload(client, job, key, fd, size, upload)
+    if info.st_size > min(job.multipart_threshold, MAX_PUT_BYTES):
+        multipart_upload(client, job, key, fd, info.st_size, upload,
+                         job.journal_for(found, info))
     else:
-        put_object(client, key, fd, size, upload)
+        put_object(client, key, fd, info.st_size, upload)
 
 
 def upload_file(client, job, fd, info, found, first):
@@ -2100,7 +2425,7 @@ def upload_file(client, job, fd, info, found, first):
         upload = upload_for(job, found.relative, info)
         for key in candidate_keys(first, job.if_exists):
             try:
-                send_file(client, job, object_key("", key), fd, info.st_size, upload)
+                send_file(client, job, object_key("", key), fd, info, found, upload)
                 return key
             except KeyTakenError:
                 if job.if_exists != "number":
@@ -2259,6 +2584,7 @@ class Tally(object):
         self.moved_count = 0
         self.emptied = set()   # directories of moved files, for --delete-empty-dirs
         self.bytes = 0
+        self.bytes_resumed = 0   # of multipart uploads resumed: not sent again
         self.failures = []     # exit codes of the failed files
         self.young_count = 0   # files left for later: younger than --min-age
         self.writing_count = 0   # files left for later: still being written
@@ -2301,6 +2627,15 @@ class Tally(object):
             self.errors_total += 1
             if len(self.errors) < MAX_SUMMARY_ERRORS:
                 self.errors.append(line)
+
+    def resumed(self, path, reused, parts, size, verbose):
+        """A multipart upload goes on where an earlier run left it."""
+        with self.lock:
+            self.bytes_resumed += size
+            if verbose or self.progress:
+                self.clear_status()
+                emit(sys.stdout if verbose else sys.stderr, "resuming %s: %d of %d parts "
+                     "already there" % (safe_name(path), reused, parts))
 
     def handed_over(self, size):
         """The scan handed over one more file of this size."""
@@ -2374,6 +2709,7 @@ class Tally(object):
                     "%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started_at)),
                 "seconds": round(time.monotonic() - self.started, 3), "exit_status": status,
                 "files_moved": self.moved_count, "bytes_moved": self.bytes,
+                "bytes_resumed": self.bytes_resumed,
                 "files_failed": len(self.failures), "files_left_young": self.young_count,
                 "files_left_writing": self.writing_count,
                 "errors_total": self.errors_total, "errors": self.errors}
@@ -2387,10 +2723,28 @@ class Tally(object):
                    self.young_count, self.writing_count))
 
 
+def journals_for(options, environ, tally):
+    """Where this run keeps its resume journals; None when it keeps none (said under -v:
+    no state folder, or no MD5 to check parts by)."""
+    if not options.resume_days:
+        return None
+
+    def say(line):
+        tally.note_once(line, options.verbose)
+    state_dir = options.state_dir or default_state_dir(environ)
+    if state_dir is None or new_md5() is None:
+        say("s3push: no resume journals are kept (%s): an upload cut off part-way will "
+            "start over" % ("no HOME and no --state-dir" if state_dir is None else
+                            "MD5 is not available"))
+        return None
+    return Journals(state_dir, options.source, options.destination,
+                    options.resume_days * 86400, say)
+
+
 class Job(object):
     """What the workers share: settings, destination, options, the queue and the tally."""
 
-    def __init__(self, options, session, destination, tally, root):
+    def __init__(self, options, session, destination, tally, root, journals):
         self.root = root   # SOURCE_DIR's descriptor: every file is reached through it
         self.source = options.source
         self.allow_hardlinks = options.allow_hardlinks
@@ -2412,9 +2766,15 @@ class Job(object):
         self.verify_md5 = not (options.sse or "").startswith("aws:kms")
         self.queue = WorkQueue(max_files=4 * options.jobs)
         self.template = Template(destination.prefix)
+        self.journals = journals   # None, or where resume journals are kept
 
     def prefix_for(self, mtime):
         return self.template.prefix_for(mtime)
+
+    def journal_for(self, found, info):
+        if self.journals is None:
+            return NoJournal()
+        return self.journals.for_file(found, info)
 
 
 def show_progress(tally, done):
@@ -2490,6 +2850,16 @@ def check_source(source):
                            % safe_name(source))
 
 
+def check_state_dir(state_dir, source):
+    """A UsageError for a --state-dir inside SOURCE_DIR: its journals would be moved."""
+    if state_dir:
+        inside = os.path.relpath(os.path.realpath(state_dir), os.path.realpath(source))
+        if inside != os.pardir and not inside.startswith(os.pardir + os.sep):
+            raise UsageError("--state-dir %s is inside SOURCE_DIR: its journals would be "
+                             "moved like any file; choose a folder outside it"
+                             % safe_name(state_dir))
+
+
 def move_or_plan(options, environ, settings, destination, tally, files, root):
     """Dry run, or move the files, then remove the directories they left empty."""
     if options.dry_run:
@@ -2499,7 +2869,11 @@ def move_or_plan(options, environ, settings, destination, tally, files, root):
                       lambda: load_settings(options, environ).credentials)
     session.debug = options.debug
     tally.progress = sys.stderr.isatty() if options.progress is None else options.progress
-    move_all(Job(options, session, destination, tally, root), files)
+    job = Job(options, session, destination, tally, root,
+              journals_for(options, environ, tally))
+    move_all(job, files)
+    if job.journals is not None:
+        job.journals.sweep(root, time.time())
     if options.delete_empty_dirs:
         remove_empty_dirs(root, tally.emptied)
 
@@ -2540,6 +2914,7 @@ def push(options, environ, tally):
     if options.sse_kms_key_id and not (options.sse or "").startswith("aws:kms"):
         raise UsageError("--sse-kms-key-id goes with --sse aws:kms (or aws:kms:dsse)")
     check_source(options.source)
+    check_state_dir(options.state_dir, options.source)
     try:
         root = open_source(options.source)
     except OSError as exc:
@@ -2774,6 +3149,15 @@ def add_transfer_options(parser):
                         default=DEFAULT_PART_SIZE,
                         help="size of each part, at least 5MiB; grown by itself so that any "
                         "file fits in 10,000 parts (default %s)" % format_size(DEFAULT_PART_SIZE))
+    parser.add_argument("--state-dir", metavar="DIR",
+                        help="where the journals that let a multipart upload cut off part-way "
+                        "resume are kept, outside SOURCE_DIR (default $XDG_STATE_HOME/s3push, "
+                        "else ~/.local/state/s3push)")
+    parser.add_argument("--resume-days", type=non_negative_int, default=DEFAULT_RESUME_DAYS,
+                        metavar="DAYS", help="forget a journal once its upload is this many "
+                        "days old: keep it at or below the bucket's "
+                        "AbortIncompleteMultipartUpload days; 0 keeps no journals "
+                        "(default %(default)s)")
 
 
 def build_parser():

@@ -2,6 +2,9 @@
 
 A benchmark, not a test: it prints figures and ratios and never fails on a target.
 Workloads: an empty directory; 1,000 files of 4 KiB in 10 folders; one 1 GiB file.
+Then resume: s3push moving the 1 GiB file is killed (SIGKILL) once the server has
+confirmed about 60 % of it, and the bytes the next run sends are counted by a proxy,
+with the journal (the default) and without (--resume-days 0: restart from zero).
 For each tool: wall seconds, files/s, MB/s and peak RSS (wait4's ru_maxrss of the
 tool's process). A tool's run counts only if every file landed byte-identical and the
 source was emptied; otherwise its row says FAILED and why.
@@ -15,6 +18,7 @@ BENCH_REPEAT (rounds of the small workloads, best kept; default 3), BENCH_BIG_RE
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -259,6 +263,76 @@ def print_ratios(rows):
                                                   if worst <= TARGET_RSS_MIB else "MISSED"))
 
 
+class KillAtProxy(s3server.FaultProxy):
+    """Counts the part bytes sent and those the server confirmed; once `kill_at` bytes
+    are confirmed, kills `process` (SIGKILL)."""
+
+    def __init__(self, upstream, kill_at=None):
+        self.kill_at, self.process, self.sent, self.confirmed = kill_at, None, 0, 0
+        s3server.FaultProxy.__init__(self, upstream)
+
+    def act(self, client, request, action, upstream):
+        part = request.method == "PUT" and "partNumber=" in request.target
+        if part:
+            with self.lock:
+                self.sent += len(request.body)
+        going_on = s3server.FaultProxy.act(self, client, request, action, upstream)
+        if part:
+            with self.lock:
+                self.confirmed += len(request.body)
+                if self.kill_at and self.confirmed >= self.kill_at and self.process:
+                    self.process.send_signal(signal.SIGKILL)
+                    self.process = None
+        return going_on
+
+
+def resume_run(tools, source, prefix, extra, kill_at=None):
+    """One s3push run through a KillAtProxy: (wall seconds, proxy, exit status)."""
+    proxy = KillAtProxy(tools.server.endpoint, kill_at)
+    argv = tools.argv("s3push", source, prefix) + extra
+    argv[argv.index(tools.server.endpoint)] = proxy.endpoint
+    try:
+        started = time.monotonic()
+        proxy.process = subprocess.Popen(argv, env=tools.env, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        process = proxy.process
+        status = process.wait()
+        return time.monotonic() - started, proxy, status
+    finally:
+        proxy.close()
+
+
+def resume_bench(tools, work, big, big_sha):
+    """Kill at about 60 % confirmed, run again; with journals and without."""
+    size = BIG_MIB * 1024 * 1024
+    print("\nresume: %d MiB, s3push killed once the server confirmed about 60 %%, then run "
+          "again" % BIG_MIB)
+    print("%-34s %10s %12s %8s" % ("", "confirmed", "next run sent", "wall s"))
+    figures = {}
+    for label, extra in (("resume (journal)", []), ("restart from zero", ["--resume-days",
+                                                                          "0"])):
+        tag = "resume-%s-%d" % (label.split()[0], int(time.monotonic() * 1e6))
+        source = os.path.join(work, tag)
+        os.makedirs(source)
+        os.link(big, os.path.join(source, "big.bin"))
+        extra = extra + ["--state-dir", os.path.join(work, "state")]
+        _, first, _ = resume_run(tools, source, tag + "/", extra, kill_at=int(size * 0.6))
+        wall, second, status = resume_run(tools, source, tag + "/", extra)
+        problem = "exit %d" % status if status else check_landed(tools.server, tag,
+                                                                  {"big.bin": big_sha})
+        figures[label] = second.sent / size
+        print("%-34s %9.0f%% %11.0f%% %8.2f  %s" % (label, 100.0 * first.confirmed / size,
+                                                   100.0 * second.sent / size, wall,
+                                                   problem or "ok"))
+        shutil.rmtree(source, ignore_errors=True)
+        shutil.rmtree(os.path.join(tools.server.data, tools.server.bucket, tag),
+                      ignore_errors=True)
+    met = figures["resume (journal)"] <= 0.45
+    print("%-52s %6.2f  (target <= 0.45 of the file: %s)" % (
+        "killed at ~60 %: share sent again by the next run", figures["resume (journal)"],
+        "met" if met else "MISSED"))
+
+
 def main():
     python, aws = find_python(), find_aws()
     server = s3server.RcloneServer()
@@ -284,6 +358,7 @@ def main():
             return {"big.bin": big_sha}, BIG_MIB * 1024 * 1024
         bench.run("big", setup_big, BIG_REPEAT)
         print_ratios(bench.rows)
+        resume_bench(tools, work, big, big_sha)
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)

@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
-SERVER_MODULES = "test_integration test_faults test_security test_operations"
+SERVER_MODULES = "test_integration test_faults test_security test_operations test_resume"
 PROBE = "import sys; print('%d.%d' % sys.version_info[:2], sys.executable)"
 
 

@@ -579,7 +579,7 @@ class PartsAndRetries(unittest.TestCase):
                              (400, "BadDigest")):
             self.assertTrue(s3push.is_retryable(answer(status, code)), (status, code))
         for status, code in ((200, ""), (403, "AccessDenied"), (400, "KeyTooLongError"),
-                             (404, "NoSuchBucket")):
+                             (404, "NoSuchBucket"), (501, "NotImplemented")):
             self.assertFalse(s3push.is_retryable(answer(status, code)), (status, code))
 
     def test_complete_answer_with_an_error_inside_a_200(self):
@@ -589,6 +589,44 @@ class PartsAndRetries(unittest.TestCase):
         s3push.check_answer(s3push.Response(200, "OK", {}, b"<CompleteMultipartUploadResult>"
                                             b"<ETag>x</ETag></CompleteMultipartUploadResult>"),
                             "completing")
+
+
+class Journals(unittest.TestCase):
+    HEADER = (b'{"s3push_journal": 1, "key": "k", "upload_id": "u", "part_size": 5, '
+              b'"headers": "h", "file": [1, 2, 3, 4], "steps": [], "name": "f", "created": 1.5}\n')
+    PART = b'{"part": %d, "offset": 0, "length": 5, "md5": "00ff", "etag": "\\"e\\""}\n'
+
+    def test_a_whole_journal(self):
+        header, parts = s3push.parse_journal(self.HEADER + self.PART % 1 + self.PART % 2)
+        self.assertEqual(header["upload_id"], "u")
+        self.assertEqual(parts[2], s3push.JournalPart(0, 5, "00ff", '"e"'))
+
+    def test_a_last_line_cut_short_was_never_written(self):
+        text = self.HEADER + self.PART % 1 + (self.PART % 2)[:-9]
+        self.assertEqual(sorted(s3push.parse_journal(text)[1]), [1])
+        self.assertEqual(s3push.parse_journal(self.HEADER)[1], {})
+
+    def test_what_is_not_a_journal(self):
+        for text in (b"", self.HEADER[:-9], b"[]\n", self.HEADER.replace(b": 1,", b": 2,"),
+                     self.HEADER.replace(b'"u"', b"7"), self.HEADER + b"garbage\n",
+                     self.HEADER + (self.PART % 1).replace(b"00ff", b"xyz"),
+                     self.HEADER + b'{"part": 1}\n', b"\xff\n"):
+            with self.assertRaises((ValueError, KeyError, TypeError), msg=text):
+                s3push.parse_journal(text)
+
+    def test_the_state_folder(self):
+        self.assertEqual(s3push.default_state_dir({"XDG_STATE_HOME": "/s", "HOME": "/h"}),
+                         "/s/s3push")
+        self.assertEqual(s3push.default_state_dir({"XDG_STATE_HOME": "rel", "HOME": "/h"}),
+                         "/h/.local/state/s3push")
+        self.assertIsNone(s3push.default_state_dir({"HOME": ""}))
+
+    def test_a_state_folder_inside_the_source_is_a_usage_error(self):
+        for inside in ("/src", "/src/state", "/src/a/../..src"):
+            with self.assertRaises(s3push.UsageError, msg=inside):
+                s3push.check_state_dir(inside, "/src")
+        for outside in (None, "/", "/srcx", "/src/.."):
+            s3push.check_state_dir(outside, "/src")
 
 
 class Templates(unittest.TestCase):
