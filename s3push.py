@@ -2723,7 +2723,7 @@ class Tally(object):
                    self.young_count, self.writing_count))
 
 
-def journals_for(options, environ, tally):
+def journals_for(options, environ, destination, tally):
     """Where this run keeps its resume journals; None when it keeps none (said under -v:
     no state folder, or no MD5 to check parts by)."""
     if not options.resume_days:
@@ -2737,7 +2737,8 @@ def journals_for(options, environ, tally):
             "start over" % ("no HOME and no --state-dir" if state_dir is None else
                             "MD5 is not available"))
         return None
-    return Journals(state_dir, options.source, options.destination,
+    return Journals(state_dir, options.source, "s3://%s/%s" % (destination.bucket,
+                                                               destination.prefix),
                     options.resume_days * 86400, say)
 
 
@@ -2870,7 +2871,7 @@ def move_or_plan(options, environ, settings, destination, tally, files, root):
     session.debug = options.debug
     tally.progress = sys.stderr.isatty() if options.progress is None else options.progress
     job = Job(options, session, destination, tally, root,
-              journals_for(options, environ, tally))
+              journals_for(options, environ, destination, tally))
     move_all(job, files)
     if job.journals is not None:
         job.journals.sweep(root, time.time())

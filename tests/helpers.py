@@ -25,6 +25,8 @@ LACKS = {
     "rgw": {"if-none-match-complete": "Ceph RGW 16 ignores If-None-Match on "
                                       "CompleteMultipartUpload (it honours it on PUT)"},
     "moto": {"clock": "moto does not check the request time",
+             "no-such-upload": "moto answers a part of an aborted upload with a bare 500, "
+                               "not NoSuchUpload",
              "session-token": "moto checks session tokens against its own STS and refuses "
                               "the test's made-up ones"},
 }

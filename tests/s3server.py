@@ -104,11 +104,14 @@ class Server(object):
         port = int(urllib.parse.urlsplit(self.endpoint).port)
         wait_listening(port, self.process, log_path)
 
-    # Reading what landed, through signed GETs (any server).
+    # Reading what landed, through signed GETs (any server), as an administrator.
     def signed_get(self, path, query=()):
+        return self.signed_request("GET", path, query)
+
+    def signed_request(self, method, path, query=()):
         parts = urllib.parse.urlsplit(self.endpoint)
         creds = s3push.Credentials(*(self.reader_key or (self.access_key, self.secret_key)))
-        headers = s3push.sign_request("GET", parts.netloc, path, list(query), {},
+        headers = s3push.sign_request(method, parts.netloc, path, list(query), {},
                                       s3push.EMPTY_SHA256, creds, self.region,
                                       datetime.datetime.now(datetime.timezone.utc))
         target = s3push.canonical_uri(path)
@@ -117,11 +120,18 @@ class Server(object):
         import http.client
         conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
         try:
-            conn.request("GET", target, headers=headers)
+            conn.request(method, target, headers=headers)
             answer = conn.getresponse()
             return answer.status, answer.read()
         finally:
             conn.close()
+
+    def abort_upload(self, key, upload_id):
+        """AbortMultipartUpload, as an administrator (or a lifecycle rule) would."""
+        status, body = self.signed_request("DELETE", "/%s/%s" % (self.bucket, key),
+                                           [("uploadId", upload_id)])
+        if status != 204:
+            raise RuntimeError("aborting %s: HTTP %d %r" % (key, status, body[:300]))
 
     def object_bytes(self, key):
         """The stored bytes of a key, or None when there is no such object."""

@@ -14,10 +14,12 @@ import random
 import signal
 import subprocess
 import sys
+import urllib.parse
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import s3server  # noqa: E402
-from helpers import RUN_TIMEOUT, files_under, write_file  # noqa: E402
+from helpers import (RUN_TIMEOUT, files_under, skip_unless_server_checks,  # noqa: E402
+                     write_file)
 from test_faults import MIB, FaultCase  # noqa: E402
 
 PART = 5 * MIB
@@ -170,19 +172,18 @@ class Resume(FaultCase):
             self.assert_landed({"big.bin": data})
             self.assertFalse(os.path.exists(path))
 
+    @skip_unless_server_checks("no-such-upload")
     def test_an_upload_gone_on_the_server_starts_over(self):
         data = os.urandom(3 * PART + 1)
         write_file(self.source, "big.bin", data)
         first = self.killed_run(3, "--jobs", "1")
         old_id = [t for m, t in first.requests if "uploadId=" in t][0].rpartition("=")[2]
-
-        def gone(request):   # as if a lifecycle rule had aborted the upload meanwhile
-            if old_id in request.target:
-                return ("answer", 404, "NoSuchUpload")
-            return None
-        proxy, status, _, err = self.run_through("--jobs", "1", answers=gone)
+        # As a lifecycle rule would: the upload is aborted on the server meanwhile.
+        self.server.abort_upload(self.prefix + "big.bin", urllib.parse.unquote(old_id))
+        proxy, status, _, err = self.run_through("--jobs", "1")
         self.assertEqual(status, 0, err)
         self.assertEqual(proxy.parts, [3, 1, 2, 3, 4])   # the resumed part refused, then all
+        self.assertEqual(sum("?uploads" in t for _, t in proxy.requests), 1)
         self.assert_landed({"big.bin": data})
         self.assertEqual(self.journals(), [])
 
