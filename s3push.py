@@ -1519,6 +1519,19 @@ def complete_multipart_upload(client, key, upload_id, parts, upload):
                             % (etag, expected))
 
 
+def metadata_value(value):
+    """A metadata value as a header carries it: ASCII as it is, anything else in RFC 2047
+    (=?UTF-8?B?...?=), which is how S3 itself hands non-ASCII metadata back."""
+    if all(ord(c) < 128 for c in value):
+        return value
+    return "=?UTF-8?B?%s?=" % base64.b64encode(value.encode("utf-8")).decode("ascii")
+
+
+def tagging_header(tags):
+    """x-amz-tagging: the tags URL-encoded as a query string."""
+    return "&".join("%s=%s" % (uri_encode(key), uri_encode(value)) for key, value in tags)
+
+
 def part_size_for(size, requested):
     """The requested part size, grown so that the file fits in 10,000 parts (whole MiB)."""
     needed = -(-size // MAX_PARTS)
@@ -1551,19 +1564,20 @@ TIME_PARTS = {"date": "%Y-%m-%d", "year": "%Y", "month": "%m", "day": "%d", "hou
 PLACEHOLDERS = ("hostname",) + tuple(TIME_PARTS) + tuple("mtime_" + p for p in TIME_PARTS)
 
 
-def check_template(prefix, url):
-    """A UsageError naming any placeholder in the prefix that is not a known one."""
-    for name in PLACEHOLDER.findall(prefix):
+def check_template(text, where):
+    """A UsageError naming any placeholder in text that is not a known one."""
+    for name in PLACEHOLDER.findall(text):
         if name not in PLACEHOLDERS:
             raise UsageError("unknown placeholder {%s} in %r: known are %s" % (
-                name, url, " ".join("{%s}" % p for p in PLACEHOLDERS)))
+                name, where, " ".join("{%s}" % p for p in PLACEHOLDERS)))
 
 
-def expand_prefix(prefix, hostname, upload_time, mtime):
-    """The prefix with {hostname}, {date}, {year}, ... of the upload time and {mtime_date},
-    {mtime_year}, ... of the file's mtime (seconds), all in UTC, filled in."""
-    if "{" not in prefix:
-        return prefix
+def expand_template(text, hostname, upload_time, mtime):
+    """The text (a prefix, a header value) with {hostname}, {date}, {year}, ... of the
+    upload time and {mtime_date}, {mtime_year}, ... of the file's mtime (seconds), all in
+    UTC, filled in."""
+    if "{" not in text:
+        return text
     modified = datetime.datetime.fromtimestamp(mtime, datetime.timezone.utc)
 
     def value(match):
@@ -1572,7 +1586,7 @@ def expand_prefix(prefix, hostname, upload_time, mtime):
             return hostname
         when = modified if name.startswith("mtime_") else upload_time
         return when.strftime(TIME_PARTS[name.replace("mtime_", "")])
-    return PLACEHOLDER.sub(value, prefix)
+    return PLACEHOLDER.sub(value, text)
 
 
 def parse_destination(url):
@@ -2210,7 +2224,7 @@ class Journals(object):
 
 
 def upload_for(job, relative, info):
-    headers = dict(job.object_headers)
+    headers = job.template.headers_for(info.st_mtime)
     headers["content-type"] = job.content_type or guess_content_type(relative)
     headers["x-amz-meta-mtime"] = "%d.%09d" % divmod(info.st_mtime_ns, 10 ** 9)
     condition = {"if-none-match": "*"} if job.if_exists != "overwrite" else {}
@@ -2537,30 +2551,95 @@ def worker(job):
 # === The run ===
 
 
-def object_headers(options):
-    """The headers every object of the run carries, from the upload options."""
+MAX_METADATA_BYTES = 2048   # S3: user metadata, keys and values, as UTF-8
+MAX_TAGS = 10               # S3: tags on one object
+ISO_SECONDS = "%Y-%m-%dT%H:%M:%SZ"
+
+
+def check_upload_options(options, now):
+    """A UsageError, naming the option, for what S3 would refuse of the upload options
+    taken together (each value alone was checked as it was parsed)."""
+    if options.sse_kms_key_id and not (options.sse or "").startswith("aws:kms"):
+        raise UsageError("--sse-kms-key-id goes with --sse aws:kms (or aws:kms:dsse)")
+    for option, pairs in (("--metadata", options.metadata), ("--tag", options.tag)):
+        for key, value in pairs:
+            check_template(value, "%s %s=%s" % (option, key, value))
+    for option in ("cache_control", "content_encoding", "content_disposition"):
+        check_template(getattr(options, option) or "", "--" + option.replace("_", "-"))
+    names = [key.lower() for key, _ in options.metadata]
+    for key in names:
+        if names.count(key) > 1 or key == "mtime":
+            raise UsageError("--metadata %s: %s" % (key, "given twice" if key != "mtime" else
+                                                    "s3push sets it (the file's mtime)"))
+    size = sum(len(k.encode("utf-8")) + len(v.encode("utf-8")) for k, v in options.metadata)
+    if size + len("mtime1234567890.123456789") > MAX_METADATA_BYTES:
+        raise UsageError("--metadata: %d bytes of keys and values, with s3push's mtime over "
+                         "S3's limit of 2 KiB: send less" % size)
+    keys = [key for key, _ in options.tag]
+    if len(keys) > MAX_TAGS or len(set(keys)) != len(keys):
+        raise UsageError("--tag: S3 takes at most %d tags an object, each key once; got %s"
+                         % (MAX_TAGS, ", ".join(keys)))
+    lock = (options.object_lock_retain_days, options.object_lock_retain_until)
+    if bool(options.object_lock_mode) != any(lock):
+        raise UsageError("--object-lock-mode goes with --object-lock-retain-days or "
+                         "--object-lock-retain-until (S3 takes both or neither)")
+    if options.object_lock_retain_until and options.object_lock_retain_until <= \
+            time.strftime(ISO_SECONDS, time.gmtime(now)):
+        raise UsageError("--object-lock-retain-until %s is not in the future"
+                         % options.object_lock_retain_until)
+
+
+def object_headers(options, now):
+    """The headers every object of the run carries, from the upload options; values may
+    hold placeholders ({hostname}, {mtime_date}, ...), filled in for each file."""
     headers = {}
-    if options.storage_class:
-        headers["x-amz-storage-class"] = options.storage_class
-    if options.sse:
-        headers["x-amz-server-side-encryption"] = options.sse
-    if options.sse_kms_key_id:
-        headers["x-amz-server-side-encryption-aws-kms-key-id"] = options.sse_kms_key_id
-    if options.acl:
-        headers["x-amz-acl"] = options.acl
+    for name, value in (("x-amz-storage-class", options.storage_class),
+                        ("x-amz-server-side-encryption", options.sse),
+                        ("x-amz-server-side-encryption-aws-kms-key-id",
+                         options.sse_kms_key_id),
+                        ("x-amz-acl", options.acl), ("cache-control", options.cache_control),
+                        ("content-encoding", options.content_encoding),
+                        ("content-disposition", options.content_disposition),
+                        ("x-amz-object-lock-mode", options.object_lock_mode),
+                        ("x-amz-object-lock-legal-hold", "ON" if options.legal_hold else None)):
+        if value:
+            headers[name] = value
+    if options.object_lock_retain_days:
+        headers["x-amz-object-lock-retain-until-date"] = time.strftime(ISO_SECONDS, time.gmtime(
+            now + options.object_lock_retain_days * 86400))
+    elif options.object_lock_retain_until:
+        headers["x-amz-object-lock-retain-until-date"] = options.object_lock_retain_until
+    for key, value in options.metadata:
+        headers["x-amz-meta-" + key.lower()] = value
     return headers
 
 
 class Template(object):
-    """The destination prefix of a run, with its run-wide placeholders fixed once."""
+    """The destination prefix and the object headers of a run, with their run-wide
+    placeholders ({hostname}, the upload's {date}, ...) fixed once."""
 
-    def __init__(self, prefix):
-        self.prefix = prefix
-        self.hostname = socket.gethostname() if "{hostname}" in prefix else ""
+    def __init__(self, prefix, headers=None, tags=()):
+        self.prefix, self.headers, self.tags = prefix, headers or {}, tags
+        texts = [prefix] + list(self.headers.values()) + [value for _, value in tags]
+        self.hostname = socket.gethostname() if any("{hostname}" in t for t in texts) else ""
         self.upload_time = datetime.datetime.now(datetime.timezone.utc)
 
+    def expand(self, text, mtime):
+        return expand_template(text, self.hostname, self.upload_time, mtime)
+
     def prefix_for(self, mtime):
-        return expand_prefix(self.prefix, self.hostname, self.upload_time, mtime)
+        return self.expand(self.prefix, mtime)
+
+    def headers_for(self, mtime):
+        """The object headers for a file of this mtime (metadata RFC 2047 if not ASCII)."""
+        headers = {name: self.expand(value, mtime) for name, value in self.headers.items()}
+        for name, value in headers.items():
+            if name.startswith("x-amz-meta-"):
+                headers[name] = metadata_value(value)
+        if self.tags:
+            headers["x-amz-tagging"] = tagging_header([(key, self.expand(value, mtime))
+                                                       for key, value in self.tags])
+        return headers
 
 
 def internal_error(exc, credentials):
@@ -2760,13 +2839,13 @@ class Job(object):
                                  else None)
         self.retries = options.retries
         self.timeout = options.timeout
-        self.object_headers = object_headers(options)
         self.content_type = options.content_type
         self.if_exists = options.if_exists
         self.writers = WriterIndex()
         self.verify_md5 = not (options.sse or "").startswith("aws:kms")
         self.queue = WorkQueue(max_files=4 * options.jobs)
-        self.template = Template(destination.prefix)
+        self.template = Template(destination.prefix, object_headers(options, time.time()),
+                                 options.tag)
         self.journals = journals   # None, or where resume journals are kept
 
     def prefix_for(self, mtime):
@@ -2912,8 +2991,7 @@ def push(options, environ, tally):
     settings and loads no network code.
     """
     destination = parse_destination(options.destination)
-    if options.sse_kms_key_id and not (options.sse or "").startswith("aws:kms"):
-        raise UsageError("--sse-kms-key-id goes with --sse aws:kms (or aws:kms:dsse)")
+    check_upload_options(options, time.time())
     check_source(options.source)
     check_state_dir(options.state_dir, options.source)
     try:
@@ -3161,6 +3239,87 @@ def add_transfer_options(parser):
                         "(default %(default)s)")
 
 
+def argument_text(text):
+    """An argument as the UTF-8 text it is (under a C locale Python 3.6 decodes argv as
+    ASCII, the rest as surrogates)."""
+    try:
+        return name_bytes(text).decode("utf-8")
+    except UnicodeDecodeError:
+        raise argparse.ArgumentTypeError("%s is not UTF-8" % safe_name(text))
+
+
+def metadata_item(text):
+    """--metadata KEY=VALUE: a key of letters, digits, '-', '_', '.'; a value without
+    control characters (not ASCII is sent RFC 2047-encoded)."""
+    key, equals, value = argument_text(text).partition("=")
+    if not equals or not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", key):
+        raise argparse.ArgumentTypeError("%r is not KEY=VALUE with a KEY of letters, digits, "
+                                         "'-', '_' and '.'" % text)
+    if re.search(r"[\x00-\x1f\x7f]", value):
+        raise argparse.ArgumentTypeError("%r: the value holds a control character" % text)
+    return key, value
+
+
+def tag_item(text):
+    """--tag KEY=VALUE as S3 takes tags: a key of 1-128 and a value of up to 256 letters,
+    digits, spaces and + - = . _ : / @; no key beginning with aws:."""
+    key, equals, value = argument_text(text).partition("=")
+    allowed = r"^[\w\s+\-=.:/@]*$"
+    if not equals or not 1 <= len(key) <= 128 or len(value) > 256 or \
+            not re.match(allowed, key) or not re.match(allowed, value.replace("{", "").replace(
+                "}", "")) or key.lower().startswith("aws:"):
+        raise argparse.ArgumentTypeError(
+            "%r is not a tag S3 takes: KEY=VALUE, a key of 1-128 and a value of up to 256 "
+            "letters, digits, spaces and + - = . _ : / @, no key beginning with aws:" % text)
+    return key, value
+
+
+def header_value(text):
+    if not text or not re.match(r"^[\x20-\x7e]+$", text):
+        raise argparse.ArgumentTypeError("%s: printable ASCII only" % safe_name(text))
+    return text
+
+
+def retain_until(text):
+    """--object-lock-retain-until: YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ (UTC), normalized to
+    the second."""
+    for shape, suffix in (("%Y-%m-%d", "T00:00:00Z"), (ISO_SECONDS, "")):
+        try:
+            time.strptime(text, shape)
+        except ValueError:
+            continue
+        return text + suffix
+    raise argparse.ArgumentTypeError("%r is not a date: YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ "
+                                     "(UTC)" % text)
+
+
+def add_object_options(parser):
+    group = parser.add_argument_group("object metadata, tags and Object Lock")
+    group.add_argument("--metadata", type=metadata_item, action="append", default=[],
+                       metavar="KEY=VALUE", help="user metadata (x-amz-meta-KEY), repeatable; "
+                       "the value may hold the key placeholders ({hostname}, {mtime_date}, "
+                       "...); at most 2 KiB in all")
+    group.add_argument("--tag", type=tag_item, action="append", default=[],
+                       metavar="KEY=VALUE", help="an object tag (x-amz-tagging), repeatable, "
+                       "at most 10; placeholders as --metadata (needs s3:PutObjectTagging)")
+    for name, example in (("cache-control", "max-age=86400"),
+                          ("content-encoding", "gzip"),
+                          ("content-disposition", "attachment")):
+        group.add_argument("--" + name, type=header_value, metavar="VALUE",
+                           help="the %s header of every object, e.g. %s" % (
+                               name.title(), example))
+    group.add_argument("--object-lock-mode", choices=("GOVERNANCE", "COMPLIANCE"),
+                       help="retention for buckets with Object Lock, with a retention period "
+                       "(needs s3:PutObjectRetention)")
+    period = group.add_mutually_exclusive_group()
+    period.add_argument("--object-lock-retain-days", type=positive_int, metavar="DAYS",
+                        help="retain each object this many days from its upload")
+    period.add_argument("--object-lock-retain-until", type=retain_until, metavar="DATE",
+                        help="retain each object until DATE (YYYY-MM-DD, UTC)")
+    group.add_argument("--legal-hold", action="store_true",
+                       help="put a legal hold on each object (needs s3:PutObjectLegalHold)")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="s3push.py",
@@ -3190,6 +3349,7 @@ def build_parser():
                         help="print what would move where, change nothing")
     add_transfer_options(parser)
     add_upload_options(parser)
+    add_object_options(parser)
     add_settings_options(parser)
     add_output_options(parser)
     parser.add_argument("--version", action="version", version="s3push " + VERSION)

@@ -21,10 +21,18 @@ import s3server  # noqa: E402
 # What a test server does not check, and so cannot be tested against it.
 LACKS = {
     "rclone": {"if-none-match": "rclone's server ignores If-None-Match",
+               "tagging": "rclone's server keeps x-amz-tagging as a header; it has no "
+                          "?tagging API to read tags back",
                "if-none-match-complete": "rclone's server ignores If-None-Match"},
     "rgw": {"if-none-match-complete": "Ceph RGW 16 ignores If-None-Match on "
-                                      "CompleteMultipartUpload (it honours it on PUT)"},
+                                      "CompleteMultipartUpload (it honours it on PUT)",
+            "lock-multipart": "Ceph RGW 16 drops the Object Lock headers of "
+                              "CreateMultipartUpload (it honours them on PUT)",
+            "tagging-multipart": "Ceph RGW 16 drops the x-amz-tagging of "
+                                 "CreateMultipartUpload (it honours it on PUT)"},
     "moto": {"clock": "moto does not check the request time",
+             "lock-multipart": "moto drops the Object Lock headers of "
+                               "CreateMultipartUpload",
              "no-such-upload": "moto answers a part of an aborted upload with a bare 500, "
                                "not NoSuchUpload",
              "session-token": "moto checks session tokens against its own STS and refuses "
@@ -116,8 +124,9 @@ class IntegrationCase(unittest.TestCase):
     def command(self, *args, **kw):
         endpoint = kw.get("endpoint", self.recorder.endpoint)
         source = kw.get("source", self.source)
+        bucket = kw.get("bucket", self.server.bucket)
         return [sys.executable, s3server.S3PUSH, "--endpoint-url", endpoint] + list(args) + \
-            [source, "s3://%s/%s" % (self.server.bucket, self.prefix)]
+            [source, "s3://%s/%s" % (bucket, self.prefix)]
 
     def run_s3push(self, *args, **kw):
         env = kw.pop("env", None) or self.env()

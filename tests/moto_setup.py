@@ -4,8 +4,10 @@
 
 Creates BUCKET and two IAM users: 'uploader', whose only policy is s3:PutObject on
 arn:aws:s3:::BUCKET/*, and 'admin' (everything), for the tests to read back what
-landed. Then switches IAM enforcement on (POST /moto-api/reset-auth, body 0): from
-then on every request must be signed by a known key and allowed by its policy.
+landed. Also BUCKET-objects, with Object Lock, where the uploader may besides tag
+objects and set their retention and legal hold (the tests of metadata, tags and Object
+Lock). Then switches IAM enforcement on (POST /moto-api/reset-auth, body 0): from then
+on every request must be signed by a known key and allowed by its policy.
 Writes {"uploader": {"access", "secret"}, "admin": {...}} to OUT.json.
 """
 
@@ -20,11 +22,16 @@ def main(endpoint, bucket, out):
     options = dict(endpoint_url=endpoint, region_name="us-east-1",
                    aws_access_key_id="setup", aws_secret_access_key="setup")
     boto3.client("s3", **options).create_bucket(Bucket=bucket)
+    boto3.client("s3", **options).create_bucket(Bucket=bucket + "-objects",
+                                                ObjectLockEnabledForBucket=True)
     iam = boto3.client("iam", **options)
     policies = {
         "uploader": {"Version": "2012-10-17", "Statement": [{
             "Effect": "Allow", "Action": ["s3:PutObject"],
-            "Resource": ["arn:aws:s3:::%s/*" % bucket]}]},
+            "Resource": ["arn:aws:s3:::%s/*" % bucket]}, {
+            "Effect": "Allow", "Action": ["s3:PutObject", "s3:PutObjectTagging",
+                                          "s3:PutObjectRetention", "s3:PutObjectLegalHold"],
+            "Resource": ["arn:aws:s3:::%s-objects/*" % bucket]}]},
         "admin": {"Version": "2012-10-17", "Statement": [{
             "Effect": "Allow", "Action": "*", "Resource": "*"}]},
     }

@@ -106,12 +106,40 @@ class Server(object):
 
     # Reading what landed, through signed GETs (any server), as an administrator.
     def signed_get(self, path, query=()):
-        return self.signed_request("GET", path, query)
+        return self.signed_request("GET", path, query)[:2]
 
-    def signed_request(self, method, path, query=()):
+    def object_headers(self, key):
+        """The headers a GET of key answers with, names in lower case."""
+        status, body, headers = self.signed_request("GET", "/%s/%s" % (self.bucket, key))
+        if status != 200:
+            raise RuntimeError("GET %s: HTTP %d %r" % (key, status, body[:300]))
+        return headers
+
+    def object_tags(self, key, bucket=None):
+        """{key: value} of an object's tags (GET ?tagging)."""
+        status, body, _ = self.signed_request("GET", "/%s/%s" % (bucket or self.bucket, key),
+                                              [("tagging", "")])
+        if status != 200:
+            raise RuntimeError("GET %s?tagging: HTTP %d %r" % (key, status, body[:300]))
+        root = s3push.parse_xml(body)
+        if root is None:
+            raise RuntimeError("GET %s?tagging: not XML: %r" % (key, body[:300]))
+        return {s3push.xml_text(tag, "Key"): s3push.xml_text(tag, "Value")
+                for tag in root.iter() if tag.tag.rpartition("}")[2] == "Tag"}
+
+    def create_lock_bucket(self, name):
+        """A bucket with Object Lock enabled (409: it is there already)."""
+        status, body, _ = self.signed_request(
+            "PUT", "/" + name, headers={"x-amz-bucket-object-lock-enabled": "true"})
+        if status not in (200, 409):
+            raise RuntimeError("CreateBucket %s: HTTP %d %r" % (name, status, body[:300]))
+
+    def signed_request(self, method, path, query=(), headers=None):
+        """(status, body, {header name in lower case: value}) of one signed request, as
+        an administrator."""
         parts = urllib.parse.urlsplit(self.endpoint)
         creds = s3push.Credentials(*(self.reader_key or (self.access_key, self.secret_key)))
-        headers = s3push.sign_request(method, parts.netloc, path, list(query), {},
+        headers = s3push.sign_request(method, parts.netloc, path, list(query), headers or {},
                                       s3push.EMPTY_SHA256, creds, self.region,
                                       datetime.datetime.now(datetime.timezone.utc))
         target = s3push.canonical_uri(path)
@@ -122,14 +150,14 @@ class Server(object):
         try:
             conn.request(method, target, headers=headers)
             answer = conn.getresponse()
-            return answer.status, answer.read()
+            return answer.status, answer.read(), {k.lower(): v for k, v in answer.getheaders()}
         finally:
             conn.close()
 
     def abort_upload(self, key, upload_id):
         """AbortMultipartUpload, as an administrator (or a lifecycle rule) would."""
-        status, body = self.signed_request("DELETE", "/%s/%s" % (self.bucket, key),
-                                           [("uploadId", upload_id)])
+        status, body, _ = self.signed_request("DELETE", "/%s/%s" % (self.bucket, key),
+                                              [("uploadId", upload_id)])
         if status != 204:
             raise RuntimeError("aborting %s: HTTP %d %r" % (key, status, body[:300]))
 

@@ -634,11 +634,11 @@ class Templates(unittest.TestCase):
         import datetime
         upload = datetime.datetime(2026, 11, 24, 6, 5, tzinfo=datetime.timezone.utc)
         mtime = datetime.datetime(2025, 1, 2, 3, tzinfo=datetime.timezone.utc).timestamp()
-        self.assertEqual(s3push.expand_prefix("logs/{hostname}/{date}/{hour}/{mtime_year}/"
+        self.assertEqual(s3push.expand_template("logs/{hostname}/{date}/{hour}/{mtime_year}/"
                                               "{mtime_month}-{mtime_day}/", "web1", upload,
                                               mtime),
                          "logs/web1/2026-11-24/06/2025/01-02/")
-        self.assertEqual(s3push.expand_prefix("plain/", "h", upload, mtime), "plain/")
+        self.assertEqual(s3push.expand_template("plain/", "h", upload, mtime), "plain/")
 
     def test_unknown(self):
         with self.assertRaisesRegex(s3push.UsageError, r"unknown placeholder \{when\}"):
