@@ -61,6 +61,7 @@ import collections
 import errno
 import fcntl
 import fnmatch
+import heapq
 import itertools
 import os
 import re
@@ -1794,6 +1795,30 @@ def select_files(files, min_age, now, on_young):
         yield found
 
 
+ORDER_WINDOW = 10000   # files held at once to send the oldest first; beyond, scan again
+
+
+def order_key(found):
+    return found.info.st_mtime_ns, name_bytes(found.relative)
+
+
+def oldest_first(scan_round, window):
+    """The files of scan_round(first_round), oldest mtime first (ties by path). The
+    `window` oldest are held and sorted; when there were more, the tree is scanned again
+    for the next `window` after the last one handed on. Memory stays at `window` files
+    however many there are; a tree of fewer is scanned once."""
+    after, first = None, True
+    while True:
+        files = scan_round(first)
+        if after is not None:
+            files = (found for found in files if order_key(found) > after)
+        batch = heapq.nsmallest(window, files, key=order_key)
+        yield from batch
+        if len(batch) < window:
+            return
+        after, first = order_key(batch[-1]), False
+
+
 def same_file(before, after):
     """True when two stat results are one unchanged file: device, inode, size and mtime."""
     return (before.st_dev, before.st_ino, before.st_size, before.st_mtime_ns) == \
@@ -2219,8 +2244,9 @@ class Journals(object):
 
 # === The per-file move and parallel transfers ===
 # Workers (threads, one connection each) take tasks from one queue: parts of a started
-# multipart upload first, then files. The scan feeds files in as it finds them, and the
-# queue holds only a few per worker, so memory does not grow with the directory.
+# multipart upload first, then files. The scan feeds files in oldest first (see
+# oldest_first), and the queue holds only a few per worker, so memory does not grow with
+# the directory.
 
 
 def upload_for(job, relative, info):
@@ -2966,9 +2992,12 @@ def push_locked(options, environ, tally, destination, root):
         return EXIT_OK
     errors = []
     patterns = DEFAULT_EXCLUDES + tuple(options.exclude)
-    files = select_files(scan(root, patterns, errors), options.min_age, time.time(),
-                         tally.left_young)
-    first, files = first_and_rest(files)
+    now = time.time()
+
+    def scan_round(first):   # what a scan again finds wrong or young was counted once
+        return select_files(scan(root, patterns, errors if first else []), options.min_age,
+                            now, tally.left_young if first else lambda: None)
+    first, files = first_and_rest(oldest_first(scan_round, ORDER_WINDOW))
     if first is not None:
         load_deferred_modules()
         settings = load_settings(options, environ)

@@ -5,10 +5,13 @@ The recording proxy in front of the server shows the headers each request carrie
 
 import base64
 import os
+import random
 import socket
+import subprocess
 import sys
 import time
 import unittest
+import urllib.parse
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from helpers import IntegrationCase, files_under, skip_unless_server_checks  # noqa: E402
@@ -186,6 +189,36 @@ class ObjectOptions(IntegrationCase):
             self.assertIn(named, result.stderr.strip().splitlines()[-1], args)
         self.assertEqual(files_under(self.source), [b"f"])
         self.assertEqual(self.recorder.requests, [])
+
+
+# The script with a window of 3 files for the oldest-first order (an internal seam), so
+# that a small tree is scanned again as a large one would be.
+SMALL_WINDOW = ("import sys; sys.path.insert(0, %r); import s3push; s3push.ORDER_WINDOW = 3; "
+                "sys.argv[0] = s3push.__file__; sys.exit(s3push.main())" % s3server.REPO)
+
+
+class Order(IntegrationCase):
+    def test_oldest_files_go_first(self):
+        rng = random.Random(7)
+        mtimes = {"d%d/e%d/f%02d.log" % (i % 4, i % 3, i): 1700000000 + rng.randrange(10 ** 6)
+                  for i in range(20)}
+        for relative, mtime in mtimes.items():
+            write_file(self.source, relative, relative.encode(), mtime=mtime)
+        expected = sorted(mtimes, key=mtimes.get)
+        for seam in (None, SMALL_WINDOW):
+            argv = self.command("--jobs", "1")
+            if seam:
+                argv[1:2] = ["-c", seam]
+            start = len(self.recorder.heads)
+            done = subprocess.run(argv, env=self.env(), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, timeout=60)
+            self.assertEqual(done.returncode, 0, done.stderr)
+            sent = [urllib.parse.unquote(h.target).partition(self.prefix)[2]
+                    for h in self.recorder.heads[start:] if h.method == "PUT"]
+            self.assertEqual(sent, expected, seam)
+            self.assert_landed({r: r.encode() for r in mtimes})
+            for relative, mtime in mtimes.items():
+                write_file(self.source, relative, relative.encode(), mtime=mtime)
 
 
 class KeyTemplates(IntegrationCase):

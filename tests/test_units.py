@@ -246,6 +246,23 @@ class Selection(unittest.TestCase):
         found = sorted(f.relative for f in self.scan(self.root, patterns, errors))
         return found, errors
 
+    def test_oldest_first_in_windows_each_file_once(self):
+        mtimes = [5, 3, 9, 3, 1, 7, 7, 2, 8, 6, 4]   # ties broken by the path
+        for i, mtime in enumerate(mtimes):
+            self.touch("d%d/f%02d" % (i % 3, i), mtime)
+        expected = [f for _, f in sorted((m, "d%d/f%02d" % (i % 3, i))
+                                         for i, m in enumerate(mtimes))]
+        for window in (1, 3, 4, 11, 12, 100):
+            rounds = []
+
+            def scan_round(first):
+                rounds.append(first)
+                return self.scan(self.root, (), [])
+            got = [f.relative for f in s3push.oldest_first(scan_round, window)]
+            self.assertEqual(got, expected, window)
+            self.assertEqual(len(rounds), len(mtimes) // window + 1, window)
+            self.assertEqual(rounds[1:], [False] * (len(rounds) - 1))
+
     def test_regular_files_only(self):
         self.touch("a/b/file")
         self.touch("top")
