@@ -122,6 +122,7 @@ SKEW_TOLERANCE = 300                   # seconds; S3 itself refuses beyond 900
 MAX_CORRECTIONS = 3                    # clock, region, credentials: at most once each
 MAX_SUMMARY_ERRORS = 20
 PROGRESS_INTERVAL = 0.5
+RATE_BURST = 0.1                       # seconds of --bwlimit not used that may be caught up
 
 
 EXIT_OK = 0
@@ -591,10 +592,41 @@ def describe_os_error(exc):
     return getattr(exc, "strerror", None) or one_line(exc) or exc.__class__.__name__
 
 
+class RateLimit(object):
+    """--bwlimit: a pace shared by every connection of a run, so that the bodies they send
+    together stay at `rate` bytes per second. Each slice of a body is given the moment it
+    may start (after the slices before it, at the rate); time nobody sent in is not saved
+    up beyond RATE_BURST seconds."""
+
+    def __init__(self, rate):
+        self.rate = float(rate)
+        self.slice = int(min(max(rate // 16, 4096), 65536))   # short gaps at low rates too
+        self.lock = threading.Lock()
+        self.clock = 0.0   # time.monotonic() when what was handed out so far is sent
+
+    def take(self, size):
+        """Wait until size more bytes may go."""
+        with self.lock:
+            now = time.monotonic()
+            start = max(self.clock, now - RATE_BURST)
+            self.clock = start + size / self.rate
+        if start > now:
+            time.sleep(start - now)
+
+    def send(self, conn, data):
+        view = memoryview(data)
+        for offset in range(0, len(view), self.slice):
+            piece = view[offset:offset + self.slice]
+            self.take(len(piece))
+            conn.send(piece)
+
+
 class Connection(object):
     """One persistent HTTP/1.1 connection to one host, reopened when it was closed."""
 
-    def __init__(self, scheme, host, port, timeout=DEFAULT_TIMEOUT, tls=None, proxy=None):
+    def __init__(self, scheme, host, port, timeout=DEFAULT_TIMEOUT, tls=None, proxy=None,
+                 rate_limit=None):
+        self.rate_limit = rate_limit   # a RateLimit, or None
         self.scheme = scheme
         self.host = host
         self.port = port
@@ -657,12 +689,15 @@ class Connection(object):
         for name, value in headers.items():
             conn.putheader(name, value)
         try:
-            if isinstance(body, bytes):
+            if isinstance(body, bytes) and self.rate_limit is None:
                 conn.endheaders(body)   # one write for headers and a small body
             else:
                 conn.endheaders()
-                for block in body.blocks():
-                    conn.send(block)
+                for block in [body] if isinstance(body, bytes) else body.blocks():
+                    if self.rate_limit is None:
+                        conn.send(block)
+                    else:
+                        self.rate_limit.send(conn, block)
         except (BrokenPipeError, ConnectionResetError):
             pass   # the server may have answered early (an error) and closed: read it
         answer = conn.getresponse()
@@ -844,9 +879,11 @@ def backoff_delay(retry, retry_after, unit):
 class S3Client(object):
     """Signs and sends requests for one bucket over one connection (one per worker)."""
 
-    def __init__(self, session, retries=0, timeout=DEFAULT_TIMEOUT, deadline=None):
+    def __init__(self, session, retries=0, timeout=DEFAULT_TIMEOUT, deadline=None,
+                 rate_limit=None):
         self.session = session
         self.deadline = deadline or Deadline()
+        self.rate_limit = rate_limit
         self.retries = retries
         self.timeout = timeout
         self.connection = None
@@ -909,7 +946,7 @@ class S3Client(object):
             self.connection = Connection(endpoint.scheme, connect_host, endpoint.port,
                                          self.timeout, self.session.tls, proxy_for(
                                              self.session.proxies, endpoint.scheme,
-                                             connect_host, endpoint.port))
+                                             connect_host, endpoint.port), self.rate_limit)
         if self.session.expected_owner:   # S3 refuses (403) if another account owns it
             headers = dict(headers, **{"x-amz-expected-bucket-owner":
                                        self.session.expected_owner})
@@ -2560,7 +2597,7 @@ class FileTask(object):
 
 def worker(job):
     """Run tasks until the queue is done, over this worker's own connection."""
-    client = S3Client(job.session, job.retries, job.timeout, job.deadline)
+    client = S3Client(job.session, job.retries, job.timeout, job.deadline, job.rate_limit)
     try:
         while True:
             task = job.queue.next_task()
@@ -2865,6 +2902,7 @@ class Job(object):
                                  else None)
         self.retries = options.retries
         self.timeout = options.timeout
+        self.rate_limit = RateLimit(options.bwlimit) if options.bwlimit else None
         self.content_type = options.content_type
         self.if_exists = options.if_exists
         self.writers = WriterIndex()
@@ -3225,6 +3263,13 @@ def part_size_argument(text):
     return value
 
 
+def rate_argument(text):
+    rate = size_argument(text)
+    if rate < 1024:
+        raise argparse.ArgumentTypeError("%r is below 1K a second" % text)
+    return rate
+
+
 def format_size(size):
     return "%dMiB" % (size // MIB) if size % MIB == 0 else "%d bytes" % size
 
@@ -3239,6 +3284,10 @@ def add_transfer_options(parser):
                         "below SECONDS, so that many hosts whose cron fires at once do not "
                         "reach S3 at once; a run with nothing to send never waits "
                         "(default 0)")
+    parser.add_argument("--bwlimit", type=rate_argument, metavar="RATE",
+                        help="keep the whole run's upload at or under RATE bytes per second, "
+                        "all --jobs and parts together (binary units: 500K, 2M, 1G; "
+                        "default: no limit)")
     parser.add_argument("--timeout", type=positive_int, default=DEFAULT_TIMEOUT,
                         metavar="SECONDS", help="give up on a connection that makes no "
                         "progress for this long, then retry (default %(default)s)")

@@ -5,6 +5,8 @@ Workloads: an empty directory; 1,000 files of 4 KiB in 10 folders; one 1 GiB fil
 Then resume: s3push moving the 1 GiB file is killed (SIGKILL) once the server has
 confirmed about 60 % of it, and the bytes the next run sends are counted by a proxy,
 with the journal (the default) and without (--resume-days 0: restart from zero).
+Then --bwlimit: the 1 GiB file at --bwlimit 20M, its rate against 20 MiB/s (BENCH_BWLIMIT
+sets another rate; 0 leaves this out).
 For each tool: wall seconds, files/s, MB/s and peak RSS (wait4's ru_maxrss of the
 tool's process). A tool's run counts only if every file landed byte-identical and the
 source was emptied; otherwise its row says FAILED and why.
@@ -333,6 +335,35 @@ def resume_bench(tools, work, big, big_sha):
         "met" if met else "MISSED"))
 
 
+BWLIMIT = os.environ.get("BENCH_BWLIMIT", "20M")
+
+
+def bwlimit_bench(tools, work, big, big_sha):
+    """The big file at --bwlimit: wall time and rate against the limit."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("s3push", s3server.S3PUSH)
+    s3push = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(s3push)
+    limit = s3push.size_argument(BWLIMIT)
+    size = BIG_MIB * 1024 * 1024
+    tag = "bwlimit-%d" % int(time.monotonic() * 1e6)
+    source = os.path.join(work, tag)
+    os.makedirs(source)
+    os.link(big, os.path.join(source, "big.bin"))
+    argv = tools.argv("s3push", source, tag + "/")
+    wall, rss, status, err = measure(argv[:2] + ["--bwlimit", BWLIMIT] + argv[2:], tools.env)
+    problem = "exit %d: %s" % (status, err) if status else check_landed(
+        tools.server, tag, {"big.bin": big_sha})
+    shutil.rmtree(source, ignore_errors=True)
+    shutil.rmtree(os.path.join(tools.server.data, tools.server.bucket, tag), ignore_errors=True)
+    rate = size / wall
+    print("\nbwlimit: %d MiB at --bwlimit %s: %.1f s, %.2f MiB/s, RSS %.1f MiB  %s"
+          % (BIG_MIB, BWLIMIT, wall, rate / 1048576, rss, problem or "ok"))
+    print("%-52s %6.3f  (target 0.95-1.05: %s)" % (
+        "--bwlimit %s: rate / limit (whole run, start-up included)" % BWLIMIT, rate / limit,
+        "met" if 0.95 <= rate / limit <= 1.05 else "MISSED"))
+
+
 def main():
     python, aws = find_python(), find_aws()
     server = s3server.RcloneServer()
@@ -359,6 +390,8 @@ def main():
         bench.run("big", setup_big, BIG_REPEAT)
         print_ratios(bench.rows)
         resume_bench(tools, work, big, big_sha)
+        if BWLIMIT != "0":
+            bwlimit_bench(tools, work, big, big_sha)
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)

@@ -221,6 +221,42 @@ class Order(IntegrationCase):
                 write_file(self.source, relative, relative.encode(), mtime=mtime)
 
 
+class BandwidthLimit(IntegrationCase):
+    def test_the_run_stays_at_its_rate_across_jobs_and_parts(self):
+        # 8 MiB in small files and parts at 1 MiB/s, four jobs: about 8 s. The rate is
+        # measured between the first and the last request the proxy received whole. It
+        # may never be above the limit (+10 %); below, only a starved machine would be,
+        # so the floor is loose (a timed test must not flake).
+        rate = 1024 * 1024
+        files = {"small%d" % i: os.urandom(256 * 1024) for i in range(8)}
+        files["big.bin"] = os.urandom(6 * 1024 * 1024 - 1)
+        for relative, data in files.items():
+            write_file(self.source, relative, data)
+        arrivals = []
+        proxy = s3server.FaultProxy(self.server.endpoint, lambda request: arrivals.append(
+            (time.monotonic(), len(request.body))))
+        self.proxies.append(proxy)
+        result = self.run_s3push("--bwlimit", "1M", "--jobs", "4", *MULTIPART,
+                                 endpoint=proxy.endpoint)
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assert_landed(files)
+        arrivals.sort()
+        seconds = arrivals[-1][0] - arrivals[0][0]
+        sent = sum(size for _, size in arrivals[1:])
+        self.assertGreater(seconds, 4.0)
+        self.assertLessEqual(sent / seconds, rate * 1.1, "%.0f bytes/s" % (sent / seconds))
+        self.assertGreater(sent / seconds, rate * 0.5, "%.0f bytes/s" % (sent / seconds))
+        sys.stderr.write("[bwlimit 1M: %.0f KiB/s] " % (sent / seconds / 1024))
+
+    def test_a_rate_below_1k_is_a_usage_error(self):
+        write_file(self.source, "f", b"x")
+        for bad in ("10", "0", "fast"):
+            result = self.run_s3push("--bwlimit", bad)
+            self.assertEqual(result.status, 2, result.stderr)
+            self.assertIn("--bwlimit", result.stderr)
+        self.assertEqual(files_under(self.source), [b"f"])
+
+
 class KeyTemplates(IntegrationCase):
     def test_hostname_and_dates(self):
         import datetime
