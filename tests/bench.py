@@ -320,12 +320,12 @@ def resume_bench(tools, work, big, big_sha):
         extra = extra + ["--state-dir", os.path.join(work, "state")]
         _, first, _ = resume_run(tools, source, tag + "/", extra, kill_at=int(size * 0.6))
         wall, second, status = resume_run(tools, source, tag + "/", extra)
-        problem = "exit %d" % status if status else check_landed(tools.server, tag,
-                                                                  {"big.bin": big_sha})
+        problem = "exit %d" % status if status else \
+            check_landed(tools.server, tag, {"big.bin": big_sha})
         figures[label] = second.sent / size
-        print("%-34s %9.0f%% %11.0f%% %8.2f  %s" % (label, 100.0 * first.confirmed / size,
-                                                   100.0 * second.sent / size, wall,
-                                                   problem or "ok"))
+        print("%-34s %9.0f%% %11.0f%% %8.2f  %s" % (
+            label, 100.0 * first.confirmed / size, 100.0 * second.sent / size, wall,
+            problem or "ok"))
         shutil.rmtree(source, ignore_errors=True)
         shutil.rmtree(os.path.join(tools.server.data, tools.server.bucket, tag),
                       ignore_errors=True)

@@ -91,7 +91,8 @@ class ObjectOptions(IntegrationCase):
     """Metadata, tags, the Cache-Control family and Object Lock, sent to a bucket with
     Object Lock (where moto's uploader may also tag and lock) and read back as an
     administrator, never by the script."""
-    OPTIONS = ("--metadata", "owner=ops-{hostname}", "--metadata", "Note=caf\u00e9 {mtime_date}".encode(),
+    OPTIONS = ("--metadata", "owner=ops-{hostname}",
+               "--metadata", "Note=caf\u00e9 {mtime_date}".encode(),
                "--tag", "team=data", "--tag", "kept until=2027/01 x@y",
                "--cache-control", "max-age=60", "--content-encoding", "identity",
                "--content-disposition", "attachment", "--object-lock-mode", "GOVERNANCE",
