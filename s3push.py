@@ -94,6 +94,7 @@ VERSION = "0.1.0"
 USER_AGENT = "s3push/%s python/%d.%d" % ((VERSION,) + tuple(sys.version_info[:2]))
 ALGORITHM = "AWS4-HMAC-SHA256"
 EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
 DEFAULT_REGION = "us-east-1"
 DEFAULT_MIN_AGE = 60
 DEFAULT_EXCLUDES = (".*", "*.tmp", "*.part", "*.partial", "*.swp", "*~")
@@ -1371,17 +1372,24 @@ def warn_if_exposed_credentials(credentials):
 
 
 class Digest(object):
-    """What one read of a file or part found: size, SHA-256, MD5 and (small) its bytes."""
+    """What one read of a file or part found: size, SHA-256 (if asked for), MD5 and (small)
+    its bytes."""
 
     def __init__(self, size, sha256_hex, md5_raw, body):
         self.size = size
-        self.sha256_hex = sha256_hex
+        self.sha256_hex = sha256_hex   # None: the payload goes unsigned
         self.md5_raw = md5_raw      # None where the interpreter forbids MD5 (FIPS)
         self.body = body            # the bytes when small enough to keep, else None
 
     @property
     def md5_hex(self):
         return self.md5_raw.hex() if self.md5_raw is not None else None
+
+    @property
+    def payload_hash(self):
+        """x-amz-content-sha256: the SHA-256, or UNSIGNED-PAYLOAD when the signed
+        Content-MD5 is what vouches for the body."""
+        return self.sha256_hex or UNSIGNED_PAYLOAD
 
 
 def new_md5():
@@ -1398,34 +1406,37 @@ def new_md5():
         return None
 
 
-def digest_range(fd, offset, length):
-    """Read a range once with pread, computing SHA-256 and MD5 in the same pass.
-
-    Bodies up to IN_MEMORY_BYTES are kept, to be sent without a second read.
+def digest_range(fd, offset, length, sha256):
+    """Read a range once with pread, computing its MD5 and (if sha256) its SHA-256 in the
+    same pass. Bodies up to IN_MEMORY_BYTES are kept, to be sent without a second read.
     """
-    sha, md5 = hashlib.sha256(), new_md5()
+    sha, md5 = hashlib.sha256() if sha256 else None, new_md5()
     keep = length <= IN_MEMORY_BYTES
     chunks = []
     for block in FileRange(fd, offset, length).blocks():
-        sha.update(block)
+        if sha is not None:
+            sha.update(block)
         if md5 is not None:
             md5.update(block)
         if keep:
             chunks.append(block)
-    return Digest(length, sha.hexdigest(), md5.digest() if md5 is not None else None,
+    return Digest(length, sha.hexdigest() if sha is not None else None,
+                  md5.digest() if md5 is not None else None,
                   b"".join(chunks) if keep else None)
 
 
 class Upload(object):
     """How one file's object is sent: its headers (type, storage class, encryption, ACL,
-    mtime), a condition (--if-exists keep or number: If-None-Match: *), and whether its
-    ETag is an MD5 to check (not under SSE-KMS, where Content-MD5 and the signed SHA-256
-    vouch)."""
+    mtime, ...), a condition (--if-exists keep or number: If-None-Match: *), whether its
+    ETag is an MD5 to check (not under SSE-KMS, where the Content-MD5 the server checked
+    vouches), and whether each body's SHA-256 is signed (--sign-payload, or no MD5) or
+    the body goes UNSIGNED-PAYLOAD under its signed Content-MD5 (one hash, not two)."""
 
-    def __init__(self, headers, condition, verify_md5):
+    def __init__(self, headers, condition, verify_md5, sign_payload):
         self.headers = headers
         self.condition = condition
         self.verify_md5 = verify_md5
+        self.sign_payload = sign_payload
 
 
 def body_headers(digest, content_type=None):
@@ -1441,7 +1452,7 @@ def etag_confirms(etag, md5_hex):
     """True when an ETag is the MD5 of the bytes sent (or there is no MD5 to compare).
 
     An ETag that is not a plain MD5 (SSE-KMS, some servers) cannot confirm; the
-    server-checked Content-MD5 and signed SHA-256 are then what vouch for the bytes.
+    signed Content-MD5 the server checked is then what vouches for the bytes.
     """
     etag = etag.strip().strip('"').lower()
     if not etag:
@@ -1477,16 +1488,16 @@ class Sent(collections.namedtuple("Sent", "etag md5_raw")):
     __slots__ = ()
 
 
-def put_range(client, key, fd, offset, length, headers, verify_md5, query=(), what=""):
-    """PUT a range of an open file, a whole object or one part: read once for SHA-256 and
-    MD5, sent with Content-MD5, retried until the answer's ETag is that MD5 (unless the
-    ETag is no MD5: verify_md5 false). Returns what was Sent."""
-    digest = digest_range(fd, offset, length)
+def put_range(client, key, fd, offset, length, headers, upload, query=(), what=""):
+    """PUT a range of an open file, a whole object or one part: read once for MD5 (and
+    SHA-256 if the payload is signed), sent with Content-MD5, retried until the answer's
+    ETag is that MD5 (unless the ETag is no MD5). Returns what was Sent."""
+    digest = digest_range(fd, offset, length, upload.sign_payload)
     body = digest.body if digest.body is not None else FileRange(fd, offset, length)
-    expect = digest.md5_hex if verify_md5 else None
+    expect = digest.md5_hex if upload.verify_md5 else None
     headers = dict(body_headers(digest), **headers)
     try:
-        response = client.request("PUT", key, headers, body, digest.sha256_hex, query=query,
+        response = client.request("PUT", key, headers, body, digest.payload_hash, query=query,
                                   validate=lambda answer: check_etag(answer.header("etag"),
                                                                      expect))
     except TemporaryError as exc:
@@ -1497,8 +1508,7 @@ def put_range(client, key, fd, offset, length, headers, verify_md5, query=(), wh
 
 def put_object(client, key, fd, size, upload):
     """PUT one object from an open file; raise unless the server confirmed these bytes."""
-    put_range(client, key, fd, 0, size, dict(upload.headers, **upload.condition),
-              upload.verify_md5)
+    put_range(client, key, fd, 0, size, dict(upload.headers, **upload.condition), upload)
 
 
 def create_multipart_upload(client, key, upload):
@@ -1513,9 +1523,9 @@ def create_multipart_upload(client, key, upload):
     return upload_id
 
 
-def upload_part(client, key, upload_id, number, fd, offset, length, verify_md5=True):
+def upload_part(client, key, upload_id, number, fd, offset, length, upload):
     """PUT one part; returns what was Sent once the ETag checks out."""
-    return put_range(client, key, fd, offset, length, {}, verify_md5,
+    return put_range(client, key, fd, offset, length, {}, upload,
                      [("partNumber", str(number)), ("uploadId", upload_id)], "part %d" % number)
 
 
@@ -1544,7 +1554,7 @@ def complete_multipart_upload(client, key, upload_id, parts, upload):
     what = "completing the multipart upload"
     headers = body_headers(digest, "application/xml")
     headers.update(upload.condition)
-    response = client.request("POST", key, headers, body, digest.sha256_hex,
+    response = client.request("POST", key, headers, body, digest.payload_hash,
                               query=[("uploadId", upload_id)])
     check_answer(response, what)
     etag = (xml_text(parse_xml(response.body), "ETag") or response.header("etag"))
@@ -2291,7 +2301,7 @@ def upload_for(job, relative, info):
     headers["content-type"] = job.content_type or guess_content_type(relative)
     headers["x-amz-meta-mtime"] = "%d.%09d" % divmod(info.st_mtime_ns, 10 ** 9)
     condition = {"if-none-match": "*"} if job.if_exists != "overwrite" else {}
-    return Upload(headers, condition, job.verify_md5)
+    return Upload(headers, condition, job.verify_md5, job.sign_payload)
 
 
 class WorkQueue(object):
@@ -2385,8 +2395,10 @@ class PartTracker(object):
 class PartTask(object):
     """One part to upload, runnable by any worker; once confirmed, it goes in the journal."""
 
-    def __init__(self, job, tracker, journal, index, key, upload_id, fd, offset, length):
+    def __init__(self, job, tracker, journal, upload, index, key, upload_id, fd, offset,
+                 length):
         self.job, self.tracker, self.journal, self.index = job, tracker, journal, index
+        self.upload = upload
         self.key, self.upload_id = key, upload_id
         self.fd, self.offset, self.length = fd, offset, length
 
@@ -2398,7 +2410,7 @@ class PartTask(object):
             return
         try:
             result = upload_part(client, self.key, self.upload_id, self.index + 1, self.fd,
-                                 self.offset, self.length, self.job.verify_md5)
+                                 self.offset, self.length, self.upload)
             self.journal.confirmed(self.index + 1, self.offset, self.length, result)
         except S3PushError as exc:
             error = exc
@@ -2434,9 +2446,9 @@ def send_parts(client, job, key, fd, plan, upload, journal, resumption):
     tracker = PartTracker(len(plan.ranges))
     for number, part in reused.items():
         tracker.finish(number - 1, Sent(part.etag, bytes.fromhex(part.md5_hex)))
-    job.queue.begin_upload([PartTask(job, tracker, journal, number - 1, key, upload_id, fd,
-                                     offset, length) for number, offset, length in plan.ranges
-                            if number not in reused])
+    job.queue.begin_upload([PartTask(job, tracker, journal, upload, number - 1, key,
+                                     upload_id, fd, offset, length)
+                            for number, offset, length in plan.ranges if number not in reused])
     try:
         while not tracker.wait(0):
             task = job.queue.next_part()
@@ -2907,6 +2919,7 @@ class Job(object):
         self.if_exists = options.if_exists
         self.writers = WriterIndex()
         self.verify_md5 = not (options.sse or "").startswith("aws:kms")
+        self.sign_payload = options.sign_payload or new_md5() is None
         self.queue = WorkQueue(max_files=4 * options.jobs)
         self.template = Template(destination.prefix, object_headers(options, time.time()),
                                  options.tag)
@@ -3212,12 +3225,16 @@ def add_upload_options(parser):
                        help="e.g. STANDARD_IA, INTELLIGENT_TIERING, GLACIER_IR")
     group.add_argument("--sse", choices=("AES256", "aws:kms", "aws:kms:dsse"),
                        help="server-side encryption; under aws:kms the ETag is no MD5, and "
-                       "Content-MD5 and the signed SHA-256 vouch for the bytes")
+                       "the signed Content-MD5 the server checks vouches for the bytes")
     group.add_argument("--sse-kms-key-id", metavar="KEY", help="the KMS key for --sse aws:kms")
     group.add_argument("--acl", choices=CANNED_ACLS, help="a canned ACL, e.g. "
                        "bucket-owner-full-control (needs s3:PutObjectAcl)")
     group.add_argument("--content-type", metavar="TYPE",
                        help="Content-Type of every object (default: guessed from the name)")
+    group.add_argument("--sign-payload", action="store_true",
+                       help="sign each body's SHA-256 too (for bucket policies that demand "
+                       "s3:x-amz-content-sha256); by default bodies go UNSIGNED-PAYLOAD under "
+                       "their signed Content-MD5, which the server checks: one hash, not two")
     group.add_argument("--if-exists", choices=("overwrite", "keep", "number"),
                        help="when an object is already at the key: overwrite it (the "
                        "default); keep it, and the file too, as a conflict to resolve; or "

@@ -26,11 +26,13 @@ LACKS = {
                "if-none-match-complete": "rclone's server ignores If-None-Match"},
     "rgw": {"if-none-match-complete": "Ceph RGW 16 ignores If-None-Match on "
                                       "CompleteMultipartUpload (it honours it on PUT)",
+            "sse-kms": "this Ceph RGW has no KMS: it refuses --sse aws:kms",
             "lock-multipart": "Ceph RGW 16 drops the Object Lock headers of "
                               "CreateMultipartUpload (it honours them on PUT)",
             "tagging-multipart": "Ceph RGW 16 drops the x-amz-tagging of "
                                  "CreateMultipartUpload (it honours it on PUT)"},
     "moto": {"clock": "moto does not check the request time",
+             "content-md5": "moto does not check Content-MD5",
              "lock-multipart": "moto drops the Object Lock headers of "
                                "CreateMultipartUpload",
              "no-such-upload": "moto answers a part of an aborted upload with a bare 500, "

@@ -249,6 +249,31 @@ class Corruption(FaultCase):
         self.assertEqual(files_under(self.source), [])
         self.assert_landed(files)
 
+    def flipped_on_every_path(self, *args):
+        """Every body damaged on the way (small PUTs and parts): nothing may leave."""
+        files = self.corpus(10, big=1)
+        proxy = self.proxy(lambda r: ("flip",) if r.attempt == 0 and r.body else None)
+        result = self.run_s3push("--retries", "0", *(args + MULTIPART),
+                                 endpoint=proxy.endpoint)
+        self.assertNotEqual(result.status, 0, result.stderr)
+        self.assertEqual(sorted(os.fsdecode(p) for p in files_under(self.source)),
+                         sorted(files), result.stderr)
+        self.assert_nothing_lost(files)
+        return result
+
+    def test_a_damaged_body_never_lands_unsigned_or_signed(self):
+        # The default: UNSIGNED-PAYLOAD under a signed Content-MD5; --sign-payload adds
+        # the SHA-256. Either way the server's check or the ETag check refuses the body.
+        for args in ((), ("--sign-payload",)):
+            self.flipped_on_every_path(*args)
+
+    @skip_unless_server_checks("content-md5")
+    @skip_unless_server_checks("sse-kms")
+    def test_a_damaged_body_never_lands_under_sse_kms(self):
+        # The ETag is no MD5 there: the Content-MD5 the server checks is the proof.
+        result = self.flipped_on_every_path("--sse", "aws:kms")
+        self.assertIn("BadDigest", result.stderr)
+
     def test_an_etag_that_is_not_the_md5_keeps_the_file(self):
         write_file(self.source, "f", b"data")
         proxy = self.proxy(lambda r: ("etag", '"0123456789abcdef0123456789abcdef"'))

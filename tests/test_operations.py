@@ -44,6 +44,26 @@ class UploadOptions(IntegrationCase):
             self.assertIn("x-amz-storage-class", head.header("authorization"))
         self.assertEqual(files_under(self.source), [])
 
+    def test_bodies_go_unsigned_under_a_signed_content_md5_unless_asked(self):
+        write_file(self.source, "small", b"small")
+        write_file(self.source, "big.bin", os.urandom(6 * 1024 * 1024))
+        for args, signed in (((), False), (("--sign-payload",), True)):
+            start = len(self.recorder.heads)
+            result = self.run_s3push(*(args + MULTIPART))
+            self.assertEqual(result.status, 0, result.stderr)
+            bodies = [h for h in self.recorder.heads[start:] if h.method == "PUT"]
+            self.assertEqual(len(bodies), 3)   # the small PUT and two parts
+            for head in bodies:
+                sha = head.header("x-amz-content-sha256")
+                if signed:
+                    self.assertRegex(sha, r"^[0-9a-f]{64}$")
+                else:
+                    self.assertEqual(sha, "UNSIGNED-PAYLOAD")
+                self.assertTrue(head.header("content-md5"))
+                self.assertIn("content-md5;", head.header("authorization"))
+            write_file(self.source, "small", b"small")
+            write_file(self.source, "big.bin", os.urandom(6 * 1024 * 1024))
+
     def test_content_type_guessed_and_mtime_kept(self):
         path = write_file(self.source, "page.html", b"<html>")
         mtime_ns = os.stat(path).st_mtime_ns
