@@ -1723,8 +1723,19 @@ class Directory(collections.namedtuple("Directory", "relative steps")):
                          self.steps + ((name, info.st_dev, info.st_ino),))
 
 
+class ScanStat(collections.namedtuple("ScanStat", "st_dev st_ino st_size st_mtime_ns")):
+    """What the scan keeps of a file's lstat: enough to tell later whether it is still the
+    same, unchanged file (a whole stat_result is several times the size, and up to
+    ORDER_WINDOW of them are held)."""
+    __slots__ = ()
+
+    @property
+    def st_mtime(self):
+        return self.st_mtime_ns / 1e9
+
+
 class Found(collections.namedtuple("Found", "directory name info")):
-    """A regular file the scan found: its Directory, its name there and its lstat."""
+    """A regular file the scan found: its Directory, its name there and its ScanStat."""
     __slots__ = ()
 
     @property
@@ -1803,7 +1814,8 @@ def scan_directory(fd, directory, patterns, stack, errors):
         if stat.S_ISDIR(info.st_mode):
             stack.append(directory.child(name, info))
         elif stat.S_ISREG(info.st_mode):
-            yield Found(directory, name, info)
+            yield Found(directory, name, ScanStat(info.st_dev, info.st_ino, info.st_size,
+                                                  info.st_mtime_ns))
 
 
 def scan(root_fd, patterns, errors):
@@ -1846,7 +1858,7 @@ ORDER_WINDOW = 10000   # files held at once to send the oldest first; beyond, sc
 
 
 def order_key(found):
-    return found.info.st_mtime_ns, name_bytes(found.relative)
+    return found.info.st_mtime_ns, found.directory.relative, found.name
 
 
 def oldest_first(scan_round, window):

@@ -1,14 +1,16 @@
 """make bench: s3push against `aws s3 mv` and `rclone move`, one local rclone server, one run.
 
 A benchmark, not a test: it prints figures and ratios and never fails on a target.
-Workloads: an empty directory; 1,000 files of 4 KiB in 10 folders; one 1 GiB file.
+Workloads: an empty directory; 1,000 files of 4 KiB in 10 folders; one 1 GiB file; the
+last two again over HTTPS (a second rclone server with a throwaway CA, each client given
+the CA bundle).
 Then resume: s3push moving the 1 GiB file is killed (SIGKILL) once the server has
 confirmed about 60 % of it, and the bytes the next run sends are counted by a proxy,
 with the journal (the default) and without (--resume-days 0: restart from zero).
 Then --bwlimit: the 1 GiB file at --bwlimit 20M, its rate against 20 MiB/s (BENCH_BWLIMIT
 sets another rate; 0 leaves this out).
-For each tool: wall seconds, files/s, MB/s and peak RSS (wait4's ru_maxrss of the
-tool's process). A tool's run counts only if every file landed byte-identical and the
+For each tool: wall seconds, client CPU-seconds (user + system of the tool's process and
+its children), files/s, MB/s and peak RSS (of the tool's process). A tool's run counts only if every file landed byte-identical and the
 source was emptied; otherwise its row says FAILED and why.
 
 Environment: BENCH_PYTHON (the interpreter for s3push; default /usr/bin/python3, what a
@@ -65,14 +67,14 @@ GNU_TIME = "/usr/bin/time"
 
 
 def measure(argv, env):
-    """(wall seconds, peak RSS in MiB, exit status, stderr tail) of one process.
+    """(wall seconds, peak RSS in MiB, CPU seconds, exit status, stderr tail) of one process.
 
     Peak RSS comes from GNU time, a small parent: a child forked from this (larger)
     process would carry this process's high-water mark across exec into ru_maxrss.
     Without GNU time, wait4's figure is used and is an upper bound.
     """
     with tempfile.NamedTemporaryFile() as rss_file, tempfile.TemporaryFile() as err:
-        prefix = [GNU_TIME, "-f", "%M", "-o", rss_file.name] \
+        prefix = [GNU_TIME, "-f", "%M %U %S", "-o", rss_file.name] \
             if os.access(GNU_TIME, os.X_OK) else []
         started = time.monotonic()
         process = subprocess.Popen(prefix + argv, env=env, stdout=subprocess.DEVNULL,
@@ -80,20 +82,23 @@ def measure(argv, env):
         _, status, usage = os.wait4(process.pid, 0)
         wall = time.monotonic() - started
         code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status)
-        rss_kib = usage.ru_maxrss
+        rss_kib, cpu = usage.ru_maxrss, usage.ru_utime + usage.ru_stime
         if prefix:
             with open(rss_file.name) as handle:
-                rss_kib = int(handle.read().split()[-1])
+                fields = handle.read().split()[-3:]
+            rss_kib, cpu = int(fields[0]), float(fields[1]) + float(fields[2])
         err.seek(0)
         tail = err.read().decode("utf-8", "replace").strip().splitlines()[-3:]
-    return wall, rss_kib / 1024.0, code, " | ".join(tail)
+    return wall, rss_kib / 1024.0, cpu, code, " | ".join(tail)
 
 
 class Tools(object):
     """The command line of each tool for moving SOURCE to the bucket under PREFIX."""
 
-    def __init__(self, server, python, aws, rclone):
+    def __init__(self, server, python, aws, rclone, ca=None):
+        """ca: the CA bundle that vouches for an https server's certificate."""
         self.server, self.python, self.aws, self.rclone = server, python, aws, rclone
+        self.ca = ca
         self.env = dict(os.environ, AWS_ACCESS_KEY_ID=server.access_key,
                         AWS_SECRET_ACCESS_KEY=server.secret_key, AWS_DEFAULT_REGION="us-east-1",
                         AWS_CONFIG_FILE="/dev/null", AWS_SHARED_CREDENTIALS_FILE="/dev/null",
@@ -107,15 +112,17 @@ class Tools(object):
 
     def argv(self, name, source, prefix):
         url = "s3://%s/%s" % (self.server.bucket, prefix)
+        ca = {"s3push": ["--ca-bundle", self.ca], "aws s3 mv": ["--ca-bundle", self.ca],
+              "rclone move": ["--ca-cert", self.ca]}[name] if self.ca else []
         if name == "s3push":
             return [self.python, s3server.S3PUSH, "--endpoint-url", self.server.endpoint,
-                    "--min-age", "0", source, url]
+                    "--min-age", "0"] + ca + [source, url]
         if name == "aws s3 mv":
             return [self.aws, "s3", "mv", "--recursive", "--only-show-errors", "--endpoint-url",
-                    self.server.endpoint, source, url]
+                    self.server.endpoint] + ca + [source, url]
         # Write-only credentials: no bucket check, no listing of the destination, no HEAD.
         return [self.rclone, "move", source, ":s3:%s/%s" % (self.server.bucket, prefix),
-                "--s3-no-check-bucket", "--no-check-dest", "--s3-no-head"]
+                "--s3-no-check-bucket", "--no-check-dest", "--s3-no-head"] + ca
 
 
 def make_small(source):
@@ -178,8 +185,8 @@ class Bench(object):
         source = os.path.join(self.work, tag)
         os.makedirs(source)
         expected, size = setup(source)
-        wall, rss, status, err = measure(self.tools.argv(name, source, tag + "/"),
-                                         self.tools.env)
+        wall, rss, cpu, status, err = measure(self.tools.argv(name, source, tag + "/"),
+                                              self.tools.env)
         problem = None
         if status != 0:
             problem = "exit %d: %s" % (status, err)
@@ -190,7 +197,7 @@ class Bench(object):
         shutil.rmtree(source, ignore_errors=True)
         shutil.rmtree(os.path.join(self.server.data, self.server.bucket, tag),
                       ignore_errors=True)
-        return {"wall": wall, "rss": rss, "files": len(expected), "bytes": size,
+        return {"wall": wall, "rss": rss, "cpu": cpu, "files": len(expected), "bytes": size,
                 "problem": problem}
 
     def run(self, workload, setup, repeat, warm_up=False):
@@ -210,6 +217,7 @@ class Bench(object):
             good = [r for r in results[name] if r["problem"] is None]
             best = min(good, key=lambda r: r["wall"]) if good else results[name][0]
             best["rss"] = max(r["rss"] for r in results[name])
+            best["cpu"] = min(r["cpu"] for r in good) if good else best["cpu"]
             best.update(tool=name, workload=workload,
                         walls=" ".join("%.2f" % r["wall"] for r in results[name]))
             self.rows.append(best)
@@ -221,8 +229,8 @@ def print_row(row):
     files_s = row["files"] / wall if row["files"] else 0
     mb_s = row["bytes"] / wall / 1e6 if row["bytes"] else 0
     status = "ok" if row["problem"] is None else "FAILED: " + row["problem"]
-    print("%-11s %-13s %8.3f %10.0f %9.1f %9.1f  %-4s %s" % (
-        row["workload"], row["tool"], wall, files_s, mb_s, row["rss"], status,
+    print("%-11s %-13s %8.3f %7.2f %10.0f %9.1f %9.1f  %-4s %s" % (
+        row["workload"], row["tool"], wall, row["cpu"], files_s, mb_s, row["rss"], status,
         "(runs: %s s)" % row["walls"] if row["walls"].count(" ") else ""), flush=True)
 
 
@@ -239,26 +247,36 @@ def ratio_line(label, mine, theirs, target, higher_is_better):
         return
     value = mine / theirs
     met = value >= target if higher_is_better else value <= target
-    print("%-52s %6.2f  (target %s %.1f: %s)" % (label, value, ">=" if higher_is_better
-                                                 else "<=", target, "met" if met else "MISSED"))
+    print("%-52s %6.2f  (target %s %g: %s)" % (label, value, ">=" if higher_is_better
+                                                else "<=", target, "met" if met else "MISSED"))
 
 
 def print_ratios(rows):
     def rate(workload, tool, key):
         row = find(rows, workload, tool)
         return None if row is None else row[key] / row["wall"]
+
+    def figure(workload, tool, key):
+        row = find(rows, workload, tool)
+        return None if row is None else row[key]
     print("\nratios (s3push / peer)")
-    empty_s3push, empty_aws = find(rows, "empty", "s3push"), find(rows, "empty", "aws s3 mv")
-    ratio_line("empty dir: wall time vs aws s3 mv",
-               empty_s3push and empty_s3push["wall"], empty_aws and empty_aws["wall"],
-               0.1, False)
-    for peer, target in (("rclone move", 1.0), ("aws s3 mv", 4.0)):
+    for peer, target in (("aws s3 mv", 0.1), ("rclone move", 1.0)):
+        ratio_line("empty dir: wall time vs %s" % peer, figure("empty", "s3push", "wall"),
+                   figure("empty", peer, "wall"), target, False)
+    for peer, target in (("rclone move", 1.1), ("aws s3 mv", 4.0)):
         ratio_line("1,000 x 4 KiB: files/s vs %s" % peer, rate("small", "s3push", "files"),
                    rate("small", peer, "files"), target, True)
+    ratio_line("1,000 x 4 KiB: client CPU vs rclone move", figure("small", "s3push", "cpu"),
+               figure("small", "rclone move", "cpu"), 0.6, False)
     peers = [rate("big", p, "bytes") for p in ("aws s3 mv", "rclone move")]
     peers = [p for p in peers if p]
     ratio_line("%d MiB: MB/s vs the faster peer" % BIG_MIB, rate("big", "s3push", "bytes"),
                max(peers) if peers else None, 1.0, True)
+    ratio_line("%d MiB: client CPU vs aws s3 mv (HTTP)" % BIG_MIB,
+               figure("big", "s3push", "cpu"), figure("big", "aws s3 mv", "cpu"), 0.85, False)
+    ratio_line("%d MiB: client CPU vs rclone move (HTTPS)" % BIG_MIB,
+               figure("big/https", "s3push", "cpu"), figure("big/https", "rclone move", "cpu"),
+               0.5, False)
     worst = max(r["rss"] for r in rows if r["tool"] == "s3push")
     print("%-52s %6.1f MiB  (target <= %d: %s)" % ("s3push peak RSS, all workloads", worst,
                                                   TARGET_RSS_MIB, "met"
@@ -351,7 +369,8 @@ def bwlimit_bench(tools, work, big, big_sha):
     os.makedirs(source)
     os.link(big, os.path.join(source, "big.bin"))
     argv = tools.argv("s3push", source, tag + "/")
-    wall, rss, status, err = measure(argv[:2] + ["--bwlimit", BWLIMIT] + argv[2:], tools.env)
+    wall, rss, _, status, err = measure(argv[:2] + ["--bwlimit", BWLIMIT] + argv[2:],
+                                        tools.env)
     problem = "exit %d: %s" % (status, err) if status else check_landed(
         tools.server, tag, {"big.bin": big_sha})
     shutil.rmtree(source, ignore_errors=True)
@@ -362,6 +381,23 @@ def bwlimit_bench(tools, work, big, big_sha):
     print("%-52s %6.3f  (target 0.95-1.05: %s)" % (
         "--bwlimit %s: rate / limit (whole run, start-up included)" % BWLIMIT, rate / limit,
         "met" if 0.95 <= rate / limit <= 1.05 else "MISSED"))
+
+
+def https_rows(python, aws, rclone, work, setup_big):
+    """The small and big workloads again over HTTPS: a second rclone server with a
+    certificate from a throwaway CA, every client given the CA bundle."""
+    pki = os.path.join(work, "pki")
+    os.makedirs(pki)
+    ca, cert, key = s3server.make_ca(pki)
+    server = s3server.RcloneServer(tls=(cert, key))
+    try:
+        bench = Bench(Tools(server, python, aws, rclone, ca=ca), work)
+        bench.run("small/https", lambda source: (make_small(source), 1000 * 4096), REPEAT,
+                  warm_up=True)
+        bench.run("big/https", setup_big, BIG_REPEAT)
+        return bench.rows
+    finally:
+        server.stop()
 
 
 def main():
@@ -375,8 +411,8 @@ def main():
               % (python, aws or "not found (skipped)", rclone, server.endpoint))
         print("%d rounds of the small workloads (after a warm-up round) and %d of the big one, "
               "tools in turn, the fastest kept\n" % (REPEAT, BIG_REPEAT))
-        print("%-11s %-13s %8s %10s %9s %9s" % ("workload", "tool", "wall s", "files/s",
-                                                 "MB/s", "RSS MiB"))
+        print("%-11s %-13s %8s %7s %10s %9s %9s" % ("workload", "tool", "wall s", "CPU s",
+                                                     "files/s", "MB/s", "RSS MiB"))
         bench = Bench(tools, work)
         bench.run("empty", lambda source: ({}, 0), REPEAT, warm_up=True)
         bench.run("small", lambda source: (make_small(source), 1000 * 4096), REPEAT,
@@ -388,7 +424,8 @@ def main():
             os.link(big, os.path.join(source, "big.bin"))   # instant, same bytes each time
             return {"big.bin": big_sha}, BIG_MIB * 1024 * 1024
         bench.run("big", setup_big, BIG_REPEAT)
-        print_ratios(bench.rows)
+        rows = bench.rows + https_rows(python, aws, rclone, work, setup_big)
+        print_ratios(rows)
         resume_bench(tools, work, big, big_sha)
         if BWLIMIT != "0":
             bwlimit_bench(tools, work, big, big_sha)

@@ -515,10 +515,9 @@ class Proxies(IntegrationCase):
     def test_https_through_a_connect_tunnel(self):
         import shutil
         import tempfile
-        import test_security
         pki = tempfile.mkdtemp(prefix="s3push-ca-")
         self.addCleanup(shutil.rmtree, pki, True)
-        ca, cert, key = test_security.make_ca(pki)
+        ca, cert, key = s3server.make_ca(pki)
         https = s3server.RcloneServer(tls=(cert, key))
         self.addCleanup(https.stop)
         write_file(self.source, "f", b"tunnelled")

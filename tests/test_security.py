@@ -139,38 +139,13 @@ class LeastPrivilege(IntegrationCase):
         self.assert_landed({"f": b"data"})
 
 
-def make_ca(directory):
-    """A throwaway CA and a certificate for 127.0.0.1 signed by it: (ca, cert, key)."""
-    def openssl(*args):
-        subprocess.run(["openssl"] + list(args), cwd=directory, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
-    # The extensions a real CA sets: Python 3.13 verifies with VERIFY_X509_STRICT.
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
-            "ca.pem", "-days", "2", "-subj", "/CN=s3push test CA",
-            "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-            "-addext", "subjectKeyIdentifier=hash")
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out",
-            "server.csr", "-subj", "/CN=127.0.0.1")
-    with open(os.path.join(directory, "ext"), "w") as handle:
-        handle.write("subjectAltName=IP:127.0.0.1,DNS:localhost\n"
-                     "basicConstraints=critical,CA:FALSE\n"
-                     "keyUsage=critical,digitalSignature,keyEncipherment\n"
-                     "extendedKeyUsage=serverAuth\n"
-                     "subjectKeyIdentifier=hash\n"
-                     "authorityKeyIdentifier=keyid,issuer\n")
-    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "ext")
-    return [os.path.join(directory, name) for name in ("ca.pem", "server.pem", "server.key")]
-
-
 class Tls(IntegrationCase):
     """rclone's server over https with a certificate from a CA of the test's own."""
 
     @classmethod
     def setUpClass(cls):
         cls.pki = tempfile.mkdtemp(prefix="s3push-ca-")
-        cls.ca, cert, key = make_ca(cls.pki)
+        cls.ca, cert, key = s3server.make_ca(cls.pki)
         cls.https = s3server.RcloneServer(tls=(cert, key))
 
     @classmethod
