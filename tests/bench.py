@@ -10,8 +10,9 @@ with the journal (the default) and without (--resume-days 0: restart from zero).
 Then --bwlimit: the 1 GiB file at --bwlimit 20M, its rate against 20 MiB/s (BENCH_BWLIMIT
 sets another rate; 0 leaves this out).
 For each tool: wall seconds, client CPU-seconds (user + system of the tool's process and
-its children), files/s, MB/s and peak RSS (of the tool's process). A tool's run counts only if every file landed byte-identical and the
-source was emptied; otherwise its row says FAILED and why.
+its children), files/s, MB/s and peak RSS (of the tool's process). A tool's run counts
+only if every file landed byte-identical and the source was emptied; otherwise its row
+says FAILED and why.
 
 Environment: BENCH_PYTHON (the interpreter for s3push; default /usr/bin/python3, what a
 locked-down host runs, else this one), BENCH_BIG_MIB (size of the big file, default 1024),
@@ -247,8 +248,8 @@ def ratio_line(label, mine, theirs, target, higher_is_better):
         return
     value = mine / theirs
     met = value >= target if higher_is_better else value <= target
-    print("%-52s %6.2f  (target %s %g: %s)" % (label, value, ">=" if higher_is_better
-                                                else "<=", target, "met" if met else "MISSED"))
+    print("%-52s %6.2f  (target %s %g: %s)" % (
+        label, value, ">=" if higher_is_better else "<=", target, "met" if met else "MISSED"))
 
 
 def print_ratios(rows):
