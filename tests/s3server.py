@@ -665,6 +665,8 @@ class FaultProxy(LoopbackServer):
                 if head is None:
                     return
                 body = reader.read(content_length(head))
+                if len(body) < content_length(head):
+                    return   # the client died mid-body: the server must see the cut too
                 with self.lock:
                     request = Request(head, body, 0)
                     request.attempt = self.requests.count((request.method, request.target))
@@ -811,6 +813,8 @@ class ForwardProxy(LoopbackServer):
                 if head is None:
                     return
                 request = Request(head, reader.read(content_length(head)), 0)
+                if len(request.body) < content_length(head):
+                    return   # the client died mid-body: the server must see the cut too
                 self.seen.append((request.method, request.target))
                 if self.require and request.header("proxy-authorization") != self.require:
                     client.sendall(b"HTTP/1.1 407 Proxy Authentication Required\r\n"
