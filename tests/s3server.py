@@ -288,7 +288,9 @@ mon allow pool size one = true
 mon warn on pool no redundancy = false
 osd crush chooseleaf type = 0
 osd objectstore = memstore
-memstore device bytes = 2147483648
+# Every object stays in RAM, and eight interpreters' runs store about 4 GiB (the resume
+# tests alone leave some 300 MiB of parts each): a full store makes RGW answer errors.
+memstore device bytes = 8589934592
 # The OSD would send these at start-up, sometimes before it has the monmap, with fsid 0,
 # which the mon refuses ("wrong fsid") and the OSD dies; it is placed by hand instead.
 osd crush update on start = false
