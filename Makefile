@@ -24,15 +24,18 @@ test: $(RCLONE) $(FAKETIME)
 	LC_ALL=C.UTF-8 $(PYTHON) tests/run_all.py
 
 # test-all: the quick suite, then the server-facing suites again against the stricter
-# servers. test-moto: IAM enforced, PutObject-only keys. test-rgw: Ceph RGW (checks the payload SHA-256, chunk signatures, If-None-Match
-# and clock skew both ways), started once and used by every Python.
+# servers. test-moto: IAM enforced, PutObject-only keys. test-rgw: Ceph RGW (checks the
+# payload SHA-256, chunk signatures, If-None-Match and clock skew both ways), started once
+# and used by every Python. Each also needs rclone and libfaketime (some tests start an
+# https rclone server of their own, the clock tests preload libfaketime), so each can run
+# alone on a fresh clone.
 test-all: test test-rgw test-moto
 
-test-rgw: $(CEPH)
+test-rgw: $(CEPH) $(RCLONE) $(FAKETIME)
 	LC_ALL=C.UTF-8 $(PYTHON) tests/run_all.py --server rgw
 
 # moto's server with IAM enforced: the script's keys may only s3:PutObject.
-test-moto: $(MOTO)
+test-moto: $(MOTO) $(RCLONE) $(FAKETIME)
 	LC_ALL=C.UTF-8 $(PYTHON) tests/run_all.py --server moto
 
 demo: $(RCLONE)
