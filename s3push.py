@@ -627,13 +627,13 @@ class Connection(object):
 
     def __init__(self, scheme, host, port, timeout=DEFAULT_TIMEOUT, tls=None, proxy=None,
                  rate_limit=None):
-        self.rate_limit = rate_limit   # a RateLimit, or None
         self.scheme = scheme
         self.host = host
         self.port = port
         self.timeout = timeout
         self.tls = tls          # an ssl.SSLContext for https
         self.proxy = proxy      # a Proxy, or None
+        self.rate_limit = rate_limit   # a RateLimit, or None
         self.conn = None
         self.requests = 0   # answered on the current connection
 
