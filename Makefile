@@ -8,6 +8,10 @@ RCLONE_VERSION := 1.75.2
 # libfaketime from Debian, unpacked (not installed): the clock-skew tests preload it.
 FAKETIME := $(TESTENV)/faketime/.unpacked
 MOTO := $(TESTENV)/moto/bin/moto_server
+# LocalStack's S3 (needs Python 3.12+, found like the test interpreters), for checksums.
+LOCALSTACK := $(TESTENV)/localstack/.installed
+LOCALSTACK_PINS := localstack-core[runtime]==4.14.0 cbor2<6 pyopenssl==24.3.0 \
+	cryptography==44.0.3 service-identity==24.2.0
 # Ceph RGW 16.2 from Debian 12, unpacked (not installed) for make test-all.
 CEPH := $(TESTENV)/ceph/.unpacked
 CEPH_DEBS := radosgw librgw2 librados2 ceph-common ceph-base ceph-mon ceph-osd python3-rados \
@@ -18,7 +22,7 @@ CEPH_DEBS := radosgw librgw2 librados2 ceph-common ceph-base ceph-mon ceph-osd p
 
 AWSCLI := $(TESTENV)/awscli/bin/aws
 
-.PHONY: test test-all test-rgw test-moto demo bench clean
+.PHONY: test test-all test-rgw test-moto test-localstack demo bench clean
 
 test: $(RCLONE) $(FAKETIME)
 	LC_ALL=C.UTF-8 $(PYTHON) tests/run_all.py
@@ -28,8 +32,9 @@ test: $(RCLONE) $(FAKETIME)
 # payload SHA-256, chunk signatures, If-None-Match and clock skew both ways), started once
 # and used by every Python. Each also needs rclone and libfaketime (some tests start an
 # https rclone server of their own, the clock tests preload libfaketime), so each can run
-# alone on a fresh clone.
-test-all: test test-rgw test-moto
+# alone on a fresh clone. test-localstack: the checksum tests against LocalStack's S3, the
+# one server here that verifies x-amz-checksum-crc32.
+test-all: test test-rgw test-moto test-localstack
 
 test-rgw: $(CEPH) $(RCLONE) $(FAKETIME)
 	LC_ALL=C.UTF-8 $(PYTHON) tests/run_all.py --server rgw
@@ -38,12 +43,15 @@ test-rgw: $(CEPH) $(RCLONE) $(FAKETIME)
 test-moto: $(MOTO) $(RCLONE) $(FAKETIME)
 	LC_ALL=C.UTF-8 $(PYTHON) tests/run_all.py --server moto
 
+test-localstack: $(LOCALSTACK) $(RCLONE)
+	LC_ALL=C.UTF-8 $(PYTHON) tests/run_all.py --server localstack
+
 demo: $(RCLONE)
 	$(PYTHON) tests/demo.py
 
 # A benchmark, not a test: figures and ratios against `aws s3 mv` and `rclone move`.
 # The AWS CLI on PATH is used; without one, it is installed into .testenv/awscli.
-bench: $(RCLONE)
+bench: $(RCLONE) $(LOCALSTACK)
 	@command -v aws >/dev/null 2>&1 || [ -x $(AWSCLI) ] || { \
 		$(PYTHON) -m venv $(TESTENV)/awscli && \
 		$(TESTENV)/awscli/bin/pip install --quiet --disable-pip-version-check awscli; }
@@ -69,6 +77,14 @@ $(MOTO):
 	$(TESTENV)/moto/bin/pip install --quiet --disable-pip-version-check \
 		moto==5.2.5 flask flask-cors
 	test -x $@
+
+$(LOCALSTACK):
+	rm -rf $(TESTENV)/localstack
+	python=$$($(PYTHON) tests/run_all.py --python-at-least 3.12) && \
+		$$python -m venv $(TESTENV)/localstack
+	$(TESTENV)/localstack/bin/pip install --quiet --disable-pip-version-check \
+		$(foreach pin,$(LOCALSTACK_PINS),'$(pin)')
+	touch $@
 
 $(CEPH):
 	rm -rf $(TESTENV)/ceph && mkdir -p $(TESTENV)/ceph/debs $(TESTENV)/ceph/root

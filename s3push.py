@@ -78,7 +78,8 @@ if sys.version_info < (3, 6):
 # tick with nothing to send never pays for them (they are half the start-up time).
 DEFERRED_MODULES = ("base64", "calendar", "configparser", "datetime", "email.utils", "hashlib",
                     "hmac", "http.client", "json", "mimetypes", "random", "shlex", "socket",
-                    "ssl", "subprocess", "urllib.parse", "xml.etree.ElementTree")
+                    "ssl", "struct", "subprocess", "urllib.parse", "xml.etree.ElementTree",
+                    "zlib")
 
 
 def load_deferred_modules():
@@ -1372,14 +1373,52 @@ def warn_if_exposed_credentials(credentials):
 # === S3 operations ===
 
 
-class Digest(object):
-    """What one read of a file or part found: size, SHA-256 (if asked for), MD5 and (small)
-    its bytes."""
+CRC32_POLYNOMIAL = 0xEDB88320   # zlib's, bit-reflected: x^0 is the top bit
 
-    def __init__(self, size, sha256_hex, md5_raw, body):
+
+def gf2_multiply(a, b):
+    """a * b modulo the CRC-32 polynomial (both bit-reflected, as zlib keeps them)."""
+    product, bit = 0, 1 << 31
+    while a:
+        if a & bit:
+            product ^= b
+            a ^= bit
+        bit >>= 1
+        b = (b >> 1) ^ CRC32_POLYNOMIAL if b & 1 else b >> 1
+    return product
+
+
+def x_power(n):
+    """x^n modulo the CRC-32 polynomial, by squaring."""
+    result, square = 1 << 31, 1 << 30   # x^0, x^1
+    while n:
+        if n & 1:
+            result = gf2_multiply(square, result)
+        square = gf2_multiply(square, square)
+        n >>= 1
+    return result
+
+
+def crc32_combine(crc1, crc2, length2):
+    """The CRC32 of A+B from the CRC32s of A and B and B's length: appending length2
+    bytes multiplies A's remainder by x^(8 length2); the two then add (XOR)."""
+    return gf2_multiply(x_power(8 * length2), crc1) ^ crc2
+
+
+def crc32_text(crc):
+    """A CRC32 as x-amz-checksum-crc32 carries it: its 4 bytes, big-endian, in base64."""
+    return base64.b64encode(struct.pack(">I", crc)).decode("ascii")
+
+
+class Digest(object):
+    """What one read of a file or part found: size, SHA-256 (if asked for), MD5 or CRC32
+    (whichever proves the upload) and (small) its bytes."""
+
+    def __init__(self, size, sha256_hex, md5_raw, body, crc32=None):
         self.size = size
         self.sha256_hex = sha256_hex   # None: the payload goes unsigned
-        self.md5_raw = md5_raw      # None where the interpreter forbids MD5 (FIPS)
+        self.md5_raw = md5_raw      # None under --checksum crc32, or where FIPS forbids MD5
+        self.crc32 = crc32          # an int under --checksum crc32, else None
         self.body = body            # the bytes when small enough to keep, else None
 
     @property
@@ -1407,11 +1446,13 @@ def new_md5():
         return None
 
 
-def digest_range(fd, offset, length, sha256):
-    """Read a range once with pread, computing its MD5 and (if sha256) its SHA-256 in the
-    same pass. Bodies up to IN_MEMORY_BYTES are kept, to be sent without a second read.
-    """
-    sha, md5 = hashlib.sha256() if sha256 else None, new_md5()
+def digest_range(fd, offset, length, sha256, checksum="md5"):
+    """Read a range once with pread, computing its MD5 or CRC32 (checksum) and (if sha256)
+    its SHA-256 in the same pass. Bodies up to IN_MEMORY_BYTES are kept, to be sent
+    without a second read."""
+    sha = hashlib.sha256() if sha256 else None
+    md5 = new_md5() if checksum == "md5" else None
+    crc = 0 if checksum == "crc32" else None
     keep = length <= IN_MEMORY_BYTES
     chunks = []
     for block in FileRange(fd, offset, length).blocks():
@@ -1419,25 +1460,30 @@ def digest_range(fd, offset, length, sha256):
             sha.update(block)
         if md5 is not None:
             md5.update(block)
+        if crc is not None:
+            crc = zlib.crc32(block, crc)
         if keep:
             chunks.append(block)
     return Digest(length, sha.hexdigest() if sha is not None else None,
                   md5.digest() if md5 is not None else None,
-                  b"".join(chunks) if keep else None)
+                  b"".join(chunks) if keep else None, crc)
 
 
 class Upload(object):
     """How one file's object is sent: its headers (type, storage class, encryption, ACL,
-    mtime, ...), a condition (--if-exists keep or number: If-None-Match: *), whether its
-    ETag is an MD5 to check (not under SSE-KMS, where the Content-MD5 the server checked
-    vouches), and whether each body's SHA-256 is signed (--sign-payload, or no MD5) or
-    the body goes UNSIGNED-PAYLOAD under its signed Content-MD5 (one hash, not two)."""
+    mtime, ...), a condition (--if-exists keep or number: If-None-Match: *), the checksum
+    that proves each body ("md5": a signed Content-MD5, and an ETag that must be that MD5
+    unless verify_md5 is off under SSE-KMS, where the Content-MD5 the server checked
+    vouches; "crc32": a signed x-amz-checksum-crc32 the server must verify and echo), and
+    whether each body's SHA-256 is signed too (--sign-payload, or no MD5) or the body goes
+    UNSIGNED-PAYLOAD under its signed checksum (one hash, not two)."""
 
-    def __init__(self, headers, condition, verify_md5, sign_payload):
+    def __init__(self, headers, condition, verify_md5, sign_payload, checksum="md5"):
         self.headers = headers
         self.condition = condition
         self.verify_md5 = verify_md5
         self.sign_payload = sign_payload
+        self.checksum = checksum
 
 
 def body_headers(digest, content_type=None):
@@ -1446,6 +1492,9 @@ def body_headers(digest, content_type=None):
         headers["content-type"] = content_type
     if digest.md5_raw is not None:
         headers["content-md5"] = base64.b64encode(digest.md5_raw).decode("ascii")
+    if digest.crc32 is not None:   # the SDK header too: Object Lock wants MD5 or it
+        headers.update({"x-amz-checksum-crc32": crc32_text(digest.crc32),
+                        "x-amz-sdk-checksum-algorithm": "CRC32"})
     return headers
 
 
@@ -1473,6 +1522,23 @@ def check_etag(etag, md5_hex):
                              % (etag, md5_hex))
 
 
+def check_crc32_echo(response, crc32):
+    """Raise unless the answer echoes the CRC32 sent, which the server verified (AWS S3,
+    MinIO and LocalStack refuse a body that does not match it). No echo: this server does
+    not verify CRC32 (rclone's, Ceph RGW 16) and cannot prove any upload by it."""
+    echo = response.header("x-amz-checksum-crc32")
+    if not echo:
+        if not response.header("etag"):   # headers cut short
+            raise TemporaryError("the answer carried no checksum (cut short?); the file is kept")
+        raise ConfigError("the server did not confirm the CRC32 it was sent (no "
+                          "x-amz-checksum-crc32 in its answer: it does not verify checksums); "
+                          "the file is kept: run with --checksum md5")
+    if echo != crc32_text(crc32):
+        raise TemporaryError("the server's CRC32 %s is not that of what was sent (%s): the "
+                             "bytes were damaged on the way; the file is kept"
+                             % (one_line(echo, 40), crc32_text(crc32)))
+
+
 def check_answer(response, what):
     """Raise the S3PushError for a failed answer, including a 200 that carries an <Error>."""
     if not 200 <= response.status < 300:
@@ -1483,28 +1549,45 @@ def check_answer(response, what):
                                            response.body), what)
 
 
-class Sent(collections.namedtuple("Sent", "etag md5_raw")):
-    """What the server confirmed of one PUT: its ETag as sent back, and the MD5 (raw) of
-    the bytes read and sent (None where FIPS forbids MD5)."""
+class Sent(collections.namedtuple("Sent", "etag md5_raw crc32")):
+    """What the server confirmed of one PUT: its ETag as sent back, and the MD5 (raw) or
+    the CRC32 (int) of the bytes read and sent, whichever proved them (the other None)."""
     __slots__ = ()
+
+    @property
+    def check_hex(self):
+        """The proving checksum in hex, as resume journals keep it."""
+        return self.md5_raw.hex() if self.crc32 is None else "%08x" % self.crc32
+
+
+def sent_from_check(etag, checksum, check_hex):
+    """A part a journal recorded, as if just Sent."""
+    if checksum == "crc32":
+        return Sent(etag, None, int(check_hex, 16))
+    return Sent(etag, bytes.fromhex(check_hex), None)
 
 
 def put_range(client, key, fd, offset, length, headers, upload, query=(), what=""):
-    """PUT a range of an open file, a whole object or one part: read once for MD5 (and
-    SHA-256 if the payload is signed), sent with Content-MD5, retried until the answer's
-    ETag is that MD5 (unless the ETag is no MD5). Returns what was Sent."""
-    digest = digest_range(fd, offset, length, upload.sign_payload)
+    """PUT a range of an open file, a whole object or one part: read once for its MD5 or
+    CRC32 (and SHA-256 if the payload is signed), sent with that checksum, retried until
+    the answer confirms it (the ETag is the MD5, unless no MD5; the CRC32 is echoed).
+    Returns what was Sent."""
+    digest = digest_range(fd, offset, length, upload.sign_payload, upload.checksum)
     body = digest.body if digest.body is not None else FileRange(fd, offset, length)
-    expect = digest.md5_hex if upload.verify_md5 else None
     headers = dict(body_headers(digest), **headers)
+    if upload.checksum == "crc32":
+        def validate(answer):
+            check_crc32_echo(answer, digest.crc32)
+    else:
+        def validate(answer):
+            check_etag(answer.header("etag"), digest.md5_hex if upload.verify_md5 else None)
     try:
         response = client.request("PUT", key, headers, body, digest.payload_hash, query=query,
-                                  validate=lambda answer: check_etag(answer.header("etag"),
-                                                                     expect))
+                                  validate=validate)
     except TemporaryError as exc:
         raise exc.__class__("%s: %s" % (what, exc)) if what else exc
     check_answer(response, what)
-    return Sent(response.header("etag"), digest.md5_raw)
+    return Sent(response.header("etag"), digest.md5_raw, digest.crc32)
 
 
 def put_object(client, key, fd, size, upload):
@@ -1512,10 +1595,21 @@ def put_object(client, key, fd, size, upload):
     put_range(client, key, fd, 0, size, dict(upload.headers, **upload.condition), upload)
 
 
+def multipart_headers(upload):
+    """The headers that start a multipart upload: the object's, and under CRC32 the
+    algorithm and FULL_OBJECT (the object's checksum is then the whole file's CRC32, as
+    a single PUT's would be, whatever the part size: comparable with the file later;
+    COMPOSITE would be a CRC of the parts' CRCs, which only this part size reproduces)."""
+    if upload.checksum != "crc32":
+        return upload.headers
+    return dict(upload.headers, **{"x-amz-checksum-algorithm": "CRC32",
+                                   "x-amz-checksum-type": "FULL_OBJECT"})
+
+
 def create_multipart_upload(client, key, upload):
     """POST ?uploads; returns the upload id."""
     headers = {"content-length": "0"}
-    headers.update(upload.headers)
+    headers.update(multipart_headers(upload))
     response = client.request("POST", key, headers, b"", EMPTY_SHA256, query=[("uploads", "")])
     check_answer(response, "starting the multipart upload")
     upload_id = xml_text(parse_xml(response.body), "UploadId")
@@ -1542,23 +1636,40 @@ def xml_escape(text):
         '"', "&quot;")
 
 
-def complete_multipart_upload(client, key, upload_id, parts, upload):
-    """POST the part list; check the object's ETag (MD5 of the part MD5s, '-N') if given.
+def complete_multipart_upload(client, key, upload_id, parts, upload, lengths):
+    """POST the part list; check the object's ETag (MD5 of the part MD5s, '-N') if given,
+    or under CRC32 that the server verified the whole file's CRC32 (it must say so).
 
     A server whose answer carries no ETag (Ceph RGW 16.2) is trusted through the parts,
     each of which was checked; never through a HEAD, which PutObject-only keys cannot do.
     """
+    crc32 = upload.checksum == "crc32"
     body = ("<CompleteMultipartUpload>%s</CompleteMultipartUpload>" % "".join(
-        "<Part><PartNumber>%d</PartNumber><ETag>%s</ETag></Part>" % (n, xml_escape(part.etag))
+        "<Part><PartNumber>%d</PartNumber><ETag>%s</ETag>%s</Part>" % (
+            n, xml_escape(part.etag),
+            "<ChecksumCRC32>%s</ChecksumCRC32>" % crc32_text(part.crc32) if crc32 else "")
         for n, part in enumerate(parts, 1))).encode("utf-8")
     digest = digest_bytes(body)
     what = "completing the multipart upload"
     headers = body_headers(digest, "application/xml")
     headers.update(upload.condition)
+    if crc32:
+        whole = 0
+        for part, length in zip(parts, lengths):
+            whole = crc32_combine(whole, part.crc32, length)
+        headers.update({"x-amz-checksum-crc32": crc32_text(whole),
+                        "x-amz-checksum-type": "FULL_OBJECT"})
     response = client.request("POST", key, headers, body, digest.payload_hash,
                               query=[("uploadId", upload_id)])
     check_answer(response, what)
-    etag = (xml_text(parse_xml(response.body), "ETag") or response.header("etag"))
+    answer = parse_xml(response.body)
+    if crc32:
+        echo = xml_text(answer, "ChecksumCRC32") or response.header("x-amz-checksum-crc32")
+        if echo != crc32_text(whole):
+            raise FileError("the server did not confirm the whole file's CRC32 %s (it said "
+                            "%s): kept" % (crc32_text(whole), one_line(echo or "nothing", 40)))
+        return
+    etag = (xml_text(answer, "ETag") or response.header("etag"))
     etag = etag.strip('"').lower()
     md5s = [part.md5_raw for part in parts]
     if etag and upload.verify_md5 and None not in md5s:
@@ -2031,9 +2142,10 @@ def remove_empty_dirs(root_fd, directories):
 # A multipart upload cut off part-way (a kill, a reboot, a link that drops) resumes on the
 # next run from a journal kept outside SOURCE_DIR, one folder per source and destination:
 # the file it was for (device, inode, size, mtime), its key and upload id, and each part
-# the server confirmed (number, range, MD5, ETag). The server is asked nothing (no
-# ListParts): PutObject-only keys resume too. A recorded part is reused only while the
-# file's bytes there still have its MD5; from the first that differs, all are sent again.
+# the server confirmed (number, range, MD5 or CRC32, ETag). The server is asked nothing
+# (no ListParts): PutObject-only keys resume too. A recorded part is reused only while
+# the file's bytes there still have its checksum; from the first that differs, all are
+# sent again.
 
 JOURNAL_VERSION = 1
 MAX_JOURNAL_BYTES = 16 * MIB   # 10,000 parts take about 2 MiB
@@ -2051,8 +2163,9 @@ def default_state_dir(environ):
     return os.path.join(base, "s3push")
 
 
-class JournalPart(collections.namedtuple("JournalPart", "offset length md5_hex etag")):
-    """One part the server confirmed, as the journal recorded it."""
+class JournalPart(collections.namedtuple("JournalPart", "offset length check_hex etag")):
+    """One part the server confirmed, as the journal recorded it: check_hex is its MD5 or
+    CRC32 (the journal's "checksum"), in hex."""
     __slots__ = ()
 
 
@@ -2075,27 +2188,29 @@ def parse_journal(data):
                        ("created", (int, float))):
         if not isinstance(header.get(name), kind):
             raise ValueError("its %s is missing" % name)
+    checksum = header.setdefault("checksum", "md5")   # journals before CRC32 had MD5s
+    if checksum not in ("md5", "crc32"):
+        raise ValueError("its checksum is unknown")
     parts = {}
     for line in lines[1:]:
         record = json.loads(line.decode("utf-8"))
-        md5_hex = str(record["md5"])
-        bytes.fromhex(md5_hex)
+        check_hex = str(record[checksum])
+        bytes.fromhex(check_hex)
         parts[int(record["part"])] = JournalPart(int(record["offset"]),
-                                                 int(record["length"]), md5_hex,
+                                                 int(record["length"]), check_hex,
                                                  str(record["etag"]))
     return header, parts
 
 
-def part_line(number, part):
+def part_line(number, part, checksum):
     return json.dumps({"part": number, "offset": part.offset, "length": part.length,
-                       "md5": part.md5_hex, "etag": part.etag}) + "\n"
+                       checksum: part.check_hex, "etag": part.etag}) + "\n"
 
 
-def md5_of_range(fd, offset, length):
-    md5 = new_md5()
-    for block in FileRange(fd, offset, length).blocks():
-        md5.update(block)
-    return md5.hexdigest()
+def check_of_range(fd, offset, length, checksum):
+    """The MD5 or CRC32 (checksum) of a range of the file, in hex."""
+    digest = digest_range(fd, offset, length, False, checksum)
+    return Sent(None, digest.md5_raw, digest.crc32).check_hex
 
 
 class Resumption(collections.namedtuple("Resumption", "upload_id created parts")):
@@ -2113,6 +2228,7 @@ class Journal(object):
         self.max_age, self.say = max_age, say
         self.lock = threading.Lock()
         self.fd = None
+        self.checksum = None   # the upload's: set by start()
 
     def load(self):
         """(header, parts) of the journal kept for this very file, or None (also when its
@@ -2143,14 +2259,16 @@ class Journal(object):
         is cut into parts, and the parts of it that are reused."""
         header = {"s3push_journal": JOURNAL_VERSION, "key": key,
                   "upload_id": resumption.upload_id, "created": resumption.created,
-                  "part_size": plan.part_size, "headers": plan.headers, "file": self.identity,
+                  "part_size": plan.part_size, "headers": plan.headers,
+                  "checksum": plan.checksum, "file": self.identity,
                   "steps": [list(step) for step in self.found.directory.steps],
                   "name": self.found.name}
-        text = json.dumps(header) + "\n" + "".join(part_line(n, p) for n, p in
-                                                   sorted(resumption.parts.items()))
+        text = json.dumps(header) + "\n" + "".join(part_line(n, p, plan.checksum) for n, p
+                                                   in sorted(resumption.parts.items()))
         temporary = self.path + ".tmp"
         with self.lock:
             self.close_file()
+            self.checksum = plan.checksum
             try:
                 os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
                 fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -2166,11 +2284,11 @@ class Journal(object):
 
     def confirmed(self, number, offset, length, sent):
         """Append one part the server confirmed: one write of one line, then fsync."""
-        part = JournalPart(offset, length, sent.md5_raw.hex(), sent.etag)
+        part = JournalPart(offset, length, sent.check_hex, sent.etag)
         with self.lock:
             if self.fd is not None:
                 try:
-                    os.write(self.fd, part_line(number, part).encode("utf-8"))
+                    os.write(self.fd, part_line(number, part, self.checksum).encode("utf-8"))
                     os.fsync(self.fd)
                 except OSError as exc:
                     self.fail(exc)
@@ -2255,8 +2373,8 @@ def reusable_parts(journal, key, fd, plan):
     if loaded is None:
         return None
     header, recorded = loaded
-    if (header["key"], header["part_size"], header["headers"]) != \
-            (key, plan.part_size, plan.headers):
+    if (header["key"], header["part_size"], header["headers"], header["checksum"]) != \
+            (key, plan.part_size, plan.headers, plan.checksum):
         return None
     reused = {}
     for number, offset, length in plan.ranges:
@@ -2264,7 +2382,7 @@ def reusable_parts(journal, key, fd, plan):
         if part is None:
             continue   # in flight when the run was cut off
         if (part.offset, part.length) != (offset, length) or \
-                md5_of_range(fd, offset, length) != part.md5_hex:
+                check_of_range(fd, offset, length, plan.checksum) != part.check_hex:
             break   # rewritten here: this part and every one after it are sent again
         reused[number] = part
     return Resumption(header["upload_id"], header["created"], reused)
@@ -2314,7 +2432,7 @@ def upload_for(job, relative, info):
     headers["content-type"] = job.content_type or guess_content_type(relative)
     headers["x-amz-meta-mtime"] = "%d.%09d" % divmod(info.st_mtime_ns, 10 ** 9)
     condition = {"if-none-match": "*"} if job.if_exists != "overwrite" else {}
-    return Upload(headers, condition, job.verify_md5, job.sign_payload)
+    return Upload(headers, condition, job.verify_md5, job.sign_payload, job.checksum)
 
 
 class WorkQueue(object):
@@ -2442,9 +2560,11 @@ class PartTask(object):
                                                              "was sent" % (self.index + 1)))
 
 
-class MultipartPlan(collections.namedtuple("MultipartPlan", "part_size ranges headers")):
-    """How one file goes up in parts: the part size, [(number, offset, length)], and the
-    fingerprint of its headers (a journal of other headers is not resumed)."""
+class MultipartPlan(collections.namedtuple("MultipartPlan",
+                                           "part_size ranges headers checksum")):
+    """How one file goes up in parts: the part size, [(number, offset, length)], the
+    fingerprint of its headers and its checksum, "md5" or "crc32" (a journal of other
+    headers or another checksum is not resumed)."""
     __slots__ = ()
 
 
@@ -2458,7 +2578,7 @@ def send_parts(client, job, key, fd, plan, upload, journal, resumption):
     journal.start(key, plan, resumption)
     tracker = PartTracker(len(plan.ranges))
     for number, part in reused.items():
-        tracker.finish(number - 1, Sent(part.etag, bytes.fromhex(part.md5_hex)))
+        tracker.finish(number - 1, sent_from_check(part.etag, plan.checksum, part.check_hex))
     job.queue.begin_upload([PartTask(job, tracker, journal, upload, number - 1, key,
                                      upload_id, fd, offset, length)
                             for number, offset, length in plan.ranges if number not in reused])
@@ -2473,7 +2593,8 @@ def send_parts(client, job, key, fd, plan, upload, journal, resumption):
         job.queue.end_upload()
     if tracker.error is not None:
         raise tracker.error
-    complete_multipart_upload(client, key, upload_id, tracker.results, upload)
+    complete_multipart_upload(client, key, upload_id, tracker.results, upload,
+                              [length for _, _, length in plan.ranges])
     journal.remove()
 
 
@@ -2489,7 +2610,7 @@ def multipart_upload(client, job, key, fd, size, upload, journal):
     """
     part_size = part_size_for(size, job.part_size)
     plan = MultipartPlan(part_size, part_ranges(size, part_size),
-                         headers_fingerprint(upload.headers))
+                         headers_fingerprint(multipart_headers(upload)), upload.checksum)
     resumption = reusable_parts(journal, key, fd, plan)
     if resumption is not None:
         job.tally.resumed(os.path.join(job.source, journal.found.relative),
@@ -2890,6 +3011,17 @@ class Tally(object):
                    self.young_count, self.writing_count))
 
 
+def checksum_for(choice, endpoint):
+    """What proves each upload: --checksum, else CRC32 where the endpoint is AWS S3's
+    (which verifies x-amz-checksum-crc32 and echoes it; 5x cheaper per byte than MD5)
+    and MD5 elsewhere: every S3 server checks Content-MD5 and answers its ETag, while
+    some ignore CRC32 headers (rclone's, Ceph RGW 16) or echo them unchecked (moto)."""
+    if choice:
+        return choice
+    host = endpoint.host.lower().rstrip(".")
+    return "crc32" if host.endswith((".amazonaws.com", ".amazonaws.com.cn")) else "md5"
+
+
 def journals_for(options, environ, destination, tally):
     """Where this run keeps its resume journals; None when it keeps none (said under -v:
     no state folder, or no MD5 to check parts by)."""
@@ -2932,7 +3064,9 @@ class Job(object):
         self.if_exists = options.if_exists
         self.writers = WriterIndex()
         self.verify_md5 = not (options.sse or "").startswith("aws:kms")
-        self.sign_payload = options.sign_payload or new_md5() is None
+        self.checksum = checksum_for(options.checksum, session.endpoint)
+        self.sign_payload = options.sign_payload or \
+            (self.checksum == "md5" and new_md5() is None)
         self.queue = WorkQueue(max_files=4 * options.jobs)
         self.template = Template(destination.prefix, object_headers(options, time.time()),
                                  options.tag)
@@ -3244,6 +3378,12 @@ def add_upload_options(parser):
                        "bucket-owner-full-control (needs s3:PutObjectAcl)")
     group.add_argument("--content-type", metavar="TYPE",
                        help="Content-Type of every object (default: guessed from the name)")
+    group.add_argument("--checksum", choices=("md5", "crc32"),
+                       help="what proves each upload: md5 (a signed Content-MD5, and the "
+                       "ETag must be that MD5: every S3 server) or crc32 (a signed "
+                       "x-amz-checksum-crc32 the server verifies and must echo: AWS S3, "
+                       "MinIO; cheaper per byte). Default: crc32 on AWS endpoints, md5 "
+                       "elsewhere")
     group.add_argument("--sign-payload", action="store_true",
                        help="sign each body's SHA-256 too (for bucket policies that demand "
                        "s3:x-amz-content-sha256); by default bodies go UNSIGNED-PAYLOAD under "

@@ -9,6 +9,9 @@ confirmed about 60 % of it, and the bytes the next run sends are counted by a pr
 with the journal (the default) and without (--resume-days 0: restart from zero).
 Then --bwlimit: the 1 GiB file at --bwlimit 20M, its rate against 20 MiB/s (BENCH_BWLIMIT
 sets another rate; 0 leaves this out).
+Then checksums: the 1 GiB file to LocalStack's S3 (which verifies x-amz-checksum-crc32)
+by s3push --checksum md5, s3push --checksum crc32 and `aws s3 mv`: the CRC32 path's
+client CPU against the MD5 path's (BENCH_CHECKSUMS=0 leaves this out).
 For each tool: wall seconds, client CPU-seconds (user + system of the tool's process and
 its children), files/s, MB/s and peak RSS (of the tool's process). A tool's run counts
 only if every file landed byte-identical and the source was emptied; otherwise its row
@@ -96,10 +99,11 @@ def measure(argv, env):
 class Tools(object):
     """The command line of each tool for moving SOURCE to the bucket under PREFIX."""
 
-    def __init__(self, server, python, aws, rclone, ca=None):
-        """ca: the CA bundle that vouches for an https server's certificate."""
+    def __init__(self, server, python, aws, rclone, ca=None, variants=None):
+        """ca: the CA bundle that vouches for an https server's certificate; variants:
+        {name: extra arguments} to run s3push under several names (then no rclone)."""
         self.server, self.python, self.aws, self.rclone = server, python, aws, rclone
-        self.ca = ca
+        self.ca, self.variants = ca, variants or {"s3push": []}
         self.env = dict(os.environ, AWS_ACCESS_KEY_ID=server.access_key,
                         AWS_SECRET_ACCESS_KEY=server.secret_key, AWS_DEFAULT_REGION="us-east-1",
                         AWS_CONFIG_FILE="/dev/null", AWS_SHARED_CREDENTIALS_FILE="/dev/null",
@@ -109,15 +113,16 @@ class Tools(object):
                         RCLONE_S3_ENDPOINT=server.endpoint, RCLONE_S3_REGION="us-east-1")
 
     def names(self):
-        return ["s3push"] + (["aws s3 mv"] if self.aws else []) + ["rclone move"]
+        return sorted(self.variants) + (["aws s3 mv"] if self.aws else []) + \
+            (["rclone move"] if self.rclone else [])
 
     def argv(self, name, source, prefix):
         url = "s3://%s/%s" % (self.server.bucket, prefix)
         ca = {"s3push": ["--ca-bundle", self.ca], "aws s3 mv": ["--ca-bundle", self.ca],
               "rclone move": ["--ca-cert", self.ca]}[name] if self.ca else []
-        if name == "s3push":
+        if name in self.variants:
             return [self.python, s3server.S3PUSH, "--endpoint-url", self.server.endpoint,
-                    "--min-age", "0"] + ca + [source, url]
+                    "--min-age", "0"] + self.variants[name] + ca + [source, url]
         if name == "aws s3 mv":
             return [self.aws, "s3", "mv", "--recursive", "--only-show-errors", "--endpoint-url",
                     self.server.endpoint] + ca + [source, url]
@@ -163,16 +168,31 @@ def leftover_files(source):
 
 
 def check_landed(server, prefix, expected):
-    """None if each key holds the expected bytes (or SHA-256), else what is wrong."""
-    root = os.path.join(server.data, server.bucket, prefix)
+    """None if each key holds the expected bytes (or SHA-256), else what is wrong: read
+    from rclone's data folder, or (another server) with a GET."""
     for relative, want in expected.items():
-        path = os.path.join(root, relative)
-        if not os.path.exists(path):
-            return "missing: " + relative
-        got = sha256_of(path) if isinstance(want, str) else open(path, "rb").read()
+        if hasattr(server, "data"):
+            path = os.path.join(server.data, server.bucket, prefix, relative)
+            if not os.path.exists(path):
+                return "missing: " + relative
+            got = sha256_of(path) if isinstance(want, str) else open(path, "rb").read()
+        else:
+            got = server.object_bytes("%s/%s" % (prefix, relative))
+            if got is None:
+                return "missing: " + relative
+            if isinstance(want, str):
+                got = hashlib.sha256(got).hexdigest()
         if got != want:
             return "bytes differ: " + relative
     return None
+
+
+def remove_landed(server, prefix, keys):
+    if hasattr(server, "data"):
+        shutil.rmtree(os.path.join(server.data, server.bucket, prefix), ignore_errors=True)
+        return
+    for key in keys:
+        server.signed_request("DELETE", "/%s/%s/%s" % (server.bucket, prefix, key))
 
 
 class Bench(object):
@@ -196,8 +216,7 @@ class Bench(object):
         else:
             problem = check_landed(self.server, tag, expected)
         shutil.rmtree(source, ignore_errors=True)
-        shutil.rmtree(os.path.join(self.server.data, self.server.bucket, tag),
-                      ignore_errors=True)
+        remove_landed(self.server, tag, expected)
         return {"wall": wall, "rss": rss, "cpu": cpu, "files": len(expected), "bytes": size,
                 "problem": problem}
 
@@ -242,6 +261,11 @@ def find(rows, workload, tool):
     return None
 
 
+def figure(rows, workload, tool, key):
+    row = find(rows, workload, tool)
+    return None if row is None else row[key]
+
+
 def ratio_line(label, mine, theirs, target, higher_is_better):
     if mine is None or theirs is None or not theirs:
         print("%-52s   n/a" % label)
@@ -257,27 +281,26 @@ def print_ratios(rows):
         row = find(rows, workload, tool)
         return None if row is None else row[key] / row["wall"]
 
-    def figure(workload, tool, key):
-        row = find(rows, workload, tool)
-        return None if row is None else row[key]
     print("\nratios (s3push / peer)")
     for peer, target in (("aws s3 mv", 0.1), ("rclone move", 1.0)):
-        ratio_line("empty dir: wall time vs %s" % peer, figure("empty", "s3push", "wall"),
-                   figure("empty", peer, "wall"), target, False)
+        ratio_line("empty dir: wall time vs %s" % peer, figure(rows, "empty", "s3push", "wall"),
+                   figure(rows, "empty", peer, "wall"), target, False)
     for peer, target in (("rclone move", 1.1), ("aws s3 mv", 4.0)):
         ratio_line("1,000 x 4 KiB: files/s vs %s" % peer, rate("small", "s3push", "files"),
                    rate("small", peer, "files"), target, True)
-    ratio_line("1,000 x 4 KiB: client CPU vs rclone move", figure("small", "s3push", "cpu"),
-               figure("small", "rclone move", "cpu"), 0.6, False)
+    ratio_line("1,000 x 4 KiB: client CPU vs rclone move",
+               figure(rows, "small", "s3push", "cpu"),
+               figure(rows, "small", "rclone move", "cpu"), 0.6, False)
     peers = [rate("big", p, "bytes") for p in ("aws s3 mv", "rclone move")]
     peers = [p for p in peers if p]
     ratio_line("%d MiB: MB/s vs the faster peer" % BIG_MIB, rate("big", "s3push", "bytes"),
                max(peers) if peers else None, 1.0, True)
     ratio_line("%d MiB: client CPU vs aws s3 mv (HTTP)" % BIG_MIB,
-               figure("big", "s3push", "cpu"), figure("big", "aws s3 mv", "cpu"), 0.85, False)
+               figure(rows, "big", "s3push", "cpu"), figure(rows, "big", "aws s3 mv", "cpu"),
+               0.85, False)
     ratio_line("%d MiB: client CPU vs rclone move (HTTPS)" % BIG_MIB,
-               figure("big/https", "s3push", "cpu"), figure("big/https", "rclone move", "cpu"),
-               0.5, False)
+               figure(rows, "big/https", "s3push", "cpu"),
+               figure(rows, "big/https", "rclone move", "cpu"), 0.5, False)
     worst = max(r["rss"] for r in rows if r["tool"] == "s3push")
     print("%-52s %6.1f MiB  (target <= %d: %s)" % ("s3push peak RSS, all workloads", worst,
                                                   TARGET_RSS_MIB, "met"
@@ -397,6 +420,26 @@ def https_rows(python, aws, rclone, work, setup_big):
         server.stop()
 
 
+def checksum_rows(python, aws, work, setup_big):
+    """The big file to LocalStack's S3 (it verifies CRC32): s3push's MD5 and CRC32 paths,
+    and `aws s3 mv`."""
+    server = s3server.LocalStackServer()
+    try:
+        variants = {"s3push md5": ["--checksum", "md5"], "s3push crc32": ["--checksum", "crc32"]}
+        bench = Bench(Tools(server, python, aws, None, variants=variants), work)
+        print("\nchecksums: LocalStack's S3 on %s (verifies CRC32 and Content-MD5)"
+              % server.endpoint)
+        bench.run("big/ls", setup_big, BIG_REPEAT)
+        ratio_line("%d MiB: client CPU, CRC32 path vs MD5 path" % BIG_MIB,
+                   figure(bench.rows, "big/ls", "s3push crc32", "cpu"),
+                   figure(bench.rows, "big/ls", "s3push md5", "cpu"), 0.6, False)
+        ratio_line("%d MiB: client CPU, CRC32 path vs aws s3 mv" % BIG_MIB,
+                   figure(bench.rows, "big/ls", "s3push crc32", "cpu"),
+                   figure(bench.rows, "big/ls", "aws s3 mv", "cpu"), 1.0, False)
+    finally:
+        server.stop()
+
+
 def main():
     python, aws = find_python(), find_aws()
     server = s3server.RcloneServer()
@@ -426,6 +469,8 @@ def main():
         resume_bench(tools, work, big, big_sha)
         if BWLIMIT != "0":
             bwlimit_bench(tools, work, big, big_sha)
+        if os.environ.get("BENCH_CHECKSUMS") != "0":
+            checksum_rows(python, aws, work, setup_big)
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)

@@ -4,8 +4,11 @@ Interpreters: every python3.X under $(pyenv root)/versions/*/bin and every pytho
 PATH, one per minor version (pyenv's first). PYTHONS="path ..." names them instead.
 Closing line: 'N passed, N failed' summed over the interpreters (skips on the line before).
 
---server rgw|moto: start Ceph RGW, or moto with IAM enforced, once and run the suites
-that talk to a server (SERVER_MODULES) against it on every interpreter.
+--server rgw|moto|localstack: start Ceph RGW, moto with IAM enforced, or LocalStack's S3
+once and run the suites that talk to a server (SERVER_MODULES; LocalStack, which checks
+no signature, only the checksum tests) against it on every interpreter.
+--python-at-least 3.X: print the newest interpreter found of 3.X or later (make installs
+LocalStack, which needs 3.12, with it).
 """
 
 import glob
@@ -15,7 +18,9 @@ import subprocess
 import sys
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
-SERVER_MODULES = "test_integration test_faults test_security test_operations test_resume"
+SERVER_MODULES = ("test_integration test_faults test_security test_operations test_resume "
+                  "test_checksums")
+MODULES_FOR = {"localstack": "test_checksums"}
 PROBE = "import sys; print('%d.%d' % sys.version_info[:2], sys.executable)"
 
 
@@ -79,14 +84,15 @@ def shared_server(kind):
     """A server started once for every interpreter's run, and the environment naming it."""
     sys.path.insert(0, TESTS)
     import s3server
-    servers = {"rgw": s3server.RgwServer, "moto": s3server.MotoServer}
+    servers = {"rgw": s3server.RgwServer, "moto": s3server.MotoServer,
+               "localstack": s3server.LocalStackServer}
     if kind not in servers:
         raise SystemExit("unknown --server %r (known: %s)" % (kind, " ".join(sorted(servers))))
     server = servers[kind]()
     env = dict(os.environ, S3PUSH_TEST_ENDPOINT=server.endpoint,
                S3PUSH_TEST_BUCKET=server.bucket, S3PUSH_TEST_ACCESS_KEY_ID=server.access_key,
                S3PUSH_TEST_SECRET_ACCESS_KEY=server.secret_key, S3PUSH_TEST_SERVER_KIND=kind,
-               S3PUSH_TEST_MODULES=SERVER_MODULES)
+               S3PUSH_TEST_MODULES=MODULES_FOR.get(kind, SERVER_MODULES))
     if server.reader_key:
         env.update(S3PUSH_TEST_READER_ACCESS_KEY_ID=server.reader_key[0],
                    S3PUSH_TEST_READER_SECRET_ACCESS_KEY=server.reader_key[1])
@@ -95,6 +101,14 @@ def shared_server(kind):
 
 def main(argv):
     found = interpreters()
+    if len(argv) == 2 and argv[0] == "--python-at-least":
+        wanted = tuple(int(x) for x in argv[1].split("."))
+        newer = [version for version in found if version >= wanted]
+        if not newer:
+            sys.stderr.write("no Python %s or newer found\n" % argv[1])
+            return 1
+        print(found[max(newer)])
+        return 0
     if not found:
         print("no Python 3.6+ interpreter found")
         print("0 passed, 1 failed")

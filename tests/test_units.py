@@ -549,6 +549,44 @@ class Verification(unittest.TestCase):
         self.assertIsInstance(error, s3push.TemporaryError)
         self.assertIn("HTTP502: Bad Gateway", str(error))
 
+    def test_crc32_combine_is_the_crc32_of_the_joined_bytes(self):
+        import random
+        import zlib
+        rng = random.Random(5)
+        for _ in range(200):
+            a, b = (bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 200)))
+                    for _ in range(2))
+            self.assertEqual(s3push.crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)),
+                             zlib.crc32(a + b), (len(a), len(b)))
+        self.assertEqual(s3push.crc32_text(zlib.crc32(b"hello")), "NhCmhg==")
+
+    def test_a_crc32_proves_only_when_echoed_as_sent(self):
+        def answer(**headers):
+            return s3push.Response(200, "OK", {k.replace("_", "-"): v
+                                               for k, v in headers.items()}, b"")
+        crc = 0x3610a686   # of b"hello"
+        s3push.check_crc32_echo(answer(etag='"e"', x_amz_checksum_crc32="NhCmhg=="), crc)
+        with self.assertRaises(s3push.TemporaryError):   # damaged on the way
+            s3push.check_crc32_echo(answer(etag='"e"', x_amz_checksum_crc32="AAAAAA=="), crc)
+        with self.assertRaises(s3push.ConfigError):   # a server that checks no CRC32
+            s3push.check_crc32_echo(answer(etag='"e"'), crc)
+        with self.assertRaises(s3push.TemporaryError):   # an answer cut short
+            s3push.check_crc32_echo(answer(), crc)
+
+    def test_crc32_by_default_only_on_aws_endpoints(self):
+        for url, expected in ((None, "crc32"), ("https://s3.eu-west-1.amazonaws.com", "crc32"),
+                              ("https://s3-fips.us-gov-west-1.amazonaws.com.", "crc32"),
+                              ("https://s3.cn-north-1.amazonaws.com.cn", "crc32"),
+                              ("http://127.0.0.1:9000", "md5"),
+                              ("https://minio.example.com", "md5"),
+                              ("https://amazonaws.com.evil.example", "md5")):
+            endpoint = s3push.endpoint_for(url, "eu-west-1", "bucket")
+            self.assertEqual(s3push.checksum_for(None, endpoint), expected, url)
+        local = s3push.endpoint_for("http://127.0.0.1:9000", "eu-west-1", "bucket")
+        self.assertEqual(s3push.checksum_for("crc32", local), "crc32")
+        self.assertEqual(s3push.checksum_for("md5", s3push.endpoint_for(None, "us-east-1", "b")),
+                         "md5")
+
     def test_entities_are_never_expanded(self):
         body = (b'<?xml version="1.0"?><!DOCTYPE e [<!ENTITY a "aaaaaaaaaa">]>'
                 b"<Error><Code>&a;</Code></Error>")
@@ -617,6 +655,18 @@ class Journals(unittest.TestCase):
         header, parts = s3push.parse_journal(self.HEADER + self.PART % 1 + self.PART % 2)
         self.assertEqual(header["upload_id"], "u")
         self.assertEqual(parts[2], s3push.JournalPart(0, 5, "00ff", '"e"'))
+
+    def test_a_crc32_journal(self):
+        header = self.HEADER.replace(b'"created"', b'"checksum": "crc32", "created"')
+        part = (self.PART % 1).replace(b'"md5": "00ff"', b'"crc32": "3610a686"')
+        loaded, parts = s3push.parse_journal(header + part)
+        self.assertEqual(loaded["checksum"], "crc32")
+        self.assertEqual(parts[1].check_hex, "3610a686")
+        self.assertEqual(s3push.sent_from_check('"e"', "crc32", "3610a686").crc32, 0x3610a686)
+        self.assertEqual(s3push.parse_journal(self.HEADER)[0]["checksum"], "md5")
+        for bad in (header + self.PART % 1, header.replace(b"crc32", b"sha1")):
+            with self.assertRaises((ValueError, KeyError), msg=bad):
+                s3push.parse_journal(bad)
 
     def test_a_last_line_cut_short_was_never_written(self):
         text = self.HEADER + self.PART % 1 + (self.PART % 2)[:-9]

@@ -1,0 +1,159 @@
+"""What proves an upload: MD5 (Content-MD5 and the ETag) by default off AWS, CRC32 where
+the server verifies it (x-amz-checksum-crc32, echoed), and never an echo alone.
+
+Against every server: the default proof, a server that claims a checksum it never checked,
+a CRC32 answered wrong. Against a server that ignores CRC32 (rclone's, Ceph RGW 16):
+--checksum crc32 stops the run and keeps every file. Against one that verifies it
+(LocalStack in make test-localstack, MinIO given by MINIO_BIN): the CRC32 path end to end,
+damaged bodies, multipart with a whole-file CRC32, and a resumed upload.
+"""
+
+import json
+import os
+import sys
+import unittest
+import zlib
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import s3server  # noqa: E402
+from helpers import files_under, write_file  # noqa: E402
+from test_faults import MULTIPART, FaultCase  # noqa: E402
+
+CRC32 = ("--checksum", "crc32")
+VERIFIES_CRC32 = ("localstack", "minio")      # refuse a body whose CRC32 differs, echo it
+IGNORES_CRC32 = ("rclone", "rgw")             # neither check nor echo x-amz-checksum-crc32
+
+
+def crc32_text(data):
+    return s3push_module().crc32_text(zlib.crc32(data))
+
+
+def s3push_module():
+    return s3server.s3push
+
+
+def only_on(kinds, what):
+    kind = s3server.server_kind()
+    return unittest.skipIf(kind not in kinds, "%s server: %s" % (kind, what))
+
+
+def body_requests(proxy):
+    """The heads of the PUTs that carried a body (objects and parts)."""
+    return [head for head in proxy.heads if head.method == "PUT"]
+
+
+class DefaultProof(FaultCase):
+    """Off AWS, by default: MD5. Never a checksum header the server may not check."""
+
+    def test_off_aws_every_body_goes_under_its_md5(self):
+        files = self.corpus(5, big=1)
+        result = self.run_s3push(*MULTIPART)
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assert_landed(files)
+        heads = body_requests(self.recorder)
+        self.assertEqual(len(heads), 5 + 2)
+        for head in heads:
+            self.assertTrue(head.header("content-md5"), head.target)
+            self.assertEqual(head.header("x-amz-checksum-crc32"), "", head.target)
+
+    def test_a_server_that_claims_a_checksum_it_never_checked_is_not_trusted(self):
+        # The body is damaged on the way, and the answer carries the CRC32 of the bytes
+        # as sent, as a server that echoes without checking (moto) would: by default it
+        # proves nothing, and the MD5 (Content-MD5, the ETag) keeps every file.
+        files = self.corpus(5, big=1)
+
+        def rule(request):
+            if request.attempt == 0 and request.body:
+                return ("flip", {"x-amz-checksum-crc32": crc32_text(request.body)})
+            return None
+        proxy = self.proxy(rule)
+        result = self.run_s3push("--retries", "0", *MULTIPART, endpoint=proxy.endpoint)
+        self.assertNotEqual(result.status, 0, result.stderr)
+        self.assertEqual(len(files_under(self.source)), len(files), result.stderr)
+        self.assert_nothing_lost(files)
+
+    def test_a_crc32_answered_wrong_keeps_the_file(self):
+        # The answer's CRC32 is not the one sent: the bytes are not proven, whatever the
+        # server did (set by the proxy, so this runs on every server).
+        write_file(self.source, "f", b"data")
+        proxy = self.proxy(lambda r: ("header", {"x-amz-checksum-crc32": "AAAAAA=="})
+                           if r.method == "PUT" else None)
+        result = self.run_s3push("--retries", "1", *CRC32, endpoint=proxy.endpoint)
+        self.assertEqual(result.status, 75, result.stderr)
+        self.assertIn("CRC32 AAAAAA== is not that of what was sent", result.stderr)
+        self.assertEqual(files_under(self.source), [b"f"])
+        self.assertEqual(len(proxy.requests), 2, "a damaged answer is retried")
+
+
+class IgnoredCrc32(FaultCase):
+    @only_on(IGNORES_CRC32, "it verifies or echoes x-amz-checksum-crc32")
+    def test_crc32_where_the_server_ignores_it_stops_and_keeps_every_file(self):
+        files = self.corpus(3, big=1)
+        result = self.run_s3push(*(CRC32 + MULTIPART))
+        self.assertEqual(result.status, 78, result.stderr)
+        self.assertIn("did not confirm the CRC32", result.stderr)
+        self.assertIn("--checksum md5", result.stderr)
+        self.assertEqual(len(files_under(self.source)), len(files))
+
+
+@only_on(VERIFIES_CRC32, "it does not verify x-amz-checksum-crc32")
+class VerifiedCrc32(FaultCase):
+    def test_crc32_proves_puts_and_a_whole_file_multipart(self):
+        files = self.corpus(5, big=1)
+        result = self.run_s3push(*(CRC32 + MULTIPART))
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertEqual(files_under(self.source), [])
+        self.assert_landed(files)
+        for head in body_requests(self.recorder):   # one hash a byte: no MD5, no SHA-256
+            self.assertEqual(head.header("content-md5"), "", head.target)
+            self.assertTrue(head.header("x-amz-checksum-crc32"), head.target)
+            self.assertEqual(head.header("x-amz-content-sha256"), "UNSIGNED-PAYLOAD")
+        starts = [head for head in self.recorder.heads if "?uploads" in head.target]
+        self.assertEqual(len(starts), 1)
+        self.assertEqual(starts[0].header("x-amz-checksum-type"), "FULL_OBJECT")
+        # The object's checksum is the whole file's CRC32, as a single PUT's would be.
+        big = "big/b0.bin"
+        headers = self.server.object_headers(self.prefix + big,
+                                             {"x-amz-checksum-mode": "ENABLED"})
+        self.assertEqual(headers.get("x-amz-checksum-crc32"), crc32_text(files[big]))
+
+    def test_a_damaged_body_never_lands_under_crc32(self):
+        for args in ((), ("--sign-payload",)):
+            files = self.corpus(5, big=1)
+            proxy = self.proxy(lambda r: ("flip",) if r.attempt == 0 and r.body else None)
+            result = self.run_s3push("--retries", "0", *(CRC32 + MULTIPART + args),
+                                     endpoint=proxy.endpoint)
+            self.assertNotEqual(result.status, 0, result.stderr)
+            self.assertIn("BadDigest", result.stderr)
+            self.assertEqual(len(files_under(self.source)), len(files), result.stderr)
+            self.assert_nothing_lost(files)
+
+    def test_a_crc32_upload_resumes_from_its_journal(self):
+        files = self.corpus(0, big=1)
+        big = files["big/b0.bin"]
+        proxy = self.proxy(lambda r: ("answer", 500, "InternalError")
+                           if "partNumber=2&" in r.target else None)
+        result = self.run_s3push("--retries", "0", "--jobs", "1", *(CRC32 + MULTIPART),
+                                 endpoint=proxy.endpoint)
+        self.assertEqual(result.status, 75, result.stderr)
+        journals = [os.path.join(d, n) for d, _, names in os.walk(self.home) for n in names
+                    if n.endswith(".journal")]
+        self.assertEqual(len(journals), 1)
+        with open(journals[0]) as handle:
+            lines = [json.loads(line) for line in handle]
+        self.assertEqual(lines[0]["checksum"], "crc32")
+        self.assertEqual([(p["part"], p["crc32"]) for p in lines[1:]],
+                         [(1, "%08x" % zlib.crc32(big[:5 * 1024 * 1024]))])
+        result = self.run_s3push("-v", *(CRC32 + MULTIPART))
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertIn("1 of 2 parts already there", result.stdout + result.stderr)
+        self.assertEqual([t for _, t in self.recorder.requests if "partNumber=1&" in t], [],
+                         "part 1 was in the journal: it is not sent again")
+        self.assert_landed(files)
+        headers = self.server.object_headers(self.prefix + "big/b0.bin",
+                                             {"x-amz-checksum-mode": "ENABLED"})
+        self.assertEqual(headers.get("x-amz-checksum-crc32"), crc32_text(big))
+
+
+if __name__ == "__main__":
+    unittest.main()
