@@ -7,7 +7,8 @@ Synopsis:
 Every regular file under SOURCE_DIR that is older than --min-age goes up to
 BUCKET at key PREFIX/relative/path in one signed PUT. The local copy is removed
 only after the server confirmed those exact bytes (its ETag equals the MD5 the
-script computed), the file is still the one that was read (same device,
+script computed, or it verified and echoed the CRC32: --checksum, the default on AWS),
+the file is still the one that was read (same device,
 inode, size and mtime), and no process has it open for writing. Anything
 ambiguous keeps the file for the next run.
 Only PUT is ever sent: credentials allowing nothing but s3:PutObject suffice.

@@ -6,6 +6,8 @@ bytes that landed with what was written (helpers.py: the server and the environm
 
 import os
 import random
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -37,6 +39,25 @@ class MovesFiles(IntegrationCase):
         self.assertEqual(files_under(self.source), [])
         self.assertEqual(self.server.keys(self.prefix), {self.prefix + k for k in expected})
         self.assert_landed(expected)
+
+    def test_the_readmes_bytecode_launcher(self):
+        # Install, "Starting faster": compiled once, started by an isolated interpreter.
+        with open(os.path.join(s3server.REPO, "README.md"), encoding="utf-8") as handle:
+            code = re.search(r"python3 -I -c '([^']*)' --help", handle.read()).group(1)
+        lib = os.path.join(self.tmp, "lib")
+        os.makedirs(lib)
+        shutil.copy(s3server.S3PUSH, lib)
+        subprocess.check_call([sys.executable, "-m", "py_compile", os.path.join(lib,
+                                                                                 "s3push.py")])
+        self.assertEqual(len(os.listdir(os.path.join(lib, "__pycache__"))), 1)
+        write_file(self.source, "a/f", b"data")
+        command = self.command()
+        command[1:2] = ["-I", "-c", code.replace("/usr/local/lib/s3push", lib)]
+        done = subprocess.run(command, env=self.env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=RUN_TIMEOUT)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(files_under(self.source), [])
+        self.assert_landed({"a/f": b"data"})
 
     def test_empty_files(self):
         write_file(self.source, "empty", b"")
