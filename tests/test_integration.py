@@ -46,9 +46,8 @@ class MovesFiles(IntegrationCase):
             code = re.search(r"python3 -I -c '([^']*)' --help", handle.read()).group(1)
         lib = os.path.join(self.tmp, "lib")
         os.makedirs(lib)
-        shutil.copy(s3server.S3PUSH, lib)
-        subprocess.check_call([sys.executable, "-m", "py_compile", os.path.join(lib,
-                                                                                 "s3push.py")])
+        installed = shutil.copy(s3server.S3PUSH, lib)
+        subprocess.check_call([sys.executable, "-m", "py_compile", installed])
         self.assertEqual(len(os.listdir(os.path.join(lib, "__pycache__"))), 1)
         write_file(self.source, "a/f", b"data")
         command = self.command()
