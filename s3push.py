@@ -1668,7 +1668,9 @@ def complete_multipart_upload(client, key, upload_id, parts, upload, lengths):
         echo = xml_text(answer, "ChecksumCRC32") or response.header("x-amz-checksum-crc32")
         if echo != crc32_text(whole):
             raise FileError("the server did not confirm the whole file's CRC32 %s (it said "
-                            "%s): kept" % (crc32_text(whole), one_line(echo or "nothing", 40)))
+                            "%s): kept; a server without FULL_OBJECT checksums needs "
+                            "--checksum md5" % (crc32_text(whole),
+                                                one_line(echo or "nothing", 40)))
         return
     etag = (xml_text(answer, "ETag") or response.header("etag"))
     etag = etag.strip('"').lower()

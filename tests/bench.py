@@ -286,7 +286,7 @@ def print_ratios(rows):
     for peer, target in (("aws s3 mv", 0.1), ("rclone move", 1.0)):
         ratio_line("empty dir: wall time vs %s" % peer, figure(rows, "empty", "s3push", "wall"),
                    figure(rows, "empty", peer, "wall"), target, False)
-    ratio_line("empty dir, cached bytecode (-I -c): wall vs rclone move",
+    ratio_line("empty dir, bytecode (-I -c): wall vs rclone move",
                figure(rows, "empty", "s3push -I -c", "wall"),
                figure(rows, "empty", "rclone move", "wall"), 1.0, False)
     for peer, target in (("rclone move", 1.1), ("aws s3 mv", 4.0)):
