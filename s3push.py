@@ -2616,9 +2616,9 @@ def multipart_upload(client, job, key, fd, size, upload, journal):
                          headers_fingerprint(multipart_headers(upload)), upload.checksum)
     resumption = reusable_parts(journal, key, fd, plan)
     if resumption is not None:
+        reused = sum(part.length for part in resumption.parts.values())
         job.tally.resumed(os.path.join(job.source, journal.found.relative),
-                          len(resumption.parts), len(plan.ranges),
-                          sum(part.length for part in resumption.parts.values()), job.verbose)
+                          len(resumption.parts), len(plan.ranges), reused, job.verbose)
     try:
         send_parts(client, job, key, fd, plan, upload, journal, resumption)
     except KeyTakenError:
@@ -2627,6 +2627,8 @@ def multipart_upload(client, job, key, fd, size, upload, journal):
         journal.remove()   # never resumed: the server holds something else
         if resumption is None and not isinstance(exc, UploadGoneError):
             raise
+        if resumption is not None:   # its parts go again after all
+            job.tally.resume_dropped(reused)
         send_parts(client, job, key, fd, plan, upload, journal, None)
     finally:
         journal.close()
@@ -2927,6 +2929,11 @@ class Tally(object):
                 self.clear_status()
                 emit(sys.stdout if verbose else sys.stderr, "resuming %s: %d of %d parts "
                      "already there" % (safe_name(path), reused, parts))
+
+    def resume_dropped(self, size):
+        """A resumed upload started over: its reused bytes were sent again after all."""
+        with self.lock:
+            self.bytes_resumed -= size
 
     def handed_over(self, size):
         """The scan handed over one more file of this size."""

@@ -180,12 +180,15 @@ class Resume(FaultCase):
         old_id = [t for m, t in first.requests if "uploadId=" in t][0].rpartition("=")[2]
         # As a lifecycle rule would: the upload is aborted on the server meanwhile.
         self.server.abort_upload(self.prefix + "big.bin", urllib.parse.unquote(old_id))
-        proxy, status, _, err = self.run_through("--jobs", "1")
+        summary = os.path.join(self.tmp, "summary.json")
+        proxy, status, _, err = self.run_through("--jobs", "1", "--summary-json", summary)
         self.assertEqual(status, 0, err)
         self.assertEqual(proxy.parts, [3, 1, 2, 3, 4])   # the resumed part refused, then all
         self.assertEqual(sum("?uploads" in t for _, t in proxy.requests), 1)
         self.assert_landed({"big.bin": data})
         self.assertEqual(self.journals(), [])
+        with open(summary) as handle:   # the reused parts were sent again after all
+            self.assertEqual(json.load(handle)["bytes_resumed"], 0)
 
     def test_unusable_journals_start_over_and_say_so(self):
         damages = {"corrupt": lambda text: text[:40] + b"\x00garbage\n" + text[40:],
