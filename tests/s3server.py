@@ -305,17 +305,21 @@ class LocalStackServer(Server):
 
     def wait_ready(self):
         """Listening comes before S3 is loaded: wait for its health check to say so."""
+        import http.client
         import json
-        import urllib.request
+        parts = urllib.parse.urlsplit(self.endpoint)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(self.endpoint + "/_localstack/health",
-                                            timeout=2) as answer:
-                    if json.load(answer).get("services", {}).get("s3") == "running":
-                        return
-            except (OSError, ValueError):
+            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=2)
+            try:   # straight to loopback, whatever proxy the environment names
+                conn.request("GET", "/_localstack/health")
+                health = json.loads(conn.getresponse().read().decode("utf-8"))
+                if health.get("services", {}).get("s3") == "running":
+                    return
+            except (OSError, ValueError, http.client.HTTPException):
                 pass
+            finally:
+                conn.close()
             if self.process.poll() is not None:
                 break
             time.sleep(0.2)
