@@ -102,8 +102,7 @@ class Tools(object):
     def __init__(self, server, python, aws, rclone, ca=None, variants=None):
         """ca: the CA bundle that vouches for an https server's certificate; variants:
         {name: how s3push is started, options included} to run it several ways."""
-        self.server, self.python, self.aws, self.rclone = server, python, aws, rclone
-        self.ca = ca
+        self.server, self.aws, self.rclone, self.ca = server, aws, rclone, ca
         self.variants = variants or {"s3push": [python, s3server.S3PUSH]}
         self.env = dict(os.environ, AWS_ACCESS_KEY_ID=server.access_key,
                         AWS_SECRET_ACCESS_KEY=server.secret_key, AWS_DEFAULT_REGION="us-east-1",
@@ -119,8 +118,8 @@ class Tools(object):
 
     def argv(self, name, source, prefix):
         url = "s3://%s/%s" % (self.server.bucket, prefix)
-        ca = {"s3push": ["--ca-bundle", self.ca], "aws s3 mv": ["--ca-bundle", self.ca],
-              "rclone move": ["--ca-cert", self.ca]}[name] if self.ca else []
+        ca = (["--ca-cert", self.ca] if name == "rclone move" else ["--ca-bundle", self.ca]) \
+            if self.ca else []
         if name in self.variants:
             return self.variants[name] + ["--endpoint-url", self.server.endpoint,
                                           "--min-age", "0"] + ca + [source, url]
@@ -156,40 +155,27 @@ def make_big(path, mib):
     return digest.hexdigest()
 
 
-def sha256_of(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1024 * 1024), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def leftover_files(source):
     return sum(len(names) for _, _, names in os.walk(source))
 
 
 def check_landed(server, prefix, expected):
-    """None if each key holds the expected bytes (or SHA-256), else what is wrong: read
-    from rclone's data folder, or (another server) with a GET."""
+    """None if each key holds the expected bytes (or SHA-256), else what is wrong (read as
+    the server's test class reads objects: rclone's from its data folder)."""
     for relative, want in expected.items():
-        if hasattr(server, "data"):
-            path = os.path.join(server.data, server.bucket, prefix, relative)
-            if not os.path.exists(path):
-                return "missing: " + relative
-            got = sha256_of(path) if isinstance(want, str) else open(path, "rb").read()
-        else:
-            got = server.object_bytes("%s/%s" % (prefix, relative))
-            if got is None:
-                return "missing: " + relative
-            if isinstance(want, str):
-                got = hashlib.sha256(got).hexdigest()
+        got = server.object_bytes("%s/%s" % (prefix, relative))
+        if got is None:
+            return "missing: " + relative
+        if isinstance(want, str):
+            got = hashlib.sha256(got).hexdigest()
         if got != want:
             return "bytes differ: " + relative
     return None
 
 
 def remove_landed(server, prefix, keys):
-    if hasattr(server, "data"):
+    """Delete what a run landed: rclone's folder, or (another server) each key."""
+    if isinstance(server, s3server.RcloneServer):
         shutil.rmtree(os.path.join(server.data, server.bucket, prefix), ignore_errors=True)
         return
     for key in keys:
@@ -373,8 +359,7 @@ def resume_bench(tools, work, big, big_sha):
             label, 100.0 * first.confirmed / size, 100.0 * second.sent / size, wall,
             problem or "ok"))
         shutil.rmtree(source, ignore_errors=True)
-        shutil.rmtree(os.path.join(tools.server.data, tools.server.bucket, tag),
-                      ignore_errors=True)
+        remove_landed(tools.server, tag, ["big.bin"])
     met = figures["resume (journal)"] <= 0.45
     print("%-52s %6.2f  (target <= 0.45 of the file: %s)" % (
         "killed at ~60 %: share sent again by the next run", figures["resume (journal)"],
@@ -398,7 +383,7 @@ def bwlimit_bench(tools, work, big, big_sha):
     problem = "exit %d: %s" % (status, err) if status else check_landed(
         tools.server, tag, {"big.bin": big_sha})
     shutil.rmtree(source, ignore_errors=True)
-    shutil.rmtree(os.path.join(tools.server.data, tools.server.bucket, tag), ignore_errors=True)
+    remove_landed(tools.server, tag, ["big.bin"])
     rate = size / wall
     print("\nbwlimit: %d MiB at --bwlimit %s: %.1f s, %.2f MiB/s, RSS %.1f MiB  %s"
           % (BIG_MIB, BWLIMIT, wall, rate / 1048576, rss, problem or "ok"))
@@ -469,7 +454,6 @@ def main():
         empty = Bench(Tools(server, python, aws, rclone, variants=variants), work)
         empty.run("empty", lambda source: ({}, 0), REPEAT, warm_up=True)
         bench = Bench(tools, work)
-        bench.rows = empty.rows
         bench.run("small", lambda source: (make_small(source), 1000 * 4096), REPEAT,
                   warm_up=True)
         big = os.path.join(work, "big.template")
@@ -479,7 +463,7 @@ def main():
             os.link(big, os.path.join(source, "big.bin"))   # instant, same bytes each time
             return {"big.bin": big_sha}, BIG_MIB * 1024 * 1024
         bench.run("big", setup_big, BIG_REPEAT)
-        rows = bench.rows + https_rows(python, aws, rclone, work, setup_big)
+        rows = empty.rows + bench.rows + https_rows(python, aws, rclone, work, setup_big)
         print_ratios(rows)
         resume_bench(tools, work, big, big_sha)
         if BWLIMIT != "0":
