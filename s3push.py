@@ -261,6 +261,12 @@ class UploadGoneError(FileError):
     """NoSuchUpload: the server dropped the multipart upload (some do after a failed part)."""
 
 
+class ChangedError(FileError):
+    """The file changed while it was read for its upload: what reached the server is not
+    one whole state of it (or may not be), so it is kept for the next run; never retried
+    as if the network had damaged the bytes."""
+
+
 class Interrupted(BaseException):
     """Raised by the SIGTERM handler; a BaseException so no per-file handler swallows it."""
 
@@ -478,10 +484,31 @@ def object_address(endpoint, bucket, key):
     return endpoint.netloc(bucket + "." + endpoint.host), "%s/%s" % (endpoint.base_path, key)
 
 
+# AWS S3 writes a control character of a key as a character reference (&#x8;), some
+# servers as the raw byte: XML 1.0 forbids both and expat refuses them. Each is read as a
+# character of Unicode's private plane 15 (U+F0000 + code), which xml_text turns back.
+CONTROL_CHARACTER = re.compile(rb"&#(x0*[0-9a-fA-F]{1,2}|0*[0-9]{1,2});"
+                               rb"|[\x00-\x08\x0b\x0c\x0e-\x1f]")
+PLANE_15 = 0xF0000
+FROM_PLANE_15 = {PLANE_15 + code: code for code in range(32)}
+
+
+def control_character(match):
+    text = match.group(1)
+    if text is None:
+        code = ord(match.group(0))
+    else:
+        code = int(text[1:], 16) if text[:1] == b"x" else int(text)
+    if code >= 32 or code in (9, 10, 13):   # XML's own: left to the parser
+        return match.group(0)
+    return chr(PLANE_15 + code).encode("utf-8")
+
+
 def parse_xml(body):
     """The root element of an XML answer, or None; no DTD or entity is ever expanded."""
     if b"<!DOCTYPE" in body or b"<!ENTITY" in body:
         return None
+    body = CONTROL_CHARACTER.sub(control_character, body)
     try:
         return xml.etree.ElementTree.fromstring(body.strip())
     except (xml.etree.ElementTree.ParseError, ValueError):
@@ -492,7 +519,7 @@ def xml_text(root, name):
     """Text of the first element called name, whatever its namespace ('' if none)."""
     for element in root.iter() if root is not None else ():
         if element.tag == name or element.tag.endswith("}" + name):
-            return (element.text or "").strip()
+            return (element.text or "").strip().translate(FROM_PLANE_15)
     return ""
 
 
@@ -556,15 +583,26 @@ def error_from_response(response, what=""):
     return FileError(text)
 
 
-class FileRange(object):
-    """length bytes of an open file from offset: a request body read with pread, never held."""
+def file_state(info):
+    """What changes with a file's contents, whatever a writer does to its mtime: size,
+    mtime and ctime (the kernel sets ctime on every change, utimes() included)."""
+    return info.st_size, info.st_mtime_ns, info.st_ctime_ns
 
-    def __init__(self, fd, offset, length):
+
+class FileRange(object):
+    """length bytes of an open file from offset: a request body read with pread, never held.
+    `state`: the file_state the body's checksum was computed in; a file no longer in it is
+    not sent (ChangedError), so a changed file is never retried as a damaged body."""
+
+    def __init__(self, fd, offset, length, state=None):
         self.fd = fd
         self.offset = offset
         self.length = length
+        self.state = state
 
     def blocks(self):
+        if self.state is not None and file_state(os.fstat(self.fd)) != self.state:
+            raise ChangedError("changed while it was uploading; kept for the next run")
         position, end = self.offset, self.offset + self.length
         while position < end:
             block = os.pread(self.fd, min(BLOCK_BYTES, end - position), position)
@@ -1447,12 +1485,12 @@ def new_md5():
         return None
 
 
-def digest_range(fd, offset, length, sha256, checksum="md5"):
-    """Read a range once with pread, computing its MD5 or CRC32 (checksum) and (if sha256)
-    its SHA-256 in the same pass. Bodies up to IN_MEMORY_BYTES are kept, to be sent
-    without a second read."""
+def digest_range(fd, offset, length, sha256, checksum="md5", md5_too=False):
+    """Read a range once with pread, computing its MD5 or CRC32 (checksum; md5_too: the
+    MD5 beside the CRC32) and (if sha256) its SHA-256 in the same pass. Bodies up to
+    IN_MEMORY_BYTES are kept, to be sent without a second read."""
     sha = hashlib.sha256() if sha256 else None
-    md5 = new_md5() if checksum == "md5" else None
+    md5 = new_md5() if checksum == "md5" or md5_too else None
     crc = 0 if checksum == "crc32" else None
     keep = length <= IN_MEMORY_BYTES
     chunks = []
@@ -1476,15 +1514,22 @@ class Upload(object):
     that proves each body ("md5": a signed Content-MD5, and an ETag that must be that MD5
     unless verify_md5 is off under SSE-KMS, where the Content-MD5 the server checked
     vouches; "crc32": a signed x-amz-checksum-crc32 the server must verify and echo), and
-    whether each body's SHA-256 is signed too (--sign-payload, or no MD5) or the body goes
-    UNSIGNED-PAYLOAD under its signed checksum (one hash, not two)."""
+    whether each body's SHA-256 is signed too (--sign-payload, no MD5, or plain http) or
+    the body goes UNSIGNED-PAYLOAD under its signed checksum (one hash, not two).
 
-    def __init__(self, headers, condition, verify_md5, sign_payload, checksum="md5"):
+    Over plain http (plain_http) anyone on the path may change a body and keep its CRC32
+    (four bytes chosen to match): each body then goes under its signed SHA-256, which AWS
+    checks, and its signed Content-MD5 too, which every server checks (no four bytes
+    keep an MD5)."""
+
+    def __init__(self, headers, condition, verify_md5, sign_payload, checksum="md5",
+                 plain_http=False):
         self.headers = headers
         self.condition = condition
         self.verify_md5 = verify_md5
-        self.sign_payload = sign_payload
+        self.sign_payload = sign_payload or plain_http
         self.checksum = checksum
+        self.plain_http = plain_http
 
 
 def body_headers(digest, content_type=None):
@@ -1573,8 +1618,10 @@ def put_range(client, key, fd, offset, length, headers, upload, query=(), what="
     CRC32 (and SHA-256 if the payload is signed), sent with that checksum, retried until
     the answer confirms it (the ETag is the MD5, unless no MD5; the CRC32 is echoed).
     Returns what was Sent."""
-    digest = digest_range(fd, offset, length, upload.sign_payload, upload.checksum)
-    body = digest.body if digest.body is not None else FileRange(fd, offset, length)
+    state = file_state(os.fstat(fd))
+    digest = digest_range(fd, offset, length, upload.sign_payload, upload.checksum,
+                          upload.plain_http)
+    body = digest.body if digest.body is not None else FileRange(fd, offset, length, state)
     headers = dict(body_headers(digest), **headers)
     if upload.checksum == "crc32":
         def validate(answer):
@@ -1583,11 +1630,16 @@ def put_range(client, key, fd, offset, length, headers, upload, query=(), what="
         def validate(answer):
             check_etag(answer.header("etag"), digest.md5_hex if upload.verify_md5 else None)
     try:
-        response = client.request("PUT", key, headers, body, digest.payload_hash, query=query,
-                                  validate=validate)
-    except TemporaryError as exc:
-        raise exc.__class__("%s: %s" % (what, exc)) if what else exc
-    check_answer(response, what)
+        try:
+            response = client.request("PUT", key, headers, body, digest.payload_hash,
+                                      query=query, validate=validate)
+        except TemporaryError as exc:
+            raise exc.__class__("%s: %s" % (what, exc)) if what else exc
+        check_answer(response, what)
+    except S3PushError as exc:   # a body refused because the file changed as it was read
+        if isinstance(exc, ChangedError) or exc.fatal or file_state(os.fstat(fd)) == state:
+            raise
+        raise ChangedError("changed while it was uploading; kept for the next run") from None
     return Sent(response.header("etag"), digest.md5_raw, digest.crc32)
 
 
@@ -1613,9 +1665,15 @@ def create_multipart_upload(client, key, upload):
     headers.update(multipart_headers(upload))
     response = client.request("POST", key, headers, b"", EMPTY_SHA256, query=[("uploads", "")])
     check_answer(response, "starting the multipart upload")
-    upload_id = xml_text(parse_xml(response.body), "UploadId")
-    if not upload_id:
-        raise TemporaryError("the server started a multipart upload but gave no UploadId")
+    answer = parse_xml(response.body)
+    upload_id = xml_text(answer, "UploadId")
+    if not upload_id:   # each try would leave one more upload behind: none is made
+        raise ConfigError("the server's answer to starting a multipart upload (POST "
+                          "?uploads) %s: the file is kept; raise --multipart-threshold "
+                          "above it, or report this answer: %s" % (
+                              "gave no UploadId" if answer is not None else
+                              "is not XML that parses",
+                              one_line(response.body[:200].decode("utf-8", "replace"))))
     return upload_id
 
 
@@ -1828,6 +1886,92 @@ CHANGED_ERRNOS = frozenset([errno.ENOENT, errno.ENOTDIR, errno.ELOOP])
 PROTECTED_HARDLINKS = "/proc/sys/fs/protected_hardlinks"
 
 
+# The handover (see hand_over): before its unlink a file's name is moved into a private
+# folder beside it, so that what is removed is what sits there, not whatever took the name.
+# A run killed part-way leaves such a folder; the next run gives back what it holds.
+PRIVATE_PREFIX = ".s3push-handover-"   # looked for before the excludes (".*")
+PRIVATE_DIR = re.compile(r"\.s3push-handover-([0-9a-f]{8})-[0-9a-f]{8}\Z")
+
+
+def name_taken(dir_fd, name):
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def give_back(private_fd, parent_fd, name):
+    """Move name from the private folder back into its directory, never replacing what
+    holds that name now; False when it stays (the name is taken, or this filesystem has
+    no hard links), for a later run to move from where it is."""
+    try:
+        info = os.stat(name, dir_fd=private_fd, follow_symlinks=False)
+        if not stat.S_ISDIR(info.st_mode):   # link() never replaces: EEXIST if taken
+            os.link(name, name, src_dir_fd=private_fd, dst_dir_fd=parent_fd,
+                    follow_symlinks=False)
+            os.unlink(name, dir_fd=private_fd)
+            return True
+        if name_taken(parent_fd, name):
+            return False
+        os.rename(name, name, src_dir_fd=private_fd, dst_dir_fd=parent_fd)   # replaces at
+        return True                                                # most an empty folder
+    except OSError:
+        return False
+
+
+def recover_private(parent_fd, name, info):
+    """Give back what a cut-off handover left in the private folder `name` (stat'ed as
+    info), and remove the folder once empty. Returns (the names given back, whether the
+    folder is gone)."""
+    given = []
+    try:
+        fd = os.open(name, DIRECTORY_FLAGS, dir_fd=parent_fd)
+    except OSError:
+        return given, False
+    try:
+        opened = os.fstat(fd)
+        if (opened.st_dev, opened.st_ino) == (info.st_dev, info.st_ino):
+            given = [entry for entry in os.listdir(fd) if give_back(fd, parent_fd, entry)]
+    finally:
+        os.close(fd)
+    try:
+        os.rmdir(name, dir_fd=parent_fd)
+    except OSError:
+        return given, False
+    return given, True
+
+
+class Handovers(object):
+    """This run's private folders (named with its tag) and what the scan does with those
+    it meets: another account's are not ours, and this run's are in use (both left
+    alone); those of earlier runs are recovered (not under --dry-run), and what stays in
+    them is scanned as part of their directory, under the names it had there."""
+
+    def __init__(self, recover):
+        self.tag = os.urandom(4).hex()
+        self.recover = recover
+
+    def new_name(self):
+        return "%s%s-%s" % (PRIVATE_PREFIX, self.tag, os.urandom(4).hex())
+
+    def meet(self, parent_fd, directory, name, stack):
+        """What the scan does on meeting the private folder `name` in directory (open as
+        parent_fd); returns the names it gave back there, to be scanned now."""
+        try:
+            info = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+        except OSError:
+            return []
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or \
+                info.st_mode & 0o077 or PRIVATE_DIR.match(name).group(1) == self.tag:
+            return []
+        given, gone = (recover_private(parent_fd, name, info) if self.recover
+                       else ([], False))
+        if not gone:
+            stack.append(directory.adopt(name, info))
+        return given
+
+
 class Directory(collections.namedtuple("Directory", "relative steps")):
     """A directory under SOURCE_DIR as the scan met it: its relative path ('' or ending in
     '/') and, for each step down from SOURCE_DIR, (name, device, inode) as seen then."""
@@ -1836,6 +1980,15 @@ class Directory(collections.namedtuple("Directory", "relative steps")):
     def child(self, name, info):
         return Directory(self.relative + name + "/",
                          self.steps + ((name, info.st_dev, info.st_ino),))
+
+    def adopt(self, name, info):
+        """A private folder of the handover in this directory: what it holds keeps the
+        relative paths (and so the keys) it had here."""
+        return Directory(self.relative, self.steps + ((name, info.st_dev, info.st_ino),))
+
+    @property
+    def private(self):
+        return bool(self.steps) and PRIVATE_DIR.match(self.steps[-1][0]) is not None
 
 
 class ScanStat(collections.namedtuple("ScanStat", "st_dev st_ino st_size st_mtime_ns")):
@@ -1913,27 +2066,45 @@ def list_directory(fd):
             yield entry.name
 
 
-def scan_directory(fd, directory, patterns, stack, errors):
-    """The regular files of one directory (open as fd); its subdirectories go on stack."""
+def scan_entry(fd, directory, name, patterns, stack, errors):
+    """The Found for one name of a directory (open as fd) if it is a regular file to send;
+    a subdirectory goes on stack."""
+    relative = directory.relative + name
+    if is_excluded(name, relative, patterns):
+        return None
+    try:
+        info = os.stat(name, dir_fd=fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None   # gone since the listing
+    except OSError as exc:
+        errors.append((relative, FileError("cannot read (%s)" % exc.strerror)))
+        return None
+    if stat.S_ISDIR(info.st_mode):
+        stack.append(directory.child(name, info))
+    elif stat.S_ISREG(info.st_mode):
+        return Found(directory, name, ScanStat(info.st_dev, info.st_ino, info.st_size,
+                                               info.st_mtime_ns))
+    return None
+
+
+def scan_directory(fd, directory, patterns, stack, errors, handovers):
+    """The regular files of one directory (open as fd); its subdirectories go on stack.
+    A private folder of the handover is met before the excludes (".*") would skip it."""
+    given = set()   # given back by a recovery: scanned then, not again if listed later
     for name in list_directory(fd):
-        relative = directory.relative + name
-        if is_excluded(name, relative, patterns):
+        if name in given:
             continue
-        try:
-            info = os.stat(name, dir_fd=fd, follow_symlinks=False)
-        except FileNotFoundError:
-            continue   # gone since the listing
-        except OSError as exc:
-            errors.append((relative, FileError("cannot read (%s)" % exc.strerror)))
-            continue
-        if stat.S_ISDIR(info.st_mode):
-            stack.append(directory.child(name, info))
-        elif stat.S_ISREG(info.st_mode):
-            yield Found(directory, name, ScanStat(info.st_dev, info.st_ino, info.st_size,
-                                                  info.st_mtime_ns))
+        names = (name,)
+        if name.startswith(PRIVATE_PREFIX) and PRIVATE_DIR.match(name):
+            names = handovers.meet(fd, directory, name, stack)
+            given.update(names)
+        for name in names:
+            found = scan_entry(fd, directory, name, patterns, stack, errors)
+            if found is not None:
+                yield found
 
 
-def scan(root_fd, patterns, errors):
+def scan(root_fd, patterns, errors, handovers):
     """Yield a Found for each regular file under SOURCE_DIR (open as root_fd), streaming.
 
     Symlinks are never followed; excluded names are skipped, and so are the directories
@@ -1954,7 +2125,7 @@ def scan(root_fd, patterns, errors):
                                                          % exc.strerror)))
             continue
         try:
-            yield from scan_directory(fd, directory, patterns, stack, errors)
+            yield from scan_directory(fd, directory, patterns, stack, errors, handovers)
         finally:
             os.close(fd)
 
@@ -2435,7 +2606,8 @@ def upload_for(job, relative, info):
     headers["content-type"] = job.content_type or guess_content_type(relative)
     headers["x-amz-meta-mtime"] = "%d.%09d" % divmod(info.st_mtime_ns, 10 ** 9)
     condition = {"if-none-match": "*"} if job.if_exists != "overwrite" else {}
-    return Upload(headers, condition, job.verify_md5, job.sign_payload, job.checksum)
+    return Upload(headers, condition, job.verify_md5, job.sign_payload, job.checksum,
+                  job.session.endpoint.scheme == "http")
 
 
 class WorkQueue(object):
@@ -2571,9 +2743,11 @@ class MultipartPlan(collections.namedtuple("MultipartPlan",
     __slots__ = ()
 
 
-def send_parts(client, job, key, fd, plan, upload, journal, resumption):
+def send_parts(client, job, key, fd, plan, upload, journal, resumption, state):
     """Create the upload (unless it is a Resumption), send the parts it lacks through the
-    workers (helping them), then complete."""
+    workers (helping them), then complete it, but only if the file is still in the
+    file_state it was in before its first part (or reused part) was read: parts read
+    before and after a rewrite in place would make an object that was never the file."""
     if resumption is None:
         resumption = Resumption(create_multipart_upload(client, key, upload), time.time(),
                                 {})
@@ -2596,23 +2770,29 @@ def send_parts(client, job, key, fd, plan, upload, journal, resumption):
         job.queue.end_upload()
     if tracker.error is not None:
         raise tracker.error
+    if file_state(os.fstat(fd)) != state:   # left incomplete: a lifecycle rule removes it
+        journal.remove()
+        raise ChangedError("changed while it was uploading, between its parts: the "
+                           "multipart upload was not completed (the key holds what it "
+                           "held); kept for the next run")
     complete_multipart_upload(client, key, upload_id, tracker.results, upload,
                               [length for _, _, length in plan.ranges])
     journal.remove()
 
 
-def multipart_upload(client, job, key, fd, size, upload, journal):
+def multipart_upload(client, job, key, fd, info, upload, journal):
     """A multipart upload, resumed where the journal says an earlier run left it.
 
     Started afresh (once) when the server will not go on with it: the upload is gone
     (aborted, expired, or completed by an attempt whose answer was lost), or, resumed,
     it refuses a part sent again (rclone's server will not replace one) or its result.
-    A KeyTakenError keeps the journal: the parts are there for a later run to complete.
+    A KeyTakenError keeps the journal: the parts are there for a later run to complete;
+    a ChangedError has dropped it (the parts hold bytes of more than one state).
     On failure nothing is aborted (AbortMultipartUpload is a DELETE): the journal lets
     the next run go on, and a bucket lifecycle rule removes an upload nobody completes.
     """
-    part_size = part_size_for(size, job.part_size)
-    plan = MultipartPlan(part_size, part_ranges(size, part_size),
+    part_size = part_size_for(info.st_size, job.part_size)
+    plan = MultipartPlan(part_size, part_ranges(info.st_size, part_size),
                          headers_fingerprint(multipart_headers(upload)), upload.checksum)
     resumption = reusable_parts(journal, key, fd, plan)
     if resumption is not None:
@@ -2620,8 +2800,8 @@ def multipart_upload(client, job, key, fd, size, upload, journal):
         job.tally.resumed(os.path.join(job.source, journal.found.relative),
                           len(resumption.parts), len(plan.ranges), reused, job.verbose)
     try:
-        send_parts(client, job, key, fd, plan, upload, journal, resumption)
-    except KeyTakenError:
+        send_parts(client, job, key, fd, plan, upload, journal, resumption, file_state(info))
+    except (KeyTakenError, ChangedError):
         raise
     except FileError as exc:
         journal.remove()   # never resumed: the server holds something else
@@ -2629,7 +2809,7 @@ def multipart_upload(client, job, key, fd, size, upload, journal):
             raise
         if resumption is not None:   # its parts go again after all
             job.tally.resume_dropped(reused)
-        send_parts(client, job, key, fd, plan, upload, journal, None)
+        send_parts(client, job, key, fd, plan, upload, journal, None, file_state(info))
     finally:
         journal.close()
 
@@ -2637,8 +2817,7 @@ def multipart_upload(client, job, key, fd, size, upload, journal):
 def send_file(client, job, key, fd, info, found, upload):
     """One PUT, or a multipart upload above the threshold."""
     if info.st_size > min(job.multipart_threshold, MAX_PUT_BYTES):
-        multipart_upload(client, job, key, fd, info.st_size, upload,
-                         job.journal_for(found, info))
+        multipart_upload(client, job, key, fd, info, upload, job.journal_for(found, info))
     else:
         put_object(client, key, fd, info.st_size, upload)
 
@@ -2676,9 +2855,57 @@ def check_no_writer(job, fd, info, since, uploaded):
                                 "later run" % ("uploaded, but " if uploaded else ""))
 
 
-def delete_if_unchanged(job, parent_fd, fd, found, before, opened):
-    """Unlink the file only if it is still the one that was read, no process has it open
-    for writing, and its directory is still where the scan saw it; else keep it."""
+# Tests run a writer, or kill the run, at each step of the handover (as TAKE_LEASES above).
+HANDOVER_SEAM = None
+
+
+def seam(step, name):
+    if HANDOVER_SEAM is not None:
+        HANDOVER_SEAM(step, name)
+
+
+def hand_over(job, parent_fd, fd, name, uploaded, opened):
+    """Move the name into a new private folder beside it (one rename: whatever holds the
+    name now goes), check that what came is the uploaded file, unchanged and written by
+    no process, and only then unlink it there. Anything else that came is given back."""
+    seam("mkdir", name)
+    private = job.handovers.new_name()
+    os.mkdir(private, 0o700, dir_fd=parent_fd)
+    try:
+        private_fd = os.open(private, DIRECTORY_FLAGS, dir_fd=parent_fd)
+        try:
+            seam("rename", name)
+            try:
+                os.rename(name, name, src_dir_fd=parent_fd, dst_dir_fd=private_fd)
+            except FileNotFoundError:
+                return   # removed by another process since the check: nothing to do
+            seam("check", name)
+            came = os.stat(name, dir_fd=private_fd, follow_symlinks=False)
+            try:
+                if not (stat.S_ISREG(came.st_mode) and same_file(uploaded, came)):
+                    raise StillWrittenError("replaced by a new version just before its "
+                                            "removal; the new one is left for a later run")
+                check_no_writer(job, fd, uploaded, opened, True)
+            except StillWrittenError:
+                give_back(private_fd, parent_fd, name)
+                raise
+            seam("unlink", name)
+            os.unlink(name, dir_fd=private_fd)
+        finally:
+            os.close(private_fd)
+    finally:
+        seam("rmdir", name)
+        try:
+            os.rmdir(private, dir_fd=parent_fd)
+        except OSError:
+            pass   # not empty: what could not be given back stays for a later run
+
+
+def delete_if_unchanged(job, parent_fd, fd, found, uploaded, opened):
+    """Unlink the file only if it is still the one that was read (uploaded: its fstat then),
+    unchanged, no process has it open for writing, and its directory is still where the
+    scan saw it; else keep it. The unlink is of what a private folder holds after the name
+    was moved into it (hand_over), never of whatever took the name meanwhile."""
     try:
         after = os.stat(found.name, dir_fd=parent_fd, follow_symlinks=False)
     except FileNotFoundError:
@@ -2686,11 +2913,11 @@ def delete_if_unchanged(job, parent_fd, fd, found, before, opened):
     if stat.S_ISLNK(after.st_mode):
         raise TreeChangedError("replaced by a symlink during the run; not followed, left "
                                "alone")
-    if not same_file(before, after):
+    if not same_file(uploaded, after) or file_state(os.fstat(fd)) != file_state(uploaded):
         raise FileError("changed while it was uploading; kept for the next run")
-    check_no_writer(job, fd, before, opened, True)   # the last moment before the unlink
+    check_no_writer(job, fd, uploaded, opened, True)
     os.close(open_directory(job.root, found.directory.steps))   # not moved away meanwhile
-    os.unlink(found.name, dir_fd=parent_fd)
+    hand_over(job, parent_fd, fd, found.name, uploaded, opened)
 
 
 def move_file(client, job, found, key):
@@ -2713,6 +2940,8 @@ def move_file(client, job, found, key):
             delete_if_unchanged(job, parent, fd, found, info, opened)
         finally:
             os.close(fd)
+        if found.directory.private:   # left by a cut-off handover, now moved from
+            remove_directory(job.root, found.directory.steps)
     except OSError as exc:
         raise FileError("cannot remove it (%s); left in place" % exc.strerror)
     finally:
@@ -3054,8 +3283,9 @@ def journals_for(options, environ, destination, tally):
 class Job(object):
     """What the workers share: settings, destination, options, the queue and the tally."""
 
-    def __init__(self, options, session, destination, tally, root, journals):
+    def __init__(self, options, session, destination, tally, root, journals, handovers):
         self.root = root   # SOURCE_DIR's descriptor: every file is reached through it
+        self.handovers = handovers
         self.source = options.source
         self.allow_hardlinks = options.allow_hardlinks
         self.session = session
@@ -3174,7 +3404,7 @@ def check_state_dir(state_dir, source):
                              % safe_name(state_dir))
 
 
-def move_or_plan(options, environ, settings, destination, tally, files, root):
+def move_or_plan(options, environ, settings, destination, tally, files, root, handovers):
     """Dry run, or move the files, then remove the directories they left empty."""
     if options.dry_run:
         print_plan(options.source, files, destination, tally)
@@ -3184,7 +3414,7 @@ def move_or_plan(options, environ, settings, destination, tally, files, root):
     session.debug = options.debug
     tally.progress = sys.stderr.isatty() if options.progress is None else options.progress
     job = Job(options, session, destination, tally, root,
-              journals_for(options, environ, destination, tally))
+              journals_for(options, environ, destination, tally), handovers)
     move_all(job, files)
     if job.journals is not None:
         job.journals.sweep(root, time.time())
@@ -3201,10 +3431,11 @@ def push_locked(options, environ, tally, destination, root):
     errors = []
     patterns = DEFAULT_EXCLUDES + tuple(options.exclude)
     now = time.time()
+    handovers = Handovers(recover=not options.dry_run)
 
     def scan_round(first):   # what a scan again finds wrong or young was counted once
-        return select_files(scan(root, patterns, errors if first else []), options.min_age,
-                            now, tally.left_young if first else lambda: None)
+        return select_files(scan(root, patterns, errors if first else [], handovers),
+                            options.min_age, now, tally.left_young if first else lambda: None)
     first, files = first_and_rest(oldest_first(scan_round, ORDER_WINDOW))
     if first is not None:
         load_deferred_modules()
@@ -3213,7 +3444,7 @@ def push_locked(options, environ, tally, destination, root):
             time.sleep(random.uniform(0, options.splay))
         warn_if_exposed_credentials(settings.credentials)
         tally.credentials = settings.credentials
-        move_or_plan(options, environ, settings, destination, tally, files, root)
+        move_or_plan(options, environ, settings, destination, tally, files, root, handovers)
     for relative, exc in errors:
         tally.failed(os.path.join(options.source, relative), None, exc)
     if options.verbose:

@@ -19,6 +19,7 @@ import sys
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 SERVER_MODULES = ("test_integration test_faults test_security test_operations test_resume "
+                  "test_handover "
                   "test_checksums")
 MODULES_FOR = {"localstack": "test_checksums"}
 PROBE = "import sys; print('%d.%d' % sys.version_info[:2], sys.executable)"

@@ -26,6 +26,7 @@ import threading
 import time
 import urllib.parse
 import xml.etree.ElementTree as ElementTree
+import zlib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -710,6 +711,8 @@ class FaultProxy(LoopbackServer):
       ("header", {name: value})  forward, and set these headers of the answer
       ("flip", {name: value})    the same after flipping a byte (a server that echoes a
                           checksum it never checked)
+      ("forge",)          change the body but keep its CRC32 (4 bytes chosen to match)
+      ("after", callback) forward, call callback() once the server answered, then answer
     `requests` lists (method, target) of everything the script sent.
     """
 
@@ -761,6 +764,8 @@ class FaultProxy(LoopbackServer):
         if kind == "flip" and body:
             body = body[:len(body) // 2] + bytes([body[len(body) // 2] ^ 0x01]) + \
                 body[len(body) // 2 + 1:]
+        if kind == "forge" and len(body) >= 5:
+            body = forge_crc32(body)
         if upstream[0] is None:
             upstream[0] = socket.create_connection(self.upstream)
             upstream[1] = upstream[0].makefile("rb")
@@ -781,6 +786,8 @@ class FaultProxy(LoopbackServer):
             return False
         if kind == "etag":
             answer = replace_header(answer, b"etag", action[1].encode())
+        if kind == "after":
+            action[1]()
         if kind in ("header", "flip") and len(action) == 2:
             for name, value in action[1].items():
                 answer = replace_header(answer, name.encode(), value.encode())
@@ -808,6 +815,39 @@ class HoldProxy(FaultProxy):
     def close(self):
         self.release.set()
         FaultProxy.close(self)
+
+
+def crc32_linear(data):
+    """The linear part of zlib's CRC32: crc32(a) ^ crc32(b) == crc32_linear(a ^ b)."""
+    return zlib.crc32(data) ^ zlib.crc32(bytes(len(data)))
+
+
+def forge_crc32(body):
+    """body with its first byte changed and the next four chosen so that its CRC32 stays
+    the same (a CRC is linear: solve 32 equations over GF(2) for the 32 bits)."""
+    target = crc32_linear(b"\x5a" + bytes(4))   # the change to cancel
+    rows = []   # (effect on the CRC, bit pattern of the four bytes)
+    for bit in range(32):
+        pattern = 1 << bit
+        rows.append((crc32_linear(b"\0" + pattern.to_bytes(4, "little")), pattern))
+    solution, basis = 0, []
+    for effect, pattern in rows:   # Gaussian elimination, highest bit first
+        for b_effect, b_pattern in basis:
+            if effect ^ b_effect < effect:
+                effect, pattern = effect ^ b_effect, pattern ^ b_pattern
+        if effect:
+            basis.append((effect, pattern))
+            basis.sort(reverse=True)
+    for b_effect, b_pattern in basis:
+        if target ^ b_effect < target:
+            target, solution = target ^ b_effect, solution ^ b_pattern
+    if target:
+        raise AssertionError("no four bytes forge this CRC32")
+    delta = b"\x5a" + solution.to_bytes(4, "little")
+    forged = bytes(x ^ y for x, y in zip(body[:5], delta)) + body[5:]
+    if zlib.crc32(forged) != zlib.crc32(body):
+        raise AssertionError("the forged body's CRC32 differs")
+    return forged
 
 
 def replace_header(answer, name, value):

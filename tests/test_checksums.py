@@ -101,10 +101,10 @@ class VerifiedCrc32(FaultCase):
         self.assertEqual(result.status, 0, result.stderr)
         self.assertEqual(files_under(self.source), [])
         self.assert_landed(files)
-        for head in body_requests(self.recorder):   # one hash a byte: no MD5, no SHA-256
-            self.assertEqual(head.header("content-md5"), "", head.target)
+        for head in body_requests(self.recorder):   # over http: the MD5, the SHA-256 too
+            self.assertTrue(head.header("content-md5"), head.target)
             self.assertTrue(head.header("x-amz-checksum-crc32"), head.target)
-            self.assertEqual(head.header("x-amz-content-sha256"), "UNSIGNED-PAYLOAD")
+            self.assertRegex(head.header("x-amz-content-sha256"), r"^[0-9a-f]{64}$")
         starts = [head for head in self.recorder.heads if "?uploads" in head.target]
         self.assertEqual(len(starts), 1)
         self.assertEqual(starts[0].header("x-amz-checksum-type"), "FULL_OBJECT")
@@ -150,6 +150,43 @@ class VerifiedCrc32(FaultCase):
         headers = self.server.object_headers(self.prefix + "big/b0.bin",
                                              {"x-amz-checksum-mode": "ENABLED"})
         self.assertEqual(headers.get("x-amz-checksum-crc32"), crc32_text(big))
+
+
+@only_on(VERIFIES_CRC32, "it does not verify x-amz-checksum-crc32")
+class ForgedCrc32(FaultCase):
+    def test_a_body_changed_under_its_crc32_over_http_never_lands(self):
+        # Over plain http anyone on the path may change a body and choose four bytes that
+        # keep its CRC32; over http every body also goes under its signed SHA-256 (which
+        # AWS checks; LocalStack does not) and its signed Content-MD5 (which every server
+        # checks). No file is deleted unless its object equals it.
+        files = self.corpus(4, big=1)
+        for relative in list(files)[:4]:   # at least 5 bytes: the forgery needs them
+            files[relative] = os.urandom(100)
+            write_file(self.source, relative, files[relative])
+        proxy = self.proxy(lambda r: ("forge",) if r.method == "PUT" else None)
+        result = self.run_s3push("--retries", "1", *(CRC32 + MULTIPART),
+                                 endpoint=proxy.endpoint)
+        self.assertNotEqual(result.status, 0, result.stderr)
+        self.assert_nothing_lost(files)
+        self.assertEqual(len(files_under(self.source)), len(files), result.stderr)
+        self.assertRegex(result.stderr, "BadDigest|XAmzContentSHA256Mismatch")
+
+
+class ControlCharacters(FaultCase):
+    """Names with control characters, legal on Linux and in keys: AWS S3 (LocalStack too)
+    writes them into its XML answers as references that XML 1.0 forbids."""
+
+    def test_names_with_control_characters_move(self):
+        files = {"ctl\x08name.bin": os.urandom(2000), "tab\tand\x1fus/f\x01.txt": b"small",
+                 "big\x08/b\x0b.bin": os.urandom(6 * 1024 * 1024)}
+        for relative, data in files.items():
+            write_file(self.source, relative, data)
+        result = self.run_s3push("--jobs", "1", *MULTIPART)
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertEqual(files_under(self.source), [])
+        self.assert_landed(files)
+        starts = [t for m, t in self.recorder.requests if m == "POST" and "?uploads" in t]
+        self.assertEqual(len(starts), 1, "one multipart upload, started once")
 
 
 if __name__ == "__main__":

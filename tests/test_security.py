@@ -181,6 +181,18 @@ class Tls(IntegrationCase):
             self.assertEqual(result.status, 0, result.stderr)
             self.assertTrue(self.landed(b"via %r" % args))
 
+    def test_over_tls_bodies_go_unsigned_unless_asked(self):
+        # TLS keeps a body whole on the way: its signed Content-MD5 vouches for it, and
+        # the SHA-256 (a second hash of every byte) is left out unless asked for.
+        for args, unsigned in (((), True), (("--sign-payload",), False)):
+            write_file(self.source, "f", b"tls %r" % (args,))
+            result = self.run_s3push("--debug", "--ca-bundle", self.ca, *args,
+                                     endpoint=self.https.endpoint)
+            self.assertEqual(result.status, 0, result.stderr)
+            self.assertTrue(self.landed(b"tls %r" % (args,)))
+            put = result.stderr.split("debug: PUT ", 1)[1].split("--- string to sign")[0]
+            self.assertEqual("\nUNSIGNED-PAYLOAD" in put, unsigned, put)
+
     def test_a_missing_ca_bundle_is_a_clear_error(self):
         write_file(self.source, "f", b"data")
         result = self.run_s3push("--ca-bundle", "/nonexistent.pem",

@@ -239,7 +239,7 @@ class Selection(unittest.TestCase):
     def scan(self, root, patterns, errors):
         fd = s3push.open_source(root)
         self.addCleanup(os.close, fd)
-        return s3push.scan(fd, patterns, errors)
+        return s3push.scan(fd, patterns, errors, s3push.Handovers(True))
 
     def scanned(self, patterns=s3push.DEFAULT_EXCLUDES):
         errors = []
@@ -295,7 +295,7 @@ class Selection(unittest.TestCase):
         self.addCleanup(os.close, fd)
         stack = []   # the root's listing: three directories to visit
         self.assertEqual(list(s3push.scan_directory(fd, s3push.Directory("", ()), (), stack,
-                                                    [])), [])
+                                                    [], s3push.Handovers(True))), [])
         shutil.rmtree(os.path.join(self.root, "gone"))
         os.rename(os.path.join(self.root, "replaced"), os.path.join(outside, "away"))
         os.mkdir(os.path.join(self.root, "replaced"))
@@ -591,6 +591,43 @@ class Verification(unittest.TestCase):
         body = (b'<?xml version="1.0"?><!DOCTYPE e [<!ENTITY a "aaaaaaaaaa">]>'
                 b"<Error><Code>&a;</Code></Error>")
         self.assertEqual(s3push.parse_error_body(body), ("", ""))
+
+    def test_control_character_references_are_read(self):
+        # As AWS S3 and LocalStack write a key holding control characters: XML 1.0 forbids
+        # these references and expat refuses them, but the answer is read whole.
+        start = (b'<?xml version="1.0" encoding="UTF-8"?><InitiateMultipartUploadResult>'
+                 b"<Bucket>b</Bucket><Key>a&#x8;b&#1;c&#x1F;d&#x9;e&#65;</Key>"
+                 b"<UploadId>id&#xb;1</UploadId></InitiateMultipartUploadResult>")
+        root = s3push.parse_xml(start)
+        self.assertEqual(s3push.xml_text(root, "Key"), "a\x08b\x01c\x1fd\teA")
+        self.assertEqual(s3push.xml_text(root, "UploadId"), "id\x0b1")
+        error = (b"<Error><Code>NoSuchUpload</Code><Message>no upload</Message>"
+                 b"<Key>k&#x7;\x02</Key></Error>")   # a reference, and a raw byte
+        self.assertEqual(s3push.parse_error_body(error), ("NoSuchUpload", "no upload"))
+        self.assertEqual(s3push.xml_text(s3push.parse_xml(error), "Key"), "k\x07\x02")
+
+    def test_an_answer_that_does_not_parse_starts_no_upload_again(self):
+        class Client(object):   # answers every request with this body, counting them
+            requests = 0
+
+            def __init__(self, body):
+                self.body = body
+
+            def request(self, *args, **kwargs):
+                Client.requests += 1
+                return s3push.Response(200, "OK", {}, self.body)
+        upload = s3push.Upload({}, {}, True, False)
+        self.assertEqual(s3push.create_multipart_upload(Client(
+            b"<R><UploadId>id&#x8;</UploadId></R>"), "k", upload), "id\x08")
+        for body, said in ((b"<R><UploadId>id&#xD800;</UploadId></R>",
+                            "is not XML that parses"),
+                           (b"<R><Key>k</Key></R>", "gave no UploadId")):
+            with self.assertRaises(s3push.ConfigError) as caught:
+                s3push.create_multipart_upload(Client(body), "k", upload)
+            self.assertIn("POST ?uploads", str(caught.exception))
+            self.assertIn(said, str(caught.exception))
+            self.assertTrue(caught.exception.fatal)   # the run stops: no pile of uploads
+        self.assertEqual(Client.requests, 3)
 
 
 class PartsAndRetries(unittest.TestCase):

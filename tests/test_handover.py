@@ -1,0 +1,196 @@
+"""The last steps of a move against writers as real ones behave (issue 20): a file
+rewritten in place while its parts are sent, a new version renamed over the name at every
+step of the handover, and runs killed at every step of it.
+
+After every run: the key holds nothing new, or one whole state of the file, never a mix;
+every version that existed is on the server or still local, byte for byte; and once a
+later run is done, no private folder of the handover is left.
+"""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import s3server  # noqa: E402
+from helpers import RUN_TIMEOUT, files_under, write_file  # noqa: E402
+from test_faults import MIB, MULTIPART, FaultCase  # noqa: E402
+
+# The script with s3push.HANDOVER_SEAM set: at the step named by SEAM_STEP, either die
+# (SEAM_ACTION=kill, as kill -9 would) or be a writer that renames a new version, written
+# beside the name (SEAM_NEW), over it (SEAM_ACTION=rename).
+SEAMED = """
+import os, signal, sys
+sys.path.insert(0, %r)
+import s3push
+
+def seam(step, name):
+    if step != os.environ["SEAM_STEP"]:
+        return
+    if os.environ["SEAM_ACTION"] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    new = os.environ["SEAM_NEW"]
+    os.rename(new, os.path.join(os.path.dirname(new), name))
+
+s3push.HANDOVER_SEAM = seam
+sys.argv[0] = s3push.__file__
+sys.exit(s3push.main())
+""" % s3server.REPO
+STEPS = ("mkdir", "rename", "check", "unlink", "rmdir")
+
+
+def private_names(root):
+    """Every name under root that is a private folder of the handover."""
+    return [name for _, dirs, _ in os.walk(root) for name in dirs
+            if name.startswith(".s3push-handover-")]
+
+
+class RewrittenInPlace(FaultCase):
+    """A multipart upload whose file is rewritten in place (same name, same inode, same
+    size, the old mtime put back: what rsync --inplace or a database does) at one moment."""
+
+    def rewrite(self, path, data):
+        def act():
+            mtime = os.stat(path).st_mtime
+            with open(path, "r+b") as handle:
+                handle.write(data)
+            os.utime(path, (mtime, mtime))
+        return act
+
+    def check_moment(self, moment, rule_for):
+        old = os.urandom(11 * MIB)
+        new = os.urandom(len(old))
+        path = write_file(self.source, "db.bin", old)
+        proxy = self.proxy(rule_for(self.rewrite(path, new)))
+        result = self.run_s3push("--jobs", "1", *MULTIPART, endpoint=proxy.endpoint)
+        got = self.server.object_bytes(self.prefix + "db.bin")
+        held = {None: "nothing", old: "the old bytes", new: "the new bytes"}.get(got, "a mix")
+        self.assertNotEqual(held, "a mix", "%s: the key holds a mix of two states" % moment)
+        self.assertEqual(result.status, 65, result.stderr)
+        self.assertIn("changed while it was uploading", result.stderr)
+        self.assertEqual(files_under(self.source), [b"db.bin"], moment)
+        if moment != "after the last part":   # parts of two states: never completed
+            self.assertEqual(held, "nothing", moment)
+            self.assertIn("multipart upload was not completed", result.stderr)
+        result = self.run_s3push(*MULTIPART)
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertEqual(files_under(self.source), [])
+        self.assert_landed({"db.bin": new})
+
+    def test_rewritten_at_each_moment(self):
+        moments = {
+            "before any part": lambda act: lambda r: (
+                ("after", act) if "?uploads" in r.target else None),
+            "between parts": lambda act: lambda r: (
+                ("after", act) if "partNumber=1&" in r.target and r.attempt == 0 else None),
+            "while a part is in flight": lambda act: lambda r: (
+                act() if "partNumber=2&" in r.target and r.attempt == 0 else None),
+            "after the last part": lambda act: lambda r: (
+                act() if r.method == "POST" and "?uploadId=" in r.target else None),
+        }
+        for moment, rule_for in moments.items():
+            with self.subTest(moment=moment):
+                self.prefix = "%s%d/" % (self.prefix.split("/")[0] + "-", len(moment))
+                self.check_moment(moment, rule_for)
+
+    def test_a_big_single_put_changed_between_its_hash_and_its_send(self):
+        # The body is read twice (hashed, then sent): a change in between is the file's,
+        # not the network's, and is said so at once, not retried as a damaged body.
+        old = os.urandom(24 * MIB)
+        path = write_file(self.source, "big.bin", old)
+        gate = s3server.GateProxy(self.recorder.endpoint)
+        self.addCleanup(gate.close)
+        argv = self.command("--multipart-threshold", "64MiB", endpoint=gate.endpoint)
+        process = subprocess.Popen(argv, env=self.env(), stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        self.addCleanup(process.kill)
+        self.assertTrue(gate.arrived.wait(RUN_TIMEOUT))
+        with open(path, "r+b") as handle:
+            handle.seek(20 * MIB)
+            handle.write(b"rewritten")
+        gate.release.set()
+        _, err = process.communicate(timeout=RUN_TIMEOUT)
+        self.assertEqual(process.returncode, 65, err)
+        self.assertIn(b"changed while it was uploading", err)
+        self.assertLessEqual(len(self.recorder.requests), 2, "retried as a network fault")
+        self.assertTrue(self.server.object_bytes(self.prefix + "big.bin") in (None, old),
+                        "the key holds bytes that were never the file's")
+        self.assertEqual(files_under(self.source), [b"big.bin"])
+
+
+class Handover(FaultCase):
+    def seamed_run(self, step, action, new=None):
+        argv = self.command("--min-age", "0")
+        argv[1:2] = ["-c", SEAMED]
+        env = self.env(SEAM_STEP=step, SEAM_ACTION=action, SEAM_NEW=new or "")
+        return subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              stdin=subprocess.DEVNULL, timeout=RUN_TIMEOUT)
+
+    def test_a_new_version_renamed_over_the_name_at_each_step(self):
+        for step in STEPS:
+            with self.subTest(step=step):
+                self.prefix = "%s-%s/" % (self.prefix.split("/")[0].split("-")[0], step)
+                old, new = b"old %d" % random.randrange(10 ** 9), b"new version"
+                write_file(self.source, "sub/app.log", old)
+                tmp = write_file(self.source, "sub/app.log.tmp", new)
+                done = self.seamed_run(step, "rename", os.fsdecode(tmp))
+                self.assertEqual(done.returncode, 0, done.stderr)
+                # The new version is local, the old one at the key: neither was lost.
+                self.assertEqual(files_under(self.source), [b"sub/app.log"])
+                with open(os.path.join(self.source, "sub", "app.log"), "rb") as handle:
+                    self.assertEqual(handle.read(), new, step)
+                self.assert_landed({"sub/app.log": old})
+                self.assertEqual(private_names(self.source), [])
+                result = self.run_s3push("--min-age", "0")
+                self.assertEqual(result.status, 0, result.stderr)
+                self.assert_landed({"sub/app.log": new})
+                self.assertEqual(files_under(self.source), [])
+
+    def test_killed_at_each_step_then_run_again(self):
+        for step in STEPS:
+            with self.subTest(step=step):
+                self.prefix = "%s-%s/" % (self.prefix.split("/")[0].split("-")[0], step)
+                data = b"data %d" % random.randrange(10 ** 9)
+                write_file(self.source, "sub/app.log", data)
+                done = self.seamed_run(step, "kill")
+                self.assertEqual(done.returncode, -signal.SIGKILL, done.stderr)
+                self.assertEqual(self.server.object_bytes(self.prefix + "sub/app.log"), data)
+                result = self.run_s3push("--min-age", "0", "-v")
+                self.assertEqual(result.status, 0, result.stderr)
+                self.assertEqual(files_under(self.source), [], step)
+                self.assertEqual(private_names(self.source), [], step)
+                self.assert_landed({"sub/app.log": data})
+
+    def test_killed_mid_handover_then_a_new_version_takes_the_name(self):
+        # The private folder holds the old version and cannot give it back: the next run
+        # moves it from there, then the new one; the key ends with the newest.
+        old, new = b"old version", b"new version"
+        write_file(self.source, "app.log", old, mtime=1000)
+        done = self.seamed_run("check", "kill")
+        self.assertEqual(done.returncode, -signal.SIGKILL, done.stderr)
+        self.assertEqual(len(private_names(self.source)), 1)
+        write_file(self.source, "app.log", new, mtime=2000)
+        result = self.run_s3push("--min-age", "0", "--jobs", "1")
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertEqual(files_under(self.source), [])
+        self.assertEqual(private_names(self.source), [])
+        self.assert_landed({"app.log": new})
+        puts = [t for m, t in self.recorder.requests if m == "PUT"]
+        self.assertEqual(len(puts), 3, "the old version twice (killed, then moved), the new")
+
+    def test_a_dry_run_renames_nothing(self):
+        write_file(self.source, "app.log", b"data")
+        self.assertEqual(self.seamed_run("check", "kill").returncode, -signal.SIGKILL)
+        before = private_names(self.source)
+        result = self.run_s3push("--dry-run", "--min-age", "0")
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertIn("app.log", result.stdout)
+        self.assertEqual(private_names(self.source), before)
+        self.assertEqual(len(before), 1)
+
+
+if __name__ == "__main__":
+    unittest.main()
