@@ -9,6 +9,7 @@ A module that fails to import counts as a failed test (unittest reports it as an
 
 import os
 import sys
+import time
 import unittest
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -20,6 +21,15 @@ class CountingResult(unittest.TextTestResult):
     def __init__(self, *args, **kwargs):
         unittest.TextTestResult.__init__(self, *args, **kwargs)
         self.passed = 0
+        self.times = []   # (seconds, test id)
+
+    def startTest(self, test):
+        self.started = time.monotonic()
+        unittest.TextTestResult.startTest(self, test)
+
+    def stopTest(self, test):
+        unittest.TextTestResult.stopTest(self, test)
+        self.times.append((time.monotonic() - self.started, test.id()))
 
     def addSuccess(self, test):
         unittest.TextTestResult.addSuccess(self, test)
@@ -37,6 +47,9 @@ def main():
     runner = unittest.TextTestRunner(verbosity=verbosity, stream=sys.stderr,
                                      resultclass=CountingResult)
     result = runner.run(suite)
+    if os.environ.get("S3PUSH_TEST_TIMES"):   # where the time goes: the slowest tests
+        for seconds, name in sorted(result.times, reverse=True)[:25]:
+            print("%6.1f s  %s" % (seconds, name), file=sys.stderr)
     for test, reason in result.skipped:   # a skip is never silent
         print("skipped %s: %s" % (test.id(), reason), file=sys.stderr)
     failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
