@@ -47,7 +47,21 @@ def skip_unless_server_checks(feature):
     return unittest.skipIf(reason is not None, reason)
 
 
+# s3push.py loaded from its bytecode (compiled once, kept in __pycache__): half the CPU of
+# a start by path, which compiles the whole file each time; hundreds of runs a suite.
+LAUNCH = ("import sys; sys.path[:0] = [%r]; import s3push; sys.argv[0] = s3push.__file__; "
+          "sys.exit(s3push.main())" % s3server.REPO)
 RUN_TIMEOUT = 120
+# The soak tests (chaos, kill loops, --bwlimit, seeded swaps, a 100,000-file tree) run in
+# full where S3PUSH_TEST_SOAK is unset or "full" (run_all.py: the oldest and the newest
+# Python), and as one short round where it is "short" (the interpreters in between).
+SOAK_FULL = os.environ.get("S3PUSH_TEST_SOAK", "full") != "short"
+
+
+def soak(full, short):
+    """The size of a soak test's round: full, or short on an interpreter in between."""
+    return full if SOAK_FULL else short
+
 OLD = time.time() - 3600   # mtime for files that are old enough for the default --min-age
 _SERVERS = []
 
@@ -124,10 +138,13 @@ class IntegrationCase(unittest.TestCase):
         return {k: v for k, v in env.items() if v is not None}
 
     def command(self, *args, **kw):
+        """The script's command line, started as the README's Install recipe starts it:
+        from its compiled bytecode (LAUNCH; argv[1:3] is where a test puts its own
+        launcher). The tests that write their own command lines run it by its path."""
         endpoint = kw.get("endpoint", self.recorder.endpoint)
         source = kw.get("source", self.source)
         bucket = kw.get("bucket", self.server.bucket)
-        return [sys.executable, s3server.S3PUSH, "--endpoint-url", endpoint] + list(args) + \
+        return [sys.executable, "-c", LAUNCH, "--endpoint-url", endpoint] + list(args) + \
             [source, "s3://%s/%s" % (bucket, self.prefix)]
 
     def run_s3push(self, *args, **kw):

@@ -2,11 +2,20 @@
 
 Interpreters: every python3.X under $(pyenv root)/versions/*/bin and every python3.X on
 PATH, one per minor version (pyenv's first). PYTHONS="path ..." names them instead.
-Closing line: 'N passed, N failed' summed over the interpreters (skips on the line before).
+They run side by side, S3PUSH_TEST_JOBS at a time (default: twice the cores: a suite waits on
+its servers and writers much of the time), each
+with its own ports (S3PUSH_TEST_PORTS), temporary folders and servers; the output of each
+is printed as one block when it is done. The soak tests run in full on the oldest and the
+newest interpreter and as one short round on those in between (S3PUSH_TEST_SOAK, see
+helpers.soak). Closing line: 'N passed, N failed' summed over the interpreters (skips on
+the line before).
 
 --server rgw|moto|localstack: start Ceph RGW, moto with IAM enforced, or LocalStack's S3
 once and run the suites that talk to a server (SERVER_MODULES; LocalStack, which checks
-no signature, only the checksum tests) against it on every interpreter.
+no signature, only the checksum tests) against it. LocalStack on every interpreter; RGW
+and moto each on the oldest, the newest and every other one in between (RGW the 1st,
+3rd, ..., moto the 2nd, 4th, ...), so that each interpreter meets a strict server and
+make test-all stays within CI's time.
 --python-at-least 3.X: print the newest interpreter found of 3.X or later (make installs
 LocalStack, which needs 3.12, with it).
 """
@@ -16,6 +25,9 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 SERVER_MODULES = ("test_integration test_faults test_security test_operations test_resume "
@@ -63,21 +75,60 @@ def interpreters():
     return chosen
 
 
-def run_everywhere(found, env):
-    """Run the suite on each interpreter; (passed, failed, skipped) summed."""
-    totals = [0, 0, 0]
-    for version in sorted(found):
-        print("=== Python %d.%d: %s" % (version + (found[version],)), flush=True)
-        done = subprocess.run([found[version], os.path.join(TESTS, "run.py")],
-                              stdout=subprocess.PIPE, env=env)
-        out = done.stdout.decode("utf-8", "replace")
-        match = re.search(r"^RESULT (\d+) (\d+) (\d+)$", out, re.M)
-        counts = [int(x) for x in match.groups()] if match else [0, 1, 0]
-        if done.returncode != 0 and counts[1] == 0:
-            counts[1] = 1   # crashed or ran nothing: never a silent pass
-        print("--- Python %d.%d: %d passed, %d failed, %d skipped"
-              % (version + tuple(counts)), flush=True)
-        totals = [a + b for a, b in zip(totals, counts)]
+def chosen_for(found, kind):
+    """[(version, soak: "full" or "short")] to run, oldest and newest first (the longest)."""
+    versions = sorted(found)
+    ends, middle = versions[:1] + versions[-1:], versions[1:-1]
+    if kind == "rgw":
+        middle = middle[0::2]
+    elif kind == "moto":
+        middle = middle[1::2]
+    return [(v, "full") for v in sorted(set(ends))] + [(v, "short") for v in middle]
+
+
+def run_one(version, path, soak, env, slot):
+    """Run the suite on one interpreter; (its output, (passed, failed, skipped))."""
+    env = dict(env or os.environ, S3PUSH_TEST_SOAK=soak,
+               S3PUSH_TEST_PORTS="%d-%d" % (10000 + 2000 * slot, 12000 + 2000 * slot))
+    started = time.monotonic()
+    with tempfile.TemporaryFile() as log:
+        done = subprocess.run([path, os.path.join(TESTS, "run.py")], stdout=log,
+                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        log.seek(0)
+        out = log.read().decode("utf-8", "replace")
+    match = re.search(r"^RESULT (\d+) (\d+) (\d+)$", out, re.M)
+    counts = [int(x) for x in match.groups()] if match else [0, 1, 0]
+    if done.returncode != 0 and counts[1] == 0:
+        counts[1] = 1   # crashed or ran nothing: never a silent pass
+    block = "=== Python %d.%d: %s (soak tests: %s)\n%s--- Python %d.%d: %d passed, %d " \
+            "failed, %d skipped in %.0f s\n" % (version + (path, soak, out) + version +
+                                                  tuple(counts) + (time.monotonic() - started,))
+    return block, counts
+
+
+def run_everywhere(found, env, kind=None):
+    """Run the suite on the chosen interpreters, side by side; (passed, failed, skipped)."""
+    todo = chosen_for(found, kind)
+    totals, lock = [0, 0, 0], threading.Lock()
+    jobs = int(os.environ.get("S3PUSH_TEST_JOBS") or 2 * (os.cpu_count() or 1))
+
+    def work(slot):
+        while True:
+            with lock:
+                if not todo:
+                    return
+                version, soak = todo.pop(0)
+            block, counts = run_one(version, found[version], soak, env, slot)
+            with lock:
+                sys.stdout.write(block)
+                sys.stdout.flush()
+                for i, count in enumerate(counts):
+                    totals[i] += count
+    threads = [threading.Thread(target=work, args=(slot,)) for slot in range(jobs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     return totals
 
 
@@ -114,17 +165,18 @@ def main(argv):
         print("no Python 3.6+ interpreter found")
         print("0 passed, 1 failed")
         return 1
+    kind = argv[1] if len(argv) == 2 and argv[0] == "--server" else None
     server, env = None, None
-    if len(argv) == 2 and argv[0] == "--server":
-        print("starting the %s server for every interpreter" % argv[1], flush=True)
-        server, env = shared_server(argv[1])
+    if kind is not None:
+        print("starting the %s server for every interpreter" % kind, flush=True)
+        server, env = shared_server(kind)
     try:
-        totals = run_everywhere(found, env)
+        totals = run_everywhere(found, env, kind)
     finally:
         if server is not None:
             server.stop()
     print("interpreters: %s; %d skipped (named in each run's output)"
-          % (" ".join("%d.%d" % v for v in sorted(found)), totals[2]))
+          % (" ".join("%d.%d" % v for v, _ in sorted(chosen_for(found, kind))), totals[2]))
     print("%d passed, %d failed" % tuple(totals[:2]))
     return 1 if totals[1] else 0
 

@@ -16,6 +16,7 @@ Every server started here listens on 127.0.0.1 on a free port and is stopped by 
 import base64
 import datetime
 import os
+import random
 import shutil
 import signal
 import socket
@@ -43,9 +44,19 @@ START_TIMEOUT = 20
 
 
 def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port free now on 127.0.0.1. Under run_all.py, runs side by side each draw from
+    their own range (S3PUSH_TEST_PORTS=LOW-HIGH, below the kernel's ephemeral ports), so
+    that one run's server never takes a port another run has just picked."""
+    ports = os.environ.get("S3PUSH_TEST_PORTS")
+    low, high = (int(p) for p in ports.split("-")) if ports else (0, 0)
+    for _ in range(100):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", random.randrange(low, high) if ports else 0))
+            except OSError:
+                continue   # taken: draw again
+            return sock.getsockname()[1]
+    raise RuntimeError("no free port in %s" % ports)
 
 
 def wait_listening(port, process, log_path):

@@ -18,7 +18,7 @@ import unittest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import s3server  # noqa: E402
 from helpers import (RUN_TIMEOUT, IntegrationCase, files_under,  # noqa: E402
-                     skip_unless_server_checks, write_file)
+                     skip_unless_server_checks, soak, write_file)
 
 MIB = 1024 * 1024
 MULTIPART = ("--multipart-threshold", "5MiB", "--part-size", "5MiB")
@@ -299,7 +299,7 @@ class Chaos(FaultCase):
               ("answer", 503, "SlowDown"), ("truncate",), ("stall", 2), ("flip",)]
 
     def test_every_file_arrives_intact_through_random_faults(self):
-        files = self.corpus(300, big=3, seed=4)
+        files = self.corpus(*soak((300, 3), (60, 1)), seed=4)
         rng = random.Random(1234)
         injected = {}
 
@@ -323,16 +323,20 @@ class Chaos(FaultCase):
         sys.stderr.write("[chaos: %d requests, %d faults injected: %s] "
                          % (len(proxy.requests), sum(injected.values()),
                             " ".join("%s=%d" % kv for kv in sorted(injected.items()))))
-        self.assertGreaterEqual(min(injected.values()), 3, injected)
-        self.assertEqual(len(injected), len(self.FAULTS), injected)
+        if soak(True, False):   # the full round meets every kind of fault, each 3 times
+            self.assertGreaterEqual(min(injected.values()), 3, injected)
+            self.assertEqual(len(injected), len(self.FAULTS), injected)
+        else:
+            self.assertGreaterEqual(sum(injected.values()), 10, injected)
 
 
 class Crashes(FaultCase):
     def test_kill_9_at_random_moments(self):
-        files = self.corpus(500, big=3, seed=9)
+        files = self.corpus(*soak((500, 3), (100, 1)), seed=9)
         rng = random.Random(99)
         kills = runs = 0
-        while kills < 20 and runs < 80:
+        wanted = soak(20, 4)
+        while kills < wanted and runs < 4 * wanted:
             runs += 1
             process = subprocess.Popen(self.command("--jobs", "2", *MULTIPART), env=self.env(),
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -349,7 +353,7 @@ class Crashes(FaultCase):
         self.assertEqual(files_under(self.source), [])
         self.assert_landed(files)
         sys.stderr.write("[crash: %d kills in %d runs] " % (kills, runs))
-        self.assertGreaterEqual(kills, 20)
+        self.assertGreaterEqual(kills, wanted)
 
     def corpus_refill(self, files, rng):
         """All moved before 20 kills: put a fresh set in (new names, same check)."""
@@ -510,7 +514,7 @@ class OpenWriters(FaultCase):
             alive = process.poll() is None
             argv = self.command("-v", *args)
             if not leases:
-                argv[1:2] = ["-c", NO_LEASES]
+                argv[1:3] = ["-c", NO_LEASES]
             done = subprocess.run(argv, env=self.env(), stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, timeout=RUN_TIMEOUT)
             # 0, or 65 when the file changed during its upload (kept): never a loss, which

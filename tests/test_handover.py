@@ -126,7 +126,7 @@ class RewrittenInPlace(FaultCase):
 class Handover(FaultCase):
     def seamed_run(self, step, action, new=None):
         argv = self.command("--min-age", "0")
-        argv[1:2] = ["-c", SEAMED]
+        argv[1:3] = ["-c", SEAMED]
         env = self.env(SEAM_STEP=step, SEAM_ACTION=action, SEAM_NEW=new or "")
         return subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               stdin=subprocess.DEVNULL, timeout=RUN_TIMEOUT)

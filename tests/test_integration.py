@@ -51,7 +51,7 @@ class MovesFiles(IntegrationCase):
         self.assertEqual(len(os.listdir(os.path.join(lib, "__pycache__"))), 1)
         write_file(self.source, "a/f", b"data")
         command = self.command()
-        command[1:2] = ["-I", "-c", code.replace("/usr/local/lib/s3push", lib)]
+        command[1:3] = ["-I", "-c", code.replace("/usr/local/lib/s3push", lib)]
         done = subprocess.run(command, env=self.env(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, timeout=RUN_TIMEOUT)
         self.assertEqual(done.returncode, 0, done.stderr)

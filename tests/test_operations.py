@@ -15,7 +15,7 @@ import urllib.parse
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from helpers import IntegrationCase, files_under, skip_unless_server_checks  # noqa: E402
-from helpers import LACKS, write_file  # noqa: E402
+from helpers import LACKS, soak, write_file  # noqa: E402
 import s3server  # noqa: E402
 
 MULTIPART = ("--multipart-threshold", "5MiB", "--part-size", "5MiB")
@@ -229,7 +229,7 @@ class Order(IntegrationCase):
         for seam in (None, SMALL_WINDOW):
             argv = self.command("--jobs", "1")
             if seam:
-                argv[1:2] = ["-c", seam]
+                argv[1:3] = ["-c", seam]
             start = len(self.recorder.heads)
             done = subprocess.run(argv, env=self.env(), stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, timeout=60)
@@ -244,11 +244,11 @@ class Order(IntegrationCase):
 
 class BandwidthLimit(IntegrationCase):
     def test_the_run_stays_at_its_rate_across_jobs_and_parts(self):
-        # 8 MiB in small files and parts at 1 MiB/s, four jobs: about 8 s. The rate is
-        # measured between the first and the last request the proxy received whole. It
-        # may never be above the limit (+10 %); below, only a starved machine would be,
-        # so the floor is loose (a timed test must not flake).
-        rate = 1024 * 1024
+        # 8 MiB in small files and parts at 1 MiB/s (a short round: 2 MiB/s), four jobs:
+        # about 8 s (4 s). The rate is measured between the first and the last request the
+        # proxy received whole. It may never be above the limit (+10 %); below, only a
+        # starved machine would be, so the floor is loose (a timed test must not flake).
+        rate = soak(1, 2) * 1024 * 1024
         files = {"small%d" % i: os.urandom(256 * 1024) for i in range(8)}
         files["big.bin"] = os.urandom(6 * 1024 * 1024 - 1)
         for relative, data in files.items():
@@ -257,17 +257,18 @@ class BandwidthLimit(IntegrationCase):
         proxy = s3server.FaultProxy(self.server.endpoint, lambda request: arrivals.append(
             (time.monotonic(), len(request.body))))
         self.proxies.append(proxy)
-        result = self.run_s3push("--bwlimit", "1M", "--jobs", "4", *MULTIPART,
-                                 endpoint=proxy.endpoint)
+        result = self.run_s3push("--bwlimit", "%dM" % (rate // 1024 // 1024), "--jobs", "4",
+                                 *MULTIPART, endpoint=proxy.endpoint)
         self.assertEqual(result.status, 0, result.stderr)
         self.assert_landed(files)
         arrivals.sort()
         seconds = arrivals[-1][0] - arrivals[0][0]
         sent = sum(size for _, size in arrivals[1:])
-        self.assertGreater(seconds, 4.0)
+        self.assertGreater(seconds, 4.0 * 1024 * 1024 / rate)
         self.assertLessEqual(sent / seconds, rate * 1.1, "%.0f bytes/s" % (sent / seconds))
         self.assertGreater(sent / seconds, rate * 0.5, "%.0f bytes/s" % (sent / seconds))
-        sys.stderr.write("[bwlimit 1M: %.0f KiB/s] " % (sent / seconds / 1024))
+        sys.stderr.write("[bwlimit %dM: %.0f KiB/s] " % (rate // 1024 // 1024,
+                                                        sent / seconds / 1024))
 
     def test_a_rate_below_1k_is_a_usage_error(self):
         write_file(self.source, "f", b"x")

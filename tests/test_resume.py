@@ -19,7 +19,7 @@ import urllib.parse
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import s3server  # noqa: E402
 from helpers import (RUN_TIMEOUT, files_under, skip_unless_server_checks,  # noqa: E402
-                     write_file)
+                     soak, write_file)
 from test_faults import MIB, FaultCase  # noqa: E402
 
 PART = 5 * MIB
@@ -98,7 +98,7 @@ class Resume(FaultCase):
         journaled, sent, resent, kills = set(), set(), 0, 0
         while True:
             jobs = rng.choice((1, 2, 3))
-            kill_at = rng.randrange(1, 5) if kills < 5 else None
+            kill_at = rng.randrange(1, 5) if kills < soak(5, 2) else None
             proxy, status, out, err = self.run_through("--jobs", str(jobs), "-v",
                                                        kill_at=kill_at)
             # No part the journal held is sent again (the file is unchanged) ...

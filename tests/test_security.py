@@ -18,7 +18,7 @@ import unittest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import s3server  # noqa: E402
 from helpers import (RUN_TIMEOUT, IntegrationCase, Result, files_under,  # noqa: E402
-                     skip_unless_server_checks, write_file)
+                     skip_unless_server_checks, soak, write_file)
 
 sys.path.insert(0, s3server.REPO)
 import s3push  # noqa: E402
@@ -350,7 +350,7 @@ class BadInput(IntegrationCase):
         if not os.access("/usr/bin/time", os.X_OK):
             self.skipTest("GNU time (/usr/bin/time) measures the peak RSS")
         peaks = []
-        for count in (1000, 100000):
+        for count in (1000, soak(100000, 20000)):
             shutil.rmtree(self.source)
             os.makedirs(self.source)
             for i in range(count):
@@ -541,7 +541,7 @@ class HostileWriter(IntegrationCase):
         names = ["top0", "top1", "top2"] + ["d%d/%s" % (d, n) for d in range(5) for n in inner]
         slow = s3server.FaultProxy(self.recorder.endpoint, lambda request: ("stall", 0.03))
         self.proxies.append(slow)
-        for seed in range(6):
+        for seed in range(soak(6, 2)):
             shutil.rmtree(self.source)
             mine = self.write_tree(names)
             away = os.path.join(self.away, str(seed))
