@@ -2,10 +2,10 @@
 
 Interpreters: every python3.X under $(pyenv root)/versions/*/bin and every python3.X on
 PATH, one per minor version (pyenv's first). PYTHONS="path ..." names them instead.
-They run side by side, S3PUSH_TEST_JOBS at a time (default: twice the cores: a suite waits on
-its servers and writers much of the time), each
-with its own ports (S3PUSH_TEST_PORTS), temporary folders and servers; the output of each
-is printed as one block when it is done. The soak tests run in full on the oldest and the
+They run side by side, S3PUSH_TEST_JOBS at a time (default: twice the cores, as a suite
+waits on its servers and writers much of the time), each with its own ports
+(S3PUSH_TEST_PORTS), temporary folders and servers; the output of each is printed as one
+block when it is done. The soak tests run in full on the oldest and the
 newest interpreter and as one short round on those in between (S3PUSH_TEST_SOAK, see
 helpers.soak). Closing line: 'N passed, N failed' summed over the interpreters (skips on
 the line before).
