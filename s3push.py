@@ -2098,8 +2098,8 @@ def scan_directory(fd, directory, patterns, stack, errors, handovers):
         if name.startswith(PRIVATE_PREFIX) and PRIVATE_DIR.match(name):
             names = handovers.meet(fd, directory, name, stack)
             given.update(names)
-        for name in names:
-            found = scan_entry(fd, directory, name, patterns, stack, errors)
+        for entry in names:
+            found = scan_entry(fd, directory, entry, patterns, stack, errors)
             if found is not None:
                 yield found
 
