@@ -417,8 +417,9 @@ def checksum_rows(python, aws, work, setup_big):
         variants = {"s3push " + name: [python, s3server.S3PUSH, "--checksum", name]
                     for name in ("md5", "crc32")}
         bench = Bench(Tools(server, python, aws, None, variants=variants), work)
-        print("\nchecksums: LocalStack's S3 on %s (verifies CRC32 and Content-MD5)"
-              % server.endpoint)
+        print("\nchecksums: LocalStack's S3 on %s (verifies CRC32 and Content-MD5); over "
+              "plain http s3push signs each body's SHA-256 and, on the CRC32 path, sends its "
+              "MD5 too (a CRC32 can be forged on the way)" % server.endpoint)
         bench.run("big/ls", setup_big, BIG_REPEAT)
         ratio_line("%d MiB: client CPU, CRC32 path vs MD5 path" % BIG_MIB,
                    figure(bench.rows, "big/ls", "s3push crc32", "cpu"),
