@@ -618,7 +618,9 @@ class IfExists(FaultCase):
         process = self.writer_process(path)
         while process.poll() is None:
             result = self.run_s3push("--min-age", "1", "--if-exists", "number")
-            self.assertEqual(result.status, 0, result.stderr)
+            # 65 when a burst came during the upload (on a loaded machine): kept, never a
+            # loss, which the end proves byte for byte.
+            self.assertIn(result.status, (0, 65), result.stderr)
             time.sleep(0.3)
         time.sleep(1.1)
         self.assertEqual(self.run_s3push("--min-age", "1", "--if-exists", "number").status, 0)
