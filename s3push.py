@@ -266,6 +266,9 @@ class ChangedError(FileError):
     one whole state of it (or may not be), so it is kept for the next run; never retried
     as if the network had damaged the bytes."""
 
+    def __init__(self, message="changed while it was uploading; kept for the next run"):
+        FileError.__init__(self, message)
+
 
 class Interrupted(BaseException):
     """Raised by the SIGTERM handler; a BaseException so no per-file handler swallows it."""
@@ -602,7 +605,7 @@ class FileRange(object):
 
     def blocks(self):
         if self.state is not None and file_state(os.fstat(self.fd)) != self.state:
-            raise ChangedError("changed while it was uploading; kept for the next run")
+            raise ChangedError()
         position, end = self.offset, self.offset + self.length
         while position < end:
             block = os.pread(self.fd, min(BLOCK_BYTES, end - position), position)
@@ -1639,7 +1642,7 @@ def put_range(client, key, fd, offset, length, headers, upload, query=(), what="
     except S3PushError as exc:   # a body refused because the file changed as it was read
         if isinstance(exc, ChangedError) or exc.fatal or file_state(os.fstat(fd)) == state:
             raise
-        raise ChangedError("changed while it was uploading; kept for the next run") from None
+        raise ChangedError() from None
     return Sent(response.header("etag"), digest.md5_raw, digest.crc32)
 
 
@@ -2607,7 +2610,7 @@ def upload_for(job, relative, info):
     headers["x-amz-meta-mtime"] = "%d.%09d" % divmod(info.st_mtime_ns, 10 ** 9)
     condition = {"if-none-match": "*"} if job.if_exists != "overwrite" else {}
     return Upload(headers, condition, job.verify_md5, job.sign_payload, job.checksum,
-                  job.session.endpoint.scheme == "http")
+                  job.plain_http)
 
 
 class WorkQueue(object):
@@ -2791,6 +2794,7 @@ def multipart_upload(client, job, key, fd, info, upload, journal):
     On failure nothing is aborted (AbortMultipartUpload is a DELETE): the journal lets
     the next run go on, and a bucket lifecycle rule removes an upload nobody completes.
     """
+    state = file_state(info)
     part_size = part_size_for(info.st_size, job.part_size)
     plan = MultipartPlan(part_size, part_ranges(info.st_size, part_size),
                          headers_fingerprint(multipart_headers(upload)), upload.checksum)
@@ -2800,7 +2804,7 @@ def multipart_upload(client, job, key, fd, info, upload, journal):
         job.tally.resumed(os.path.join(job.source, journal.found.relative),
                           len(resumption.parts), len(plan.ranges), reused, job.verbose)
     try:
-        send_parts(client, job, key, fd, plan, upload, journal, resumption, file_state(info))
+        send_parts(client, job, key, fd, plan, upload, journal, resumption, state)
     except (KeyTakenError, ChangedError):
         raise
     except FileError as exc:
@@ -2809,7 +2813,7 @@ def multipart_upload(client, job, key, fd, info, upload, journal):
             raise
         if resumption is not None:   # its parts go again after all
             job.tally.resume_dropped(reused)
-        send_parts(client, job, key, fd, plan, upload, journal, None, file_state(info))
+        send_parts(client, job, key, fd, plan, upload, journal, None, state)
     finally:
         journal.close()
 
@@ -2914,7 +2918,7 @@ def delete_if_unchanged(job, parent_fd, fd, found, uploaded, opened):
         raise TreeChangedError("replaced by a symlink during the run; not followed, left "
                                "alone")
     if not same_file(uploaded, after) or file_state(os.fstat(fd)) != file_state(uploaded):
-        raise FileError("changed while it was uploading; kept for the next run")
+        raise ChangedError()
     check_no_writer(job, fd, uploaded, opened, True)
     os.close(open_directory(job.root, found.directory.steps))   # not moved away meanwhile
     hand_over(job, parent_fd, fd, found.name, uploaded, opened)
@@ -3305,6 +3309,7 @@ class Job(object):
         self.writers = WriterIndex()
         self.verify_md5 = not (options.sse or "").startswith("aws:kms")
         self.checksum = checksum_for(options.checksum, session.endpoint)
+        self.plain_http = session.endpoint.scheme == "http"   # see Upload
         self.sign_payload = options.sign_payload or \
             (self.checksum == "md5" and new_md5() is None)
         self.queue = WorkQueue(max_files=4 * options.jobs)
