@@ -226,7 +226,12 @@ class TemporaryError(S3PushError):
 
 
 class UnreachableError(TemporaryError):
+    """No connection to the host: `reason` says why, e.g. 'Connection refused'."""
     fatal = True
+
+    def __init__(self, message, reason=""):
+        TemporaryError.__init__(self, message)
+        self.reason = reason or message
 
 
 class FileError(S3PushError):
@@ -409,6 +414,11 @@ def bypasses_proxy(host, port, no_proxy):
 Proxy = collections.namedtuple("Proxy", "host port authorization")
 
 
+# How every request of a run reaches its host: the proxies (proxy_settings) and the CA
+# bundle to trust over TLS (None: the system's CAs).
+Network = collections.namedtuple("Network", "proxies ca_bundle")
+
+
 def proxy_for(proxies, scheme, host, port):
     """The Proxy to use, or None."""
     url = proxies.get(scheme) or ""
@@ -428,20 +438,6 @@ def proxy_for(proxies, scheme, host, port):
                           urllib.parse.unquote(parts.password or ""))
         auth = "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")
     return Proxy(parts.hostname, proxy_port, auth)
-
-
-def http_call(method, url, headers=None, body=None, timeout=METADATA_TIMEOUT):
-    """(status, body) of one small request to a credential service (metadata, STS)."""
-    parts = urllib.parse.urlsplit(url)
-    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    conn = kind(parts.hostname, parts.port, timeout=timeout)
-    try:
-        conn.request(method, (parts.path or "/") + ("?" + parts.query if parts.query else ""),
-                     body=body, headers=headers or {})
-        answer = conn.getresponse()
-        return answer.status, answer.read(MAX_ANSWER_BODY)
-    finally:
-        conn.close()
 
 
 class Endpoint(object):
@@ -706,9 +702,9 @@ class Connection(object):
                                   "server uses a private CA, name it with --ca-bundle, "
                                   "AWS_CA_BUNDLE or ca_bundle in the profile"
                                   % (self.host, self.port, one_line(exc)))
-            raise UnreachableError("cannot connect to %s:%d%s (%s): is the endpoint right and "
-                                   "the server up?" % (self.host, self.port, self.via(),
-                                                       describe_os_error(exc)))
+            reason = describe_os_error(exc) + self.via()
+            raise UnreachableError("cannot connect to %s:%d (%s): is the endpoint right and "
+                                   "the server up?" % (self.host, self.port, reason), reason)
         conn.sock.settimeout(self.timeout)
         # Headers and body go out in separate writes: without this, Nagle's algorithm and
         # delayed ACKs stall each streamed request by up to 40 ms.
@@ -716,8 +712,8 @@ class Connection(object):
         self.conn, self.requests = conn, 0
 
     def via(self):
-        """' through the proxy HOST:PORT' (never its password), or ''."""
-        return " through the proxy %s:%d" % (self.proxy.host, self.proxy.port) \
+        """', through the proxy HOST:PORT' (never its password), or ''."""
+        return ", through the proxy %s:%d" % (self.proxy.host, self.proxy.port) \
             if self.proxy else ""
 
     def exchange(self, method, target, headers, body):
@@ -752,6 +748,30 @@ class Connection(object):
             self.requests += 1
         return Response(answer.status, answer.reason,
                         {k.lower(): v for k, v in answer.getheaders()}, data)
+
+
+def http_call(network, method, url, headers=None, body=b"", timeout=METADATA_TIMEOUT):
+    """(status, body) of one small request to a credential service (STS, the metadata
+    services): through a Connection like every S3 request, so with the same proxy rules
+    and TLS trust. No answer: UnreachableError, its reason e.g. 'timed out'."""
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    tls = tls_context(network.ca_bundle) if parts.scheme == "https" else None
+    connection = Connection(parts.scheme, parts.hostname, port, timeout, tls,
+                            proxy_for(network.proxies, parts.scheme, parts.hostname, port))
+    headers = {k.lower(): v for k, v in (headers or {}).items()}
+    headers["host"] = parts.netloc
+    if body or method != "GET":
+        headers["content-length"] = str(len(body))
+    try:
+        answer = connection.exchange(method, (parts.path or "/") + (
+            "?" + parts.query if parts.query else ""), headers, body)
+    except (OSError, http.client.HTTPException) as exc:
+        reason = describe_os_error(exc) + connection.via()
+        raise UnreachableError("no answer from %s (%s)" % (parts.netloc, reason), reason)
+    finally:
+        connection.close()
+    return answer.status, answer.body
 
 
 # === Session and S3Client ===
@@ -818,8 +838,9 @@ class Session(object):
         self.said = set()
         # Only for https: loading a CA bundle costs ~40 ms of CPU (AWS_CA_BUNDLE is often
         # set host-wide, also where the endpoint is plain http).
-        self.tls = tls_context(settings.ca_bundle) if self.endpoint.scheme == "https" else None
-        self.proxies = settings.proxies
+        self.tls = tls_context(settings.network.ca_bundle) \
+            if self.endpoint.scheme == "https" else None
+        self.proxies = settings.network.proxies
         self.expected_owner = settings.expected_bucket_owner
         self.debug = False
 
@@ -1051,14 +1072,13 @@ ACCOUNT_ID = re.compile(r"^\d{12}$")
 class Settings(object):
     """Everything resolved from options, environment and files, before any request."""
 
-    def __init__(self, profile, region, endpoint_url, credentials, ca_bundle=None,
-                 proxies=None, expected_bucket_owner=None):
+    def __init__(self, profile, region, endpoint_url, credentials, network=Network({}, None),
+                 expected_bucket_owner=None):
         self.profile = profile
         self.region = region
         self.endpoint_url = endpoint_url
         self.credentials = credentials
-        self.ca_bundle = ca_bundle
-        self.proxies = proxies or {}   # {"http": url, "https": url, "no": list}
+        self.network = network   # of every request: S3's and the credential services'
         self.expected_bucket_owner = expected_bucket_owner   # an account id, or None
 
 
@@ -1142,20 +1162,21 @@ def check_credentials(credentials):
 
 
 def resolve_credentials(environ, explicit_profile, profile, sources, io=None,
-                        region=DEFAULT_REGION):
+                        region=DEFAULT_REGION, network=Network({}, None)):
     """The AWS tools' order: the environment (passed over for an explicit --profile), a
     role to assume (role_arn), the credentials file, credential_process, the config file,
     container credentials, the EC2 instance profile.
 
     sources: [(section or None, path)] for the credentials file, then the config file.
     io: the CredentialSources that need I/O (STS, a process, metadata services); without
-    it only the environment and the files count. region: where STS is asked.
+    it only the environment and the files count. region: where STS is asked; network: how
+    the services are reached (the Network of S3 requests too).
     """
     (cred_section, cred_path), (conf_section, conf_path) = sources
     conf_section = conf_section or {}
     steps = [
         lambda: None if explicit_profile else environment_credentials(environ),
-        lambda: io.assume_role(conf_section, profile, region)
+        lambda: io.assume_role(conf_section, profile, region, network)
         if io and conf_section.get("role_arn") else None,
         lambda: credentials_from_section(cred_section, cred_path, profile)
         if has_keys(cred_section) else None,
@@ -1163,8 +1184,8 @@ def resolve_credentials(environ, explicit_profile, profile, sources, io=None,
         if io and conf_section.get("credential_process") else None,
         lambda: credentials_from_section(conf_section, conf_path, profile)
         if has_keys(conf_section) else None,
-        lambda: io.container() if io else None,
-        lambda: io.instance() if io else None,
+        lambda: io.container(network) if io else None,
+        lambda: io.instance(network) if io else None,
     ]
     for step in steps:
         found = step()
@@ -1193,13 +1214,14 @@ def resolve_settings(options, environ, credentials_ini, config_ini, paths, io=No
     conf_section = conf_section or {}
     region = (options.region or environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
               or conf_section.get("region") or DEFAULT_REGION)
-    credentials = resolve_credentials(environ, explicit, profile,
-                                      [(cred_section, paths[0]), (conf_section, paths[1])],
-                                      io, region)
-    endpoint = (options.endpoint_url or environ.get("AWS_ENDPOINT_URL_S3")
-                or environ.get("AWS_ENDPOINT_URL") or conf_section.get("endpoint_url") or None)
     ca_bundle = (getattr(options, "ca_bundle", None) or environ.get("AWS_CA_BUNDLE")
                  or conf_section.get("ca_bundle") or None)
+    network = Network(proxy_settings(environ), ca_bundle)
+    credentials = resolve_credentials(environ, explicit, profile,
+                                      [(cred_section, paths[0]), (conf_section, paths[1])],
+                                      io, region, network)
+    endpoint = (options.endpoint_url or environ.get("AWS_ENDPOINT_URL_S3")
+                or environ.get("AWS_ENDPOINT_URL") or conf_section.get("endpoint_url") or None)
     owner = (getattr(options, "expected_bucket_owner", None)
              or environ.get("S3PUSH_EXPECTED_BUCKET_OWNER")
              or conf_section.get("s3push_expected_bucket_owner") or None)
@@ -1207,8 +1229,7 @@ def resolve_settings(options, environ, credentials_ini, config_ini, paths, io=No
         raise ConfigError("the expected bucket owner %r (S3PUSH_EXPECTED_BUCKET_OWNER or "
                           "s3push_expected_bucket_owner) is not a 12-digit account id"
                           % owner)
-    return Settings(profile, region, endpoint, credentials, ca_bundle, proxy_settings(environ),
-                    owner)
+    return Settings(profile, region, endpoint, credentials, network, owner)
 
 
 def read_ini_file(path):
@@ -1240,7 +1261,7 @@ def process_credentials(command, profile):
     return credentials_from_json(done.stdout, what)
 
 
-def container_credentials(environ):
+def container_credentials(environ, network):
     """ECS/EKS container credentials, or None when the container variables are not set."""
     relative = environ.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
     url = "http://169.254.170.2" + relative if relative else \
@@ -1257,10 +1278,10 @@ def container_credentials(environ):
             raise ConfigError("cannot read %s (%s)" % (token_file, exc.strerror))
     what = "the container credentials service %s" % url.split("?")[0]
     try:
-        status, body = http_call("GET", url, {"Authorization": token} if token else {},
-                                 timeout=2)
-    except (OSError, ValueError) as exc:
-        raise ConfigError("%s did not answer (%s)" % (what, describe_os_error(exc)))
+        status, body = http_call(network, "GET", url,
+                                 {"Authorization": token} if token else {}, timeout=2)
+    except (UnreachableError, ValueError) as exc:
+        raise ConfigError("%s did not answer (%s)" % (what, getattr(exc, "reason", exc)))
     if status != 200:
         raise ConfigError("%s answered HTTP %d" % (what, status))
     return credentials_from_json(body, what)
@@ -1273,43 +1294,44 @@ NO_METADATA_HINT = (
     "hop limit to 2 (aws ec2 modify-instance-metadata-options --http-put-response-hop-limit 2)")
 
 
-def instance_credentials(environ):
+def instance_credentials(environ, network):
     """The EC2 instance profile through IMDSv2 (token PUT, then GETs), or None."""
     if environ.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true":
         return None
     base = (environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT")
             or "http://169.254.169.254").rstrip("/")
     try:
-        status, token = http_call("PUT", base + "/latest/api/token",
+        status, token = http_call(network, "PUT", base + "/latest/api/token",
                                   {"X-aws-ec2-metadata-token-ttl-seconds": "21600"})
-    except OSError as exc:
-        if "timed out" in describe_os_error(exc):   # the PUT's answer may not reach a
-            raise ConfigError(NO_METADATA_HINT)    # container: too few hops allowed
+    except (UnreachableError, ValueError) as exc:
+        if "timed out" in getattr(exc, "reason", ""):   # the PUT's answer may not reach
+            raise ConfigError(NO_METADATA_HINT)        # a container: too few hops allowed
         return None
     try:
         if status != 200:
             return None
         headers = {"X-aws-ec2-metadata-token": token.decode("ascii", "replace").strip()}
         listing = base + "/latest/meta-data/iam/security-credentials/"
-        status, roles = http_call("GET", listing, headers)
+        status, roles = http_call(network, "GET", listing, headers)
         role = roles.decode("utf-8", "replace").split()[0] if status == 200 and roles else ""
         if not role:
             return None
-        status, body = http_call("GET", listing + role, headers)
-    except (OSError, ValueError):
+        status, body = http_call(network, "GET", listing + role, headers)
+    except (UnreachableError, ValueError):
         return None   # not on EC2, or in a container with a metadata hop limit of 1
     if status != 200:
         return None
     return credentials_from_json(body, "the EC2 instance profile %s" % role)
 
 
-def role_source_credentials(section, profile, environ, inis, paths):
+def role_source_credentials(section, profile, environ, inis, paths, network):
     """The credentials that call AssumeRole for a profile with role_arn: those of its
     source_profile, or of its credential_source (Environment, Ec2InstanceMetadata,
     EcsContainer), as the AWS CLI has it; exactly one of the two."""
     source, named = section.get("source_profile"), section.get("credential_source")
-    sources = {"Environment": environment_credentials, "Ec2InstanceMetadata":
-               instance_credentials, "EcsContainer": container_credentials}
+    sources = {"Environment": lambda environ, network: environment_credentials(environ),
+               "Ec2InstanceMetadata": instance_credentials,
+               "EcsContainer": container_credentials}
     if source and named:
         raise ConfigError("profile '%s' has both source_profile and credential_source: keep "
                           "one" % profile)
@@ -1317,7 +1339,7 @@ def role_source_credentials(section, profile, environ, inis, paths):
         if named not in sources:
             raise ConfigError("profile '%s': credential_source = %s is not one of %s"
                               % (profile, named, ", ".join(sorted(sources))))
-        found = sources[named](environ)
+        found = sources[named](environ, network)
         if found is None:
             raise ConfigError("profile '%s': credential_source = %s found no credentials"
                               % (profile, named))
@@ -1331,7 +1353,7 @@ def role_source_credentials(section, profile, environ, inis, paths):
                                 (profile_section(inis[1], source, True), paths[1])])
 
 
-def assume_role(section, source, region, environ, profile):
+def assume_role(section, source, region, environ, profile, network):
     """STS AssumeRole, signed with the source profile's keys by our own signer."""
     url = environ.get("AWS_ENDPOINT_URL_STS") or "https://sts.%s.amazonaws.com" % region
     params = [("Action", "AssumeRole"), ("Version", "2011-06-15"),
@@ -1349,9 +1371,10 @@ def assume_role(section, source, region, environ, profile):
         service="sts")
     what = "AssumeRole of %s (profile '%s')" % (section["role_arn"], profile)
     try:
-        status, answer = http_call("POST", url.rstrip("/") + "/", headers, body, timeout=10)
-    except (OSError, ValueError) as exc:
-        raise ConfigError("%s: STS did not answer (%s)" % (what, describe_os_error(exc)))
+        status, answer = http_call(network, "POST", url.rstrip("/") + "/", headers, body,
+                                   timeout=10)
+    except (UnreachableError, ValueError) as exc:
+        raise ConfigError("%s: STS did not answer (%s)" % (what, getattr(exc, "reason", exc)))
     root = parse_xml(answer)
     if status != 200:
         raise AccessError("%s failed: %s: %s" % (what, xml_text(root, "Code") or status,
@@ -1368,18 +1391,19 @@ class CredentialSources(object):
     def __init__(self, environ, inis, paths):
         self.environ, self.inis, self.paths = environ, inis, paths
 
-    def assume_role(self, section, profile, region):
-        source = role_source_credentials(section, profile, self.environ, self.inis, self.paths)
-        return assume_role(section, source, region, self.environ, profile)
+    def assume_role(self, section, profile, region, network):
+        source = role_source_credentials(section, profile, self.environ, self.inis, self.paths,
+                                         network)
+        return assume_role(section, source, region, self.environ, profile, network)
 
     def process(self, command, profile):
         return process_credentials(command, profile)
 
-    def container(self):
-        return container_credentials(self.environ)
+    def container(self, network):
+        return container_credentials(self.environ, network)
 
-    def instance(self):
-        return instance_credentials(self.environ)
+    def instance(self, network):
+        return instance_credentials(self.environ, network)
 
 
 def load_settings(options, environ):

@@ -537,8 +537,9 @@ class RgwServer(Server):
             self.workdir = None
 
 
-def make_ca(directory):
-    """A throwaway CA and a certificate for 127.0.0.1 signed by it: (ca, cert, key)."""
+def make_ca(directory, names=()):
+    """A throwaway CA and a certificate for 127.0.0.1 (and localhost and the DNS names
+    given) signed by it: (ca, cert, key)."""
     def openssl(*args):
         subprocess.run(["openssl"] + list(args), cwd=directory, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
@@ -551,7 +552,8 @@ def make_ca(directory):
     openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out",
             "server.csr", "-subj", "/CN=127.0.0.1")
     with open(os.path.join(directory, "ext"), "w") as handle:
-        handle.write("subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+        handle.write("subjectAltName=IP:127.0.0.1,DNS:localhost%s\n"
+                     % "".join(",DNS:" + name for name in names) +
                      "basicConstraints=critical,CA:FALSE\n"
                      "keyUsage=critical,digitalSignature,keyEncipherment\n"
                      "extendedKeyUsage=serverAuth\n"
@@ -916,12 +918,17 @@ def error_answer(status, code, extra_xml="", headers=None):
 class ForwardProxy(LoopbackServer):
     """An HTTP proxy of the tests' own: CONNECT tunnels (https endpoints) and absolute-form
     requests (http endpoints). `seen` lists (method, target) of what it was asked;
-    `require`, if set, is the Proxy-Authorization value it insists on (else 407)."""
+    `require`, if set, is the Proxy-Authorization value it insists on (else 407); `hosts`
+    names it alone resolves, to 127.0.0.1 (e.g. "sts.s3push.invalid")."""
 
-    def __init__(self, require=None):
+    def __init__(self, require=None, hosts=()):
         self.require = require
+        self.hosts = frozenset(hosts)
         self.seen = []
         LoopbackServer.__init__(self)
+
+    def address(self, host, port):
+        return ("127.0.0.1" if host in self.hosts else host), int(port)
 
     def serve(self, client):
         reader = client.makefile("rb")
@@ -942,8 +949,8 @@ class ForwardProxy(LoopbackServer):
                 if request.method == "CONNECT":
                     self.tunnel(client, request.target)
                     return
-                upstream = upstream or socket.create_connection(upstream_address(
-                    request.target))
+                upstream = upstream or socket.create_connection(self.address(
+                    *upstream_address(request.target)))
                 upstream_reader = upstream.makefile("rb")
                 upstream.sendall(origin_form(request.head) + request.body)
                 client.sendall(read_answer(upstream_reader))
@@ -954,10 +961,8 @@ class ForwardProxy(LoopbackServer):
             if upstream is not None:
                 upstream.close()
 
-    @staticmethod
-    def tunnel(client, target):
-        host, port = target.rsplit(":", 1)
-        upstream = socket.create_connection((host, int(port)))
+    def tunnel(self, client, target):
+        upstream = socket.create_connection(self.address(*target.rsplit(":", 1)))
         client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
         threading.Thread(target=pump, args=(upstream, client), daemon=True).start()
         pump(client, upstream)
@@ -975,15 +980,29 @@ def origin_form(head):
 
 class TinyServer(LoopbackServer):
     """A loopback HTTP/1.1 server for fake credential services (metadata, container, STS).
-    handler(request) -> (status, body bytes); `requests` lists every Request it got."""
+    handler(request) -> (status, body bytes); `requests` lists every Request it got.
+    tls: (certificate file, key file) to serve https instead of http."""
 
-    def __init__(self, handler):
+    def __init__(self, handler, tls=None):
         self.handler = handler
         self.requests = []
+        self.tls = None
+        if tls:
+            import ssl
+            self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.tls.load_cert_chain(*tls)
         LoopbackServer.__init__(self)
+        if tls:
+            self.url = self.endpoint = "https://127.0.0.1:%d" % self.port
 
     def serve(self, client):
-        reader = client.makefile("rb")
+        try:
+            if self.tls:
+                client = self.tls.wrap_socket(client, server_side=True)
+            reader = client.makefile("rb")
+        except OSError:
+            client.close()
+            return
         try:
             while True:
                 head = read_head(reader)

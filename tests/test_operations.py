@@ -554,9 +554,8 @@ def credentials_json(server, expires_in=3600, token=None):
     return json.dumps(doc).encode()
 
 
-class CredentialSources(IntegrationCase):
-    """Credentials from a process, a container service, EC2 metadata and STS: fakes on
-    loopback that hand out the test server's own keys."""
+class FakeServices(IntegrationCase):
+    """Fake credential services on loopback that hand out the test server's own keys."""
 
     def fake(self, handler):
         server = s3server.TinyServer(handler)
@@ -565,6 +564,36 @@ class CredentialSources(IntegrationCase):
 
     def no_keys(self, **extra):
         return self.env(AWS_ACCESS_KEY_ID=None, AWS_SECRET_ACCESS_KEY=None, **extra)
+
+    def sts_answer(self, request):
+        """A fake STS: AssumeRole signed with the base keys gives the test server's keys."""
+        body = request.body.decode()
+        if "Action=AssumeRole" not in body or "RoleArn=arn%3Aaws%3Aiam" not in body:
+            return 400, b"<ErrorResponse><Error><Code>Bad</Code></Error></ErrorResponse>"
+        if "Credential=AKBASE/" not in request.header("authorization") or \
+                "/sts/aws4_request" not in request.header("authorization"):
+            return 403, b"<ErrorResponse><Error><Code>AccessDenied</Code></Error>" \
+                        b"</ErrorResponse>"
+        return 200, ("<AssumeRoleResponse><AssumeRoleResult><Credentials>"
+                     "<AccessKeyId>%s</AccessKeyId><SecretAccessKey>%s</SecretAccessKey>"
+                     "<SessionToken>ROLETOKEN</SessionToken><Expiration>2099-01-01T00:00:"
+                     "00Z</Expiration></Credentials></AssumeRoleResult></AssumeRoleResponse>"
+                     % (self.server.access_key, self.server.secret_key)).encode()
+
+    def role_profile(self, source="source_profile = base"):
+        """Profile ops: a role assumed with the keys of profile base; returns its env."""
+        with open(os.path.join(self.home, "credentials"), "w") as handle:
+            handle.write("[base]\naws_access_key_id = AKBASE\n"
+                         "aws_secret_access_key = base-secret-0\n")
+        with open(os.path.join(self.home, "config"), "w") as handle:
+            handle.write("[profile ops]\nrole_arn = arn:aws:iam::123456789012:role/up\n"
+                         "%s\n" % source)
+        return self.no_keys(AWS_CONFIG_FILE=os.path.join(self.home, "config"),
+                            AWS_SHARED_CREDENTIALS_FILE=os.path.join(self.home, "credentials"))
+
+
+class CredentialSources(FakeServices):
+    """Credentials from a process, a container service, EC2 metadata and STS."""
 
     def test_credential_process(self):
         script = os.path.join(self.home, "creds.py")
@@ -634,40 +663,91 @@ class CredentialSources(IntegrationCase):
     @skip_unless_server_checks("session-token")
     def test_assume_role_signed_by_our_signer(self):
         """role_arn with source_profile, then with credential_source = Environment."""
-        def handler(request):
-            body = request.body.decode()
-            if "Action=AssumeRole" not in body or "RoleArn=arn%3Aaws%3Aiam" not in body:
-                return 400, b"<ErrorResponse><Error><Code>Bad</Code></Error></ErrorResponse>"
-            if "Credential=AKBASE/" not in request.header("authorization") or \
-                    "/sts/aws4_request" not in request.header("authorization"):
-                return 403, b"<ErrorResponse><Error><Code>AccessDenied</Code></Error>" \
-                            b"</ErrorResponse>"
-            return 200, ("<AssumeRoleResponse><AssumeRoleResult><Credentials>"
-                         "<AccessKeyId>%s</AccessKeyId><SecretAccessKey>%s</SecretAccessKey>"
-                         "<SessionToken>ROLETOKEN</SessionToken><Expiration>2099-01-01T00:00:"
-                         "00Z</Expiration></Credentials></AssumeRoleResult></AssumeRoleResponse>"
-                         % (self.server.access_key, self.server.secret_key)).encode()
+        handler = self.sts_answer
         fake = self.fake(handler)
-        with open(os.path.join(self.home, "credentials"), "w") as handle:
-            handle.write("[base]\naws_access_key_id = AKBASE\n"
-                         "aws_secret_access_key = base-secret-0\n")
         base_env = {"AWS_ACCESS_KEY_ID": "AKBASE", "AWS_SECRET_ACCESS_KEY": "base-secret-0"}
         for n, (source, extra_env) in enumerate((("source_profile = base", {}),
                                                  ("credential_source = Environment",
                                                   base_env))):
-            with open(os.path.join(self.home, "config"), "w") as handle:
-                handle.write("[profile ops]\nrole_arn = arn:aws:iam::123456789012:role/up\n"
-                             "%s\n" % source)
             write_file(self.source, "f%d" % n, b"data")
-            env = self.no_keys(AWS_CONFIG_FILE=os.path.join(self.home, "config"),
-                               AWS_SHARED_CREDENTIALS_FILE=os.path.join(self.home,
-                                                                        "credentials"),
-                               AWS_ENDPOINT_URL_STS=fake.url)
-            env.update(extra_env)
+            env = self.role_profile(source)
+            env.update(extra_env, AWS_ENDPOINT_URL_STS=fake.url)
             result = self.run_s3push("--profile", "ops", env=env)
             self.assertEqual(result.status, 0, source + ": " + result.stderr)
             self.assertEqual(len(fake.requests), n + 1, source)
         self.assert_landed({"f0": b"data", "f1": b"data"})
+
+
+class CredentialsThroughProxies(FakeServices):
+    """STS and the metadata services are reached the way S3 is: HTTP(S)_PROXY, NO_PROXY
+    and --ca-bundle apply to every request of a run."""
+    STS = "sts.s3push.invalid"   # a name only the proxy resolves
+
+    def proxy(self):
+        proxy = s3server.ForwardProxy(hosts=[self.STS])
+        self.addCleanup(proxy.close)
+        return proxy
+
+    @skip_unless_server_checks("session-token")
+    def test_assume_role_through_the_proxy_and_s3_direct(self):
+        fake, proxy = self.fake(self.sts_answer), self.proxy()
+        write_file(self.source, "f", b"role via proxy")
+        env = self.role_profile()
+        sts = "http://%s:%d" % (self.STS, fake.port)
+        env.update(AWS_ENDPOINT_URL_STS=sts, HTTP_PROXY=proxy.url, NO_PROXY="127.0.0.1")
+        result = self.run_s3push("--profile", "ops", env=env)
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertEqual(proxy.seen, [("POST", sts + "/")])
+        self.assertEqual(len(fake.requests), 1)
+        self.assert_landed({"f": b"role via proxy"})
+
+    @skip_unless_server_checks("session-token")
+    def test_sts_over_https_through_the_proxy_trusts_the_ca_bundle(self):
+        import shutil
+        import tempfile
+        pki = tempfile.mkdtemp(prefix="s3push-ca-")
+        self.addCleanup(shutil.rmtree, pki, True)
+        ca, cert, key = s3server.make_ca(pki, names=[self.STS])
+        fake = s3server.TinyServer(self.sts_answer, tls=(cert, key))
+        self.addCleanup(fake.close)
+        proxy = self.proxy()
+        write_file(self.source, "f", b"role via tunnel")
+        env = self.role_profile()
+        env.update(AWS_ENDPOINT_URL_STS="https://%s:%d" % (self.STS, fake.port),
+                   HTTPS_PROXY=proxy.url)
+        result = self.run_s3push("--profile", "ops", env=env)
+        self.assertEqual(result.status, 78, result.stderr)
+        self.assertIn("is not trusted", result.stderr)
+        self.assertIn("--ca-bundle", result.stderr)
+        self.assertEqual(files_under(self.source), [b"f"])
+        result = self.run_s3push("--profile", "ops", "--ca-bundle", ca, env=env)
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertEqual(proxy.seen, [("CONNECT", "%s:%d" % (self.STS, fake.port))] * 2)
+        self.assertEqual(len(fake.requests), 1)
+        self.assert_landed({"f": b"role via tunnel"})
+
+    def test_the_metadata_service_follows_no_proxy(self):
+        def handler(request):
+            if request.method == "PUT":
+                return 200, b"IMDS-TOKEN"
+            base = "/latest/meta-data/iam/security-credentials/"
+            if request.target == base:
+                return 200, b"uploader-role\n"
+            return 200, credentials_json(self.server)
+        fake, proxy = self.fake(handler), self.proxy()
+        env = self.no_keys(AWS_EC2_METADATA_DISABLED=None,
+                           AWS_EC2_METADATA_SERVICE_ENDPOINT=fake.url, HTTP_PROXY=proxy.url)
+        write_file(self.source, "f", b"direct")
+        result = self.run_s3push(env=dict(env, NO_PROXY="127.0.0.1"))
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertEqual(proxy.seen, [])
+        self.assertEqual(len(fake.requests), 3)
+        write_file(self.source, "g", b"proxied")
+        result = self.run_s3push(env=env)   # as the AWS CLI: the proxy, unless NO_PROXY
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertEqual(proxy.seen[0], ("PUT", fake.url + "/latest/api/token"))
+        self.assertEqual(len(fake.requests), 6)
+        self.assert_landed({"f": b"direct", "g": b"proxied"})
 
 
 if __name__ == "__main__":

@@ -131,7 +131,7 @@ class Settings(unittest.TestCase):
         section = s3push.parse_ini(config, PATHS[1])["profile ops"]
         return s3push.role_source_credentials(section, "ops", environ or {},
                                               (ini(""), s3push.parse_ini(config, PATHS[1])),
-                                              PATHS)
+                                              PATHS, s3push.Network({}, None))
 
     def test_role_credential_source(self):
         role = "[profile ops]\nrole_arn = arn:aws:iam::1:role/r\n"
@@ -489,6 +489,18 @@ class Layout(unittest.TestCase):
         inner = [n.lineno for f in definitions for n in ast.walk(f)
                  if isinstance(n, (ast.Import, ast.ImportFrom))]
         self.assertLessEqual(len(inner), 3, inner)
+
+    def test_one_http_client(self):
+        """Every request (S3, STS, the metadata services) goes through Connection.open: the
+        one place that makes an HTTP connection, so one proxy rule and one TLS trust."""
+        ast, makers = self.ast, []
+        for node in ast.walk(self.tree):
+            if isinstance(node, ast.FunctionDef):
+                for call in ast.walk(node):
+                    if isinstance(call, ast.Attribute) and call.attr in (
+                            "HTTPConnection", "HTTPSConnection", "urlopen", "create_connection"):
+                        makers.append(node.name)
+        self.assertEqual(makers, ["open", "open"])
 
     def names(self, node):
         ast = self.ast
