@@ -258,6 +258,15 @@ class StillWrittenError(S3PushError):
     fatal = False
 
 
+class UnremovableError(FileError):
+    """Files of one directory this account could not remove once uploaded: left alone,
+    not uploaded (else each run would send them again); `files` counts them."""
+
+    def __init__(self, message, files):
+        FileError.__init__(self, message)
+        self.files = files
+
+
 class KeyTakenError(FileError):
     """If-None-Match: * met an object already at the key (HTTP 412)."""
 
@@ -2046,7 +2055,8 @@ def open_source(source):
 
 def lock_directory(fd):
     """An exclusive flock on SOURCE_DIR (open as fd); the kernel drops it when the process
-    dies. False when another run holds it."""
+    dies. False when another run holds it. Any account that may read SOURCE_DIR could hold
+    it too: only the fallback of run_lock."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -2054,6 +2064,47 @@ def lock_directory(fd):
             return False
         raise
     return True
+
+
+def private_folder(path):
+    """A descriptor of the folder path, made (0700) if missing; OSError unless it is this
+    account's and no other account may write in it."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    info = os.fstat(fd)
+    if info.st_uid != os.geteuid() or info.st_mode & 0o022:
+        os.close(fd)
+        raise OSError(errno.EPERM, "owned by uid %d, mode %04o: it must be this account's "
+                      "and writable by it alone" % (info.st_uid, stat.S_IMODE(info.st_mode)))
+    return fd
+
+
+def run_lock(state_dir, root_fd):
+    """The run lock of SOURCE_DIR (open as root_fd): an exclusive flock on a file in the
+    state folder named by SOURCE_DIR's device and inode, so that every spelling of the
+    path shares it, while no other account can open it, let alone hold it. The kernel
+    drops it when the process dies; the holder's pid is in the file, for the runs it
+    keeps out. Returns (descriptor, None), or (None, the holder's pid or None) when
+    another run holds it; OSError when the state folder cannot keep it."""
+    source = os.fstat(root_fd)
+    folder = private_folder(state_dir)
+    try:
+        fd = os.open("run-%x-%x.lock" % (source.st_dev, source.st_ino),
+                     os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                     dir_fd=folder)
+    finally:
+        os.close(folder)
+    try:
+        if not lock_directory(fd):
+            holder = os.pread(fd, 32, 0).strip()
+            os.close(fd)
+            return None, int(holder) if holder.isdigit() else None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, b"%d\n" % os.getpid(), 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, None
 
 
 def open_directory(root_fd, steps):
@@ -2093,9 +2144,43 @@ def list_directory(fd):
             yield entry.name
 
 
-def scan_entry(fd, directory, name, patterns, stack, errors):
-    """The Found for one name of a directory (open as fd) if it is a regular file to send;
-    a subdirectory goes on stack."""
+# Whether this account may remove the files of a directory: faccessat with the effective
+# ids (ACLs, read-only mounts and immutable directories included); where this Python has
+# no such call, each file is tried as before.
+ACCESS_AT = os.access in os.supports_dir_fd and os.access in os.supports_effective_ids
+
+
+class Removal(collections.namedtuple("Removal", "refused owner")):
+    """What the scan knows of removing a directory's files: `refused`, why none can be
+    removed (else None); `owner`, in a sticky directory of another account, the uid whose
+    files alone may be removed (this account's), else None."""
+    __slots__ = ()
+
+    def allows(self, info):
+        return self.refused is None and (self.owner is None or info.st_uid == self.owner)
+
+    def reason(self):
+        return self.refused or "a sticky directory: the files are another account's"
+
+
+def removal_in(fd):
+    """The Removal for the directory open as fd."""
+    info, euid = os.fstat(fd), os.geteuid()
+    owner = euid if info.st_mode & stat.S_ISVTX and euid not in (0, info.st_uid) else None
+    if ACCESS_AT and not os.access(".", os.W_OK | os.X_OK, dir_fd=fd, effective_ids=True):
+        readonly = os.fstatvfs(fd).f_flag & os.ST_RDONLY
+        return Removal("a read-only filesystem" if readonly else
+                       "no write permission on the directory", owner)
+    return Removal(None, owner)
+
+
+UNREMOVABLE = "unremovable"   # scan_entry's answer for a file that would be kept
+
+
+def scan_entry(fd, directory, name, patterns, stack, errors, removal):
+    """The Found for one name of a directory (open as fd) if it is a regular file to send
+    (UNREMOVABLE for one this account could not remove: see Removal); a subdirectory goes
+    on stack."""
     relative = directory.relative + name
     if is_excluded(name, relative, patterns):
         return None
@@ -2109,6 +2194,8 @@ def scan_entry(fd, directory, name, patterns, stack, errors):
     if stat.S_ISDIR(info.st_mode):
         stack.append(directory.child(name, info))
     elif stat.S_ISREG(info.st_mode):
+        if not removal.allows(info):
+            return UNREMOVABLE
         return Found(directory, name, ScanStat(info.st_dev, info.st_ino, info.st_size,
                                                info.st_mtime_ns))
     return None
@@ -2116,8 +2203,11 @@ def scan_entry(fd, directory, name, patterns, stack, errors):
 
 def scan_directory(fd, directory, patterns, stack, errors, handovers):
     """The regular files of one directory (open as fd); its subdirectories go on stack.
-    A private folder of the handover is met before the excludes (".*") would skip it."""
+    A private folder of the handover is met before the excludes (".*") would skip it.
+    Files this account could not remove are counted, and go to errors once for the
+    directory."""
     given = set()   # given back by a recovery: scanned then, not again if listed later
+    removal, kept = removal_in(fd), 0
     for name in list_directory(fd):
         if name in given:
             continue
@@ -2126,9 +2216,17 @@ def scan_directory(fd, directory, patterns, stack, errors, handovers):
             names = handovers.meet(fd, directory, name, stack)
             given.update(names)
         for entry in names:
-            found = scan_entry(fd, directory, entry, patterns, stack, errors)
-            if found is not None:
+            found = scan_entry(fd, directory, entry, patterns, stack, errors, removal)
+            if found is UNREMOVABLE:
+                kept += 1
+            elif found is not None:
                 yield found
+    if kept:
+        errors.append((directory.relative, UnremovableError(
+            "this account (uid %d) cannot remove %d file%s here (%s): left alone, not "
+            "uploaded; give it write permission on the directory, or run s3push as the "
+            "files' owner" % (os.geteuid(), kept, "" if kept == 1 else "s", removal.reason()),
+            kept)))
 
 
 def scan(root_fd, patterns, errors, handovers):
@@ -3138,6 +3236,7 @@ class Tally(object):
         self.failures = []     # exit codes of the failed files
         self.young_count = 0   # files left for later: younger than --min-age
         self.writing_count = 0   # files left for later: still being written
+        self.unremovable_count = 0   # files left alone: this account could not remove them
         self.notes = set()     # what was said once already
         self.fatal = None      # the error that stopped the run early
         self.credentials = None   # once loaded: what error text must never show
@@ -3149,6 +3248,7 @@ class Tally(object):
         self.errors = []       # the first lines said on stderr, for --summary-json
         self.errors_total = 0
         self.progress = False  # a live status line is on stderr
+        self.skipped_for = None   # another run held the lock: its pid (0: not known)
 
     def moved(self, path, url, size, directory, verbose):
         with self.lock:
@@ -3166,7 +3266,10 @@ class Tally(object):
             if exc.exit_code == EXIT_OK:   # not a failure: a warning
                 emit(sys.stderr, "s3push: warning: %s: %s" % (safe_name(path), exc))
                 return
-            self.failures.append(exc.exit_code)
+            if isinstance(exc, UnremovableError):   # files left, one line a directory
+                self.unremovable_count += exc.files
+            else:
+                self.failures.append(exc.exit_code)
             if exc.fatal and self.fatal is not None:
                 return   # the same cause hit the other workers: said once is enough
             if exc.fatal:
@@ -3233,7 +3336,7 @@ class Tally(object):
     def exit_status(self):
         if self.fatal is not None:
             return self.fatal.exit_code
-        if EXIT_FILES_LEFT in self.failures:
+        if EXIT_FILES_LEFT in self.failures or self.unremovable_count:
             return EXIT_FILES_LEFT
         return max(self.failures) if self.failures else EXIT_OK
 
@@ -3267,15 +3370,20 @@ class Tally(object):
                 "bytes_resumed": self.bytes_resumed,
                 "files_failed": len(self.failures), "files_left_young": self.young_count,
                 "files_left_writing": self.writing_count,
+                "files_left_unremovable": self.unremovable_count,
+                "run_skipped": self.skipped_for is not None,
+                "lock_holder_pid": self.skipped_for or None,
                 "errors_total": self.errors_total, "errors": self.errors}
 
     def summary(self):
         seconds = max(time.monotonic() - self.started, 1e-6)
+        kept = ", %d this account cannot remove" % self.unremovable_count \
+            if self.unremovable_count else ""
         return ("s3push: moved %d files, %d bytes in %.2f s (%.2f MB/s); %d failed, "
-                "%d left for later (%d younger than --min-age, %d still being written)"
+                "%d left for later (%d younger than --min-age, %d still being written)%s"
                 % (self.moved_count, self.bytes, seconds, self.bytes / seconds / 1e6,
                    len(self.failures), self.young_count + self.writing_count,
-                   self.young_count, self.writing_count))
+                   self.young_count, self.writing_count, kept))
 
 
 def checksum_for(choice, endpoint):
@@ -3451,12 +3559,33 @@ def move_or_plan(options, environ, settings, destination, tally, files, root, ha
         remove_empty_dirs(root, tally.emptied)
 
 
+def take_run_lock(options, environ, root):
+    """(held, the holder's pid or None): the run lock (see run_lock) in the state folder;
+    where that folder cannot keep it, a flock on SOURCE_DIR itself, said on stderr: a
+    lock any reader of SOURCE_DIR could hold, but a run that runs."""
+    state_dir = options.state_dir or default_state_dir(environ)
+    try:
+        if state_dir is None:
+            raise OSError(errno.ENOENT, "no HOME and no --state-dir")
+        fd, holder = run_lock(state_dir, root)
+        return fd is not None, holder
+    except OSError as exc:
+        emit(sys.stderr, "s3push: warning: cannot keep the run lock in %s (%s): locking "
+             "SOURCE_DIR itself, which any account that may read it can hold; fix "
+             "--state-dir or HOME" % (safe_name(state_dir or "the state folder"),
+                                      exc.strerror or exc))
+        return lock_directory(root), None
+
+
 def push_locked(options, environ, tally, destination, root):
     """Lock SOURCE_DIR (open as root), scan it, and move what the scan finds."""
-    if not options.dry_run and not lock_directory(root):
-        emit(sys.stderr, "s3push: another run is moving %s; this one exits"
-             % safe_name(options.source))
-        return EXIT_OK
+    if not options.dry_run:
+        held, holder = take_run_lock(options, environ, root)
+        if not held:
+            tally.skipped_for = holder or 0
+            emit(sys.stderr, "s3push: another run (pid %s) is moving %s; this one exits"
+                 % (holder or "unknown", safe_name(options.source)))
+            return EXIT_OK
     errors = []
     patterns = DEFAULT_EXCLUDES + tuple(options.exclude)
     now = time.time()
@@ -3558,7 +3687,11 @@ def metrics_text(data, failures, now, last_success):
               (("reason", "young"),), data["files_left_young"]),
              ("s3push_files_left", "files left for a later run, by reason",
               (("reason", "writing"),), data["files_left_writing"]),
+             ("s3push_files_left", "files left for a later run, by reason",
+              (("reason", "unremovable"),), data["files_left_unremovable"]),
              ("s3push_run_seconds", "how long the last run took", (), data["seconds"]),
+             ("s3push_run_skipped", "1 when the last run exited at once: another run of "
+              "this account was moving SOURCE_DIR", (), int(data["run_skipped"])),
              ("s3push_exit_status", "the exit status of the last run", (),
               data["exit_status"]),
              ("s3push_last_run_timestamp_seconds", "when the last run ended", (), now)]
@@ -3575,9 +3708,12 @@ def metrics_text(data, failures, now, last_success):
 
 
 def write_metrics(path, data, failures):
-    """--metrics-file: the run's figures, and the last success carried over from before."""
+    """--metrics-file: the run's figures, and the last success carried over from before
+    (a run that found another one moving SOURCE_DIR is no success: a run stuck for hours
+    shows as the success getting old)."""
     now = round(time.time(), 3)
-    last_success = now if data["exit_status"] == EXIT_OK else previous_success(path)
+    success = data["exit_status"] == EXIT_OK and not data["run_skipped"]
+    last_success = now if success else previous_success(path)
     replace_file(path, metrics_text(data, failures, now, last_success), "metrics")
 
 

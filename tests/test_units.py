@@ -4,6 +4,7 @@ import argparse
 import os
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 import time
@@ -354,6 +355,37 @@ class Selection(unittest.TestCase):
         self.assertFalse(s3push.lock_directory(second))
         os.close(first)
         self.assertTrue(s3push.lock_directory(second))
+
+    def test_run_lock_in_the_state_folder(self):
+        state = os.path.join(tempfile.mkdtemp(), "state")
+        self.addCleanup(shutil.rmtree, os.path.dirname(state))
+        first, second = s3push.open_source(self.root), s3push.open_source(self.root + "/.")
+        self.addCleanup(os.close, first)
+        self.addCleanup(os.close, second)
+        fd, holder = s3push.run_lock(state, first)
+        self.assertIsNotNone(fd)
+        self.assertEqual(s3push.run_lock(state, second), (None, os.getpid()))
+        self.assertEqual(stat.S_IMODE(os.stat(state).st_mode), 0o700)
+        lock, = os.listdir(state)
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(state, lock)).st_mode), 0o600)
+        os.close(fd)
+        fd, holder = s3push.run_lock(state, second)
+        self.assertIsNotNone(fd)
+        os.close(fd)
+        os.chmod(state, 0o770)
+        with self.assertRaises(OSError) as caught:
+            s3push.run_lock(state, first)
+        self.assertIn("mode 0770", str(caught.exception))
+
+    def test_removal_of_a_directory_s_files(self):
+        info = os.stat(self.root)
+        self.assertTrue(s3push.Removal(None, None).allows(info))
+        self.assertTrue(s3push.Removal(None, info.st_uid).allows(info))
+        self.assertFalse(s3push.Removal(None, info.st_uid + 1).allows(info))
+        self.assertFalse(s3push.Removal("a read-only filesystem", None).allows(info))
+        fd = s3push.open_source(self.root)
+        self.addCleanup(os.close, fd)
+        self.assertEqual(s3push.removal_in(fd), (None, None))   # ours, writable
 
     def test_open_refuses_fifo_and_symlink_without_blocking(self):
         os.mkfifo(os.path.join(self.root, "fifo"))

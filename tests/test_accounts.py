@@ -1,0 +1,159 @@
+"""Other accounts on a shared host: none can keep a run from running (the run lock is in
+this account's private state folder), and files this account could not remove once
+uploaded are never uploaded (one line a directory, exit 65). The real script against
+the test server; the other account is nobody, so most tests need root."""
+
+import json
+import os
+import subprocess
+import sys
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import s3server  # noqa: E402
+from helpers import RUN_TIMEOUT, IntegrationCase, files_under, write_file  # noqa: E402
+
+NOBODY = 65534
+AS_NOBODY = ["setpriv", "--reuid=%d" % NOBODY, "--regid=%d" % NOBODY, "--clear-groups"]
+# The interpreter nobody runs: root's pyenv is out of nobody's reach.
+NOBODY_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+HOLD_FLOCK = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def needs_root(test):
+    return unittest.skipUnless(os.geteuid() == 0, "becomes nobody, which needs root")(test)
+
+
+class RunLock(IntegrationCase):
+    def gated_run(self, *args):
+        gate = s3server.GateProxy(self.recorder.endpoint)
+        self.addCleanup(gate.close)
+        process = subprocess.Popen(self.command(*args, endpoint=gate.endpoint),
+                                   env=self.env(), stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        self.addCleanup(process.kill)
+        self.assertTrue(gate.arrived.wait(RUN_TIMEOUT), "the upload never reached the proxy")
+        return gate, process
+
+    @needs_root
+    def test_a_reader_holding_a_flock_on_source_dir_stalls_nothing(self):
+        os.chmod(self.tmp, 0o755)
+        files = {"f%d" % i: b"data %d" % i for i in range(5)}
+        for name, data in files.items():
+            write_file(self.source, name, data)
+        holder = subprocess.Popen(AS_NOBODY + [NOBODY_PYTHON, "-c", HOLD_FLOCK, self.source],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.addCleanup(holder.communicate)
+        self.addCleanup(holder.kill)
+        self.assertEqual(holder.stdout.readline(), b"held\n")
+        result = self.run_s3push()
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertEqual(result.stderr, "")
+        self.assertEqual(files_under(self.source), [])
+        self.assert_landed(files)
+
+    def test_runs_of_this_account_exclude_each_other_by_any_spelling(self):
+        write_file(self.source, "a", b"a")
+        gate, process = self.gated_run()
+        alias = os.path.join(self.tmp, "alias")
+        os.symlink(self.source, alias)
+        summary, metrics = (os.path.join(self.tmp, name) for name in ("s.json", "m.prom"))
+        for spelling in (alias, self.source + "/./", os.path.join(self.tmp, "..",
+                                                                  os.path.basename(self.tmp),
+                                                                  "src")):
+            second = self.run_s3push("--summary-json", summary, "--metrics-file", metrics,
+                                     source=spelling)
+            self.assertEqual(second.status, 0, second.stderr)
+            self.assertIn("another run (pid %d) is moving" % process.pid, second.stderr)
+        with open(summary) as handle:
+            data = json.load(handle)
+        self.assertEqual((data["run_skipped"], data["lock_holder_pid"]), (True, process.pid))
+        with open(metrics) as handle:
+            text = handle.read()
+        self.assertRegex(text, r"\ns3push_run_skipped\{[^}]*\} 1\n")
+        self.assertNotIn("s3push_last_success_timestamp_seconds{", text)
+        gate.release.set()
+        process.communicate(timeout=RUN_TIMEOUT)
+        self.assertEqual(process.returncode, 0)
+        self.assert_landed({"a": b"a"})
+
+    def test_a_state_folder_that_cannot_keep_the_lock_falls_back(self):
+        not_a_folder = write_file(self.tmp, "plain", b"")
+        cases = [(os.path.join(os.fsdecode(not_a_folder), "state"), "Not a directory")]
+        if os.geteuid() == 0:
+            shared = os.path.join(self.tmp, "shared-state")
+            os.makedirs(shared)
+            os.chown(shared, NOBODY, NOBODY)
+            cases.append((shared, "owned by uid %d" % NOBODY))
+        for n, (state_dir, reason) in enumerate(cases):
+            write_file(self.source, "f%d" % n, b"x")
+            result = self.run_s3push("--state-dir", state_dir)
+            self.assertEqual(result.status, 0, result.stderr)
+            self.assertIn("cannot keep the run lock in %s (%s" % (state_dir, reason),
+                          result.stderr)
+            self.assertEqual(files_under(self.source), [])
+        self.assertEqual(os.listdir(cases[-1][0]), [])
+
+
+@needs_root
+class Unremovable(IntegrationCase):
+    """Run as nobody: a directory nobody cannot write, a sticky directory holding root's
+    file beside nobody's own, and a directory of nobody's: only the last two move."""
+
+    def setUp(self):
+        IntegrationCase.setUp(self)
+        os.chmod(self.tmp, 0o755)
+        for path in (self.source, self.home):
+            os.chown(path, NOBODY, NOBODY)
+        self.kept = {"readonly/a": b"a", "readonly/b": b"b", "sticky/roots": b"r"}
+        self.moving = {"sticky/mine": b"m", "own/c": b"c", "top": b"t"}
+        for relative, data in sorted(self.kept.items()) + sorted(self.moving.items()):
+            path = write_file(self.source, relative, data)
+            if relative in self.moving:
+                os.chown(path, NOBODY, NOBODY)
+        os.chown(os.path.join(self.source, "own"), NOBODY, NOBODY)
+        os.chmod(os.path.join(self.source, "sticky"), 0o1777)
+
+    def run_as_nobody(self, *args):
+        argv = AS_NOBODY + [NOBODY_PYTHON] + self.command(*args)[1:]
+        done = subprocess.run(argv, env=self.env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=RUN_TIMEOUT)
+        return done.returncode, done.stdout.decode(), done.stderr.decode()
+
+    def assert_one_line_a_directory(self, err):
+        lines = err.strip().splitlines()
+        self.assertEqual(len(lines), 2, err)
+        self.assertIn("%s/readonly/: this account (uid %d) cannot remove 2 files here (no "
+                      "write permission on the directory)" % (self.source, NOBODY), lines[0])
+        self.assertIn("%s/sticky/: this account (uid %d) cannot remove 1 file here (a "
+                      "sticky directory" % (self.source, NOBODY), lines[1])
+
+    def test_files_that_cannot_be_removed_are_never_uploaded(self):
+        summary = os.path.join(self.home, "summary.json")
+        status, out, err = self.run_as_nobody("--dry-run")
+        self.assertEqual(status, 65, err)
+        self.assert_one_line_a_directory(err)
+        self.assertEqual(self.recorder.requests, [])
+        for run in range(3):
+            status, out, err = self.run_as_nobody("--summary-json", summary)
+            self.assertEqual(status, 65, err)
+            self.assert_one_line_a_directory(err)
+            with open(summary) as handle:
+                data = json.load(handle)
+            self.assertEqual((data["files_left_unremovable"], data["files_failed"],
+                              data["files_moved"]), (3, 0, 0 if run else 3))
+        put = sorted(target.split(self.prefix, 1)[1] for method, target
+                     in self.recorder.requests if method == "PUT")
+        self.assertEqual(put, sorted(self.moving))
+        self.assertEqual(files_under(self.source), sorted(k.encode() for k in self.kept))
+        self.assert_landed(self.moving)
+
+
+if __name__ == "__main__":
+    unittest.main()
