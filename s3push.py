@@ -2332,6 +2332,29 @@ def check_links(info, allowed, protected_path=PROTECTED_HARDLINKS):
                     "such files)" % info.st_nlink)
 
 
+# chattr +i or +a (Linux), chflags uchg, schg, uappnd or sappnd (macOS, the BSDs): no
+# account, root included, may remove such a file; FS_IMMUTABLE_FL | FS_APPEND_FL.
+LINUX_FIXED_FLAGS = 0x10 | 0x20
+BSD_FIXED_FLAGS = stat.UF_IMMUTABLE | stat.UF_APPEND | stat.SF_IMMUTABLE | stat.SF_APPEND
+
+
+def fixed_in_place(fd, info):
+    """True when the file (open as fd, fstat'ed as info) is immutable or append-only. On
+    Linux the flags come from the FS_IOC_GETFLAGS ioctl (a filesystem without them answers
+    ENOTTY: False); elsewhere from st_flags, where the platform has it."""
+    flags = getattr(info, "st_flags", None)
+    if flags is not None:
+        return bool(flags & BSD_FIXED_FLAGS)
+    if not sys.platform.startswith("linux"):
+        return False
+    request = (2 << 30) | ((8 if sys.maxsize > 2 ** 32 else 4) << 16) | (ord("f") << 8) | 1
+    try:
+        answer = fcntl.ioctl(fd, request, bytes(8))
+    except OSError:
+        return False
+    return bool(int.from_bytes(answer[:4], sys.byteorder) & LINUX_FIXED_FLAGS)
+
+
 # A file that some process still has open for writing is left for a later run: moved now,
 # what the writer adds later would go into a deleted file. The kernel tells exactly, for
 # every process of every user, through a read lease, which cannot be taken while anyone has
@@ -3062,6 +3085,10 @@ def move_file(client, job, found, key):
             info = os.fstat(fd)   # after the check: a writer's last words count as a change
             if not same_file(found.info, info):   # the key was made from the scan's mtime
                 raise StillWrittenError("changed since the scan; left for a later run")
+            if fixed_in_place(fd, info):   # else each run would send it again
+                raise UnremovableError("is immutable or append-only (chattr +i, +a): no "
+                                       "account may remove it, so it is not uploaded; "
+                                       "chattr -i -a it to have it moved", 1)
             key = upload_file(client, job, fd, info, found, key)
             delete_if_unchanged(job, parent, fd, found, info, opened)
         finally:

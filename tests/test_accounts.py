@@ -155,5 +155,35 @@ class Unremovable(IntegrationCase):
         self.assert_landed(self.moving)
 
 
+
+class Immutable(IntegrationCase):
+    def chattr(self, flag, path):
+        try:
+            done = subprocess.run(["chattr", flag, path], stderr=subprocess.PIPE)
+        except OSError:
+            self.skipTest("no chattr here")
+        if done.returncode != 0:
+            self.skipTest("chattr %s failed: %s" % (flag, done.stderr.decode().strip()))
+
+    def test_an_immutable_or_append_only_file_is_not_uploaded(self):
+        write_file(self.source, "plain", b"p")
+        fixed = [write_file(self.source, name, b"x") for name in ("frozen", "log")]
+        self.chattr("+i", fixed[0])
+        try:
+            self.chattr("+a", fixed[1])
+            for run in range(2):
+                result = self.run_s3push()
+                self.assertEqual(result.status, 65, result.stderr)
+                self.assertEqual(result.stderr.count("is immutable or append-only"), 2,
+                                 result.stderr)
+        finally:
+            for path in fixed:
+                subprocess.run(["chattr", "-i", "-a", path])
+        self.assertEqual(files_under(self.source), [b"frozen", b"log"])
+        self.assertEqual([t for _, t in self.recorder.requests],
+                         ["/%s/%splain" % (self.server.bucket, self.prefix)])
+        self.assert_landed({"plain": b"p"})
+
+
 if __name__ == "__main__":
     unittest.main()
