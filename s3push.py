@@ -16,7 +16,8 @@ Only PUT is ever sent: credentials allowing nothing but s3:PutObject suffice.
 Exit status (the cron contract; these numbers never change):
     0    every eligible file moved, nothing to do, or another run is active
     2    usage error: a bad option or argument
-    65   some files were left in place because they failed; the others moved
+    65   some files were left in place because they failed (or this account could
+         not remove them: they are not uploaded); the others moved
     66   SOURCE_DIR is missing, not a directory, or unreadable
     70   internal error (a bug); files not confirmed were left in place
     75   temporary failure (server unreachable, timeout, 5xx, throttling)
@@ -38,9 +39,11 @@ Files and environment read (the AWS tools' precedence):
                  profile's s3push_expected_bucket_owner, else none
     writers      /proc/sys/fs/protected_hardlinks; /proc/*/fd and /proc/*/fdinfo
                  where no file lease can be taken (see Local side)
-    journals     written and read: --state-dir, $XDG_STATE_HOME/s3push, else
-                 ~/.local/state/s3push, so that a multipart upload cut off part-way
-                 resumes (see Resume journals)
+    state        written and read: --state-dir, $XDG_STATE_HOME/s3push, else
+                 ~/.local/state/s3push (this account's alone): the run lock, and the
+                 journals that let a multipart upload cut off part-way resume
+    network      HTTPS_PROXY, HTTP_PROXY, NO_PROXY and --ca-bundle (AWS_CA_BUNDLE,
+                 ca_bundle) for every request: S3, STS and the metadata services
 
 Security:
     No option takes a secret. The secret key and the session token are never
