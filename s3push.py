@@ -2328,11 +2328,13 @@ def check_links(info, allowed, protected_path=PROTECTED_HARDLINKS):
         with open(protected_path) as handle:
             if handle.read().strip() == "1":
                 return
-    except OSError:
-        pass   # unknown: as unsafe as off
-    raise FileError("has %d hard links and fs.protected_hardlinks is not on, so it may be "
-                    "another user's file linked in; left in place (--allow-hardlinks moves "
-                    "such files)" % info.st_nlink)
+        setting = "fs.protected_hardlinks is not on"
+    except OSError:   # not Linux (macOS, the BSDs), or no /proc: as unsafe as off
+        setting = "the kernel does not say that users cannot link in others' files (no %s)" \
+            % protected_path
+    raise FileError("has %d hard links and %s, so it may be another user's file linked in; "
+                    "left in place (--allow-hardlinks moves such files)"
+                    % (info.st_nlink, setting))
 
 
 # chattr +i or +a (Linux), chflags uchg, schg, uappnd or sappnd (macOS, the BSDs): no
@@ -2424,14 +2426,15 @@ def open_for_writing(fd, info, index, since):
     """True when some process has the file (open read-only as fd) open for writing, False
     when none has, None when neither a lease nor /proc can tell. A /proc view must have
     been started after `since` (time.monotonic())."""
-    if TAKE_LEASES:
+    lease = getattr(fcntl, "F_SETLEASE", None) if TAKE_LEASES else None   # Linux only
+    if lease is not None:
         try:
-            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+            fcntl.fcntl(fd, lease, fcntl.F_RDLCK)
         except OSError as exc:
             if exc.errno == errno.EAGAIN:
                 return True
         else:
-            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+            fcntl.fcntl(fd, lease, fcntl.F_UNLCK)
             return False
     return index.has_writer(info, since)
 
@@ -3552,6 +3555,20 @@ def first_and_rest(iterator):
     return first, itertools.chain([first], iterator)
 
 
+def check_platform():
+    """ConfigError where this Python cannot reach files through a directory's descriptor
+    (the *at() calls of POSIX.1-2008; every Linux, macOS 10.10+, the BSDs): the walk needs
+    them to stay inside SOURCE_DIR whatever a writer does."""
+    missing = [call.__name__ for call in (os.open, os.stat, os.mkdir, os.rename, os.unlink,
+                                          os.rmdir, os.link) if call not in os.supports_dir_fd]
+    if os.listdir not in os.supports_fd:
+        missing.append("listdir")
+    if missing:
+        raise ConfigError("this Python cannot use os.%s through a directory's descriptor, "
+                          "which s3push needs to stay inside SOURCE_DIR: run it with a "
+                          "Python built for this system (3.6+)" % ", os.".join(missing))
+
+
 def check_source(source):
     if not os.path.isdir(source):
         what = "does not exist" if not os.path.exists(source) else "is not a directory"
@@ -3648,6 +3665,7 @@ def push(options, environ, tally):
     """
     destination = parse_destination(options.destination)
     check_upload_options(options, time.time())
+    check_platform()
     check_source(options.source)
     check_state_dir(options.state_dir, options.source)
     try:

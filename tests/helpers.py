@@ -42,6 +42,17 @@ LACKS = {
 }
 
 
+# A foreign-platform run (run_all.py): the Linux-only facilities are really absent, as on
+# macOS and the BSDs: fcntl has no lease calls (foreign/sitecustomize.py, loaded by every
+# Python through PYTHONPATH) and /proc is an empty tmpfs in the run's own mount namespace.
+FOREIGN = os.environ.get("S3PUSH_TEST_FOREIGN") == "1"
+FOREIGN_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "foreign")
+
+
+def skip_if_foreign(reason):
+    return unittest.skipIf(FOREIGN, "foreign-platform run: " + reason)
+
+
 def skip_unless_server_checks(feature):
     reason = LACKS.get(s3server.server_kind(), {}).get(feature)
     return unittest.skipIf(reason is not None, reason)
@@ -134,6 +145,8 @@ class IntegrationCase(unittest.TestCase):
                "AWS_EC2_METADATA_DISABLED": "true",
                "AWS_ACCESS_KEY_ID": self.server.access_key,
                "AWS_SECRET_ACCESS_KEY": self.server.secret_key, "AWS_REGION": self.server.region}
+        if FOREIGN:
+            env["PYTHONPATH"] = FOREIGN_PATH
         env.update(extra)
         return {k: v for k, v in env.items() if v is not None}
 

@@ -7,7 +7,8 @@ waits on its servers and writers much of the time), each with its own ports
 (S3PUSH_TEST_PORTS), temporary folders and servers; the output of each is printed as one
 block when it is done. The soak tests run in full on the oldest and the
 newest interpreter and as one short round on those in between (S3PUSH_TEST_SOAK, see
-helpers.soak). Closing line: 'N passed, N failed' summed over the interpreters (skips on
+helpers.soak). make test adds, on the oldest and the newest, a foreign-platform run
+(FOREIGN_MODULES, as root: see helpers.FOREIGN). Closing line: 'N passed, N failed' summed over the interpreters (skips on
 the line before).
 
 --server rgw|moto|localstack: start Ceph RGW, moto with IAM enforced, or LocalStack's S3
@@ -34,6 +35,13 @@ SERVER_MODULES = ("test_integration test_faults test_security test_operations te
                   "test_handover "
                   "test_checksums")
 MODULES_FOR = {"localstack": "test_checksums"}
+# The foreign-platform run (make test, on the oldest and the newest interpreter, as root):
+# these suites again with fcntl's lease calls absent and /proc an empty tmpfs in a mount
+# namespace of the run's own, as on macOS and the BSDs (helpers.FOREIGN).
+FOREIGN_MODULES = ("test_integration test_handover test_accounts test_security.HostileWriter "
+                   "test_security.BadInput test_faults.ChangingFiles test_faults.WritersUnseen")
+FOREIGN_WRAP = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+                'mount -t tmpfs -o ro,size=4k s3push-no-proc /proc && exec "$@"', "sh"]
 PROBE = "import sys; print('%d.%d' % sys.version_info[:2], sys.executable)"
 
 
@@ -76,23 +84,44 @@ def interpreters():
 
 
 def chosen_for(found, kind):
-    """[(version, soak: "full" or "short")] to run, oldest and newest first (the longest)."""
+    """[(version, soak: "full", "short" or "foreign")] to run, oldest and newest first (the
+    longest); the foreign-platform runs (make test only) last."""
     versions = sorted(found)
     ends, middle = versions[:1] + versions[-1:], versions[1:-1]
     if kind == "rgw":
         middle = middle[0::2]
     elif kind == "moto":
         middle = middle[1::2]
-    return [(v, "full") for v in sorted(set(ends))] + [(v, "short") for v in middle]
+    foreign = [(v, "foreign") for v in sorted(set(ends))] if kind is None else []
+    return [(v, "full") for v in sorted(set(ends))] + [(v, "short") for v in middle] + foreign
+
+
+def foreign_run(env):
+    """(argv prefix, environment) of a foreign-platform run, or a reason it cannot be."""
+    if os.geteuid() != 0:
+        return "it needs root, for a mount namespace that hides /proc"
+    if subprocess.run(FOREIGN_WRAP + ["true"], stdout=subprocess.DEVNULL,
+                      stderr=subprocess.DEVNULL).returncode != 0:
+        return "unshare or mount failed: no mount namespace here"
+    return FOREIGN_WRAP, dict(env, S3PUSH_TEST_FOREIGN="1", S3PUSH_TEST_SOAK="short",
+                              PYTHONPATH=os.path.join(TESTS, "foreign"),
+                              S3PUSH_TEST_MODULES=FOREIGN_MODULES)
 
 
 def run_one(version, path, soak, env, slot):
     """Run the suite on one interpreter; (its output, (passed, failed, skipped))."""
     env = dict(env or os.environ, S3PUSH_TEST_SOAK=soak,
                S3PUSH_TEST_PORTS="%d-%d" % (10000 + 2000 * slot, 12000 + 2000 * slot))
+    prefix = []
+    if soak == "foreign":
+        answer = foreign_run(env)
+        if isinstance(answer, str):
+            return ("=== Python %d.%d: foreign-platform run skipped: %s\n" % (version + (
+                answer,)), [0, 0, 1])
+        prefix, env = answer
     started = time.monotonic()
     with tempfile.TemporaryFile() as log:
-        done = subprocess.run([path, os.path.join(TESTS, "run.py")], stdout=log,
+        done = subprocess.run(prefix + [path, os.path.join(TESTS, "run.py")], stdout=log,
                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         log.seek(0)
         out = log.read().decode("utf-8", "replace")
@@ -100,8 +129,10 @@ def run_one(version, path, soak, env, slot):
     counts = [int(x) for x in match.groups()] if match else [0, 1, 0]
     if done.returncode != 0 and counts[1] == 0:
         counts[1] = 1   # crashed or ran nothing: never a silent pass
-    block = "=== Python %d.%d: %s (soak tests: %s)\n%s--- Python %d.%d: %d passed, %d " \
-            "failed, %d skipped in %.0f s\n" % (version + (path, soak, out) + version +
+    what = "foreign-platform run: no lease, no /proc" if soak == "foreign" else \
+        "soak tests: " + soak
+    block = "=== Python %d.%d: %s (%s)\n%s--- Python %d.%d: %d passed, %d " \
+            "failed, %d skipped in %.0f s\n" % (version + (path, what, out) + version +
                                                   tuple(counts) + (time.monotonic() - started,))
     return block, counts
 

@@ -377,6 +377,19 @@ class Selection(unittest.TestCase):
             s3push.run_lock(state, first)
         self.assertIn("mode 0770", str(caught.exception))
 
+    def test_a_python_without_the_at_calls_is_told_what_is_missing(self):
+        s3push.check_platform()
+        os.supports_dir_fd.discard(os.rename)
+        os.supports_fd.discard(os.listdir)
+        try:
+            with self.assertRaises(s3push.ConfigError) as caught:
+                s3push.check_platform()
+        finally:
+            os.supports_dir_fd.add(os.rename)
+            os.supports_fd.add(os.listdir)
+        self.assertIn("cannot use os.rename, os.listdir through a directory's descriptor",
+                      str(caught.exception))
+
     def test_removal_of_a_directory_s_files(self):
         info = os.stat(self.root)
         self.assertTrue(s3push.Removal(None, None).allows(info))
@@ -456,6 +469,19 @@ class OpenWriters(unittest.TestCase):
             self.assertIs(s3push.open_for_writing(self.fd, self.info, index,
                                                   time.monotonic()), True)
         self.assertGreater(index.built, built)
+
+    def test_without_the_lease_call_proc_answers(self):
+        """As on macOS and the BSDs: fcntl has no F_SETLEASE at all (TAKE_LEASES still on)."""
+        import fcntl
+        lease = getattr(fcntl, "F_SETLEASE", None)
+        if lease is not None:
+            del fcntl.F_SETLEASE
+            self.addCleanup(setattr, fcntl, "F_SETLEASE", lease)
+        index = s3push.WriterIndex()
+        self.assertIs(s3push.open_for_writing(self.fd, self.info, index, 0), False)
+        self.assertIsNotNone(index.built, "the /proc view answered")
+        index = s3push.WriterIndex(proc=os.path.join(self.root, "no-proc"))
+        self.assertIsNone(s3push.open_for_writing(self.fd, self.info, index, 0))
 
     def test_neither_lease_nor_proc_says_none(self):
         s3push.TAKE_LEASES = False
