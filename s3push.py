@@ -67,6 +67,7 @@ import fcntl
 import fnmatch
 import heapq
 import itertools
+import marshal
 import os
 import re
 import signal
@@ -1903,10 +1904,18 @@ def guess_content_type(name):
     return mimetypes.guess_type(name, strict=False)[0] or "application/octet-stream"
 
 
-def is_excluded(name, relative, patterns):
-    """True when the base name or the relative path matches any glob."""
-    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(relative, p)
-               for p in patterns)
+def exclusion(patterns):
+    """The globs (--exclude, fnmatch's case-sensitive syntax) as one compiled expression,
+    or None for none: one match per name instead of one per glob."""
+    if not patterns:
+        return None
+    return re.compile("|".join(fnmatch.translate(pattern) for pattern in patterns))
+
+
+def is_excluded(name, relative, excludes):
+    """True when the base name or the relative path matches a glob of exclusion()."""
+    return excludes is not None and (excludes.match(name) is not None or (
+        relative != name and excludes.match(relative) is not None))
 
 
 # The walk never leaves SOURCE_DIR, whatever a writer does to the tree meanwhile: SOURCE_DIR
@@ -2135,9 +2144,14 @@ def open_directory(root_fd, steps):
 def list_directory(fd):
     """The names in the directory open as fd, streamed (memory stays flat however many).
 
-    os.scandir takes a descriptor only from Python 3.7, but /proc/self/fd/N is that very
-    directory on every Python; without /proc, os.listdir(fd) reads it whole.
+    os.scandir takes a descriptor from Python 3.7; before, /proc/self/fd/N is that very
+    directory; without either, os.listdir(fd) reads it whole.
     """
+    if os.scandir in os.supports_fd:
+        with os.scandir(fd) as entries:   # on a duplicate of fd, which it closes
+            for entry in entries:
+                yield entry.name
+        return
     proc = "/proc/self/fd/%d" % fd
     if not os.path.isdir(proc):
         yield from os.listdir(fd)
@@ -2177,38 +2191,51 @@ def removal_in(fd):
     return Removal(None, owner)
 
 
+class Young(object):
+    """Files younger than --min-age: modified after `after_ns` (ns since the epoch). The
+    scan counts them (a count, not a list: memory stays flat however many wait) and makes
+    nothing else of them."""
+
+    def __init__(self, after_ns):
+        self.after_ns = after_ns
+        self.count = 0
+
+
 UNREMOVABLE = "unremovable"   # scan_entry's answer for a file that would be kept
+YOUNG = "young"               # and for one younger than --min-age
 
 
-def scan_entry(fd, directory, name, patterns, stack, errors, removal):
+def scan_entry(fd, directory, name, excludes, stack, errors, removal, young):
     """The Found for one name of a directory (open as fd) if it is a regular file to send
-    (UNREMOVABLE for one this account could not remove: see Removal); a subdirectory goes
-    on stack."""
-    relative = directory.relative + name
-    if is_excluded(name, relative, patterns):
+    (UNREMOVABLE for one this account could not remove: see Removal; YOUNG for one too
+    young); a subdirectory goes on stack. The scan's hot path: one lstat a name."""
+    if is_excluded(name, directory.relative + name, excludes):
         return None
     try:
         info = os.stat(name, dir_fd=fd, follow_symlinks=False)
     except FileNotFoundError:
         return None   # gone since the listing
     except OSError as exc:
-        errors.append((relative, FileError("cannot read (%s)" % exc.strerror)))
+        errors.append((directory.relative + name, FileError("cannot read (%s)"
+                                                            % exc.strerror)))
         return None
-    if stat.S_ISDIR(info.st_mode):
-        stack.append(directory.child(name, info))
-    elif stat.S_ISREG(info.st_mode):
+    if stat.S_ISREG(info.st_mode):
+        if info.st_mtime_ns > young.after_ns:
+            return YOUNG
         if not removal.allows(info):
             return UNREMOVABLE
         return Found(directory, name, ScanStat(info.st_dev, info.st_ino, info.st_size,
                                                info.st_mtime_ns))
+    if stat.S_ISDIR(info.st_mode):
+        stack.append(directory.child(name, info))
     return None
 
 
-def scan_directory(fd, directory, patterns, stack, errors, handovers):
+def scan_directory(fd, directory, excludes, stack, errors, handovers, young):
     """The regular files of one directory (open as fd); its subdirectories go on stack.
     A private folder of the handover is met before the excludes (".*") would skip it.
-    Files this account could not remove are counted, and go to errors once for the
-    directory."""
+    Files too young are counted in young; files this account could not remove are
+    counted, and go to errors once for the directory."""
     given = set()   # given back by a recovery: scanned then, not again if listed later
     removal, kept = removal_in(fd), 0
     for name in list_directory(fd):
@@ -2219,8 +2246,10 @@ def scan_directory(fd, directory, patterns, stack, errors, handovers):
             names = handovers.meet(fd, directory, name, stack)
             given.update(names)
         for entry in names:
-            found = scan_entry(fd, directory, entry, patterns, stack, errors, removal)
-            if found is UNREMOVABLE:
+            found = scan_entry(fd, directory, entry, excludes, stack, errors, removal, young)
+            if found is YOUNG:
+                young.count += 1
+            elif found is UNREMOVABLE:
                 kept += 1
             elif found is not None:
                 yield found
@@ -2232,15 +2261,17 @@ def scan_directory(fd, directory, patterns, stack, errors, handovers):
             kept)))
 
 
-def scan(root_fd, patterns, errors, handovers):
-    """Yield a Found for each regular file under SOURCE_DIR (open as root_fd), streaming.
+def scan(root_fd, patterns, errors, handovers, young=None):
+    """Yield a Found for each regular file under SOURCE_DIR (open as root_fd), streaming,
+    but those younger than young.after_ns, which young counts (None: every file).
 
     Symlinks are never followed; excluded names are skipped, and so are the directories
     they name; FIFOs, sockets and devices are never opened. Three descriptors at most are
     open at once, however deep or wide the tree. A directory that cannot be read or that
     changed under the scan goes to `errors` as (relative path, S3PushError).
     """
-    stack = [Directory("", ())]
+    young = young or Young(float("inf"))
+    stack, excludes = [Directory("", ())], exclusion(patterns)
     while stack:
         directory = stack.pop()
         try:
@@ -2253,33 +2284,98 @@ def scan(root_fd, patterns, errors, handovers):
                                                          % exc.strerror)))
             continue
         try:
-            yield from scan_directory(fd, directory, patterns, stack, errors, handovers)
+            yield from scan_directory(fd, directory, excludes, stack, errors, handovers,
+                                      young)
         finally:
             os.close(fd)
 
 
-def select_files(files, min_age, now, on_young):
-    """Pass on files last modified at least min_age seconds before now; call on_young()
-    for each of the others (a count, not a list: memory stays flat however many wait)."""
-    for found in files:
-        if now - found.info.st_mtime < min_age:
-            on_young()
-            continue
-        yield found
-
-
-ORDER_WINDOW = 10000   # files held at once to send the oldest first; beyond, scan again
+ORDER_WINDOW = 10000   # files held at once to send the oldest first; beyond, spilled
+MAX_RUNS = 64          # sorted runs merged at once (each open, with an 8 KiB buffer)
 
 
 def order_key(found):
     return found.info.st_mtime_ns, found.directory.relative, found.name
 
 
-def oldest_first(scan_round, window):
-    """The files of scan_round(first_round), oldest mtime first (ties by path). The
+class Spill(object):
+    """Sorted runs of files written to unnamed files of the state folder (created, then
+    unlinked at once: a killed run leaves nothing), read back in order. A record is a
+    marshal'ed tuple that sorts as order_key does: (mtime, directory's relative path, name,
+    directory's number, device, inode, size); the Directory objects stay in memory, one
+    per directory, as the scan made them."""
+
+    def __init__(self, folder_fd):
+        self.folder_fd = folder_fd
+        self.directories = []   # by number
+        self.numbers = {}       # id(Directory): number
+
+    def record(self, found):
+        directory = found.directory
+        number = self.numbers.get(id(directory))
+        if number is None:
+            number = self.numbers[id(directory)] = len(self.directories)
+            self.directories.append(directory)
+        info = found.info
+        return (info.st_mtime_ns, directory.relative, found.name, number, info.st_dev,
+                info.st_ino, info.st_size)
+
+    def found(self, record):
+        mtime, _, name, number, device, inode, size = record
+        return Found(self.directories[number], name, ScanStat(device, inode, size, mtime))
+
+    def write(self, records):
+        """A new run holding records (already in order): a file open for reading."""
+        name = ".s3push-spill-%s" % os.urandom(8).hex()
+        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=self.folder_fd)
+        os.unlink(name, dir_fd=self.folder_fd)
+        run = os.fdopen(fd, "w+b")
+        try:
+            for record in records:
+                marshal.dump(record, run)
+            run.flush()
+            run.seek(0)
+        except BaseException:
+            run.close()
+            raise
+        return run
+
+    @staticmethod
+    def read(run):
+        """The records of a run, in order; the run is closed at its end."""
+        with run:
+            while True:
+                try:
+                    yield marshal.load(run)
+                except EOFError:
+                    return
+
+
+def spilled_order(files, window, spill):
+    """The files in order_key order, for O(n log n) time and O(window) memory: runs of
+    `window` files are sorted and spilled; at most MAX_RUNS runs are kept (more are merged
+    into one), and at the end the runs and the files still held are merged. A tree of
+    fewer than `window` files is sorted in memory, with no spill."""
+    held, runs = [], []
+    for found in files:
+        held.append(spill.record(found))
+        if len(held) == window:
+            held.sort()
+            runs.append(spill.write(held))
+            held = []
+            if len(runs) == MAX_RUNS:
+                runs = [spill.write(heapq.merge(*[spill.read(run) for run in runs]))]
+    held.sort()
+    for record in heapq.merge(*[spill.read(run) for run in runs] + [held]):
+        yield spill.found(record)
+
+
+def rescanned_order(scan_round, window):
+    """The files of scan_round(first_round) in order_key order without a spill: the
     `window` oldest are held and sorted; when there were more, the tree is scanned again
-    for the next `window` after the last one handed on. Memory stays at `window` files
-    however many there are; a tree of fewer is scanned once."""
+    for the next `window` after the last one handed on (quadratic in the number of files
+    over the window: the fallback where the state folder cannot hold a spill)."""
     after, first = None, True
     while True:
         files = scan_round(first)
@@ -2290,6 +2386,26 @@ def oldest_first(scan_round, window):
         if len(batch) < window:
             return
         after, first = order_key(batch[-1]), False
+
+
+def oldest_first(scan_round, window, spill):
+    """The files of a scan (scan_round(True); scan_round(False) scans again without
+    counting what it meets twice), oldest mtime first, ties by path. With a Spill, one
+    scan, spilled and merged; without one, or if a spill fails (a full disk), the tree
+    is scanned once per window instead (nothing has been handed on before the first
+    file: the order is whole either way)."""
+    if spill is not None:
+        try:
+            ordered = spilled_order(scan_round(True), window, spill)
+            first = next(ordered, None)
+        except OSError:
+            first = ordered = None
+        else:
+            if first is not None:
+                yield first
+                yield from ordered
+            return
+    yield from rescanned_order(scan_round, window)
 
 
 def same_file(before, after):
@@ -3334,11 +3450,6 @@ class Tally(object):
             self.found_files += 1
             self.found_bytes += size
 
-    def left_young(self):
-        """One more file younger than --min-age, left for later."""
-        with self.lock:
-            self.young_count += 1
-
     def left_open(self, path, exc, verbose):
         """Left for a later run, like a file younger than --min-age: said under -v only."""
         with self.lock:
@@ -3606,11 +3717,10 @@ def move_or_plan(options, environ, settings, destination, tally, files, root, ha
         remove_empty_dirs(root, tally.emptied)
 
 
-def take_run_lock(options, environ, root):
+def take_run_lock(state_dir, root):
     """(held, the holder's pid or None): the run lock (see run_lock) in the state folder;
     where that folder cannot keep it, a flock on SOURCE_DIR itself, said on stderr: a
     lock any reader of SOURCE_DIR could hold, but a run that runs."""
-    state_dir = options.state_dir or default_state_dir(environ)
     try:
         if state_dir is None:
             raise OSError(errno.ENOENT, "no HOME and no --state-dir")
@@ -3624,32 +3734,53 @@ def take_run_lock(options, environ, root):
         return lock_directory(root), None
 
 
+def open_spill(state_dir):
+    """A Spill in the state folder, for the order of a big backlog; None where the folder
+    cannot hold one (the tree is then scanned once per ORDER_WINDOW files instead)."""
+    try:
+        return Spill(private_folder(state_dir)) if state_dir else None
+    except OSError:
+        return None
+
+
 def push_locked(options, environ, tally, destination, root):
     """Lock SOURCE_DIR (open as root), scan it, and move what the scan finds."""
+    state_dir = options.state_dir or default_state_dir(environ)
     if not options.dry_run:
-        held, holder = take_run_lock(options, environ, root)
+        held, holder = take_run_lock(state_dir, root)
         if not held:
             tally.skipped_for = holder or 0
             emit(sys.stderr, "s3push: another run (pid %s) is moving %s; this one exits"
                  % (holder or "unknown", safe_name(options.source)))
             return EXIT_OK
-    errors = []
+    errors, young = [], [None]
     patterns = DEFAULT_EXCLUDES + tuple(options.exclude)
-    now = time.time()
+    young_after = time.time_ns() if hasattr(time, "time_ns") else int(time.time() * 1e9)
+    young_after -= int(options.min_age * 1e9)
     handovers = Handovers(recover=not options.dry_run)
+    spill = open_spill(state_dir)
 
-    def scan_round(first):   # what a scan again finds wrong or young was counted once
-        return select_files(scan(root, patterns, errors if first else [], handovers),
-                            options.min_age, now, tally.left_young if first else lambda: None)
-    first, files = first_and_rest(oldest_first(scan_round, ORDER_WINDOW))
-    if first is not None:
-        load_deferred_modules()
-        settings = load_settings(options, environ)
-        if options.splay and not options.dry_run:   # a fleet's cron ticks spread out
-            time.sleep(random.uniform(0, options.splay))
-        warn_if_exposed_credentials(settings.credentials)
-        tally.credentials = settings.credentials
-        move_or_plan(options, environ, settings, destination, tally, files, root, handovers)
+    def scan_round(first):   # only a first round counts what is wrong or young: afresh
+        if first:
+            del errors[:]
+            young[0] = Young(young_after)
+            return scan(root, patterns, errors, handovers, young[0])
+        return scan(root, patterns, [], handovers, Young(young_after))
+    try:
+        first, files = first_and_rest(oldest_first(scan_round, ORDER_WINDOW, spill))
+        tally.young_count = young[0].count   # the first round is whole by now
+        if first is not None:
+            load_deferred_modules()
+            settings = load_settings(options, environ)
+            if options.splay and not options.dry_run:   # a fleet's cron ticks spread out
+                time.sleep(random.uniform(0, options.splay))
+            warn_if_exposed_credentials(settings.credentials)
+            tally.credentials = settings.credentials
+            move_or_plan(options, environ, settings, destination, tally, files, root,
+                         handovers)
+    finally:
+        if spill is not None:
+            os.close(spill.folder_fd)
     for relative, exc in errors:
         tally.failed(os.path.join(options.source, relative), None, exc)
     if options.verbose:

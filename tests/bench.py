@@ -12,6 +12,8 @@ sets another rate; 0 leaves this out).
 Then checksums: the 1 GiB file to LocalStack's S3 (which verifies x-amz-checksum-crc32)
 by s3push --checksum md5, s3push --checksum crc32 and `aws s3 mv`: the CRC32 path's
 client CPU against the MD5 path's (BENCH_CHECKSUMS=0 leaves this out).
+Then growth: planning 20,000 and 200,000 files, a tick over 100,000 young ones and a move
+of 20,000 x 1 KiB, against rclone (BENCH_GROWTH=0 leaves this out; see growth_bench).
 For each tool: wall seconds, client CPU-seconds (user + system of the tool's process and
 its children), files/s, MB/s and peak RSS (of the tool's process). A tool's run counts
 only if every file landed byte-identical and the source was emptied; otherwise its row
@@ -431,6 +433,90 @@ def checksum_rows(python, aws, work, setup_big):
         server.stop()
 
 
+def make_tree(root, count, size, age):
+    """count files of size bytes, 1,000 a folder, modified `age` seconds ago and within
+    the second before (older files first); returns {relative path: bytes} when size."""
+    files, now = {}, time.time() - age - 1
+    for i in range(count):
+        relative = "d%03d/f%07d.log" % (i // 1000, i)
+        data = (b"%07d" % i) * (size // 7) + b"\n" * (size % 7)
+        path = os.path.join(root, relative)
+        if i % 1000 == 0:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as handle:
+            handle.write(data)
+        os.utime(path, (now + i / count, now + i / count))
+        if size:
+            files[relative] = data
+    return files
+
+
+def growth_bench(tools, work, python):
+    """How the cost grows with the backlog: the plan of 20,000 and 200,000 old files
+    (--dry-run: the scan and the oldest-first order of a real run, each file printed)
+    against `rclone lsf -R` of the same tree; a tick over 100,000 files all younger than
+    --min-age against `rclone move --min-age`; a real move of 20,000 x 1 KiB against
+    rclone move. Each once (they are long); CPU-seconds and peak RSS."""
+    print("\ngrowth: one run each, 1,000 files a folder")
+    print("%-30s %-16s %7s %9s  %s" % ("workload", "tool", "CPU s", "RSS MiB", "status"))
+    figures = {}
+
+    def row(workload, tool, argv):
+        wall, rss, cpu, status, err = measure(argv, tools.env)
+        figures[workload, tool] = (cpu, rss)
+        print("%-30s %-16s %7.2f %9.1f  %s" % (workload, tool, cpu, rss, "ok" if status == 0
+                                              else "FAILED: exit %d: %s" % (status, err)),
+              flush=True)
+    url = "s3://%s/growth-%d/" % (tools.server.bucket, int(time.monotonic() * 1e6))
+    for count in (20000, 200000):
+        tree = os.path.join(work, "old%d" % count)
+        make_tree(tree, count, 0, 86400)
+        label = "plan of %d old files" % count
+        row(label, "s3push --dry-run", [python, s3server.S3PUSH, "--dry-run", tree, url])
+        row(label, "rclone lsf -R", [tools.rclone, "lsf", "-R", tree])
+        shutil.rmtree(tree, ignore_errors=True)
+    tree = os.path.join(work, "young")
+    make_tree(tree, 100000, 0, 0)
+    label = "tick over 100,000 young files"
+    for tool in ("s3push", "rclone move"):
+        argv = tools.argv(tool, tree, "young/")
+        if tool == "s3push":
+            argv[argv.index("--min-age") + 1] = "3600"
+        else:
+            argv += ["--min-age", "1h"]
+        row(label, tool, argv)
+    shutil.rmtree(tree, ignore_errors=True)
+    label = "move of 20,000 x 1 KiB"
+    for tool in ("s3push", "rclone move"):
+        tree = os.path.join(work, "small20k-" + tool.split()[0])
+        expected = make_tree(tree, 20000, 1024, 3600)
+        prefix = "small20k-%s-%d" % (tool.split()[0], int(time.monotonic() * 1e6))
+        row(label, tool, tools.argv(tool, tree, prefix + "/"))
+        problem = check_landed(tools.server, prefix, expected) or (
+            leftover_files(tree) and "files left in the source")
+        if problem:
+            print("  %s: FAILED: %s" % (tool, problem))
+        shutil.rmtree(tree, ignore_errors=True)
+        remove_landed(tools.server, prefix, expected)
+
+    def cpu(workload, tool):
+        return figures.get((workload, tool), (None,))[0]
+    plan = "plan of 200000 old files"
+    ratio_line("200,000 planned: CPU vs rclone lsf -R", cpu(plan, "s3push --dry-run"),
+               cpu(plan, "rclone lsf -R"), 2.0, False)
+    ratio_line("planning 20,000 -> 200,000: CPU growth", cpu(plan, "s3push --dry-run"),
+               cpu("plan of 20000 old files", "s3push --dry-run"), 12.0, False)
+    young = "tick over 100,000 young files"
+    ratio_line("100,000 young: tick CPU vs rclone move", cpu(young, "s3push"),
+               cpu(young, "rclone move"), 1.0, False)
+    ratio_line("20,000 x 1 KiB: client CPU vs rclone move", cpu(label, "s3push"),
+               cpu(label, "rclone move"), 0.6, False)
+    worst = max(rss for (_, tool), (_, rss) in figures.items() if tool.startswith("s3push"))
+    print("%-52s %6.1f MiB  (target <= %d: %s)" % ("s3push peak RSS, growth workloads", worst,
+                                                  TARGET_RSS_MIB, "met"
+                                                  if worst <= TARGET_RSS_MIB else "MISSED"))
+
+
 def main():
     python, aws = find_python(), find_aws()
     server = s3server.RcloneServer()
@@ -471,6 +557,8 @@ def main():
             bwlimit_bench(tools, work, big, big_sha)
         if os.environ.get("BENCH_CHECKSUMS") != "0":
             checksum_rows(python, aws, work, setup_big)
+        if os.environ.get("BENCH_GROWTH") != "0":
+            growth_bench(tools, work, python)
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)

@@ -207,7 +207,8 @@ def main(argv):
         if server is not None:
             server.stop()
     print("interpreters: %s; %d skipped (named in each run's output)"
-          % (" ".join("%d.%d" % v for v, _ in sorted(chosen_for(found, kind))), totals[2]))
+          % (" ".join("%d.%d%s" % (v + (" (foreign)" if soak == "foreign" else "",))
+                      for v, soak in chosen_for(found, kind)), totals[2]))
     print("%d passed, %d failed" % tuple(totals[:2]))
     return 1 if totals[1] else 0
 

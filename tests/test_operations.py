@@ -212,10 +212,11 @@ class ObjectOptions(IntegrationCase):
         self.assertEqual(self.recorder.requests, [])
 
 
-# The script with a window of 3 files for the oldest-first order (an internal seam), so
-# that a small tree is scanned again as a large one would be.
+# The script with a window of 3 files for the oldest-first order and 2 runs merged at once
+# (an internal seam), so that a small tree is spilled and merged as a large one would be.
 SMALL_WINDOW = ("import sys; sys.path.insert(0, %r); import s3push; s3push.ORDER_WINDOW = 3; "
-                "sys.argv[0] = s3push.__file__; sys.exit(s3push.main())" % s3server.REPO)
+                "s3push.MAX_RUNS = 2; sys.argv[0] = s3push.__file__; sys.exit(s3push.main())"
+                % s3server.REPO)
 
 
 class Order(IntegrationCase):
@@ -226,8 +227,10 @@ class Order(IntegrationCase):
         for relative, mtime in mtimes.items():
             write_file(self.source, relative, relative.encode(), mtime=mtime)
         expected = sorted(mtimes, key=mtimes.get)
-        for seam in (None, SMALL_WINDOW):
-            argv = self.command("--jobs", "1")
+        no_state = os.path.join(write_file(self.tmp, "plain", b"").decode(), "state")
+        for seam, args in ((None, ()), (SMALL_WINDOW, ()),   # the spill, or a scan a window:
+                           (SMALL_WINDOW, ("--state-dir", no_state))):   # no state folder
+            argv = self.command("--jobs", "1", *args)
             if seam:
                 argv[1:3] = ["-c", seam]
             start = len(self.recorder.heads)

@@ -253,16 +253,51 @@ class Selection(unittest.TestCase):
             self.touch("d%d/f%02d" % (i % 3, i), mtime)
         expected = [f for _, f in sorted((m, "d%d/f%02d" % (i % 3, i))
                                          for i, m in enumerate(mtimes))]
-        for window in (1, 3, 4, 11, 12, 100):
+        self.addCleanup(setattr, s3push, "MAX_RUNS", s3push.MAX_RUNS)
+        for window, max_runs, spill in [(w, m, s) for w in (1, 3, 4, 11, 12, 100)
+                                        for m in (2, 64) for s in ("spill", None, "full")]:
+            s3push.MAX_RUNS = max_runs
             rounds = []
 
             def scan_round(first):
                 rounds.append(first)
                 return self.scan(self.root, (), [])
-            got = [f.relative for f in s3push.oldest_first(scan_round, window)]
-            self.assertEqual(got, expected, window)
-            self.assertEqual(len(rounds), len(mtimes) // window + 1, window)
-            self.assertEqual(rounds[1:], [False] * (len(rounds) - 1))
+            got = [f for f in s3push.oldest_first(scan_round, window, self.spill(spill))]
+            self.assertEqual([f.relative for f in got], expected, (window, spill))
+            rescans = [True] + [False] * (len(mtimes) // window)   # a scan a window
+            if spill == "spill" or spill == "full" and len(mtimes) // window < 2:
+                self.assertEqual(rounds, [True], window)   # one scan, whatever the backlog
+            elif spill == "full":   # the second run failed: scanned again, counted afresh
+                self.assertEqual(rounds, [True] + rescans, window)
+            else:
+                self.assertEqual(rounds, rescans, window)
+            for found in got:   # what comes back from a spill is what the scan saw
+                info = os.stat(os.path.join(self.root, found.relative))
+                self.assertEqual(found.info, (info.st_dev, info.st_ino, info.st_size,
+                                              info.st_mtime_ns))
+                folder = os.stat(os.path.join(self.root, found.directory.relative))
+                self.assertEqual(found.directory.steps[-1][1:],
+                                 (folder.st_dev, folder.st_ino))
+
+    def spill(self, kind):
+        """A Spill in a folder of its own; "full": one whose second run fails (ENOSPC)."""
+        if kind is None:
+            return None
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        fd = os.open(folder, os.O_RDONLY)
+        self.addCleanup(os.close, fd)
+        spill = s3push.Spill(fd)
+        if kind == "full":
+            write, runs = spill.write, []
+
+            def failing(records):
+                runs.append(1)
+                if len(runs) > 1:
+                    raise OSError(28, "No space left on device")
+                return write(records)
+            spill.write = failing
+        return spill
 
     def test_regular_files_only(self):
         self.touch("a/b/file")
@@ -295,8 +330,9 @@ class Selection(unittest.TestCase):
         fd = s3push.open_source(self.root)
         self.addCleanup(os.close, fd)
         stack = []   # the root's listing: three directories to visit
-        self.assertEqual(list(s3push.scan_directory(fd, s3push.Directory("", ()), (), stack,
-                                                    [], s3push.Handovers(True))), [])
+        self.assertEqual(list(s3push.scan_directory(fd, s3push.Directory("", ()), None, stack,
+                                                    [], s3push.Handovers(True),
+                                                    s3push.Young(float("inf")))), [])
         shutil.rmtree(os.path.join(self.root, "gone"))
         os.rename(os.path.join(self.root, "replaced"), os.path.join(outside, "away"))
         os.mkdir(os.path.join(self.root, "replaced"))
@@ -334,12 +370,12 @@ class Selection(unittest.TestCase):
     def test_min_age(self):
         self.touch("old", mtime=1000)
         self.touch("new", mtime=1990)
-        young = []
-        files = self.scan(self.root, (), [])
-        kept = [f.relative
-                for f in s3push.select_files(files, 60, 2000, lambda: young.append(1))]
+        young = s3push.Young((2000 - 60) * 10 ** 9)
+        fd = s3push.open_source(self.root)
+        self.addCleanup(os.close, fd)
+        kept = [f.relative for f in s3push.scan(fd, (), [], s3push.Handovers(True), young)]
         self.assertEqual(kept, ["old"])
-        self.assertEqual(young, [1])
+        self.assertEqual(young.count, 1)
 
     def test_same_file(self):
         path = self.touch("f")
