@@ -189,14 +189,18 @@ def safe_name(name):
     """A file name or key fit for a terminal: undecodable bytes and control characters
     escaped."""
     text = name_bytes(name).decode("utf-8", "backslashreplace")
+    if text.isprintable():   # nearly every name: one check, not one per character
+        return text
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def emit(stream, line):
-    """Write one line; what the stream's encoding cannot show is escaped, not fatal."""
+def emit(stream, line, flush=True):
+    """Write a line (or lines); what the stream's encoding cannot show is escaped, not
+    fatal."""
     encoding = getattr(stream, "encoding", None) or "utf-8"
     stream.write(line.encode(encoding, "backslashreplace").decode(encoding) + "\n")
-    stream.flush()
+    if flush:
+        stream.flush()
 
 
 # === Errors ===
@@ -2292,6 +2296,7 @@ def scan(root_fd, patterns, errors, handovers, young=None):
 
 ORDER_WINDOW = 10000   # files held at once to send the oldest first; beyond, spilled
 MAX_RUNS = 64          # sorted runs merged at once (each open, with an 8 KiB buffer)
+SPILL_BATCH = 256      # records read or written at once: 64 runs hold 16,384 in memory
 
 
 def order_key(found):
@@ -2325,15 +2330,21 @@ class Spill(object):
         return Found(self.directories[number], name, ScanStat(device, inode, size, mtime))
 
     def write(self, records):
-        """A new run holding records (already in order): a file open for reading."""
+        """A new run holding records (already in order): a file open for reading. They go
+        SPILL_BATCH to a marshal'ed list (one call per record would cost more than all
+        the sorting)."""
         name = ".s3push-spill-%s" % os.urandom(8).hex()
         fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600, dir_fd=self.folder_fd)
         os.unlink(name, dir_fd=self.folder_fd)
         run = os.fdopen(fd, "w+b")
         try:
-            for record in records:
-                marshal.dump(record, run)
+            records = iter(records)
+            while True:
+                batch = list(itertools.islice(records, SPILL_BATCH))
+                if not batch:
+                    break
+                marshal.dump(batch, run)
             run.flush()
             run.seek(0)
         except BaseException:
@@ -2347,9 +2358,10 @@ class Spill(object):
         with run:
             while True:
                 try:
-                    yield marshal.load(run)
+                    batch = marshal.load(run)
                 except EOFError:
                     return
+                yield from batch
 
 
 def spilled_order(files, window, spill):
@@ -3645,17 +3657,24 @@ def move_all(job, files):
 
 
 def print_plan(source, files, destination, tally):
-    """Print where each file would go; names that cannot be keys are reported."""
-    template = Template(destination.prefix)
+    """Print where each file would go; names that cannot be keys are reported. The lines
+    go out a thousand at a time (a plan may have millions)."""
+    template, base, lines = Template(destination.prefix), os.path.join(source, ""), []
     for found in files:
-        path = os.path.join(source, found.relative)
         try:
             key = object_key(template.prefix_for(found.info.st_mtime), found.relative)
         except FileError as exc:
-            tally.failed(path, None, exc)
+            tally.failed(base + found.relative, None, exc)
             continue
-        emit(sys.stdout, "would move %s -> s3://%s/%s (%d bytes)"
-             % (safe_name(path), destination.bucket, safe_name(key), found.info.st_size))
+        lines.append("would move %s -> s3://%s/%s (%d bytes)" % (
+            safe_name(base + found.relative), destination.bucket, safe_name(key),
+            found.info.st_size))
+        if len(lines) == 1000:
+            emit(sys.stdout, "\n".join(lines), flush=False)
+            lines = []
+    if lines:
+        emit(sys.stdout, "\n".join(lines))
+    sys.stdout.flush()
 
 
 def first_and_rest(iterator):
