@@ -2038,10 +2038,6 @@ class Directory(collections.namedtuple("Directory", "relative steps")):
         relative paths (and so the keys) it had here."""
         return Directory(self.relative, self.steps + ((name, info.st_dev, info.st_ino),))
 
-    @property
-    def private(self):
-        return bool(self.steps) and PRIVATE_DIR.match(self.steps[-1][0]) is not None
-
 
 class ScanStat(collections.namedtuple("ScanStat", "st_dev st_ino st_size st_mtime_ns")):
     """What the scan keeps of a file's lstat: enough to tell later whether it is still the
@@ -2594,6 +2590,133 @@ def remove_empty_dirs(root_fd, directories):
             steps = steps[:-1]
 
 
+# Tests run a writer, or kill the run, at each step of the handover (as TAKE_LEASES above).
+HANDOVER_SEAM = None
+
+
+def seam(step, name):
+    if HANDOVER_SEAM is not None:
+        HANDOVER_SEAM(step, name)
+
+
+MAX_PRIVATE_FOLDERS = 32   # kept at once; beyond, the least recently used idle one goes
+
+
+class PrivateFolder(object):
+    """A private folder of the handover this run made: its name, (device, inode), a
+    descriptor of the directory it is in (to remove it from there, wherever that directory
+    went meanwhile), how that directory was reached, the workers using it now, and the name
+    last moved into it."""
+
+    def __init__(self, parent_fd, steps, name, info):
+        self.parent_fd, self.steps, self.name = os.dup(parent_fd), steps, name
+        self.identity = (info.st_dev, info.st_ino)
+        self.users, self.last = 0, ""
+
+
+class HandoverFolders(object):
+    """This run's private folders, one per directory it moves files from (a mkdir and an
+    rmdir cost a third of a millisecond, half of what a small file costs otherwise): made
+    on first use, kept for the MAX_PRIVATE_FOLDERS directories used last, removed when idle
+    beyond those and at the end of the run (clean_up). Each is opened afresh for every file
+    and used only while it is still this run's very folder: 0700, this account's, the
+    device and inode it was made with; else a new one is made."""
+
+    def __init__(self, handovers, root_fd):
+        self.handovers, self.root_fd = handovers, root_fd
+        self.lock = threading.Lock()
+        self.by_directory = collections.OrderedDict()   # (device, inode): PrivateFolder
+        self.retired = []   # replaced while in use: removed at the end
+
+    def open_for(self, parent_fd, steps, name):
+        """(PrivateFolder, a descriptor of it) for moving name out of the directory open as
+        parent_fd: nothing by that name in it (a leftover of a give-back that failed
+        earlier would be replaced by the rename: a new folder then). Hand it back with
+        done()."""
+        info = os.fstat(parent_fd)
+        key = (info.st_dev, info.st_ino)
+        with self.lock:
+            folder = self.by_directory.pop(key, None)
+            fd = self.open_own(folder) if folder else None
+            if fd is not None and name_taken(fd, name):
+                os.close(fd)
+                fd = None
+            if fd is None:
+                if folder is not None:
+                    self.retired.append(folder)
+                folder, fd = self.make(parent_fd, steps, name)
+            self.by_directory[key] = folder   # the most recently used last
+            folder.users += 1
+            folder.last = name
+            self.evict()
+            return folder, fd
+
+    def make(self, parent_fd, steps, name):
+        seam("mkdir", name)
+        private = self.handovers.new_name()
+        os.mkdir(private, 0o700, dir_fd=parent_fd)
+        folder = PrivateFolder(parent_fd, steps, private,
+                               os.stat(private, dir_fd=parent_fd, follow_symlinks=False))
+        fd = self.open_own(folder)
+        if fd is None:   # swapped between the mkdir and the open: not ours to use
+            self.retired.append(folder)
+            raise OSError(errno.EPERM, "the private folder %s was replaced" % private)
+        return folder, fd
+
+    @staticmethod
+    def open_own(folder):
+        """A descriptor of folder, or None when its name no longer holds this run's very
+        folder (moved away, or replaced by another account's)."""
+        try:
+            fd = os.open(folder.name, DIRECTORY_FLAGS, dir_fd=folder.parent_fd)
+        except OSError:
+            return None
+        info = os.fstat(fd)
+        if (info.st_dev, info.st_ino) != folder.identity or info.st_uid != os.geteuid() \
+                or info.st_mode & 0o077:
+            os.close(fd)
+            return None
+        return fd
+
+    def done(self, folder):
+        with self.lock:
+            folder.users -= 1
+            self.evict()
+
+    def evict(self):
+        """Remove idle folders beyond the MAX_PRIVATE_FOLDERS used last (lock held)."""
+        while len(self.by_directory) > MAX_PRIVATE_FOLDERS:
+            idle = next((key for key, folder in self.by_directory.items()
+                         if not folder.users), None)
+            if idle is None:
+                return
+            self.remove(self.by_directory.pop(idle))
+
+    def remove(self, folder):
+        """rmdir the folder (empty, but for what could not be given back: that stays for a
+        later run, as after a kill) from its directory, wherever that is now; then that
+        directory too if it is an earlier run's private folder files were moved from."""
+        try:
+            seam("rmdir", folder.last)
+            info = os.stat(folder.name, dir_fd=folder.parent_fd, follow_symlinks=False)
+            if (info.st_dev, info.st_ino) == folder.identity:
+                os.rmdir(folder.name, dir_fd=folder.parent_fd)
+        except OSError:
+            pass
+        finally:
+            os.close(folder.parent_fd)
+        if folder.steps and PRIVATE_DIR.match(folder.steps[-1][0]):
+            remove_directory(self.root_fd, folder.steps)
+
+    def clean_up(self):
+        """Remove every folder of this run (the end of a run, or of its moves)."""
+        with self.lock:
+            folders = list(self.by_directory.values()) + self.retired
+            self.by_directory, self.retired = collections.OrderedDict(), []
+        for folder in folders:
+            self.remove(folder)
+
+
 # === Resume journals ===
 # A multipart upload cut off part-way (a kill, a reboot, a link that drops) resumes on the
 # next run from a journal kept outside SOURCE_DIR, one folder per source and destination:
@@ -3138,50 +3261,34 @@ def check_no_writer(job, fd, info, since, uploaded):
                                 "later run" % ("uploaded, but " if uploaded else ""))
 
 
-# Tests run a writer, or kill the run, at each step of the handover (as TAKE_LEASES above).
-HANDOVER_SEAM = None
-
-
-def seam(step, name):
-    if HANDOVER_SEAM is not None:
-        HANDOVER_SEAM(step, name)
-
-
-def hand_over(job, parent_fd, fd, name, uploaded, opened):
-    """Move the name into a new private folder beside it (one rename: whatever holds the
-    name now goes), check that what came is the uploaded file, unchanged and written by
-    no process, and only then unlink it there. Anything else that came is given back."""
-    seam("mkdir", name)
-    private = job.handovers.new_name()
-    os.mkdir(private, 0o700, dir_fd=parent_fd)
+def hand_over(job, parent_fd, fd, found, uploaded, opened):
+    """Move the file's name into this run's private folder beside it (one rename: whatever
+    holds the name now goes), check that what came is the uploaded file, unchanged and
+    written by no process, and only then unlink it there. Anything else that came is given
+    back."""
+    name = found.name
+    folder, private_fd = job.folders.open_for(parent_fd, found.directory.steps, name)
     try:
-        private_fd = os.open(private, DIRECTORY_FLAGS, dir_fd=parent_fd)
+        seam("rename", name)
         try:
-            seam("rename", name)
-            try:
-                os.rename(name, name, src_dir_fd=parent_fd, dst_dir_fd=private_fd)
-            except FileNotFoundError:
-                return   # removed by another process since the check: nothing to do
-            seam("check", name)
-            came = os.stat(name, dir_fd=private_fd, follow_symlinks=False)
-            try:
-                if not (stat.S_ISREG(came.st_mode) and same_file(uploaded, came)):
-                    raise StillWrittenError("replaced by a new version just before its "
-                                            "removal; the new one is left for a later run")
-                check_no_writer(job, fd, uploaded, opened, True)
-            except StillWrittenError:
-                give_back(private_fd, parent_fd, name)
-                raise
-            seam("unlink", name)
-            os.unlink(name, dir_fd=private_fd)
-        finally:
-            os.close(private_fd)
+            os.rename(name, name, src_dir_fd=parent_fd, dst_dir_fd=private_fd)
+        except FileNotFoundError:
+            return   # removed by another process since the check: nothing to do
+        seam("check", name)
+        came = os.stat(name, dir_fd=private_fd, follow_symlinks=False)
+        try:
+            if not (stat.S_ISREG(came.st_mode) and same_file(uploaded, came)):
+                raise StillWrittenError("replaced by a new version just before its "
+                                        "removal; the new one is left for a later run")
+            check_no_writer(job, fd, uploaded, opened, True)
+        except StillWrittenError:
+            give_back(private_fd, parent_fd, name)
+            raise
+        seam("unlink", name)
+        os.unlink(name, dir_fd=private_fd)
     finally:
-        seam("rmdir", name)
-        try:
-            os.rmdir(private, dir_fd=parent_fd)
-        except OSError:
-            pass   # not empty: what could not be given back stays for a later run
+        os.close(private_fd)
+        job.folders.done(folder)
 
 
 def delete_if_unchanged(job, parent_fd, fd, found, uploaded, opened):
@@ -3200,7 +3307,7 @@ def delete_if_unchanged(job, parent_fd, fd, found, uploaded, opened):
         raise ChangedError()
     check_no_writer(job, fd, uploaded, opened, True)
     os.close(open_directory(job.root, found.directory.steps))   # not moved away meanwhile
-    hand_over(job, parent_fd, fd, found.name, uploaded, opened)
+    hand_over(job, parent_fd, fd, found, uploaded, opened)
 
 
 def move_file(client, job, found, key):
@@ -3227,8 +3334,6 @@ def move_file(client, job, found, key):
             delete_if_unchanged(job, parent, fd, found, info, opened)
         finally:
             os.close(fd)
-        if found.directory.private:   # left by a cut-off handover, now moved from
-            remove_directory(job.root, found.directory.steps)
     except OSError as exc:
         raise FileError("cannot remove it (%s); left in place" % exc.strerror)
     finally:
@@ -3577,7 +3682,7 @@ class Job(object):
 
     def __init__(self, options, session, destination, tally, root, journals, handovers):
         self.root = root   # SOURCE_DIR's descriptor: every file is reached through it
-        self.handovers = handovers
+        self.folders = HandoverFolders(handovers, root)
         self.source = options.source
         self.allow_hardlinks = options.allow_hardlinks
         self.session = session
@@ -3729,7 +3834,10 @@ def move_or_plan(options, environ, settings, destination, tally, files, root, ha
     tally.progress = sys.stderr.isatty() if options.progress is None else options.progress
     job = Job(options, session, destination, tally, root,
               journals_for(options, environ, destination, tally), handovers)
-    move_all(job, files)
+    try:
+        move_all(job, files)
+    finally:   # a kill -9 leaves them to the next run's scan instead
+        job.folders.clean_up()
     if job.journals is not None:
         job.journals.sweep(root, time.time())
     if options.delete_empty_dirs:

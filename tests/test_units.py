@@ -553,6 +553,69 @@ class NumberedKeys(unittest.TestCase):
         self.assertEqual(parse(["--if-exists", "number", "s", "s3://b"]).if_exists, "number")
 
 
+class HandoverFolders(unittest.TestCase):
+    """This run's private folders of the handover: one per directory, verified at each use,
+    the least recently used beyond MAX_PRIVATE_FOLDERS removed when idle."""
+
+    def setUp(self):
+        self.root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.root)
+        self.root_fd = s3push.open_source(self.root)
+        self.addCleanup(os.close, self.root_fd)
+        self.folders = s3push.HandoverFolders(s3push.Handovers(True), self.root_fd)
+        self.addCleanup(setattr, s3push, "MAX_PRIVATE_FOLDERS", s3push.MAX_PRIVATE_FOLDERS)
+
+    def directory(self, name):
+        os.mkdir(os.path.join(self.root, name))
+        fd = os.open(os.path.join(self.root, name), os.O_RDONLY)
+        self.addCleanup(os.close, fd)
+        return fd
+
+    def use(self, parent_fd, name="f"):
+        folder, fd = self.folders.open_for(parent_fd, (), name)
+        os.close(fd)
+        self.folders.done(folder)
+        return folder
+
+    def private(self, name):
+        return sorted(n for n in os.listdir(os.path.join(self.root, name))
+                      if n.startswith(s3push.PRIVATE_PREFIX))
+
+    def test_one_folder_a_directory_removed_at_the_end(self):
+        a, b = self.directory("a"), self.directory("b")
+        self.assertIs(self.use(a, "x"), self.use(a, "y"))
+        self.use(b)
+        self.assertEqual((len(self.private("a")), len(self.private("b"))), (1, 1))
+        self.folders.clean_up()
+        self.assertEqual((self.private("a"), self.private("b")), ([], []))
+
+    def test_the_least_recently_used_idle_folder_goes_beyond_the_limit(self):
+        s3push.MAX_PRIVATE_FOLDERS = 2
+        fds = [self.directory(name) for name in "abc"]
+        busy, fd = self.folders.open_for(fds[0], (), "f")   # in use: never removed
+        os.close(fd)
+        self.use(fds[1])
+        self.use(fds[2])
+        self.assertEqual([len(self.private(n)) for n in "abc"], [1, 0, 1])
+        self.folders.done(busy)
+        self.folders.clean_up()
+        self.assertEqual([len(self.private(n)) for n in "abc"], [0, 0, 0])
+
+    def test_a_folder_swapped_or_holding_the_name_is_not_used(self):
+        a = self.directory("a")
+        first = self.use(a)
+        os.rename(os.path.join(self.root, "a", first.name), os.path.join(self.root, "moved"))
+        os.mkdir(os.path.join(self.root, "a", first.name))   # another's, by that name
+        second = self.use(a)
+        self.assertNotEqual(second.identity, first.identity)
+        with open(os.path.join(self.root, "a", second.name, "f"), "w"):
+            pass   # a give-back that failed: the name is taken in the folder
+        third = self.use(a, "f")
+        self.assertNotIn(third.identity, (first.identity, second.identity))
+        self.folders.clean_up()
+        self.assertEqual(self.private("a"), sorted([first.name, second.name]))   # not empty
+
+
 class Layout(unittest.TestCase):
     """The file reads top to bottom: no definition uses one that stands below it."""
 
