@@ -175,6 +175,18 @@ class IntegrationCase(unittest.TestCase):
                 self.assertNotIn(secret, result.stdout + result.stderr, "a secret was printed")
         return result
 
+    def gated_run(self, *args):
+        """The script started through a GateProxy that holds its first request until the
+        test sets gate.release: (gate, process), once the request has arrived."""
+        gate = s3server.GateProxy(self.recorder.endpoint)
+        self.addCleanup(gate.close)
+        process = subprocess.Popen(self.command(*args, endpoint=gate.endpoint),
+                                   env=self.env(), stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        self.addCleanup(process.kill)
+        self.assertTrue(gate.arrived.wait(RUN_TIMEOUT), "the upload never reached the proxy")
+        return gate, process
+
     def assert_landed(self, expected):
         """expected: {relative path: bytes}; each is on the server under the prefix."""
         for relative, data in expected.items():

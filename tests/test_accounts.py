@@ -10,7 +10,6 @@ import sys
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import s3server  # noqa: E402
 from helpers import RUN_TIMEOUT, IntegrationCase, files_under, write_file  # noqa: E402
 
 NOBODY = 65534
@@ -31,16 +30,6 @@ def needs_root(test):
 
 
 class RunLock(IntegrationCase):
-    def gated_run(self, *args):
-        gate = s3server.GateProxy(self.recorder.endpoint)
-        self.addCleanup(gate.close)
-        process = subprocess.Popen(self.command(*args, endpoint=gate.endpoint),
-                                   env=self.env(), stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-        self.addCleanup(process.kill)
-        self.assertTrue(gate.arrived.wait(RUN_TIMEOUT), "the upload never reached the proxy")
-        return gate, process
-
     @needs_root
     def test_a_reader_holding_a_flock_on_source_dir_stalls_nothing(self):
         os.chmod(self.tmp, 0o755)

@@ -375,15 +375,6 @@ class Crashes(FaultCase):
 class ChangingFiles(FaultCase):
     """The gate holds the first request until the test has changed the file."""
 
-    def gated(self, *args):
-        gate = s3server.GateProxy(self.recorder.endpoint)
-        self.addCleanup(gate.close)
-        process = subprocess.Popen(self.command(*args, endpoint=gate.endpoint),
-                                   env=self.env(), stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-        self.addCleanup(process.kill)
-        self.assertTrue(gate.arrived.wait(RUN_TIMEOUT))
-        return gate, process
 
     def finish(self, gate, process):
         gate.release.set()
@@ -392,7 +383,7 @@ class ChangingFiles(FaultCase):
 
     def change_and_run(self, change, data, *args):
         path = write_file(self.source, "f.bin", data)
-        gate, process = self.gated(*args)
+        gate, process = self.gated_run(*args)
         change(path)
         return self.finish(gate, process)
 

@@ -214,16 +214,6 @@ class KeepsFiles(IntegrationCase):
 class Races(IntegrationCase):
     """A gate proxy holds the upload after the script read the file: deterministic races."""
 
-    def gated_run(self):
-        gate = s3server.GateProxy(self.recorder.endpoint)
-        self.addCleanup(gate.close)
-        process = subprocess.Popen(self.command(endpoint=gate.endpoint), env=self.env(),
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   stdin=subprocess.DEVNULL)
-        self.addCleanup(process.kill)
-        self.assertTrue(gate.arrived.wait(RUN_TIMEOUT), "the upload never reached the proxy")
-        return gate, process
-
     def test_file_appended_during_upload_is_kept(self):
         path = write_file(self.source, "growing.log", b"first part\n")
         gate, process = self.gated_run()
