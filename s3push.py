@@ -1908,18 +1908,18 @@ def guess_content_type(name):
     return mimetypes.guess_type(name, strict=False)[0] or "application/octet-stream"
 
 
-def exclusion(patterns):
-    """The globs (--exclude, fnmatch's case-sensitive syntax) as one compiled expression,
-    or None for none: one match per name instead of one per glob."""
+def globs(patterns):
+    """The globs (--exclude, --include: fnmatch's case-sensitive syntax) as one compiled
+    expression, or None for none: one match per name instead of one per glob."""
     if not patterns:
         return None
     return re.compile("|".join(fnmatch.translate(pattern) for pattern in patterns))
 
 
-def is_excluded(name, relative, excludes):
-    """True when the base name or the relative path matches a glob of exclusion()."""
-    return excludes is not None and (excludes.match(name) is not None or (
-        relative != name and excludes.match(relative) is not None))
+def matches(name, relative, expression):
+    """True when the base name or the relative path matches a glob of globs()."""
+    return expression is not None and (expression.match(name) is not None or (
+        relative != name and expression.match(relative) is not None))
 
 
 # The walk never leaves SOURCE_DIR, whatever a writer does to the tree meanwhile: SOURCE_DIR
@@ -2191,25 +2191,34 @@ def removal_in(fd):
     return Removal(None, owner)
 
 
-class Young(object):
-    """Files younger than --min-age: modified after `after_ns` (ns since the epoch). The
-    scan counts them (a count, not a list: memory stays flat however many wait) and makes
-    nothing else of them."""
+class Selection(object):
+    """Which files the scan passes on: names no exclude glob matches (given include globs,
+    files one of them matches: every directory is still walked), modified at or before
+    young_after_ns (ns since the epoch: --min-age), of min_size to max_size bytes. The
+    files left for their age or size are counted (counts, not lists: memory stays flat
+    however many wait), and nothing else is made of them."""
 
-    def __init__(self, after_ns):
-        self.after_ns = after_ns
-        self.count = 0
+    def __init__(self, excludes=(), includes=(), young_after_ns=float("inf"), min_size=0,
+                 max_size=None):
+        self.excludes, self.includes = globs(excludes), globs(includes)
+        self.young_after_ns = young_after_ns
+        self.min_size = min_size
+        self.max_size = float("inf") if max_size is None else max_size
+        self.young = 0       # files left: younger than --min-age
+        self.sized_out = 0   # files left: outside --min-size, --max-size
 
 
 UNREMOVABLE = "unremovable"   # scan_entry's answer for a file that would be kept
-YOUNG = "young"               # and for one younger than --min-age
+YOUNG = "young"               # for one younger than --min-age
+SIZED_OUT = "sized out"       # and for one outside --min-size, --max-size
 
 
-def scan_entry(fd, directory, name, excludes, stack, errors, removal, young):
+def scan_entry(fd, directory, name, selection, stack, errors, removal):
     """The Found for one name of a directory (open as fd) if it is a regular file to send
-    (UNREMOVABLE for one this account could not remove: see Removal; YOUNG for one too
-    young); a subdirectory goes on stack. The scan's hot path: one lstat a name."""
-    if is_excluded(name, directory.relative + name, excludes):
+    (UNREMOVABLE for one this account could not remove: see Removal; YOUNG or SIZED_OUT
+    for one left by the Selection); a subdirectory goes on stack. The scan's hot path:
+    one lstat a name."""
+    if matches(name, directory.relative + name, selection.excludes):
         return None
     try:
         info = os.stat(name, dir_fd=fd, follow_symlinks=False)
@@ -2220,8 +2229,13 @@ def scan_entry(fd, directory, name, excludes, stack, errors, removal, young):
                                                             % exc.strerror)))
         return None
     if stat.S_ISREG(info.st_mode):
-        if info.st_mtime_ns > young.after_ns:
+        if selection.includes is not None and not matches(
+                name, directory.relative + name, selection.includes):
+            return None
+        if info.st_mtime_ns > selection.young_after_ns:
             return YOUNG
+        if not selection.min_size <= info.st_size <= selection.max_size:
+            return SIZED_OUT
         if not removal.allows(info):
             return UNREMOVABLE
         return Found(directory, name, ScanStat(info.st_dev, info.st_ino, info.st_size,
@@ -2231,11 +2245,11 @@ def scan_entry(fd, directory, name, excludes, stack, errors, removal, young):
     return None
 
 
-def scan_directory(fd, directory, excludes, stack, errors, handovers, young):
+def scan_directory(fd, directory, selection, stack, errors, handovers):
     """The regular files of one directory (open as fd); its subdirectories go on stack.
     A private folder of the handover is met before the excludes (".*") would skip it.
-    Files too young are counted in young; files this account could not remove are
-    counted, and go to errors once for the directory."""
+    Files left for their age or size are counted in selection; files this account could
+    not remove are counted, and go to errors once for the directory."""
     given = set()   # given back by a recovery: scanned then, not again if listed later
     removal, kept = removal_in(fd), 0
     for name in list_directory(fd):
@@ -2246,9 +2260,11 @@ def scan_directory(fd, directory, excludes, stack, errors, handovers, young):
             names = handovers.meet(fd, directory, name, stack)
             given.update(names)
         for entry in names:
-            found = scan_entry(fd, directory, entry, excludes, stack, errors, removal, young)
+            found = scan_entry(fd, directory, entry, selection, stack, errors, removal)
             if found is YOUNG:
-                young.count += 1
+                selection.young += 1
+            elif found is SIZED_OUT:
+                selection.sized_out += 1
             elif found is UNREMOVABLE:
                 kept += 1
             elif found is not None:
@@ -2261,17 +2277,16 @@ def scan_directory(fd, directory, excludes, stack, errors, handovers, young):
             kept)))
 
 
-def scan(root_fd, patterns, errors, handovers, young=None):
-    """Yield a Found for each regular file under SOURCE_DIR (open as root_fd), streaming,
-    but those younger than young.after_ns, which young counts (None: every file).
+def scan(root_fd, selection, errors, handovers):
+    """Yield a Found for each regular file under SOURCE_DIR (open as root_fd) that the
+    Selection passes on, streaming.
 
     Symlinks are never followed; excluded names are skipped, and so are the directories
     they name; FIFOs, sockets and devices are never opened. Three descriptors at most are
     open at once, however deep or wide the tree. A directory that cannot be read or that
     changed under the scan goes to `errors` as (relative path, S3PushError).
     """
-    young = young or Young(float("inf"))
-    stack, excludes = [Directory("", ())], exclusion(patterns)
+    stack = [Directory("", ())]
     while stack:
         directory = stack.pop()
         try:
@@ -2284,8 +2299,7 @@ def scan(root_fd, patterns, errors, handovers, young=None):
                                                          % exc.strerror)))
             continue
         try:
-            yield from scan_directory(fd, directory, excludes, stack, errors, handovers,
-                                      young)
+            yield from scan_directory(fd, directory, selection, stack, errors, handovers)
         finally:
             os.close(fd)
 
@@ -3501,6 +3515,7 @@ class Tally(object):
         self.bytes_resumed = 0   # of multipart uploads resumed: not sent again
         self.failures = []     # exit codes of the failed files
         self.young_count = 0   # files left for later: younger than --min-age
+        self.sized_out_count = 0   # files left: outside --min-size, --max-size
         self.writing_count = 0   # files left for later: still being written
         self.unremovable_count = 0   # files left alone: this account could not remove them
         self.notes = set()     # what was said once already
@@ -3630,6 +3645,7 @@ class Tally(object):
                 "files_moved": self.moved_count, "bytes_moved": self.bytes,
                 "bytes_resumed": self.bytes_resumed,
                 "files_failed": len(self.failures), "files_left_young": self.young_count,
+                "files_left_size": self.sized_out_count,
                 "files_left_writing": self.writing_count,
                 "files_left_unremovable": self.unremovable_count,
                 "run_skipped": self.skipped_for is not None,
@@ -3640,6 +3656,8 @@ class Tally(object):
         seconds = max(time.monotonic() - self.started, 1e-6)
         kept = ", %d this account cannot remove" % self.unremovable_count \
             if self.unremovable_count else ""
+        kept += ", %d outside --min-size/--max-size" % self.sized_out_count \
+            if self.sized_out_count else ""
         return ("s3push: moved %d files, %d bytes in %.2f s (%.2f MB/s); %d failed, "
                 "%d left for later (%d younger than --min-age, %d still being written)%s"
                 % (self.moved_count, self.bytes, seconds, self.bytes / seconds / 1e6,
@@ -3844,6 +3862,30 @@ def move_or_plan(options, environ, settings, destination, tally, files, root, ha
         remove_empty_dirs(root, tally.emptied)
 
 
+def read_globs(path, option):
+    """The globs of a pattern file (--exclude-from, --include-from): one a line; blank
+    lines and lines starting with '#' are skipped."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError("cannot read %s %s (%s): fix the path" % (
+            option, safe_name(path), getattr(exc, "strerror", None) or "not UTF-8 text"))
+    return tuple(line for line in lines if line.strip() and not line.startswith("#"))
+
+
+def filters(options):
+    """(exclude globs, include globs) from --exclude, --exclude-from, --include,
+    --include-from; the default excludes always."""
+    excludes = DEFAULT_EXCLUDES + tuple(options.exclude)
+    includes = tuple(options.include)
+    for path in options.exclude_from:
+        excludes += read_globs(path, "--exclude-from")
+    for path in options.include_from:
+        includes += read_globs(path, "--include-from")
+    return excludes, includes
+
+
 def take_run_lock(state_dir, root):
     """(held, the holder's pid or None): the run lock (see run_lock) in the state folder;
     where that folder cannot keep it, a flock on SOURCE_DIR itself, said on stderr: a
@@ -3880,22 +3922,24 @@ def push_locked(options, environ, tally, destination, root):
             emit(sys.stderr, "s3push: another run (pid %s) is moving %s; this one exits"
                  % (holder or "unknown", safe_name(options.source)))
             return EXIT_OK
-    errors, young = [], [None]
-    patterns = DEFAULT_EXCLUDES + tuple(options.exclude)
+    errors, counted = [], [None]
+    excludes, includes = filters(options)
     young_after = time.time_ns() if hasattr(time, "time_ns") else int(time.time() * 1e9)
     young_after -= int(options.min_age * 1e9)
     handovers = Handovers(recover=not options.dry_run)
     spill = open_spill(state_dir)
 
-    def scan_round(first):   # only a first round counts what is wrong or young: afresh
+    def scan_round(first):   # only a first round counts what it leaves or finds wrong
+        selection = Selection(excludes, includes, young_after, options.min_size,
+                              options.max_size)
         if first:
             del errors[:]
-            young[0] = Young(young_after)
-            return scan(root, patterns, errors, handovers, young[0])
-        return scan(root, patterns, [], handovers, Young(young_after))
+            counted[0] = selection
+        return scan(root, selection, errors if first else [], handovers)
     try:
         first, files = first_and_rest(oldest_first(scan_round, ORDER_WINDOW, spill))
-        tally.young_count = young[0].count   # the first round is whole by now
+        tally.young_count = counted[0].young   # the first round is whole by now
+        tally.sized_out_count = counted[0].sized_out
         if first is not None:
             load_deferred_modules()
             settings = load_settings(options, environ)
@@ -3991,6 +4035,8 @@ def metrics_text(data, failures, now, last_success):
                      (("kind", kind),), failures.get(code, 0)))
     rows += [("s3push_files_left", "files left for a later run, by reason",
               (("reason", "young"),), data["files_left_young"]),
+             ("s3push_files_left", "files left for a later run, by reason",
+              (("reason", "size"),), data["files_left_size"]),
              ("s3push_files_left", "files left for a later run, by reason",
               (("reason", "writing"),), data["files_left_writing"]),
              ("s3push_files_left", "files left for a later run, by reason",
@@ -4299,6 +4345,18 @@ def build_parser():
     parser.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                         help="skip names or relative paths matching GLOB (repeatable); always "
                         "skipped: " + " ".join(DEFAULT_EXCLUDES))
+    parser.add_argument("--exclude-from", action="append", default=[], metavar="FILE",
+                        help="--exclude each glob of FILE: one a line, '#' starts a comment "
+                        "line (repeatable)")
+    parser.add_argument("--include", action="append", default=[], metavar="GLOB",
+                        help="move only files whose name or relative path matches GLOB "
+                        "(repeatable; the excludes still win)")
+    parser.add_argument("--include-from", action="append", default=[], metavar="FILE",
+                        help="--include each glob of FILE, as --exclude-from reads it")
+    parser.add_argument("--min-size", type=size_argument, default=0, metavar="SIZE",
+                        help="leave (and count) files smaller than SIZE")
+    parser.add_argument("--max-size", type=size_argument, default=None, metavar="SIZE",
+                        help="leave (and count) files larger than SIZE")
     parser.add_argument("--delete-empty-dirs", action="store_true",
                         help="remove subdirectories the run emptied (never SOURCE_DIR)")
     parser.add_argument("--allow-hardlinks", action="store_true",

@@ -219,6 +219,32 @@ SMALL_WINDOW = ("import sys; sys.path.insert(0, %r); import s3push; s3push.ORDER
                 % s3server.REPO)
 
 
+class Filters(IntegrationCase):
+    def test_include_exclude_from_and_sizes_choose_the_files(self):
+        files = {"app/a.log": b"x" * 100, "app/b.log": b"x" * 5000, "app/c.txt": b"x" * 100,
+                 "db/d.log": b"x" * 100, "db/e.csv": b"x" * 100, "tiny.log": b"x"}
+        for relative, data in files.items():
+            write_file(self.source, relative, data)
+        rules = os.path.join(self.tmp, "rules")
+        with open(rules, "w") as handle:
+            handle.write("# never the database's\ndb/*\n")
+        summary = os.path.join(self.tmp, "summary.json")
+        result = self.run_s3push("--include", "*.log", "--exclude-from", rules,
+                                 "--min-size", "10", "--max-size", "4K",
+                                 "--summary-json", summary)
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assert_landed({"app/a.log": b"x" * 100})
+        self.assertEqual(self.server.keys(self.prefix), {self.prefix + "app/a.log"})
+        self.assertEqual(files_under(self.source), sorted(
+            k.encode() for k in files if k != "app/a.log"))
+        import json
+        with open(summary) as handle:
+            self.assertEqual(json.load(handle)["files_left_size"], 2)   # b.log, tiny.log
+        result = self.run_s3push("--include-from", rules + ".missing")
+        self.assertEqual(result.status, 2, result.stderr)
+        self.assertIn("cannot read --include-from", result.stderr)
+
+
 class Order(IntegrationCase):
     def test_oldest_files_go_first(self):
         rng = random.Random(7)

@@ -240,7 +240,7 @@ class Selection(unittest.TestCase):
     def scan(self, root, patterns, errors):
         fd = s3push.open_source(root)
         self.addCleanup(os.close, fd)
-        return s3push.scan(fd, patterns, errors, s3push.Handovers(True))
+        return s3push.scan(fd, s3push.Selection(patterns), errors, s3push.Handovers(True))
 
     def scanned(self, patterns=s3push.DEFAULT_EXCLUDES):
         errors = []
@@ -330,9 +330,9 @@ class Selection(unittest.TestCase):
         fd = s3push.open_source(self.root)
         self.addCleanup(os.close, fd)
         stack = []   # the root's listing: three directories to visit
-        self.assertEqual(list(s3push.scan_directory(fd, s3push.Directory("", ()), None, stack,
-                                                    [], s3push.Handovers(True),
-                                                    s3push.Young(float("inf")))), [])
+        self.assertEqual(list(s3push.scan_directory(fd, s3push.Directory("", ()),
+                                                    s3push.Selection(), stack, [],
+                                                    s3push.Handovers(True))), [])
         shutil.rmtree(os.path.join(self.root, "gone"))
         os.rename(os.path.join(self.root, "replaced"), os.path.join(outside, "away"))
         os.mkdir(os.path.join(self.root, "replaced"))
@@ -370,12 +370,39 @@ class Selection(unittest.TestCase):
     def test_min_age(self):
         self.touch("old", mtime=1000)
         self.touch("new", mtime=1990)
-        young = s3push.Young((2000 - 60) * 10 ** 9)
+        selection = s3push.Selection(young_after_ns=(2000 - 60) * 10 ** 9)
         fd = s3push.open_source(self.root)
         self.addCleanup(os.close, fd)
-        kept = [f.relative for f in s3push.scan(fd, (), [], s3push.Handovers(True), young)]
+        kept = [f.relative for f in s3push.scan(fd, selection, [], s3push.Handovers(True))]
         self.assertEqual(kept, ["old"])
-        self.assertEqual(young.count, 1)
+        self.assertEqual(selection.young, 1)
+
+    def test_includes_and_sizes(self):
+        for name, size in (("a.log", 10), ("b.log", 2000), ("c.txt", 10), ("d/e.log", 500),
+                           ("d/f.csv", 500), ("x.log.tmp", 10), ("skip/g.log", 10)):
+            with open(self.touch(name), "wb") as handle:
+                handle.write(b"x" * size)
+        fd = s3push.open_source(self.root)
+        self.addCleanup(os.close, fd)
+
+        def selected(**kw):
+            selection = s3push.Selection(s3push.DEFAULT_EXCLUDES + ("skip",), **kw)
+            found = sorted(f.relative for f in s3push.scan(fd, selection, [],
+                                                           s3push.Handovers(True)))
+            return found, selection.sized_out
+        self.assertEqual(selected(includes=("*.log",)), (["a.log", "b.log", "d/e.log"], 0))
+        self.assertEqual(selected(includes=("d/*",)), (["d/e.log", "d/f.csv"], 0))
+        self.assertEqual(selected(includes=("*.log",), min_size=100, max_size=1000),
+                         (["d/e.log"], 2))
+        self.assertEqual(selected(max_size=10), (["a.log", "c.txt"], 3))
+
+    def test_pattern_files(self):
+        path = os.path.join(self.root, "globs")
+        with open(path, "w") as handle:
+            handle.write("# logs only\n*.log\n\n  \n*.csv\n")
+        self.assertEqual(s3push.read_globs(path, "--include-from"), ("*.log", "*.csv"))
+        with self.assertRaisesRegex(s3push.UsageError, "cannot read --exclude-from .*nope"):
+            s3push.read_globs(path + ".nope", "--exclude-from")
 
     def test_same_file(self):
         path = self.touch("f")
