@@ -1814,11 +1814,14 @@ def part_ranges(size, part_size):
 
 
 class Destination(object):
-    """A parsed s3://BUCKET[/PREFIX]; prefix is '' or ends with '/'."""
+    """A parsed s3://BUCKET[/PREFIX]: prefix is '' or ends with '/', and each file's
+    relative path is appended to it; or, when it names a part of the file's path
+    ({path}, {dir}, {name}, {stem}, {ext}: whole_key), it is each file's whole key."""
 
-    def __init__(self, bucket, prefix):
+    def __init__(self, bucket, prefix, whole_key=False):
         self.bucket = bucket
         self.prefix = prefix
+        self.whole_key = whole_key
 
 
 BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$")
@@ -1827,26 +1830,43 @@ BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$")
 PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 TIME_PARTS = {"date": "%Y-%m-%d", "year": "%Y", "month": "%m", "day": "%d", "hour": "%H"}
 PLACEHOLDERS = ("hostname",) + tuple(TIME_PARTS) + tuple("mtime_" + p for p in TIME_PARTS)
+# Only in the destination: parts of the file's path (any makes it the whole key), and
+# more of the file, so that rotated logs of one name each get a key of their own.
+PATH_PLACEHOLDERS = ("path", "dir", "name", "stem", "ext")
+FILE_PLACEHOLDERS = PATH_PLACEHOLDERS + ("mtime_epoch", "size", "inode")
 
 
-def check_template(text, where):
+def check_template(text, where, known=PLACEHOLDERS):
     """A UsageError naming any placeholder in text that is not a known one."""
     for name in PLACEHOLDER.findall(text):
-        if name not in PLACEHOLDERS:
+        if name not in known:
             raise UsageError("unknown placeholder {%s} in %r: known are %s" % (
-                name, where, " ".join("{%s}" % p for p in PLACEHOLDERS)))
+                name, where, " ".join("{%s}" % p for p in known)))
 
 
-def expand_template(text, hostname, upload_time, mtime):
+def file_fields(relative, info):
+    """The FILE_PLACEHOLDERS' values for a file: relative is its path (decoded), info its
+    ScanStat. {dir} is '' for a file at the top ('//' in a key is then made '/')."""
+    directory, _, name = relative.rpartition("/")
+    stem, ext = os.path.splitext(name)
+    return {"path": relative, "dir": directory, "name": name, "stem": stem, "ext": ext,
+            "mtime_epoch": str(info.st_mtime_ns // 10 ** 9), "size": str(info.st_size),
+            "inode": str(info.st_ino)}
+
+
+def expand_template(text, hostname, upload_time, mtime, fields=None):
     """The text (a prefix, a header value) with {hostname}, {date}, {year}, ... of the
     upload time and {mtime_date}, {mtime_year}, ... of the file's mtime (seconds), all in
-    UTC, filled in."""
+    UTC, and the file's fields (file_fields) filled in, in one pass: what a value holds
+    is never expanded."""
     if "{" not in text:
         return text
     modified = datetime.datetime.fromtimestamp(mtime, datetime.timezone.utc)
 
     def value(match):
         name = match.group(1)
+        if fields is not None and name in fields:
+            return fields[name]
         if name == "hostname":
             return hostname
         when = modified if name.startswith("mtime_") else upload_time
@@ -1862,10 +1882,11 @@ def parse_destination(url):
     if not BUCKET_NAME.match(bucket) or ".." in bucket:
         raise UsageError("bucket name %r in %r is not valid: 3-63 lower-case letters, digits, "
                          "dots and hyphens" % (bucket, url))
-    if prefix and not prefix.endswith("/"):
+    check_template(prefix, url, PLACEHOLDERS + FILE_PLACEHOLDERS)
+    whole_key = any(name in PATH_PLACEHOLDERS for name in PLACEHOLDER.findall(prefix))
+    if prefix and not prefix.endswith("/") and not whole_key:
         prefix += "/"
-    check_template(prefix, url)
-    return Destination(bucket, prefix)
+    return Destination(bucket, prefix, whole_key)
 
 
 def object_key(prefix, relative):
@@ -3366,8 +3387,12 @@ class FileTask(object):
         path = os.path.join(job.source, found.relative)
         url = None
         try:   # the key, made once from the scan's mtime (a file changed since is left)
-            key = object_key(job.prefix_for(found.info.st_mtime), found.relative)
+            key = job.template.key_for(found)
             url = "s3://%s/%s" % (job.destination.bucket, safe_name(key))
+            if not job.take_key(key):
+                raise FileError("another file of this run went to that key: kept, not "
+                                "overwriting it; add {mtime_epoch} or {inode} to the key "
+                                "template to tell them apart")
             key, size = move_file(client, job, found, key)
         except StillWrittenError as exc:
             job.tally.left_open(path, exc, job.verbose)
@@ -3464,11 +3489,13 @@ def object_headers(options, now):
 
 
 class Template(object):
-    """The destination prefix and the object headers of a run, with their run-wide
-    placeholders ({hostname}, the upload's {date}, ...) fixed once."""
+    """The destination (a prefix, or each file's whole key) and the object headers of a
+    run, with their run-wide placeholders ({hostname}, the upload's {date}, ...) fixed
+    once."""
 
-    def __init__(self, prefix, headers=None, tags=()):
+    def __init__(self, prefix, headers=None, tags=(), whole_key=False):
         self.prefix, self.headers, self.tags = prefix, headers or {}, tags
+        self.whole_key = whole_key
         texts = [prefix] + list(self.headers.values()) + [value for _, value in tags]
         self.hostname = socket.gethostname() if any("{hostname}" in t for t in texts) else ""
         self.upload_time = datetime.datetime.now(datetime.timezone.utc)
@@ -3476,8 +3503,15 @@ class Template(object):
     def expand(self, text, mtime):
         return expand_template(text, self.hostname, self.upload_time, mtime)
 
-    def prefix_for(self, mtime):
-        return self.expand(self.prefix, mtime)
+    def key_for(self, found):
+        """The key of a file (FileError for a name that cannot be one, see object_key):
+        the prefix and its relative path, or the whole-key template filled in for it."""
+        mtime = found.info.st_mtime
+        if not self.whole_key:
+            return object_key(self.expand(self.prefix, mtime), found.relative)
+        fields = file_fields(object_key("", found.relative), found.info)
+        key = expand_template(self.prefix, self.hostname, self.upload_time, mtime, fields)
+        return object_key("", re.sub("/{2,}", "/", key).lstrip("/"))
 
     def headers_for(self, mtime):
         """The object headers for a file of this mtime (metadata RFC 2047 if not ASCII)."""
@@ -3725,11 +3759,22 @@ class Job(object):
             (self.checksum == "md5" and new_md5() is None)
         self.queue = WorkQueue(max_files=4 * options.jobs)
         self.template = Template(destination.prefix, object_headers(options, time.time()),
-                                 options.tag)
+                                 options.tag, destination.whole_key)
         self.journals = journals   # None, or where resume journals are kept
+        # Whole-key templates may give two files one key: the keys this run took, so
+        # that the second is kept instead (one entry a file moved, for those only).
+        self.keys_taken = set() if destination.whole_key else None
+        self.keys_lock = threading.Lock()
 
-    def prefix_for(self, mtime):
-        return self.template.prefix_for(mtime)
+    def take_key(self, key):
+        """False when another file of this run has taken key (whole-key templates)."""
+        if self.keys_taken is None:
+            return True
+        with self.keys_lock:
+            if key in self.keys_taken:
+                return False
+            self.keys_taken.add(key)
+            return True
 
     def journal_for(self, found, info):
         if self.journals is None:
@@ -3782,10 +3827,11 @@ def move_all(job, files):
 def print_plan(source, files, destination, tally):
     """Print where each file would go; names that cannot be keys are reported. The lines
     go out a thousand at a time (a plan may have millions)."""
-    template, base, lines = Template(destination.prefix), os.path.join(source, ""), []
+    template = Template(destination.prefix, whole_key=destination.whole_key)
+    base, lines = os.path.join(source, ""), []
     for found in files:
         try:
-            key = object_key(template.prefix_for(found.info.st_mtime), found.relative)
+            key = template.key_for(found)
         except FileError as exc:
             tally.failed(base + found.relative, None, exc)
             continue

@@ -245,6 +245,38 @@ class Filters(IntegrationCase):
         self.assertIn("cannot read --include-from", result.stderr)
 
 
+class WholeKeyTemplates(IntegrationCase):
+    """A destination that names a part of the file's path is each file's whole key."""
+
+    def run_to(self, template, *args):
+        argv = self.command(*args)
+        argv[-1] = "s3://%s/%s%s" % (self.server.bucket, self.prefix, template)
+        done = subprocess.run(argv, env=self.env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=60)
+        return done.returncode, done.stderr.decode()
+
+    def test_ten_rotations_of_one_name_get_ten_keys(self):
+        for i in range(10):
+            mtime = 1700000000 + 3600 * i
+            write_file(self.source, "logs/app.log.1", b"rotation %d" % i, mtime=mtime)
+            status, err = self.run_to("{dir}/{stem}.{mtime_epoch}{ext}")
+            self.assertEqual(status, 0, err)
+        self.assertEqual(files_under(self.source), [])
+        self.assert_landed({"logs/app.log.%d.1" % (1700000000 + 3600 * i): b"rotation %d" % i
+                            for i in range(10)})
+        self.assertEqual(len(self.server.keys(self.prefix)), 10)
+
+    def test_two_files_for_one_key_the_second_is_kept(self):
+        write_file(self.source, "a/x.log", b"first", mtime=1000)
+        write_file(self.source, "b/x.log", b"second", mtime=2000)
+        status, err = self.run_to("{name}", "--jobs", "1")
+        self.assertEqual(status, 65, err)
+        self.assertIn("b/x.log -> s3://%s/%sx.log: another file of this run went to that key"
+                      % (self.server.bucket, self.prefix), err)
+        self.assert_landed({"x.log": b"first"})
+        self.assertEqual(files_under(self.source), [b"b/x.log"])
+
+
 class Order(IntegrationCase):
     def test_oldest_files_go_first(self):
         rng = random.Random(7)

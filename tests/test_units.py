@@ -943,6 +943,27 @@ class Templates(unittest.TestCase):
     def test_unknown(self):
         with self.assertRaisesRegex(s3push.UsageError, r"unknown placeholder \{when\}"):
             s3push.parse_destination("s3://bucket/{when}/")
+        with self.assertRaisesRegex(s3push.UsageError, r"unknown placeholder \{name\}"):
+            s3push.check_template("{name}", "--metadata")   # the key's alone
+
+    def test_whole_key_templates(self):
+        import datetime
+        prefix = s3push.parse_destination("s3://bucket/logs/{hostname}/")
+        self.assertEqual((prefix.prefix, prefix.whole_key), ("logs/{hostname}/", False))
+        whole = s3push.parse_destination(
+            "s3://bucket/{hostname}/{mtime_date}/{dir}/{stem}.{mtime_epoch}{ext}")
+        self.assertTrue(whole.whole_key)
+        template = s3push.Template(whole.prefix, whole_key=True)
+        template.hostname = "web1"
+        template.upload_time = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
+        info = s3push.ScanStat(1, 77, 5, 1700000000 * 10 ** 9 + 5)
+        directory = s3push.Directory("app/", (("app", 1, 2),))
+        self.assertEqual(template.key_for(s3push.Found(directory, "app.log.1", info)),
+                         "web1/2023-11-14/app/app.log.1700000000.1")
+        top = s3push.Found(s3push.Directory("", ()), "{size}.log", info)   # never expanded
+        self.assertEqual(template.key_for(top), "web1/2023-11-14/{size}.1700000000.log")
+        sized = s3push.Template("{path}-{size}-{inode}", whole_key=True)
+        self.assertEqual(sized.key_for(s3push.Found(directory, "x", info)), "app/x-5-77")
 
 
 class ProxyRules(unittest.TestCase):
