@@ -1657,11 +1657,25 @@ def sent_from_check(etag, checksum, check_hex):
     return Sent(etag, bytes.fromhex(check_hex), None)
 
 
+class Proof(collections.namedtuple("Proof", "checksum value etag version_id")):
+    """What the server confirmed of a whole object, as the manifest records it: the
+    checksum that proved it ("md5", "crc32", or for a multipart upload under MD5
+    "md5_of_parts", the MD5 of the parts' MD5s and their count), its value in hex, the
+    ETag and the VersionId ('' where the bucket keeps no versions)."""
+    __slots__ = ()
+
+
+def proof_of(sent, response):
+    """The Proof of a single PUT."""
+    return Proof("md5" if sent.crc32 is None else "crc32", sent.check_hex,
+                 sent.etag.strip('"'), response.header("x-amz-version-id"))
+
+
 def put_range(client, key, fd, offset, length, headers, upload, query=(), what=""):
     """PUT a range of an open file, a whole object or one part: read once for its MD5 or
     CRC32 (and SHA-256 if the payload is signed), sent with that checksum, retried until
     the answer confirms it (the ETag is the MD5, unless no MD5; the CRC32 is echoed).
-    Returns what was Sent."""
+    Returns (what was Sent, the answer)."""
     state = file_state(os.fstat(fd))
     digest = digest_range(fd, offset, length, upload.sign_payload, upload.checksum,
                           upload.plain_http)
@@ -1684,12 +1698,14 @@ def put_range(client, key, fd, offset, length, headers, upload, query=(), what="
         if isinstance(exc, ChangedError) or exc.fatal or file_state(os.fstat(fd)) == state:
             raise
         raise ChangedError() from None
-    return Sent(response.header("etag"), digest.md5_raw, digest.crc32)
+    return Sent(response.header("etag"), digest.md5_raw, digest.crc32), response
 
 
 def put_object(client, key, fd, size, upload):
-    """PUT one object from an open file; raise unless the server confirmed these bytes."""
-    put_range(client, key, fd, 0, size, dict(upload.headers, **upload.condition), upload)
+    """PUT one object from an open file; raise unless the server confirmed these bytes.
+    Returns its Proof."""
+    return proof_of(*put_range(client, key, fd, 0, size,
+                               dict(upload.headers, **upload.condition), upload))
 
 
 def multipart_headers(upload):
@@ -1724,7 +1740,8 @@ def create_multipart_upload(client, key, upload):
 def upload_part(client, key, upload_id, number, fd, offset, length, upload):
     """PUT one part; returns what was Sent once the ETag checks out."""
     return put_range(client, key, fd, offset, length, {}, upload,
-                     [("partNumber", str(number)), ("uploadId", upload_id)], "part %d" % number)
+                     [("partNumber", str(number)), ("uploadId", upload_id)],
+                     "part %d" % number)[0]
 
 
 def digest_bytes(data):
@@ -1745,6 +1762,7 @@ def complete_multipart_upload(client, key, upload_id, parts, upload, lengths):
 
     A server whose answer carries no ETag (Ceph RGW 16.2) is trusted through the parts,
     each of which was checked; never through a HEAD, which PutObject-only keys cannot do.
+    Returns the object's Proof.
     """
     crc32 = upload.checksum == "crc32"
     body = ("<CompleteMultipartUpload>%s</CompleteMultipartUpload>" % "".join(
@@ -1773,15 +1791,19 @@ def complete_multipart_upload(client, key, upload_id, parts, upload, lengths):
                             "%s): kept; a server without FULL_OBJECT checksums needs "
                             "--checksum md5" % (crc32_text(whole),
                                                 one_line(echo or "nothing", 40)))
-        return
     etag = (xml_text(answer, "ETag") or response.header("etag"))
     etag = etag.strip('"').lower()
+    version = response.header("x-amz-version-id")
+    if crc32:
+        return Proof("crc32", "%08x" % whole, etag, version)
     md5s = [part.md5_raw for part in parts]
-    if etag and upload.verify_md5 and None not in md5s:
+    expected = ""
+    if None not in md5s:
         expected = "%s-%d" % (digest_bytes(b"".join(md5s)).md5_hex, len(parts))
-        if etag != expected:
+        if etag and upload.verify_md5 and etag != expected:
             raise FileError("the server's ETag %s is not %s, the MD5 of the parts' MD5s: kept"
                             % (etag, expected))
+    return Proof("md5_of_parts", expected, etag, version)
 
 
 def metadata_value(value):
@@ -3034,6 +3056,56 @@ class Journals(object):
                 pass
 
 
+class Manifest(object):
+    """--manifest FILE: a JSON line per file the server confirmed, appended and fsync'ed
+    before the file is unlinked, so that every removed file has its line (a line whose
+    file was then kept, e.g. a writer came at the last moment, says what is on the
+    server all the same). Opened on first use (0600, appending); a line that cannot be
+    written keeps its file: the record is part of the move."""
+
+    def __init__(self, path, source, run):
+        self.path, self.source, self.run = path, source, run
+        self.lock = threading.Lock()
+        self.fd = None
+
+    def record(self, found, info, bucket, key, proof):
+        line = json.dumps({
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "run": self.run,
+            "path": os.fsdecode(name_bytes(os.path.join(self.source, found.relative))),
+            "bucket": bucket, "key": key, "size": info.st_size,
+            "mtime": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(info.st_mtime)) +
+            ".%09dZ" % (info.st_mtime_ns % 10 ** 9),
+            "checksum": {proof.checksum: proof.value}, "etag": proof.etag,
+            "version_id": proof.version_id or None, "compression": None},
+            sort_keys=True) + "\n"
+        with self.lock:
+            try:
+                if self.fd is None:
+                    self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT |
+                                      os.O_CLOEXEC, 0o600)
+                os.write(self.fd, line.encode("utf-8", "surrogateescape"))
+                os.fsync(self.fd)
+            except OSError as exc:
+                raise FileError("cannot write the manifest %s (%s): kept, uploaded; the "
+                                "record is part of the move" % (safe_name(self.path),
+                                                                exc.strerror or exc))
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class NoManifest(object):
+    """No --manifest: nothing recorded."""
+
+    def record(self, found, info, bucket, key, proof):
+        pass
+
+    def close(self):
+        pass
+
+
 # === The per-file move and parallel transfers ===
 # Workers (threads, one connection each) take tasks from one queue: parts of a started
 # multipart upload first, then files. The scan feeds files in oldest first (see
@@ -3215,9 +3287,10 @@ def send_parts(client, job, key, fd, plan, upload, journal, resumption, state):
         raise ChangedError("changed while it was uploading, between its parts: the "
                            "multipart upload was not completed (the key holds what it "
                            "held); kept for the next run")
-    complete_multipart_upload(client, key, upload_id, tracker.results, upload,
-                              [length for _, _, length in plan.ranges])
+    proof = complete_multipart_upload(client, key, upload_id, tracker.results, upload,
+                                      [length for _, _, length in plan.ranges])
     journal.remove()
+    return proof
 
 
 def multipart_upload(client, job, key, fd, info, upload, journal):
@@ -3241,7 +3314,7 @@ def multipart_upload(client, job, key, fd, info, upload, journal):
         job.tally.resumed(os.path.join(job.source, journal.found.relative),
                           len(resumption.parts), len(plan.ranges), reused, job.verbose)
     try:
-        send_parts(client, job, key, fd, plan, upload, journal, resumption, state)
+        return send_parts(client, job, key, fd, plan, upload, journal, resumption, state)
     except (KeyTakenError, ChangedError):
         raise
     except FileError as exc:
@@ -3250,22 +3323,22 @@ def multipart_upload(client, job, key, fd, info, upload, journal):
             raise
         if resumption is not None:   # its parts go again after all
             job.tally.resume_dropped(reused)
-        send_parts(client, job, key, fd, plan, upload, journal, None, state)
+        return send_parts(client, job, key, fd, plan, upload, journal, None, state)
     finally:
         journal.close()
 
 
 def send_file(client, job, key, fd, info, found, upload):
-    """One PUT, or a multipart upload above the threshold."""
+    """One PUT, or a multipart upload above the threshold; returns the object's Proof."""
     if info.st_size > min(job.multipart_threshold, MAX_PUT_BYTES):
-        multipart_upload(client, job, key, fd, info, upload, job.journal_for(found, info))
-    else:
-        put_object(client, key, fd, info.st_size, upload)
+        return multipart_upload(client, job, key, fd, info, upload,
+                                job.journal_for(found, info))
+    return put_object(client, key, fd, info.st_size, upload)
 
 
 def upload_file(client, job, fd, info, found, first):
     """Send the open file to key `first`, or under --if-exists number to the first free
-    numbered one; returns the key it went to."""
+    numbered one; returns (the key it went to, its Proof)."""
     try:
         check_links(info, job.allow_hardlinks)
         if info.st_size > MAX_OBJECT_BYTES:
@@ -3273,8 +3346,8 @@ def upload_file(client, job, fd, info, found, first):
         upload = upload_for(job, found.relative, info)
         for key in candidate_keys(first, job.if_exists):
             try:
-                send_file(client, job, object_key("", key), fd, info, found, upload)
-                return key
+                return key, send_file(client, job, object_key("", key), fd, info, found,
+                                      upload)
             except KeyTakenError:
                 if job.if_exists != "number":
                     raise
@@ -3365,7 +3438,8 @@ def move_file(client, job, found, key):
                 raise UnremovableError("is immutable or append-only (chattr +i, +a): no "
                                        "account may remove it, so it is not uploaded; "
                                        "chattr -i -a it to have it moved", 1)
-            key = upload_file(client, job, fd, info, found, key)
+            key, proof = upload_file(client, job, fd, info, found, key)
+            job.manifest.record(found, info, job.destination.bucket, key, proof)
             delete_if_unchanged(job, parent, fd, found, info, opened)
         finally:
             os.close(fd)
@@ -3735,6 +3809,8 @@ class Job(object):
     def __init__(self, options, session, destination, tally, root, journals, handovers):
         self.root = root   # SOURCE_DIR's descriptor: every file is reached through it
         self.folders = HandoverFolders(handovers, root)
+        self.manifest = Manifest(options.manifest, options.source, handovers.tag) \
+            if options.manifest else NoManifest()
         self.source = options.source
         self.allow_hardlinks = options.allow_hardlinks
         self.session = session
@@ -3902,6 +3978,7 @@ def move_or_plan(options, environ, settings, destination, tally, files, root, ha
         move_all(job, files)
     finally:   # a kill -9 leaves them to the next run's scan instead
         job.folders.clean_up()
+        job.manifest.close()
     if job.journals is not None:
         job.journals.sweep(root, time.time())
     if options.delete_empty_dirs:
@@ -4403,6 +4480,11 @@ def build_parser():
                         help="leave (and count) files smaller than SIZE")
     parser.add_argument("--max-size", type=size_argument, default=None, metavar="SIZE",
                         help="leave (and count) files larger than SIZE")
+    parser.add_argument("--manifest", metavar="FILE",
+                        help="append a JSON line per moved file to FILE (time, path, bucket, "
+                        "key, size, mtime, the checksum that proved it, ETag, VersionId), "
+                        "fsync'ed before the file is removed; a line that cannot be written "
+                        "keeps the file")
     parser.add_argument("--delete-empty-dirs", action="store_true",
                         help="remove subdirectories the run emptied (never SOURCE_DIR)")
     parser.add_argument("--allow-hardlinks", action="store_true",

@@ -277,6 +277,47 @@ class WholeKeyTemplates(IntegrationCase):
         self.assertEqual(files_under(self.source), [b"b/x.log"])
 
 
+class Manifests(IntegrationCase):
+    def test_a_line_per_moved_file_with_its_proof(self):
+        import hashlib
+        import json
+        files = {"a.log": b"alpha", "d/b.log": b"beta" * 10,
+                 "big.bin": os.urandom(11 * 1024 * 1024)}
+        for relative, data in files.items():
+            write_file(self.source, relative, data)
+        manifest = os.path.join(self.tmp, "moved.jsonl")
+        result = self.run_s3push("--manifest", manifest, "--multipart-threshold", "5MiB",
+                                 "--part-size", "5MiB")
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assert_landed(files)
+        with open(manifest) as handle:
+            lines = [json.loads(line) for line in handle]
+        self.assertEqual(sorted(line["key"] for line in lines),
+                         sorted(self.prefix + relative for relative in files))
+        for line in lines:
+            relative = line["key"][len(self.prefix):]
+            data = files[relative]
+            self.assertEqual((line["bucket"], line["size"], line["path"]),
+                             (self.server.bucket, len(data),
+                              os.path.join(self.source, relative)))
+            if relative == "big.bin":   # three parts of 5, 5 and 1 MiB
+                md5s = b"".join(hashlib.md5(data[i:i + 5 * 1024 * 1024]).digest()
+                                for i in range(0, len(data), 5 * 1024 * 1024))
+                self.assertEqual(line["checksum"],
+                                 {"md5_of_parts": hashlib.md5(md5s).hexdigest() + "-3"})
+            else:
+                self.assertEqual(line["checksum"], {"md5": hashlib.md5(data).hexdigest()})
+        self.assertEqual(len({line["run"] for line in lines}), 1)
+
+    def test_a_manifest_that_cannot_be_written_keeps_every_file(self):
+        write_file(self.source, "a.log", b"alpha")
+        write_file(self.source, "b.log", b"beta")
+        result = self.run_s3push("--manifest", os.path.join(self.tmp, "no", "such.jsonl"))
+        self.assertEqual(result.status, 65, result.stderr)
+        self.assertIn("cannot write the manifest", result.stderr)
+        self.assertEqual(files_under(self.source), [b"a.log", b"b.log"])
+
+
 class Order(IntegrationCase):
     def test_oldest_files_go_first(self):
         rng = random.Random(7)
