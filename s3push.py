@@ -3514,6 +3514,10 @@ def check_upload_options(options, now):
             check_template(value, "%s %s=%s" % (option, key, value))
     for option in ("cache_control", "content_encoding", "content_disposition"):
         check_template(getattr(options, option) or "", "--" + option.replace("_", "-"))
+    if options.manifest_key:
+        if not options.manifest:
+            raise UsageError("--manifest-key uploads the lines of --manifest FILE: give both")
+        check_template(options.manifest_key, "--manifest-key", PLACEHOLDERS + ("run_id",))
     names = [key.lower() for key, _ in options.metadata]
     for key in names:
         if names.count(key) > 1 or key == "mtime":
@@ -3963,6 +3967,41 @@ def check_state_dir(state_dir, source):
                              % safe_name(state_dir))
 
 
+def upload_manifest(job, path, template):
+    """--manifest-key: this run's lines of the manifest (those of its run tag) as one
+    object, sent with its MD5 and checked like any file's; none, no PUT. A failure is one
+    error line (the files moved stay moved; the local manifest has their lines)."""
+    tag = job.folders.handovers.tag
+    try:
+        with open(path, "rb") as handle:
+            lines = [line for line in handle if json.loads(line.decode("utf-8",
+                                                                       "surrogateescape"))
+                     .get("run") == tag]
+    except (OSError, ValueError) as exc:
+        job.tally.failed(path, None, FileError("cannot read the manifest back (%s)"
+                                               % (getattr(exc, "strerror", None) or exc)))
+        return
+    if not lines:
+        return
+    names = Template(template)
+    key = expand_template(template, names.hostname, names.upload_time, time.time(),
+                          {"run_id": tag})
+    url = "s3://%s/%s" % (job.destination.bucket, safe_name(key))
+    body = b"".join(lines)
+    digest = digest_bytes(body)
+    client = S3Client(job.session, job.retries, job.timeout, job.deadline, job.rate_limit)
+    try:
+        response = client.request("PUT", key, body_headers(digest, "application/x-ndjson"),
+                                  body, digest.payload_hash, validate=lambda answer:
+                                  check_etag(answer.header("etag"), digest.md5_hex
+                                             if job.verify_md5 else None))
+        check_answer(response, "")
+    except S3PushError as exc:
+        job.tally.failed(path, url, exc)
+    finally:
+        client.close()
+
+
 def move_or_plan(options, environ, settings, destination, tally, files, root, handovers):
     """Dry run, or move the files, then remove the directories they left empty."""
     if options.dry_run:
@@ -3979,6 +4018,8 @@ def move_or_plan(options, environ, settings, destination, tally, files, root, ha
     finally:   # a kill -9 leaves them to the next run's scan instead
         job.folders.clean_up()
         job.manifest.close()
+    if options.manifest_key:
+        upload_manifest(job, options.manifest, options.manifest_key)
     if job.journals is not None:
         job.journals.sweep(root, time.time())
     if options.delete_empty_dirs:
@@ -4485,6 +4526,10 @@ def build_parser():
                         "key, size, mtime, the checksum that proved it, ETag, VersionId), "
                         "fsync'ed before the file is removed; a line that cannot be written "
                         "keeps the file")
+    parser.add_argument("--manifest-key", metavar="TEMPLATE",
+                        help="at the end of the run, upload its --manifest lines as one "
+                        "object at this key (one more PUT), e.g. "
+                        "manifests/{hostname}/{date}/{hour}-{run_id}.jsonl")
     parser.add_argument("--delete-empty-dirs", action="store_true",
                         help="remove subdirectories the run emptied (never SOURCE_DIR)")
     parser.add_argument("--allow-hardlinks", action="store_true",

@@ -309,6 +309,25 @@ class Manifests(IntegrationCase):
                 self.assertEqual(line["checksum"], {"md5": hashlib.md5(data).hexdigest()})
         self.assertEqual(len({line["run"] for line in lines}), 1)
 
+    def test_the_run_s_lines_go_up_as_one_object(self):
+        manifest = os.path.join(self.tmp, "moved.jsonl")
+        with open(manifest, "w") as handle:
+            handle.write('{"run": "an earlier run", "key": "x"}\n')
+        write_file(self.source, "a.log", b"alpha")
+        write_file(self.source, "b.log", b"beta")
+        result = self.run_s3push("--manifest", manifest, "--manifest-key",
+                                 self.prefix + "manifests/{hostname}-{run_id}.jsonl")
+        self.assertEqual(result.status, 0, result.stderr)
+        with open(manifest, "rb") as handle:
+            ours = handle.read().splitlines(True)[1:]
+        self.assertEqual(len(ours), 2)
+        keys = [k for k in self.server.keys(self.prefix) if "/manifests/" in k]
+        self.assertEqual(len(keys), 1, keys)
+        self.assertEqual(self.server.object_bytes(keys[0]), b"".join(ours))
+        result = self.run_s3push("--manifest-key", "m.jsonl")
+        self.assertEqual(result.status, 2, result.stderr)
+        self.assertIn("--manifest-key uploads the lines of --manifest FILE", result.stderr)
+
     def test_a_manifest_that_cannot_be_written_keeps_every_file(self):
         write_file(self.source, "a.log", b"alpha")
         write_file(self.source, "b.log", b"beta")
