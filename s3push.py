@@ -772,7 +772,10 @@ def http_call(network, method, url, headers=None, body=b"", timeout=METADATA_TIM
     services): through a Connection like every S3 request, so with the same proxy rules
     and TLS trust. No answer: UnreachableError, its reason e.g. 'timed out'."""
     parts = urllib.parse.urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as exc:   # a port that is no number
+        raise UnreachableError("no answer from %s (%s)" % (parts.netloc, exc), str(exc))
     tls = tls_context(network.ca_bundle) if parts.scheme == "https" else None
     connection = Connection(parts.scheme, parts.hostname, port, timeout, tls,
                             proxy_for(network.proxies, parts.scheme, parts.hostname, port))
@@ -783,7 +786,7 @@ def http_call(network, method, url, headers=None, body=b"", timeout=METADATA_TIM
     try:
         answer = connection.exchange(method, (parts.path or "/") + (
             "?" + parts.query if parts.query else ""), headers, body)
-    except (OSError, http.client.HTTPException) as exc:
+    except (OSError, ValueError, http.client.HTTPException) as exc:
         reason = describe_os_error(exc) + connection.via()
         raise UnreachableError("no answer from %s (%s)" % (parts.netloc, reason), reason)
     finally:
@@ -1297,8 +1300,8 @@ def container_credentials(environ, network):
     try:
         status, body = http_call(network, "GET", url,
                                  {"Authorization": token} if token else {}, timeout=2)
-    except (UnreachableError, ValueError) as exc:
-        raise ConfigError("%s did not answer (%s)" % (what, getattr(exc, "reason", exc)))
+    except UnreachableError as exc:
+        raise ConfigError("%s did not answer (%s)" % (what, exc.reason))
     if status != 200:
         raise ConfigError("%s answered HTTP %d" % (what, status))
     return credentials_from_json(body, what)
@@ -1320,9 +1323,9 @@ def instance_credentials(environ, network):
     try:
         status, token = http_call(network, "PUT", base + "/latest/api/token",
                                   {"X-aws-ec2-metadata-token-ttl-seconds": "21600"})
-    except (UnreachableError, ValueError) as exc:
-        if "timed out" in getattr(exc, "reason", ""):   # the PUT's answer may not reach
-            raise ConfigError(NO_METADATA_HINT)        # a container: too few hops allowed
+    except UnreachableError as exc:
+        if "timed out" in exc.reason:   # the PUT's answer may not reach a container:
+            raise ConfigError(NO_METADATA_HINT)   # too few hops allowed
         return None
     try:
         if status != 200:
@@ -1334,7 +1337,7 @@ def instance_credentials(environ, network):
         if not role:
             return None
         status, body = http_call(network, "GET", listing + role, headers)
-    except (UnreachableError, ValueError):
+    except UnreachableError:
         return None   # not on EC2, or in a container with a metadata hop limit of 1
     if status != 200:
         return None
@@ -1390,8 +1393,8 @@ def assume_role(section, source, region, environ, profile, network):
     try:
         status, answer = http_call(network, "POST", url.rstrip("/") + "/", headers, body,
                                    timeout=10)
-    except (UnreachableError, ValueError) as exc:
-        raise ConfigError("%s: STS did not answer (%s)" % (what, getattr(exc, "reason", exc)))
+    except UnreachableError as exc:
+        raise ConfigError("%s: STS did not answer (%s)" % (what, exc.reason))
     root = parse_xml(answer)
     if status != 200:
         raise AccessError("%s failed: %s: %s" % (what, xml_text(root, "Code") or status,
@@ -2108,10 +2111,10 @@ def open_source(source):
     return os.open(source, os.O_RDONLY | os.O_DIRECTORY)
 
 
-def lock_directory(fd):
-    """An exclusive flock on SOURCE_DIR (open as fd); the kernel drops it when the process
-    dies. False when another run holds it. Any account that may read SOURCE_DIR could hold
-    it too: only the fallback of run_lock."""
+def try_lock(fd):
+    """An exclusive flock on fd (the run lock's file; SOURCE_DIR itself where the state
+    folder cannot keep one, which any account that may read it could hold too); the
+    kernel drops it when the process dies. False when another run holds it."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -2150,7 +2153,7 @@ def run_lock(state_dir, root_fd):
     finally:
         os.close(folder)
     try:
-        if not lock_directory(fd):
+        if not try_lock(fd):
             holder = os.pread(fd, 32, 0).strip()
             os.close(fd)
             return None, int(holder) if holder.isdigit() else None
@@ -3095,6 +3098,13 @@ class Manifest(object):
             os.close(self.fd)
             self.fd = None
 
+    def this_run(self):
+        """The lines this run wrote (its run tag: another run may share the file)."""
+        with open(self.path, "rb") as handle:
+            return [line for line in handle
+                    if json.loads(line.decode("utf-8", "surrogateescape")).get("run") ==
+                    self.run]
+
 
 class NoManifest(object):
     """No --manifest: nothing recorded."""
@@ -3578,8 +3588,8 @@ class Template(object):
         self.hostname = socket.gethostname() if any("{hostname}" in t for t in texts) else ""
         self.upload_time = datetime.datetime.now(datetime.timezone.utc)
 
-    def expand(self, text, mtime):
-        return expand_template(text, self.hostname, self.upload_time, mtime)
+    def expand(self, text, mtime, fields=None):
+        return expand_template(text, self.hostname, self.upload_time, mtime, fields)
 
     def key_for(self, found):
         """The key of a file (FileError for a name that cannot be one, see object_key):
@@ -3587,8 +3597,8 @@ class Template(object):
         mtime = found.info.st_mtime
         if not self.whole_key:
             return object_key(self.expand(self.prefix, mtime), found.relative)
-        fields = file_fields(object_key("", found.relative), found.info)
-        key = expand_template(self.prefix, self.hostname, self.upload_time, mtime, fields)
+        key = self.expand(self.prefix, mtime, file_fields(object_key("", found.relative),
+                                                          found.info))
         return object_key("", re.sub("/{2,}", "/", key).lstrip("/"))
 
     def headers_for(self, mtime):
@@ -3967,25 +3977,20 @@ def check_state_dir(state_dir, source):
                              % safe_name(state_dir))
 
 
-def upload_manifest(job, path, template):
-    """--manifest-key: this run's lines of the manifest (those of its run tag) as one
-    object, sent with its MD5 and checked like any file's; none, no PUT. A failure is one
-    error line (the files moved stay moved; the local manifest has their lines)."""
-    tag = job.folders.handovers.tag
+def upload_manifest(job, template):
+    """--manifest-key: this run's lines of the manifest as one object, sent with its MD5
+    and checked like any file's; none, no PUT. A failure is one error line (the files
+    moved stay moved; the local manifest has their lines)."""
+    path = job.manifest.path
     try:
-        with open(path, "rb") as handle:
-            lines = [line for line in handle if json.loads(line.decode("utf-8",
-                                                                       "surrogateescape"))
-                     .get("run") == tag]
+        lines = job.manifest.this_run()
     except (OSError, ValueError) as exc:
         job.tally.failed(path, None, FileError("cannot read the manifest back (%s)"
                                                % (getattr(exc, "strerror", None) or exc)))
         return
     if not lines:
         return
-    names = Template(template)
-    key = expand_template(template, names.hostname, names.upload_time, time.time(),
-                          {"run_id": tag})
+    key = Template(template).expand(template, time.time(), {"run_id": job.manifest.run})
     url = "s3://%s/%s" % (job.destination.bucket, safe_name(key))
     body = b"".join(lines)
     digest = digest_bytes(body)
@@ -4019,7 +4024,7 @@ def move_or_plan(options, environ, settings, destination, tally, files, root, ha
         job.folders.clean_up()
         job.manifest.close()
     if options.manifest_key:
-        upload_manifest(job, options.manifest, options.manifest_key)
+        upload_manifest(job, options.manifest_key)
     if job.journals is not None:
         job.journals.sweep(root, time.time())
     if options.delete_empty_dirs:
@@ -4064,7 +4069,7 @@ def take_run_lock(state_dir, root):
              "SOURCE_DIR itself, which any account that may read it can hold; fix "
              "--state-dir or HOME" % (safe_name(state_dir or "the state folder"),
                                       exc.strerror or exc))
-        return lock_directory(root), None
+        return try_lock(root), None
 
 
 def open_spill(state_dir):

@@ -414,10 +414,10 @@ class Selection(unittest.TestCase):
     def test_lock_is_exclusive_and_released(self):
         first, second = s3push.open_source(self.root), s3push.open_source(self.root)
         self.addCleanup(os.close, second)
-        self.assertTrue(s3push.lock_directory(first))
-        self.assertFalse(s3push.lock_directory(second))
+        self.assertTrue(s3push.try_lock(first))
+        self.assertFalse(s3push.try_lock(second))
         os.close(first)
-        self.assertTrue(s3push.lock_directory(second))
+        self.assertTrue(s3push.try_lock(second))
 
     def test_run_lock_in_the_state_folder(self):
         state = os.path.join(tempfile.mkdtemp(), "state")
