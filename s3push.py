@@ -128,6 +128,7 @@ RETRY_AFTER_CAP = 60.0
 SKEW_TOLERANCE = 300                   # seconds; S3 itself refuses beyond 900
 MAX_CORRECTIONS = 3                    # clock, region, credentials: at most once each
 MAX_SUMMARY_ERRORS = 20
+MAX_SUMMARY_VERSIONS = 1000   # --summary-json lists this many; --manifest has them all
 PROGRESS_INTERVAL = 0.5
 RATE_BURST = 0.1                       # seconds of --bwlimit not used that may be caught up
 
@@ -2359,6 +2360,16 @@ def order_key(found):
     return found.info.st_mtime_ns, found.directory.relative, found.name
 
 
+def unnamed_file(folder_fd, prefix):
+    """A new file of the private folder, open for reading and writing, its name unlinked
+    at once: only this process reaches it, and a killed run leaves nothing behind."""
+    name = "%s%s" % (prefix, os.urandom(8).hex())
+    fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600, dir_fd=folder_fd)
+    os.unlink(name, dir_fd=folder_fd)
+    return fd
+
+
 class Spill(object):
     """Sorted runs of files written to unnamed files of the state folder (created, then
     unlinked at once: a killed run leaves nothing), read back in order. A record is a
@@ -2389,11 +2400,7 @@ class Spill(object):
         """A new run holding records (already in order): a file open for reading. They go
         SPILL_BATCH to a marshal'ed list (one call per record would cost more than all
         the sorting)."""
-        name = ".s3push-spill-%s" % os.urandom(8).hex()
-        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600, dir_fd=self.folder_fd)
-        os.unlink(name, dir_fd=self.folder_fd)
-        run = os.fdopen(fd, "w+b")
+        run = os.fdopen(unnamed_file(self.folder_fd, ".s3push-spill-"), "w+b")
         try:
             records = iter(records)
             while True:
@@ -2777,6 +2784,91 @@ class HandoverFolders(object):
             self.remove(folder)
 
 
+# --compress gzip: a file goes up as its gzip, spooled to an unnamed file of the private
+# state folder (memory stays flat whatever its size; a retry or a part sent again reads
+# the same bytes). Deterministic (no name, mtime 0, OS unknown), so a resumed upload's
+# parts match what an earlier run sent. What is compressed already goes as it is.
+GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
+COMPRESSED_EXTENSIONS = frozenset(
+    ".gz .tgz .zst .xz .bz2 .lz4 .zip .7z .jpg .jpeg .png .gif .webp .mp3 .mp4 .mkv .mov "
+    ".avi .pdf .parquet".split())
+COMPRESSED_MAGIC = (b"\x1f\x8b", b"\x28\xb5\x2f\xfd", b"\xfd7zXZ\x00", b"BZh",
+                    b"\x04\x22\x4d\x18", b"PK\x03\x04", b"7z\xbc\xaf\x27\x1c", b"\xff\xd8\xff",
+                    b"\x89PNG", b"GIF8", b"%PDF", b"PAR1", b"\x1a\x45\xdf\xa3", b"ID3")
+
+
+def compressed_already(name):
+    """By its name alone (what a dry run can tell): an extension of COMPRESSED_EXTENSIONS."""
+    return os.path.splitext(os.fsdecode(name))[1].lower() in COMPRESSED_EXTENSIONS
+
+
+def compressed_inside(fd):
+    """By its first bytes: a compressed format's magic (RIFF..WEBP, ....ftyp: video)."""
+    head = os.pread(fd, 12, 0)
+    return head.startswith(COMPRESSED_MAGIC) or head[8:12] == b"WEBP" or \
+        head[4:8] == b"ftyp"
+
+
+def gunzip_check(spool, crc, size):
+    """Raise unless the spool decompresses to size bytes of CRC32 crc, the trailer saying
+    the same: what goes up is the gzip of what was read, nothing else. Output is taken a
+    block at a time, whatever the ratio."""
+    head = os.pread(spool, len(GZIP_HEADER), 0)
+    inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+    got_crc, got_size = 0, 0
+    total = os.fstat(spool).st_size
+    rest = None   # what follows the deflate stream: the trailer, 8 bytes (9 kept: more)
+    try:
+        for block in FileRange(spool, len(GZIP_HEADER), total - len(GZIP_HEADER)).blocks():
+            while rest is None and block:
+                out = inflate.decompress(block, BLOCK_BYTES)
+                got_crc, got_size = zlib.crc32(out, got_crc), got_size + len(out)
+                block = inflate.unconsumed_tail
+                if inflate.eof:   # with max_length, the rest is in both; taken once
+                    rest, block = inflate.unused_data, b""
+            if rest is not None:
+                rest = (rest + block)[:9]
+    except zlib.error:
+        rest = None
+    trailer = struct.pack("<II", crc, size & 0xFFFFFFFF)
+    if head != GZIP_HEADER or rest != trailer or (got_crc, got_size) != (crc, size):
+        raise FileError("its gzip, read back from the state folder, is not the file as "
+                        "read (a disk or memory fault?): kept, nothing sent")
+
+
+def gzip_file(fd, info, name, folder_fd, level):
+    """The file's gzip, in a new unnamed file of the private folder: (its descriptor, its
+    fstat). ChangedError when the file is not in the state it had (info) by the end."""
+    state = file_state(info)
+    try:
+        spool = unnamed_file(folder_fd, ".s3push-gzip-")
+    except OSError as exc:
+        raise FileError("cannot spool its gzip in the state folder (%s): kept; fix "
+                        "--state-dir, or free space there" % exc.strerror)
+    try:
+        deflate = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS)
+        crc, size = 0, 0
+        with open(os.dup(spool), "wb") as out:
+            out.write(GZIP_HEADER)
+            for block in FileRange(fd, 0, info.st_size, state).blocks():
+                crc, size = zlib.crc32(block, crc), size + len(block)
+                out.write(deflate.compress(block))
+                seam("compress", name)
+            out.write(deflate.flush() + struct.pack("<II", crc, size & 0xFFFFFFFF))
+        if file_state(os.fstat(fd)) != state:   # read across a change: not one state
+            raise ChangedError()
+        gunzip_check(spool, crc, size)
+        seam("compressed", name)
+        return spool, os.fstat(spool)
+    except OSError as exc:
+        os.close(spool)
+        raise FileError("cannot spool its gzip in the state folder (%s): kept; fix "
+                        "--state-dir, or free space there" % exc.strerror)
+    except BaseException:
+        os.close(spool)
+        raise
+
+
 # === Resume journals ===
 # A multipart upload cut off part-way (a kill, a reboot, a link that drops) resumes on the
 # next run from a journal kept outside SOURCE_DIR, one folder per source and destination:
@@ -3071,7 +3163,7 @@ class Manifest(object):
         self.lock = threading.Lock()
         self.fd = None
 
-    def record(self, found, info, bucket, key, proof):
+    def record(self, found, info, bucket, key, proof, gzipped):
         line = json.dumps({
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "run": self.run,
             "path": os.fsdecode(name_bytes(os.path.join(self.source, found.relative))),
@@ -3079,7 +3171,9 @@ class Manifest(object):
             "mtime": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(info.st_mtime)) +
             ".%09dZ" % (info.st_mtime_ns % 10 ** 9),
             "checksum": {proof.checksum: proof.value}, "etag": proof.etag,
-            "version_id": proof.version_id or None, "compression": None},
+            "version_id": proof.version_id or None,
+            "compression": "gzip" if gzipped is not None else None,
+            "compressed_size": gzipped},
             sort_keys=True) + "\n"
         with self.lock:
             try:
@@ -3109,7 +3203,7 @@ class Manifest(object):
 class NoManifest(object):
     """No --manifest: nothing recorded."""
 
-    def record(self, found, info, bucket, key, proof):
+    def record(self, found, info, bucket, key, proof, gzipped):
         pass
 
     def close(self):
@@ -3123,10 +3217,13 @@ class NoManifest(object):
 # the directory.
 
 
-def upload_for(job, relative, info):
+def upload_for(job, relative, info, gzipped):
     headers = job.template.headers_for(info.st_mtime)
-    headers["content-type"] = job.content_type or guess_content_type(relative)
+    headers["content-type"] = job.content_type or (
+        "application/gzip" if gzipped else guess_content_type(relative))
     headers["x-amz-meta-mtime"] = "%d.%09d" % divmod(info.st_mtime_ns, 10 ** 9)
+    if gzipped:   # the object's own size is the gzip's
+        headers["x-amz-meta-s3push-size"] = str(info.st_size)
     condition = {"if-none-match": "*"} if job.if_exists != "overwrite" else {}
     return Upload(headers, condition, job.verify_md5, job.sign_payload, job.checksum,
                   job.plain_http)
@@ -3338,29 +3435,47 @@ def multipart_upload(client, job, key, fd, info, upload, journal):
         journal.close()
 
 
-def send_file(client, job, key, fd, info, found, upload):
-    """One PUT, or a multipart upload above the threshold; returns the object's Proof."""
-    if info.st_size > min(job.multipart_threshold, MAX_PUT_BYTES):
-        return multipart_upload(client, job, key, fd, info, upload,
+def send_file(client, job, key, body, found, info, upload):
+    """One PUT, or a multipart upload above the threshold, of body: (descriptor, fstat)
+    of the file itself or of its gzip (the journal is the file's, info). Returns the
+    object's Proof."""
+    fd, sent = body
+    if sent.st_size > min(job.multipart_threshold, MAX_PUT_BYTES):
+        return multipart_upload(client, job, key, fd, sent, upload,
                                 job.journal_for(found, info))
-    return put_object(client, key, fd, info.st_size, upload)
+    return put_object(client, key, fd, sent.st_size, upload)
 
 
 def upload_file(client, job, fd, info, found, first):
-    """Send the open file to key `first`, or under --if-exists number to the first free
-    numbered one; returns (the key it went to, its Proof)."""
+    """Send the open file (under --compress, its gzip, to key `first` plus .gz) to key
+    `first`, or under --if-exists number to the first free numbered one; returns (the key
+    it went to, its Proof, the gzip's size or None)."""
     try:
         check_links(info, job.allow_hardlinks)
         if info.st_size > MAX_OBJECT_BYTES:
             raise FileError("larger than 5 TiB, S3's limit for one object; left in place")
-        upload = upload_for(job, found.relative, info)
-        for key in candidate_keys(first, job.if_exists):
-            try:
-                return key, send_file(client, job, object_key("", key), fd, info, found,
-                                      upload)
-            except KeyTakenError:
-                if job.if_exists != "number":
-                    raise
+        gzipped = job.compress is not None and not compressed_already(found.name) and \
+            not compressed_inside(fd)
+        if gzipped:
+            first += ".gz"
+        if not job.take_key(first):
+            raise FileError("another file of this run went to that key%s: kept, not "
+                            "overwriting it; add {mtime_epoch} or {inode} to the key template "
+                            "to tell them apart" % (" plus .gz" if gzipped else ""))
+        body = gzip_file(fd, info, found.name, job.spool_folder, job.compress) if gzipped \
+            else (fd, info)
+        try:
+            upload = upload_for(job, found.relative, info, gzipped)
+            for key in candidate_keys(first, job.if_exists):
+                try:
+                    return (key, send_file(client, job, object_key("", key), body, found,
+                                           info, upload), body[1].st_size if gzipped else None)
+                except KeyTakenError:
+                    if job.if_exists != "number":
+                        raise
+        finally:
+            if gzipped:
+                os.close(body[0])
     except OSError as exc:
         raise FileError("cannot read (%s); left in place" % exc.strerror)
     raise FileError("%s and the next %d numbered keys are all taken: left in place"
@@ -3431,7 +3546,8 @@ def delete_if_unchanged(job, parent_fd, fd, found, uploaded, opened):
 def move_file(client, job, found, key):
     """Upload one file to key (one PUT, or multipart above the threshold), verify, delete
     it; all through its directory's descriptor, reached afresh from SOURCE_DIR. Returns
-    the key the object went to (another under --if-exists number) and the size."""
+    the key the object went to (another under --if-exists number), the file's size and
+    the object's Proof."""
     try:
         parent = open_directory(job.root, found.directory.steps)
     except OSError as exc:
@@ -3448,8 +3564,8 @@ def move_file(client, job, found, key):
                 raise UnremovableError("is immutable or append-only (chattr +i, +a): no "
                                        "account may remove it, so it is not uploaded; "
                                        "chattr -i -a it to have it moved", 1)
-            key, proof = upload_file(client, job, fd, info, found, key)
-            job.manifest.record(found, info, job.destination.bucket, key, proof)
+            key, proof, gzipped = upload_file(client, job, fd, info, found, key)
+            job.manifest.record(found, info, job.destination.bucket, key, proof, gzipped)
             delete_if_unchanged(job, parent, fd, found, info, opened)
         finally:
             os.close(fd)
@@ -3457,7 +3573,7 @@ def move_file(client, job, found, key):
         raise FileError("cannot remove it (%s); left in place" % exc.strerror)
     finally:
         os.close(parent)
-    return key, info.st_size
+    return key, info.st_size, proof
 
 
 class FileTask(object):
@@ -3473,11 +3589,7 @@ class FileTask(object):
         try:   # the key, made once from the scan's mtime (a file changed since is left)
             key = job.template.key_for(found)
             url = "s3://%s/%s" % (job.destination.bucket, safe_name(key))
-            if not job.take_key(key):
-                raise FileError("another file of this run went to that key: kept, not "
-                                "overwriting it; add {mtime_epoch} or {inode} to the key "
-                                "template to tell them apart")
-            key, size = move_file(client, job, found, key)
+            key, size, proof = move_file(client, job, found, key)
         except StillWrittenError as exc:
             job.tally.left_open(path, exc, job.verbose)
             return
@@ -3487,7 +3599,7 @@ class FileTask(object):
                 job.queue.stop()
             return
         url = "s3://%s/%s" % (job.destination.bucket, safe_name(key))
-        job.tally.moved(path, url, size, found.directory, job.verbose)
+        job.tally.moved(path, url, size, found.directory, job.verbose, proof.version_id)
 
 
 def worker(job):
@@ -3530,10 +3642,11 @@ def check_upload_options(options, now):
         check_template(options.manifest_key, "--manifest-key", PLACEHOLDERS + ("run_id",))
     names = [key.lower() for key, _ in options.metadata]
     for key in names:
-        if names.count(key) > 1 or key == "mtime":
-            raise UsageError("--metadata %s: %s" % (key, "given twice" if key != "mtime" else
-                                                    "s3push sets it (the file's mtime)"))
+        if names.count(key) > 1 or key in ("mtime", "s3push-size"):
+            raise UsageError("--metadata %s: %s" % (key, "given twice" if names.count(key) > 1
+                                                    else "s3push sets it itself"))
     size = sum(len(k.encode("utf-8")) + len(v.encode("utf-8")) for k, v in options.metadata)
+    size += len("s3push-size18446744073709551615") if options.compress else 0
     if size + len("mtime1234567890.123456789") > MAX_METADATA_BYTES:
         raise UsageError("--metadata: %d bytes of keys and values, with s3push's mtime over "
                          "S3's limit of 2 KiB: send less" % size)
@@ -3650,17 +3763,22 @@ class Tally(object):
         self.scan_done = False
         self.errors = []       # the first lines said on stderr, for --summary-json
         self.errors_total = 0
+        self.versions = []     # the first objects' VersionIds (versioned buckets)
         self.progress = False  # a live status line is on stderr
         self.skipped_for = None   # another run held the lock: its pid (0: not known)
 
-    def moved(self, path, url, size, directory, verbose):
+    def moved(self, path, url, size, directory, verbose, version_id):
         with self.lock:
             self.moved_count += 1
             self.emptied.add(directory)
             self.bytes += size
+            if version_id and len(self.versions) < MAX_SUMMARY_VERSIONS:
+                self.versions.append({"url": url, "version_id": version_id})
             self.clear_status()
             if verbose:
-                emit(sys.stdout, "moved %s -> %s (%d bytes)" % (safe_name(path), url, size))
+                emit(sys.stdout, "moved %s -> %s (%d bytes%s)" % (
+                    safe_name(path), url, size,
+                    ", version %s" % safe_name(version_id) if version_id else ""))
 
     def failed(self, path, url, exc):
         """One line on stderr naming the file, the key (when there is one) and the reason."""
@@ -3772,7 +3890,8 @@ class Tally(object):
                 "files_left_unremovable": self.unremovable_count,
                 "run_skipped": self.skipped_for is not None,
                 "lock_holder_pid": self.skipped_for or None,
-                "errors_total": self.errors_total, "errors": self.errors}
+                "errors_total": self.errors_total, "errors": self.errors,
+                "versions": self.versions}
 
     def summary(self):
         seconds = max(time.monotonic() - self.started, 1e-6)
@@ -3820,7 +3939,8 @@ def journals_for(options, environ, destination, tally):
 class Job(object):
     """What the workers share: settings, destination, options, the queue and the tally."""
 
-    def __init__(self, options, session, destination, tally, root, journals, handovers):
+    def __init__(self, options, session, destination, tally, root, journals, handovers,
+                 state_fd):
         self.root = root   # SOURCE_DIR's descriptor: every file is reached through it
         self.folders = HandoverFolders(handovers, root)
         self.manifest = Manifest(options.manifest, options.source, handovers.tag) \
@@ -3840,6 +3960,8 @@ class Job(object):
         self.timeout = options.timeout
         self.rate_limit = RateLimit(options.bwlimit) if options.bwlimit else None
         self.content_type = options.content_type
+        self.compress = options.compress   # the gzip level, or None
+        self.spool_folder = state_fd   # the private state folder's descriptor, or None
         self.if_exists = options.if_exists
         self.writers = WriterIndex()
         self.verify_md5 = not (options.sse or "").startswith("aws:kms")
@@ -3851,14 +3973,16 @@ class Job(object):
         self.template = Template(destination.prefix, object_headers(options, time.time()),
                                  options.tag, destination.whole_key)
         self.journals = journals   # None, or where resume journals are kept
-        # Whole-key templates may give two files one key: the keys this run took, so
-        # that the second is kept instead (one entry a file moved, for those only).
-        self.keys_taken = set() if destination.whole_key else None
+        # Whole-key templates may give two files one key, and so may --compress (a.log
+        # and a.log.gz): the keys this run took, so that the second is kept instead.
+        self.keys_taken = set() if destination.whole_key or self.compress else None
         self.keys_lock = threading.Lock()
 
     def take_key(self, key):
-        """False when another file of this run has taken key (whole-key templates)."""
-        if self.keys_taken is None:
+        """False when another file of this run has taken key (whole-key templates; under
+        --compress, keys ending .gz: a path alone never repeats)."""
+        if self.keys_taken is None or not (self.destination.whole_key or
+                                           key.endswith(".gz")):
             return True
         with self.keys_lock:
             if key in self.keys_taken:
@@ -3914,9 +4038,10 @@ def move_all(job, files):
             status_line.join(1)
 
 
-def print_plan(source, files, destination, tally):
+def print_plan(source, files, destination, tally, compress):
     """Print where each file would go; names that cannot be keys are reported. The lines
-    go out a thousand at a time (a plan may have millions)."""
+    go out a thousand at a time (a plan may have millions). Under --compress, by the name
+    alone: a file whose first bytes show it compressed goes as it is after all."""
     template = Template(destination.prefix, whole_key=destination.whole_key)
     base, lines = os.path.join(source, ""), []
     for found in files:
@@ -3925,6 +4050,8 @@ def print_plan(source, files, destination, tally):
         except FileError as exc:
             tally.failed(base + found.relative, None, exc)
             continue
+        if compress is not None and not compressed_already(found.name):
+            key += ".gz"
         lines.append("would move %s -> s3://%s/%s (%d bytes)" % (
             safe_name(base + found.relative), destination.bucket, safe_name(key),
             found.info.st_size))
@@ -4007,17 +4134,23 @@ def upload_manifest(job, template):
         client.close()
 
 
-def move_or_plan(options, environ, settings, destination, tally, files, root, handovers):
-    """Dry run, or move the files, then remove the directories they left empty."""
+def move_or_plan(options, environ, settings, destination, tally, files, root, handovers,
+                 state_fd):
+    """Dry run, or move the files, then remove the directories they left empty.
+    state_fd: the private state folder, or None where there is none."""
     if options.dry_run:
-        print_plan(options.source, files, destination, tally)
+        print_plan(options.source, files, destination, tally, options.compress)
         return
+    if options.compress is not None and state_fd is None:
+        raise ConfigError("--compress spools each gzip in the private state folder, and "
+                          "there is none usable (see the warning above, or no HOME): fix "
+                          "--state-dir")
     session = Session(settings, destination.bucket,
                       lambda: load_settings(options, environ).credentials)
     session.debug = options.debug
     tally.progress = sys.stderr.isatty() if options.progress is None else options.progress
     job = Job(options, session, destination, tally, root,
-              journals_for(options, environ, destination, tally), handovers)
+              journals_for(options, environ, destination, tally), handovers, state_fd)
     try:
         move_all(job, files)
     finally:   # a kill -9 leaves them to the next run's scan instead
@@ -4117,7 +4250,7 @@ def push_locked(options, environ, tally, destination, root):
             warn_if_exposed_credentials(settings.credentials)
             tally.credentials = settings.credentials
             move_or_plan(options, environ, settings, destination, tally, files, root,
-                         handovers)
+                         handovers, spill.folder_fd if spill is not None else None)
     finally:
         if spill is not None:
             os.close(spill.folder_fd)
@@ -4293,6 +4426,16 @@ def upper_word(text):
     return text
 
 
+def compress_argument(text):
+    """--compress gzip or gzip:LEVEL: the zlib level, 1 to 9 (6 by default, as gzip's)."""
+    if text == "gzip":
+        return 6
+    if text[:-1] == "gzip:" and text[-1] in "123456789":
+        return int(text[-1])
+    raise argparse.ArgumentTypeError("%r: give gzip, or gzip:LEVEL with LEVEL 1 to 9"
+                                     % text)
+
+
 def add_upload_options(parser):
     group = parser.add_argument_group("upload options")
     group.add_argument("--storage-class", type=upper_word, metavar="CLASS",
@@ -4305,6 +4448,12 @@ def add_upload_options(parser):
                        "bucket-owner-full-control (needs s3:PutObjectAcl)")
     group.add_argument("--content-type", metavar="TYPE",
                        help="Content-Type of every object (default: guessed from the name)")
+    group.add_argument("--compress", type=compress_argument, metavar="gzip[:LEVEL]",
+                       help="send each file gzip-compressed (level 1-9, default 6) to its "
+                       "key plus .gz, Content-Type application/gzip, its own size in "
+                       "x-amz-meta-s3push-size; files compressed already (by extension or "
+                       "first bytes: .gz .zst .zip .jpg .mp4 ...) go as they are. Spooled "
+                       "in the state folder; checked to gunzip to the file before it is sent")
     group.add_argument("--checksum", choices=("md5", "crc32"),
                        help="what proves each upload: md5 (a signed Content-MD5, and the "
                        "ETag must be that MD5: every S3 server) or crc32 (a signed "

@@ -12,6 +12,8 @@ sets another rate; 0 leaves this out).
 Then checksums: the 1 GiB file to LocalStack's S3 (which verifies x-amz-checksum-crc32)
 by s3push --checksum md5, s3push --checksum crc32 and `aws s3 mv`: the CRC32 path's
 client CPU against the MD5 path's (BENCH_CHECKSUMS=0 leaves this out).
+Then compression: 40 text logs of 4 MiB with and without --compress gzip (and gzip:1):
+MiB sent and client CPU (BENCH_COMPRESS=0 leaves this out).
 Then growth: planning 20,000 and 200,000 files, a tick over 100,000 young ones and a move
 of 20,000 x 1 KiB, against rclone (BENCH_GROWTH=0 leaves this out; see growth_bench).
 For each tool: wall seconds, client CPU-seconds (user + system of the tool's process and
@@ -25,6 +27,7 @@ BENCH_REPEAT (rounds of the small workloads, best kept; default 3), BENCH_BIG_RE
 (rounds of the big one; default BENCH_REPEAT), AWS_BIN, RCLONE_BIN.
 """
 
+import gzip
 import hashlib
 import os
 import shutil
@@ -42,6 +45,7 @@ BIG_MIB = int(os.environ.get("BENCH_BIG_MIB", "1024"))
 REPEAT = int(os.environ.get("BENCH_REPEAT", "3"))
 BIG_REPEAT = int(os.environ.get("BENCH_BIG_REPEAT", str(REPEAT)))
 TARGET_RSS_MIB = 32
+LOG_FILES, LOG_MIB = 40, 4   # the compression corpus: 160 MiB of text logs
 
 
 def find_python():
@@ -433,6 +437,70 @@ def checksum_rows(python, aws, work, setup_big):
         server.stop()
 
 
+def make_logs(source, count, size):
+    """count text logs of about size bytes each, as web servers write them; returns
+    {relative path: bytes}."""
+    files = {}
+    for n in range(count):
+        lines, i = [], 0
+        while sum(map(len, lines)) < size:
+            lines.append(b'10.%d.%d.%d - - [02/Dec/2026:11:%02d:%02d +0000] "GET /api/v1/item/%d '
+                         b'HTTP/1.1" %d %d "-" "client/%d.%d"\n' % (
+                             n, i % 250, i * 7 % 250, i // 60 % 60, i % 60, i * 7919 % 100003,
+                             (200, 200, 200, 404, 304)[i % 5], i * 31 % 50000, i % 9, i % 4))
+            i += 1
+        files["logs/access-%03d.log" % n] = b"".join(lines)
+        path = os.path.join(source, "logs", "access-%03d.log" % n)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as handle:
+            handle.write(files["logs/access-%03d.log" % n])
+    return files
+
+
+def compress_bench(tools, work, python):
+    """A text-log corpus (40 files of 4 MiB) moved with and without --compress gzip (the
+    default level 6, and 1): bytes that went over the wire (the objects' sizes: headers
+    aside, the bodies sent) and client CPU, the least of BENCH_REPEAT rounds."""
+    server = tools.server
+    print("\ncompression: %d text logs of %d MiB (each object checked: gunzipped equals "
+          "the file)" % (LOG_FILES, LOG_MIB))
+    print("%-30s %9s %9s %7s %9s  %s" % ("tool", "MiB sent", "ratio", "CPU s", "RSS MiB",
+                                         "status"))
+    sent_plain = cpu_plain = None
+    for label, extra in (("s3push", []), ("s3push --compress gzip", ["--compress", "gzip"]),
+                         ("s3push --compress gzip:1", ["--compress", "gzip:1"])):
+        best = None
+        for _ in range(REPEAT):
+            tag = "logs-%d" % int(time.monotonic() * 1e6)
+            source = os.path.join(work, tag)
+            files = make_logs(source, LOG_FILES, LOG_MIB * 1024 * 1024)
+            argv = [python, s3server.S3PUSH] + extra + [
+                "--endpoint-url", server.endpoint, "--min-age", "0", "--state-dir",
+                os.path.join(work, "state"), source, "s3://%s/%s/" % (server.bucket, tag)]
+            _, rss, cpu, status, err = measure(argv, tools.env)
+            sent, problem = 0, "exit %d: %s" % (status, err) if status else None
+            for relative, data in files.items():
+                key = "%s/%s%s" % (tag, relative, ".gz" if extra else "")
+                got = server.object_bytes(key)
+                if got is None or (gzip.decompress(got) if extra else got) != data:
+                    problem = problem or "wrong or missing: " + key
+                    continue
+                sent += len(got)
+            shutil.rmtree(source, ignore_errors=True)
+            remove_landed(server, tag, [k + (".gz" if extra else "") for k in files])
+            if best is None or cpu < best[1]:
+                best = (sent, cpu, rss, problem)
+        sent, cpu, rss, problem = best
+        if not extra:
+            sent_plain, cpu_plain = sent, cpu
+        print("%-30s %9.1f %9.2f %7.2f %9.1f  %s" % (
+            label, sent / 1048576.0, sent / float(sent_plain or 1), cpu, rss,
+            problem or "ok"), flush=True)
+        if extra and cpu_plain:
+            print("%-30s %9s %9s %7.2f x the CPU of the plain move" % ("", "", "",
+                                                                      cpu / cpu_plain))
+
+
 def make_tree(root, count, size, age):
     """count files of size bytes, 1,000 a folder, modified `age` seconds ago and within
     the second before (older files first); returns {relative path: bytes} when size."""
@@ -569,6 +637,8 @@ def main():
             bwlimit_bench(tools, work, big, big_sha)
         if os.environ.get("BENCH_CHECKSUMS") != "0":
             checksum_rows(python, aws, work, setup_big)
+        if os.environ.get("BENCH_COMPRESS") != "0":
+            compress_bench(tools, work, python)
         if os.environ.get("BENCH_GROWTH") != "0":
             growth_bench(tools, work, python)
     finally:

@@ -23,7 +23,8 @@ LACKS = {
     "rclone": {"if-none-match": "rclone's server ignores If-None-Match",
                "tagging": "rclone's server keeps x-amz-tagging as a header; it has no "
                           "?tagging API to read tags back",
-               "if-none-match-complete": "rclone's server ignores If-None-Match"},
+               "if-none-match-complete": "rclone's server ignores If-None-Match",
+               "versioning": "rclone's server keeps no object versions"},
     "rgw": {"if-none-match-complete": "Ceph RGW 16 ignores If-None-Match on "
                                       "CompleteMultipartUpload (it honours it on PUT)",
             "sse-kms": "this Ceph RGW has no KMS: it refuses --sse aws:kms",

@@ -32,7 +32,7 @@ import time
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 SERVER_MODULES = ("test_integration test_faults test_security test_operations test_resume "
-                  "test_handover "
+                  "test_handover test_compress "
                   "test_checksums")
 MODULES_FOR = {"localstack": "test_checksums"}
 # The foreign-platform run (make test, on the oldest and the newest interpreter, as root):

@@ -174,6 +174,31 @@ class ObjectOptions(IntegrationCase):
             self.assertEqual(headers.get("x-amz-object-lock-retain-until-date", "")[:10],
                              until[:10])
 
+    @skip_unless_server_checks("versioning")
+    def test_the_version_id_is_shown_and_recorded(self):
+        # A bucket with Object Lock keeps versions: -v, --summary-json and --manifest show
+        # the VersionId the server gave each object, the one a GET of it answers.
+        import json
+        write_file(self.source, "a.log", b"alpha")
+        write_file(self.source, "b.log", b"beta")
+        summary, manifest = (os.path.join(self.tmp, name) for name in ("s.json", "m.jsonl"))
+        result = self.run_s3push("-v", "--summary-json", summary, "--manifest", manifest,
+                                 bucket=self.bucket)
+        self.assertEqual(result.status, 0, result.stderr)
+        with open(summary) as handle:
+            versions = {v["url"]: v["version_id"] for v in json.load(handle)["versions"]}
+        with open(manifest) as handle:
+            lines = [json.loads(line) for line in handle]
+        self.assertEqual(len(lines), 2)
+        for line in lines:
+            _, headers = self.landed_headers(line["key"][len(self.prefix):])
+            version = headers.get("x-amz-version-id")
+            self.assertTrue(version, headers)
+            url = "s3://%s/%s" % (self.bucket, line["key"])
+            self.assertEqual((line["version_id"], versions[url]), (version, version))
+            self.assertIn("-> %s (%d bytes, version %s)" % (url, line["size"], version),
+                          result.stdout)
+
     def check_tags(self, relative, headers):
         tags = {"team": "data", "kept until": "2027/01 x@y"}
         if s3server.server_kind() in LACKS_TAGGING:

@@ -138,6 +138,26 @@ class Resume(FaultCase):
             self.assertEqual(json.load(handle)["bytes_resumed"], 5 * PART)
         self.assert_landed({"big.bin": data})
 
+    def test_a_compressed_upload_resumes_from_the_same_gzip(self):
+        # The gzip is made again by the next run, byte for byte (no name, mtime 0), so
+        # the parts an earlier run sent of it are not sent again.
+        import gzip
+        data = os.urandom(3 * PART).hex().encode()   # gzips to about 17 MiB: 4 parts
+        write_file(self.source, "big.txt", data)
+        proxy, status, _, err = self.run_through("--jobs", "1", "--compress", "gzip",
+                                                 kill_at=3)
+        self.assertEqual(status, -signal.SIGKILL, err)
+        self.assertEqual(proxy.parts, [1, 2, 3])
+        self.assertEqual(files_under(self.source), [b"big.txt"])
+        proxy, status, out, err = self.run_through("--jobs", "1", "--compress", "gzip", "-v")
+        self.assertEqual(status, 0, err)
+        stored = self.server.object_bytes(self.prefix + "big.txt.gz")
+        parts = -(-len(stored) // PART)
+        self.assertEqual(proxy.parts, list(range(3, parts + 1)))
+        self.assertIn("2 of %d parts already there" % parts, out)
+        self.assertEqual(gzip.decompress(stored), data)
+        self.assertEqual(files_under(self.source), [])
+
     def rewrite(self, path, offset, data, mtime=None):
         info = os.stat(path)
         with open(path, "r+b") as handle:

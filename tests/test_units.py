@@ -826,6 +826,68 @@ class Verification(unittest.TestCase):
         self.assertEqual(Client.requests, 3)
 
 
+class GzipSpool(unittest.TestCase):
+    """--compress: the spool is the gzip of the file as read, and what is not is refused."""
+
+    def setUp(self):
+        import gzip
+        self.gzip = gzip
+        self.tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.tmp)
+        self.data = b"".join(b"line %d of a log\n" % i for i in range(200000))
+        path = os.path.join(self.tmp, "app.log")
+        with open(path, "wb") as handle:
+            handle.write(self.data)
+        self.fd = os.open(path, os.O_RDONLY)
+        self.folder = os.open(self.tmp, os.O_RDONLY)
+        self.addCleanup(os.close, self.fd)
+        self.addCleanup(os.close, self.folder)
+
+    def spool(self, level=6):
+        spool, info = s3push.gzip_file(self.fd, os.fstat(self.fd), "app.log", self.folder,
+                                       level)
+        self.addCleanup(os.close, spool)
+        return spool, os.pread(spool, info.st_size, 0)
+
+    def test_the_gzip_gunzips_to_the_file_and_is_the_same_each_time(self):
+        spool, body = self.spool()
+        self.assertEqual(self.gzip.decompress(body), self.data)
+        self.assertEqual(body, self.spool()[1])   # a retry or a resumed part: same bytes
+        self.assertLess(len(self.spool(9)[1]), len(self.spool(1)[1]))
+        self.assertEqual(os.listdir(self.tmp), ["app.log"])   # spools have no name
+
+    def test_a_spool_that_is_not_the_file_s_gzip_is_refused(self):
+        spool, body = self.spool()
+        crc = s3push.zlib.crc32(self.data)
+        s3push.gunzip_check(spool, crc, len(self.data))
+        for offset, flip in ((len(body) // 2, 0x01), (len(body) - 3, 0x7f), (3, 0x08)):
+            changed = body[:offset] + bytes([body[offset] ^ flip]) + body[offset + 1:]
+            os.pwrite(spool, changed, 0)
+            with self.assertRaises(s3push.FileError):
+                s3push.gunzip_check(spool, crc, len(self.data))
+        os.pwrite(spool, body, 0)
+        with self.assertRaises(s3push.FileError):   # the file read had other bytes
+            s3push.gunzip_check(spool, crc ^ 1, len(self.data))
+        os.pwrite(spool, body + b"x", 0)
+        with self.assertRaises(s3push.FileError):   # anything after the trailer
+            s3push.gunzip_check(spool, crc, len(self.data))
+
+    def test_compressed_already_by_name_or_first_bytes(self):
+        self.assertTrue(s3push.compressed_already(b"a.LOG.GZ"))
+        self.assertFalse(s3push.compressed_already(b"a.log.1"))
+        path = os.path.join(self.tmp, "head")
+        for head, inside in ((b"\x1f\x8b\x08", True), (b"RIFF\0\0\0\0WEBPVP8", True),
+                             (b"\0\0\0\x18ftypisom", True), (b"plain text", False),
+                             (b"", False)):
+            with open(path, "wb") as handle:
+                handle.write(head)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                self.assertEqual(s3push.compressed_inside(fd), inside, head)
+            finally:
+                os.close(fd)
+
+
 class PartsAndRetries(unittest.TestCase):
     MIB = 1024 * 1024
 
