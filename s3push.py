@@ -159,7 +159,7 @@ ACCESS_CODES = frozenset([
 # Codes that mean the settings are wrong, not the file: stop the run.
 CONFIG_CODES = frozenset([
     "NoSuchBucket", "PermanentRedirect", "AuthorizationHeaderMalformed",
-    "RequestTimeTooSkewed", "InvalidBucketName", "IllegalLocationConstraintException",
+    "InvalidBucketName", "IllegalLocationConstraintException",
 ])
 TEMPORARY_CODES = frozenset([
     "SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "Throttling",
@@ -252,25 +252,6 @@ class FileError(S3PushError):
     fatal = False
 
 
-class VanishedError(S3PushError):
-    """The file went (renamed or deleted by another process) before it was read: nothing
-    was lost and nothing failed, but the operator is told."""
-    exit_code = EXIT_OK
-    fatal = False
-
-
-class TreeChangedError(VanishedError):
-    """A directory or file under SOURCE_DIR was moved, replaced or swapped for a symlink
-    during the run: what is behind it is left alone this run, like a vanished file."""
-
-
-class StillWrittenError(S3PushError):
-    """A process still has the file open for writing, or it changed since the scan: it is
-    left for a later run, like a file younger than --min-age; not a failure."""
-    exit_code = EXIT_OK
-    fatal = False
-
-
 class UnremovableError(FileError):
     """Files of one directory this account could not remove once uploaded: left alone,
     not uploaded (else each run would send them again); `files` counts them."""
@@ -295,6 +276,27 @@ class ChangedError(FileError):
 
     def __init__(self, message="changed while it was uploading; kept for the next run"):
         FileError.__init__(self, message)
+
+
+# Outcomes that are not failures: the move of one file stops there (an exception unwinds
+# it, so nothing after the check runs), but the run's exit status is not touched.
+class LeftAlone(Exception):
+    """A file left in place this run, not a failure; its text is one line."""
+
+
+class Vanished(LeftAlone):
+    """The file went (renamed or deleted by another process) before it was read: nothing
+    was lost and nothing failed, but the operator is told (a warning)."""
+
+
+class TreeChanged(Vanished):
+    """A directory or file under SOURCE_DIR was moved, replaced or swapped for a symlink
+    during the run: what is behind it is left alone this run, like a vanished file."""
+
+
+class StillWritten(LeftAlone):
+    """A process still has the file open for writing, or it changed since the scan: it is
+    left for a later run, like a file younger than --min-age (said under -v only)."""
 
 
 class Interrupted(BaseException):
@@ -696,7 +698,6 @@ class Connection(object):
         self.proxy = proxy      # a Proxy, or None
         self.rate_limit = rate_limit   # a RateLimit, or None
         self.conn = None
-        self.requests = 0   # answered on the current connection
 
     def close(self):
         if self.conn is not None:
@@ -731,7 +732,7 @@ class Connection(object):
         # Headers and body go out in separate writes: without this, Nagle's algorithm and
         # delayed ACKs stall each streamed request by up to 40 ms.
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.conn, self.requests = conn, 0
+        self.conn = conn
 
     def via(self):
         """', through the proxy HOST:PORT' (never its password), or ''."""
@@ -766,8 +767,6 @@ class Connection(object):
         data = answer.read(MAX_ERROR_BODY if answer.status >= 300 else MAX_ANSWER_BODY)
         if answer.will_close or not answer.isclosed():
             self.close()
-        else:
-            self.requests += 1
         return Response(answer.status, answer.reason,
                         {k.lower(): v for k, v in answer.getheaders()}, data)
 
@@ -1097,9 +1096,8 @@ ACCOUNT_ID = re.compile(r"^\d{12}$")
 class Settings(object):
     """Everything resolved from options, environment and files, before any request."""
 
-    def __init__(self, profile, region, endpoint_url, credentials, network=Network({}, None),
+    def __init__(self, region, endpoint_url, credentials, network=Network({}, None),
                  expected_bucket_owner=None):
-        self.profile = profile
         self.region = region
         self.endpoint_url = endpoint_url
         self.credentials = credentials
@@ -1229,7 +1227,7 @@ def resolve_settings(options, environ, credentials_ini, config_ini, paths, io=No
     paths: (credentials file path, config file path), for messages. io: as for
     resolve_credentials.
     """
-    explicit = bool(getattr(options, "profile", None))
+    explicit = bool(options.profile)
     profile = options.profile or environ.get("AWS_PROFILE") or "default"
     cred_section = profile_section(credentials_ini, profile, False)
     conf_section = profile_section(config_ini, profile, True)
@@ -1239,7 +1237,7 @@ def resolve_settings(options, environ, credentials_ini, config_ini, paths, io=No
     conf_section = conf_section or {}
     region = (options.region or environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
               or conf_section.get("region") or DEFAULT_REGION)
-    ca_bundle = (getattr(options, "ca_bundle", None) or environ.get("AWS_CA_BUNDLE")
+    ca_bundle = (options.ca_bundle or environ.get("AWS_CA_BUNDLE")
                  or conf_section.get("ca_bundle") or None)
     network = Network(proxy_settings(environ), ca_bundle)
     credentials = resolve_credentials(environ, explicit, profile,
@@ -1247,14 +1245,13 @@ def resolve_settings(options, environ, credentials_ini, config_ini, paths, io=No
                                       io, region, network)
     endpoint = (options.endpoint_url or environ.get("AWS_ENDPOINT_URL_S3")
                 or environ.get("AWS_ENDPOINT_URL") or conf_section.get("endpoint_url") or None)
-    owner = (getattr(options, "expected_bucket_owner", None)
-             or environ.get("S3PUSH_EXPECTED_BUCKET_OWNER")
+    owner = (options.expected_bucket_owner or environ.get("S3PUSH_EXPECTED_BUCKET_OWNER")
              or conf_section.get("s3push_expected_bucket_owner") or None)
     if owner is not None and not ACCOUNT_ID.match(owner):
         raise ConfigError("the expected bucket owner %r (S3PUSH_EXPECTED_BUCKET_OWNER or "
                           "s3push_expected_bucket_owner) is not a 12-digit account id"
                           % owner)
-    return Settings(profile, region, endpoint, credentials, network, owner)
+    return Settings(region, endpoint, credentials, network, owner)
 
 
 def read_ini_file(path):
@@ -2173,7 +2170,7 @@ def run_lock(state_dir, root_fd):
 def open_directory(root_fd, steps):
     """A descriptor of the directory that steps lead to from SOURCE_DIR (open as root_fd):
     each name opened relative to the one before, never through a symlink, and its device
-    and inode checked against the scan's. TreeChangedError when the tree changed."""
+    and inode checked against the scan's. TreeChanged when the tree changed."""
     fd = os.dup(root_fd)
     try:
         for name, device, inode in steps:
@@ -2186,7 +2183,7 @@ def open_directory(root_fd, steps):
     except BaseException as exc:
         os.close(fd)
         if isinstance(exc, OSError) and exc.errno in CHANGED_ERRNOS:
-            raise TreeChangedError("a directory on its path was moved, replaced or swapped "
+            raise TreeChanged("a directory on its path was moved, replaced or swapped "
                                    "for a symlink during the run; left alone")
         raise
     return fd
@@ -2335,14 +2332,14 @@ def scan(root_fd, selection, errors, handovers):
     Symlinks are never followed; excluded names are skipped, and so are the directories
     they name; FIFOs, sockets and devices are never opened. Three descriptors at most are
     open at once, however deep or wide the tree. A directory that cannot be read or that
-    changed under the scan goes to `errors` as (relative path, S3PushError).
+    changed under the scan goes to `errors` as (relative path, FileError or TreeChanged).
     """
     stack = [Directory("", ())]
     while stack:
         directory = stack.pop()
         try:
             fd = open_directory(root_fd, directory.steps)
-        except TreeChangedError as exc:
+        except TreeChanged as exc:
             errors.append((directory.relative, exc))
             continue
         except OSError as exc:
@@ -2499,17 +2496,17 @@ def open_regular_file(parent_fd, name):
     try:
         fd = os.open(name, FILE_FLAGS, dir_fd=parent_fd)
     except FileNotFoundError:
-        raise VanishedError("vanished before it was read (moved or deleted by another "
+        raise Vanished("vanished before it was read (moved or deleted by another "
                             "process); nothing to do")
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise TreeChangedError("replaced by a symlink during the run; not followed, "
+            raise TreeChanged("replaced by a symlink during the run; not followed, "
                                    "left alone")
         raise FileError("cannot read (%s); left in place" % exc.strerror)
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         os.close(fd)
-        raise TreeChangedError("no longer a regular file; left alone")
+        raise TreeChanged("no longer a regular file; left alone")
     return fd, info
 
 
@@ -2617,7 +2614,7 @@ class WriterIndex(object):
             return (info.st_dev, info.st_ino) in self.writing
 
 
-def open_for_writing(fd, info, index, since):
+def still_written(fd, info, index, since):
     """True when some process has the file (open read-only as fd) open for writing, False
     when none has, None when neither a lease nor /proc can tell. A /proc view must have
     been started after `since` (time.monotonic())."""
@@ -2638,7 +2635,7 @@ def remove_directory(root_fd, steps):
     """rmdir the directory steps lead to; False when it is not empty or not the same."""
     try:
         parent = open_directory(root_fd, steps[:-1])
-    except (OSError, TreeChangedError):
+    except (OSError, TreeChanged):
         return False
     name, device, inode = steps[-1]
     try:
@@ -2942,7 +2939,7 @@ def part_line(number, part, checksum):
                        checksum: part.check_hex, "etag": part.etag}) + "\n"
 
 
-def check_of_range(fd, offset, length, checksum):
+def checksum_of_range(fd, offset, length, checksum):
     """The MD5 or CRC32 (checksum) of a range of the file, in hex."""
     digest = digest_range(fd, offset, length, False, checksum)
     return Sent(None, digest.md5_raw, digest.crc32).check_hex
@@ -3089,7 +3086,7 @@ def journal_is_stale(root_fd, path, now, max_age):
         return True
     try:
         parent = open_directory(root_fd, steps)
-    except TreeChangedError:
+    except TreeChanged:
         return True
     try:
         info = os.stat(header["name"], dir_fd=parent, follow_symlinks=False)
@@ -3117,7 +3114,7 @@ def reusable_parts(journal, key, fd, plan):
         if part is None:
             continue   # in flight when the run was cut off
         if (part.offset, part.length) != (offset, length) or \
-                check_of_range(fd, offset, length, plan.checksum) != part.check_hex:
+                checksum_of_range(fd, offset, length, plan.checksum) != part.check_hex:
             break   # rewritten here: this part and every one after it are sent again
         reused[number] = part
     return Resumption(header["upload_id"], header["created"], reused)
@@ -3487,14 +3484,14 @@ def upload_file(client, job, fd, info, found, first):
 
 
 def check_no_writer(job, fd, info, since, uploaded):
-    """StillWrittenError when a process has the file open for writing."""
-    writing = open_for_writing(fd, info, job.writers, since)
+    """StillWritten when a process has the file open for writing."""
+    writing = still_written(fd, info, job.writers, since)
     if writing is None:
         job.tally.note_once("s3push: cannot tell whether other processes still write "
                             "files here (no file lease, no /proc): relying on --min-age "
                             "and in-progress names", job.verbose)
     elif writing:
-        raise StillWrittenError("%sstill open for writing by another process; left for a "
+        raise StillWritten("%sstill open for writing by another process; left for a "
                                 "later run" % ("uploaded, but " if uploaded else ""))
 
 
@@ -3515,10 +3512,10 @@ def hand_over(job, parent_fd, fd, found, uploaded, opened):
         came = os.stat(name, dir_fd=private_fd, follow_symlinks=False)
         try:
             if not (stat.S_ISREG(came.st_mode) and same_file(uploaded, came)):
-                raise StillWrittenError("replaced by a new version just before its "
+                raise StillWritten("replaced by a new version just before its "
                                         "removal; the new one is left for a later run")
             check_no_writer(job, fd, uploaded, opened, True)
-        except StillWrittenError:
+        except StillWritten:
             give_back(private_fd, parent_fd, name)
             raise
         seam("unlink", name)
@@ -3538,7 +3535,7 @@ def delete_if_unchanged(job, parent_fd, fd, found, uploaded, opened):
     except FileNotFoundError:
         return
     if stat.S_ISLNK(after.st_mode):
-        raise TreeChangedError("replaced by a symlink during the run; not followed, left "
+        raise TreeChanged("replaced by a symlink during the run; not followed, left "
                                "alone")
     if not same_file(uploaded, after) or file_state(os.fstat(fd)) != file_state(uploaded):
         raise ChangedError()
@@ -3556,6 +3553,7 @@ def move_file(client, job, found, key):
         parent = open_directory(job.root, found.directory.steps)
     except OSError as exc:
         raise FileError("cannot open its directory (%s); left in place" % exc.strerror)
+    proof = None
     try:
         opened = time.monotonic()
         fd, info = open_regular_file(parent, found.name)
@@ -3563,7 +3561,7 @@ def move_file(client, job, found, key):
             check_no_writer(job, fd, info, float("-inf"), False)
             info = os.fstat(fd)   # after the check: a writer's last words count as a change
             if not same_file(found.info, info):   # the key was made from the scan's mtime
-                raise StillWrittenError("changed since the scan; left for a later run")
+                raise StillWritten("changed since the scan; left for a later run")
             if fixed_in_place(fd, info):   # else each run would send it again
                 raise UnremovableError("is immutable or append-only (chattr +i, +a): no "
                                        "account may remove it, so it is not uploaded; "
@@ -3573,8 +3571,10 @@ def move_file(client, job, found, key):
             delete_if_unchanged(job, parent, fd, found, info, opened)
         finally:
             os.close(fd)
-    except OSError as exc:
-        raise FileError("cannot remove it (%s); left in place" % exc.strerror)
+    except OSError as exc:   # reading it is upload_file's to report
+        raise FileError("cannot %s (%s); left in place" % (
+            "check it before its upload" if proof is None else "remove it once uploaded",
+            exc.strerror))
     finally:
         os.close(parent)
     return key, info.st_size, proof
@@ -3594,8 +3594,11 @@ class FileTask(object):
             key = job.template.key_for(found)
             url = "s3://%s/%s" % (job.destination.bucket, safe_name(key))
             key, size, proof = move_file(client, job, found, key)
-        except StillWrittenError as exc:
+        except StillWritten as exc:
             job.tally.left_open(path, exc, job.verbose)
+            return
+        except Vanished as exc:
+            job.tally.vanished(path, exc)
             return
         except S3PushError as exc:
             job.tally.failed(path, url, exc)
@@ -3749,7 +3752,7 @@ class Tally(object):
     def __init__(self):
         self.lock = threading.Lock()
         self.moved_count = 0
-        self.emptied = set()   # directories of moved files, for --delete-empty-dirs
+        self.moved_from = set()   # directories of moved files, for --delete-empty-dirs
         self.bytes = 0
         self.bytes_resumed = 0   # of multipart uploads resumed: not sent again
         self.failures = []     # exit codes of the failed files
@@ -3774,7 +3777,7 @@ class Tally(object):
     def moved(self, path, url, size, directory, verbose, version_id):
         with self.lock:
             self.moved_count += 1
-            self.emptied.add(directory)
+            self.moved_from.add(directory)
             self.bytes += size
             if version_id and len(self.versions) < MAX_SUMMARY_VERSIONS:
                 self.versions.append({"url": url, "version_id": version_id})
@@ -3788,9 +3791,6 @@ class Tally(object):
         """One line on stderr naming the file, the key (when there is one) and the reason."""
         with self.lock:
             self.clear_status()
-            if exc.exit_code == EXIT_OK:   # not a failure: a warning
-                emit(sys.stderr, "s3push: warning: %s: %s" % (safe_name(path), exc))
-                return
             if isinstance(exc, UnremovableError):   # files left, one line a directory
                 self.unremovable_count += exc.files
             else:
@@ -3805,6 +3805,12 @@ class Tally(object):
             self.errors_total += 1
             if len(self.errors) < MAX_SUMMARY_ERRORS:
                 self.errors.append(line)
+
+    def vanished(self, path, exc):
+        """Not a failure, but the operator is told: one warning line."""
+        with self.lock:
+            self.clear_status()
+            emit(sys.stderr, "s3push: warning: %s: %s" % (safe_name(path), exc))
 
     def resumed(self, path, reused, parts, size, verbose):
         """A multipart upload goes on where an earlier run left it."""
@@ -3921,16 +3927,17 @@ def checksum_for(choice, endpoint):
     return "crc32" if host.endswith((".amazonaws.com", ".amazonaws.com.cn")) else "md5"
 
 
-def journals_for(options, environ, destination, tally):
+def journals_for(options, environ, destination, tally, checksum):
     """Where this run keeps its resume journals; None when it keeps none (said under -v:
-    no state folder, or no MD5 to check parts by)."""
+    no state folder, or under --checksum md5 no MD5 to check parts by: where FIPS forbids
+    it, CRC32 uploads still resume)."""
     if not options.resume_days:
         return None
 
     def say(line):
         tally.note_once(line, options.verbose)
     state_dir = options.state_dir or default_state_dir(environ)
-    if state_dir is None or new_md5() is None:
+    if state_dir is None or (checksum == "md5" and new_md5() is None):
         say("s3push: no resume journals are kept (%s): an upload cut off part-way will "
             "start over" % ("no HOME and no --state-dir" if state_dir is None else
                             "MD5 is not available"))
@@ -3943,7 +3950,7 @@ def journals_for(options, environ, destination, tally):
 class Job(object):
     """What the workers share: settings, destination, options, the queue and the tally."""
 
-    def __init__(self, options, session, destination, tally, root, journals, handovers,
+    def __init__(self, options, environ, session, destination, tally, root, handovers,
                  state_fd):
         self.root = root   # SOURCE_DIR's descriptor: every file is reached through it
         self.folders = HandoverFolders(handovers, root)
@@ -3957,7 +3964,7 @@ class Job(object):
         self.verbose = options.verbose
         self.multipart_threshold = options.multipart_threshold
         self.part_size = options.part_size
-        self.workers = options.jobs   # how many; each with its own connection
+        self.jobs = options.jobs   # how many workers; each with its own connection
         self.deadline = Deadline(tally.started + options.deadline if options.deadline
                                  else None)
         self.retries = options.retries
@@ -3976,7 +3983,8 @@ class Job(object):
         self.queue = WorkQueue(max_files=4 * options.jobs)
         self.template = Template(destination.prefix, object_headers(options, time.time()),
                                  options.tag, destination.whole_key)
-        self.journals = journals   # None, or where resume journals are kept
+        # None, or where resume journals are kept
+        self.journals = journals_for(options, environ, destination, tally, self.checksum)
         # Whole-key templates may give two files one key, and so may --compress (a.log
         # and a.log.gz): the keys this run took, so that the second is kept instead.
         self.keys_taken = set() if destination.whole_key or self.compress else None
@@ -4012,7 +4020,7 @@ def show_progress(tally, done):
 def move_all(job, files):
     """Feed the scan's files to the workers and wait for them; SIGTERM stops the feed."""
     workers = [threading.Thread(target=worker, args=(job,), daemon=True)
-               for _ in range(job.workers)]
+               for _ in range(job.jobs)]
     for thread in workers:
         thread.start()
     done = threading.Event()
@@ -4153,8 +4161,7 @@ def move_or_plan(options, environ, settings, destination, tally, files, root, ha
                       lambda: load_settings(options, environ).credentials)
     session.debug = options.debug
     tally.progress = sys.stderr.isatty() if options.progress is None else options.progress
-    job = Job(options, session, destination, tally, root,
-              journals_for(options, environ, destination, tally), handovers, state_fd)
+    job = Job(options, environ, session, destination, tally, root, handovers, state_fd)
     try:
         move_all(job, files)
     finally:   # a kill -9 leaves them to the next run's scan instead
@@ -4165,7 +4172,7 @@ def move_or_plan(options, environ, settings, destination, tally, files, root, ha
     if job.journals is not None:
         job.journals.sweep(root, time.time())
     if options.delete_empty_dirs:
-        remove_empty_dirs(root, tally.emptied)
+        remove_empty_dirs(root, tally.moved_from)
 
 
 def read_globs(path, option):
@@ -4258,8 +4265,12 @@ def push_locked(options, environ, tally, destination, root):
     finally:
         if spill is not None:
             os.close(spill.folder_fd)
-    for relative, exc in errors:
-        tally.failed(os.path.join(options.source, relative), None, exc)
+    for relative, exc in errors:   # a FileError, or TreeChanged
+        path = os.path.join(options.source, relative)
+        if isinstance(exc, Vanished):
+            tally.vanished(path, exc)
+        else:
+            tally.failed(path, None, exc)
     if options.verbose:
         emit(sys.stdout, tally.summary())
     return tally.exit_status()
@@ -4709,7 +4720,7 @@ def on_sigterm(signum, frame):
     raise Interrupted(signum)
 
 
-def exit_status(options, tally):
+def guarded_run(options, tally):
     """Run, mapping every way a run can end to its exit status and one line."""
     signal.signal(signal.SIGTERM, on_sigterm)
     signal.signal(signal.SIGIO, signal.SIG_IGN)   # a lease break (see TAKE_LEASES): no harm
@@ -4732,7 +4743,7 @@ def exit_status(options, tally):
 def main(argv=None):
     options = build_parser().parse_args(argv)
     tally = Tally()
-    status = exit_status(options, tally)
+    status = guarded_run(options, tally)
     data = tally.summary_data(options, status)
     if options.summary_json:
         write_summary(options.summary_json, data)
