@@ -132,6 +132,7 @@ RETRY_AFTER_CAP = 60.0
 SKEW_TOLERANCE = 300                   # seconds; S3 itself refuses beyond 900
 MAX_CORRECTIONS = 3                    # clock, region, credentials: at most once each
 MAX_SUMMARY_ERRORS = 20
+ISO_SECONDS = "%Y-%m-%dT%H:%M:%SZ"   # UTC, as S3 writes times and as s3push reports them
 MAX_SUMMARY_VERSIONS = 1000   # --summary-json lists this many; --manifest has them all
 PROGRESS_INTERVAL = 0.5
 RATE_BURST = 0.1                       # seconds of --bwlimit not used that may be caught up
@@ -206,6 +207,30 @@ def emit(stream, line, flush=True):
     stream.write(line.encode(encoding, "backslashreplace").decode(encoding) + "\n")
     if flush:
         stream.flush()
+
+
+def write_atomically(path, data, mode):
+    """Write path anew: data (bytes) into path.PID.tmp, fsync'ed, renamed over path, so a
+    reader sees the old file or the new one, never half, and a crash leaves the old. mode:
+    of a new file (the umask applies). Raises OSError; no temporary file is left."""
+    temporary = "%s.%d.tmp" % (path, os.getpid())
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW |
+                 os.O_CLOEXEC, mode)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+    except OSError:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
 
 
 # === Errors ===
@@ -832,7 +857,7 @@ def answer_time(response):
     server_time = xml_text(parse_xml(response.body), "ServerTime")
     match = re.match(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)", server_time)
     if match:
-        return datetime.datetime.strptime(match.group(1), "%Y-%m-%dT%H:%M:%S").replace(
+        return datetime.datetime.strptime(match.group(1) + "Z", ISO_SECONDS).replace(
             tzinfo=datetime.timezone.utc)
     try:
         when = email.utils.parsedate_to_datetime(response.header("date"))
@@ -1849,6 +1874,10 @@ class Destination(object):
         self.bucket = bucket
         self.prefix = prefix
         self.whole_key = whole_key
+
+    def url(self, key):
+        """s3://BUCKET/KEY as the lines for the operator show it (the key escaped)."""
+        return "s3://%s/%s" % (self.bucket, safe_name(key))
 
 
 BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$")
@@ -2997,19 +3026,12 @@ class Journal(object):
                   "name": self.found.name}
         text = json.dumps(header) + "\n" + "".join(part_line(n, p, plan.checksum) for n, p
                                                    in sorted(resumption.parts.items()))
-        temporary = self.path + ".tmp"
         with self.lock:
             self.close_file()
             self.checksum = plan.checksum
             try:
                 os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
-                fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                try:
-                    os.write(fd, text.encode("utf-8"))
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.replace(temporary, self.path)
+                write_atomically(self.path, text.encode("utf-8"), 0o600)
                 self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
             except OSError as exc:
                 self.fail(exc)
@@ -3166,7 +3188,7 @@ class Manifest(object):
 
     def record(self, found, info, bucket, key, proof, gzipped):
         line = json.dumps({
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "run": self.run,
+            "time": time.strftime(ISO_SECONDS, time.gmtime()), "run": self.run,
             "path": os.fsdecode(name_bytes(os.path.join(self.source, found.relative))),
             "bucket": bucket, "key": key, "size": info.st_size,
             "mtime": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(info.st_mtime)) +
@@ -3592,7 +3614,7 @@ class FileTask(object):
         url = None
         try:   # the key, made once from the scan's mtime (a file changed since is left)
             key = job.template.key_for(found)
-            url = "s3://%s/%s" % (job.destination.bucket, safe_name(key))
+            url = job.destination.url(key)
             key, size, proof = move_file(client, job, found, key)
         except StillWritten as exc:
             job.tally.left_open(path, exc, job.verbose)
@@ -3605,7 +3627,7 @@ class FileTask(object):
             if exc.fatal:
                 job.queue.stop()
             return
-        url = "s3://%s/%s" % (job.destination.bucket, safe_name(key))
+        url = job.destination.url(key)
         job.tally.moved(path, url, size, found.directory, job.verbose, proof.version_id)
 
 
@@ -3630,7 +3652,6 @@ def worker(job):
 
 MAX_METADATA_BYTES = 2048   # S3: user metadata, keys and values, as UTF-8
 MAX_TAGS = 10               # S3: tags on one object
-ISO_SECONDS = "%Y-%m-%dT%H:%M:%SZ"
 
 
 def check_upload_options(options, now):
@@ -3890,7 +3911,7 @@ class Tally(object):
         """The run for monitoring (--summary-json)."""
         return {"s3push": VERSION, "source": safe_name(options.source),
                 "destination": options.destination, "started": time.strftime(
-                    "%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started_at)),
+                    ISO_SECONDS, time.gmtime(self.started_at)),
                 "seconds": round(time.monotonic() - self.started, 3), "exit_status": status,
                 "files_moved": self.moved_count, "bytes_moved": self.bytes,
                 "bytes_resumed": self.bytes_resumed,
@@ -4064,9 +4085,8 @@ def print_plan(source, files, destination, tally, compress):
             continue
         if compress is not None and not compressed_already(found.name):
             key += ".gz"
-        lines.append("would move %s -> s3://%s/%s (%d bytes)" % (
-            safe_name(base + found.relative), destination.bucket, safe_name(key),
-            found.info.st_size))
+        lines.append("would move %s -> %s (%d bytes)" % (
+            safe_name(base + found.relative), destination.url(key), found.info.st_size))
         if len(lines) == 1000:
             emit(sys.stdout, "\n".join(lines), flush=False)
             lines = []
@@ -4130,7 +4150,7 @@ def upload_manifest(job, template):
     if not lines:
         return
     key = Template(template).expand(template, time.time(), {"run_id": job.manifest.run})
-    url = "s3://%s/%s" % (job.destination.bucket, safe_name(key))
+    url = job.destination.url(key)
     body = b"".join(lines)
     digest = digest_bytes(body)
     client = S3Client(job.session, job.retries, job.timeout, job.deadline, job.rate_limit)
@@ -4300,11 +4320,8 @@ def push(options, environ, tally):
 
 def replace_file(path, text, what):
     """Replace path with text atomically (a monitor never reads half); a warning if not."""
-    temporary = "%s.%d.tmp" % (path, os.getpid())
     try:
-        with open(temporary, "w") as handle:
-            handle.write(text)
-        os.replace(temporary, path)
+        write_atomically(path, text.encode("utf-8"), 0o666)
     except OSError as exc:
         emit(sys.stderr, "s3push: warning: cannot write the %s to %s (%s)"
              % (what, path, exc.strerror or exc))
