@@ -571,14 +571,6 @@ def xml_text(root, name):
     return ""
 
 
-def parse_error_body(body):
-    """(code, message) of an S3 <Error> answer; ("", "") for anything else."""
-    root = parse_xml(body) if body.strip() else None
-    if root is None or root.tag.rsplit("}", 1)[-1] != "Error":
-        return "", ""
-    return xml_text(root, "Code"), xml_text(root, "Message")
-
-
 class Response(object):
     """The status, headers and (at most MAX_ERROR_BODY bytes of) body of one answer."""
 
@@ -588,9 +580,29 @@ class Response(object):
         self.headers = headers
         self.body = body
         self.expected_owner = None   # the x-amz-expected-bucket-owner the request carried
+        self.parsed = None   # (its XML root or None, (code, message)), once asked for
 
     def header(self, name):
         return self.headers.get(name.lower(), "")
+
+    def parse(self):
+        if self.parsed is None:
+            root = parse_xml(self.body) if self.body.strip() else None
+            error = ("", "")
+            if root is not None and root.tag.rsplit("}", 1)[-1] == "Error":
+                error = (xml_text(root, "Code"), xml_text(root, "Message"))
+            self.parsed = (root, error)
+        return self.parsed
+
+    @property
+    def xml(self):
+        """The body's XML root (None if it is none), parsed once for all who read it."""
+        return self.parse()[0]
+
+    @property
+    def error(self):
+        """(code, message) of an S3 <Error> answer; ("", "") for anything else."""
+        return self.parse()[1]
 
 
 def error_from_response(response, what=""):
@@ -598,7 +610,7 @@ def error_from_response(response, what=""):
 
     what: the request, when the key alone does not say it (e.g. 'part 3').
     """
-    code, message = parse_error_body(response.body)
+    code, message = response.error
     code = code or "HTTP%d" % response.status
     request_id = response.header("x-amz-request-id") or response.header("x-amz-id-2")
     text = "%s%s: %s (HTTP %d%s)" % (what + ": " if what else "", code,
@@ -854,7 +866,7 @@ def endpoint_for(endpoint_url, region, bucket):
 
 def answer_time(response):
     """The server's clock: <ServerTime> of a skew error, else the Date header (aware UTC)."""
-    server_time = xml_text(parse_xml(response.body), "ServerTime")
+    server_time = xml_text(response.xml, "ServerTime")
     match = re.match(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)", server_time)
     if match:
         return datetime.datetime.strptime(match.group(1) + "Z", ISO_SECONDS).replace(
@@ -923,7 +935,7 @@ class Session(object):
                     or self.fix_credentials(response))
 
     def fix_clock(self, response, signed_at):
-        code, _ = parse_error_body(response.body)
+        code, _ = response.error
         server_time = answer_time(response)
         if response.status not in (400, 403) or server_time is None:
             return False
@@ -937,8 +949,7 @@ class Session(object):
         return True
 
     def fix_region(self, response):
-        region = response.header("x-amz-bucket-region") or \
-            xml_text(parse_xml(response.body), "Region")
+        region = response.header("x-amz-bucket-region") or xml_text(response.xml, "Region")
         if response.status not in (301, 307, 400, 403) or not region or \
                 region == self.region or not REGION_NAME.match(region):
             return False
@@ -950,7 +961,7 @@ class Session(object):
         return True
 
     def fix_credentials(self, response):
-        code, _ = parse_error_body(response.body)
+        code, _ = response.error
         if code != "ExpiredToken" or self.reloaded or self.reload_credentials is None:
             return False
         self.reloaded = True
@@ -974,11 +985,10 @@ class Session(object):
 
 
 def is_retryable(response):
-    """5xx (but 501 NotImplemented: never later either), 429 and the S3 codes that mean
-    "try again" (RequestTimeout comes as a 400)."""
-    if response.status == 429 or response.status >= 500 and response.status != 501:
-        return True
-    return response.status >= 400 and parse_error_body(response.body)[0] in TEMPORARY_CODES
+    """A failed answer that error_from_response, the one place that classifies them, says
+    is temporary: 5xx (but 501), 429, SlowDown, RequestTimeout (a 400), ..."""
+    return response.status >= 300 and \
+        type(error_from_response(response)) is TemporaryError
 
 
 def backoff_delay(retry, retry_after, unit):
@@ -1024,25 +1034,26 @@ class S3Client(object):
             used = self.session.snapshot()
             signed_at = datetime.datetime.now(datetime.timezone.utc) + \
                 datetime.timedelta(seconds=used.offset)
+            failure, retry_after = None, ""
             try:
                 response = self.attempt(method, key, query, headers, body, body_hash, used,
                                         signed_at, validate)
-            except UnreachableError:
+            except UnreachableError:   # a server that refuses connections is not waited for
                 raise
-            except TemporaryError:
-                delay = backoff_delay(retry, "", random.random())
-                if retry >= self.retries or not self.deadline.allows_wait(delay):
-                    raise
-                time.sleep(delay)
-                retry += 1
-                continue
-            if response.status >= 300 and corrections < MAX_CORRECTIONS and \
-                    self.session.correct(response, used, signed_at):
-                corrections += 1
-                continue
-            delay = backoff_delay(retry, response.header("retry-after"), random.random())
-            if retry >= self.retries or not is_retryable(response) or \
-                    not self.deadline.allows_wait(delay):
+            except TemporaryError as exc:   # a broken connection, a damaged body
+                failure = exc
+            else:
+                if response.status >= 300 and corrections < MAX_CORRECTIONS and \
+                        self.session.correct(response, used, signed_at):
+                    corrections += 1   # a correction is no retry: sent again at once
+                    continue
+                if not is_retryable(response):
+                    return response
+                retry_after = response.header("retry-after")
+            delay = backoff_delay(retry, retry_after, random.random())
+            if retry >= self.retries or not self.deadline.allows_wait(delay):
+                if failure is not None:
+                    raise failure
                 return response
             time.sleep(delay)
             retry += 1
@@ -1663,7 +1674,7 @@ def check_answer(response, what):
     """Raise the S3PushError for a failed answer, including a 200 that carries an <Error>."""
     if not 200 <= response.status < 300:
         raise error_from_response(response, what)
-    code, _ = parse_error_body(response.body)
+    code, _ = response.error
     if code:   # CompleteMultipartUpload can fail after its 200 was sent
         raise error_from_response(Response(500, "error in a 200 answer", response.headers,
                                            response.body), what)

@@ -493,6 +493,13 @@ def written(bursts, size):
     return b"".join(bytes([65 + i]) * size for i in range(bursts))
 
 
+# A writer pauses this long between bursts, --min-age 1: each pause leaves a window of
+# 1.5 s in which the file is old enough but still open, for the runs (one every 0.2 s
+# plus its own time) to meet. At 1.5 s the window was 0.5 s, which a loaded machine's
+# runs could step over twice (seen once: the writer was never caught).
+PAUSE = 2.5
+
+
 @skip_if_foreign("no lease and no /proc: writers are not seen (WritersUnseen stands in)")
 class OpenWriters(FaultCase):
     """Writers as separate processes: a file still open for writing is never moved; after
@@ -545,7 +552,7 @@ class OpenWriters(FaultCase):
         for leases in (True, False):
             with self.subTest(leases=leases):
                 self.prefix = self.prefix.rstrip("/") + "-%s/" % leases
-                self.check_writer("hold", 3, 1000, 1.5, ("--min-age", "1"), leases)
+                self.check_writer("hold", 3, 1000, PAUSE, ("--min-age", "1"), leases)
 
     def test_a_slow_copy_of_several_mib(self):
         self.check_writer("hold", 8, MIB, 0.3, ("--min-age", "0") + MULTIPART)
@@ -558,7 +565,7 @@ class OpenWriters(FaultCase):
         for leases in (True, False):
             with self.subTest(leases=leases):
                 self.prefix = self.prefix.rstrip("/") + "-%s/" % leases
-                self.check_writer("hold", 3, 1000, 1.5, ("--min-age", "1"), leases, 65534)
+                self.check_writer("hold", 3, 1000, PAUSE, ("--min-age", "1"), leases, 65534)
 
     def test_a_writer_that_opens_the_file_during_the_upload(self):
         path = write_file(self.source, "rec.bin", b"first\n")

@@ -786,7 +786,7 @@ class Verification(unittest.TestCase):
     def test_entities_are_never_expanded(self):
         body = (b'<?xml version="1.0"?><!DOCTYPE e [<!ENTITY a "aaaaaaaaaa">]>'
                 b"<Error><Code>&a;</Code></Error>")
-        self.assertEqual(s3push.parse_error_body(body), ("", ""))
+        self.assertEqual(s3push.Response(400, "", {}, body).error, ("", ""))
 
     def test_control_character_references_are_read(self):
         # As AWS S3 and LocalStack write a key holding control characters: XML 1.0 forbids
@@ -799,7 +799,7 @@ class Verification(unittest.TestCase):
         self.assertEqual(s3push.xml_text(root, "UploadId"), "id\x0b1")
         error = (b"<Error><Code>NoSuchUpload</Code><Message>no upload</Message>"
                  b"<Key>k&#x7;\x02</Key></Error>")   # a reference, and a raw byte
-        self.assertEqual(s3push.parse_error_body(error), ("NoSuchUpload", "no upload"))
+        self.assertEqual(s3push.Response(404, "", {}, error).error, ("NoSuchUpload", "no upload"))
         self.assertEqual(s3push.xml_text(s3push.parse_xml(error), "Key"), "k\x07\x02")
 
     def test_an_answer_that_does_not_parse_starts_no_upload_again(self):
