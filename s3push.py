@@ -55,8 +55,11 @@ Security:
 
 Sections (grep '^# ==='), lowest layer first; each uses only what stands above it:
 constants and output, errors, SigV4 signer, HTTP and XML transport, Session and
-S3Client, credentials and settings, S3 operations, local side (keys, the walk,
-open writers), resume journals, the per-file move and parallel transfers, the run,
+S3Client, credentials and settings, S3 operations, local side (keys; the walk; oldest
+first; one file: its checks, its writers, the handover, its gzip), resume journals (and
+the manifest), the job (option checks, key templates, the tally, the queue: what the
+workers share), the per-file move and parallel transfers (move_file: one file from its
+open to its unlink), the run (the scan, the lock, the moves, summary and metrics),
 command line (main last).
 """
 
@@ -435,6 +438,18 @@ def sign_request(method, host, path, query, headers, body_hash, credentials, reg
 # === HTTP and XML transport ===
 
 
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def url_port(parts):
+    """The port of a urlsplit() result, else its scheme's default; None when what stands
+    there is no port number."""
+    try:
+        return parts.port or DEFAULT_PORTS.get(parts.scheme)
+    except ValueError:
+        return None
+
+
 def proxy_settings(environ):
     """HTTPS_PROXY, HTTP_PROXY and NO_PROXY (lower case first, as curl reads them)."""
     def get(name):
@@ -474,11 +489,8 @@ def proxy_for(proxies, scheme, host, port):
     if not url or bypasses_proxy(host, port, proxies.get("no", [])):
         return None
     parts = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
-    try:
-        proxy_port = parts.port or 80
-    except ValueError:
-        proxy_port = -1
-    if parts.scheme != "http" or not parts.hostname or proxy_port < 0:
+    proxy_port = url_port(parts)
+    if parts.scheme != "http" or not parts.hostname or proxy_port is None:
         raise ConfigError("the %s proxy %s://%s is not http://HOST:PORT: fix %s_PROXY"
                           % (scheme, parts.scheme, parts.hostname or "", scheme.upper()))
     auth = None
@@ -500,29 +512,25 @@ class Endpoint(object):
         self.path_style = path_style
 
     def netloc(self, host):
-        default = 443 if self.scheme == "https" else 80
-        return host if self.port == default else "%s:%d" % (host, self.port)
+        return host if self.port == DEFAULT_PORTS[self.scheme] else "%s:%d" % (host, self.port)
 
 
 def parse_endpoint_url(url):
     """An http(s) endpoint URL from the settings; path-style addressing is used with it."""
     parts = urllib.parse.urlsplit(url)
-    try:
-        port = parts.port
-    except ValueError:
-        port = -1
-    if parts.scheme not in ("http", "https") or not parts.hostname or port == -1 \
+    port = url_port(parts)
+    if parts.scheme not in DEFAULT_PORTS or not parts.hostname or port is None \
             or parts.query or parts.fragment or parts.username:
         raise ConfigError("endpoint URL %r is not http(s)://HOST[:PORT][/PATH]: fix "
                           "--endpoint-url, AWS_ENDPOINT_URL(_S3) or endpoint_url" % url)
-    default = 443 if parts.scheme == "https" else 80
-    return Endpoint(parts.scheme, parts.hostname, port or default, parts.path.rstrip("/"))
+    return Endpoint(parts.scheme, parts.hostname, port, parts.path.rstrip("/"))
 
 
 def aws_endpoint(region, bucket):
     """AWS's regional endpoint; virtual-hosted unless the bucket name has a dot."""
     suffix = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
-    return Endpoint("https", "s3.%s.%s" % (region, suffix), 443, "", "." in bucket)
+    return Endpoint("https", "s3.%s.%s" % (region, suffix), DEFAULT_PORTS["https"], "",
+                    "." in bucket)
 
 
 def object_address(endpoint, bucket, key):
@@ -813,10 +821,10 @@ def http_call(network, method, url, headers=None, body=b"", timeout=METADATA_TIM
     services): through a Connection like every S3 request, so with the same proxy rules
     and TLS trust. No answer: UnreachableError, its reason e.g. 'timed out'."""
     parts = urllib.parse.urlsplit(url)
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError as exc:   # a port that is no number
-        raise UnreachableError("no answer from %s (%s)" % (parts.netloc, exc), str(exc))
+    port = url_port(parts)
+    if port is None:
+        raise UnreachableError("no answer from %s (not http(s)://HOST[:PORT])" % url,
+                               "not http(s)://HOST[:PORT]")
     tls = tls_context(network.ca_bundle) if parts.scheme == "https" else None
     connection = Connection(parts.scheme, parts.hostname, port, timeout, tls,
                             proxy_for(network.proxies, parts.scheme, parts.hostname, port))
@@ -1629,13 +1637,18 @@ def body_headers(digest, content_type=None):
     return headers
 
 
+def plain_etag(etag):
+    """An ETag as compared and recorded: without its quotes, in lower case."""
+    return etag.strip().strip('"').lower()
+
+
 def etag_confirms(etag, md5_hex):
     """True when an ETag is the MD5 of the bytes sent (or there is no MD5 to compare).
 
     An ETag that is not a plain MD5 (SSE-KMS, some servers) cannot confirm; the
     signed Content-MD5 the server checked is then what vouches for the bytes.
     """
-    etag = etag.strip().strip('"').lower()
+    etag = plain_etag(etag)
     if not etag:
         return False
     if md5_hex is None or not re.match(r"^[0-9a-f]{32}$", etag):
@@ -1709,7 +1722,7 @@ class Proof(collections.namedtuple("Proof", "checksum value etag version_id")):
 def proof_of(sent, response):
     """The Proof of a single PUT."""
     return Proof("md5" if sent.crc32 is None else "crc32", sent.check_hex,
-                 sent.etag.strip('"'), response.header("x-amz-version-id"))
+                 plain_etag(sent.etag), response.header("x-amz-version-id"))
 
 
 def put_range(client, key, fd, offset, length, headers, upload, query=(), what=""):
@@ -1833,7 +1846,7 @@ def complete_multipart_upload(client, key, upload_id, parts, upload, lengths):
                             "--checksum md5" % (crc32_text(whole),
                                                 one_line(echo or "nothing", 40)))
     etag = (xml_text(answer, "ETag") or response.header("etag"))
-    etag = etag.strip('"').lower()
+    etag = plain_etag(etag)
     version = response.header("x-amz-version-id")
     if crc32:
         return Proof("crc32", "%08x" % whole, etag, version)
@@ -1873,7 +1886,7 @@ def part_ranges(size, part_size):
             for n, offset in enumerate(range(0, size, part_size))]
 
 
-# === Local side ===
+# === Local side: keys ===
 
 
 class Destination(object):
@@ -1994,6 +2007,9 @@ def candidate_keys(key, if_exists):
 
 def guess_content_type(name):
     return mimetypes.guess_type(name, strict=False)[0] or "application/octet-stream"
+
+
+# === Local side: the walk ===
 
 
 def globs(patterns):
@@ -2392,6 +2408,9 @@ def scan(root_fd, selection, errors, handovers):
             os.close(fd)
 
 
+# === Local side: oldest first ===
+
+
 ORDER_WINDOW = 10000   # files held at once to send the oldest first; beyond, spilled
 MAX_RUNS = 64          # sorted runs merged at once (each open, with an 8 KiB buffer)
 SPILL_BATCH = 256      # records read or written at once: 64 runs hold 16,384 in memory
@@ -2524,10 +2543,18 @@ def oldest_first(scan_round, window, spill):
     yield from rescanned_order(scan_round, window)
 
 
+# === Local side: one file (its checks, its writers, the handover, its gzip) ===
+
+
+def file_identity(info):
+    """A file as the scan, the move and the journals know it: device, inode, size and
+    mtime (a list: as a journal keeps it in JSON)."""
+    return [info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns]
+
+
 def same_file(before, after):
-    """True when two stat results are one unchanged file: device, inode, size and mtime."""
-    return (before.st_dev, before.st_ino, before.st_size, before.st_mtime_ns) == \
-        (after.st_dev, after.st_ino, after.st_size, after.st_mtime_ns)
+    """True when two stat results are one unchanged file (file_identity)."""
+    return file_identity(before) == file_identity(after)
 
 
 def open_regular_file(parent_fd, name):
@@ -2941,10 +2968,6 @@ class JournalPart(collections.namedtuple("JournalPart", "offset length check_hex
     __slots__ = ()
 
 
-def file_identity(info):
-    return [info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns]
-
-
 def parse_journal(data):
     """(header, {part number: JournalPart}) from a journal's bytes; ValueError (or
     KeyError, TypeError) when it is not a whole journal of this version. A last line cut
@@ -3106,7 +3129,7 @@ class NoJournal(object):
 
 def journal_is_stale(root_fd, path, now, max_age):
     """Whether a journal is of no more use: unusable, its upload older than max_age, or
-    the file it was kept for gone from SOURCE_DIR (reached as the scan reaches files,
+    the file it was kept for gone from SOURCE_DIR or changed (reached as the scan reaches files,
     never through a symlink)."""
     try:
         with open(path, "rb") as handle:
@@ -3127,7 +3150,7 @@ def journal_is_stale(root_fd, path, now, max_age):
         return True
     finally:
         os.close(parent)
-    return [info.st_dev, info.st_ino] != header["file"][:2]
+    return file_identity(info) != header["file"]   # another file, or changed: not resumed
 
 
 def reusable_parts(journal, key, fd, plan):
@@ -3244,23 +3267,328 @@ class NoManifest(object):
         pass
 
 
-# === The per-file move and parallel transfers ===
-# Workers (threads, one connection each) take tasks from one queue: parts of a started
-# multipart upload first, then files. The scan feeds files in oldest first (see
-# oldest_first), and the queue holds only a few per worker, so memory does not grow with
-# the directory.
+# === The job: what the workers share ===
+# Option checks, object headers and key templates; the tally of the run and what it
+# prints; the queue; and the Job that holds them with the settings, for the per-file
+# move below.
 
 
-def upload_for(job, relative, info, gzipped):
-    headers = job.template.headers_for(info.st_mtime)
-    headers["content-type"] = job.content_type or (
-        "application/gzip" if gzipped else guess_content_type(relative))
-    headers["x-amz-meta-mtime"] = "%d.%09d" % divmod(info.st_mtime_ns, 10 ** 9)
-    if gzipped:   # the object's own size is the gzip's
-        headers["x-amz-meta-s3push-size"] = str(info.st_size)
-    condition = {"if-none-match": "*"} if job.if_exists != "overwrite" else {}
-    return Upload(headers, condition, job.verify_md5, job.sign_payload, job.checksum,
-                  job.plain_http)
+MAX_METADATA_BYTES = 2048   # S3: user metadata, keys and values, as UTF-8
+MAX_TAGS = 10               # S3: tags on one object
+
+
+def check_upload_options(options, now):
+    """A UsageError, naming the option, for what S3 would refuse of the upload options
+    taken together (each value alone was checked as it was parsed)."""
+    if options.sse_kms_key_id and not (options.sse or "").startswith("aws:kms"):
+        raise UsageError("--sse-kms-key-id goes with --sse aws:kms (or aws:kms:dsse)")
+    for option, pairs in (("--metadata", options.metadata), ("--tag", options.tag)):
+        for key, value in pairs:
+            check_template(value, "%s %s=%s" % (option, key, value))
+    for option in ("cache_control", "content_encoding", "content_disposition"):
+        check_template(getattr(options, option) or "", "--" + option.replace("_", "-"))
+    if options.manifest_key:
+        if not options.manifest:
+            raise UsageError("--manifest-key uploads the lines of --manifest FILE: give both")
+        check_template(options.manifest_key, "--manifest-key", PLACEHOLDERS + ("run_id",))
+    names = [key.lower() for key, _ in options.metadata]
+    for key in names:
+        if names.count(key) > 1 or key in ("mtime", "s3push-size"):
+            raise UsageError("--metadata %s: %s" % (key, "given twice" if names.count(key) > 1
+                                                    else "s3push sets it itself"))
+    size = sum(len(k.encode("utf-8")) + len(v.encode("utf-8")) for k, v in options.metadata)
+    size += len("s3push-size18446744073709551615") if options.compress else 0
+    if size + len("mtime1234567890.123456789") > MAX_METADATA_BYTES:
+        raise UsageError("--metadata: %d bytes of keys and values, with s3push's mtime over "
+                         "S3's limit of 2 KiB: send less" % size)
+    keys = [key for key, _ in options.tag]
+    if len(keys) > MAX_TAGS or len(set(keys)) != len(keys):
+        raise UsageError("--tag: S3 takes at most %d tags an object, each key once; got %s"
+                         % (MAX_TAGS, ", ".join(keys)))
+    lock = (options.object_lock_retain_days, options.object_lock_retain_until)
+    if bool(options.object_lock_mode) != any(lock):
+        raise UsageError("--object-lock-mode goes with --object-lock-retain-days or "
+                         "--object-lock-retain-until (S3 takes both or neither)")
+    if options.object_lock_retain_until and options.object_lock_retain_until <= \
+            time.strftime(ISO_SECONDS, time.gmtime(now)):
+        raise UsageError("--object-lock-retain-until %s is not in the future"
+                         % options.object_lock_retain_until)
+
+
+def object_headers(options, now):
+    """The headers every object of the run carries, from the upload options; values may
+    hold placeholders ({hostname}, {mtime_date}, ...), filled in for each file."""
+    headers = {}
+    for name, value in (("x-amz-storage-class", options.storage_class),
+                        ("x-amz-server-side-encryption", options.sse),
+                        ("x-amz-server-side-encryption-aws-kms-key-id",
+                         options.sse_kms_key_id),
+                        ("x-amz-acl", options.acl), ("cache-control", options.cache_control),
+                        ("content-encoding", options.content_encoding),
+                        ("content-disposition", options.content_disposition),
+                        ("x-amz-object-lock-mode", options.object_lock_mode),
+                        ("x-amz-object-lock-legal-hold", "ON" if options.legal_hold else None)):
+        if value:
+            headers[name] = value
+    if options.object_lock_retain_days:
+        headers["x-amz-object-lock-retain-until-date"] = time.strftime(ISO_SECONDS, time.gmtime(
+            now + options.object_lock_retain_days * 86400))
+    elif options.object_lock_retain_until:
+        headers["x-amz-object-lock-retain-until-date"] = options.object_lock_retain_until
+    for key, value in options.metadata:
+        headers["x-amz-meta-" + key.lower()] = value
+    return headers
+
+
+class Template(object):
+    """The destination (a prefix, or each file's whole key) and the object headers of a
+    run, with their run-wide placeholders ({hostname}, the upload's {date}, ...) fixed
+    once."""
+
+    def __init__(self, prefix, headers=None, tags=(), whole_key=False):
+        self.prefix, self.headers, self.tags = prefix, headers or {}, tags
+        self.whole_key = whole_key
+        texts = [prefix] + list(self.headers.values()) + [value for _, value in tags]
+        self.hostname = socket.gethostname() if any("{hostname}" in t for t in texts) else ""
+        self.upload_time = datetime.datetime.now(datetime.timezone.utc)
+
+    def expand(self, text, mtime, fields=None):
+        return expand_template(text, self.hostname, self.upload_time, mtime, fields)
+
+    def key_for(self, found):
+        """The key of a file (FileError for a name that cannot be one, see object_key):
+        the prefix and its relative path, or the whole-key template filled in for it."""
+        mtime = found.info.st_mtime
+        if not self.whole_key:
+            return object_key(self.expand(self.prefix, mtime), found.relative)
+        key = self.expand(self.prefix, mtime, file_fields(object_key("", found.relative),
+                                                          found.info))
+        return object_key("", re.sub("/{2,}", "/", key).lstrip("/"))
+
+    def headers_for(self, mtime):
+        """The object headers for a file of this mtime (metadata RFC 2047 if not ASCII)."""
+        headers = {name: self.expand(value, mtime) for name, value in self.headers.items()}
+        for name, value in headers.items():
+            if name.startswith("x-amz-meta-"):
+                headers[name] = metadata_value(value)
+        if self.tags:
+            headers["x-amz-tagging"] = tagging_header([(key, self.expand(value, mtime))
+                                                       for key, value in self.tags])
+        return headers
+
+
+def internal_error(exc, credentials):
+    """The one line for a bug: where in this file it happened (the deepest line of ours,
+    not of the library that raised), and its text without any secret."""
+    where, line = exc.__traceback__, ""
+    while where is not None:
+        if where.tb_frame.f_code.co_filename == __file__:
+            line = " at line %d" % where.tb_lineno
+        where = where.tb_next
+    return S3PushError("internal error: %s%s: %s; no file was lost" % (
+        exc.__class__.__name__, line, redact(one_line(exc), credentials)))
+
+
+class Tally(object):
+    """What one run did, shared by the workers: moved, failed, left for later; the lines
+    that say so, and the exit status that follows."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.moved_count = 0
+        self.moved_from = set()   # directories of moved files, for --delete-empty-dirs
+        self.bytes = 0
+        self.bytes_resumed = 0   # of multipart uploads resumed: not sent again
+        self.failures = []     # exit codes of the failed files
+        self.young_count = 0   # files left for later: younger than --min-age
+        self.sized_out_count = 0   # files left: outside --min-size, --max-size
+        self.writing_count = 0   # files left for later: still being written
+        self.unremovable_count = 0   # files left alone: this account could not remove them
+        self.notes = set()     # what was said once already
+        self.fatal = None      # the error that stopped the run early
+        self.credentials = None   # once loaded: what error text must never show
+        self.started = time.monotonic()
+        self.started_at = time.time()
+        self.found_files = 0   # files and bytes the scan has handed over so far
+        self.found_bytes = 0
+        self.scan_done = False
+        self.errors = []       # the first lines said on stderr, for --summary-json
+        self.errors_total = 0
+        self.versions = []     # the first objects' VersionIds (versioned buckets)
+        self.progress = False  # a live status line is on stderr
+        self.skipped_for = None   # another run held the lock: its pid (0: not known)
+
+    def moved(self, path, url, size, directory, verbose, version_id):
+        with self.lock:
+            self.moved_count += 1
+            self.moved_from.add(directory)
+            self.bytes += size
+            if version_id and len(self.versions) < MAX_SUMMARY_VERSIONS:
+                self.versions.append({"url": url, "version_id": version_id})
+            self.clear_status()
+            if verbose:
+                emit(sys.stdout, "moved %s -> %s (%d bytes%s)" % (
+                    safe_name(path), url, size,
+                    ", version %s" % safe_name(version_id) if version_id else ""))
+
+    def failed(self, path, url, exc):
+        """One line on stderr naming the file, the key (when there is one) and the reason."""
+        with self.lock:
+            self.clear_status()
+            if isinstance(exc, UnremovableError):   # files left, one line a directory
+                self.unremovable_count += exc.files
+            else:
+                self.failures.append(exc.exit_code)
+            if exc.fatal and self.fatal is not None:
+                return   # the same cause hit the other workers: said once is enough
+            if exc.fatal:
+                self.fatal = exc
+            target = " -> " + url if url else ""
+            line = "s3push: error: %s%s: %s" % (safe_name(path), target, exc)
+            emit(sys.stderr, line)
+            self.errors_total += 1
+            if len(self.errors) < MAX_SUMMARY_ERRORS:
+                self.errors.append(line)
+
+    def vanished(self, path, exc):
+        """Not a failure, but the operator is told: one warning line."""
+        with self.lock:
+            self.clear_status()
+            emit(sys.stderr, "s3push: warning: %s: %s" % (safe_name(path), exc))
+
+    def resumed(self, path, reused, parts, size, verbose):
+        """A multipart upload goes on where an earlier run left it."""
+        with self.lock:
+            self.bytes_resumed += size
+            if verbose or self.progress:
+                self.clear_status()
+                emit(sys.stdout if verbose else sys.stderr, "resuming %s: %d of %d parts "
+                     "already there" % (safe_name(path), reused, parts))
+
+    def resume_dropped(self, size):
+        """A resumed upload started over: its reused bytes were sent again after all."""
+        with self.lock:
+            self.bytes_resumed -= size
+
+    def handed_over(self, size):
+        """The scan handed over one more file of this size."""
+        with self.lock:
+            self.found_files += 1
+            self.found_bytes += size
+
+    def left_open(self, path, exc, verbose):
+        """Left for a later run, like a file younger than --min-age: said under -v only."""
+        with self.lock:
+            self.writing_count += 1
+            if verbose:
+                self.clear_status()
+                emit(sys.stdout, "left %s: %s" % (safe_name(path), exc))
+
+    def note_once(self, line, verbose):
+        with self.lock:
+            if verbose and line not in self.notes:
+                self.notes.add(line)
+                self.clear_status()
+                emit(sys.stderr, line)
+
+    def out_of_time(self):
+        """The deadline stopped the run: what was not sent waits for the next one."""
+        with self.lock:
+            self.failures.append(EXIT_TEMPFAIL)
+            emit(sys.stderr, "s3push: the --deadline was reached: files not sent yet are "
+                 "left for the next run")
+
+    def crashed(self, exc):
+        with self.lock:
+            self.fatal = internal_error(exc, self.credentials)
+            emit(sys.stderr, "s3push: %s" % self.fatal)
+
+    def exit_status(self):
+        if self.fatal is not None:
+            return self.fatal.exit_code
+        if EXIT_FILES_LEFT in self.failures or self.unremovable_count:
+            return EXIT_FILES_LEFT
+        return max(self.failures) if self.failures else EXIT_OK
+
+    def clear_status(self):
+        if self.progress:
+            sys.stderr.write("\r\x1b[K")
+
+    def status_line(self):
+        """files and bytes done of those found, rate and (once the scan is done) ETA."""
+        seconds = max(time.monotonic() - self.started, 1e-6)
+        rate = self.bytes / seconds
+        left = max(self.found_bytes - self.bytes, 0)
+        eta = " ETA %ds" % (left / rate) if self.scan_done and rate > 0 else ""
+        more = "" if self.scan_done else "+"
+        return "s3push: %d/%d%s files, %.1f/%.1f%s MB, %.1f MB/s%s" % (
+            self.moved_count, self.found_files, more, self.bytes / 1e6, self.found_bytes / 1e6,
+            more, rate / 1e6, eta)
+
+    def show_status(self):
+        with self.lock:
+            sys.stderr.write("\r" + self.status_line() + "\x1b[K")
+            sys.stderr.flush()
+
+    def summary_data(self, options, status):
+        """The run for monitoring (--summary-json)."""
+        return {"s3push": VERSION, "source": safe_name(options.source),
+                "destination": options.destination, "started": time.strftime(
+                    ISO_SECONDS, time.gmtime(self.started_at)),
+                "seconds": round(time.monotonic() - self.started, 3), "exit_status": status,
+                "files_moved": self.moved_count, "bytes_moved": self.bytes,
+                "bytes_resumed": self.bytes_resumed,
+                "files_failed": len(self.failures), "files_left_young": self.young_count,
+                "files_left_size": self.sized_out_count,
+                "files_left_writing": self.writing_count,
+                "files_left_unremovable": self.unremovable_count,
+                "run_skipped": self.skipped_for is not None,
+                "lock_holder_pid": self.skipped_for or None,
+                "errors_total": self.errors_total, "errors": self.errors,
+                "versions": self.versions}
+
+    def summary(self):
+        seconds = max(time.monotonic() - self.started, 1e-6)
+        kept = ", %d this account cannot remove" % self.unremovable_count \
+            if self.unremovable_count else ""
+        kept += ", %d outside --min-size/--max-size" % self.sized_out_count \
+            if self.sized_out_count else ""
+        return ("s3push: moved %d files, %d bytes in %.2f s (%.2f MB/s); %d failed, "
+                "%d left for later (%d younger than --min-age, %d still being written)%s"
+                % (self.moved_count, self.bytes, seconds, self.bytes / seconds / 1e6,
+                   len(self.failures), self.young_count + self.writing_count,
+                   self.young_count, self.writing_count, kept))
+
+
+def checksum_for(choice, endpoint):
+    """What proves each upload: --checksum, else CRC32 where the endpoint is AWS S3's
+    (which verifies x-amz-checksum-crc32 and echoes it; 5x cheaper per byte than MD5)
+    and MD5 elsewhere: every S3 server checks Content-MD5 and answers its ETag, while
+    some ignore CRC32 headers (rclone's, Ceph RGW 16) or echo them unchecked (moto)."""
+    if choice:
+        return choice
+    host = endpoint.host.lower().rstrip(".")
+    return "crc32" if host.endswith((".amazonaws.com", ".amazonaws.com.cn")) else "md5"
+
+
+def journals_for(options, environ, destination, tally, checksum):
+    """Where this run keeps its resume journals; None when it keeps none (said under -v:
+    no state folder, or under --checksum md5 no MD5 to check parts by: where FIPS forbids
+    it, CRC32 uploads still resume)."""
+    if not options.resume_days:
+        return None
+
+    def say(line):
+        tally.note_once(line, options.verbose)
+    state_dir = options.state_dir or default_state_dir(environ)
+    if state_dir is None or (checksum == "md5" and new_md5() is None):
+        say("s3push: no resume journals are kept (%s): an upload cut off part-way will "
+            "start over" % ("no HOME and no --state-dir" if state_dir is None else
+                            "MD5 is not available"))
+        return None
+    return Journals(state_dir, options.source, "s3://%s/%s" % (destination.bucket,
+                                                               destination.prefix),
+                    options.resume_days * 86400, say)
 
 
 class WorkQueue(object):
@@ -3325,6 +3653,86 @@ class WorkQueue(object):
     def next_part(self):
         with self.cond:
             return self.parts.popleft() if self.parts else None
+
+
+class Job(object):
+    """What the workers share: settings, destination, options, the queue and the tally."""
+
+    def __init__(self, options, environ, session, destination, tally, root, handovers,
+                 state_fd):
+        self.root = root   # SOURCE_DIR's descriptor: every file is reached through it
+        self.folders = HandoverFolders(handovers, root)
+        self.manifest = Manifest(options.manifest, options.source, handovers.tag) \
+            if options.manifest else NoManifest()
+        self.source = options.source
+        self.allow_hardlinks = options.allow_hardlinks
+        self.session = session
+        self.destination = destination
+        self.tally = tally
+        self.verbose = options.verbose
+        self.multipart_threshold = options.multipart_threshold
+        self.part_size = options.part_size
+        self.jobs = options.jobs   # how many workers; each with its own connection
+        self.deadline = Deadline(tally.started + options.deadline if options.deadline
+                                 else None)
+        self.retries = options.retries
+        self.timeout = options.timeout
+        self.rate_limit = RateLimit(options.bwlimit) if options.bwlimit else None
+        self.content_type = options.content_type
+        self.compress = options.compress   # the gzip level, or None
+        self.spool_folder = state_fd   # the private state folder's descriptor, or None
+        self.if_exists = options.if_exists
+        self.writers = WriterIndex()
+        self.verify_md5 = not (options.sse or "").startswith("aws:kms")
+        self.checksum = checksum_for(options.checksum, session.endpoint)
+        self.plain_http = session.endpoint.scheme == "http"   # see Upload
+        self.sign_payload = options.sign_payload or \
+            (self.checksum == "md5" and new_md5() is None)
+        self.queue = WorkQueue(max_files=4 * options.jobs)
+        self.template = Template(destination.prefix, object_headers(options, time.time()),
+                                 options.tag, destination.whole_key)
+        # None, or where resume journals are kept
+        self.journals = journals_for(options, environ, destination, tally, self.checksum)
+        # Whole-key templates may give two files one key, and so may --compress (a.log
+        # and a.log.gz): the keys this run took, so that the second is kept instead.
+        self.keys_taken = set() if destination.whole_key or self.compress else None
+        self.keys_lock = threading.Lock()
+
+    def take_key(self, key):
+        """False when another file of this run has taken key (whole-key templates; under
+        --compress, keys ending .gz: a path alone never repeats)."""
+        if self.keys_taken is None or not (self.destination.whole_key or
+                                           key.endswith(".gz")):
+            return True
+        with self.keys_lock:
+            if key in self.keys_taken:
+                return False
+            self.keys_taken.add(key)
+            return True
+
+    def journal_for(self, found, info):
+        if self.journals is None:
+            return NoJournal()
+        return self.journals.for_file(found, info)
+
+
+# === The per-file move and parallel transfers ===
+# Workers (threads, one connection each) take tasks from one queue: parts of a started
+# multipart upload first, then files. The scan feeds files in oldest first (see
+# oldest_first), and the queue holds only a few per worker, so memory does not grow with
+# the directory.
+
+
+def upload_for(job, relative, info, gzipped):
+    headers = job.template.headers_for(info.st_mtime)
+    headers["content-type"] = job.content_type or (
+        "application/gzip" if gzipped else guess_content_type(relative))
+    headers["x-amz-meta-mtime"] = "%d.%09d" % divmod(info.st_mtime_ns, 10 ** 9)
+    if gzipped:   # the object's own size is the gzip's
+        headers["x-amz-meta-s3push-size"] = str(info.st_size)
+    condition = {"if-none-match": "*"} if job.if_exists != "overwrite" else {}
+    return Upload(headers, condition, job.verify_md5, job.sign_payload, job.checksum,
+                  job.plain_http)
 
 
 class PartTracker(object):
@@ -3659,385 +4067,6 @@ def worker(job):
 
 
 # === The run ===
-
-
-MAX_METADATA_BYTES = 2048   # S3: user metadata, keys and values, as UTF-8
-MAX_TAGS = 10               # S3: tags on one object
-
-
-def check_upload_options(options, now):
-    """A UsageError, naming the option, for what S3 would refuse of the upload options
-    taken together (each value alone was checked as it was parsed)."""
-    if options.sse_kms_key_id and not (options.sse or "").startswith("aws:kms"):
-        raise UsageError("--sse-kms-key-id goes with --sse aws:kms (or aws:kms:dsse)")
-    for option, pairs in (("--metadata", options.metadata), ("--tag", options.tag)):
-        for key, value in pairs:
-            check_template(value, "%s %s=%s" % (option, key, value))
-    for option in ("cache_control", "content_encoding", "content_disposition"):
-        check_template(getattr(options, option) or "", "--" + option.replace("_", "-"))
-    if options.manifest_key:
-        if not options.manifest:
-            raise UsageError("--manifest-key uploads the lines of --manifest FILE: give both")
-        check_template(options.manifest_key, "--manifest-key", PLACEHOLDERS + ("run_id",))
-    names = [key.lower() for key, _ in options.metadata]
-    for key in names:
-        if names.count(key) > 1 or key in ("mtime", "s3push-size"):
-            raise UsageError("--metadata %s: %s" % (key, "given twice" if names.count(key) > 1
-                                                    else "s3push sets it itself"))
-    size = sum(len(k.encode("utf-8")) + len(v.encode("utf-8")) for k, v in options.metadata)
-    size += len("s3push-size18446744073709551615") if options.compress else 0
-    if size + len("mtime1234567890.123456789") > MAX_METADATA_BYTES:
-        raise UsageError("--metadata: %d bytes of keys and values, with s3push's mtime over "
-                         "S3's limit of 2 KiB: send less" % size)
-    keys = [key for key, _ in options.tag]
-    if len(keys) > MAX_TAGS or len(set(keys)) != len(keys):
-        raise UsageError("--tag: S3 takes at most %d tags an object, each key once; got %s"
-                         % (MAX_TAGS, ", ".join(keys)))
-    lock = (options.object_lock_retain_days, options.object_lock_retain_until)
-    if bool(options.object_lock_mode) != any(lock):
-        raise UsageError("--object-lock-mode goes with --object-lock-retain-days or "
-                         "--object-lock-retain-until (S3 takes both or neither)")
-    if options.object_lock_retain_until and options.object_lock_retain_until <= \
-            time.strftime(ISO_SECONDS, time.gmtime(now)):
-        raise UsageError("--object-lock-retain-until %s is not in the future"
-                         % options.object_lock_retain_until)
-
-
-def object_headers(options, now):
-    """The headers every object of the run carries, from the upload options; values may
-    hold placeholders ({hostname}, {mtime_date}, ...), filled in for each file."""
-    headers = {}
-    for name, value in (("x-amz-storage-class", options.storage_class),
-                        ("x-amz-server-side-encryption", options.sse),
-                        ("x-amz-server-side-encryption-aws-kms-key-id",
-                         options.sse_kms_key_id),
-                        ("x-amz-acl", options.acl), ("cache-control", options.cache_control),
-                        ("content-encoding", options.content_encoding),
-                        ("content-disposition", options.content_disposition),
-                        ("x-amz-object-lock-mode", options.object_lock_mode),
-                        ("x-amz-object-lock-legal-hold", "ON" if options.legal_hold else None)):
-        if value:
-            headers[name] = value
-    if options.object_lock_retain_days:
-        headers["x-amz-object-lock-retain-until-date"] = time.strftime(ISO_SECONDS, time.gmtime(
-            now + options.object_lock_retain_days * 86400))
-    elif options.object_lock_retain_until:
-        headers["x-amz-object-lock-retain-until-date"] = options.object_lock_retain_until
-    for key, value in options.metadata:
-        headers["x-amz-meta-" + key.lower()] = value
-    return headers
-
-
-class Template(object):
-    """The destination (a prefix, or each file's whole key) and the object headers of a
-    run, with their run-wide placeholders ({hostname}, the upload's {date}, ...) fixed
-    once."""
-
-    def __init__(self, prefix, headers=None, tags=(), whole_key=False):
-        self.prefix, self.headers, self.tags = prefix, headers or {}, tags
-        self.whole_key = whole_key
-        texts = [prefix] + list(self.headers.values()) + [value for _, value in tags]
-        self.hostname = socket.gethostname() if any("{hostname}" in t for t in texts) else ""
-        self.upload_time = datetime.datetime.now(datetime.timezone.utc)
-
-    def expand(self, text, mtime, fields=None):
-        return expand_template(text, self.hostname, self.upload_time, mtime, fields)
-
-    def key_for(self, found):
-        """The key of a file (FileError for a name that cannot be one, see object_key):
-        the prefix and its relative path, or the whole-key template filled in for it."""
-        mtime = found.info.st_mtime
-        if not self.whole_key:
-            return object_key(self.expand(self.prefix, mtime), found.relative)
-        key = self.expand(self.prefix, mtime, file_fields(object_key("", found.relative),
-                                                          found.info))
-        return object_key("", re.sub("/{2,}", "/", key).lstrip("/"))
-
-    def headers_for(self, mtime):
-        """The object headers for a file of this mtime (metadata RFC 2047 if not ASCII)."""
-        headers = {name: self.expand(value, mtime) for name, value in self.headers.items()}
-        for name, value in headers.items():
-            if name.startswith("x-amz-meta-"):
-                headers[name] = metadata_value(value)
-        if self.tags:
-            headers["x-amz-tagging"] = tagging_header([(key, self.expand(value, mtime))
-                                                       for key, value in self.tags])
-        return headers
-
-
-def internal_error(exc, credentials):
-    """The one line for a bug: where in this file it happened (the deepest line of ours,
-    not of the library that raised), and its text without any secret."""
-    where, line = exc.__traceback__, ""
-    while where is not None:
-        if where.tb_frame.f_code.co_filename == __file__:
-            line = " at line %d" % where.tb_lineno
-        where = where.tb_next
-    return S3PushError("internal error: %s%s: %s; no file was lost" % (
-        exc.__class__.__name__, line, redact(one_line(exc), credentials)))
-
-
-class Tally(object):
-    """What one run did, shared by the workers: moved, failed, left for later; the lines
-    that say so, and the exit status that follows."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.moved_count = 0
-        self.moved_from = set()   # directories of moved files, for --delete-empty-dirs
-        self.bytes = 0
-        self.bytes_resumed = 0   # of multipart uploads resumed: not sent again
-        self.failures = []     # exit codes of the failed files
-        self.young_count = 0   # files left for later: younger than --min-age
-        self.sized_out_count = 0   # files left: outside --min-size, --max-size
-        self.writing_count = 0   # files left for later: still being written
-        self.unremovable_count = 0   # files left alone: this account could not remove them
-        self.notes = set()     # what was said once already
-        self.fatal = None      # the error that stopped the run early
-        self.credentials = None   # once loaded: what error text must never show
-        self.started = time.monotonic()
-        self.started_at = time.time()
-        self.found_files = 0   # files and bytes the scan has handed over so far
-        self.found_bytes = 0
-        self.scan_done = False
-        self.errors = []       # the first lines said on stderr, for --summary-json
-        self.errors_total = 0
-        self.versions = []     # the first objects' VersionIds (versioned buckets)
-        self.progress = False  # a live status line is on stderr
-        self.skipped_for = None   # another run held the lock: its pid (0: not known)
-
-    def moved(self, path, url, size, directory, verbose, version_id):
-        with self.lock:
-            self.moved_count += 1
-            self.moved_from.add(directory)
-            self.bytes += size
-            if version_id and len(self.versions) < MAX_SUMMARY_VERSIONS:
-                self.versions.append({"url": url, "version_id": version_id})
-            self.clear_status()
-            if verbose:
-                emit(sys.stdout, "moved %s -> %s (%d bytes%s)" % (
-                    safe_name(path), url, size,
-                    ", version %s" % safe_name(version_id) if version_id else ""))
-
-    def failed(self, path, url, exc):
-        """One line on stderr naming the file, the key (when there is one) and the reason."""
-        with self.lock:
-            self.clear_status()
-            if isinstance(exc, UnremovableError):   # files left, one line a directory
-                self.unremovable_count += exc.files
-            else:
-                self.failures.append(exc.exit_code)
-            if exc.fatal and self.fatal is not None:
-                return   # the same cause hit the other workers: said once is enough
-            if exc.fatal:
-                self.fatal = exc
-            target = " -> " + url if url else ""
-            line = "s3push: error: %s%s: %s" % (safe_name(path), target, exc)
-            emit(sys.stderr, line)
-            self.errors_total += 1
-            if len(self.errors) < MAX_SUMMARY_ERRORS:
-                self.errors.append(line)
-
-    def vanished(self, path, exc):
-        """Not a failure, but the operator is told: one warning line."""
-        with self.lock:
-            self.clear_status()
-            emit(sys.stderr, "s3push: warning: %s: %s" % (safe_name(path), exc))
-
-    def resumed(self, path, reused, parts, size, verbose):
-        """A multipart upload goes on where an earlier run left it."""
-        with self.lock:
-            self.bytes_resumed += size
-            if verbose or self.progress:
-                self.clear_status()
-                emit(sys.stdout if verbose else sys.stderr, "resuming %s: %d of %d parts "
-                     "already there" % (safe_name(path), reused, parts))
-
-    def resume_dropped(self, size):
-        """A resumed upload started over: its reused bytes were sent again after all."""
-        with self.lock:
-            self.bytes_resumed -= size
-
-    def handed_over(self, size):
-        """The scan handed over one more file of this size."""
-        with self.lock:
-            self.found_files += 1
-            self.found_bytes += size
-
-    def left_open(self, path, exc, verbose):
-        """Left for a later run, like a file younger than --min-age: said under -v only."""
-        with self.lock:
-            self.writing_count += 1
-            if verbose:
-                self.clear_status()
-                emit(sys.stdout, "left %s: %s" % (safe_name(path), exc))
-
-    def note_once(self, line, verbose):
-        with self.lock:
-            if verbose and line not in self.notes:
-                self.notes.add(line)
-                self.clear_status()
-                emit(sys.stderr, line)
-
-    def out_of_time(self):
-        """The deadline stopped the run: what was not sent waits for the next one."""
-        with self.lock:
-            self.failures.append(EXIT_TEMPFAIL)
-            emit(sys.stderr, "s3push: the --deadline was reached: files not sent yet are "
-                 "left for the next run")
-
-    def crashed(self, exc):
-        with self.lock:
-            self.fatal = internal_error(exc, self.credentials)
-            emit(sys.stderr, "s3push: %s" % self.fatal)
-
-    def exit_status(self):
-        if self.fatal is not None:
-            return self.fatal.exit_code
-        if EXIT_FILES_LEFT in self.failures or self.unremovable_count:
-            return EXIT_FILES_LEFT
-        return max(self.failures) if self.failures else EXIT_OK
-
-    def clear_status(self):
-        if self.progress:
-            sys.stderr.write("\r\x1b[K")
-
-    def status_line(self):
-        """files and bytes done of those found, rate and (once the scan is done) ETA."""
-        seconds = max(time.monotonic() - self.started, 1e-6)
-        rate = self.bytes / seconds
-        left = max(self.found_bytes - self.bytes, 0)
-        eta = " ETA %ds" % (left / rate) if self.scan_done and rate > 0 else ""
-        more = "" if self.scan_done else "+"
-        return "s3push: %d/%d%s files, %.1f/%.1f%s MB, %.1f MB/s%s" % (
-            self.moved_count, self.found_files, more, self.bytes / 1e6, self.found_bytes / 1e6,
-            more, rate / 1e6, eta)
-
-    def show_status(self):
-        with self.lock:
-            sys.stderr.write("\r" + self.status_line() + "\x1b[K")
-            sys.stderr.flush()
-
-    def summary_data(self, options, status):
-        """The run for monitoring (--summary-json)."""
-        return {"s3push": VERSION, "source": safe_name(options.source),
-                "destination": options.destination, "started": time.strftime(
-                    ISO_SECONDS, time.gmtime(self.started_at)),
-                "seconds": round(time.monotonic() - self.started, 3), "exit_status": status,
-                "files_moved": self.moved_count, "bytes_moved": self.bytes,
-                "bytes_resumed": self.bytes_resumed,
-                "files_failed": len(self.failures), "files_left_young": self.young_count,
-                "files_left_size": self.sized_out_count,
-                "files_left_writing": self.writing_count,
-                "files_left_unremovable": self.unremovable_count,
-                "run_skipped": self.skipped_for is not None,
-                "lock_holder_pid": self.skipped_for or None,
-                "errors_total": self.errors_total, "errors": self.errors,
-                "versions": self.versions}
-
-    def summary(self):
-        seconds = max(time.monotonic() - self.started, 1e-6)
-        kept = ", %d this account cannot remove" % self.unremovable_count \
-            if self.unremovable_count else ""
-        kept += ", %d outside --min-size/--max-size" % self.sized_out_count \
-            if self.sized_out_count else ""
-        return ("s3push: moved %d files, %d bytes in %.2f s (%.2f MB/s); %d failed, "
-                "%d left for later (%d younger than --min-age, %d still being written)%s"
-                % (self.moved_count, self.bytes, seconds, self.bytes / seconds / 1e6,
-                   len(self.failures), self.young_count + self.writing_count,
-                   self.young_count, self.writing_count, kept))
-
-
-def checksum_for(choice, endpoint):
-    """What proves each upload: --checksum, else CRC32 where the endpoint is AWS S3's
-    (which verifies x-amz-checksum-crc32 and echoes it; 5x cheaper per byte than MD5)
-    and MD5 elsewhere: every S3 server checks Content-MD5 and answers its ETag, while
-    some ignore CRC32 headers (rclone's, Ceph RGW 16) or echo them unchecked (moto)."""
-    if choice:
-        return choice
-    host = endpoint.host.lower().rstrip(".")
-    return "crc32" if host.endswith((".amazonaws.com", ".amazonaws.com.cn")) else "md5"
-
-
-def journals_for(options, environ, destination, tally, checksum):
-    """Where this run keeps its resume journals; None when it keeps none (said under -v:
-    no state folder, or under --checksum md5 no MD5 to check parts by: where FIPS forbids
-    it, CRC32 uploads still resume)."""
-    if not options.resume_days:
-        return None
-
-    def say(line):
-        tally.note_once(line, options.verbose)
-    state_dir = options.state_dir or default_state_dir(environ)
-    if state_dir is None or (checksum == "md5" and new_md5() is None):
-        say("s3push: no resume journals are kept (%s): an upload cut off part-way will "
-            "start over" % ("no HOME and no --state-dir" if state_dir is None else
-                            "MD5 is not available"))
-        return None
-    return Journals(state_dir, options.source, "s3://%s/%s" % (destination.bucket,
-                                                               destination.prefix),
-                    options.resume_days * 86400, say)
-
-
-class Job(object):
-    """What the workers share: settings, destination, options, the queue and the tally."""
-
-    def __init__(self, options, environ, session, destination, tally, root, handovers,
-                 state_fd):
-        self.root = root   # SOURCE_DIR's descriptor: every file is reached through it
-        self.folders = HandoverFolders(handovers, root)
-        self.manifest = Manifest(options.manifest, options.source, handovers.tag) \
-            if options.manifest else NoManifest()
-        self.source = options.source
-        self.allow_hardlinks = options.allow_hardlinks
-        self.session = session
-        self.destination = destination
-        self.tally = tally
-        self.verbose = options.verbose
-        self.multipart_threshold = options.multipart_threshold
-        self.part_size = options.part_size
-        self.jobs = options.jobs   # how many workers; each with its own connection
-        self.deadline = Deadline(tally.started + options.deadline if options.deadline
-                                 else None)
-        self.retries = options.retries
-        self.timeout = options.timeout
-        self.rate_limit = RateLimit(options.bwlimit) if options.bwlimit else None
-        self.content_type = options.content_type
-        self.compress = options.compress   # the gzip level, or None
-        self.spool_folder = state_fd   # the private state folder's descriptor, or None
-        self.if_exists = options.if_exists
-        self.writers = WriterIndex()
-        self.verify_md5 = not (options.sse or "").startswith("aws:kms")
-        self.checksum = checksum_for(options.checksum, session.endpoint)
-        self.plain_http = session.endpoint.scheme == "http"   # see Upload
-        self.sign_payload = options.sign_payload or \
-            (self.checksum == "md5" and new_md5() is None)
-        self.queue = WorkQueue(max_files=4 * options.jobs)
-        self.template = Template(destination.prefix, object_headers(options, time.time()),
-                                 options.tag, destination.whole_key)
-        # None, or where resume journals are kept
-        self.journals = journals_for(options, environ, destination, tally, self.checksum)
-        # Whole-key templates may give two files one key, and so may --compress (a.log
-        # and a.log.gz): the keys this run took, so that the second is kept instead.
-        self.keys_taken = set() if destination.whole_key or self.compress else None
-        self.keys_lock = threading.Lock()
-
-    def take_key(self, key):
-        """False when another file of this run has taken key (whole-key templates; under
-        --compress, keys ending .gz: a path alone never repeats)."""
-        if self.keys_taken is None or not (self.destination.whole_key or
-                                           key.endswith(".gz")):
-            return True
-        with self.keys_lock:
-            if key in self.keys_taken:
-                return False
-            self.keys_taken.add(key)
-            return True
-
-    def journal_for(self, found, info):
-        if self.journals is None:
-            return NoJournal()
-        return self.journals.for_file(found, info)
 
 
 def show_progress(tally, done):
