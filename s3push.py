@@ -1542,28 +1542,6 @@ def crc32_text(crc):
     return base64.b64encode(struct.pack(">I", crc)).decode("ascii")
 
 
-class Digest(object):
-    """What one read of a file or part found: size, SHA-256 (if asked for), MD5 or CRC32
-    (whichever proves the upload) and (small) its bytes."""
-
-    def __init__(self, size, sha256_hex, md5_raw, body, crc32=None):
-        self.size = size
-        self.sha256_hex = sha256_hex   # None: the payload goes unsigned
-        self.md5_raw = md5_raw      # None under --checksum crc32, or where FIPS forbids MD5
-        self.crc32 = crc32          # an int under --checksum crc32, else None
-        self.body = body            # the bytes when small enough to keep, else None
-
-    @property
-    def md5_hex(self):
-        return self.md5_raw.hex() if self.md5_raw is not None else None
-
-    @property
-    def payload_hash(self):
-        """x-amz-content-sha256: the SHA-256, or UNSIGNED-PAYLOAD when the signed
-        Content-MD5 is what vouches for the body."""
-        return self.sha256_hex or UNSIGNED_PAYLOAD
-
-
 def new_md5():
     """An MD5 hash for Content-MD5 and ETag checks, or None where FIPS forbids MD5."""
     try:
@@ -1576,65 +1554,6 @@ def new_md5():
         return hashlib.md5()
     except ValueError:
         return None
-
-
-def digest_range(fd, offset, length, sha256, checksum="md5", md5_too=False):
-    """Read a range once with pread, computing its MD5 or CRC32 (checksum; md5_too: the
-    MD5 beside the CRC32) and (if sha256) its SHA-256 in the same pass. Bodies up to
-    IN_MEMORY_BYTES are kept, to be sent without a second read."""
-    sha = hashlib.sha256() if sha256 else None
-    md5 = new_md5() if checksum == "md5" or md5_too else None
-    crc = 0 if checksum == "crc32" else None
-    keep = length <= IN_MEMORY_BYTES
-    chunks = []
-    for block in FileRange(fd, offset, length).blocks():
-        if sha is not None:
-            sha.update(block)
-        if md5 is not None:
-            md5.update(block)
-        if crc is not None:
-            crc = zlib.crc32(block, crc)
-        if keep:
-            chunks.append(block)
-    return Digest(length, sha.hexdigest() if sha is not None else None,
-                  md5.digest() if md5 is not None else None,
-                  b"".join(chunks) if keep else None, crc)
-
-
-class Upload(object):
-    """How one file's object is sent: its headers (type, storage class, encryption, ACL,
-    mtime, ...), a condition (--if-exists keep or number: If-None-Match: *), the checksum
-    that proves each body ("md5": a signed Content-MD5, and an ETag that must be that MD5
-    unless verify_md5 is off under SSE-KMS, where the Content-MD5 the server checked
-    vouches; "crc32": a signed x-amz-checksum-crc32 the server must verify and echo), and
-    whether each body's SHA-256 is signed too (--sign-payload, no MD5, or plain http) or
-    the body goes UNSIGNED-PAYLOAD under its signed checksum (one hash, not two).
-
-    Over plain http (plain_http) anyone on the path may change a body and keep its CRC32
-    (four bytes chosen to match): each body then goes under its signed SHA-256, which AWS
-    checks, and its signed Content-MD5 too, which every server checks (no four bytes
-    keep an MD5)."""
-
-    def __init__(self, headers, condition, verify_md5, sign_payload, checksum="md5",
-                 plain_http=False):
-        self.headers = headers
-        self.condition = condition
-        self.verify_md5 = verify_md5
-        self.sign_payload = sign_payload or plain_http
-        self.checksum = checksum
-        self.plain_http = plain_http
-
-
-def body_headers(digest, content_type=None):
-    headers = {"content-length": str(digest.size)}
-    if content_type:
-        headers["content-type"] = content_type
-    if digest.md5_raw is not None:
-        headers["content-md5"] = base64.b64encode(digest.md5_raw).decode("ascii")
-    if digest.crc32 is not None:   # the SDK header too: Object Lock wants MD5 or it
-        headers.update({"x-amz-checksum-crc32": crc32_text(digest.crc32),
-                        "x-amz-sdk-checksum-algorithm": "CRC32"})
-    return headers
 
 
 def plain_etag(etag):
@@ -1683,6 +1602,207 @@ def check_crc32_echo(response, crc32):
                              % (one_line(echo, 40), crc32_text(crc32)))
 
 
+class Proof(collections.namedtuple("Proof", "checksum value etag version_id")):
+    """What the server confirmed of a whole object, as the manifest records it: the
+    checksum that proved it ("md5", "crc32", or for a multipart upload under MD5
+    "md5_of_parts", the MD5 of the parts' MD5s and their count), its value in hex, the
+    ETag and the VersionId ('' where the bucket keeps no versions)."""
+    __slots__ = ()
+
+
+class Md5Check(object):
+    """--checksum md5: every body goes under its signed Content-MD5, which every S3 server
+    checks, and the ETag it answers must be that MD5 (unless SSE-KMS: verify_md5 off, the
+    Content-MD5 the server checked then vouches). A multipart object's ETag is the MD5 of
+    its parts' MD5s and their count. Values: 16 raw bytes, or None where FIPS forbids MD5
+    (the payload's signed SHA-256 then vouches, and no ETag can be compared)."""
+    name = "md5"
+    content_md5 = True   # its value is the body's Content-MD5
+
+    def new(self):
+        return new_md5()
+
+    def update(self, state, block):
+        if state is not None:
+            state.update(block)
+        return state
+
+    def value(self, state):
+        return state.digest() if state is not None else None
+
+    def hex(self, value):
+        return value.hex() if value is not None else ""
+
+    def from_hex(self, text):
+        return bytes.fromhex(text)
+
+    def headers(self, value):
+        return {}   # the Content-MD5 is every body's (body_headers)
+
+    def confirm(self, answer, value, upload):
+        check_etag(answer.header("etag"), value.hex() if value is not None and
+                   upload.verify_md5 else None)
+
+    def start_headers(self):
+        return {}
+
+    def part_element(self, value):
+        return ""
+
+    def complete(self, values, lengths):
+        """(headers of CompleteMultipartUpload, the object's expected ETag or '')."""
+        if None in values:
+            return {}, ""
+        md5 = new_md5()
+        md5.update(b"".join(values))
+        return {}, "%s-%d" % (md5.hexdigest(), len(values))
+
+    def proof(self, answer, response, expected, etag, upload):
+        """The Proof of a completed multipart upload. A server whose answer carries no
+        ETag (Ceph RGW 16.2) is trusted through the parts, each of which was checked;
+        never through a HEAD, which PutObject-only keys cannot do."""
+        if expected and etag and upload.verify_md5 and etag != expected:
+            raise FileError("the server's ETag %s is not %s, the MD5 of the parts' MD5s: kept"
+                            % (etag, expected))
+        return Proof("md5_of_parts", expected, etag, response.header("x-amz-version-id"))
+
+
+class Crc32Check(object):
+    """--checksum crc32: every body goes under its signed x-amz-checksum-crc32, which the
+    server must verify and echo (AWS S3, MinIO, LocalStack); no echo, no proof. A
+    multipart object carries the whole file's CRC32 (FULL_OBJECT: comparable with the
+    file whatever the part size; COMPOSITE would be a CRC of the parts' CRCs, which only
+    this part size reproduces), combined here from the parts'. Values: ints."""
+    name = "crc32"
+    content_md5 = False
+
+    def new(self):
+        return 0
+
+    def update(self, state, block):
+        return zlib.crc32(block, state)
+
+    def value(self, state):
+        return state
+
+    def hex(self, value):
+        return "%08x" % value
+
+    def from_hex(self, text):
+        return int(text, 16)
+
+    def headers(self, value):   # the SDK header too: Object Lock wants MD5 or it
+        return {"x-amz-checksum-crc32": crc32_text(value),
+                "x-amz-sdk-checksum-algorithm": "CRC32"}
+
+    def confirm(self, answer, value, upload):
+        check_crc32_echo(answer, value)
+
+    def start_headers(self):
+        return {"x-amz-checksum-algorithm": "CRC32", "x-amz-checksum-type": "FULL_OBJECT"}
+
+    def part_element(self, value):
+        return "<ChecksumCRC32>%s</ChecksumCRC32>" % crc32_text(value)
+
+    def complete(self, values, lengths):
+        whole = 0
+        for crc, length in zip(values, lengths):
+            whole = crc32_combine(whole, crc, length)
+        return {"x-amz-checksum-crc32": crc32_text(whole),
+                "x-amz-checksum-type": "FULL_OBJECT"}, whole
+
+    def proof(self, answer, response, expected, etag, upload):
+        echo = xml_text(answer, "ChecksumCRC32") or response.header("x-amz-checksum-crc32")
+        if echo != crc32_text(expected):
+            raise FileError("the server did not confirm the whole file's CRC32 %s (it said "
+                            "%s): kept; a server without FULL_OBJECT checksums needs "
+                            "--checksum md5" % (crc32_text(expected),
+                                                one_line(echo or "nothing", 40)))
+        return Proof("crc32", self.hex(expected), etag, response.header("x-amz-version-id"))
+
+
+MD5 = Md5Check()
+CHECKSUMS = {check.name: check for check in (MD5, Crc32Check())}   # by --checksum's name
+
+
+class Digest(collections.namedtuple("Digest", "size sha256_hex value md5_raw body")):
+    """What one read of a file or part found: its size, its SHA-256 (None: the payload
+    goes unsigned), the proving checksum's value, its MD5 for Content-MD5 (the value
+    itself under MD5; beside a CRC32 over plain http; else None) and (small) its bytes."""
+    __slots__ = ()
+
+    @property
+    def payload_hash(self):
+        """x-amz-content-sha256: the SHA-256, or UNSIGNED-PAYLOAD when the signed
+        checksum is what vouches for the body."""
+        return self.sha256_hex or UNSIGNED_PAYLOAD
+
+
+def digest_range(fd, offset, length, sha256, check=MD5, md5_too=False):
+    """Read a range once with pread, computing the check's value (and its MD5 besides if
+    md5_too, and its SHA-256 if sha256) in the same pass. Bodies up to IN_MEMORY_BYTES
+    are kept, to be sent without a second read."""
+    sha = hashlib.sha256() if sha256 else None
+    md5 = new_md5() if md5_too and not check.content_md5 else None
+    state = check.new()
+    keep = length <= IN_MEMORY_BYTES
+    chunks = []
+    for block in FileRange(fd, offset, length).blocks():
+        if sha is not None:
+            sha.update(block)
+        if md5 is not None:
+            md5.update(block)
+        state = check.update(state, block)
+        if keep:
+            chunks.append(block)
+    value = check.value(state)
+    return Digest(length, sha.hexdigest() if sha is not None else None, value,
+                  value if check.content_md5 else md5.digest() if md5 is not None else None,
+                  b"".join(chunks) if keep else None)
+
+
+def digest_bytes(data):
+    """The Digest of a small body under MD5, its SHA-256 signed."""
+    md5 = new_md5()
+    if md5 is not None:
+        md5.update(data)
+    value = md5.digest() if md5 is not None else None
+    return Digest(len(data), payload_hash(data), value, value, data)
+
+
+class Upload(object):
+    """How one file's object is sent: its headers (type, storage class, encryption, ACL,
+    mtime, ...), a condition (--if-exists keep or number: If-None-Match: *), the check
+    that proves each body (Md5Check or Crc32Check; verify_md5 off under SSE-KMS, whose
+    ETag is no MD5), and whether each body's SHA-256 is signed too (--sign-payload, no
+    MD5, or plain http) or the body goes UNSIGNED-PAYLOAD under its signed checksum
+    (one hash, not two).
+
+    Over plain http (plain_http) anyone on the path may change a body and keep its CRC32
+    (four bytes chosen to match): each body then goes under its signed SHA-256, which AWS
+    checks, and its signed Content-MD5 too, which every server checks (no four bytes
+    keep an MD5)."""
+
+    def __init__(self, headers, condition, verify_md5, sign_payload, checksum=MD5,
+                 plain_http=False):
+        self.headers = headers
+        self.condition = condition
+        self.verify_md5 = verify_md5
+        self.sign_payload = sign_payload or plain_http
+        self.checksum = checksum
+        self.plain_http = plain_http
+
+
+def body_headers(digest, check=MD5, content_type=None):
+    headers = {"content-length": str(digest.size)}
+    if content_type:
+        headers["content-type"] = content_type
+    if digest.md5_raw is not None:
+        headers["content-md5"] = base64.b64encode(digest.md5_raw).decode("ascii")
+    headers.update(check.headers(digest.value))
+    return headers
+
+
 def check_answer(response, what):
     """Raise the S3PushError for a failed answer, including a 200 that carries an <Error>."""
     if not 200 <= response.status < 300:
@@ -1693,58 +1813,26 @@ def check_answer(response, what):
                                            response.body), what)
 
 
-class Sent(collections.namedtuple("Sent", "etag md5_raw crc32")):
-    """What the server confirmed of one PUT: its ETag as sent back, and the MD5 (raw) or
-    the CRC32 (int) of the bytes read and sent, whichever proved them (the other None)."""
+class Sent(collections.namedtuple("Sent", "etag value")):
+    """What the server confirmed of one PUT: its ETag as sent back, and the value of the
+    check (the upload's) of the bytes read and sent."""
     __slots__ = ()
-
-    @property
-    def check_hex(self):
-        """The proving checksum in hex, as resume journals keep it."""
-        return self.md5_raw.hex() if self.crc32 is None else "%08x" % self.crc32
-
-
-def sent_from_check(etag, checksum, check_hex):
-    """A part a journal recorded, as if just Sent."""
-    if checksum == "crc32":
-        return Sent(etag, None, int(check_hex, 16))
-    return Sent(etag, bytes.fromhex(check_hex), None)
-
-
-class Proof(collections.namedtuple("Proof", "checksum value etag version_id")):
-    """What the server confirmed of a whole object, as the manifest records it: the
-    checksum that proved it ("md5", "crc32", or for a multipart upload under MD5
-    "md5_of_parts", the MD5 of the parts' MD5s and their count), its value in hex, the
-    ETag and the VersionId ('' where the bucket keeps no versions)."""
-    __slots__ = ()
-
-
-def proof_of(sent, response):
-    """The Proof of a single PUT."""
-    return Proof("md5" if sent.crc32 is None else "crc32", sent.check_hex,
-                 plain_etag(sent.etag), response.header("x-amz-version-id"))
 
 
 def put_range(client, key, fd, offset, length, headers, upload, query=(), what=""):
-    """PUT a range of an open file, a whole object or one part: read once for its MD5 or
-    CRC32 (and SHA-256 if the payload is signed), sent with that checksum, retried until
-    the answer confirms it (the ETag is the MD5, unless no MD5; the CRC32 is echoed).
-    Returns (what was Sent, the answer)."""
+    """PUT a range of an open file, a whole object or one part: read once for its check's
+    value (and SHA-256 if the payload is signed), sent with it, retried until the answer
+    confirms it (check.confirm). Returns (what was Sent, the answer)."""
+    check = upload.checksum
     state = file_state(os.fstat(fd))
-    digest = digest_range(fd, offset, length, upload.sign_payload, upload.checksum,
-                          upload.plain_http)
+    digest = digest_range(fd, offset, length, upload.sign_payload, check, upload.plain_http)
     body = digest.body if digest.body is not None else FileRange(fd, offset, length, state)
-    headers = dict(body_headers(digest), **headers)
-    if upload.checksum == "crc32":
-        def validate(answer):
-            check_crc32_echo(answer, digest.crc32)
-    else:
-        def validate(answer):
-            check_etag(answer.header("etag"), digest.md5_hex if upload.verify_md5 else None)
+    headers = dict(body_headers(digest, check), **headers)
     try:
         try:
             response = client.request("PUT", key, headers, body, digest.payload_hash,
-                                      query=query, validate=validate)
+                                      query=query, validate=lambda answer:
+                                      check.confirm(answer, digest.value, upload))
         except TemporaryError as exc:
             raise exc.__class__("%s: %s" % (what, exc)) if what else exc
         check_answer(response, what)
@@ -1752,25 +1840,22 @@ def put_range(client, key, fd, offset, length, headers, upload, query=(), what="
         if isinstance(exc, ChangedError) or exc.fatal or file_state(os.fstat(fd)) == state:
             raise
         raise ChangedError() from None
-    return Sent(response.header("etag"), digest.md5_raw, digest.crc32), response
+    return Sent(response.header("etag"), digest.value), response
 
 
 def put_object(client, key, fd, size, upload):
     """PUT one object from an open file; raise unless the server confirmed these bytes.
     Returns its Proof."""
-    return proof_of(*put_range(client, key, fd, 0, size,
-                               dict(upload.headers, **upload.condition), upload))
+    sent, response = put_range(client, key, fd, 0, size,
+                               dict(upload.headers, **upload.condition), upload)
+    check = upload.checksum
+    return Proof(check.name, check.hex(sent.value), plain_etag(sent.etag),
+                 response.header("x-amz-version-id"))
 
 
 def multipart_headers(upload):
-    """The headers that start a multipart upload: the object's, and under CRC32 the
-    algorithm and FULL_OBJECT (the object's checksum is then the whole file's CRC32, as
-    a single PUT's would be, whatever the part size: comparable with the file later;
-    COMPOSITE would be a CRC of the parts' CRCs, which only this part size reproduces)."""
-    if upload.checksum != "crc32":
-        return upload.headers
-    return dict(upload.headers, **{"x-amz-checksum-algorithm": "CRC32",
-                                   "x-amz-checksum-type": "FULL_OBJECT"})
+    """The headers that start a multipart upload: the object's, and the check's."""
+    return dict(upload.headers, **upload.checksum.start_headers())
 
 
 def create_multipart_upload(client, key, upload):
@@ -1779,7 +1864,7 @@ def create_multipart_upload(client, key, upload):
     headers.update(multipart_headers(upload))
     response = client.request("POST", key, headers, b"", EMPTY_SHA256, query=[("uploads", "")])
     check_answer(response, "starting the multipart upload")
-    answer = parse_xml(response.body)
+    answer = response.xml
     upload_id = xml_text(answer, "UploadId")
     if not upload_id:   # each try would leave one more upload behind: none is made
         raise ConfigError("the server's answer to starting a multipart upload (POST "
@@ -1792,17 +1877,10 @@ def create_multipart_upload(client, key, upload):
 
 
 def upload_part(client, key, upload_id, number, fd, offset, length, upload):
-    """PUT one part; returns what was Sent once the ETag checks out."""
+    """PUT one part; returns what was Sent once the answer confirms it."""
     return put_range(client, key, fd, offset, length, {}, upload,
                      [("partNumber", str(number)), ("uploadId", upload_id)],
                      "part %d" % number)[0]
-
-
-def digest_bytes(data):
-    md5 = new_md5()
-    if md5 is not None:
-        md5.update(data)
-    return Digest(len(data), payload_hash(data), md5.digest() if md5 else None, data)
 
 
 def xml_escape(text):
@@ -1811,53 +1889,23 @@ def xml_escape(text):
 
 
 def complete_multipart_upload(client, key, upload_id, parts, upload, lengths):
-    """POST the part list; check the object's ETag (MD5 of the part MD5s, '-N') if given,
-    or under CRC32 that the server verified the whole file's CRC32 (it must say so).
-
-    A server whose answer carries no ETag (Ceph RGW 16.2) is trusted through the parts,
-    each of which was checked; never through a HEAD, which PutObject-only keys cannot do.
-    Returns the object's Proof.
-    """
-    crc32 = upload.checksum == "crc32"
+    """POST the part list (each part's ETag, and its check's element); the check confirms
+    the object from the answer. Returns the object's Proof."""
+    check = upload.checksum
     body = ("<CompleteMultipartUpload>%s</CompleteMultipartUpload>" % "".join(
         "<Part><PartNumber>%d</PartNumber><ETag>%s</ETag>%s</Part>" % (
-            n, xml_escape(part.etag),
-            "<ChecksumCRC32>%s</ChecksumCRC32>" % crc32_text(part.crc32) if crc32 else "")
+            n, xml_escape(part.etag), check.part_element(part.value))
         for n, part in enumerate(parts, 1))).encode("utf-8")
     digest = digest_bytes(body)
-    what = "completing the multipart upload"
-    headers = body_headers(digest, "application/xml")
+    headers = body_headers(digest, MD5, "application/xml")
     headers.update(upload.condition)
-    if crc32:
-        whole = 0
-        for part, length in zip(parts, lengths):
-            whole = crc32_combine(whole, part.crc32, length)
-        headers.update({"x-amz-checksum-crc32": crc32_text(whole),
-                        "x-amz-checksum-type": "FULL_OBJECT"})
+    extra, expected = check.complete([part.value for part in parts], lengths)
+    headers.update(extra)
     response = client.request("POST", key, headers, body, digest.payload_hash,
                               query=[("uploadId", upload_id)])
-    check_answer(response, what)
-    answer = parse_xml(response.body)
-    if crc32:
-        echo = xml_text(answer, "ChecksumCRC32") or response.header("x-amz-checksum-crc32")
-        if echo != crc32_text(whole):
-            raise FileError("the server did not confirm the whole file's CRC32 %s (it said "
-                            "%s): kept; a server without FULL_OBJECT checksums needs "
-                            "--checksum md5" % (crc32_text(whole),
-                                                one_line(echo or "nothing", 40)))
-    etag = (xml_text(answer, "ETag") or response.header("etag"))
-    etag = plain_etag(etag)
-    version = response.header("x-amz-version-id")
-    if crc32:
-        return Proof("crc32", "%08x" % whole, etag, version)
-    md5s = [part.md5_raw for part in parts]
-    expected = ""
-    if None not in md5s:
-        expected = "%s-%d" % (digest_bytes(b"".join(md5s)).md5_hex, len(parts))
-        if etag and upload.verify_md5 and etag != expected:
-            raise FileError("the server's ETag %s is not %s, the MD5 of the parts' MD5s: kept"
-                            % (etag, expected))
-    return Proof("md5_of_parts", expected, etag, version)
+    check_answer(response, "completing the multipart upload")
+    etag = plain_etag(xml_text(response.xml, "ETag") or response.header("etag"))
+    return check.proof(response.xml, response, expected, etag, upload)
 
 
 def metadata_value(value):
@@ -2983,8 +3031,8 @@ def parse_journal(data):
                        ("created", (int, float))):
         if not isinstance(header.get(name), kind):
             raise ValueError("its %s is missing" % name)
-    checksum = header.setdefault("checksum", "md5")   # journals before CRC32 had MD5s
-    if checksum not in ("md5", "crc32"):
+    checksum = header.setdefault("checksum", MD5.name)   # journals before CRC32 had MD5s
+    if checksum not in CHECKSUMS:
         raise ValueError("its checksum is unknown")
     parts = {}
     for line in lines[1:]:
@@ -2997,15 +3045,14 @@ def parse_journal(data):
     return header, parts
 
 
-def part_line(number, part, checksum):
+def part_line(number, part, check):
     return json.dumps({"part": number, "offset": part.offset, "length": part.length,
-                       checksum: part.check_hex, "etag": part.etag}) + "\n"
+                       check.name: part.check_hex, "etag": part.etag}) + "\n"
 
 
-def checksum_of_range(fd, offset, length, checksum):
-    """The MD5 or CRC32 (checksum) of a range of the file, in hex."""
-    digest = digest_range(fd, offset, length, False, checksum)
-    return Sent(None, digest.md5_raw, digest.crc32).check_hex
+def checksum_of_range(fd, offset, length, check):
+    """The check's value of a range of the file, in hex."""
+    return check.hex(digest_range(fd, offset, length, False, check).value)
 
 
 class Resumption(collections.namedtuple("Resumption", "upload_id created parts")):
@@ -3055,7 +3102,7 @@ class Journal(object):
         header = {"s3push_journal": JOURNAL_VERSION, "key": key,
                   "upload_id": resumption.upload_id, "created": resumption.created,
                   "part_size": plan.part_size, "headers": plan.headers,
-                  "checksum": plan.checksum, "file": self.identity,
+                  "checksum": plan.checksum.name, "file": self.identity,
                   "steps": [list(step) for step in self.found.directory.steps],
                   "name": self.found.name}
         text = json.dumps(header) + "\n" + "".join(part_line(n, p, plan.checksum) for n, p
@@ -3072,7 +3119,7 @@ class Journal(object):
 
     def confirmed(self, number, offset, length, sent):
         """Append one part the server confirmed: one write of one line, then fsync."""
-        part = JournalPart(offset, length, sent.check_hex, sent.etag)
+        part = JournalPart(offset, length, self.checksum.hex(sent.value), sent.etag)
         with self.lock:
             if self.fd is not None:
                 try:
@@ -3162,7 +3209,7 @@ def reusable_parts(journal, key, fd, plan):
         return None
     header, recorded = loaded
     if (header["key"], header["part_size"], header["headers"], header["checksum"]) != \
-            (key, plan.part_size, plan.headers, plan.checksum):
+            (key, plan.part_size, plan.headers, plan.checksum.name):
         return None
     reused = {}
     for number, offset, length in plan.ranges:
@@ -3565,10 +3612,10 @@ def checksum_for(choice, endpoint):
     (which verifies x-amz-checksum-crc32 and echoes it; 5x cheaper per byte than MD5)
     and MD5 elsewhere: every S3 server checks Content-MD5 and answers its ETag, while
     some ignore CRC32 headers (rclone's, Ceph RGW 16) or echo them unchecked (moto)."""
-    if choice:
-        return choice
-    host = endpoint.host.lower().rstrip(".")
-    return "crc32" if host.endswith((".amazonaws.com", ".amazonaws.com.cn")) else "md5"
+    if not choice:
+        host = endpoint.host.lower().rstrip(".")
+        choice = "crc32" if host.endswith((".amazonaws.com", ".amazonaws.com.cn")) else "md5"
+    return CHECKSUMS[choice]
 
 
 def journals_for(options, environ, destination, tally, checksum):
@@ -3581,7 +3628,7 @@ def journals_for(options, environ, destination, tally, checksum):
     def say(line):
         tally.note_once(line, options.verbose)
     state_dir = options.state_dir or default_state_dir(environ)
-    if state_dir is None or (checksum == "md5" and new_md5() is None):
+    if state_dir is None or (checksum.content_md5 and new_md5() is None):
         say("s3push: no resume journals are kept (%s): an upload cut off part-way will "
             "start over" % ("no HOME and no --state-dir" if state_dir is None else
                             "MD5 is not available"))
@@ -3687,7 +3734,7 @@ class Job(object):
         self.checksum = checksum_for(options.checksum, session.endpoint)
         self.plain_http = session.endpoint.scheme == "http"   # see Upload
         self.sign_payload = options.sign_payload or \
-            (self.checksum == "md5" and new_md5() is None)
+            (self.checksum.content_md5 and new_md5() is None)
         self.queue = WorkQueue(max_files=4 * options.jobs)
         self.template = Template(destination.prefix, object_headers(options, time.time()),
                                  options.tag, destination.whole_key)
@@ -3799,7 +3846,7 @@ class PartTask(object):
 class MultipartPlan(collections.namedtuple("MultipartPlan",
                                            "part_size ranges headers checksum")):
     """How one file goes up in parts: the part size, [(number, offset, length)], the
-    fingerprint of its headers and its checksum, "md5" or "crc32" (a journal of other
+    fingerprint of its headers and its check, Md5Check or Crc32Check (a journal of other
     headers or another checksum is not resumed)."""
     __slots__ = ()
 
@@ -3816,7 +3863,7 @@ def send_parts(client, job, key, fd, plan, upload, journal, resumption, state):
     journal.start(key, plan, resumption)
     tracker = PartTracker(len(plan.ranges))
     for number, part in reused.items():
-        tracker.finish(number - 1, sent_from_check(part.etag, plan.checksum, part.check_hex))
+        tracker.finish(number - 1, Sent(part.etag, plan.checksum.from_hex(part.check_hex)))
     job.queue.begin_upload([PartTask(job, tracker, journal, upload, number - 1, key,
                                      upload_id, fd, offset, length)
                             for number, offset, length in plan.ranges if number not in reused])
@@ -4195,10 +4242,10 @@ def upload_manifest(job, template):
     digest = digest_bytes(body)
     client = S3Client(job.session, job.retries, job.timeout, job.deadline, job.rate_limit)
     try:
-        response = client.request("PUT", key, body_headers(digest, "application/x-ndjson"),
-                                  body, digest.payload_hash, validate=lambda answer:
-                                  check_etag(answer.header("etag"), digest.md5_hex
-                                             if job.verify_md5 else None))
+        headers = body_headers(digest, MD5, "application/x-ndjson")
+        response = client.request("PUT", key, headers, body, digest.payload_hash,
+                                  validate=lambda answer:
+                                  MD5.confirm(answer, digest.value, job))
         check_answer(response, "")
     except S3PushError as exc:
         job.tally.failed(path, url, exc)

@@ -686,6 +686,19 @@ class Layout(unittest.TestCase):
                         makers.append(node.name)
         self.assertEqual(makers, ["open", "open"])
 
+    def test_the_checksum_is_chosen_in_one_place(self):
+        """No comparison with an algorithm's name: checksum_for picks Md5Check or
+        Crc32Check once, and everything else asks the object it picked."""
+        ast, compared = self.ast, []
+        for node in ast.walk(self.tree):
+            if isinstance(node, ast.Compare):
+                for side in [node.left] + node.comparators:
+                    if isinstance(side, ast.Str if sys.version_info < (3, 8) else
+                                  ast.Constant) and getattr(side, "s", None) in ("md5",
+                                                                                 "crc32"):
+                        compared.append(node.lineno)
+        self.assertEqual(compared, [])
+
     def names(self, node):
         ast = self.ast
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
@@ -777,11 +790,11 @@ class Verification(unittest.TestCase):
                               ("https://minio.example.com", "md5"),
                               ("https://amazonaws.com.evil.example", "md5")):
             endpoint = s3push.endpoint_for(url, "eu-west-1", "bucket")
-            self.assertEqual(s3push.checksum_for(None, endpoint), expected, url)
+            self.assertEqual(s3push.checksum_for(None, endpoint).name, expected, url)
         local = s3push.endpoint_for("http://127.0.0.1:9000", "eu-west-1", "bucket")
-        self.assertEqual(s3push.checksum_for("crc32", local), "crc32")
-        self.assertEqual(s3push.checksum_for("md5", s3push.endpoint_for(None, "us-east-1", "b")),
-                         "md5")
+        self.assertEqual(s3push.checksum_for("crc32", local).name, "crc32")
+        aws = s3push.endpoint_for(None, "us-east-1", "b")
+        self.assertEqual(s3push.checksum_for("md5", aws).name, "md5")
 
     def test_entities_are_never_expanded(self):
         body = (b'<?xml version="1.0"?><!DOCTYPE e [<!ENTITY a "aaaaaaaaaa">]>'
@@ -961,11 +974,12 @@ class Journals(unittest.TestCase):
         real = s3push.new_md5
         s3push.new_md5 = lambda: None
         try:
-            self.assertIsNotNone(s3push.journals_for(opts, {}, destination, tally, "crc32"))
-            self.assertIsNone(s3push.journals_for(opts, {}, destination, tally, "md5"))
+            crc32, md5 = s3push.CHECKSUMS["crc32"], s3push.MD5
+            self.assertIsNotNone(s3push.journals_for(opts, {}, destination, tally, crc32))
+            self.assertIsNone(s3push.journals_for(opts, {}, destination, tally, md5))
         finally:
             s3push.new_md5 = real
-        self.assertIsNotNone(s3push.journals_for(opts, {}, destination, tally, "md5"))
+        self.assertIsNotNone(s3push.journals_for(opts, {}, destination, tally, md5))
 
     def test_a_crc32_journal(self):
         header = self.HEADER.replace(b'"created"', b'"checksum": "crc32", "created"')
@@ -973,7 +987,7 @@ class Journals(unittest.TestCase):
         loaded, parts = s3push.parse_journal(header + part)
         self.assertEqual(loaded["checksum"], "crc32")
         self.assertEqual(parts[1].check_hex, "3610a686")
-        self.assertEqual(s3push.sent_from_check('"e"', "crc32", "3610a686").crc32, 0x3610a686)
+        self.assertEqual(s3push.CHECKSUMS["crc32"].from_hex("3610a686"), 0x3610a686)
         self.assertEqual(s3push.parse_journal(self.HEADER)[0]["checksum"], "md5")
         for bad in (header + self.PART % 1, header.replace(b"crc32", b"sha1")):
             with self.assertRaises((ValueError, KeyError), msg=bad):
