@@ -4839,6 +4839,9 @@ def guarded_run(options, tally):
     except S3PushError as exc:
         emit(sys.stderr, "s3push: error: %s" % exc)
         return exc.exit_code
+    except BrokenPipeError:   # stdout closed early (a --dry-run | head): nothing to mend
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return tally.exit_status()
     except Exception as exc:   # a bug: one line, no secret, every unconfirmed file kept
         emit(sys.stderr, "s3push: error: %s" % internal_error(exc, tally.credentials))
         return EXIT_SOFTWARE

@@ -243,6 +243,23 @@ class Races(IntegrationCase):
         self.assert_landed({"a": b"a", "b": b"b"})
 
 
+class ClosedOutput(IntegrationCase):
+    def test_a_plan_piped_into_head_ends_quietly(self):
+        # `s3push --dry-run ... | head -1`: the reader goes after one line; the plan of
+        # 3,000 files (more than a pipe holds) meets a closed pipe, which is no bug.
+        for i in range(3000):
+            write_file(self.source, "d/f%04d.log" % i, b"x")
+        process = subprocess.Popen(self.command("--dry-run"), env=self.env(),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   stdin=subprocess.DEVNULL)
+        self.assertTrue(process.stdout.readline().startswith(b"would move "))
+        process.stdout.close()
+        err = process.stderr.read().decode()
+        self.assertEqual(process.wait(RUN_TIMEOUT), 0, err)
+        self.assertEqual(err, "")
+        self.assertEqual(len(files_under(self.source)), 3000)
+
+
 class IdleTick(IntegrationCase):
     """A cron tick with nothing to send reads no settings and loads no network code."""
     HEAVY = ("http.client", "ssl", "socket", "hashlib", "configparser", "xml.etree",
