@@ -2954,14 +2954,12 @@ def gunzip_check(spool, crc, size):
 
 def gzip_file(fd, info, name, folder_fd, level):
     """The file's gzip, in a new unnamed file of the private folder: (its descriptor, its
-    fstat). ChangedError when the file is not in the state it had (info) by the end."""
+    fstat). ChangedError when the file is not in the state it had (info) by the end; a
+    FileError when it cannot be read or the spool written (a full state folder)."""
     state = file_state(info)
+    spool = None
     try:
         spool = unnamed_file(folder_fd, ".s3push-gzip-")
-    except OSError as exc:
-        raise FileError("cannot spool its gzip in the state folder (%s): kept; fix "
-                        "--state-dir, or free space there" % exc.strerror)
-    try:
         deflate = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS)
         crc, size = 0, 0
         with open(os.dup(spool), "wb") as out:
@@ -2976,12 +2974,13 @@ def gzip_file(fd, info, name, folder_fd, level):
         gunzip_check(spool, crc, size)
         seam("compressed", name)
         return spool, os.fstat(spool)
-    except OSError as exc:
-        os.close(spool)
-        raise FileError("cannot spool its gzip in the state folder (%s): kept; fix "
-                        "--state-dir, or free space there" % exc.strerror)
-    except BaseException:
-        os.close(spool)
+    except BaseException as exc:
+        if spool is not None:
+            os.close(spool)
+        if isinstance(exc, OSError):   # reading it, or writing the spool
+            raise FileError("cannot compress it (%s): kept; if the state folder is full or "
+                            "not writable, free space there or fix --state-dir"
+                            % exc.strerror) from None
         raise
 
 
