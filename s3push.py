@@ -4846,6 +4846,58 @@ def guarded_run(options, tally):
         return EXIT_SOFTWARE
 
 
+# Run by its path, CPython keeps the script's syntax tree (8-9 MiB) until the script
+# returns (pyrun_file). So the script hands its compiled code to a fresh interpreter of
+# the same binary through a memory-only file, and the process becomes that interpreter:
+# same pid, arguments, environment and descriptors, as if started from bytecode (peak
+# RSS 34 -> 24 MiB for 1,000 small files; 20-40 ms more per start, measured).
+RELAUNCH = """# s3push: %(file)r run from its compiled code (see relaunch in it)
+import marshal, os, sys
+with os.fdopen(%(fd)d, "rb") as code:
+    code = marshal.load(code) if sys.hexversion == %(version)d else None
+module = type(sys)("s3push")
+module.__file__ = sys.argv[0] = %(file)r
+if sys.path and sys.path[0] == "":   # -c put the working folder there: as by path
+    sys.path[0] = %(path0)r
+code = code or compile(open(module.__file__, "rb").read(), module.__file__, "exec")
+sys.modules["s3push"] = module
+exec(code, module.__dict__)
+sys.exit(module.main())
+"""
+
+
+def interpreter_flags():
+    """The flags this interpreter was started with that its successor must have too."""
+    flags = [flag for flag, name in (("-I", "isolated"), ("-E", "ignore_environment"),
+                                     ("-s", "no_user_site"), ("-B", "dont_write_bytecode"),
+                                     ("-P", "safe_path")) if getattr(sys.flags, name, 0)]
+    flags += ["-O"] * sys.flags.optimize + ["-W" + option for option in sys.warnoptions]
+    return flags + ["-X" + name if value is True else "-X%s=%s" % (name, value)
+                    for name, value in getattr(sys, "_xoptions", {}).items()]
+
+
+def relaunch(code, path):
+    """Become a fresh interpreter that runs `code` (this script, compiled from `path`);
+    return where that cannot be: no memory-only files (before Python 3.8, or not Linux)."""
+    if not hasattr(os, "memfd_create") or not sys.executable or sys.flags.inspect:
+        return
+    try:
+        fd = os.memfd_create("s3push-code")
+    except OSError:
+        return
+    try:
+        with os.fdopen(os.dup(fd), "wb") as out:
+            marshal.dump(code, out)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.set_inheritable(fd, True)
+        loader = RELAUNCH % {"fd": fd, "version": sys.hexversion, "file": path,
+                             "path0": sys.path[0] if sys.path else ""}
+        os.execv(sys.executable, [sys.executable] + interpreter_flags() + ["-c", loader] +
+                 sys.argv[1:])
+    except OSError:   # (execv returns only on failure) run here, as started
+        os.close(fd)
+
+
 def main(argv=None):
     options = build_parser().parse_args(argv)
     tally = Tally()
@@ -4859,4 +4911,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    if __spec__ is None and os.path.isfile(__file__):   # by its path, not -m or stdin
+        relaunch(sys._getframe().f_code, __file__)
     sys.exit(main())

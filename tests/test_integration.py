@@ -4,6 +4,7 @@ Each test moves its own directory under its own key prefix and then compares the
 bytes that landed with what was written (helpers.py: the server and the environment).
 """
 
+import json
 import os
 import random
 import re
@@ -16,7 +17,7 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import s3server  # noqa: E402
-from helpers import RUN_TIMEOUT, IntegrationCase, files_under, write_file  # noqa: E402
+from helpers import FOREIGN, RUN_TIMEOUT, IntegrationCase, files_under, write_file  # noqa: E402
 
 AWKWARD = ["space name", "plus+sign", "per%cent", "til~de", "hash#tag", "quest?ion",
            "amp&ersand", "equal=s", "ünïcödé-日本", "-leading-dash", "semi;colon",
@@ -57,6 +58,42 @@ class MovesFiles(IntegrationCase):
         self.assertEqual(done.returncode, 0, done.stderr)
         self.assertEqual(files_under(self.source), [])
         self.assert_landed({"a/f": b"data"})
+
+    @unittest.skipIf(FOREIGN, "the foreign-platform run hides /proc")
+    def test_started_by_its_path_it_runs_from_its_compiled_code(self):
+        # Where memory-only files exist (Linux, Python 3.8+), the process becomes a fresh
+        # interpreter of its compiled code, its flags kept; elsewhere (3.6, 3.7: the
+        # facility really absent) it runs as started. A credential process the run starts
+        # reads the command line of the process it serves.
+        seen = os.path.join(self.tmp, "cmdline")
+        script = os.path.join(self.home, "creds.py")
+        with open(script, "w") as handle:
+            handle.write("import os, sys\nwith open(%r, 'wb') as out:\n"
+                         "    out.write(open('/proc/%%d/cmdline' %% os.getppid(), 'rb').read())\n"
+                         "sys.stdout.write(%r)\n" % (seen, json.dumps(
+                             {"Version": 1, "AccessKeyId": self.server.access_key,
+                              "SecretAccessKey": self.server.secret_key})))
+        config = os.path.join(self.home, "config")
+        with open(config, "w") as handle:
+            handle.write("[default]\ncredential_process = %s %s\n" % (sys.executable, script))
+        write_file(self.source, "a/f", b"data")
+        command = self.command("-v")
+        command[1:3] = ["-W", "ignore::ResourceWarning", s3server.S3PUSH]
+        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=self.env(AWS_ACCESS_KEY_ID=None, AWS_SECRET_ACCESS_KEY=None,
+                                           AWS_CONFIG_FILE=config), timeout=RUN_TIMEOUT)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn(b"moved ", done.stdout)
+        self.assert_landed({"a/f": b"data"})
+        with open(seen, "rb") as handle:
+            argv = handle.read().split(b"\0")[:-1]
+        self.assertEqual(argv[4 - len(command):], [os.fsencode(a) for a in command[4:]])
+        if hasattr(os, "memfd_create"):
+            self.assertEqual(argv[1:3], [b"-Wignore::ResourceWarning", b"-c"])
+            self.assertIn(b"run from its compiled code", argv[3])
+        else:
+            self.assertEqual(argv[1:4], [b"-W", b"ignore::ResourceWarning",
+                                         os.fsencode(s3server.S3PUSH)])
 
     def test_empty_files(self):
         write_file(self.source, "empty", b"")
