@@ -4911,6 +4911,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    if __spec__ is None and os.path.isfile(__file__):   # by its path, not -m or stdin
+    # Relaunched only where the interpreter itself runs this file, as started by its path:
+    # not from stdin, nor by python -m or runpy (whose frame calls this one).
+    if sys._getframe().f_back is None and os.path.isfile(__file__):
         relaunch(sys._getframe().f_code, __file__)
     sys.exit(main())
