@@ -212,6 +212,39 @@ def emit(stream, line, flush=True):
         stream.flush()
 
 
+class Notices(object):
+    """The one road of warnings and notes to stderr, each topic said once a run.
+
+    A warning is always shown: what the operator should fix or know now (a clock or a
+    region corrected, credentials others may read, a lock or a summary that could not be
+    kept, a file that vanished). A note only under -v: a lasting state of the host that
+    the README documents (no resume journals, writers that cannot be seen), which cron
+    would otherwise mail every tick."""
+
+    def __init__(self, verbose=False):
+        self.lock = threading.Lock()
+        self.verbose = verbose
+        self.said = set()
+        self.before = None   # called before a line is written: clears a live status line
+
+    def warning(self, message, once=None):
+        """once: a topic said at most once a run (None: each time, e.g. a file's)."""
+        self.say("s3push: warning: " + message, once, True)
+
+    def note(self, message):
+        self.say("s3push: " + message, message, self.verbose)
+
+    def say(self, line, once, shown):
+        with self.lock:
+            if not shown or once is not None and once in self.said:
+                return
+            if once is not None:
+                self.said.add(once)
+            if self.before is not None:
+                self.before()
+            emit(sys.stderr, line)
+
+
 def write_atomically(path, data, mode):
     """Write path anew: data (bytes) into path.PID.tmp, fsync'ed, renamed over path, so a
     reader sees the old file or the new one, never half, and a crash leaves the old. mode:
@@ -266,12 +299,14 @@ class TemporaryError(S3PushError):
     fatal = False
 
 
-class UnreachableError(TemporaryError):
-    """No connection to the host: `reason` says why, e.g. 'Connection refused'."""
-    fatal = True
+class UnreachableError(S3PushError):
+    """No connection to the host: `reason` says why, e.g. 'Connection refused'. Temporary
+    as its exit status says, but no TemporaryError: a host that takes no connection stops
+    the run at once, it is not retried and waited for."""
+    exit_code = EXIT_TEMPFAIL
 
     def __init__(self, message, reason=""):
-        TemporaryError.__init__(self, message)
+        S3PushError.__init__(self, message)
         self.reason = reason or message
 
 
@@ -893,8 +928,9 @@ class Session(object):
     announced once on stderr; the request that met it is sent again at once.
     """
 
-    def __init__(self, settings, bucket, reload_credentials=None):
+    def __init__(self, settings, bucket, notices, reload_credentials=None):
         self.lock = threading.Lock()
+        self.notices = notices
         self.bucket = bucket
         self.endpoint_url = settings.endpoint_url
         self.credentials = settings.credentials
@@ -904,7 +940,6 @@ class Session(object):
         self.reload_credentials = reload_credentials
         self.reloaded = False
         self.last_refresh = 0.0
-        self.said = set()
         # Only for https: loading a CA bundle costs ~40 ms of CPU (AWS_CA_BUNDLE is often
         # set host-wide, also where the endpoint is plain http).
         self.tls = tls_context(settings.network.ca_bundle) \
@@ -987,9 +1022,7 @@ class Session(object):
         return True
 
     def say(self, topic, message):
-        if topic not in self.said:
-            self.said.add(topic)
-            emit(sys.stderr, "s3push: warning: " + message)
+        self.notices.warning(message, once=topic)
 
 
 def is_retryable(response):
@@ -1046,8 +1079,6 @@ class S3Client(object):
             try:
                 response = self.attempt(method, key, query, headers, body, body_hash, used,
                                         signed_at, validate)
-            except UnreachableError:   # a server that refuses connections is not waited for
-                raise
             except TemporaryError as exc:   # a broken connection, a damaged body
                 failure = exc
             else:
@@ -1484,22 +1515,19 @@ def load_settings(options, environ):
                             CredentialSources(environ, inis, paths))
 
 
-def warn_if_exposed(path):
-    """A credentials file that group or others may read deserves a word (ssh refuses)."""
+def warn_if_exposed(credentials, notices):
+    """The file the credentials came from ('PATH [profile]'), if group or others may read
+    it, deserves a word (ssh refuses such keys)."""
+    path = credentials.source.rsplit(" [", 1)[0]
+    if not credentials.source.endswith("]") or not os.path.isfile(path):
+        return
     try:
         mode = os.stat(path).st_mode
     except OSError:
         return
     if mode & 0o077:
-        emit(sys.stderr, "s3push: warning: %s holds credentials and is readable by group or "
-             "others (mode %04o): chmod 600 it" % (path, stat.S_IMODE(mode)))
-
-
-def warn_if_exposed_credentials(credentials):
-    """Warn about the file the credentials came from ('PATH [profile]'), if it is open."""
-    path = credentials.source.rsplit(" [", 1)[0]
-    if credentials.source.endswith("]") and os.path.isfile(path):
-        warn_if_exposed(path)
+        notices.warning("%s holds credentials and is readable by group or others (mode "
+                        "%04o): chmod 600 it" % (path, stat.S_IMODE(mode)))
 
 
 # === S3 operations ===
@@ -2045,12 +2073,15 @@ def numbered_key(key, number):
     return "%s%s%s.%d%s" % (head, "/" if head else "", stem, number, extension)
 
 
-def candidate_keys(key, if_exists):
-    """The keys to try in turn: KEY, and under --if-exists number KEY.1, KEY.2, ..."""
-    yield key
+def candidate_keys(key, if_exists, gzipped):
+    """The keys a file may go to, in turn, each checked as object_key checks: its key
+    (plus .gz when its gzip goes up), then under --if-exists number KEY.1, KEY.2, ...
+    The one place a file's key is made final (a dry run's plan takes the first)."""
+    key += ".gz" if gzipped else ""
+    yield object_key("", key)
     if if_exists == "number":
         for number in range(1, MAX_NUMBERED_KEYS + 1):
-            yield numbered_key(key, number)
+            yield object_key("", numbered_key(key, number))
 
 
 def guess_content_type(name):
@@ -2925,6 +2956,13 @@ def compressed_inside(fd):
         head[4:8] == b"ftyp"
 
 
+def goes_gzipped(compress, name, fd=None):
+    """Whether a file goes up as its gzip: under --compress, unless it is compressed
+    already, by its name or (given its descriptor) its first bytes. Decided here only."""
+    return compress is not None and not compressed_already(name) and \
+        (fd is None or not compressed_inside(fd))
+
+
 def gunzip_check(spool, crc, size):
     """Raise unless the spool decompresses to size bytes of CRC32 crc, the trailer saying
     the same: what goes up is the gzip of what was read, nothing else. Output is taken a
@@ -3091,8 +3129,8 @@ class Journal(object):
         return header, parts
 
     def unusable(self, why):
-        self.say("s3push: the resume journal %s of %s is unusable (%s): its upload starts "
-                 "over" % (self.path, safe_name(self.found.relative), one_line(why)))
+        self.say("the resume journal %s of %s is unusable (%s): its upload starts over"
+                 % (self.path, safe_name(self.found.relative), one_line(why)))
         return None
 
     def start(self, key, plan, resumption):
@@ -3129,8 +3167,8 @@ class Journal(object):
 
     def fail(self, exc):
         self.close_file()
-        self.say("s3push: cannot write resume journals in %s (%s): an upload cut off "
-                 "part-way will start over" % (os.path.dirname(self.path), exc.strerror))
+        self.say("cannot write resume journals in %s (%s): an upload cut off part-way "
+                 "will start over" % (os.path.dirname(self.path), exc.strerror))
 
     def close(self):
         with self.lock:
@@ -3439,8 +3477,10 @@ class Tally(object):
     """What one run did, shared by the workers: moved, failed, left for later; the lines
     that say so, and the exit status that follows."""
 
-    def __init__(self):
+    def __init__(self, notices=None):
         self.lock = threading.Lock()
+        self.notices = notices or Notices()
+        self.notices.before = self.clear_status
         self.moved_count = 0
         self.moved_from = set()   # directories of moved files, for --delete-empty-dirs
         self.bytes = 0
@@ -3450,7 +3490,6 @@ class Tally(object):
         self.sized_out_count = 0   # files left: outside --min-size, --max-size
         self.writing_count = 0   # files left for later: still being written
         self.unremovable_count = 0   # files left alone: this account could not remove them
-        self.notes = set()     # what was said once already
         self.fatal = None      # the error that stopped the run early
         self.credentials = None   # once loaded: what error text must never show
         self.started = time.monotonic()
@@ -3498,9 +3537,7 @@ class Tally(object):
 
     def vanished(self, path, exc):
         """Not a failure, but the operator is told: one warning line."""
-        with self.lock:
-            self.clear_status()
-            emit(sys.stderr, "s3push: warning: %s: %s" % (safe_name(path), exc))
+        self.notices.warning("%s: %s" % (safe_name(path), exc))
 
     def resumed(self, path, reused, parts, size, verbose):
         """A multipart upload goes on where an earlier run left it."""
@@ -3529,13 +3566,6 @@ class Tally(object):
             if verbose:
                 self.clear_status()
                 emit(sys.stdout, "left %s: %s" % (safe_name(path), exc))
-
-    def note_once(self, line, verbose):
-        with self.lock:
-            if verbose and line not in self.notes:
-                self.notes.add(line)
-                self.clear_status()
-                emit(sys.stderr, line)
 
     def out_of_time(self):
         """The deadline stopped the run: what was not sent waits for the next one."""
@@ -3623,18 +3653,15 @@ def journals_for(options, environ, destination, tally, checksum):
     it, CRC32 uploads still resume)."""
     if not options.resume_days:
         return None
-
-    def say(line):
-        tally.note_once(line, options.verbose)
     state_dir = options.state_dir or default_state_dir(environ)
     if state_dir is None or (checksum.content_md5 and new_md5() is None):
-        say("s3push: no resume journals are kept (%s): an upload cut off part-way will "
-            "start over" % ("no HOME and no --state-dir" if state_dir is None else
-                            "MD5 is not available"))
+        tally.notices.note("no resume journals are kept (%s): an upload cut off part-way "
+                           "will start over" % ("no HOME and no --state-dir" if state_dir
+                                                is None else "MD5 is not available"))
         return None
     return Journals(state_dir, options.source, "s3://%s/%s" % (destination.bucket,
                                                                destination.prefix),
-                    options.resume_days * 86400, say)
+                    options.resume_days * 86400, tally.notices.note)
 
 
 class WorkQueue(object):
@@ -3934,18 +3961,17 @@ def send_file(client, job, key, body, found, info, upload):
     return put_object(client, key, fd, sent.st_size, upload)
 
 
-def upload_file(client, job, fd, info, found, first):
-    """Send the open file (under --compress, its gzip, to key `first` plus .gz) to key
-    `first`, or under --if-exists number to the first free numbered one; returns (the key
-    it went to, its Proof, the gzip's size or None)."""
+def upload_file(client, job, fd, info, found, key):
+    """Send the open file (under --compress, its gzip) to its first candidate key, or
+    under --if-exists number to the first free numbered one; returns (the key it went to,
+    its Proof, the gzip's size or None)."""
     try:
         check_links(info, job.allow_hardlinks)
         if info.st_size > MAX_OBJECT_BYTES:
             raise FileError("larger than 5 TiB, S3's limit for one object; left in place")
-        gzipped = job.compress is not None and not compressed_already(found.name) and \
-            not compressed_inside(fd)
-        if gzipped:
-            first += ".gz"
+        gzipped = goes_gzipped(job.compress, found.name, fd)
+        keys = candidate_keys(key, job.if_exists, gzipped)
+        first = next(keys)
         if not job.take_key(first):
             raise FileError("another file of this run went to that key%s: kept, not "
                             "overwriting it; add {mtime_epoch} or {inode} to the key template "
@@ -3954,10 +3980,10 @@ def upload_file(client, job, fd, info, found, first):
             else (fd, info)
         try:
             upload = upload_for(job, found.relative, info, gzipped)
-            for key in candidate_keys(first, job.if_exists):
+            for key in itertools.chain([first], keys):
                 try:
-                    return (key, send_file(client, job, object_key("", key), body, found,
-                                           info, upload), body[1].st_size if gzipped else None)
+                    return (key, send_file(client, job, key, body, found, info, upload),
+                            body[1].st_size if gzipped else None)
                 except KeyTakenError:
                     if job.if_exists != "number":
                         raise
@@ -3974,9 +4000,9 @@ def check_no_writer(job, fd, info, since, uploaded):
     """StillWritten when a process has the file open for writing."""
     writing = still_written(fd, info, job.writers, since)
     if writing is None:
-        job.tally.note_once("s3push: cannot tell whether other processes still write "
-                            "files here (no file lease, no /proc): relying on --min-age "
-                            "and in-progress names", job.verbose)
+        job.tally.notices.note("cannot tell whether other processes still write files here "
+                               "(no file lease, no /proc): relying on --min-age and "
+                               "in-progress names")
     elif writing:
         raise StillWritten("%sstill open for writing by another process; left for a "
                                 "later run" % ("uploaded, but " if uploaded else ""))
@@ -4165,12 +4191,11 @@ def print_plan(source, files, destination, tally, compress):
     base, lines = os.path.join(source, ""), []
     for found in files:
         try:
-            key = template.key_for(found)
+            key = next(candidate_keys(template.key_for(found), None,
+                                      goes_gzipped(compress, found.name)))
         except FileError as exc:
             tally.failed(base + found.relative, None, exc)
             continue
-        if compress is not None and not compressed_already(found.name):
-            key += ".gz"
         lines.append("would move %s -> %s (%d bytes)" % (
             safe_name(base + found.relative), destination.url(key), found.info.st_size))
         if len(lines) == 1000:
@@ -4263,7 +4288,7 @@ def move_or_plan(options, environ, settings, destination, tally, files, root, ha
         raise ConfigError("--compress spools each gzip in the private state folder, and "
                           "there is none usable (see the warning above, or no HOME): fix "
                           "--state-dir")
-    session = Session(settings, destination.bucket,
+    session = Session(settings, destination.bucket, tally.notices,
                       lambda: load_settings(options, environ).credentials)
     session.debug = options.debug
     tally.progress = sys.stderr.isatty() if options.progress is None else options.progress
@@ -4305,7 +4330,7 @@ def filters(options):
     return excludes, includes
 
 
-def take_run_lock(state_dir, root):
+def take_run_lock(state_dir, root, notices):
     """(held, the holder's pid or None): the run lock (see run_lock) in the state folder;
     where that folder cannot keep it, a flock on SOURCE_DIR itself, said on stderr: a
     lock any reader of SOURCE_DIR could hold, but a run that runs."""
@@ -4315,10 +4340,10 @@ def take_run_lock(state_dir, root):
         fd, holder = run_lock(state_dir, root)
         return fd is not None, holder
     except OSError as exc:
-        emit(sys.stderr, "s3push: warning: cannot keep the run lock in %s (%s): locking "
-             "SOURCE_DIR itself, which any account that may read it can hold; fix "
-             "--state-dir or HOME" % (safe_name(state_dir or "the state folder"),
-                                      exc.strerror or exc))
+        notices.warning("cannot keep the run lock in %s (%s): locking SOURCE_DIR itself, "
+                        "which any account that may read it can hold; fix --state-dir or "
+                        "HOME" % (safe_name(state_dir or "the state folder"),
+                                  exc.strerror or exc))
         return try_lock(root), None
 
 
@@ -4335,7 +4360,7 @@ def push_locked(options, environ, tally, destination, root):
     """Lock SOURCE_DIR (open as root), scan it, and move what the scan finds."""
     state_dir = options.state_dir or default_state_dir(environ)
     if not options.dry_run:
-        held, holder = take_run_lock(state_dir, root)
+        held, holder = take_run_lock(state_dir, root, tally.notices)
         if not held:
             tally.skipped_for = holder or 0
             emit(sys.stderr, "s3push: another run (pid %s) is moving %s; this one exits"
@@ -4364,7 +4389,7 @@ def push_locked(options, environ, tally, destination, root):
             settings = load_settings(options, environ)
             if options.splay and not options.dry_run:   # a fleet's cron ticks spread out
                 time.sleep(random.uniform(0, options.splay))
-            warn_if_exposed_credentials(settings.credentials)
+            warn_if_exposed(settings.credentials, tally.notices)
             tally.credentials = settings.credentials
             move_or_plan(options, environ, settings, destination, tally, files, root,
                          handovers, spill.folder_fd if spill is not None else None)
@@ -4404,19 +4429,19 @@ def push(options, environ, tally):
         os.close(root)
 
 
-def replace_file(path, text, what):
+def replace_file(path, text, what, notices):
     """Replace path with text atomically (a monitor never reads half); a warning if not."""
     try:
         write_atomically(path, text.encode("utf-8"), 0o666)
     except OSError as exc:
-        emit(sys.stderr, "s3push: warning: cannot write the %s to %s (%s)"
-             % (what, path, exc.strerror or exc))
+        notices.warning("cannot write the %s to %s (%s)" % (what, path, exc.strerror or exc))
 
 
-def write_summary(path, data):
+def write_summary(path, data, notices):
     """--summary-json: the run's summary as JSON."""
     import json
-    replace_file(path, json.dumps(data, indent=1, sort_keys=True) + "\n", "summary")
+    replace_file(path, json.dumps(data, indent=1, sort_keys=True) + "\n", "summary",
+                 notices)
 
 
 # The kinds of failure the metrics count, by exit status.
@@ -4479,14 +4504,14 @@ def metrics_text(data, failures, now, last_success):
     return "\n".join(lines) + "\n"
 
 
-def write_metrics(path, data, failures):
+def write_metrics(path, data, failures, notices):
     """--metrics-file: the run's figures, and the last success carried over from before
     (a run that found another one moving SOURCE_DIR is no success: a run stuck for hours
     shows as the success getting old)."""
     now = round(time.time(), 3)
     success = data["exit_status"] == EXIT_OK and not data["run_skipped"]
     last_success = now if success else previous_success(path)
-    replace_file(path, metrics_text(data, failures, now, last_success), "metrics")
+    replace_file(path, metrics_text(data, failures, now, last_success), "metrics", notices)
 
 
 # === Command line ===
@@ -4900,13 +4925,14 @@ def relaunch(code, path):
 
 def main(argv=None):
     options = build_parser().parse_args(argv)
-    tally = Tally()
+    tally = Tally(Notices(options.verbose))
     status = guarded_run(options, tally)
     data = tally.summary_data(options, status)
     if options.summary_json:
-        write_summary(options.summary_json, data)
+        write_summary(options.summary_json, data, tally.notices)
     if options.metrics_file:
-        write_metrics(options.metrics_file, data, collections.Counter(tally.failures))
+        write_metrics(options.metrics_file, data, collections.Counter(tally.failures),
+                      tally.notices)
     return status
 
 
