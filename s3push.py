@@ -1675,9 +1675,9 @@ class Md5Check(object):
     def headers(self, value):
         return {}   # the Content-MD5 is every body's (body_headers)
 
-    def confirm(self, answer, value, upload):
+    def confirm(self, answer, value, sending):
         check_etag(answer.header("etag"), value.hex() if value is not None and
-                   upload.verify_md5 else None)
+                   sending.verify_md5 else None)
 
     def start_headers(self):
         return {}
@@ -1693,11 +1693,11 @@ class Md5Check(object):
         md5.update(b"".join(values))
         return {}, "%s-%d" % (md5.hexdigest(), len(values))
 
-    def proof(self, answer, response, expected, etag, upload):
+    def proof(self, answer, response, expected, etag, sending):
         """The Proof of a completed multipart upload. A server whose answer carries no
         ETag (Ceph RGW 16.2) is trusted through the parts, each of which was checked;
         never through a HEAD, which PutObject-only keys cannot do."""
-        if expected and etag and upload.verify_md5 and etag != expected:
+        if expected and etag and sending.verify_md5 and etag != expected:
             raise FileError("the server's ETag %s is not %s, the MD5 of the parts' MD5s: kept"
                             % (etag, expected))
         return Proof("md5_of_parts", expected, etag, response.header("x-amz-version-id"))
@@ -1731,7 +1731,7 @@ class Crc32Check(object):
         return {"x-amz-checksum-crc32": crc32_text(value),
                 "x-amz-sdk-checksum-algorithm": "CRC32"}
 
-    def confirm(self, answer, value, upload):
+    def confirm(self, answer, value, sending):
         check_crc32_echo(answer, value)
 
     def start_headers(self):
@@ -1747,7 +1747,7 @@ class Crc32Check(object):
         return {"x-amz-checksum-crc32": crc32_text(whole),
                 "x-amz-checksum-type": "FULL_OBJECT"}, whole
 
-    def proof(self, answer, response, expected, etag, upload):
+    def proof(self, answer, response, expected, etag, sending):
         echo = xml_text(answer, "ChecksumCRC32") or response.header("x-amz-checksum-crc32")
         if echo != crc32_text(expected):
             raise FileError("the server did not confirm the whole file's CRC32 %s (it said "
@@ -1806,7 +1806,7 @@ def digest_bytes(data):
     return Digest(len(data), payload_hash(data), value, value, data)
 
 
-class Upload(object):
+class Sending(object):
     """How one file's object is sent: its headers (type, storage class, encryption, ACL,
     mtime, ...), a condition (--if-exists keep or number: If-None-Match: *), the check
     that proves each body (Md5Check or Crc32Check; verify_md5 off under SSE-KMS, whose
@@ -1851,24 +1851,24 @@ def check_answer(response, what):
 
 class Sent(collections.namedtuple("Sent", "etag value")):
     """What the server confirmed of one PUT: its ETag as sent back, and the value of the
-    check (the upload's) of the bytes read and sent."""
+    check (the Sending's) of the bytes read and sent."""
     __slots__ = ()
 
 
-def put_range(client, key, fd, offset, length, headers, upload, query=(), what=""):
+def put_range(client, key, fd, offset, length, headers, sending, query=(), what=""):
     """PUT a range of an open file, a whole object or one part: read once for its check's
     value (and SHA-256 if the payload is signed), sent with it, retried until the answer
     confirms it (check.confirm). Returns (what was Sent, the answer)."""
-    check = upload.checksum
+    check = sending.checksum
     state = file_state(os.fstat(fd))
-    digest = digest_range(fd, offset, length, upload.sign_payload, check, upload.plain_http)
+    digest = digest_range(fd, offset, length, sending.sign_payload, check, sending.plain_http)
     body = digest.body if digest.body is not None else FileRange(fd, offset, length, state)
     headers = dict(body_headers(digest, check), **headers)
     try:
         try:
             response = client.request("PUT", key, headers, body, digest.payload_hash,
                                       query=query, validate=lambda answer:
-                                      check.confirm(answer, digest.value, upload))
+                                      check.confirm(answer, digest.value, sending))
         except TemporaryError as exc:
             raise exc.__class__("%s: %s" % (what, exc)) if what else exc
         check_answer(response, what)
@@ -1879,25 +1879,25 @@ def put_range(client, key, fd, offset, length, headers, upload, query=(), what="
     return Sent(response.header("etag"), digest.value), response
 
 
-def put_object(client, key, fd, size, upload):
+def put_object(client, key, fd, size, sending):
     """PUT one object from an open file; raise unless the server confirmed these bytes.
     Returns its Proof."""
     sent, response = put_range(client, key, fd, 0, size,
-                               dict(upload.headers, **upload.condition), upload)
-    check = upload.checksum
+                               dict(sending.headers, **sending.condition), sending)
+    check = sending.checksum
     return Proof(check.name, check.hex(sent.value), plain_etag(sent.etag),
                  response.header("x-amz-version-id"))
 
 
-def multipart_headers(upload):
+def multipart_headers(sending):
     """The headers that start a multipart upload: the object's, and the check's."""
-    return dict(upload.headers, **upload.checksum.start_headers())
+    return dict(sending.headers, **sending.checksum.start_headers())
 
 
-def create_multipart_upload(client, key, upload):
+def create_multipart_upload(client, key, sending):
     """POST ?uploads; returns the upload id."""
     headers = {"content-length": "0"}
-    headers.update(multipart_headers(upload))
+    headers.update(multipart_headers(sending))
     response = client.request("POST", key, headers, b"", EMPTY_SHA256, query=[("uploads", "")])
     check_answer(response, "starting the multipart upload")
     answer = response.xml
@@ -1912,9 +1912,9 @@ def create_multipart_upload(client, key, upload):
     return upload_id
 
 
-def upload_part(client, key, upload_id, number, fd, offset, length, upload):
+def upload_part(client, key, upload_id, number, fd, offset, length, sending):
     """PUT one part; returns what was Sent once the answer confirms it."""
-    return put_range(client, key, fd, offset, length, {}, upload,
+    return put_range(client, key, fd, offset, length, {}, sending,
                      [("partNumber", str(number)), ("uploadId", upload_id)],
                      "part %d" % number)[0]
 
@@ -1924,24 +1924,24 @@ def xml_escape(text):
         '"', "&quot;")
 
 
-def complete_multipart_upload(client, key, upload_id, parts, upload, lengths):
+def complete_multipart_upload(client, key, upload_id, parts, sending, lengths):
     """POST the part list (each part's ETag, and its check's element); the check confirms
     the object from the answer. Returns the object's Proof."""
-    check = upload.checksum
+    check = sending.checksum
     body = ("<CompleteMultipartUpload>%s</CompleteMultipartUpload>" % "".join(
         "<Part><PartNumber>%d</PartNumber><ETag>%s</ETag>%s</Part>" % (
             n, xml_escape(part.etag), check.part_element(part.value))
         for n, part in enumerate(parts, 1))).encode("utf-8")
     digest = digest_bytes(body)
     headers = body_headers(digest, MD5, "application/xml")
-    headers.update(upload.condition)
+    headers.update(sending.condition)
     extra, expected = check.complete([part.value for part in parts], lengths)
     headers.update(extra)
     response = client.request("POST", key, headers, body, digest.payload_hash,
                               query=[("uploadId", upload_id)])
     check_answer(response, "completing the multipart upload")
     etag = plain_etag(xml_text(response.xml, "ETag") or response.header("etag"))
-    return check.proof(response.xml, response, expected, etag, upload)
+    return check.proof(response.xml, response, expected, etag, sending)
 
 
 def metadata_value(value):
@@ -2081,12 +2081,16 @@ def numbered_key(key, number):
     return "%s%s%s.%d%s" % (head, "/" if head else "", stem, number, extension)
 
 
-def candidate_keys(key, if_exists, gzipped):
-    """The keys a file may go to, in turn, each checked as object_key checks: its key
-    (plus .gz when its gzip goes up), then under --if-exists number KEY.1, KEY.2, ...
-    The one place a file's key is made final (a dry run's plan takes the first)."""
-    key += ".gz" if gzipped else ""
-    yield object_key("", key)
+def gzip_key(key):
+    """The key of a file's gzip: KEY.gz, checked as object_key checks (the 3 bytes may
+    take it past S3's limit)."""
+    return object_key("", key + ".gz")
+
+
+def candidate_keys(key, if_exists):
+    """The keys a file may go to, in turn: KEY (checked already), then under --if-exists
+    number KEY.1, KEY.2, ..., each checked as object_key checks."""
+    yield key
     if if_exists == "number":
         for number in range(1, MAX_NUMBERED_KEYS + 1):
             yield object_key("", numbered_key(key, number))
@@ -2546,7 +2550,8 @@ class Spill(object):
     def write(self, records):
         """A new run holding records (already in order): a file open for reading. They go
         SPILL_BATCH to a marshal'ed list (one call per record would cost more than all
-        the sorting)."""
+        the sorting), each after its length: read back whole, a batch is decoded from
+        memory (marshal.load from a file reads it piece by piece, 7 times slower)."""
         run = os.fdopen(unnamed_file(self.folder_fd, ".s3push-spill-"), "w+b")
         try:
             records = iter(records)
@@ -2554,7 +2559,9 @@ class Spill(object):
                 batch = list(itertools.islice(records, SPILL_BATCH))
                 if not batch:
                     break
-                marshal.dump(batch, run)
+                data = marshal.dumps(batch)
+                run.write(len(data).to_bytes(8, "little"))
+                run.write(data)
             run.flush()
             run.seek(0)
         except BaseException:
@@ -2567,11 +2574,10 @@ class Spill(object):
         """The records of a run, in order; the run is closed at its end."""
         with run:
             while True:
-                try:
-                    batch = marshal.load(run)
-                except EOFError:
+                size = int.from_bytes(run.read(8), "little")
+                if not size:
                     return
-                yield from batch
+                yield from marshal.loads(run.read(size))
 
 
 def spilled_order(files, window, spill):
@@ -3766,7 +3772,7 @@ class Job(object):
         self.writers = WriterIndex()
         self.verify_md5 = not (options.sse or "").startswith("aws:kms")
         self.checksum = checksum_for(options.checksum, session.endpoint)
-        self.plain_http = session.endpoint.scheme == "http"   # see Upload
+        self.plain_http = session.endpoint.scheme == "http"   # see Sending
         self.sign_payload = options.sign_payload or \
             (self.checksum.content_md5 and new_md5() is None)
         self.queue = WorkQueue(max_files=4 * options.jobs)
@@ -3804,7 +3810,7 @@ class Job(object):
 # the directory.
 
 
-def upload_for(job, relative, info, gzipped):
+def sending_for(job, relative, info, gzipped):
     headers = job.template.headers_for(info.st_mtime)
     headers["content-type"] = job.content_type or (
         "application/gzip" if gzipped else guess_content_type(relative))
@@ -3812,7 +3818,7 @@ def upload_for(job, relative, info, gzipped):
     if gzipped:   # the object's own size is the gzip's
         headers["x-amz-meta-s3push-size"] = str(info.st_size)
     condition = {"if-none-match": "*"} if job.if_exists != "overwrite" else {}
-    return Upload(headers, condition, job.verify_md5, job.sign_payload, job.checksum,
+    return Sending(headers, condition, job.verify_md5, job.sign_payload, job.checksum,
                   job.plain_http)
 
 
@@ -3843,10 +3849,10 @@ class PartTracker(object):
 class PartTask(object):
     """One part to upload, runnable by any worker; once confirmed, it goes in the journal."""
 
-    def __init__(self, job, tracker, journal, upload, index, key, upload_id, fd, offset,
+    def __init__(self, job, tracker, journal, sending, index, key, upload_id, fd, offset,
                  length):
         self.job, self.tracker, self.journal, self.index = job, tracker, journal, index
-        self.upload = upload
+        self.sending = sending
         self.key, self.upload_id = key, upload_id
         self.fd, self.offset, self.length = fd, offset, length
 
@@ -3858,7 +3864,7 @@ class PartTask(object):
             return
         try:
             result = upload_part(client, self.key, self.upload_id, self.index + 1, self.fd,
-                                 self.offset, self.length, self.upload)
+                                 self.offset, self.length, self.sending)
             self.journal.confirmed(self.index + 1, self.offset, self.length, result)
         except S3PushError as exc:
             error = exc
@@ -3885,20 +3891,20 @@ class MultipartPlan(collections.namedtuple("MultipartPlan",
     __slots__ = ()
 
 
-def send_parts(client, job, key, fd, plan, upload, journal, resumption, state):
+def send_parts(client, job, key, fd, plan, sending, journal, resumption, state):
     """Create the upload (unless it is a Resumption), send the parts it lacks through the
     workers (helping them), then complete it, but only if the file is still in the
     file_state it was in before its first part (or reused part) was read: parts read
     before and after a rewrite in place would make an object that was never the file."""
     if resumption is None:
-        resumption = Resumption(create_multipart_upload(client, key, upload), time.time(),
+        resumption = Resumption(create_multipart_upload(client, key, sending), time.time(),
                                 {})
     upload_id, reused = resumption.upload_id, resumption.parts
     journal.start(key, plan, resumption)
     tracker = PartTracker(len(plan.ranges))
     for number, part in reused.items():
         tracker.finish(number - 1, Sent(part.etag, plan.checksum.from_hex(part.check_hex)))
-    job.queue.begin_upload([PartTask(job, tracker, journal, upload, number - 1, key,
+    job.queue.begin_upload([PartTask(job, tracker, journal, sending, number - 1, key,
                                      upload_id, fd, offset, length)
                             for number, offset, length in plan.ranges if number not in reused])
     try:
@@ -3917,13 +3923,13 @@ def send_parts(client, job, key, fd, plan, upload, journal, resumption, state):
         raise ChangedError("changed while it was uploading, between its parts: the "
                            "multipart upload was not completed (the key holds what it "
                            "held); kept for the next run")
-    proof = complete_multipart_upload(client, key, upload_id, tracker.results, upload,
+    proof = complete_multipart_upload(client, key, upload_id, tracker.results, sending,
                                       [length for _, _, length in plan.ranges])
     journal.remove()
     return proof
 
 
-def multipart_upload(client, job, key, fd, info, upload, journal):
+def multipart_upload(client, job, key, fd, info, sending, journal):
     """A multipart upload, resumed where the journal says an earlier run left it.
 
     Started afresh (once) when the server will not go on with it: the upload is gone
@@ -3937,14 +3943,14 @@ def multipart_upload(client, job, key, fd, info, upload, journal):
     state = file_state(info)
     part_size = part_size_for(info.st_size, job.part_size)
     plan = MultipartPlan(part_size, part_ranges(info.st_size, part_size),
-                         headers_fingerprint(multipart_headers(upload)), upload.checksum)
+                         headers_fingerprint(multipart_headers(sending)), sending.checksum)
     resumption = reusable_parts(journal, key, fd, plan)
     if resumption is not None:
         reused = sum(part.length for part in resumption.parts.values())
         job.tally.resumed(os.path.join(job.source, journal.found.relative),
                           len(resumption.parts), len(plan.ranges), reused, job.verbose)
     try:
-        return send_parts(client, job, key, fd, plan, upload, journal, resumption, state)
+        return send_parts(client, job, key, fd, plan, sending, journal, resumption, state)
     except (KeyTakenError, ChangedError):
         raise
     except FileError as exc:
@@ -3953,20 +3959,20 @@ def multipart_upload(client, job, key, fd, info, upload, journal):
             raise
         if resumption is not None:   # its parts go again after all
             job.tally.resume_dropped(reused)
-        return send_parts(client, job, key, fd, plan, upload, journal, None, state)
+        return send_parts(client, job, key, fd, plan, sending, journal, None, state)
     finally:
         journal.close()
 
 
-def send_file(client, job, key, body, found, info, upload):
+def send_file(client, job, key, body, found, info, sending):
     """One PUT, or a multipart upload above the threshold, of body: (descriptor, fstat)
     of the file itself or of its gzip (the journal is the file's, info). Returns the
     object's Proof."""
     fd, sent = body
     if sent.st_size > min(job.multipart_threshold, MAX_PUT_BYTES):
-        return multipart_upload(client, job, key, fd, sent, upload,
+        return multipart_upload(client, job, key, fd, sent, sending,
                                 job.journal_for(found, info))
-    return put_object(client, key, fd, sent.st_size, upload)
+    return put_object(client, key, fd, sent.st_size, sending)
 
 
 def upload_file(client, job, fd, info, found, key):
@@ -3978,8 +3984,7 @@ def upload_file(client, job, fd, info, found, key):
         if info.st_size > MAX_OBJECT_BYTES:
             raise FileError("larger than 5 TiB, S3's limit for one object; left in place")
         gzipped = goes_gzipped(job.compress, found.name, fd)
-        keys = candidate_keys(key, job.if_exists, gzipped)
-        first = next(keys)
+        first = gzip_key(key) if gzipped else key
         if not job.take_key(first):
             raise FileError("another file of this run went to that key%s: kept, not "
                             "overwriting it; add {mtime_epoch} or {inode} to the key template "
@@ -3987,10 +3992,10 @@ def upload_file(client, job, fd, info, found, key):
         body = gzip_file(fd, info, found.name, job.spool_folder, job.compress) if gzipped \
             else (fd, info)
         try:
-            upload = upload_for(job, found.relative, info, gzipped)
-            for key in itertools.chain([first], keys):
+            sending = sending_for(job, found.relative, info, gzipped)
+            for key in candidate_keys(first, job.if_exists):
                 try:
-                    return (key, send_file(client, job, key, body, found, info, upload),
+                    return (key, send_file(client, job, key, body, found, info, sending),
                             body[1].st_size if gzipped else None)
                 except KeyTakenError:
                     if job.if_exists != "number":
@@ -4199,8 +4204,9 @@ def print_plan(source, files, destination, tally, compress):
     base, lines = os.path.join(source, ""), []
     for found in files:
         try:
-            key = next(candidate_keys(template.key_for(found), None,
-                                      goes_gzipped(compress, found.name)))
+            key = template.key_for(found)
+            if goes_gzipped(compress, found.name):   # by the name alone
+                key = gzip_key(key)
         except FileError as exc:
             tally.failed(base + found.relative, None, exc)
             continue
@@ -4887,7 +4893,7 @@ def guarded_run(options, tally):
 RELAUNCH = """# s3push: %(file)r run from its compiled code (see relaunch in it)
 import marshal, os, sys
 with os.fdopen(%(fd)d, "rb") as code:
-    code = marshal.load(code) if sys.hexversion == %(version)d else None
+    code = marshal.loads(code.read()) if sys.hexversion == %(version)d else None
 module = type(sys)("s3push")
 module.__file__ = sys.argv[0] = %(file)r
 if sys.path and sys.path[0] == "":   # -c put the working folder there: as by path

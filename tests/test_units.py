@@ -568,19 +568,19 @@ class NumberedKeys(unittest.TestCase):
             self.assertEqual(s3push.numbered_key(key, 3), expected)
 
     def test_candidates_are_bounded(self):
-        self.assertEqual(list(s3push.candidate_keys("k", "keep", False)), ["k"])
-        keys = list(s3push.candidate_keys("k.txt", "number", False))
+        self.assertEqual(list(s3push.candidate_keys("k", "keep")), ["k"])
+        keys = list(s3push.candidate_keys("k.txt", "number"))
         self.assertEqual(keys[:3], ["k.txt", "k.1.txt", "k.2.txt"])
         self.assertEqual(len(keys), 1 + s3push.MAX_NUMBERED_KEYS)
 
     def test_candidates_of_a_gzip_and_their_length(self):
-        keys = s3push.candidate_keys("d/app.log", "number", True)
+        keys = s3push.candidate_keys(s3push.gzip_key("d/app.log"), "number")
         self.assertEqual([next(keys) for _ in range(2)], ["d/app.log.gz", "d/app.log.1.gz"])
         longest = "k" * (s3push.MAX_KEY_BYTES - 3)
-        self.assertEqual(next(s3push.candidate_keys(longest, "keep", True)), longest + ".gz")
+        self.assertEqual(s3push.gzip_key(longest), longest + ".gz")
         with self.assertRaises(s3push.FileError):   # .gz takes it over S3's limit
-            next(s3push.candidate_keys(longest + "k", "keep", True))
-        keys = s3push.candidate_keys(longest + "kkk", "number", False)
+            s3push.gzip_key(longest + "k")
+        keys = s3push.candidate_keys(longest + "kkk", "number")
         self.assertEqual(next(keys), longest + "kkk")
         with self.assertRaises(s3push.FileError):   # and so does a number
             next(keys)
@@ -837,7 +837,7 @@ class Verification(unittest.TestCase):
             def request(self, *args, **kwargs):
                 Client.requests += 1
                 return s3push.Response(200, "OK", {}, self.body)
-        upload = s3push.Upload({}, {}, True, False)
+        upload = s3push.Sending({}, {}, True, False)
         self.assertEqual(s3push.create_multipart_upload(Client(
             b"<R><UploadId>id&#x8;</UploadId></R>"), "k", upload), "id\x08")
         for body, said in ((b"<R><UploadId>id&#xD800;</UploadId></R>",
