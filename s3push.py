@@ -2331,7 +2331,7 @@ def open_directory(root_fd, steps):
         os.close(fd)
         if isinstance(exc, OSError) and exc.errno in CHANGED_ERRNOS:
             raise TreeChanged("a directory on its path was moved, replaced or swapped "
-                                   "for a symlink during the run; left alone")
+                              "for a symlink during the run; left alone")
         raise
     return fd
 
@@ -2657,11 +2657,11 @@ def open_regular_file(parent_fd, name):
         fd = os.open(name, FILE_FLAGS, dir_fd=parent_fd)
     except FileNotFoundError:
         raise Vanished("vanished before it was read (moved or deleted by another "
-                            "process); nothing to do")
+                       "process); nothing to do")
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise TreeChanged("replaced by a symlink during the run; not followed, "
-                                   "left alone")
+                              "left alone")
         raise FileError("cannot read (%s); left in place" % exc.strerror)
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
@@ -4018,7 +4018,7 @@ def check_no_writer(job, fd, info, since, uploaded):
                                "in-progress names")
     elif writing:
         raise StillWritten("%sstill open for writing by another process; left for a "
-                                "later run" % ("uploaded, but " if uploaded else ""))
+                           "later run" % ("uploaded, but " if uploaded else ""))
 
 
 def hand_over(job, parent_fd, fd, found, uploaded, opened):
@@ -4039,7 +4039,7 @@ def hand_over(job, parent_fd, fd, found, uploaded, opened):
         try:
             if not (stat.S_ISREG(came.st_mode) and same_file(uploaded, came)):
                 raise StillWritten("replaced by a new version just before its "
-                                        "removal; the new one is left for a later run")
+                                   "removal; the new one is left for a later run")
             check_no_writer(job, fd, uploaded, opened, True)
         except StillWritten:
             give_back(private_fd, parent_fd, name)
@@ -4062,7 +4062,7 @@ def delete_if_unchanged(job, parent_fd, fd, found, uploaded, opened):
         return
     if stat.S_ISLNK(after.st_mode):
         raise TreeChanged("replaced by a symlink during the run; not followed, left "
-                               "alone")
+                          "alone")
     if not same_file(uploaded, after) or file_state(os.fstat(fd)) != file_state(uploaded):
         raise ChangedError()
     check_no_writer(job, fd, uploaded, opened, True)
