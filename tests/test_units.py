@@ -711,6 +711,18 @@ class Layout(unittest.TestCase):
                         compared.append(node.lineno)
         self.assertEqual(compared, [])
 
+    def test_one_road_for_warnings(self):
+        """Every warning goes through Notices (said once, after the status line is
+        cleared): no other place writes the words 'warning:' for the operator."""
+        ast, places = self.ast, []
+        for top in self.tree.body:
+            for node in ast.walk(top):
+                text = getattr(node, "s", None) if isinstance(
+                    node, ast.Str if sys.version_info < (3, 8) else ast.Constant) else None
+                if isinstance(text, str) and "warning:" in text:
+                    places.append(self.names(top)[0])
+        self.assertEqual(places, ["Notices"])
+
     def names(self, node):
         ast = self.ast
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
