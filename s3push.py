@@ -974,7 +974,8 @@ class Session(object):
         try:
             self.credentials = self.reload_credentials()
         except S3PushError as exc:
-            self.say("refresh", "could not refresh the credentials (%s)" % exc)
+            self.notices.warning("could not refresh the credentials (%s)" % exc,
+                                 once="refresh")
 
     def correct(self, response, used, signed_at):
         """True when the answer showed a mistake that is now fixed (maybe by another
@@ -994,9 +995,9 @@ class Session(object):
         if code != "RequestTimeTooSkewed" and abs(skew) < SKEW_TOLERANCE:
             return False
         self.offset += skew
-        self.say("clock", "this host's clock is %d s %s the server's: signing with the "
-                 "server's time for this run; fix the clock (NTP)"
-                 % (abs(skew), "behind" if skew > 0 else "ahead of"))
+        self.notices.warning("this host's clock is %d s %s the server's: signing with the "
+                             "server's time for this run; fix the clock (NTP)"
+                             % (abs(skew), "behind" if skew > 0 else "ahead of"), once="clock")
         return True
 
     def fix_region(self, response):
@@ -1004,9 +1005,9 @@ class Session(object):
         if response.status not in (301, 307, 400, 403) or not region or \
                 region == self.region or not REGION_NAME.match(region):
             return False
-        self.say("region", "bucket %s is in region %s, not %s: set --region %s (or "
-                 "AWS_REGION) to spare a round trip" % (self.bucket, region, self.region,
-                                                        region))
+        self.notices.warning("bucket %s is in region %s, not %s: set --region %s (or "
+                             "AWS_REGION) to spare a round trip"
+                             % (self.bucket, region, self.region, region), once="region")
         self.region = region
         self.endpoint = endpoint_for(self.endpoint_url, region, self.bucket)
         return True
@@ -1024,13 +1025,10 @@ class Session(object):
         if (fresh.access_key, fresh.secret_key, fresh.token) == \
                 (old.access_key, old.secret_key, old.token):
             return False
-        self.say("token", "the credentials had expired; read them again from %s"
-                 % fresh.source)
+        self.notices.warning("the credentials had expired; read them again from %s"
+                             % fresh.source, once="token")
         self.credentials = fresh
         return True
-
-    def say(self, topic, message):
-        self.notices.warning(message, once=topic)
 
 
 def is_retryable(response):
@@ -3819,7 +3817,7 @@ def sending_for(job, relative, info, gzipped):
         headers["x-amz-meta-s3push-size"] = str(info.st_size)
     condition = {"if-none-match": "*"} if job.if_exists != "overwrite" else {}
     return Sending(headers, condition, job.verify_md5, job.sign_payload, job.checksum,
-                  job.plain_http)
+                   job.plain_http)
 
 
 class PartTracker(object):
