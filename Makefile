@@ -20,11 +20,17 @@ CEPH_DEBS := radosgw librgw2 librados2 ceph-common ceph-base ceph-mon ceph-osd p
 	librdmacm1 libnl-3-200 libnl-route-3-200 libleveldb1d libsnappy1v5 libaio1 libfuse2 \
 	libpmem1 libndctl6 libdaxctl1 libkmod2 liboath0
 
+# bindfs, exFAT through FUSE and libfuse from Debian 12, unpacked (not installed): the
+# filesystems where a removal is hard (tests/filesystems.py). As root, libfuse mounts
+# and unmounts by itself: no setuid fusermount is needed.
+FUSEFS := $(TESTENV)/fusefs/.unpacked
+FUSEFS_DEBS := bindfs exfat-fuse exfatprogs libfuse2
+
 AWSCLI := $(TESTENV)/awscli/bin/aws
 
 .PHONY: test test-all test-rgw test-moto test-localstack demo bench clean
 
-test: $(RCLONE) $(FAKETIME)
+test: $(RCLONE) $(FAKETIME) $(FUSEFS)
 	LC_ALL=C.UTF-8 $(PYTHON) tests/run_all.py
 
 # test-all: the quick suite, then the server-facing suites again against the stricter
@@ -77,6 +83,20 @@ $(FAKETIME):
 			{ apt-get update -q >/dev/null && apt-get download -q libfaketime; }; \
 		cd - >/dev/null; \
 		dpkg-deb -x $(TESTENV)/faketime/debs/libfaketime_*.deb $(TESTENV)/faketime; \
+		touch $@; \
+	fi
+
+# As $(FAKETIME): without apt-get nothing is fetched and those tests are skipped, named.
+$(FUSEFS):
+	@if ! command -v apt-get >/dev/null 2>&1; then \
+		echo "no apt-get here: bindfs and exFAT not fetched; their tests will be skipped"; \
+	else \
+		set -e; rm -rf $(TESTENV)/fusefs && mkdir -p $(TESTENV)/fusefs/debs; \
+		cd $(TESTENV)/fusefs/debs; \
+		apt-get download -q $(FUSEFS_DEBS) >/dev/null 2>&1 || \
+			{ apt-get update -q >/dev/null && apt-get download -q $(FUSEFS_DEBS); }; \
+		cd - >/dev/null; \
+		for deb in $(TESTENV)/fusefs/debs/*.deb; do dpkg-deb -x $$deb $(TESTENV)/fusefs; done; \
 		touch $@; \
 	fi
 
