@@ -40,8 +40,10 @@ Files and environment read (the AWS tools' precedence):
     writers      /proc/sys/fs/protected_hardlinks; /proc/*/fd and /proc/*/fdinfo
                  where no file lease can be taken (see Local side)
     state        written and read: --state-dir, $XDG_STATE_HOME/s3push, else
-                 ~/.local/state/s3push (this account's alone): the run lock, and the
-                 journals that let a multipart upload cut off part-way resume
+                 ~/.local/state/s3push (this account's alone): the run lock, the
+                 journals that let a multipart upload cut off part-way resume, and
+                 the ledger of uploads the server confirmed, which lets the next run
+                 remove a file whose run was killed before its removal
     network      HTTPS_PROXY, HTTP_PROXY, NO_PROXY and --ca-bundle (AWS_CA_BUNDLE,
                  ca_bundle) for every request: S3, STS and the metadata services
 
@@ -56,10 +58,10 @@ Security:
 Sections (grep '^# ==='), lowest layer first; each uses only what stands above it:
 constants and output, errors, SigV4 signer, HTTP and XML transport, Session and
 S3Client, credentials and settings, S3 operations, local side (keys; the walk; oldest
-first; one file: its checks, its writers, the handover, its gzip), resume journals (and
-the manifest), the job (option checks, key templates, the tally, the queue: what the
-workers share), the per-file move and parallel transfers (move_file: one file from its
-open to its unlink), the run (the scan, the lock, the moves, summary and metrics),
+first; one file: its checks, its writers, its gzip), the state kept between runs
+(resume journals, the ledger of confirmed uploads, the manifest), the job (option
+checks, key templates, the tally, the queue: what the workers share), the per-file move
+and parallel transfers (move_file: one file from its open to its unlink), the run (the scan, the lock, the moves, summary and metrics),
 command line (main last).
 """
 
@@ -2131,11 +2133,28 @@ CHANGED_ERRNOS = frozenset([errno.ENOENT, errno.ENOTDIR, errno.ELOOP])
 PROTECTED_HARDLINKS = "/proc/sys/fs/protected_hardlinks"
 
 
-# The handover (see hand_over): before its unlink a file's name is moved into a private
-# folder beside it, so that what is removed is what sits there, not whatever took the name.
-# A run killed part-way leaves such a folder; the next run gives back what it holds.
-PRIVATE_PREFIX = ".s3push-handover-"   # looked for before the excludes (".*")
-PRIVATE_DIR = re.compile(r"\.s3push-handover-([0-9a-f]{8})-[0-9a-f]{8}\Z")
+# The removal (see remove_file): just before its unlink, a file's name is renamed to an
+# aside name beside it, ".s3push-ID-NAME" (ID: the run's token and a count), so that what
+# is unlinked is what that rename brought, checked, never whatever took the name meanwhile.
+# One rename within the directory: no mkdir, no new inode, no mode bits, so it works on a
+# full disk and on filesystems that ignore modes. A run killed part-way leaves the aside
+# name: the next run removes it if the ledger says the server confirmed those bytes, else
+# moves it as the file it was (its key made from NAME). The private folders of earlier
+# versions (".s3push-handover-RUN-RANDOM") are scanned as part of their directory, and
+# removed once empty.
+ASIDE_PREFIX = ".s3push-"   # looked for before the excludes (".*")
+ASIDE = re.compile(r"\.s3push-([0-9a-f]{8})[0-9a-f]{8}-(.+)\Z", re.S)
+OLD_PRIVATE_DIR = re.compile(r"\.s3push-handover-[0-9a-f]{8}-[0-9a-f]{8}\Z")
+NAME_MAX = 255   # bytes in a name: a longer aside name is not made
+
+
+def key_name(name):
+    """The name a file's key is made from: its own, or under an aside name the one it had."""
+    if name.startswith(ASIDE_PREFIX):
+        match = ASIDE.match(name)
+        if match:
+            return match.group(2)
+    return name
 
 
 def name_taken(dir_fd, name):
@@ -2146,75 +2165,70 @@ def name_taken(dir_fd, name):
     return True
 
 
-def give_back(private_fd, parent_fd, name):
-    """Move name from the private folder back into its directory, never replacing what
-    holds that name now; False when it stays (the name is taken, or this filesystem has
-    no hard links), for a later run to move from where it is."""
+def give_back(parent_fd, aside, name):
+    """Move what an aside name holds back to name, never replacing what holds that name
+    now (link() fails if it is taken); False when it stays (the name is taken, or this
+    filesystem has no hard links): a later run moves it from there, as the file it was.
+    What is no file goes back by rename, which replaces at most an empty directory."""
     try:
-        info = os.stat(name, dir_fd=private_fd, follow_symlinks=False)
-        if not stat.S_ISDIR(info.st_mode):   # link() never replaces: EEXIST if taken
-            os.link(name, name, src_dir_fd=private_fd, dst_dir_fd=parent_fd,
+        info = os.stat(aside, dir_fd=parent_fd, follow_symlinks=False)
+        if stat.S_ISREG(info.st_mode):
+            os.link(aside, name, src_dir_fd=parent_fd, dst_dir_fd=parent_fd,
                     follow_symlinks=False)
-            os.unlink(name, dir_fd=private_fd)
-            return True
-        if name_taken(parent_fd, name):
+            os.unlink(aside, dir_fd=parent_fd)
+        elif not name_taken(parent_fd, name) or stat.S_ISDIR(info.st_mode):
+            os.rename(aside, name, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
+        else:
             return False
-        os.rename(name, name, src_dir_fd=private_fd, dst_dir_fd=parent_fd)   # replaces at
-        return True                                                # most an empty folder
+        return True
     except OSError:
         return False
 
 
-def recover_private(parent_fd, name, info):
-    """Give back what a cut-off handover left in the private folder `name` (stat'ed as
-    info), and remove the folder once empty. Returns (the names given back, whether the
-    folder is gone)."""
-    given = []
-    try:
-        fd = os.open(name, DIRECTORY_FLAGS, dir_fd=parent_fd)
-    except OSError:
-        return given, False
-    try:
-        opened = os.fstat(fd)
-        if (opened.st_dev, opened.st_ino) == (info.st_dev, info.st_ino):
-            given = [entry for entry in os.listdir(fd) if give_back(fd, parent_fd, entry)]
-    finally:
-        os.close(fd)
-    try:
-        os.rmdir(name, dir_fd=parent_fd)
-    except OSError:
-        return given, False
-    return given, True
-
-
-class Handovers(object):
-    """This run's private folders (named with its tag) and what the scan does with those
-    it meets: another account's are not ours, and this run's are in use (both left
-    alone); those of earlier runs are recovered (not under --dry-run), and what stays in
-    them is scanned as part of their directory, under the names it had there."""
+class AsideNames(object):
+    """This run's aside names: an id (the run's token and a count: no random draw a file)
+    and the name. What the scan meets of earlier runs' is moved; this run's own are in
+    use and left alone."""
 
     def __init__(self, recover):
-        self.tag = os.urandom(4).hex()
-        self.recover = recover
+        self.token = os.urandom(4).hex()
+        self.count = itertools.count()
+        self.recover = recover   # not under --dry-run: nothing is removed then
 
-    def new_name(self):
-        return "%s%s-%s" % (PRIVATE_PREFIX, self.tag, os.urandom(4).hex())
+    def new(self, name):
+        """(an id, the aside name for name, None where it would be too long a name)."""
+        ident = "%s%08x" % (self.token, next(self.count) % 2 ** 32)
+        aside = "%s%s-%s" % (ASIDE_PREFIX, ident, name)
+        return ident, aside if len(os.fsencode(aside)) <= NAME_MAX else None
 
-    def meet(self, parent_fd, directory, name, stack):
-        """What the scan does on meeting the private folder `name` in directory (open as
-        parent_fd); returns the names it gave back there, to be scanned now."""
-        try:
-            info = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
-        except OSError:
-            return []
-        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or \
-                info.st_mode & 0o077 or PRIVATE_DIR.match(name).group(1) == self.tag:
-            return []
-        given, gone = (recover_private(parent_fd, name, info) if self.recover
-                       else ([], False))
-        if not gone:
+    def meet(self, fd, directory, name, stack):
+        """True when the scan is to take name as a file: an earlier run's aside name. An
+        earlier version's private folder of this account goes, if empty, or is scanned
+        as part of its directory; anything else of ours is left alone."""
+        match = ASIDE.match(name)
+        if match:
+            if match.group(1) == self.token:
+                return False
+            try:
+                info = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except OSError:
+                return False
+            if not stat.S_ISREG(info.st_mode) and self.recover:   # came in, not given back
+                give_back(fd, name, match.group(2))
+            return stat.S_ISREG(info.st_mode)
+        if OLD_PRIVATE_DIR.match(name):
+            try:
+                info = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+                    return False
+                if self.recover:
+                    os.rmdir(name, dir_fd=fd)
+                    return False
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    return False
             stack.append(directory.adopt(name, info))
-        return given
+        return False
 
 
 class Directory(collections.namedtuple("Directory", "relative steps")):
@@ -2227,7 +2241,7 @@ class Directory(collections.namedtuple("Directory", "relative steps")):
                          self.steps + ((name, info.st_dev, info.st_ino),))
 
     def adopt(self, name, info):
-        """A private folder of the handover in this directory: what it holds keeps the
+        """An earlier version's private folder in this directory: what it holds keeps the
         relative paths (and so the keys) it had here."""
         return Directory(self.relative, self.steps + ((name, info.st_dev, info.st_ino),))
 
@@ -2249,7 +2263,8 @@ class Found(collections.namedtuple("Found", "directory name info")):
 
     @property
     def relative(self):
-        return self.directory.relative + self.name
+        """Its path under SOURCE_DIR as its key and the operator know it (key_name)."""
+        return self.directory.relative + key_name(self.name)
 
 
 def open_source(source):
@@ -2406,12 +2421,12 @@ YOUNG = "young"               # for one younger than --min-age
 SIZED_OUT = "sized out"       # and for one outside --min-size, --max-size
 
 
-def scan_entry(fd, directory, name, selection, stack, errors, removal):
+def scan_entry(fd, directory, name, selection, stack, errors, removal, aside=False):
     """The Found for one name of a directory (open as fd) if it is a regular file to send
     (UNREMOVABLE for one this account could not remove: see Removal; YOUNG or SIZED_OUT
     for one left by the Selection); a subdirectory goes on stack. The scan's hot path:
-    one lstat a name."""
-    if matches(name, directory.relative + name, selection.excludes):
+    one lstat a name. aside: an earlier run's aside name, which no exclude skips."""
+    if not aside and matches(name, directory.relative + name, selection.excludes):
         return None
     try:
         info = os.stat(name, dir_fd=fd, follow_symlinks=False)
@@ -2422,8 +2437,9 @@ def scan_entry(fd, directory, name, selection, stack, errors, removal):
                                                             % exc.strerror)))
         return None
     if stat.S_ISREG(info.st_mode):
+        shown = key_name(name) if aside else name
         if selection.includes is not None and not matches(
-                name, directory.relative + name, selection.includes):
+                shown, directory.relative + shown, selection.includes):
             return None
         if info.st_mtime_ns > selection.young_after_ns:
             return YOUNG
@@ -2433,35 +2449,28 @@ def scan_entry(fd, directory, name, selection, stack, errors, removal):
             return UNREMOVABLE
         return Found(directory, name, ScanStat(info.st_dev, info.st_ino, info.st_size,
                                                info.st_mtime_ns))
-    if stat.S_ISDIR(info.st_mode):
+    if stat.S_ISDIR(info.st_mode) and not aside:
         stack.append(directory.child(name, info))
     return None
 
 
-def scan_directory(fd, directory, selection, stack, errors, handovers):
+def scan_directory(fd, directory, selection, stack, errors, asides):
     """The regular files of one directory (open as fd); its subdirectories go on stack.
-    A private folder of the handover is met before the excludes (".*") would skip it.
-    Files left for their age or size are counted in selection; files this account could
-    not remove are counted, and go to errors once for the directory."""
-    given = set()   # given back by a recovery: scanned then, not again if listed later
+    Names of ours (AsideNames) are met before the excludes (".*") would skip them. Files
+    left for their age or size are counted in selection; files this account could not
+    remove are counted, and go to errors once for the directory."""
     removal, kept = removal_in(fd), 0
     for name in list_directory(fd):
-        if name in given:
-            continue
-        names = (name,)
-        if name.startswith(PRIVATE_PREFIX) and PRIVATE_DIR.match(name):
-            names = handovers.meet(fd, directory, name, stack)
-            given.update(names)
-        for entry in names:
-            found = scan_entry(fd, directory, entry, selection, stack, errors, removal)
-            if found is YOUNG:
-                selection.young += 1
-            elif found is SIZED_OUT:
-                selection.sized_out += 1
-            elif found is UNREMOVABLE:
-                kept += 1
-            elif found is not None:
-                yield found
+        aside = name.startswith(ASIDE_PREFIX) and asides.meet(fd, directory, name, stack)
+        found = scan_entry(fd, directory, name, selection, stack, errors, removal, aside)
+        if found is YOUNG:
+            selection.young += 1
+        elif found is SIZED_OUT:
+            selection.sized_out += 1
+        elif found is UNREMOVABLE:
+            kept += 1
+        elif found is not None:
+            yield found
     if kept:
         errors.append((directory.relative, UnremovableError(
             "this account (uid %d) cannot remove %d file%s here (%s): left alone, not "
@@ -2470,7 +2479,7 @@ def scan_directory(fd, directory, selection, stack, errors, handovers):
             kept)))
 
 
-def scan(root_fd, selection, errors, handovers):
+def scan(root_fd, selection, errors, asides):
     """Yield a Found for each regular file under SOURCE_DIR (open as root_fd) that the
     Selection passes on, streaming.
 
@@ -2492,7 +2501,7 @@ def scan(root_fd, selection, errors, handovers):
                                                          % exc.strerror)))
             continue
         try:
-            yield from scan_directory(fd, directory, selection, stack, errors, handovers)
+            yield from scan_directory(fd, directory, selection, stack, errors, asides)
         finally:
             os.close(fd)
 
@@ -2510,7 +2519,7 @@ def order_key(found):
 
 
 def unnamed_file(folder_fd, prefix):
-    """A new file of the private folder, open for reading and writing, its name unlinked
+    """A new file of the state folder, open for reading and writing, its name unlinked
     at once: only this process reaches it, and a killed run leaves nothing behind."""
     name = "%s%s" % (prefix, os.urandom(8).hex())
     fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -2634,7 +2643,7 @@ def oldest_first(scan_round, window, spill):
     yield from rescanned_order(scan_round, window)
 
 
-# === Local side: one file (its checks, its writers, the handover, its gzip) ===
+# === Local side: one file (its checks, its writers, its gzip) ===
 
 
 def file_identity(info):
@@ -2816,131 +2825,13 @@ def remove_empty_dirs(root_fd, directories):
             steps = steps[:-1]
 
 
-# Tests run a writer, or kill the run, at each step of the handover (as TAKE_LEASES above).
-HANDOVER_SEAM = None
+# Tests run a writer, or kill the run, at each step of a file's move (as TAKE_LEASES).
+MOVE_SEAM = None
 
 
 def seam(step, name):
-    if HANDOVER_SEAM is not None:
-        HANDOVER_SEAM(step, name)
-
-
-MAX_PRIVATE_FOLDERS = 32   # kept at once; beyond, the least recently used idle one goes
-
-
-class PrivateFolder(object):
-    """A private folder of the handover this run made: its name, (device, inode), a
-    descriptor of the directory it is in (to remove it from there, wherever that directory
-    went meanwhile), how that directory was reached, the workers using it now, and the name
-    last moved into it."""
-
-    def __init__(self, parent_fd, steps, name, info):
-        self.parent_fd, self.steps, self.name = os.dup(parent_fd), steps, name
-        self.identity = (info.st_dev, info.st_ino)
-        self.users, self.last = 0, ""
-
-
-class HandoverFolders(object):
-    """This run's private folders, one per directory it moves files from (a mkdir and an
-    rmdir cost a third of a millisecond, half of what a small file costs otherwise): made
-    on first use, kept for the MAX_PRIVATE_FOLDERS directories used last, removed when idle
-    beyond those and at the end of the run (clean_up). Each is opened afresh for every file
-    and used only while it is still this run's very folder: 0700, this account's, the
-    device and inode it was made with; else a new one is made."""
-
-    def __init__(self, handovers, root_fd):
-        self.handovers, self.root_fd = handovers, root_fd
-        self.lock = threading.Lock()
-        self.by_directory = collections.OrderedDict()   # (device, inode): PrivateFolder
-        self.retired = []   # replaced while in use: removed at the end
-
-    def open_for(self, parent_fd, steps, name):
-        """(PrivateFolder, a descriptor of it) for moving name out of the directory open as
-        parent_fd: nothing by that name in it (a leftover of a give-back that failed
-        earlier would be replaced by the rename: a new folder then). Hand it back with
-        done()."""
-        info = os.fstat(parent_fd)
-        key = (info.st_dev, info.st_ino)
-        with self.lock:
-            folder = self.by_directory.pop(key, None)
-            fd = self.open_own(folder) if folder else None
-            if fd is not None and name_taken(fd, name):
-                os.close(fd)
-                fd = None
-            if fd is None:
-                if folder is not None:
-                    self.retired.append(folder)
-                folder, fd = self.make(parent_fd, steps, name)
-            self.by_directory[key] = folder   # the most recently used last
-            folder.users += 1
-            folder.last = name
-            self.evict()
-            return folder, fd
-
-    def make(self, parent_fd, steps, name):
-        seam("mkdir", name)
-        private = self.handovers.new_name()
-        os.mkdir(private, 0o700, dir_fd=parent_fd)
-        folder = PrivateFolder(parent_fd, steps, private,
-                               os.stat(private, dir_fd=parent_fd, follow_symlinks=False))
-        fd = self.open_own(folder)
-        if fd is None:   # swapped between the mkdir and the open: not ours to use
-            self.retired.append(folder)
-            raise OSError(errno.EPERM, "the private folder %s was replaced" % private)
-        return folder, fd
-
-    @staticmethod
-    def open_own(folder):
-        """A descriptor of folder, or None when its name no longer holds this run's very
-        folder (moved away, or replaced by another account's)."""
-        try:
-            fd = os.open(folder.name, DIRECTORY_FLAGS, dir_fd=folder.parent_fd)
-        except OSError:
-            return None
-        info = os.fstat(fd)
-        if (info.st_dev, info.st_ino) != folder.identity or info.st_uid != os.geteuid() \
-                or info.st_mode & 0o077:
-            os.close(fd)
-            return None
-        return fd
-
-    def done(self, folder):
-        with self.lock:
-            folder.users -= 1
-            self.evict()
-
-    def evict(self):
-        """Remove idle folders beyond the MAX_PRIVATE_FOLDERS used last (lock held)."""
-        while len(self.by_directory) > MAX_PRIVATE_FOLDERS:
-            idle = next((key for key, folder in self.by_directory.items()
-                         if not folder.users), None)
-            if idle is None:
-                return
-            self.remove(self.by_directory.pop(idle))
-
-    def remove(self, folder):
-        """rmdir the folder (empty, but for what could not be given back: that stays for a
-        later run, as after a kill) from its directory, wherever that is now; then that
-        directory too if it is an earlier run's private folder files were moved from."""
-        try:
-            seam("rmdir", folder.last)
-            info = os.stat(folder.name, dir_fd=folder.parent_fd, follow_symlinks=False)
-            if (info.st_dev, info.st_ino) == folder.identity:
-                os.rmdir(folder.name, dir_fd=folder.parent_fd)
-        except OSError:
-            pass
-        finally:
-            os.close(folder.parent_fd)
-        if folder.steps and PRIVATE_DIR.match(folder.steps[-1][0]):
-            remove_directory(self.root_fd, folder.steps)
-
-    def clean_up(self):
-        """Remove every folder of this run (the end of a run, or of its moves)."""
-        with self.lock:
-            folders = list(self.by_directory.values()) + self.retired
-            self.by_directory, self.retired = collections.OrderedDict(), []
-        for folder in folders:
-            self.remove(folder)
+    if MOVE_SEAM is not None:
+        MOVE_SEAM(step, name)
 
 
 # --compress gzip: a file goes up as its gzip, spooled to an unnamed file of the private
@@ -3003,7 +2894,7 @@ def gunzip_check(spool, crc, size):
 
 
 def gzip_file(fd, info, name, folder_fd, level):
-    """The file's gzip, in a new unnamed file of the private folder: (its descriptor, its
+    """The file's gzip, in a new unnamed file of the state folder: (its descriptor, its
     fstat). ChangedError when the file is not in the state it had (info) by the end; a
     FileError when it cannot be read or the spool written (a full state folder)."""
     state = file_state(info)
@@ -3034,7 +2925,7 @@ def gzip_file(fd, info, name, folder_fd, level):
         raise
 
 
-# === Resume journals ===
+# === State kept between runs: resume journals, the ledger, the manifest ===
 # A multipart upload cut off part-way (a kill, a reboot, a link that drops) resumes on the
 # next run from a journal kept outside SOURCE_DIR, one folder per source and destination:
 # the file it was for (device, inode, size, mtime), its key and upload id, and each part
@@ -3276,13 +3167,20 @@ def headers_fingerprint(headers):
     return hashlib.sha256(json.dumps(sorted(headers.items())).encode("utf-8")).hexdigest()
 
 
+def state_subfolder(state_dir, source, destination):
+    """The folder of the state folder for one source and Destination: its resume
+    journals and its ledger."""
+    url = "s3://%s/%s" % (destination.bucket, destination.prefix)
+    name = hashlib.sha256(b"\0".join([os.fsencode(os.path.realpath(source)),
+                                      url.encode("utf-8")])).hexdigest()[:24]
+    return os.path.join(state_dir, name)
+
+
 class Journals(object):
     """The journals of one source and destination: a folder under the state folder."""
 
-    def __init__(self, state_dir, source, destination, max_age, say):
-        name = hashlib.sha256(b"\0".join([os.fsencode(os.path.realpath(source)),
-                                          destination.encode("utf-8")])).hexdigest()[:24]
-        self.folder = os.path.join(state_dir, name)
+    def __init__(self, folder, max_age, say):
+        self.folder = folder
         self.max_age, self.say = max_age, say
 
     def for_file(self, found, info):
@@ -3304,6 +3202,197 @@ class Journals(object):
                 pass
 
 
+# The ledger: before anything is renamed or removed, what the server confirmed of a file
+# is appended to it, one JSON line, fsync'ed (a group of workers' lines share one fsync):
+# the key, the file's identity (device, inode, size, mtime, ctime), its aside name, the
+# checksum that proved it, ETag and VersionId; the manifest's line is made from it. A file
+# the ledger vouches for is removed without another PUT, so a run killed between an
+# upload and its removal costs nothing: no 412, no numbered copy, no second object. It is
+# a file of the state folder beside the resume journals; at the end of a run it keeps only
+# the records whose file is still there.
+
+LEDGER_NAME = "confirmed.jsonl"
+MANIFEST_FIELDS = ("path", "bucket", "key", "size", "mtime", "checksum", "etag", "version_id",
+                   "compression", "compressed_size")   # and the run's tag and time
+
+
+def ledger_identity(info):
+    """What a record vouches for: file_identity and the ctime (which moves with any change
+    of the contents, utimes() included)."""
+    return file_identity(info) + [info.st_ctime_ns]
+
+
+def vouches(record, info, aside):
+    """Whether a record is of this very file, unchanged. Under an aside name, which the
+    rename gave it, its ctime may have moved on since, not back."""
+    recorded = record["file"]
+    now = ledger_identity(info)
+    return recorded[:4] == now[:4] and (recorded[4] == now[4] or aside and
+                                        now[4] >= recorded[4])
+
+
+def still_there(root_fd, record):
+    """Whether the record's file is at its name or its aside name, as it was."""
+    try:
+        steps = [(str(name), int(device), int(inode)) for name, device, inode in
+                 record["steps"]]
+        parent = open_directory(root_fd, steps)
+    except (ValueError, KeyError, TypeError, OSError, TreeChanged):
+        return False
+    try:
+        for name, aside in ((record["name"], False), (record.get("aside"), True)):
+            try:
+                if name and vouches(record, os.stat(name, dir_fd=parent,
+                                                    follow_symlinks=False), aside):
+                    return True
+            except OSError:
+                continue
+        return False
+    finally:
+        os.close(parent)
+
+
+class Ledger(object):
+    """The ledger of one source and destination (see above). A record is a dict: the
+    manifest's fields, and "id", "file", "steps", "name", "aside"."""
+
+    def __init__(self, folder, notices):
+        self.path = os.path.join(folder, LEDGER_NAME) if folder else None
+        self.notices = notices
+        self.lock = threading.Lock()        # the file and the records
+        self.sync_lock = threading.Lock()   # one fsync at a time, for all lines before it
+        self.fd = None
+        self.size = 0   # of the file: where a line cut short is cut back to
+        self.written = self.synced = 0   # lines written, and made durable
+        self.records = {}   # (device, inode): the records not yet resolved
+
+    def open(self, reason=None):
+        """Read what earlier runs left and open the ledger for appending; without it (no
+        state folder: reason) files still move, with a warning."""
+        try:
+            if self.path is None:
+                raise OSError(errno.ENOENT, reason or "no state folder")
+            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT |
+                              os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            self.load(os.fstat(self.fd).st_size)
+        except OSError as exc:
+            self.fail(exc)
+
+    def load(self, size):
+        data = os.pread(self.fd, size, 0) if size else b""
+        end = data.rfind(b"\n") + 1   # a line cut short by a kill was never acted upon
+        if end != len(data):
+            os.ftruncate(self.fd, end)
+        self.size = end
+        exported = set()
+        for line in data[:end].splitlines():
+            try:
+                record = json.loads(line.decode("utf-8", "surrogateescape"))
+                if "exported" in record:
+                    exported.add(record["exported"])
+                else:
+                    self.records[tuple(record["file"][:2])] = record
+            except (ValueError, KeyError, TypeError):
+                continue
+        for record in self.records.values():
+            record["line_written"] = record.get("line_written") or record["id"] in exported
+
+    def fail(self, exc):
+        self.close_file()
+        self.notices.warning(
+            "cannot keep the ledger of confirmed uploads %s (%s): files still move, but one "
+            "whose run is killed between its upload and its removal goes up again" % (
+                safe_name(self.path or "in the state folder"), exc.strerror or exc),
+            once="ledger")
+
+    def vouching(self, info, aside):
+        """The record of an earlier upload of these very bytes, or None."""
+        with self.lock:
+            record = self.records.get((info.st_dev, info.st_ino))
+        return record if record is not None and vouches(record, info, aside) else None
+
+    def add(self, record):
+        """Keep a record, durably before the file is renamed or removed (unless the ledger
+        cannot be written: then in memory only, said once)."""
+        with self.lock:
+            self.records[tuple(record["file"][:2])] = record
+            written = self.append(record)
+        if written:
+            self.sync(written)
+
+    def exported(self, record):
+        """The record's manifest line is written (not fsync'ed: lost, it is written again)."""
+        record["line_written"] = True
+        with self.lock:
+            self.append({"exported": record["id"]})
+
+    def append(self, record):
+        """Write one whole line; its number, or 0 when the ledger is off (lock held)."""
+        if self.fd is None:
+            return 0
+        data = (json.dumps(record, sort_keys=True) + "\n").encode("utf-8", "surrogateescape")
+        try:
+            if os.write(self.fd, data) != len(data):   # a full disk: the line cut back
+                os.ftruncate(self.fd, self.size)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as exc:
+            self.fail(exc)
+            return 0
+        self.size += len(data)
+        self.written += 1
+        return self.written
+
+    def sync(self, line):
+        """Make line durable: one fsync covers every line written before it started."""
+        with self.sync_lock:
+            if self.synced >= line:
+                return
+            with self.lock:
+                fd, upto = self.fd, self.written
+            if fd is None:
+                return
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                with self.lock:
+                    self.fail(exc)
+                return
+            self.synced = upto
+
+    def resolved(self, record):
+        """The record's file is gone: nothing left to vouch for."""
+        with self.lock:
+            key = tuple(record["file"][:2])
+            if self.records.get(key) is record:
+                del self.records[key]
+
+    def close(self, root_fd):
+        """Keep only the records whose file is still there (kept at the last instant, or
+        not reached by this run), in a ledger written anew; none: no ledger."""
+        with self.lock:
+            fd, self.fd = self.fd, None
+        if fd is None:
+            return
+        os.close(fd)
+        kept = [record for record in self.records.values() if still_there(root_fd, record)]
+        try:
+            if kept:
+                write_atomically(self.path, "".join(
+                    json.dumps(r, sort_keys=True) + "\n" for r in kept).encode(
+                        "utf-8", "surrogateescape"), 0o600)
+            else:
+                os.unlink(self.path)
+        except OSError as exc:   # the old one stays: its records are checked again
+            self.notices.warning("cannot rewrite the ledger %s (%s)" % (
+                safe_name(self.path), exc.strerror or exc), once="ledger")
+
+    def close_file(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 class Manifest(object):
     """--manifest FILE: a JSON line per file the server confirmed, appended and fsync'ed
     before the file is unlinked, so that every removed file has its line (a line whose
@@ -3316,18 +3405,13 @@ class Manifest(object):
         self.lock = threading.Lock()
         self.fd = None
 
-    def record(self, found, info, bucket, key, proof, gzipped):
-        line = json.dumps({
-            "time": time.strftime(ISO_SECONDS, time.gmtime()), "run": self.run,
-            "path": os.fsdecode(name_bytes(os.path.join(self.source, found.relative))),
-            "bucket": bucket, "key": key, "size": info.st_size,
-            "mtime": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(info.st_mtime)) +
-            ".%09dZ" % (info.st_mtime_ns % 10 ** 9),
-            "checksum": {proof.checksum: proof.value}, "etag": proof.etag,
-            "version_id": proof.version_id or None,
-            "compression": "gzip" if gzipped is not None else None,
-            "compressed_size": gzipped},
-            sort_keys=True) + "\n"
+    def write(self, record):
+        """The line of a ledger record (see Ledger), under this run's tag and time: a line
+        written late, by the run that found the file's upload confirmed, is in its own
+        run's --manifest-key object."""
+        line = json.dumps(dict({name: record[name] for name in MANIFEST_FIELDS},
+                               time=time.strftime(ISO_SECONDS, time.gmtime()), run=self.run),
+                          sort_keys=True) + "\n"
         with self.lock:
             try:
                 if self.fd is None:
@@ -3356,7 +3440,7 @@ class Manifest(object):
 class NoManifest(object):
     """No --manifest: nothing recorded."""
 
-    def record(self, found, info, bucket, key, proof, gzipped):
+    def write(self, record):
         pass
 
     def close(self):
@@ -3671,8 +3755,7 @@ def journals_for(options, environ, destination, tally, checksum):
                            "will start over" % ("no HOME and no --state-dir" if state_dir
                                                 is None else "MD5 is not available"))
         return None
-    return Journals(state_dir, options.source, "s3://%s/%s" % (destination.bucket,
-                                                               destination.prefix),
+    return Journals(state_subfolder(state_dir, options.source, destination),
                     options.resume_days * 86400, tally.notices.note)
 
 
@@ -3743,12 +3826,16 @@ class WorkQueue(object):
 class Job(object):
     """What the workers share: settings, destination, options, the queue and the tally."""
 
-    def __init__(self, options, environ, session, destination, tally, root, handovers,
+    def __init__(self, options, environ, session, destination, tally, root, asides,
                  state_fd):
         self.root = root   # SOURCE_DIR's descriptor: every file is reached through it
-        self.folders = HandoverFolders(handovers, root)
-        self.manifest = Manifest(options.manifest, options.source, handovers.tag) \
+        self.asides = asides
+        self.run_id = asides.token
+        self.manifest = Manifest(options.manifest, options.source, self.run_id) \
             if options.manifest else NoManifest()
+        state_dir = options.state_dir or default_state_dir(environ)
+        self.ledger = Ledger(state_fd is not None and state_subfolder(
+            state_dir, options.source, destination), tally.notices)
         self.source = options.source
         self.allow_hardlinks = options.allow_hardlinks
         self.session = session
@@ -4019,89 +4106,143 @@ def check_no_writer(job, fd, info, since, uploaded):
                            "later run" % ("uploaded, but " if uploaded else ""))
 
 
-def hand_over(job, parent_fd, fd, found, uploaded, opened):
-    """Move the file's name into this run's private folder beside it (one rename: whatever
-    holds the name now goes), check that what came is the uploaded file, unchanged and
-    written by no process, and only then unlink it there. Anything else that came is given
-    back."""
-    name = found.name
-    folder, private_fd = job.folders.open_for(parent_fd, found.directory.steps, name)
+def check_still_read(job, parent_fd, fd, name, uploaded, opened):
+    """Raise unless name (in the directory open as parent_fd) is still the very file
+    read (uploaded: its fstat then), unchanged, written by no process; False when it is
+    gone (removed by another process: nothing to do)."""
     try:
-        seam("rename", name)
-        try:
-            os.rename(name, name, src_dir_fd=parent_fd, dst_dir_fd=private_fd)
-        except FileNotFoundError:
-            return   # removed by another process since the check: nothing to do
-        seam("check", name)
-        came = os.stat(name, dir_fd=private_fd, follow_symlinks=False)
-        try:
-            if not (stat.S_ISREG(came.st_mode) and same_file(uploaded, came)):
-                raise StillWritten("replaced by a new version just before its "
-                                   "removal; the new one is left for a later run")
-            check_no_writer(job, fd, uploaded, opened, True)
-        except StillWritten:
-            give_back(private_fd, parent_fd, name)
-            raise
-        seam("unlink", name)
-        os.unlink(name, dir_fd=private_fd)
-    finally:
-        os.close(private_fd)
-        job.folders.done(folder)
-
-
-def delete_if_unchanged(job, parent_fd, fd, found, uploaded, opened):
-    """Unlink the file only if it is still the one that was read (uploaded: its fstat then),
-    unchanged, no process has it open for writing, and its directory is still where the
-    scan saw it; else keep it. The unlink is of what a private folder holds after the name
-    was moved into it (hand_over), never of whatever took the name meanwhile."""
-    try:
-        after = os.stat(found.name, dir_fd=parent_fd, follow_symlinks=False)
+        after = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
     except FileNotFoundError:
-        return
+        return False
     if stat.S_ISLNK(after.st_mode):
         raise TreeChanged("replaced by a symlink during the run; not followed, left "
                           "alone")
+    if (after.st_dev, after.st_ino) != (uploaded.st_dev, uploaded.st_ino):
+        raise StillWritten("replaced by a new version after its upload; the new one is "
+                           "left for a later run")
     if not same_file(uploaded, after) or file_state(os.fstat(fd)) != file_state(uploaded):
         raise ChangedError()
     check_no_writer(job, fd, uploaded, opened, True)
+    return True
+
+
+def remove_file(job, parent_fd, fd, found, uploaded, opened, aside):
+    """Unlink the file only if it is still the one read, unchanged, no process writes it,
+    and its directory is still where the scan saw it. The unlink is of what its aside
+    name holds once the name was renamed to it and that was checked again, never of
+    whatever took the name meanwhile; what else came there is given back. Where no
+    aside name can be had (a full directory, a name too long for one), the name itself
+    is unlinked right after its last check, said once for the directory."""
+    name = found.name
+    if not check_still_read(job, parent_fd, fd, name, uploaded, opened):
+        return
     os.close(open_directory(job.root, found.directory.steps))   # not moved away meanwhile
-    hand_over(job, parent_fd, fd, found, uploaded, opened)
+    why = None
+    if aside is not None:
+        seam("rename", name)
+        try:
+            os.rename(name, aside, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            why = exc.strerror
+    elif not ASIDE.match(name):   # an earlier run's aside name is unlinked as it is
+        why = "its name is too long for one"
+    if aside is None or why is not None:
+        if why is not None:
+            job.tally.notices.warning(
+                "cannot rename a file aside before its removal in %s (%s): it is removed "
+                "by its name right after its last check, so a new version renamed over "
+                "that name at that very instant would be removed with it" % (
+                    safe_name(os.path.join(job.source, found.directory.relative) or "."),
+                    why), once=("aside", found.directory.steps))
+        seam("unlink", name)
+        os.unlink(name, dir_fd=parent_fd)
+        return
+    seam("check", name)
+    came = os.stat(aside, dir_fd=parent_fd, follow_symlinks=False)
+    try:
+        if not (stat.S_ISREG(came.st_mode) and same_file(uploaded, came)):
+            raise StillWritten("replaced by a new version just before its removal; the "
+                               "new one is left for a later run")
+        check_no_writer(job, fd, uploaded, opened, True)
+    except StillWritten:
+        give_back(parent_fd, aside, name)
+        raise
+    seam("unlink", name)
+    os.unlink(aside, dir_fd=parent_fd)
+
+
+def confirmation(job, found, info, key, proof, gzipped):
+    """The ledger's record of an upload the server confirmed (see Ledger)."""
+    ident, aside = job.asides.new(found.name)
+    if ASIDE.match(found.name):   # an earlier run's aside name: unlinked as it is
+        aside = None
+    return {
+        "id": ident, "run": job.run_id, "time": time.strftime(ISO_SECONDS, time.gmtime()),
+        "path": os.fsdecode(name_bytes(os.path.join(job.source, found.relative))),
+        "bucket": job.destination.bucket, "key": key, "size": info.st_size,
+        "mtime": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(info.st_mtime)) +
+        ".%09dZ" % (info.st_mtime_ns % 10 ** 9),
+        "checksum": {proof.checksum: proof.value}, "etag": proof.etag,
+        "version_id": proof.version_id or None,
+        "compression": "gzip" if gzipped is not None else None,
+        "compressed_size": gzipped,
+        "file": ledger_identity(info), "name": found.name, "aside": aside,
+        "steps": [list(step) for step in found.directory.steps]}
 
 
 def move_file(client, job, found, key):
-    """Upload one file to key (one PUT, or multipart above the threshold), verify, delete
-    it; all through its directory's descriptor, reached afresh from SOURCE_DIR. Returns
-    the key the object went to (another under --if-exists number), the file's size and
-    the object's Proof."""
+    """One file from its open to its unlink: upload it to key (one PUT, or multipart
+    above the threshold) unless the ledger vouches that the server holds it already,
+    record that, then remove it. Returns its ledger record."""
     try:
         parent = open_directory(job.root, found.directory.steps)
     except OSError as exc:
         raise FileError("cannot open its directory (%s); left in place" % exc.strerror)
-    proof = None
+    record = None
     try:
+        # 1. Open it through its directory: never through a symlink, never a FIFO.
         opened = time.monotonic()
         fd, info = open_regular_file(parent, found.name)
         try:
+            # 2. No writer: what one adds after the upload would go into a removed file.
             check_no_writer(job, fd, info, float("-inf"), False)
             info = os.fstat(fd)   # after the check: a writer's last words count as a change
-            if not same_file(found.info, info):   # the key was made from the scan's mtime
+            # 3. The file the scan saw: its key was made from the scan's mtime.
+            if not same_file(found.info, info):
                 raise StillWritten("changed since the scan; left for a later run")
-            if fixed_in_place(fd, info):   # else each run would send it again
+            # 4. Removable at all: else each run would send it again.
+            if fixed_in_place(fd, info):
                 raise UnremovableError("is immutable or append-only (chattr +i, +a): no "
                                        "account may remove it, so it is not uploaded; "
                                        "chattr -i -a it to have it moved", 1)
-            key, proof, gzipped = upload_file(client, job, fd, info, found, key)
-            job.manifest.record(found, info, job.destination.bucket, key, proof, gzipped)
-            delete_if_unchanged(job, parent, fd, found, info, opened)
+            # 5. Uploaded and proven, unless an earlier run's were and it was killed then.
+            record = job.ledger.vouching(info, bool(ASIDE.match(found.name)))
+            if record is None:
+                key, proof, gzipped = upload_file(client, job, fd, info, found, key)
+                seam("confirmed", found.name)
+                # 6. Recorded durably before anything is renamed or removed.
+                record = confirmation(job, found, info, key, proof, gzipped)
+                job.ledger.add(record)
+            # 7. Its line in the manifest: part of the move, so a line that fails keeps it.
+            if not record.get("line_written"):
+                job.manifest.write(record)
+                job.ledger.exported(record)
+            seam("recorded", found.name)
+            # 8. Removed: still the file read, unchanged, unwritten; set aside, checked.
+            remove_file(job, parent, fd, found, info, opened, record["aside"])
+            seam("removed", found.name)
+            job.ledger.resolved(record)
         finally:
             os.close(fd)
     except OSError as exc:   # reading it is upload_file's to report
         raise FileError("cannot %s (%s); left in place" % (
-            "check it before its upload" if proof is None else "remove it once uploaded",
+            "check it before its upload" if record is None else "remove it once uploaded",
             exc.strerror))
     finally:
         os.close(parent)
-    return key, info.st_size, proof
+    return record
 
 
 class FileTask(object):
@@ -4117,7 +4258,7 @@ class FileTask(object):
         try:   # the key, made once from the scan's mtime (a file changed since is left)
             key = job.template.key_for(found)
             url = job.destination.url(key)
-            key, size, proof = move_file(client, job, found, key)
+            record = move_file(client, job, found, key)
         except StillWritten as exc:
             job.tally.left_open(path, exc, job.verbose)
             return
@@ -4129,8 +4270,8 @@ class FileTask(object):
             if exc.fatal:
                 job.queue.stop()
             return
-        url = job.destination.url(key)
-        job.tally.moved(path, url, size, found.directory, job.verbose, proof.version_id)
+        job.tally.moved(path, job.destination.url(record["key"]), record["size"],
+                        found.directory, job.verbose, record["version_id"])
 
 
 def worker(job):
@@ -4289,7 +4430,7 @@ def upload_manifest(job, template):
         client.close()
 
 
-def move_or_plan(options, environ, settings, destination, tally, files, root, handovers,
+def move_or_plan(options, environ, settings, destination, tally, files, root, asides,
                  state_fd):
     """Dry run, or move the files, then remove the directories they left empty.
     state_fd: the private state folder, or None where there is none."""
@@ -4304,11 +4445,12 @@ def move_or_plan(options, environ, settings, destination, tally, files, root, ha
                       lambda: load_settings(options, environ).credentials)
     session.debug = options.debug
     tally.progress = sys.stderr.isatty() if options.progress is None else options.progress
-    job = Job(options, environ, session, destination, tally, root, handovers, state_fd)
+    job = Job(options, environ, session, destination, tally, root, asides, state_fd)
+    job.ledger.open()
     try:
         move_all(job, files)
-    finally:   # a kill -9 leaves them to the next run's scan instead
-        job.folders.clean_up()
+    finally:   # a kill -9 leaves the ledger to the next run as it is
+        job.ledger.close(root)
         job.manifest.close()
     if options.manifest_key:
         upload_manifest(job, options.manifest_key)
@@ -4382,7 +4524,7 @@ def push_locked(options, environ, tally, destination, root):
     excludes, includes = filters(options)
     young_after = time.time_ns() if hasattr(time, "time_ns") else int(time.time() * 1e9)
     young_after -= int(options.min_age * 1e9)
-    handovers = Handovers(recover=not options.dry_run)
+    asides = AsideNames(recover=not options.dry_run)
     spill = open_spill(state_dir)
 
     def scan_round(first):   # only a first round counts what it leaves or finds wrong
@@ -4391,7 +4533,7 @@ def push_locked(options, environ, tally, destination, root):
         if first:
             del errors[:]
             counted[0] = selection
-        return scan(root, selection, errors if first else [], handovers)
+        return scan(root, selection, errors if first else [], asides)
     try:
         first, files = first_and_rest(oldest_first(scan_round, ORDER_WINDOW, spill))
         tally.young_count = counted[0].young   # the first round is whole by now
@@ -4404,7 +4546,7 @@ def push_locked(options, environ, tally, destination, root):
             warn_if_exposed(settings.credentials, tally.notices)
             tally.credentials = settings.credentials
             move_or_plan(options, environ, settings, destination, tally, files, root,
-                         handovers, spill.folder_fd if spill is not None else None)
+                         asides, spill.folder_fd if spill is not None else None)
     finally:
         if spill is not None:
             os.close(spill.folder_fd)

@@ -33,7 +33,7 @@ def hex_text(size):
     return os.urandom(size // 2).hex().encode()
 
 
-# The script with s3push.HANDOVER_SEAM set: at the step SEAM_STEP ("compress": while the
+# The script with s3push.MOVE_SEAM set: at the step SEAM_STEP ("compress": while the
 # file is read for its gzip; "compressed": once the gzip is spooled, before it is sent) the
 # file is rewritten in place with SEAM_NEW's bytes and its old mtime put back.
 SEAMED = """
@@ -52,7 +52,7 @@ def seam(step, name):
         handle.write(new.read())
     os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
 
-s3push.HANDOVER_SEAM = seam
+s3push.MOVE_SEAM = seam
 sys.argv[0] = s3push.__file__
 sys.exit(s3push.main())
 """ % s3server.REPO

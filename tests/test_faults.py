@@ -404,10 +404,18 @@ class ChangingFiles(FaultCase):
                 self.assertEqual(handle.read(), data[:10])
 
     def test_replaced_by_rename(self):
+        # A single PUT: the old version, read whole through its descriptor, is at the key;
+        # the new one is left for a later run, as a file still being written is (exit 0).
+        # Multipart: the old inode's ctime moved (its last link went) between its parts, so
+        # the upload is not completed and the file is kept (65).
         for data, args in ((b"y" * 1000, ()), (os.urandom(11 * MIB), MULTIPART)):
             status, _, err = self.change_and_run(self.replace, data, *args)
-            self.assertEqual(status, 65, err)
-            self.assertIn("changed while it was uploading", err)
+            if args:
+                self.assertEqual(status, 65, err)
+                self.assertIn("changed while it was uploading", err)
+            else:
+                self.assertEqual(status, 0, err)
+                self.assert_landed({"f.bin": data})
             with open(os.path.join(self.source, "f.bin"), "rb") as handle:
                 self.assertEqual(handle.read(), b"new contents")
 

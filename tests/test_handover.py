@@ -1,10 +1,11 @@
-"""The last steps of a move against writers as real ones behave (issue 20): a file
-rewritten in place while its parts are sent, a new version renamed over the name at every
-step of the handover, and runs killed at every step of it.
+"""The last steps of a move against writers as real ones behave: a file rewritten in
+place while its parts are sent, a new version renamed over the name at every step from
+the server's confirmation to the unlink, and runs killed at every one of those steps.
 
 After every run: the key holds nothing new, or one whole state of the file, never a mix;
-every version that existed is on the server or still local, byte for byte; and once a
-later run is done, no private folder of the handover is left.
+every version that existed is on the server or still local, byte for byte; once a later
+run is done, no aside name is left; and a file whose upload the ledger recorded is never
+sent again.
 """
 
 import os
@@ -20,7 +21,7 @@ from helpers import (RUN_TIMEOUT, files_under, skip_unless_server_checks,  # noq
                      write_file)
 from test_faults import MIB, MULTIPART, FaultCase  # noqa: E402
 
-# The script with s3push.HANDOVER_SEAM set: at the step named by SEAM_STEP, either die
+# The script with s3push.MOVE_SEAM set: at the step named by SEAM_STEP, either die
 # (SEAM_ACTION=kill, as kill -9 would) or be a writer that renames a new version, written
 # beside the name (SEAM_NEW), over it (SEAM_ACTION=rename).
 SEAMED = """
@@ -36,17 +37,19 @@ def seam(step, name):
     new = os.environ["SEAM_NEW"]
     os.rename(new, os.path.join(os.path.dirname(new), name))
 
-s3push.HANDOVER_SEAM = seam
+s3push.MOVE_SEAM = seam
 sys.argv[0] = s3push.__file__
 sys.exit(s3push.main())
 """ % s3server.REPO
-STEPS = ("mkdir", "rename", "check", "unlink", "rmdir")
+# From the server's confirmation to the unlink (see s3push.move_file and remove_file).
+STEPS = ("confirmed", "recorded", "rename", "check", "unlink", "removed")
+RECORDED = STEPS[1:]   # the ledger holds the upload: a later run sends nothing again
 
 
 def private_names(root):
-    """Every name under root that is a private folder of the handover."""
-    return [name for _, dirs, _ in os.walk(root) for name in dirs
-            if name.startswith(".s3push-handover-")]
+    """Every name under root that a removal left: an aside name, a private folder."""
+    return [name for _, dirs, files in os.walk(root) for name in dirs + files
+            if name.startswith(".s3push-")]
 
 
 class RewrittenInPlace(FaultCase):
@@ -125,12 +128,15 @@ class RewrittenInPlace(FaultCase):
 
 
 class Handover(FaultCase):
-    def seamed_run(self, step, action, new=None):
-        argv = self.command("--min-age", "0")
+    def seamed_run(self, step, action, new=None, *args):
+        argv = self.command("--min-age", "0", *args)
         argv[1:3] = ["-c", SEAMED]
         env = self.env(SEAM_STEP=step, SEAM_ACTION=action, SEAM_NEW=new or "")
         return subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               stdin=subprocess.DEVNULL, timeout=RUN_TIMEOUT)
+
+    def puts(self):
+        return [t for m, t in self.recorder.requests if m == "PUT"]
 
     def test_a_new_version_renamed_over_the_name_at_each_step(self):
         base = self.prefix.rstrip("/")   # a random part: runs side by side share servers
@@ -163,28 +169,54 @@ class Handover(FaultCase):
                 done = self.seamed_run(step, "kill")
                 self.assertEqual(done.returncode, -signal.SIGKILL, done.stderr)
                 self.assertEqual(self.server.object_bytes(self.prefix + "sub/app.log"), data)
+                sent = len(self.puts())
                 result = self.run_s3push("--min-age", "0", "-v")
                 self.assertEqual(result.status, 0, result.stderr)
                 self.assertEqual(files_under(self.source), [], step)
                 self.assertEqual(private_names(self.source), [], step)
                 self.assert_landed({"sub/app.log": data})
+                if step in RECORDED:   # the ledger vouches: removed, not sent again
+                    self.assertEqual(len(self.puts()), sent, step)
 
-    def test_killed_mid_handover_then_a_new_version_takes_the_name(self):
-        # The private folder holds the old version and cannot give it back: the next run
-        # moves it from there, then the new one; the key ends with the newest.
-        old, new = b"old version", b"new version"
-        write_file(self.source, "app.log", old, mtime=1000)
-        done = self.seamed_run("check", "kill")
-        self.assertEqual(done.returncode, -signal.SIGKILL, done.stderr)
-        self.assertEqual(len(private_names(self.source)), 1)
-        write_file(self.source, "app.log", new, mtime=2000)
-        result = self.run_s3push("--min-age", "0", "--jobs", "1")
-        self.assertEqual(result.status, 0, result.stderr)
-        self.assertEqual(files_under(self.source), [])
-        self.assertEqual(private_names(self.source), [])
-        self.assert_landed({"app.log": new})
-        puts = [t for m, t in self.recorder.requests if m == "PUT"]
-        self.assertEqual(len(puts), 3, "the old version twice (killed, then moved), the new")
+    def test_killed_at_each_step_then_a_new_version_takes_the_name(self):
+        # Whatever the kill left (the file at its name or aside, recorded or not), and
+        # whether the new version is dated before or after the old: the new one reaches
+        # the key last, and neither version is lost.
+        base = self.prefix.rstrip("/")
+        for step in STEPS[:-1]:
+            for new_mtime, jobs in ((1000, "1"), (3000, "8")):
+                with self.subTest(step=step, new_mtime=new_mtime):
+                    self.prefix = "%s-%s-%d/" % (base, step, new_mtime)
+                    old = b"old %d" % random.randrange(10 ** 9)
+                    new = b"new %d" % random.randrange(10 ** 9)
+                    write_file(self.source, "app.log", old, mtime=2000)
+                    done = self.seamed_run(step, "kill")
+                    self.assertEqual(done.returncode, -signal.SIGKILL, done.stderr)
+                    self.assertEqual(self.server.object_bytes(self.prefix + "app.log"), old)
+                    tmp = write_file(self.source, "app.log.tmp", new, mtime=new_mtime)
+                    os.rename(tmp, os.path.join(os.fsencode(self.source), b"app.log"))
+                    result = self.run_s3push("--min-age", "0", "--jobs", jobs)
+                    self.assertEqual(result.status, 0, result.stderr)
+                    self.assertEqual(files_under(self.source), [])
+                    self.assert_landed({"app.log": new})
+
+    def test_killed_after_the_confirmation_under_if_exists_keep_and_number(self):
+        # The next run meets no object of its own (412) and makes no numbered copy: the
+        # ledger vouches for the file, which is removed without another PUT.
+        for mode in ("keep", "number"):
+            with self.subTest(mode=mode):
+                self.prefix = "%s-%s/" % (self.prefix.rstrip("/"), mode)
+                data = b"report %d" % random.randrange(10 ** 9)
+                write_file(self.source, "report.csv", data)
+                done = self.seamed_run("recorded", "kill", None, "--if-exists", mode)
+                self.assertEqual(done.returncode, -signal.SIGKILL, done.stderr)
+                sent = len(self.puts())
+                result = self.run_s3push("--min-age", "0", "--if-exists", mode)
+                self.assertEqual(result.status, 0, result.stderr)
+                self.assertEqual(files_under(self.source), [])
+                self.assertEqual(len(self.puts()), sent, "sent again")
+                self.assertIsNone(self.server.object_bytes(self.prefix + "report.1.csv"))
+                self.assert_landed({"report.csv": data})
 
     def test_a_dry_run_renames_nothing(self):
         write_file(self.source, "app.log", b"data")
@@ -195,6 +227,18 @@ class Handover(FaultCase):
         self.assertIn("app.log", result.stdout)
         self.assertEqual(private_names(self.source), before)
         self.assertEqual(len(before), 1)
+
+    def test_an_earlier_versions_private_folder_is_moved_from_and_removed(self):
+        folder = os.path.join(self.source, "sub", ".s3push-handover-0123abcd-89abcdef")
+        os.makedirs(folder, mode=0o700)
+        write_file(self.source, "sub/.s3push-handover-0123abcd-89abcdef/app.log", b"old")
+        result = self.run_s3push("--min-age", "0")
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assert_landed({"sub/app.log": b"old"})
+        self.assertEqual(files_under(self.source), [])
+        result = self.run_s3push("--min-age", "0")
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertEqual(private_names(self.source), [])
 
 
 if __name__ == "__main__":

@@ -240,7 +240,7 @@ class Selection(unittest.TestCase):
     def scan(self, root, patterns, errors):
         fd = s3push.open_source(root)
         self.addCleanup(os.close, fd)
-        return s3push.scan(fd, s3push.Selection(patterns), errors, s3push.Handovers(True))
+        return s3push.scan(fd, s3push.Selection(patterns), errors, s3push.AsideNames(True))
 
     def scanned(self, patterns=s3push.DEFAULT_EXCLUDES):
         errors = []
@@ -332,7 +332,7 @@ class Selection(unittest.TestCase):
         stack = []   # the root's listing: three directories to visit
         self.assertEqual(list(s3push.scan_directory(fd, s3push.Directory("", ()),
                                                     s3push.Selection(), stack, [],
-                                                    s3push.Handovers(True))), [])
+                                                    s3push.AsideNames(True))), [])
         shutil.rmtree(os.path.join(self.root, "gone"))
         os.rename(os.path.join(self.root, "replaced"), os.path.join(outside, "away"))
         os.mkdir(os.path.join(self.root, "replaced"))
@@ -373,7 +373,7 @@ class Selection(unittest.TestCase):
         selection = s3push.Selection(young_after_ns=(2000 - 60) * 10 ** 9)
         fd = s3push.open_source(self.root)
         self.addCleanup(os.close, fd)
-        kept = [f.relative for f in s3push.scan(fd, selection, [], s3push.Handovers(True))]
+        kept = [f.relative for f in s3push.scan(fd, selection, [], s3push.AsideNames(True))]
         self.assertEqual(kept, ["old"])
         self.assertEqual(selection.young, 1)
 
@@ -388,7 +388,7 @@ class Selection(unittest.TestCase):
         def selected(**kw):
             selection = s3push.Selection(s3push.DEFAULT_EXCLUDES + ("skip",), **kw)
             found = sorted(f.relative for f in s3push.scan(fd, selection, [],
-                                                           s3push.Handovers(True)))
+                                                           s3push.AsideNames(True)))
             return found, selection.sized_out
         self.assertEqual(selected(includes=("*.log",)), (["a.log", "b.log", "d/e.log"], 0))
         self.assertEqual(selected(includes=("d/*",)), (["d/e.log", "d/f.csv"], 0))
@@ -592,67 +592,77 @@ class NumberedKeys(unittest.TestCase):
         self.assertEqual(parse(["--if-exists", "number", "s", "s3://b"]).if_exists, "number")
 
 
-class HandoverFolders(unittest.TestCase):
-    """This run's private folders of the handover: one per directory, verified at each use,
-    the least recently used beyond MAX_PRIVATE_FOLDERS removed when idle."""
+class Ledger(unittest.TestCase):
+    """The ledger of confirmed uploads: records kept durably, read back by the next run,
+    a torn last line ignored, and only the records whose file is still there kept."""
 
     def setUp(self):
+        s3push.load_deferred_modules()
         self.root = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, self.root)
         self.root_fd = s3push.open_source(self.root)
         self.addCleanup(os.close, self.root_fd)
-        self.folders = s3push.HandoverFolders(s3push.Handovers(True), self.root_fd)
-        self.addCleanup(setattr, s3push, "MAX_PRIVATE_FOLDERS", s3push.MAX_PRIVATE_FOLDERS)
+        self.folder = os.path.join(self.root, ".state", "sub")
+        self.notices = s3push.Notices()
 
-    def directory(self, name):
-        os.mkdir(os.path.join(self.root, name))
-        fd = os.open(os.path.join(self.root, name), os.O_RDONLY)
-        self.addCleanup(os.close, fd)
-        return fd
+    def record(self, name, data=b"data"):
+        path = os.path.join(self.root, name)
+        with open(path, "wb") as handle:
+            handle.write(data)
+        return {"id": name, "file": s3push.ledger_identity(os.stat(path)), "name": name,
+                "aside": ".s3push-0123456789abcdef-" + name, "steps": [], "key": name}
 
-    def use(self, parent_fd, name="f"):
-        folder, fd = self.folders.open_for(parent_fd, (), name)
-        os.close(fd)
-        self.folders.done(folder)
-        return folder
+    def ledger(self):
+        ledger = s3push.Ledger(self.folder, self.notices)
+        ledger.open()
+        return ledger
 
-    def private(self, name):
-        return sorted(n for n in os.listdir(os.path.join(self.root, name))
-                      if n.startswith(s3push.PRIVATE_PREFIX))
+    def test_a_record_outlives_its_run_while_its_file_is_there(self):
+        ledger = self.ledger()
+        kept, gone = self.record("kept"), self.record("gone")
+        ledger.add(kept)
+        ledger.add(gone)
+        os.unlink(os.path.join(self.root, "gone"))
+        ledger.close(self.root_fd)
+        again = self.ledger()
+        self.assertEqual(sorted(r["id"] for r in again.records.values()), ["kept"])
+        info = os.stat(os.path.join(self.root, "kept"))
+        self.assertEqual(again.vouching(info, False)["key"], "kept")
+        again.resolved(again.vouching(info, False))
+        again.close(self.root_fd)
+        self.assertFalse(os.path.exists(os.path.join(self.folder, s3push.LEDGER_NAME)))
 
-    def test_one_folder_a_directory_removed_at_the_end(self):
-        a, b = self.directory("a"), self.directory("b")
-        self.assertIs(self.use(a, "x"), self.use(a, "y"))
-        self.use(b)
-        self.assertEqual((len(self.private("a")), len(self.private("b"))), (1, 1))
-        self.folders.clean_up()
-        self.assertEqual((self.private("a"), self.private("b")), ([], []))
+    def test_a_changed_file_is_not_vouched_for(self):
+        ledger = self.ledger()
+        ledger.add(self.record("f"))
+        path = os.path.join(self.root, "f")
+        mtime = os.stat(path).st_mtime_ns
+        with open(path, "r+b") as handle:   # rewritten in place, its mtime put back
+            handle.write(b"DATA")
+        os.utime(path, ns=(mtime, mtime))
+        self.assertIsNone(ledger.vouching(os.stat(path), False))
+        os.rename(path, path + ".aside")   # ctime moves on: only an aside name allows it
+        self.assertIsNotNone(ledger.vouching(os.stat(path + ".aside"), True))
 
-    def test_the_least_recently_used_idle_folder_goes_beyond_the_limit(self):
-        s3push.MAX_PRIVATE_FOLDERS = 2
-        fds = [self.directory(name) for name in "abc"]
-        busy, fd = self.folders.open_for(fds[0], (), "f")   # in use: never removed
-        os.close(fd)
-        self.use(fds[1])
-        self.use(fds[2])
-        self.assertEqual([len(self.private(n)) for n in "abc"], [1, 0, 1])
-        self.folders.done(busy)
-        self.folders.clean_up()
-        self.assertEqual([len(self.private(n)) for n in "abc"], [0, 0, 0])
+    def test_a_torn_last_line_is_cut_off_and_the_rest_read(self):
+        ledger = self.ledger()
+        ledger.add(self.record("a"))
+        ledger.close_file()
+        path = os.path.join(self.folder, s3push.LEDGER_NAME)
+        with open(path, "ab") as handle:
+            handle.write(b'{"id": "b", "file": [1, 2')
+        again = self.ledger()
+        self.assertEqual([r["id"] for r in again.records.values()], ["a"])
+        with open(path, "rb") as handle:
+            self.assertTrue(handle.read().endswith(b"}\n"))
 
-    def test_a_folder_swapped_or_holding_the_name_is_not_used(self):
-        a = self.directory("a")
-        first = self.use(a)
-        os.rename(os.path.join(self.root, "a", first.name), os.path.join(self.root, "moved"))
-        os.mkdir(os.path.join(self.root, "a", first.name))   # another's, by that name
-        second = self.use(a)
-        self.assertNotEqual(second.identity, first.identity)
-        with open(os.path.join(self.root, "a", second.name, "f"), "w"):
-            pass   # a give-back that failed: the name is taken in the folder
-        third = self.use(a, "f")
-        self.assertNotIn(third.identity, (first.identity, second.identity))
-        self.folders.clean_up()
-        self.assertEqual(self.private("a"), sorted([first.name, second.name]))   # not empty
+    def test_a_ledger_that_cannot_be_kept_is_said_once_and_files_move(self):
+        with open(os.path.join(self.root, ".state"), "w"):
+            pass   # the folder cannot be made
+        ledger = self.ledger()
+        ledger.add(self.record("a"))
+        self.assertIsNone(ledger.fd)
+        self.assertIn("ledger", " ".join(map(str, self.notices.said)))
 
 
 class Layout(unittest.TestCase):
