@@ -3276,13 +3276,19 @@ def headers_fingerprint(headers):
     return hashlib.sha256(json.dumps(sorted(headers.items())).encode("utf-8")).hexdigest()
 
 
-class Journals(object):
-    """The journals of one source and destination: a folder under the state folder."""
+def pair_folder(state_dir, source, destination):
+    """The folder under the state folder of one SOURCE_DIR and destination (a Destination):
+    the resume journals of its uploads."""
+    name = hashlib.sha256(b"\0".join([os.fsencode(os.path.realpath(source)), (
+        "s3://%s/%s" % (destination.bucket, destination.prefix)).encode("utf-8")]))
+    return os.path.join(state_dir, name.hexdigest()[:24])
 
-    def __init__(self, state_dir, source, destination, max_age, say):
-        name = hashlib.sha256(b"\0".join([os.fsencode(os.path.realpath(source)),
-                                          destination.encode("utf-8")])).hexdigest()[:24]
-        self.folder = os.path.join(state_dir, name)
+
+class Journals(object):
+    """The journals of one source and destination, in their pair_folder."""
+
+    def __init__(self, folder, max_age, say):
+        self.folder = folder
         self.max_age, self.say = max_age, say
 
     def for_file(self, found, info):
@@ -3671,8 +3677,7 @@ def journals_for(options, environ, destination, tally, checksum):
                            "will start over" % ("no HOME and no --state-dir" if state_dir
                                                 is None else "MD5 is not available"))
         return None
-    return Journals(state_dir, options.source, "s3://%s/%s" % (destination.bucket,
-                                                               destination.prefix),
+    return Journals(pair_folder(state_dir, options.source, destination),
                     options.resume_days * 86400, tally.notices.note)
 
 
