@@ -3310,6 +3310,13 @@ class Journals(object):
                 pass
 
 
+def new_run_id(started):
+    """A run's id: its start (UTC, to the second, so that ids sort as the runs began) and
+    64 random bits, so that no two runs of a fleet share one in its lifetime."""
+    return "%s-%s" % (time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started)),
+                      os.urandom(8).hex())
+
+
 class Manifest(object):
     """--manifest FILE: a JSON line per file the server confirmed, appended and fsync'ed
     before the file is unlinked, so that every removed file has its line (a line whose
@@ -3752,8 +3759,9 @@ class Job(object):
                  state_fd):
         self.root = root   # SOURCE_DIR's descriptor: every file is reached through it
         self.folders = HandoverFolders(handovers, root)
-        self.manifest = Manifest(options.manifest, options.source, handovers.tag) \
-            if options.manifest else NoManifest()
+        self.manifest = Manifest(options.manifest, options.source,
+                                 new_run_id(tally.started_at)) if options.manifest \
+            else NoManifest()
         self.source = options.source
         self.allow_hardlinks = options.allow_hardlinks
         self.session = session

@@ -362,6 +362,28 @@ class Manifests(IntegrationCase):
         self.assertEqual(files_under(self.source), [b"a.log", b"b.log"])
 
 
+class ManifestFaults(IntegrationCase):
+    """Run ids that never repeat."""
+
+    def test_run_ids_differ_and_begin_with_the_run_s_start(self):
+        import calendar
+        import json
+        manifest = os.path.join(self.tmp, "moved.jsonl")
+        windows = []
+        for name in ("a.log", "b.log"):
+            write_file(self.source, name, b"data")
+            before = int(time.time())
+            self.assertEqual(self.run_s3push("--manifest", manifest).status, 0)
+            windows.append((before, time.time()))
+        with open(manifest) as handle:
+            runs = [json.loads(line)["run"] for line in handle]
+        self.assertEqual(len(set(runs)), 2, runs)
+        for run, (before, after) in zip(runs, windows):
+            self.assertRegex(run, r"^\d{8}T\d{6}Z-[0-9a-f]{16}$")
+            started = calendar.timegm(time.strptime(run[:16], "%Y%m%dT%H%M%SZ"))
+            self.assertTrue(before <= started <= after, (run, before, after))
+
+
 class Order(IntegrationCase):
     def test_oldest_files_go_first(self):
         rng = random.Random(7)
