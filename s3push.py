@@ -56,11 +56,11 @@ Security:
 Sections (grep '^# ==='), lowest layer first; each uses only what stands above it:
 constants and output, errors, SigV4 signer, HTTP and XML transport, Session and
 S3Client, credentials and settings, S3 operations, local side (keys; the walk; oldest
-first; one file: its checks, its writers, the handover, its gzip), resume journals (and
-the manifest), the job (option checks, key templates, the tally, the queue: what the
-workers share), the per-file move and parallel transfers (move_file: one file from its
-open to its unlink), the run (the scan, the lock, the moves, summary and metrics),
-command line (main last).
+first; one file: its checks, its writers, the handover, its gzip), resume journals, the
+manifest, the job (option checks, key templates, the tally, the queue: what the workers
+share), the per-file move and parallel transfers (move_file: one file from its open to
+its unlink), the run (the scan, the lock, the moves, summary and metrics), command line
+(main last).
 """
 
 import argparse
@@ -3310,6 +3310,13 @@ class Journals(object):
                 pass
 
 
+# === The manifest ===
+# --manifest FILE: a JSON line per file the server confirmed, each written whole before
+# its file is unlinked. Runs of other sources may append to the same file: an flock on it
+# serializes their appends. A run's lines carry its id; --manifest-key sends them as one
+# object.
+
+
 def new_run_id(started):
     """A run's id: its start (UTC, to the second, so that ids sort as the runs began) and
     64 random bits, so that no two runs of a fleet share one in its lifetime."""
@@ -3317,17 +3324,131 @@ def new_run_id(started):
                       os.urandom(8).hex())
 
 
+def flock_or_not(fd, operation):
+    """flock(fd, operation); False where the filesystem has no flock (some network
+    filesystems): the caller goes on without it."""
+    try:
+        fcntl.flock(fd, operation)
+    except OSError as exc:
+        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            return False
+        raise
+    return True
+
+
+def whole_lines_end(fd, end):
+    """Where the last whole line of the file open as fd (end bytes long) ends: end itself,
+    or just after its last newline (0 when there is none)."""
+    if end == 0 or os.pread(fd, 1, end - 1) == b"\n":
+        return end   # nearly always: one byte read, not a block
+    while end > 0:
+        start = max(0, end - BLOCK_BYTES)
+        block = os.pread(fd, end - start, start)
+        newline = block.rfind(b"\n")
+        if newline >= 0:
+            return start + newline + 1
+        end = start
+    return 0
+
+
+def open_manifest(path):
+    """A descriptor to append to the manifest at path (made 0600), never through a symlink
+    (a link planted there would have this run append where it points): ConfigError for
+    a symlink or what is no regular file, OSError when it cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW |
+                     os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EMLINK) and os.path.islink(path):
+            raise ConfigError("--manifest %s is a symlink: not followed; name the file "
+                              "itself" % safe_name(path))
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigError("--manifest %s is not a regular file: name one" % safe_name(path))
+    return fd
+
+
+class ManifestPlace(collections.namedtuple("ManifestPlace", "path device inode offset")):
+    """Where a run's lines are: in the manifest at path (absolute), that very file (device,
+    inode), from offset on (its size when the run opened it)."""
+    __slots__ = ()
+
+
 class Manifest(object):
     """--manifest FILE: a JSON line per file the server confirmed, appended and fsync'ed
     before the file is unlinked, so that every removed file has its line (a line whose
     file was then kept, e.g. a writer came at the last moment, says what is on the
-    server all the same). Opened on first use (0600, appending); a line that cannot be
-    written keeps its file: the record is part of the move."""
+    server all the same). open() before the first line; a line that cannot be written
+    whole is cut off again and keeps its file: the record is part of the move."""
 
-    def __init__(self, path, source, run):
-        self.path, self.source, self.run = path, source, run
+    def __init__(self, path, source, run, notices):
+        self.path, self.source, self.run, self.notices = path, source, run, notices
         self.lock = threading.Lock()
         self.fd = None
+        self.place = None   # a ManifestPlace, once open
+
+    def open(self):
+        """Open the file (see open_manifest) and cut off a line an earlier run was cut
+        short in; ConfigError, or OSError."""
+        with self.lock:
+            if self.fd is not None:
+                return
+            fd = open_manifest(self.path)
+            try:
+                info = os.fstat(fd)
+                locked = self.lock_file(fd, fcntl.LOCK_EX)
+                try:
+                    offset = self.mend(fd)
+                finally:
+                    if locked:
+                        fcntl.flock(fd, fcntl.LOCK_UN)
+            except BaseException:
+                os.close(fd)
+                raise
+            self.fd = fd
+            self.place = ManifestPlace(os.path.abspath(self.path), info.st_dev, info.st_ino,
+                                       offset)
+
+    def lock_file(self, fd, operation):
+        if flock_or_not(fd, operation):
+            return True
+        self.notices.note("cannot flock the manifest %s: the runs that share it must not "
+                          "run at once" % safe_name(self.path))
+        return False
+
+    def mend(self, fd):
+        """The file's size once a last line cut short (a run stopped in the middle of
+        writing it, before its file could go) is cut off; never glued to the next."""
+        end = os.fstat(fd).st_size
+        whole = whole_lines_end(fd, end)
+        if whole != end:
+            os.ftruncate(fd, whole)
+            self.notices.warning("the manifest %s ended in %d bytes of a line cut short (a "
+                                 "run stopped while writing it; its file was kept): cut off"
+                                 % (safe_name(self.path), end - whole))
+        return whole
+
+    def append(self, data):
+        """Append data (whole lines) and fsync, whole or not at all: after a short write
+        or an error the file is cut back to where it was; OSError then."""
+        locked = self.lock_file(self.fd, fcntl.LOCK_EX)
+        try:
+            end = self.mend(self.fd)
+            try:
+                view = memoryview(data)
+                while view:   # a short count: the next write says why (ENOSPC, EDQUOT)
+                    view = view[os.write(self.fd, view):]
+                os.fsync(self.fd)
+            except BaseException:   # an error, or SIGTERM between two writes
+                try:
+                    os.ftruncate(self.fd, end)
+                except OSError:
+                    pass   # the next append, of this run or a later one, cuts it off
+                raise
+        finally:
+            if locked:
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
 
     def record(self, found, info, bucket, key, proof, gzipped):
         line = json.dumps({
@@ -3341,39 +3462,79 @@ class Manifest(object):
             "compression": "gzip" if gzipped is not None else None,
             "compressed_size": gzipped},
             sort_keys=True) + "\n"
-        with self.lock:
-            try:
-                if self.fd is None:
-                    self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT |
-                                      os.O_CLOEXEC, 0o600)
-                os.write(self.fd, line.encode("utf-8", "surrogateescape"))
-                os.fsync(self.fd)
-            except OSError as exc:
-                raise FileError("cannot write the manifest %s (%s): kept, uploaded; the "
-                                "record is part of the move" % (safe_name(self.path),
-                                                                exc.strerror or exc))
+        try:
+            self.open()
+            with self.lock:
+                self.append(line.encode("utf-8", "surrogateescape"))
+        except OSError as exc:
+            raise FileError("cannot write the manifest %s (%s): kept, uploaded; the "
+                            "record is part of the move" % (safe_name(self.path),
+                                                            exc.strerror or exc))
 
     def close(self):
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-    def this_run(self):
-        """The lines this run wrote (its run tag: another run may share the file)."""
-        with open(self.path, "rb") as handle:
-            return [line for line in handle
-                    if json.loads(line.decode("utf-8", "surrogateescape")).get("run") ==
-                    self.run]
+        with self.lock:
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None
 
 
 class NoManifest(object):
     """No --manifest: nothing recorded."""
+    place = None
+
+    def open(self):
+        pass
 
     def record(self, found, info, bucket, key, proof, gzipped):
         pass
 
     def close(self):
         pass
+
+
+def line_run(line):
+    """The run of a manifest line; None when it is no JSON object."""
+    try:
+        record = json.loads(line.decode("utf-8", "surrogateescape"))
+    except (ValueError, RecursionError):
+        return None
+    return record.get("run", "") if isinstance(record, dict) else None
+
+
+def run_lines(place, run, notices):
+    """The lines of run in the manifest at place, in order; None when the file there is
+    no longer the one the run wrote to (rotated away, or cut shorter than where the run
+    began): its lines are gone. OSError. A line that does not parse is skipped (and the
+    operator told): s3push's own lines are whole (see Manifest.append), so it is none of
+    this run's, and failing on it would stop every later upload until someone edits it."""
+    fd = os.open(place.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with open(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if (info.st_dev, info.st_ino) != (place.device, place.inode) or \
+                info.st_size < place.offset:
+            return None
+        locked = flock_or_not(fd, fcntl.LOCK_SH)   # no line half written meanwhile
+        handle.seek(place.offset)
+        lines, bad = [], 0
+        for line in handle:
+            if not line.endswith(b"\n"):
+                break   # cut short by a run that stopped: the next append cuts it off
+            found = line_run(line)
+            bad += found is None
+            if found == run:
+                lines.append(line)
+        if locked:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    if bad:
+        notices.warning("the manifest %s holds lines that are not s3push's JSON: skipped"
+                        % safe_name(place.path), once="manifest-bad-lines")
+    return lines
+
+
+class ManifestObject(collections.namedtuple("ManifestObject", "run key place")):
+    """A run's --manifest-key object: its run id, its key (the template filled in with
+    that run's id and start) and the ManifestPlace of its lines."""
+    __slots__ = ()
 
 
 # === The job: what the workers share ===
@@ -3760,8 +3921,8 @@ class Job(object):
         self.root = root   # SOURCE_DIR's descriptor: every file is reached through it
         self.folders = HandoverFolders(handovers, root)
         self.manifest = Manifest(options.manifest, options.source,
-                                 new_run_id(tally.started_at)) if options.manifest \
-            else NoManifest()
+                                 new_run_id(tally.started_at), tally.notices) \
+            if options.manifest else NoManifest()
         self.source = options.source
         self.allow_hardlinks = options.allow_hardlinks
         self.session = session
@@ -4272,34 +4433,64 @@ def check_state_dir(state_dir, source):
                              % safe_name(state_dir))
 
 
-def upload_manifest(job, template):
-    """--manifest-key: this run's lines of the manifest as one object, sent with its MD5
-    and checked like any file's; none, no PUT. A failure is one error line (the files
-    moved stay moved; the local manifest has their lines)."""
-    path = job.manifest.path
+def manifest_key(template, run, started):
+    """--manifest-key filled in for a run: {run_id}, and the time placeholders of its
+    start (so a later run sending its object sends it where it would have gone)."""
+    when = datetime.datetime.fromtimestamp(started, datetime.timezone.utc)
+    hostname = socket.gethostname() if "{hostname}" in template else ""
+    return expand_template(template, hostname, when, started, {"run_id": run})
+
+
+def begin_manifest(job, options):
+    """Open the manifest before the first file; this run's ManifestObject under
+    --manifest-key, else None."""
     try:
-        lines = job.manifest.this_run()
-    except (OSError, ValueError) as exc:
+        job.manifest.open()
+    except OSError as exc:
+        raise FileError("cannot write the manifest %s (%s): no file moved, every file kept"
+                        % (safe_name(options.manifest), exc.strerror or exc))
+    if not options.manifest_key:
+        return None
+    run = job.manifest.run
+    return ManifestObject(run, manifest_key(options.manifest_key, run, job.tally.started_at),
+                          job.manifest.place)
+
+
+def upload_manifest(job, item):
+    """One run's manifest object: its lines, sent with their MD5 and checked like any
+    file's; none, no PUT. True when nothing is left to send: sent, none, or its lines are
+    gone (a warning); False after a failure (one error line)."""
+    path = safe_name(item.place.path)
+    try:
+        lines = run_lines(item.place, item.run, job.tally.notices)
+    except FileNotFoundError:
+        lines = None
+    except OSError as exc:
         job.tally.failed(path, None, FileError("cannot read the manifest back (%s)"
-                                               % (getattr(exc, "strerror", None) or exc)))
-        return
+                                               % (exc.strerror or exc)))
+        return False
+    if lines is None:
+        job.tally.notices.warning("the lines of run %s are gone from the manifest %s "
+                                  "(rotated or cut): its object %s was never sent" % (
+                                      item.run, path, job.destination.url(item.key)))
+        return True
     if not lines:
-        return
-    key = Template(template).expand(template, time.time(), {"run_id": job.manifest.run})
-    url = job.destination.url(key)
+        return True
     body = b"".join(lines)
     digest = digest_bytes(body)
     client = S3Client(job.session, job.retries, job.timeout, job.deadline, job.rate_limit)
     try:
         headers = body_headers(digest, MD5, "application/x-ndjson")
-        response = client.request("PUT", key, headers, body, digest.payload_hash,
+        response = client.request("PUT", item.key, headers, body, digest.payload_hash,
                                   validate=lambda answer:
                                   MD5.confirm(answer, digest.value, job))
         check_answer(response, "")
     except S3PushError as exc:
-        job.tally.failed(path, url, exc)
+        job.tally.failed(path, job.destination.url(item.key), exc)
+        return False
     finally:
         client.close()
+    return True
 
 
 def move_or_plan(options, environ, settings, destination, tally, files, root, handovers,
@@ -4319,12 +4510,13 @@ def move_or_plan(options, environ, settings, destination, tally, files, root, ha
     tally.progress = sys.stderr.isatty() if options.progress is None else options.progress
     job = Job(options, environ, session, destination, tally, root, handovers, state_fd)
     try:
+        own = begin_manifest(job, options)
         move_all(job, files)
     finally:   # a kill -9 leaves them to the next run's scan instead
         job.folders.clean_up()
         job.manifest.close()
-    if options.manifest_key:
-        upload_manifest(job, options.manifest_key)
+    if own is not None:
+        upload_manifest(job, own)
     if job.journals is not None:
         job.journals.sweep(root, time.time())
     if options.delete_empty_dirs:
@@ -4844,14 +5036,16 @@ def build_parser():
     parser.add_argument("--max-size", type=size_argument, default=None, metavar="SIZE",
                         help="leave (and count) files larger than SIZE")
     parser.add_argument("--manifest", metavar="FILE",
-                        help="append a JSON line per moved file to FILE (time, path, bucket, "
-                        "key, size, mtime, the checksum that proved it, ETag, VersionId), "
-                        "fsync'ed before the file is removed; a line that cannot be written "
-                        "keeps the file")
+                        help="append a JSON line per moved file to FILE (time, run, path, "
+                        "bucket, key, size, mtime, the checksum that proved it, ETag, "
+                        "VersionId), fsync'ed before the file is removed; a line that cannot "
+                        "be written whole is cut off and keeps the file. Runs may share FILE "
+                        "(flock); never followed through a symlink")
     parser.add_argument("--manifest-key", metavar="TEMPLATE",
                         help="at the end of the run, upload its --manifest lines as one "
                         "object at this key (one more PUT), e.g. "
-                        "manifests/{hostname}/{date}/{hour}-{run_id}.jsonl")
+                        "manifests/{hostname}/{date}/{hour}-{run_id}.jsonl; {run_id} and the "
+                        "time placeholders are of the run's start")
     parser.add_argument("--delete-empty-dirs", action="store_true",
                         help="remove subdirectories the run emptied (never SOURCE_DIR)")
     parser.add_argument("--allow-hardlinks", action="store_true",
