@@ -57,10 +57,10 @@ Sections (grep '^# ==='), lowest layer first; each uses only what stands above i
 constants and output, errors, SigV4 signer, HTTP and XML transport, Session and
 S3Client, credentials and settings, S3 operations, local side (keys; the walk; oldest
 first; one file: its checks, its writers, the handover, its gzip), resume journals, the
-manifest, the job (option checks, key templates, the tally, the queue: what the workers
-share), the per-file move and parallel transfers (move_file: one file from its open to
-its unlink), the run (the scan, the lock, the moves, summary and metrics), command line
-(main last).
+manifest (and its objects not yet sent), the job (option checks, key templates, the
+tally, the queue: what the workers share), the per-file move and parallel transfers
+(move_file: one file from its open to its unlink), the run (the scan, the lock, the
+moves, summary and metrics), command line (main last).
 """
 
 import argparse
@@ -3278,7 +3278,7 @@ def headers_fingerprint(headers):
 
 def pair_folder(state_dir, source, destination):
     """The folder under the state folder of one SOURCE_DIR and destination (a Destination):
-    the resume journals of its uploads."""
+    the resume journals of its uploads and its runs' manifest objects not yet sent."""
     name = hashlib.sha256(b"\0".join([os.fsencode(os.path.realpath(source)), (
         "s3://%s/%s" % (destination.bucket, destination.prefix)).encode("utf-8")]))
     return os.path.join(state_dir, name.hexdigest()[:24])
@@ -3314,7 +3314,12 @@ class Journals(object):
 # --manifest FILE: a JSON line per file the server confirmed, each written whole before
 # its file is unlinked. Runs of other sources may append to the same file: an flock on it
 # serializes their appends. A run's lines carry its id; --manifest-key sends them as one
-# object.
+# object, and until the server confirmed it a small record in the pair folder lets a
+# later run send it (see PendingObjects).
+
+PENDING_VERSION = 1
+PENDING_SUFFIX = ".manifest-object"
+RUN_ID = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{16}\Z")
 
 
 def new_run_id(started):
@@ -3322,6 +3327,18 @@ def new_run_id(started):
     64 random bits, so that no two runs of a fleet share one in its lifetime."""
     return "%s-%s" % (time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started)),
                       os.urandom(8).hex())
+
+
+def fsync_folder(path):
+    """Make the names just made or renamed in the folder path last through a power cut."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:   # a filesystem that cannot sync a folder: as good
+            raise
+    finally:
+        os.close(fd)
 
 
 def flock_or_not(fd, operation):
@@ -3535,6 +3552,61 @@ class ManifestObject(collections.namedtuple("ManifestObject", "run key place")):
     """A run's --manifest-key object: its run id, its key (the template filled in with
     that run's id and start) and the ManifestPlace of its lines."""
     __slots__ = ()
+
+
+class PendingObjects(object):
+    """The --manifest-key objects of one source and destination not yet confirmed: a
+    small JSON file each in their pair_folder, written (and the folder fsync'ed) before
+    the run's first manifest line and removed once the server confirmed the object, so
+    that the object of a run whose upload failed, or that was killed, is sent by the
+    next. Runs of SOURCE_DIR hold its run lock: none sends another's while it runs."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def path(self, run):
+        return os.path.join(self.folder, run + PENDING_SUFFIX)
+
+    def add(self, item):
+        """OSError when the record cannot be kept."""
+        text = json.dumps({"s3push_pending": PENDING_VERSION, "run": item.run,
+                           "key": item.key, "manifest": list(item.place)})
+        os.makedirs(self.folder, mode=0o700, exist_ok=True)
+        write_atomically(self.path(item.run), text.encode("utf-8"), 0o600)
+        fsync_folder(self.folder)
+
+    def earlier(self, run, notices):
+        """The ManifestObjects of the other runs, the oldest first; a record that does
+        not parse is dropped, one that cannot be read is left (a warning each)."""
+        try:
+            names = sorted(os.listdir(self.folder))
+        except OSError:   # none yet; or a folder this account cannot read, said elsewhere
+            return []
+        items = []
+        for name in names:
+            other = name[:-len(PENDING_SUFFIX)]
+            if not name.endswith(PENDING_SUFFIX) or not RUN_ID.match(other) or other == run:
+                continue
+            try:
+                with open(self.path(other), "rb") as handle:
+                    record = json.loads(handle.read(MAX_JOURNAL_BYTES).decode("utf-8"))
+                items.append(ManifestObject(str(record["run"]), str(record["key"]),
+                                            ManifestPlace(*record["manifest"])))
+            except OSError as exc:
+                notices.warning("cannot read %s, the record of a --manifest-key object not "
+                                "sent (%s): left for a later run" % (self.path(other),
+                                                                     exc.strerror or exc))
+            except (ValueError, KeyError, TypeError) as exc:
+                notices.warning("the record %s of a --manifest-key object not sent is "
+                                "unusable (%s): dropped" % (self.path(other), one_line(exc)))
+                self.remove(other)
+        return items
+
+    def remove(self, run):
+        try:
+            os.unlink(self.path(run))
+        except OSError:
+            pass   # left: the next run sends the same lines to the same key again
 
 
 # === The job: what the workers share ===
@@ -4441,19 +4513,49 @@ def manifest_key(template, run, started):
     return expand_template(template, hostname, when, started, {"run_id": run})
 
 
-def begin_manifest(job, options):
-    """Open the manifest before the first file; this run's ManifestObject under
-    --manifest-key, else None."""
+def pending_objects(options, environ, destination):
+    """The PendingObjects of this source and destination; None without a state folder."""
+    state_dir = options.state_dir or default_state_dir(environ)
+    return PendingObjects(pair_folder(state_dir, options.source, destination)) \
+        if state_dir else None
+
+
+def objects_waiting(options, environ, destination, state_fd, notices):
+    """Whether a run that found no file has earlier runs' manifest objects to send: only
+    under --manifest-key does it pay for the deferred modules (hashlib names the folder)."""
+    if not options.manifest_key or options.dry_run or state_fd is None:
+        return False
+    load_deferred_modules()
+    return bool(pending_objects(options, environ, destination).earlier("", notices))
+
+
+def begin_manifest(job, options, environ, state_fd):
+    """Open the manifest before the first file and, under --manifest-key, record this
+    run's object as pending (before its first line): (this run's ManifestObject, the
+    PendingObjects or None)."""
     try:
         job.manifest.open()
     except OSError as exc:
         raise FileError("cannot write the manifest %s (%s): no file moved, every file kept"
                         % (safe_name(options.manifest), exc.strerror or exc))
     if not options.manifest_key:
-        return None
+        return None, None
     run = job.manifest.run
-    return ManifestObject(run, manifest_key(options.manifest_key, run, job.tally.started_at),
-                          job.manifest.place)
+    own = ManifestObject(run, manifest_key(options.manifest_key, run, job.tally.started_at),
+                         job.manifest.place)
+    if state_fd is None:   # a lasting state of the host, as for resume journals
+        job.tally.notices.note("no usable state folder: should a --manifest-key upload "
+                               "fail, no later run sends its object")
+        return own, None
+    pending = pending_objects(options, environ, job.destination)
+    try:
+        pending.add(own)
+    except OSError as exc:
+        job.tally.notices.warning("cannot keep a record of this run's --manifest-key object "
+                                  "in %s (%s): should its upload fail, no later run sends "
+                                  "it" % (safe_name(pending.folder), exc.strerror or exc),
+                                  once="pending-object")
+    return own, pending
 
 
 def upload_manifest(job, item):
@@ -4493,6 +4595,18 @@ def upload_manifest(job, item):
     return True
 
 
+def send_manifest_objects(job, own, pending):
+    """--manifest-key: the objects of earlier runs not yet confirmed (an upload that
+    failed, a run killed), the oldest first, then this run's; each record removed once
+    its object is sent. The first failure stops: the rest wait for the next run."""
+    earlier = pending.earlier(own.run, job.tally.notices) if pending is not None else []
+    for item in earlier + [own]:
+        if not upload_manifest(job, item):
+            return
+        if pending is not None:
+            pending.remove(item.run)
+
+
 def move_or_plan(options, environ, settings, destination, tally, files, root, handovers,
                  state_fd):
     """Dry run, or move the files, then remove the directories they left empty.
@@ -4510,13 +4624,13 @@ def move_or_plan(options, environ, settings, destination, tally, files, root, ha
     tally.progress = sys.stderr.isatty() if options.progress is None else options.progress
     job = Job(options, environ, session, destination, tally, root, handovers, state_fd)
     try:
-        own = begin_manifest(job, options)
+        own, pending = begin_manifest(job, options, environ, state_fd)
         move_all(job, files)
     finally:   # a kill -9 leaves them to the next run's scan instead
         job.folders.clean_up()
         job.manifest.close()
     if own is not None:
-        upload_manifest(job, own)
+        send_manifest_objects(job, own, pending)
     if job.journals is not None:
         job.journals.sweep(root, time.time())
     if options.delete_empty_dirs:
@@ -4601,15 +4715,17 @@ def push_locked(options, environ, tally, destination, root):
         first, files = first_and_rest(oldest_first(scan_round, ORDER_WINDOW, spill))
         tally.young_count = counted[0].young   # the first round is whole by now
         tally.sized_out_count = counted[0].sized_out
-        if first is not None:
+        state_fd = spill.folder_fd if spill is not None else None
+        if first is not None or objects_waiting(options, environ, destination, state_fd,
+                                                tally.notices):
             load_deferred_modules()
             settings = load_settings(options, environ)
             if options.splay and not options.dry_run:   # a fleet's cron ticks spread out
                 time.sleep(random.uniform(0, options.splay))
             warn_if_exposed(settings.credentials, tally.notices)
             tally.credentials = settings.credentials
-            move_or_plan(options, environ, settings, destination, tally, files, root,
-                         handovers, spill.folder_fd if spill is not None else None)
+            move_or_plan(options, environ, settings, destination, tally, files or (), root,
+                         handovers, state_fd)
     finally:
         if spill is not None:
             os.close(spill.folder_fd)
@@ -5045,7 +5161,9 @@ def build_parser():
                         help="at the end of the run, upload its --manifest lines as one "
                         "object at this key (one more PUT), e.g. "
                         "manifests/{hostname}/{date}/{hour}-{run_id}.jsonl; {run_id} and the "
-                        "time placeholders are of the run's start")
+                        "time placeholders are of the run's start. An object not sent (a "
+                        "failure, a kill) is sent by the next run of SOURCE_DIR to this "
+                        "destination")
     parser.add_argument("--delete-empty-dirs", action="store_true",
                         help="remove subdirectories the run emptied (never SOURCE_DIR)")
     parser.add_argument("--allow-hardlinks", action="store_true",

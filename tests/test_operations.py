@@ -364,8 +364,8 @@ class Manifests(IntegrationCase):
 
 
 class ManifestFaults(IntegrationCase):
-    """Lines written whole or not at all, a manifest never followed through a symlink, and
-    run ids that never repeat."""
+    """Lines written whole or not at all, a manifest never followed through a symlink, run
+    ids that never repeat, and no --manifest-key object lost to a failed upload."""
 
     def manifest_keys(self):
         return sorted(k for k in self.server.keys(self.prefix) if "/manifests/" in k)
@@ -494,6 +494,63 @@ class ManifestFaults(IntegrationCase):
             self.assertRegex(run, r"^\d{8}T\d{6}Z-[0-9a-f]{16}$")
             started = calendar.timegm(time.strptime(run[:16], "%Y%m%dT%H%M%SZ"))
             self.assertTrue(before <= started <= after, (run, before, after))
+
+    def refused_run(self, *files):
+        """A run whose --manifest-key PUT the server refuses (500, no retry): its files
+        move, it exits 75, no object lands; the run's manifest lines."""
+        refuse = s3server.FaultProxy(self.recorder.endpoint, lambda request: (
+            "answer", 500, "InternalError") if request.method == "PUT" and
+            "/manifests/" in request.target else None)
+        self.proxies.append(refuse)
+        for name in files:
+            write_file(self.source, name, name.encode())
+        result = self.run_with_key("--retries", "0", endpoint=refuse.endpoint)
+        self.assertEqual(result.status, 75, result.stderr)
+        self.assert_landed({name: name.encode() for name in files})
+        self.assertEqual(self.manifest_keys(), [])
+        return self.read_manifest()
+
+    def test_a_refused_manifest_object_is_sent_by_the_next_run(self):
+        first = self.refused_run("a.log", "b.log")
+        write_file(self.source, "c.log", b"gamma")
+        result = self.run_with_key()
+        self.assertEqual(result.status, 0, result.stderr)
+        second = self.read_manifest()[len(first):]
+        [run1], [run2] = self.runs_in(first), self.runs_in(second)
+        self.assertEqual(self.manifest_keys(), sorted([self.key_of(run1), self.key_of(run2)]))
+        self.assertEqual(self.server.object_bytes(self.key_of(run1)), first)
+        self.assertEqual(self.server.object_bytes(self.key_of(run2)), second)
+        start = len(self.recorder.requests)   # nothing is left to send
+        write_file(self.source, "d.log", b"delta")
+        self.assertEqual(self.run_with_key().status, 0)
+        self.assertEqual(len(self.recorder.requests) - start, 2)   # d.log and its object
+
+    def test_a_run_that_finds_no_file_sends_an_earlier_run_s_object(self):
+        first = self.refused_run("a.log")
+        result = self.run_with_key()
+        self.assertEqual(result.status, 0, result.stderr)
+        [run] = self.runs_in(first)
+        self.assertEqual(self.manifest_keys(), [self.key_of(run)])
+        self.assertEqual(self.server.object_bytes(self.key_of(run)), first)
+        self.assertEqual(self.read_manifest(), first)
+
+    def test_lines_rotated_away_drop_their_object_with_a_warning(self):
+        first = self.refused_run("a.log")
+        manifest = os.path.join(self.tmp, "moved.jsonl")
+        os.rename(manifest, manifest + ".1")   # logrotate: the lines are elsewhere now
+        write_file(self.source, "b.log", b"beta")
+        result = self.run_with_key()
+        self.assertEqual(result.status, 0, result.stderr)
+        [run1], [run2] = self.runs_in(first), self.runs_in(self.read_manifest())
+        self.assertIn("warning: the lines of run %s are gone from the manifest %s "
+                      "(rotated or cut): its object s3://%s/%s was never sent" % (
+                          run1, manifest, self.server.bucket, self.key_of(run1)),
+                      result.stderr)
+        self.assertEqual(self.manifest_keys(), [self.key_of(run2)])
+        start = len(self.recorder.requests)   # the record went with the warning
+        result = self.run_with_key()
+        self.assertEqual((result.status, result.stderr), (0, ""))
+        self.assertEqual(len(self.recorder.requests), start)
 
 
 class Order(IntegrationCase):
