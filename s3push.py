@@ -59,10 +59,11 @@ Sections (grep '^# ==='), lowest layer first; each uses only what stands above i
 constants and output, errors, SigV4 signer, HTTP and XML transport, Session and
 S3Client, credentials and settings, S3 operations, local side (keys; the walk; oldest
 first; one file: its checks, its writers, its gzip), the state kept between runs
-(resume journals, the ledger of confirmed uploads, the manifest), the job (option
-checks, key templates, the tally, the queue: what the workers share), the per-file move
-and parallel transfers (move_file: one file from its open to its unlink), the run (the scan, the lock, the moves, summary and metrics),
-command line (main last).
+(resume journals, the ledger of confirmed uploads), the manifest (and its objects not
+yet sent), the job (option checks, key templates, the tally, the queue: what the workers
+share), the per-file move and parallel transfers (move_file: one file from its open to
+its unlink), the run (the scan, the lock, the moves, summary and metrics), command line
+(main last).
 """
 
 import argparse
@@ -3167,17 +3168,17 @@ def headers_fingerprint(headers):
     return hashlib.sha256(json.dumps(sorted(headers.items())).encode("utf-8")).hexdigest()
 
 
-def state_subfolder(state_dir, source, destination):
-    """The folder of the state folder for one source and Destination: its resume
-    journals and its ledger."""
-    url = "s3://%s/%s" % (destination.bucket, destination.prefix)
-    name = hashlib.sha256(b"\0".join([os.fsencode(os.path.realpath(source)),
-                                      url.encode("utf-8")])).hexdigest()[:24]
-    return os.path.join(state_dir, name)
+def pair_folder(state_dir, source, destination):
+    """The folder under the state folder of one SOURCE_DIR and destination (a Destination):
+    the resume journals of its uploads, its ledger, and its runs' manifest objects not yet
+    sent."""
+    name = hashlib.sha256(b"\0".join([os.fsencode(os.path.realpath(source)), (
+        "s3://%s/%s" % (destination.bucket, destination.prefix)).encode("utf-8")]))
+    return os.path.join(state_dir, name.hexdigest()[:24])
 
 
 class Journals(object):
-    """The journals of one source and destination: a folder under the state folder."""
+    """The journals of one source and destination, in their pair_folder."""
 
     def __init__(self, folder, max_age, say):
         self.folder = folder
@@ -3393,17 +3394,162 @@ class Ledger(object):
             self.fd = None
 
 
+# === The manifest ===
+# --manifest FILE: a JSON line per file the server confirmed, each written whole before
+# its file is unlinked. Runs of other sources may append to the same file: an flock on it
+# serializes their appends. A run's lines carry its id; --manifest-key sends them as one
+# object, and until the server confirmed it a small record in the pair folder lets a
+# later run send it (see PendingObjects).
+
+PENDING_VERSION = 1
+PENDING_SUFFIX = ".manifest-object"
+RUN_ID = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{16}\Z")
+
+
+def new_run_id(started):
+    """A run's id: its start (UTC, to the second, so that ids sort as the runs began) and
+    64 random bits, so that no two runs of a fleet share one in its lifetime."""
+    return "%s-%s" % (time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started)),
+                      os.urandom(8).hex())
+
+
+def fsync_folder(path):
+    """Make the names just made or renamed in the folder path last through a power cut."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:   # a filesystem that cannot sync a folder: as good
+            raise
+    finally:
+        os.close(fd)
+
+
+def flock_or_not(fd, operation):
+    """flock(fd, operation); False where the filesystem has no flock (some network
+    filesystems): the caller goes on without it."""
+    try:
+        fcntl.flock(fd, operation)
+    except OSError as exc:
+        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            return False
+        raise
+    return True
+
+
+def whole_lines_end(fd, end):
+    """Where the last whole line of the file open as fd (end bytes long) ends: end itself,
+    or just after its last newline (0 when there is none)."""
+    if end == 0 or os.pread(fd, 1, end - 1) == b"\n":
+        return end   # nearly always: one byte read, not a block
+    while end > 0:
+        start = max(0, end - BLOCK_BYTES)
+        block = os.pread(fd, end - start, start)
+        newline = block.rfind(b"\n")
+        if newline >= 0:
+            return start + newline + 1
+        end = start
+    return 0
+
+
+def open_manifest(path):
+    """A descriptor to append to the manifest at path (made 0600), never through a symlink
+    (a link planted there would have this run append where it points): ConfigError for
+    a symlink or what is no regular file, OSError when it cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW |
+                     os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EMLINK) and os.path.islink(path):
+            raise ConfigError("--manifest %s is a symlink: not followed; name the file "
+                              "itself" % safe_name(path))
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigError("--manifest %s is not a regular file: name one" % safe_name(path))
+    return fd
+
+
+class ManifestPlace(collections.namedtuple("ManifestPlace", "path device inode offset")):
+    """Where a run's lines are: in the manifest at path (absolute), that very file (device,
+    inode), from offset on (its size when the run opened it)."""
+    __slots__ = ()
+
+
 class Manifest(object):
     """--manifest FILE: a JSON line per file the server confirmed, appended and fsync'ed
     before the file is unlinked, so that every removed file has its line (a line whose
     file was then kept, e.g. a writer came at the last moment, says what is on the
-    server all the same). Opened on first use (0600, appending); a line that cannot be
-    written keeps its file: the record is part of the move."""
+    server all the same). open() before the first line; a line that cannot be written
+    whole is cut off again and keeps its file: the record is part of the move."""
 
-    def __init__(self, path, source, run):
-        self.path, self.source, self.run = path, source, run
+    def __init__(self, path, source, run, notices):
+        self.path, self.source, self.run, self.notices = path, source, run, notices
         self.lock = threading.Lock()
         self.fd = None
+        self.place = None   # a ManifestPlace, once open
+
+    def open(self):
+        """Open the file (see open_manifest) and cut off a line an earlier run was cut
+        short in; ConfigError, or OSError."""
+        with self.lock:
+            if self.fd is not None:
+                return
+            fd = open_manifest(self.path)
+            try:
+                info = os.fstat(fd)
+                locked = self.lock_file(fd, fcntl.LOCK_EX)
+                try:
+                    offset = self.mend(fd)
+                finally:
+                    if locked:
+                        fcntl.flock(fd, fcntl.LOCK_UN)
+            except BaseException:
+                os.close(fd)
+                raise
+            self.fd = fd
+            self.place = ManifestPlace(os.path.abspath(self.path), info.st_dev, info.st_ino,
+                                       offset)
+
+    def lock_file(self, fd, operation):
+        if flock_or_not(fd, operation):
+            return True
+        self.notices.note("cannot flock the manifest %s: the runs that share it must not "
+                          "run at once" % safe_name(self.path))
+        return False
+
+    def mend(self, fd):
+        """The file's size once a last line cut short (a run stopped in the middle of
+        writing it, before its file could go) is cut off; never glued to the next."""
+        end = os.fstat(fd).st_size
+        whole = whole_lines_end(fd, end)
+        if whole != end:
+            os.ftruncate(fd, whole)
+            self.notices.warning("the manifest %s ended in %d bytes of a line cut short (a "
+                                 "run stopped while writing it; its file was kept): cut off"
+                                 % (safe_name(self.path), end - whole))
+        return whole
+
+    def append(self, data):
+        """Append data (whole lines) and fsync, whole or not at all: after a short write
+        or an error the file is cut back to where it was; OSError then."""
+        locked = self.lock_file(self.fd, fcntl.LOCK_EX)
+        try:
+            end = self.mend(self.fd)
+            try:
+                view = memoryview(data)
+                while view:   # a short count: the next write says why (ENOSPC, EDQUOT)
+                    view = view[os.write(self.fd, view):]
+                os.fsync(self.fd)
+            except BaseException:   # an error, or SIGTERM between two writes
+                try:
+                    os.ftruncate(self.fd, end)
+                except OSError:
+                    pass   # the next append, of this run or a later one, cuts it off
+                raise
+        finally:
+            if locked:
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
 
     def write(self, record):
         """The line of a ledger record (see Ledger), under this run's tag and time: a line
@@ -3412,39 +3558,134 @@ class Manifest(object):
         line = json.dumps(dict({name: record[name] for name in MANIFEST_FIELDS},
                                time=time.strftime(ISO_SECONDS, time.gmtime()), run=self.run),
                           sort_keys=True) + "\n"
-        with self.lock:
-            try:
-                if self.fd is None:
-                    self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT |
-                                      os.O_CLOEXEC, 0o600)
-                os.write(self.fd, line.encode("utf-8", "surrogateescape"))
-                os.fsync(self.fd)
-            except OSError as exc:
-                raise FileError("cannot write the manifest %s (%s): kept, uploaded; the "
-                                "record is part of the move" % (safe_name(self.path),
-                                                                exc.strerror or exc))
+        try:
+            self.open()
+            with self.lock:
+                self.append(line.encode("utf-8", "surrogateescape"))
+        except OSError as exc:
+            raise FileError("cannot write the manifest %s (%s): kept, uploaded; the "
+                            "record is part of the move" % (safe_name(self.path),
+                                                            exc.strerror or exc))
 
     def close(self):
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-    def this_run(self):
-        """The lines this run wrote (its run tag: another run may share the file)."""
-        with open(self.path, "rb") as handle:
-            return [line for line in handle
-                    if json.loads(line.decode("utf-8", "surrogateescape")).get("run") ==
-                    self.run]
+        with self.lock:
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None
 
 
 class NoManifest(object):
     """No --manifest: nothing recorded."""
+    place = None
+
+    def open(self):
+        pass
 
     def write(self, record):
         pass
 
     def close(self):
         pass
+
+
+def line_run(line):
+    """The run of a manifest line; None when it is no JSON object."""
+    try:
+        record = json.loads(line.decode("utf-8", "surrogateescape"))
+    except (ValueError, RecursionError):
+        return None
+    return record.get("run", "") if isinstance(record, dict) else None
+
+
+def run_lines(place, run, notices):
+    """The lines of run in the manifest at place, in order; None when the file there is
+    no longer the one the run wrote to (rotated away, or cut shorter than where the run
+    began): its lines are gone. OSError. A line that does not parse is skipped (and the
+    operator told): s3push's own lines are whole (see Manifest.append), so it is none of
+    this run's, and failing on it would stop every later upload until someone edits it."""
+    fd = os.open(place.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with open(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if (info.st_dev, info.st_ino) != (place.device, place.inode) or \
+                info.st_size < place.offset:
+            return None
+        locked = flock_or_not(fd, fcntl.LOCK_SH)   # no line half written meanwhile
+        handle.seek(place.offset)
+        lines, bad = [], 0
+        for line in handle:
+            if not line.endswith(b"\n"):
+                break   # cut short by a run that stopped: the next append cuts it off
+            found = line_run(line)
+            bad += found is None
+            if found == run:
+                lines.append(line)
+        if locked:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    if bad:
+        notices.warning("the manifest %s holds lines that are not s3push's JSON: skipped"
+                        % safe_name(place.path), once="manifest-bad-lines")
+    return lines
+
+
+class ManifestObject(collections.namedtuple("ManifestObject", "run key place")):
+    """A run's --manifest-key object: its run id, its key (the template filled in with
+    that run's id and start) and the ManifestPlace of its lines."""
+    __slots__ = ()
+
+
+class PendingObjects(object):
+    """The --manifest-key objects of one source and destination not yet confirmed: a
+    small JSON file each in their pair_folder, written (and the folder fsync'ed) before
+    the run's first manifest line and removed once the server confirmed the object, so
+    that the object of a run whose upload failed, or that was killed, is sent by the
+    next. Runs of SOURCE_DIR hold its run lock: none sends another's while it runs."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def path(self, run):
+        return os.path.join(self.folder, run + PENDING_SUFFIX)
+
+    def add(self, item):
+        """OSError when the record cannot be kept."""
+        text = json.dumps({"s3push_pending": PENDING_VERSION, "run": item.run,
+                           "key": item.key, "manifest": list(item.place)})
+        os.makedirs(self.folder, mode=0o700, exist_ok=True)
+        write_atomically(self.path(item.run), text.encode("utf-8"), 0o600)
+        fsync_folder(self.folder)
+
+    def earlier(self, run, notices):
+        """The ManifestObjects of the other runs, the oldest first; a record that does
+        not parse is dropped, one that cannot be read is left (a warning each)."""
+        try:
+            names = sorted(os.listdir(self.folder))
+        except OSError:   # none yet; or a folder this account cannot read, said elsewhere
+            return []
+        items = []
+        for name in names:
+            other = name[:-len(PENDING_SUFFIX)]
+            if not name.endswith(PENDING_SUFFIX) or not RUN_ID.match(other) or other == run:
+                continue
+            try:
+                with open(self.path(other), "rb") as handle:
+                    record = json.loads(handle.read(MAX_JOURNAL_BYTES).decode("utf-8"))
+                items.append(ManifestObject(str(record["run"]), str(record["key"]),
+                                            ManifestPlace(*record["manifest"])))
+            except OSError as exc:
+                notices.warning("cannot read %s, the record of a --manifest-key object not "
+                                "sent (%s): left for a later run" % (self.path(other),
+                                                                     exc.strerror or exc))
+            except (ValueError, KeyError, TypeError) as exc:
+                notices.warning("the record %s of a --manifest-key object not sent is "
+                                "unusable (%s): dropped" % (self.path(other), one_line(exc)))
+                self.remove(other)
+        return items
+
+    def remove(self, run):
+        try:
+            os.unlink(self.path(run))
+        except OSError:
+            pass   # left: the next run sends the same lines to the same key again
 
 
 # === The job: what the workers share ===
@@ -3755,7 +3996,7 @@ def journals_for(options, environ, destination, tally, checksum):
                            "will start over" % ("no HOME and no --state-dir" if state_dir
                                                 is None else "MD5 is not available"))
         return None
-    return Journals(state_subfolder(state_dir, options.source, destination),
+    return Journals(pair_folder(state_dir, options.source, destination),
                     options.resume_days * 86400, tally.notices.note)
 
 
@@ -3830,11 +4071,12 @@ class Job(object):
                  state_fd):
         self.root = root   # SOURCE_DIR's descriptor: every file is reached through it
         self.asides = asides
-        self.run_id = asides.token
-        self.manifest = Manifest(options.manifest, options.source, self.run_id) \
+        self.run_id = new_run_id(tally.started_at)
+        self.manifest = Manifest(options.manifest, options.source, self.run_id,
+                                 tally.notices) \
             if options.manifest else NoManifest()
         state_dir = options.state_dir or default_state_dir(environ)
-        self.ledger = Ledger(state_fd is not None and state_subfolder(
+        self.ledger = Ledger(state_fd is not None and pair_folder(
             state_dir, options.source, destination), tally.notices)
         self.source = options.source
         self.allow_hardlinks = options.allow_hardlinks
@@ -4400,34 +4642,106 @@ def check_state_dir(state_dir, source):
                              % safe_name(state_dir))
 
 
-def upload_manifest(job, template):
-    """--manifest-key: this run's lines of the manifest as one object, sent with its MD5
-    and checked like any file's; none, no PUT. A failure is one error line (the files
-    moved stay moved; the local manifest has their lines)."""
-    path = job.manifest.path
+def manifest_key(template, run, started):
+    """--manifest-key filled in for a run: {run_id}, and the time placeholders of its
+    start (so a later run sending its object sends it where it would have gone)."""
+    when = datetime.datetime.fromtimestamp(started, datetime.timezone.utc)
+    hostname = socket.gethostname() if "{hostname}" in template else ""
+    return expand_template(template, hostname, when, started, {"run_id": run})
+
+
+def pending_objects(options, environ, destination):
+    """The PendingObjects of this source and destination; None without a state folder."""
+    state_dir = options.state_dir or default_state_dir(environ)
+    return PendingObjects(pair_folder(state_dir, options.source, destination)) \
+        if state_dir else None
+
+
+def objects_waiting(options, environ, destination, state_fd, notices):
+    """Whether a run that found no file has earlier runs' manifest objects to send: only
+    under --manifest-key does it pay for the deferred modules (hashlib names the folder)."""
+    if not options.manifest_key or options.dry_run or state_fd is None:
+        return False
+    load_deferred_modules()
+    return bool(pending_objects(options, environ, destination).earlier("", notices))
+
+
+def begin_manifest(job, options, environ, state_fd):
+    """Open the manifest before the first file and, under --manifest-key, record this
+    run's object as pending (before its first line): (this run's ManifestObject, the
+    PendingObjects or None)."""
     try:
-        lines = job.manifest.this_run()
-    except (OSError, ValueError) as exc:
+        job.manifest.open()
+    except OSError as exc:
+        raise FileError("cannot write the manifest %s (%s): no file moved, every file kept"
+                        % (safe_name(options.manifest), exc.strerror or exc))
+    if not options.manifest_key:
+        return None, None
+    run = job.manifest.run
+    own = ManifestObject(run, manifest_key(options.manifest_key, run, job.tally.started_at),
+                         job.manifest.place)
+    if state_fd is None:   # a lasting state of the host, as for resume journals
+        job.tally.notices.note("no usable state folder: should a --manifest-key upload "
+                               "fail, no later run sends its object")
+        return own, None
+    pending = pending_objects(options, environ, job.destination)
+    try:
+        pending.add(own)
+    except OSError as exc:
+        job.tally.notices.warning("cannot keep a record of this run's --manifest-key object "
+                                  "in %s (%s): should its upload fail, no later run sends "
+                                  "it" % (safe_name(pending.folder), exc.strerror or exc),
+                                  once="pending-object")
+    return own, pending
+
+
+def upload_manifest(job, item):
+    """One run's manifest object: its lines, sent with their MD5 and checked like any
+    file's; none, no PUT. True when nothing is left to send: sent, none, or its lines are
+    gone (a warning); False after a failure (one error line)."""
+    path = safe_name(item.place.path)
+    try:
+        lines = run_lines(item.place, item.run, job.tally.notices)
+    except FileNotFoundError:
+        lines = None
+    except OSError as exc:
         job.tally.failed(path, None, FileError("cannot read the manifest back (%s)"
-                                               % (getattr(exc, "strerror", None) or exc)))
-        return
+                                               % (exc.strerror or exc)))
+        return False
+    if lines is None:
+        job.tally.notices.warning("the lines of run %s are gone from the manifest %s "
+                                  "(rotated or cut): its object %s was never sent" % (
+                                      item.run, path, job.destination.url(item.key)))
+        return True
     if not lines:
-        return
-    key = Template(template).expand(template, time.time(), {"run_id": job.manifest.run})
-    url = job.destination.url(key)
+        return True
     body = b"".join(lines)
     digest = digest_bytes(body)
     client = S3Client(job.session, job.retries, job.timeout, job.deadline, job.rate_limit)
     try:
         headers = body_headers(digest, MD5, "application/x-ndjson")
-        response = client.request("PUT", key, headers, body, digest.payload_hash,
+        response = client.request("PUT", item.key, headers, body, digest.payload_hash,
                                   validate=lambda answer:
                                   MD5.confirm(answer, digest.value, job))
         check_answer(response, "")
     except S3PushError as exc:
-        job.tally.failed(path, url, exc)
+        job.tally.failed(path, job.destination.url(item.key), exc)
+        return False
     finally:
         client.close()
+    return True
+
+
+def send_manifest_objects(job, own, pending):
+    """--manifest-key: the objects of earlier runs not yet confirmed (an upload that
+    failed, a run killed), the oldest first, then this run's; each record removed once
+    its object is sent. The first failure stops: the rest wait for the next run."""
+    earlier = pending.earlier(own.run, job.tally.notices) if pending is not None else []
+    for item in earlier + [own]:
+        if not upload_manifest(job, item):
+            return
+        if pending is not None:
+            pending.remove(item.run)
 
 
 def move_or_plan(options, environ, settings, destination, tally, files, root, asides,
@@ -4448,12 +4762,13 @@ def move_or_plan(options, environ, settings, destination, tally, files, root, as
     job = Job(options, environ, session, destination, tally, root, asides, state_fd)
     job.ledger.open()
     try:
+        own, pending = begin_manifest(job, options, environ, state_fd)
         move_all(job, files)
     finally:   # a kill -9 leaves the ledger to the next run as it is
         job.ledger.close(root)
         job.manifest.close()
-    if options.manifest_key:
-        upload_manifest(job, options.manifest_key)
+    if own is not None:
+        send_manifest_objects(job, own, pending)
     if job.journals is not None:
         job.journals.sweep(root, time.time())
     if options.delete_empty_dirs:
@@ -4538,15 +4853,17 @@ def push_locked(options, environ, tally, destination, root):
         first, files = first_and_rest(oldest_first(scan_round, ORDER_WINDOW, spill))
         tally.young_count = counted[0].young   # the first round is whole by now
         tally.sized_out_count = counted[0].sized_out
-        if first is not None:
+        state_fd = spill.folder_fd if spill is not None else None
+        if first is not None or objects_waiting(options, environ, destination, state_fd,
+                                                tally.notices):
             load_deferred_modules()
             settings = load_settings(options, environ)
             if options.splay and not options.dry_run:   # a fleet's cron ticks spread out
                 time.sleep(random.uniform(0, options.splay))
             warn_if_exposed(settings.credentials, tally.notices)
             tally.credentials = settings.credentials
-            move_or_plan(options, environ, settings, destination, tally, files, root,
-                         asides, spill.folder_fd if spill is not None else None)
+            move_or_plan(options, environ, settings, destination, tally, files or (), root,
+                         asides, state_fd)
     finally:
         if spill is not None:
             os.close(spill.folder_fd)
@@ -4973,14 +5290,18 @@ def build_parser():
     parser.add_argument("--max-size", type=size_argument, default=None, metavar="SIZE",
                         help="leave (and count) files larger than SIZE")
     parser.add_argument("--manifest", metavar="FILE",
-                        help="append a JSON line per moved file to FILE (time, path, bucket, "
-                        "key, size, mtime, the checksum that proved it, ETag, VersionId), "
-                        "fsync'ed before the file is removed; a line that cannot be written "
-                        "keeps the file")
+                        help="append a JSON line per moved file to FILE (time, run, path, "
+                        "bucket, key, size, mtime, the checksum that proved it, ETag, "
+                        "VersionId), fsync'ed before the file is removed; a line that cannot "
+                        "be written whole is cut off and keeps the file. Runs may share FILE "
+                        "(flock); never followed through a symlink")
     parser.add_argument("--manifest-key", metavar="TEMPLATE",
                         help="at the end of the run, upload its --manifest lines as one "
                         "object at this key (one more PUT), e.g. "
-                        "manifests/{hostname}/{date}/{hour}-{run_id}.jsonl")
+                        "manifests/{hostname}/{date}/{hour}-{run_id}.jsonl; {run_id} and the "
+                        "time placeholders are of the run's start. An object not sent (a "
+                        "failure, a kill) is sent by the next run of SOURCE_DIR to this "
+                        "destination")
     parser.add_argument("--delete-empty-dirs", action="store_true",
                         help="remove subdirectories the run emptied (never SOURCE_DIR)")
     parser.add_argument("--allow-hardlinks", action="store_true",

@@ -9,6 +9,7 @@ import random
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import unittest
 import urllib.parse
@@ -360,6 +361,196 @@ class Manifests(IntegrationCase):
         self.assertEqual(result.status, 65, result.stderr)
         self.assertIn("cannot write the manifest", result.stderr)
         self.assertEqual(files_under(self.source), [b"a.log", b"b.log"])
+
+
+class ManifestFaults(IntegrationCase):
+    """Lines written whole or not at all, a manifest never followed through a symlink, run
+    ids that never repeat, and no --manifest-key object lost to a failed upload."""
+
+    def manifest_keys(self):
+        return sorted(k for k in self.server.keys(self.prefix) if "/manifests/" in k)
+
+    def key_of(self, run):
+        """The object key TEMPLATE gives a run: its start's date and its id."""
+        return "%smanifests/%s-%s-%s/%s.jsonl" % (self.prefix, run[:4], run[4:6], run[6:8],
+                                                 run)
+
+    TEMPLATE = "manifests/{date}/{run_id}.jsonl"
+
+    def run_with_key(self, *args, **kw):
+        manifest = os.path.join(self.tmp, "moved.jsonl")
+        return self.run_s3push("--manifest", manifest, "--manifest-key",
+                               self.prefix + self.TEMPLATE, *args, **kw)
+
+    def read_manifest(self):
+        with open(os.path.join(self.tmp, "moved.jsonl"), "rb") as handle:
+            return handle.read()
+
+    def runs_in(self, data):
+        import json
+        return sorted({json.loads(line)["run"] for line in data.splitlines()})
+
+    def tiny_filesystem(self):
+        """A tmpfs of 16 KiB (four pages) of the test's own; skipped, named, where none
+        can be mounted."""
+        if os.geteuid() != 0:
+            self.skipTest("mounting a tiny tmpfs needs root")
+        where = tempfile.mkdtemp(prefix="s3push-tiny-")
+        self.addCleanup(os.rmdir, where)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", where],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if done.returncode != 0:
+            self.skipTest("cannot mount a tmpfs here: %s"
+                          % done.stderr.decode("utf-8", "replace").strip())
+        self.addCleanup(subprocess.run, ["umount", where])
+        return where
+
+    def test_a_full_filesystem_never_leaves_a_removed_file_without_its_whole_line(self):
+        import json
+        tiny = self.tiny_filesystem()
+        files = {"f%02d.log" % i: b"x" * i for i in range(30)}
+        for relative, data in files.items():
+            write_file(self.source, relative, data)
+        filler = os.path.join(tiny, "filler")
+        with open(filler, "wb") as handle:
+            handle.write(b"\0" * 3 * 4096)   # one page is left: about ten lines
+        manifest = os.path.join(tiny, "moved.jsonl")
+        result = self.run_s3push("--manifest", manifest)
+        self.assertEqual(result.status, 65, result.stderr)
+        self.assertIn("cannot write the manifest", result.stderr)
+        with open(manifest, "rb") as handle:
+            data = handle.read()
+        self.assertTrue(data.endswith(b"\n"), data[-100:])
+        recorded = [os.path.basename(json.loads(line)["path"]) for line in data.splitlines()]
+        left = [os.fsdecode(p) for p in files_under(self.source)]
+        self.assertTrue(recorded and left, result.stderr)
+        self.assertEqual(sorted(recorded), sorted(set(files) - set(left)))
+        os.unlink(filler)   # space again: the next run moves the rest, its lines whole
+        result = self.run_s3push("--manifest", manifest, "--manifest-key",
+                                 self.prefix + self.TEMPLATE)
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertEqual(files_under(self.source), [])
+        self.assert_landed(files)
+        with open(manifest, "rb") as handle:
+            lines = handle.read().splitlines(True)
+        self.assertEqual(sorted(os.path.basename(json.loads(line)["path"]) for line in lines),
+                         sorted(files))
+        second = lines[len(recorded):]
+        [run] = self.runs_in(b"".join(second))
+        self.assertEqual(self.manifest_keys(), [self.key_of(run)])
+        self.assertEqual(self.server.object_bytes(self.key_of(run)), b"".join(second))
+
+    def test_a_line_cut_short_by_a_crash_is_cut_off_with_one_warning(self):
+        import json
+        whole = b'{"key": "x", "run": "an earlier run"}\n'
+        with open(os.path.join(self.tmp, "moved.jsonl"), "wb") as handle:
+            handle.write(whole + b'{"key": "y", "run": "20260101T0000')   # no newline
+        write_file(self.source, "a.log", b"alpha")
+        result = self.run_with_key()
+        self.assertEqual(result.status, 0, result.stderr)
+        warnings = [line for line in result.stderr.splitlines() if "warning:" in line]
+        self.assertEqual(len(warnings), 1, result.stderr)
+        self.assertIn("line cut short", warnings[0])
+        data = self.read_manifest()
+        self.assertTrue(data.startswith(whole), data)
+        ours = data[len(whole):]
+        self.assertEqual([json.loads(line)["path"] for line in ours.splitlines()],
+                         [os.path.join(self.source, "a.log")])
+        [run] = self.runs_in(ours)
+        self.assertEqual(self.server.object_bytes(self.key_of(run)), ours)
+
+    def test_a_symlinked_manifest_is_refused_and_nothing_written_through_it(self):
+        write_file(self.source, "a.log", b"alpha")
+        manifest = os.path.join(self.tmp, "moved.jsonl")
+        for target in ("planted", "not-there"):   # a file, and a name O_CREAT would make
+            target = os.path.join(self.tmp, target)
+            if target.endswith("planted"):
+                open(target, "wb").close()
+            os.symlink(target, manifest)
+            result = self.run_s3push("--manifest", manifest)
+            self.assertEqual(result.status, 78, result.stderr)
+            self.assertEqual(result.stderr.splitlines(), [
+                "s3push: error: --manifest %s is a symlink: not followed; name the file "
+                "itself" % manifest])
+            self.assertEqual(os.path.getsize(target) if os.path.exists(target) else None,
+                             0 if target.endswith("planted") else None)
+            self.assertEqual(files_under(self.source), [b"a.log"])
+            os.unlink(manifest)
+
+    def test_run_ids_differ_and_begin_with_the_run_s_start(self):
+        import calendar
+        import json
+        manifest = os.path.join(self.tmp, "moved.jsonl")
+        windows = []
+        for name in ("a.log", "b.log"):
+            write_file(self.source, name, b"data")
+            before = int(time.time())
+            self.assertEqual(self.run_s3push("--manifest", manifest).status, 0)
+            windows.append((before, time.time()))
+        with open(manifest) as handle:
+            runs = [json.loads(line)["run"] for line in handle]
+        self.assertEqual(len(set(runs)), 2, runs)
+        for run, (before, after) in zip(runs, windows):
+            self.assertRegex(run, r"^\d{8}T\d{6}Z-[0-9a-f]{16}$")
+            started = calendar.timegm(time.strptime(run[:16], "%Y%m%dT%H%M%SZ"))
+            self.assertTrue(before <= started <= after, (run, before, after))
+
+    def refused_run(self, *files):
+        """A run whose --manifest-key PUT the server refuses (500, no retry): its files
+        move, it exits 75, no object lands; the run's manifest lines."""
+        refuse = s3server.FaultProxy(self.recorder.endpoint, lambda request: (
+            "answer", 500, "InternalError") if request.method == "PUT" and
+            "/manifests/" in request.target else None)
+        self.proxies.append(refuse)
+        for name in files:
+            write_file(self.source, name, name.encode())
+        result = self.run_with_key("--retries", "0", endpoint=refuse.endpoint)
+        self.assertEqual(result.status, 75, result.stderr)
+        self.assert_landed({name: name.encode() for name in files})
+        self.assertEqual(self.manifest_keys(), [])
+        return self.read_manifest()
+
+    def test_a_refused_manifest_object_is_sent_by_the_next_run(self):
+        first = self.refused_run("a.log", "b.log")
+        write_file(self.source, "c.log", b"gamma")
+        result = self.run_with_key()
+        self.assertEqual(result.status, 0, result.stderr)
+        second = self.read_manifest()[len(first):]
+        [run1], [run2] = self.runs_in(first), self.runs_in(second)
+        self.assertEqual(self.manifest_keys(), sorted([self.key_of(run1), self.key_of(run2)]))
+        self.assertEqual(self.server.object_bytes(self.key_of(run1)), first)
+        self.assertEqual(self.server.object_bytes(self.key_of(run2)), second)
+        start = len(self.recorder.requests)   # nothing is left to send
+        write_file(self.source, "d.log", b"delta")
+        self.assertEqual(self.run_with_key().status, 0)
+        self.assertEqual(len(self.recorder.requests) - start, 2)   # d.log and its object
+
+    def test_a_run_that_finds_no_file_sends_an_earlier_run_s_object(self):
+        first = self.refused_run("a.log")
+        result = self.run_with_key()
+        self.assertEqual(result.status, 0, result.stderr)
+        [run] = self.runs_in(first)
+        self.assertEqual(self.manifest_keys(), [self.key_of(run)])
+        self.assertEqual(self.server.object_bytes(self.key_of(run)), first)
+        self.assertEqual(self.read_manifest(), first)
+
+    def test_lines_rotated_away_drop_their_object_with_a_warning(self):
+        first = self.refused_run("a.log")
+        manifest = os.path.join(self.tmp, "moved.jsonl")
+        os.rename(manifest, manifest + ".1")   # logrotate: the lines are elsewhere now
+        write_file(self.source, "b.log", b"beta")
+        result = self.run_with_key()
+        self.assertEqual(result.status, 0, result.stderr)
+        [run1], [run2] = self.runs_in(first), self.runs_in(self.read_manifest())
+        self.assertIn("warning: the lines of run %s are gone from the manifest %s "
+                      "(rotated or cut): its object s3://%s/%s was never sent" % (
+                          run1, manifest, self.server.bucket, self.key_of(run1)),
+                      result.stderr)
+        self.assertEqual(self.manifest_keys(), [self.key_of(run2)])
+        start = len(self.recorder.requests)   # the record went with the warning
+        result = self.run_with_key()
+        self.assertEqual((result.status, result.stderr), (0, ""))
+        self.assertEqual(len(self.recorder.requests), start)
 
 
 class Order(IntegrationCase):

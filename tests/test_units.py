@@ -988,6 +988,25 @@ class PartsAndRetries(unittest.TestCase):
                             "completing")
 
 
+class ManifestLines(unittest.TestCase):
+    def test_where_the_last_whole_line_ends(self):
+        block = s3push.BLOCK_BYTES
+        for data, end in ((b"", 0), (b"a\n", 2), (b"a\nb", 2), (b"torn", 0),
+                          (b"a\n" + b"x" * (2 * block + 5), 2),   # a tail over two blocks
+                          (b"x" * block + b"\n" + b"y" * (block - 1), block + 1)):
+            with tempfile.TemporaryFile() as handle:
+                handle.write(data)
+                handle.flush()
+                self.assertEqual(s3push.whole_lines_end(handle.fileno(), len(data)), end,
+                                 data[:20])
+
+    def test_a_line_s_run(self):
+        for line, run in ((b'{"run": "r1", "key": "k"}\n', "r1"), (b'{"key": "k"}\n', ""),
+                          (b'{"run": "r1", "ke\n', None), (b"[1, 2]\n", None),
+                          (b"[" * 100000 + b"\n", None), (b"\xff\n", None)):
+            self.assertEqual(s3push.line_run(line), run, line[:20])
+
+
 class Journals(unittest.TestCase):
     HEADER = (b'{"s3push_journal": 1, "key": "k", "upload_id": "u", "part_size": 5, '
               b'"headers": "h", "file": [1, 2, 3, 4], "steps": [], "name": "f", "created": 1.5}\n')
