@@ -3213,6 +3213,7 @@ class Journals(object):
 # the records whose file is still there.
 
 LEDGER_NAME = "confirmed.jsonl"
+LEDGER_COMPACT = MIB   # about 2,500 records: beyond, written anew without those resolved
 MANIFEST_FIELDS = ("path", "bucket", "key", "size", "mtime", "checksum", "etag", "version_id",
                    "compression", "compressed_size")   # and the run's tag and time
 
@@ -3266,6 +3267,7 @@ class Ledger(object):
         self.size = 0   # of the file: where a line cut short is cut back to
         self.written = self.synced = 0   # lines written, and made durable
         self.records = {}   # (device, inode): the records not yet resolved
+        self.compact_at = LEDGER_COMPACT   # bytes
 
     def open(self, reason=None):
         """Read what earlier runs left and open the ledger for appending; without it (no
@@ -3332,7 +3334,7 @@ class Ledger(object):
         """Write one whole line; its number, or 0 when the ledger is off (lock held)."""
         if self.fd is None:
             return 0
-        data = (json.dumps(record, sort_keys=True) + "\n").encode("utf-8", "surrogateescape")
+        data = self.lines([record])
         try:
             if os.write(self.fd, data) != len(data):   # a full disk: the line cut back
                 os.ftruncate(self.fd, self.size)
@@ -3349,8 +3351,8 @@ class Ledger(object):
         with self.sync_lock:
             if self.synced >= line:
                 return
-            with self.lock:
-                fd, upto = self.fd, self.written
+            with self.lock:   # a duplicate: compact() may replace the file meanwhile
+                fd, upto = os.dup(self.fd) if self.fd is not None else None, self.written
             if fd is None:
                 return
             try:
@@ -3359,14 +3361,38 @@ class Ledger(object):
                 with self.lock:
                     self.fail(exc)
                 return
-            self.synced = upto
+            finally:
+                os.close(fd)
+            self.synced = max(self.synced, upto)
 
     def resolved(self, record):
-        """The record's file is gone: nothing left to vouch for."""
+        """The record's file is gone: nothing left to vouch for. Past LEDGER_COMPACT bytes
+        the ledger is written anew with the records left (those of files in flight): on
+        a long run it stays small."""
         with self.lock:
             key = tuple(record["file"][:2])
             if self.records.get(key) is record:
                 del self.records[key]
+            if self.fd is not None and self.size > self.compact_at:
+                self.compact()
+
+    def compact(self):
+        """Write the ledger anew with the records not yet resolved (lock held)."""
+        data = self.lines(self.records.values())
+        try:
+            write_atomically(self.path, data, 0o600)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:   # a full state folder: appending to the old one goes on
+            self.compact_at = self.size + LEDGER_COMPACT
+            return
+        os.close(self.fd)
+        self.fd, self.size = fd, len(data)
+        self.synced = self.written   # what is left was fsync'ed by write_atomically
+
+    @staticmethod
+    def lines(records):
+        return "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode(
+            "utf-8", "surrogateescape")
 
     def close(self, root_fd):
         """Keep only the records whose file is still there (kept at the last instant, or
@@ -3379,9 +3405,7 @@ class Ledger(object):
         kept = [record for record in self.records.values() if still_there(root_fd, record)]
         try:
             if kept:
-                write_atomically(self.path, "".join(
-                    json.dumps(r, sort_keys=True) + "\n" for r in kept).encode(
-                        "utf-8", "surrogateescape"), 0o600)
+                write_atomically(self.path, self.lines(kept), 0o600)
             else:
                 os.unlink(self.path)
         except OSError as exc:   # the old one stays: its records are checked again

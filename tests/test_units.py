@@ -644,6 +644,21 @@ class Ledger(unittest.TestCase):
         os.rename(path, path + ".aside")   # ctime moves on: only an aside name allows it
         self.assertIsNotNone(ledger.vouching(os.stat(path + ".aside"), True))
 
+    def test_a_long_run_keeps_the_ledger_small(self):
+        ledger = self.ledger()
+        self.addCleanup(setattr, s3push, "LEDGER_COMPACT", s3push.LEDGER_COMPACT)
+        ledger.compact_at = 2000
+        path = os.path.join(self.folder, s3push.LEDGER_NAME)
+        held = self.record("held")   # in flight all along: never resolved
+        ledger.add(held)
+        for n in range(50):
+            record = self.record("f%d" % n)
+            ledger.add(record)
+            ledger.resolved(record)
+            self.assertLess(os.path.getsize(path), 3000)
+        ledger.close_file()   # as a kill would: the one in flight survived every rewrite
+        self.assertIn("held", [r["id"] for r in self.ledger().records.values()])
+
     def test_a_torn_last_line_is_cut_off_and_the_rest_read(self):
         ledger = self.ledger()
         ledger.add(self.record("a"))
