@@ -733,6 +733,8 @@ def describe_os_error(exc):
     """A short reason for a network error, e.g. 'Connection refused' or 'timed out'."""
     if isinstance(exc, socket.timeout):
         return "timed out"
+    if isinstance(exc, http.client.IncompleteRead):   # its own text is a repr
+        return "the answer was cut short after %d bytes" % len(exc.partial)
     return getattr(exc, "strerror", None) or one_line(exc) or exc.__class__.__name__
 
 
@@ -852,7 +854,10 @@ class Connection(object):
         except (BrokenPipeError, ConnectionResetError):
             pass   # the server may have answered early (an error) and closed: read it
         answer = conn.getresponse()
-        data = answer.read(MAX_ERROR_BODY if answer.status >= 300 else MAX_ANSWER_BODY)
+        limit = MAX_ERROR_BODY if answer.status >= 300 else MAX_ANSWER_BODY
+        data = answer.read(limit)
+        if answer.length and len(data) < limit:   # a sized read returns a cut body silently
+            raise http.client.IncompleteRead(data, answer.length)
         if answer.will_close or not answer.isclosed():
             self.close()
         return Response(answer.status, answer.reason,
@@ -1068,13 +1073,13 @@ class S3Client(object):
         """One signed request with retries and corrections; returns the last answer.
 
         Transient answers (5xx, 429, SlowDown, RequestTimeout, ...) and broken
-        connections are retried with exponential backoff and full jitter, or after the
-        server's Retry-After, while the run's deadline allows. A skewed clock, a wrong
-        region and an expired token are corrected and sent again without using up a
-        retry. Each attempt is signed afresh; a FileRange body is read from disk again.
-        validate(response), if given, checks a 2xx answer and raises TemporaryError to
-        have the request retried (an ETag that is not the MD5 sent). A server that refuses
-        connections is not retried.
+        connections (an answer cut short too) are retried with exponential backoff and
+        full jitter, or after the server's Retry-After, while the run's deadline allows.
+        A skewed clock, a wrong region and an expired token are corrected and sent again
+        without using up a retry. Each attempt is signed afresh; a FileRange body is read
+        from disk again. validate(response), if given, checks a 2xx answer and raises
+        TemporaryError to have the request retried (an ETag that is not the MD5 sent).
+        A server that refuses connections is not retried.
         """
         retry = corrections = 0
         while True:
