@@ -1021,6 +1021,35 @@ class PartsAndRetries(unittest.TestCase):
                                             b"<ETag>x</ETag></CompleteMultipartUploadResult>"),
                             "completing")
 
+    def test_only_a_complete_result_proves_a_multipart_object(self):
+        def answer(body):
+            return s3push.Response(200, "OK", {}, body)
+        for body in (b"", b'<?xml version="1.0" encoding="UTF-8"?>\n   ',
+                     b"<html><body>OK</body></html>",
+                     b"<CompleteMultipartUpload><Part><ETag>e</ETag></Part>"
+                     b"</CompleteMultipartUpload>"):
+            with self.assertRaises(s3push.TemporaryError, msg=body):   # retried
+                s3push.check_complete_result(answer(body))
+        s3push.check_complete_result(answer(   # an <Error> is check_answer's to raise
+            b"<Error><Code>InternalError</Code></Error>"))
+        s3push.check_complete_result(answer(
+            b'<CompleteMultipartUploadResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+            b"<ETag>&quot;e-2&quot;</ETag></CompleteMultipartUploadResult>"))
+
+    def test_a_complete_result_proves_by_its_etag(self):
+        def proof(etag_xml, etag, verify_md5=True):
+            root = s3push.parse_xml(b"<CompleteMultipartUploadResult><Key>k</Key>%s"
+                                    b"</CompleteMultipartUploadResult>" % etag_xml)
+            return s3push.MD5.proof(root, s3push.Response(200, "OK", {}, b""), "ab-2", etag,
+                                    s3push.Sending({}, {}, verify_md5, False))
+        self.assertEqual(proof(b"<ETag>ab-2</ETag>", "ab-2").etag, "ab-2")
+        with self.assertRaises(s3push.FileError):   # another object
+            proof(b"<ETag>cd-2</ETag>", "cd-2")
+        self.assertEqual(proof(b"<ETag>kms</ETag>", "kms", verify_md5=False).etag, "kms")
+        for verify_md5 in (True, False):   # no ETag at all: nothing is proved
+            with self.assertRaises(s3push.FileError):
+                proof(b"", "", verify_md5)
+        self.assertEqual(proof(b"<ETag></ETag>", "").etag, "")   # Ceph RGW 16.2's answer
 
 
 class Journals(unittest.TestCase):
