@@ -609,12 +609,23 @@ def parse_xml(body):
         return None
 
 
+def local_name(tag):
+    """An element's name without its namespace."""
+    return tag.rsplit("}", 1)[-1]
+
+
+def xml_element(root, name):
+    """The first element called name, whatever its namespace, or None."""
+    for element in root.iter() if root is not None else ():
+        if local_name(element.tag) == name:
+            return element
+    return None
+
+
 def xml_text(root, name):
     """Text of the first element called name, whatever its namespace ('' if none)."""
-    for element in root.iter() if root is not None else ():
-        if element.tag == name or element.tag.endswith("}" + name):
-            return (element.text or "").strip().translate(FROM_PLANE_15)
-    return ""
+    element = xml_element(root, name)
+    return (element.text or "").strip().translate(FROM_PLANE_15) if element is not None else ""
 
 
 class Response(object):
@@ -635,7 +646,7 @@ class Response(object):
         if self.parsed is None:
             root = parse_xml(self.body) if self.body.strip() else None
             error = ("", "")
-            if root is not None and root.tag.rsplit("}", 1)[-1] == "Error":
+            if root is not None and local_name(root.tag) == "Error":
                 error = (xml_text(root, "Code"), xml_text(root, "Message"))
             self.parsed = (root, error)
         return self.parsed
@@ -736,6 +747,8 @@ def describe_os_error(exc):
     """A short reason for a network error, e.g. 'Connection refused' or 'timed out'."""
     if isinstance(exc, socket.timeout):
         return "timed out"
+    if isinstance(exc, http.client.IncompleteRead):   # its own text is a repr
+        return "the answer was cut short after %d bytes" % len(exc.partial)
     return getattr(exc, "strerror", None) or one_line(exc) or exc.__class__.__name__
 
 
@@ -855,7 +868,10 @@ class Connection(object):
         except (BrokenPipeError, ConnectionResetError):
             pass   # the server may have answered early (an error) and closed: read it
         answer = conn.getresponse()
-        data = answer.read(MAX_ERROR_BODY if answer.status >= 300 else MAX_ANSWER_BODY)
+        limit = MAX_ERROR_BODY if answer.status >= 300 else MAX_ANSWER_BODY
+        data = answer.read(limit)
+        if answer.length and len(data) < limit:   # a sized read returns a cut body silently
+            raise http.client.IncompleteRead(data, answer.length)
         if answer.will_close or not answer.isclosed():
             self.close()
         return Response(answer.status, answer.reason,
@@ -1071,13 +1087,13 @@ class S3Client(object):
         """One signed request with retries and corrections; returns the last answer.
 
         Transient answers (5xx, 429, SlowDown, RequestTimeout, ...) and broken
-        connections are retried with exponential backoff and full jitter, or after the
-        server's Retry-After, while the run's deadline allows. A skewed clock, a wrong
-        region and an expired token are corrected and sent again without using up a
-        retry. Each attempt is signed afresh; a FileRange body is read from disk again.
-        validate(response), if given, checks a 2xx answer and raises TemporaryError to
-        have the request retried (an ETag that is not the MD5 sent). A server that refuses
-        connections is not retried.
+        connections (an answer cut short too) are retried with exponential backoff and
+        full jitter, or after the server's Retry-After, while the run's deadline allows.
+        A skewed clock, a wrong region and an expired token are corrected and sent again
+        without using up a retry. Each attempt is signed afresh; a FileRange body is read
+        from disk again. validate(response), if given, checks a 2xx answer and raises
+        TemporaryError to have the request retried (an ETag that is not the MD5 sent, a
+        complete without its result). A server that refuses connections is not retried.
         """
         retry = corrections = 0
         while True:
@@ -1695,9 +1711,14 @@ class Md5Check(object):
         return {}, "%s-%d" % (md5.hexdigest(), len(values))
 
     def proof(self, answer, response, expected, etag, sending):
-        """The Proof of a completed multipart upload. A server whose answer carries no
-        ETag (Ceph RGW 16.2) is trusted through the parts, each of which was checked;
-        never through a HEAD, which PutObject-only keys cannot do."""
+        """The Proof of a completed multipart upload: the ETag in its
+        CompleteMultipartUploadResult, which must be the parts' when there is an MD5 to
+        compare; never a HEAD, which PutObject-only keys cannot do."""
+        # Ceph RGW 16.2 answers <ETag></ETag>: there its parts, each checked by its MD5 and
+        # named in the list (RGW completes no other: InvalidPart), are the proof.
+        if not etag and xml_element(answer, "ETag") is None:
+            raise FileError("the server's CompleteMultipartUploadResult carries no ETag: "
+                            "nothing proves the object; kept")
         if expected and etag and sending.verify_md5 and etag != expected:
             raise FileError("the server's ETag %s is not %s, the MD5 of the parts' MD5s: kept"
                             % (etag, expected))
@@ -1925,6 +1946,20 @@ def xml_escape(text):
         '"', "&quot;")
 
 
+def check_complete_result(response):
+    """Raise (a retryable error) unless a 2xx answer to CompleteMultipartUpload is its
+    CompleteMultipartUploadResult (or an <Error>, check_answer's): an empty, cut or foreign
+    200 (a proxy's, a load balancer's) proves nothing."""
+    root = response.xml
+    if response.error[0] or root is not None and \
+            local_name(root.tag) == "CompleteMultipartUploadResult":
+        return
+    raise TemporaryError("the answer is no CompleteMultipartUploadResult (%s): it proves "
+                         "nothing; the file is kept" % (
+                             one_line(response.body[:200].decode("utf-8", "replace")) or
+                             "an empty body"))
+
+
 def complete_multipart_upload(client, key, upload_id, parts, sending, lengths):
     """POST the part list (each part's ETag, and its check's element); the check confirms
     the object from the answer. Returns the object's Proof."""
@@ -1938,10 +1973,14 @@ def complete_multipart_upload(client, key, upload_id, parts, sending, lengths):
     headers.update(sending.condition)
     extra, expected = check.complete([part.value for part in parts], lengths)
     headers.update(extra)
-    response = client.request("POST", key, headers, body, digest.payload_hash,
-                              query=[("uploadId", upload_id)])
+    try:
+        response = client.request("POST", key, headers, body, digest.payload_hash,
+                                  query=[("uploadId", upload_id)],
+                                  validate=check_complete_result)
+    except TemporaryError as exc:
+        raise TemporaryError("completing the multipart upload: %s" % exc) from None
     check_answer(response, "completing the multipart upload")
-    etag = plain_etag(xml_text(response.xml, "ETag") or response.header("etag"))
+    etag = plain_etag(xml_text(response.xml, "ETag"))   # the result's; a header proves no result
     return check.proof(response.xml, response, expected, etag, sending)
 
 

@@ -726,6 +726,9 @@ class FaultProxy(LoopbackServer):
                           checksum it never checked)
       ("forge",)          change the body but keep its CRC32 (4 bytes chosen to match)
       ("after", callback) forward, call callback() once the server answered, then answer
+      ("answer-raw", bytes)  answer with these bytes as they are (not forwarded)
+      ("replace", bytes)  forward, then answer these bytes instead of the server's, close
+      ("inspect", callback)  forward, call callback(the answer's bytes), pass it on
     `requests` lists (method, target) of everything the script sent.
     """
 
@@ -771,6 +774,9 @@ class FaultProxy(LoopbackServer):
         if kind == "reset-before":
             client.shutdown(socket.SHUT_RDWR)
             return False
+        if kind == "answer-raw":
+            client.sendall(action[1])
+            return True
         if kind == "stall":
             time.sleep(action[1])
         body = request.body
@@ -797,6 +803,12 @@ class FaultProxy(LoopbackServer):
             client.sendall(answer[:max(1, len(answer) // 2)])
             client.shutdown(socket.SHUT_RDWR)
             return False
+        if kind == "replace":
+            client.sendall(action[1])
+            client.shutdown(socket.SHUT_RDWR)
+            return False
+        if kind == "inspect":
+            action[1](answer)
         if kind == "etag":
             answer = replace_header(answer, b"etag", action[1].encode())
         if kind == "after":

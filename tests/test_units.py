@@ -7,6 +7,7 @@ import socket
 import stat
 import sys
 import tempfile
+import threading
 import time
 import unittest
 
@@ -888,6 +889,49 @@ class Verification(unittest.TestCase):
         self.assertEqual(Client.requests, 3)
 
 
+class CutAnswers(unittest.TestCase):
+    """An answer shorter than its Content-Length is a broken connection: http.client's
+    sized read returns what came without a word."""
+
+    def answer(self, raw):
+        """What Connection.exchange makes of a server that answers raw and closes."""
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+
+        def serve():
+            client, _ = listener.accept()
+            client.recv(65536)
+            client.sendall(raw)
+            client.close()
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        connection = s3push.Connection("http", "127.0.0.1", listener.getsockname()[1], 10)
+        try:
+            return connection.exchange("POST", "/k?uploadId=u", {"host": "h"}, b"")
+        finally:
+            connection.close()
+            thread.join(10)
+            listener.close()
+
+    def test_a_body_shorter_than_its_length_is_a_broken_connection(self):
+        import http.client
+        for status in (200, 500):
+            with self.assertRaises(http.client.IncompleteRead) as caught:
+                self.answer(b"HTTP/1.1 %d X\r\nContent-Length: 400\r\n\r\n" % status +
+                            b'<?xml version="1.0" encoding="UTF-8"?>\n' + b" " * 40)
+            self.assertEqual(s3push.describe_os_error(caught.exception),
+                             "the answer was cut short after 79 bytes")
+
+    def test_whole_bodies_are_read(self):
+        self.assertEqual(self.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").body,
+                         b"ok")
+        self.assertEqual(self.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").body,
+                         b"")
+        self.assertEqual(self.answer(b"HTTP/1.1 500 X\r\nConnection: close\r\n\r\nto the end")
+                         .body, b"to the end")
+
+
 class GzipSpool(unittest.TestCase):
     """--compress: the spool is the gzip of the file as read, and what is not is refused."""
 
@@ -1001,6 +1045,36 @@ class PartsAndRetries(unittest.TestCase):
         s3push.check_answer(s3push.Response(200, "OK", {}, b"<CompleteMultipartUploadResult>"
                                             b"<ETag>x</ETag></CompleteMultipartUploadResult>"),
                             "completing")
+
+    def test_only_a_complete_result_proves_a_multipart_object(self):
+        def answer(body):
+            return s3push.Response(200, "OK", {}, body)
+        for body in (b"", b'<?xml version="1.0" encoding="UTF-8"?>\n   ',
+                     b"<html><body>OK</body></html>",
+                     b"<CompleteMultipartUpload><Part><ETag>e</ETag></Part>"
+                     b"</CompleteMultipartUpload>"):
+            with self.assertRaises(s3push.TemporaryError, msg=body):   # retried
+                s3push.check_complete_result(answer(body))
+        s3push.check_complete_result(answer(   # an <Error> is check_answer's to raise
+            b"<Error><Code>InternalError</Code></Error>"))
+        s3push.check_complete_result(answer(
+            b'<CompleteMultipartUploadResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+            b"<ETag>&quot;e-2&quot;</ETag></CompleteMultipartUploadResult>"))
+
+    def test_a_complete_result_proves_by_its_etag(self):
+        def proof(etag_xml, etag, verify_md5=True):
+            root = s3push.parse_xml(b"<CompleteMultipartUploadResult><Key>k</Key>%s"
+                                    b"</CompleteMultipartUploadResult>" % etag_xml)
+            return s3push.MD5.proof(root, s3push.Response(200, "OK", {}, b""), "ab-2", etag,
+                                    s3push.Sending({}, {}, verify_md5, False))
+        self.assertEqual(proof(b"<ETag>ab-2</ETag>", "ab-2").etag, "ab-2")
+        with self.assertRaises(s3push.FileError):   # another object
+            proof(b"<ETag>cd-2</ETag>", "cd-2")
+        self.assertEqual(proof(b"<ETag>kms</ETag>", "kms", verify_md5=False).etag, "kms")
+        for verify_md5 in (True, False):   # no ETag at all: nothing is proved
+            with self.assertRaises(s3push.FileError):
+                proof(b"", "", verify_md5)
+        self.assertEqual(proof(b"<ETag></ETag>", "").etag, "")   # Ceph RGW 16.2's answer
 
 
 class ManifestLines(unittest.TestCase):
