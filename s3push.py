@@ -1655,6 +1655,9 @@ def check_crc32_echo(response, crc32):
                              % (one_line(echo, 40), crc32_text(crc32)))
 
 
+MD5_OF_PARTS = "md5_of_parts"   # a multipart object's proof under MD5 (see Proof)
+
+
 class Proof(collections.namedtuple("Proof", "checksum value etag version_id")):
     """What the server confirmed of a whole object, as the manifest records it: the
     checksum that proved it ("md5", "crc32", or for a multipart upload under MD5
@@ -1722,7 +1725,7 @@ class Md5Check(object):
         if expected and etag and sending.verify_md5 and etag != expected:
             raise FileError("the server's ETag %s is not %s, the MD5 of the parts' MD5s: kept"
                             % (etag, expected))
-        return Proof("md5_of_parts", expected, etag, response.header("x-amz-version-id"))
+        return Proof(MD5_OF_PARTS, expected, etag, response.header("x-amz-version-id"))
 
 
 class Crc32Check(object):
@@ -2197,29 +2200,18 @@ def key_name(name):
     return name
 
 
-def name_taken(dir_fd, name):
-    try:
-        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    return True
-
-
 def give_back(parent_fd, aside, name):
     """Move what an aside name holds back to name, never replacing what holds that name
     now (link() fails if it is taken); False when it stays (the name is taken, or this
-    filesystem has no hard links): a later run moves it from there, as the file it was.
-    What is no file goes back by rename, which replaces at most an empty directory."""
+    filesystem has no hard links). A directory goes back by rename, which replaces at
+    most an empty directory."""
     try:
-        info = os.stat(aside, dir_fd=parent_fd, follow_symlinks=False)
-        if stat.S_ISREG(info.st_mode):
+        if stat.S_ISDIR(os.stat(aside, dir_fd=parent_fd, follow_symlinks=False).st_mode):
+            os.rename(aside, name, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
+        else:   # a symlink is linked itself, never followed
             os.link(aside, name, src_dir_fd=parent_fd, dst_dir_fd=parent_fd,
                     follow_symlinks=False)
             os.unlink(aside, dir_fd=parent_fd)
-        elif not name_taken(parent_fd, name) or stat.S_ISDIR(info.st_mode):
-            os.rename(aside, name, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
-        else:
-            return False
         return True
     except OSError:
         return False
@@ -2303,8 +2295,7 @@ class Found(collections.namedtuple("Found", "directory name info")):
 
     @property
     def relative(self):
-        """Its path under SOURCE_DIR as its key and the operator know it (key_name)."""
-        return self.directory.relative + key_name(self.name)
+        return self.directory.relative + self.name
 
 
 def open_source(source):
@@ -2935,8 +2926,9 @@ def gunzip_check(spool, crc, size):
 
 def gzip_file(fd, info, name, folder_fd, level):
     """The file's gzip, in a new unnamed file of the state folder: (its descriptor, its
-    fstat). ChangedError when the file is not in the state it had (info) by the end; a
-    FileError when it cannot be read or the spool written (a full state folder)."""
+    fstat, the file's CRC32). ChangedError when the file is not in the state it had (info)
+    by the end; a FileError when it cannot be read or the spool written (a full state
+    folder)."""
     state = file_state(info)
     spool = None
     try:
@@ -2954,7 +2946,7 @@ def gzip_file(fd, info, name, folder_fd, level):
             raise ChangedError()
         gunzip_check(spool, crc, size)
         seam("compressed", name)
-        return spool, os.fstat(spool)
+        return spool, os.fstat(spool), crc
     except BaseException as exc:
         if spool is not None:
             os.close(spool)
@@ -3258,22 +3250,45 @@ MANIFEST_FIELDS = ("path", "bucket", "key", "size", "mtime", "checksum", "etag",
 
 
 def ledger_identity(info):
-    """What a record vouches for: file_identity and the ctime (which moves with any change
-    of the contents, utimes() included)."""
+    """The file a record is of: file_identity and the ctime (kept for the reader of the
+    ledger; a chmod moves it, so it proves nothing the content check does not)."""
     return file_identity(info) + [info.st_ctime_ns]
 
 
-def vouches(record, info, aside):
-    """Whether a record is of this very file, unchanged. Under an aside name, which the
-    rename gave it, its ctime may have moved on since, not back."""
-    recorded = record["file"]
-    now = ledger_identity(info)
-    return recorded[:4] == now[:4] and (recorded[4] == now[4] or aside and
-                                        now[4] >= recorded[4])
+def at_its_place(record, found, info, endpoint):
+    """Whether a record is of the file found (info: its fstat): the same directory (as the
+    scan reached it), its name or its aside name, the same device, inode, size and
+    mtime, and the same endpoint (another server with a bucket of that name never got
+    it). Inode numbers come back (vfat and exFAT hand them out anew at each mount), and
+    so does an mtime put back: what was sent is then checked (content_proven)."""
+    return record.get("endpoint") == endpoint and found.name in (
+        record["name"], record["aside"]) and record["file"][:4] == file_identity(info) and \
+        record["steps"] == [list(step) for step in found.directory.steps]
+
+
+def content_proven(fd, size, record):
+    """Whether the file open as fd (size bytes) holds what the record says the server
+    confirmed: its proof computed again from the file (for a gzip, the file's own
+    CRC32, which the gzip's trailer carried); False where it cannot be (no MD5 here)."""
+    (name, value), = record["checksum"].items()
+    if record.get("file_crc32"):
+        name, value = "crc32", record["file_crc32"]
+    part_size = record.get("part_size") if name == MD5_OF_PARTS else None
+    check = MD5 if part_size else CHECKSUMS.get(name)
+    if check is None or check is MD5 and new_md5() is None:
+        return False
+    if not part_size:
+        return checksum_of_range(fd, 0, size, check) == value
+    parts = b"".join(bytes.fromhex(checksum_of_range(fd, offset, length, MD5))
+                     for _, offset, length in part_ranges(size, part_size))
+    md5 = new_md5()
+    md5.update(parts)
+    return "%s-%d" % (md5.hexdigest(), len(parts) // 16) == value
 
 
 def still_there(root_fd, record):
-    """Whether the record's file is at its name or its aside name, as it was."""
+    """Whether the record's file is at its name or its aside name, as it was (device,
+    inode, size, mtime): its record is kept for a later run."""
     try:
         steps = [(str(name), int(device), int(inode)) for name, device, inode in
                  record["steps"]]
@@ -3281,10 +3296,11 @@ def still_there(root_fd, record):
     except (ValueError, KeyError, TypeError, OSError, TreeChanged):
         return False
     try:
-        for name, aside in ((record["name"], False), (record.get("aside"), True)):
+        for name in (record["name"], record.get("aside")):
             try:
-                if name and vouches(record, os.stat(name, dir_fd=parent,
-                                                    follow_symlinks=False), aside):
+                if name and file_identity(os.stat(name, dir_fd=parent,
+                                                  follow_symlinks=False)) == \
+                        record["file"][:4]:
                     return True
             except OSError:
                 continue
@@ -3317,15 +3333,31 @@ class Ledger(object):
             os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
             self.fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT |
                               os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            self.load(os.fstat(self.fd).st_size)
+            self.load(self.fd)
         except OSError as exc:
             self.fail(exc)
+            self.read_only()
 
-    def load(self, size):
-        data = os.pread(self.fd, size, 0) if size else b""
+    def read_only(self):
+        """What earlier runs recorded, where the ledger can be read but not written (a
+        read-only or full state folder): their files are still removed without a PUT."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except (OSError, TypeError):
+            return
+        try:
+            self.load(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def load(self, fd):
+        size = os.fstat(fd).st_size
+        data = os.pread(fd, size, 0) if size else b""
         end = data.rfind(b"\n") + 1   # a line cut short by a kill was never acted upon
-        if end != len(data):
-            os.ftruncate(self.fd, end)
+        if end != len(data) and fd == self.fd:
+            os.ftruncate(fd, end)
         self.size = end
         exported = set()
         for line in data[:end].splitlines():
@@ -3348,11 +3380,14 @@ class Ledger(object):
                 safe_name(self.path or "in the state folder"), exc.strerror or exc),
             once="ledger")
 
-    def vouching(self, info, aside):
-        """The record of an earlier upload of these very bytes, or None."""
+    def vouching(self, found, fd, info, endpoint):
+        """The record of an earlier upload of these very bytes of this very file, or None
+        (see at_its_place, content_proven: the file is read again only then)."""
         with self.lock:
             record = self.records.get((info.st_dev, info.st_ino))
-        return record if record is not None and vouches(record, info, aside) else None
+        if record is None or not at_its_place(record, found, info, endpoint):
+            return None
+        return record if content_proven(fd, info.st_size, record) else None
 
     def add(self, record):
         """Keep a record, durably before the file is renamed or removed (unless the ledger
@@ -4135,6 +4170,9 @@ class Job(object):
         self.root = root   # SOURCE_DIR's descriptor: every file is reached through it
         self.asides = asides
         self.run_id = new_run_id(tally.started_at)
+        endpoint = session.endpoint   # as configured: what the ledger's records are for
+        self.endpoint = "%s://%s%s" % (endpoint.scheme, endpoint.netloc(endpoint.host),
+                                       endpoint.base_path)
         self.manifest = Manifest(options.manifest, options.source, self.run_id,
                                  tally.notices) \
             if options.manifest else NoManifest()
@@ -4368,7 +4406,8 @@ def send_file(client, job, key, body, found, info, sending):
 def upload_file(client, job, fd, info, found, key):
     """Send the open file (under --compress, its gzip) to its first candidate key, or
     under --if-exists number to the first free numbered one; returns (the key it went to,
-    its Proof, the gzip's size or None)."""
+    its Proof, what the ledger keeps of the body: its compression, the gzip's size, the
+    file's CRC32 under it, the part size of an MD5 of parts)."""
     try:
         check_links(info, job.allow_hardlinks)
         if info.st_size > MAX_OBJECT_BYTES:
@@ -4379,14 +4418,21 @@ def upload_file(client, job, fd, info, found, key):
             raise FileError("another file of this run went to that key%s: kept, not "
                             "overwriting it; add {mtime_epoch} or {inode} to the key template "
                             "to tell them apart" % (" plus .gz" if gzipped else ""))
-        body = gzip_file(fd, info, found.name, job.spool_folder, job.compress) if gzipped \
-            else (fd, info)
+        body, fields = (fd, info), {"compression": None, "compressed_size": None}
+        if gzipped:
+            spool, spooled, crc = gzip_file(fd, info, found.name, job.spool_folder,
+                                            job.compress)
+            body = (spool, spooled)
+            fields = {"compression": "gzip", "compressed_size": spooled.st_size,
+                      "file_crc32": "%08x" % crc}
         try:
             sending = sending_for(job, found.relative, info, gzipped)
             for key in candidate_keys(first, job.if_exists):
                 try:
-                    return (key, send_file(client, job, key, body, found, info, sending),
-                            body[1].st_size if gzipped else None)
+                    proof = send_file(client, job, key, body, found, info, sending)
+                    if proof.checksum == MD5_OF_PARTS:
+                        fields["part_size"] = part_size_for(body[1].st_size, job.part_size)
+                    return key, proof, fields
                 except KeyTakenError:
                     if job.if_exists != "number":
                         raise
@@ -4454,6 +4500,12 @@ def remove_file(job, parent_fd, fd, found, uploaded, opened, aside):
     elif not ASIDE.match(name):   # an earlier run's aside name is unlinked as it is
         why = "its name is too long for one"
     if aside is None or why is not None:
+        seam("unlink", name)
+        again = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)   # the last instant
+        if not (stat.S_ISREG(again.st_mode) and same_file(uploaded, again)):
+            raise StillWritten("replaced by a new version just before its removal; the "
+                               "new one is left for a later run")
+        os.unlink(name, dir_fd=parent_fd)
         if why is not None:
             job.tally.notices.warning(
                 "cannot rename a file aside before its removal in %s (%s): it is removed "
@@ -4461,8 +4513,6 @@ def remove_file(job, parent_fd, fd, found, uploaded, opened, aside):
                 "that name at that very instant would be removed with it" % (
                     safe_name(os.path.join(job.source, found.directory.relative) or "."),
                     why), once=("aside", found.directory.steps))
-        seam("unlink", name)
-        os.unlink(name, dir_fd=parent_fd)
         return
     seam("check", name)
     came = os.stat(aside, dir_fd=parent_fd, follow_symlinks=False)
@@ -4478,23 +4528,39 @@ def remove_file(job, parent_fd, fd, found, uploaded, opened, aside):
     os.unlink(aside, dir_fd=parent_fd)
 
 
-def confirmation(job, found, info, key, proof, gzipped):
+def aside_left_over(job, parent_fd, found, key):
+    """An earlier run's aside name that the ledger does not vouch for (that run kept no
+    ledger, or a new version came to it at the instant of a removal): given back under
+    its name where that is free, for a later run to move (LeftAlone); else it goes to a
+    key of its own (key, made from the aside name), never to its name's, which another
+    file holds."""
+    name = key_name(found.name)
+    if give_back(parent_fd, found.name, name):
+        raise StillWritten("an earlier run's aside name, given back as %s for a later run"
+                           % safe_name(name))
+    job.tally.notices.warning(
+        "%s was left under an aside name by an earlier run, and %s is taken (or this "
+        "filesystem has no hard links to give it back): it goes to a key of its own, %s" % (
+            safe_name(os.path.join(job.source, found.relative)), safe_name(name),
+            job.destination.url(key)))
+
+
+def confirmation(job, found, info, key, proof, fields):
     """The ledger's record of an upload the server confirmed (see Ledger)."""
     ident, aside = job.asides.new(found.name)
     if ASIDE.match(found.name):   # an earlier run's aside name: unlinked as it is
         aside = None
-    return {
+    return dict(fields, **{
         "id": ident, "run": job.run_id, "time": time.strftime(ISO_SECONDS, time.gmtime()),
         "path": os.fsdecode(name_bytes(os.path.join(job.source, found.relative))),
-        "bucket": job.destination.bucket, "key": key, "size": info.st_size,
+        "endpoint": job.endpoint, "bucket": job.destination.bucket, "key": key,
+        "size": info.st_size,
         "mtime": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(info.st_mtime)) +
         ".%09dZ" % (info.st_mtime_ns % 10 ** 9),
         "checksum": {proof.checksum: proof.value}, "etag": proof.etag,
         "version_id": proof.version_id or None,
-        "compression": "gzip" if gzipped is not None else None,
-        "compressed_size": gzipped,
         "file": ledger_identity(info), "name": found.name, "aside": aside,
-        "steps": [list(step) for step in found.directory.steps]}
+        "steps": [list(step) for step in found.directory.steps]})
 
 
 def move_file(client, job, found, key):
@@ -4523,12 +4589,14 @@ def move_file(client, job, found, key):
                                        "account may remove it, so it is not uploaded; "
                                        "chattr -i -a it to have it moved", 1)
             # 5. Uploaded and proven, unless an earlier run's were and it was killed then.
-            record = job.ledger.vouching(info, bool(ASIDE.match(found.name)))
+            record = job.ledger.vouching(found, fd, info, job.endpoint)
             if record is None:
-                key, proof, gzipped = upload_file(client, job, fd, info, found, key)
+                if ASIDE.match(found.name):
+                    aside_left_over(job, parent, found, key)
+                key, proof, fields = upload_file(client, job, fd, info, found, key)
                 seam("confirmed", found.name)
                 # 6. Recorded durably before anything is renamed or removed.
-                record = confirmation(job, found, info, key, proof, gzipped)
+                record = confirmation(job, found, info, key, proof, fields)
                 job.ledger.add(record)
             # 7. Its line in the manifest: part of the move, so a line that fails keeps it.
             if not record.get("line_written"):

@@ -8,8 +8,8 @@ waits on its servers and writers much of the time), each with its own ports
 block when it is done. The soak tests run in full on the oldest and the
 newest interpreter and as one short round on those in between (S3PUSH_TEST_SOAK, see
 helpers.soak). make test adds, on the oldest and the newest, a foreign-platform run
-(FOREIGN_MODULES, as root: see helpers.FOREIGN). Closing line: 'N passed, N failed' summed over the interpreters (skips on
-the line before).
+(FOREIGN_MODULES, as root: see helpers.FOREIGN). Closing line: 'N passed, N failed'
+summed over the interpreters (skips on the line before).
 
 --server rgw|moto|localstack: start Ceph RGW, moto with IAM enforced, or LocalStack's S3
 once and run the suites that talk to a server (SERVER_MODULES; LocalStack, which checks

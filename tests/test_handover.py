@@ -218,6 +218,34 @@ class Handover(FaultCase):
                 self.assertIsNone(self.server.object_bytes(self.prefix + "report.1.csv"))
                 self.assert_landed({"report.csv": data})
 
+    def test_an_aside_name_the_ledger_does_not_vouch_for_never_takes_its_name_s_key(self):
+        # Planted beside report.csv (by another account, or left by a run without the
+        # ledger): it goes to a key of its own, and report.csv to its own.
+        write_file(self.source, "report.csv", b"the report", mtime=1000)
+        planted = ".s3push-0000000000000000-report.csv"
+        write_file(self.source, planted, b"other bytes", mtime=2000)
+        result = self.run_s3push("--min-age", "0")
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertIn("a key of its own", result.stderr)
+        self.assert_landed({"report.csv": b"the report", planted: b"other bytes"})
+        self.assertEqual(files_under(self.source), [])
+
+    def test_an_aside_name_whose_name_is_free_is_given_back_then_moved(self):
+        # Left by a run that kept no ledger (another state folder): given back, moved by
+        # the next run under its name.
+        write_file(self.source, "sub/app.log", b"old")
+        done = self.seamed_run("check", "kill")
+        self.assertEqual(done.returncode, -signal.SIGKILL, done.stderr)
+        other_home = os.path.join(self.tmp, "other-home")
+        os.makedirs(other_home)
+        result = self.run_s3push("--min-age", "0", env=self.env(HOME=other_home))
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertEqual(files_under(self.source), [b"sub/app.log"])
+        result = self.run_s3push("--min-age", "0", env=self.env(HOME=other_home))
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertEqual(files_under(self.source), [])
+        self.assert_landed({"sub/app.log": b"old"})
+
     def test_a_dry_run_renames_nothing(self):
         write_file(self.source, "app.log", b"data")
         self.assertEqual(self.seamed_run("check", "kill").returncode, -signal.SIGKILL)

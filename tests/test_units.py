@@ -1,6 +1,7 @@
 """Unit tests of the pure parts: settings resolution, destinations, keys, selection, checks."""
 
 import argparse
+import hashlib
 import os
 import shutil
 import socket
@@ -10,6 +11,7 @@ import tempfile
 import threading
 import time
 import unittest
+import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import s3push  # noqa: E402
@@ -610,8 +612,21 @@ class Ledger(unittest.TestCase):
         path = os.path.join(self.root, name)
         with open(path, "wb") as handle:
             handle.write(data)
+        md5 = hashlib.md5(data).hexdigest()
         return {"id": name, "file": s3push.ledger_identity(os.stat(path)), "name": name,
-                "aside": ".s3push-0123456789abcdef-" + name, "steps": [], "key": name}
+                "aside": ".s3push-0123456789abcdef-" + name, "steps": [], "key": name,
+                "endpoint": "http://s3", "checksum": {"md5": md5}}
+
+    def found(self, name):
+        """(Found, descriptor, fstat) of a file of the root, as move_file has them."""
+        path = os.path.join(self.root, name)
+        fd = os.open(path, os.O_RDONLY)
+        self.addCleanup(os.close, fd)
+        info = os.fstat(fd)
+        return s3push.Found(s3push.Directory("", ()), name, info), fd, info
+
+    def vouching(self, ledger, name, endpoint="http://s3"):
+        return ledger.vouching(*self.found(name) + (endpoint,))
 
     def ledger(self):
         ledger = s3push.Ledger(self.folder, self.notices)
@@ -627,23 +642,43 @@ class Ledger(unittest.TestCase):
         ledger.close(self.root_fd)
         again = self.ledger()
         self.assertEqual(sorted(r["id"] for r in again.records.values()), ["kept"])
-        info = os.stat(os.path.join(self.root, "kept"))
-        self.assertEqual(again.vouching(info, False)["key"], "kept")
-        again.resolved(again.vouching(info, False))
+        self.assertEqual(self.vouching(again, "kept")["key"], "kept")
+        again.resolved(self.vouching(again, "kept"))
         again.close(self.root_fd)
         self.assertFalse(os.path.exists(os.path.join(self.folder, s3push.LEDGER_NAME)))
 
-    def test_a_changed_file_is_not_vouched_for(self):
+    def test_only_its_own_unchanged_bytes_at_its_place_are_vouched_for(self):
         ledger = self.ledger()
         ledger.add(self.record("f"))
+        self.assertIsNotNone(self.vouching(ledger, "f"))
+        self.assertIsNone(self.vouching(ledger, "f", "https://elsewhere"))
         path = os.path.join(self.root, "f")
-        mtime = os.stat(path).st_mtime_ns
-        with open(path, "r+b") as handle:   # rewritten in place, its mtime put back
+        os.link(path, os.path.join(self.root, "g"))   # the same inode, another name
+        self.assertIsNone(self.vouching(ledger, "g"))
+        aside = os.path.join(self.root, ".s3push-0123456789abcdef-f")
+        os.rename(path, aside)   # its aside name: the same file
+        self.assertIsNotNone(self.vouching(ledger, os.path.basename(aside)))
+        mtime = os.stat(aside).st_mtime_ns
+        with open(aside, "r+b") as handle:   # rewritten in place, its mtime put back
             handle.write(b"DATA")
-        os.utime(path, ns=(mtime, mtime))
-        self.assertIsNone(ledger.vouching(os.stat(path), False))
-        os.rename(path, path + ".aside")   # ctime moves on: only an aside name allows it
-        self.assertIsNotNone(ledger.vouching(os.stat(path + ".aside"), True))
+        os.utime(aside, ns=(mtime, mtime))
+        self.assertIsNone(self.vouching(ledger, os.path.basename(aside)))
+
+    def test_an_md5_of_parts_and_a_gzip_s_file_crc32_are_computed_again(self):
+        data = os.urandom(3 * s3push.MIB + 5)
+        record = self.record("big", data)
+        part_size = s3push.MIB
+        parts = b"".join(hashlib.md5(data[o:o + part_size]).digest()
+                         for o in range(0, len(data), part_size))
+        record["checksum"] = {s3push.MD5_OF_PARTS: "%s-4" % hashlib.md5(parts).hexdigest()}
+        record["part_size"] = part_size
+        _, fd, info = self.found("big")
+        self.assertTrue(s3push.content_proven(fd, info.st_size, record))
+        record["part_size"] = 2 * part_size
+        self.assertFalse(s3push.content_proven(fd, info.st_size, record))
+        record["file_crc32"] = "%08x" % zlib.crc32(data)   # a gzip's proof is of the gzip
+        record["checksum"] = {"md5": "0" * 32}
+        self.assertTrue(s3push.content_proven(fd, info.st_size, record))
 
     def test_a_long_run_keeps_the_ledger_small(self):
         ledger = self.ledger()
@@ -950,8 +985,8 @@ class GzipSpool(unittest.TestCase):
         self.addCleanup(os.close, self.folder)
 
     def spool(self, level=6):
-        spool, info = s3push.gzip_file(self.fd, os.fstat(self.fd), "app.log", self.folder,
-                                       level)
+        spool, info, _ = s3push.gzip_file(self.fd, os.fstat(self.fd), "app.log",
+                                          self.folder, level)
         self.addCleanup(os.close, spool)
         return spool, os.pread(spool, info.st_size, 0)
 
