@@ -1713,15 +1713,18 @@ class Md5Check(object):
         md5.update(b"".join(values))
         return {}, "%s-%d" % (md5.hexdigest(), len(values))
 
-    def proof(self, answer, response, expected, etag, sending):
+    def proof(self, answer, response, key, expected, etag, sending):
         """The Proof of a completed multipart upload: the ETag in its
         CompleteMultipartUploadResult, which must be the parts' when there is an MD5 to
         compare; never a HEAD, which PutObject-only keys cannot do."""
-        # Ceph RGW 16.2 answers <ETag></ETag>: there its parts, each checked by its MD5 and
-        # named in the list (RGW completes no other: InvalidPart), are the proof.
-        if not etag and xml_element(answer, "ETag") is None:
-            raise FileError("the server's CompleteMultipartUploadResult carries no ETag: "
-                            "nothing proves the object; kept")
+        # Ceph RGW 16.2 answers <ETag></ETag> after the key: there its parts, each checked
+        # by its MD5 and named in the list (RGW completes no other: InvalidPart), are the
+        # proof. A result without an ETag element, or without the key, proves nothing.
+        if not etag and (xml_element(answer, "ETag") is None or
+                         xml_text(answer, "Key") != key):
+            raise FileError("the server's CompleteMultipartUploadResult carries no ETag "
+                            "(nor the key, as Ceph RGW's does): nothing proves the object; "
+                            "kept")
         if expected and etag and sending.verify_md5 and etag != expected:
             raise FileError("the server's ETag %s is not %s, the MD5 of the parts' MD5s: kept"
                             % (etag, expected))
@@ -1772,7 +1775,7 @@ class Crc32Check(object):
         return {"x-amz-checksum-crc32": crc32_text(whole),
                 "x-amz-checksum-type": "FULL_OBJECT"}, whole
 
-    def proof(self, answer, response, expected, etag, sending):
+    def proof(self, answer, response, key, expected, etag, sending):
         echo = xml_text(answer, "ChecksumCRC32") or response.header("x-amz-checksum-crc32")
         if echo != crc32_text(expected):
             raise FileError("the server did not confirm the whole file's CRC32 %s (it said "
@@ -1984,7 +1987,7 @@ def complete_multipart_upload(client, key, upload_id, parts, sending, lengths):
         raise TemporaryError("completing the multipart upload: %s" % exc) from None
     check_answer(response, "completing the multipart upload")
     etag = plain_etag(xml_text(response.xml, "ETag"))   # the result's; a header proves no result
-    return check.proof(response.xml, response, expected, etag, sending)
+    return check.proof(response.xml, response, key, expected, etag, sending)
 
 
 def metadata_value(value):

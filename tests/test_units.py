@@ -1097,11 +1097,11 @@ class PartsAndRetries(unittest.TestCase):
             b"<ETag>&quot;e-2&quot;</ETag></CompleteMultipartUploadResult>"))
 
     def test_a_complete_result_proves_by_its_etag(self):
-        def proof(etag_xml, etag, verify_md5=True):
-            root = s3push.parse_xml(b"<CompleteMultipartUploadResult><Key>k</Key>%s"
-                                    b"</CompleteMultipartUploadResult>" % etag_xml)
-            return s3push.MD5.proof(root, s3push.Response(200, "OK", {}, b""), "ab-2", etag,
-                                    s3push.Sending({}, {}, verify_md5, False))
+        def proof(etag_xml, etag, verify_md5=True, key=b"k"):
+            root = s3push.parse_xml(b"<CompleteMultipartUploadResult><Key>%s</Key>%s"
+                                    b"</CompleteMultipartUploadResult>" % (key, etag_xml))
+            return s3push.MD5.proof(root, s3push.Response(200, "OK", {}, b""), "k", "ab-2",
+                                    etag, s3push.Sending({}, {}, verify_md5, False))
         self.assertEqual(proof(b"<ETag>ab-2</ETag>", "ab-2").etag, "ab-2")
         with self.assertRaises(s3push.FileError):   # another object
             proof(b"<ETag>cd-2</ETag>", "cd-2")
@@ -1110,6 +1110,9 @@ class PartsAndRetries(unittest.TestCase):
             with self.assertRaises(s3push.FileError):
                 proof(b"", "", verify_md5)
         self.assertEqual(proof(b"<ETag></ETag>", "").etag, "")   # Ceph RGW 16.2's answer
+        for empty in (b"<ETag></ETag>", b"<ETag/>", b"<ETag>&quot;&quot;</ETag>"):
+            with self.assertRaises(s3push.FileError):   # but not for another key, or none
+                proof(empty, "", key=b"other")
 
 
 class ManifestLines(unittest.TestCase):
