@@ -3258,15 +3258,20 @@ def ledger_identity(info):
     return file_identity(info) + [info.st_ctime_ns]
 
 
-def at_its_place(record, found, info, endpoint):
-    """Whether a record is of the file found (info: its fstat): the same directory (as the
-    scan reached it), its name or its aside name, the same device, inode, size and
-    mtime, and the same endpoint (another server with a bucket of that name never got
-    it). Inode numbers come back (vfat and exFAT hand them out anew at each mount), and
-    so does an mtime put back: what was sent is then checked (content_proven)."""
-    return record.get("endpoint") == endpoint and found.name in (
-        record["name"], record["aside"]) and record["file"][:4] == file_identity(info) and \
-        record["steps"] == [list(step) for step in found.directory.steps]
+def places(record):
+    """The relative paths a record's file may be at: its name's, and its aside name's."""
+    return [record["dir"] + name for name in (record["name"], record["aside"]) if name]
+
+
+def at_its_place(record, info, endpoint):
+    """Whether a record found by the file's relative path (see places) is of that file
+    (info: its fstat): the same size and mtime, and the same endpoint (another server
+    with a bucket of that name never got it). Not its device and inode: vfat and exFAT
+    hand inode numbers out anew at each mount, and a card may come back as another
+    device. Neither those nor the times are proof: what was sent is checked again
+    (content_proven)."""
+    return record.get("endpoint") == endpoint and \
+        record["file"][2:4] == [info.st_size, info.st_mtime_ns]
 
 
 def content_proven(fd, size, record):
@@ -3290,31 +3295,37 @@ def content_proven(fd, size, record):
 
 
 def still_there(root_fd, record):
-    """Whether the record's file is at its name or its aside name, as it was (device,
-    inode, size, mtime): its record is kept for a later run."""
+    """Whether the record's file may still be at its name or its aside name, as it was
+    (size, mtime): its record is kept for a later run. Only a file seen gone or changed
+    drops it; a folder that cannot be read now (a card pulled, a share down) keeps it.
+    Each folder is opened by its name, never through a symlink."""
+    fd = os.dup(root_fd)
     try:
-        steps = [(str(name), int(device), int(inode)) for name, device, inode in
-                 record["steps"]]
-        parent = open_directory(root_fd, steps)
-    except (ValueError, KeyError, TypeError, OSError, TreeChanged):
-        return False
-    try:
-        for name in (record["name"], record.get("aside")):
+        for name in record["dir"].split("/")[:-1]:
+            child = os.open(name, DIRECTORY_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        for name in (record["name"], record["aside"]):
             try:
-                if name and file_identity(os.stat(name, dir_fd=parent,
-                                                  follow_symlinks=False)) == \
-                        record["file"][:4]:
-                    return True
-            except OSError:
+                info = os.stat(name, dir_fd=fd, follow_symlinks=False) if name else None
+            except FileNotFoundError:
                 continue
+            if info is not None and record["file"][2:4] == [info.st_size, info.st_mtime_ns]:
+                return True
+        return False
+    except OSError as exc:
+        return exc.errno not in CHANGED_ERRNOS
+    except (ValueError, KeyError, TypeError):
         return False
     finally:
-        os.close(parent)
+        os.close(fd)
 
 
 class Ledger(object):
     """The ledger of one source and destination (see above). A record is a dict: the
-    manifest's fields, and "id", "file", "steps", "name", "aside"."""
+    manifest's fields, and "id", "endpoint", "file" (ledger_identity), "dir" (the
+    relative path of its folder), "name", "aside", and what proves the bytes again
+    ("part_size", "file_crc32")."""
 
     def __init__(self, folder, notices):
         self.path = os.path.join(folder, LEDGER_NAME) if folder else None
@@ -3324,7 +3335,7 @@ class Ledger(object):
         self.fd = None
         self.size = 0   # of the file: where a line cut short is cut back to
         self.written = self.synced = 0   # lines written, and made durable
-        self.records = {}   # (device, inode): the records not yet resolved
+        self.records = {}   # relative path (see places): the records not yet resolved
         self.compact_at = LEDGER_COMPACT   # bytes
 
     def open(self, reason=None):
@@ -3369,10 +3380,10 @@ class Ledger(object):
                 if "exported" in record:
                     exported.add(record["exported"])
                 else:
-                    self.records[tuple(record["file"][:2])] = record
+                    self.keep(record)
             except (ValueError, KeyError, TypeError):
                 continue
-        for record in self.records.values():
+        for record in self.unresolved():
             record["line_written"] = record.get("line_written") or record["id"] in exported
 
     def fail(self, exc):
@@ -3383,12 +3394,19 @@ class Ledger(object):
                 safe_name(self.path or "in the state folder"), exc.strerror or exc),
             once="ledger")
 
+    def keep(self, record):
+        for place in places(record):
+            self.records[place] = record
+
+    def unresolved(self):
+        return list({record["id"]: record for record in self.records.values()}.values())
+
     def vouching(self, found, fd, info, endpoint):
         """The record of an earlier upload of these very bytes of this very file, or None
         (see at_its_place, content_proven: the file is read again only then)."""
         with self.lock:
-            record = self.records.get((info.st_dev, info.st_ino))
-        if record is None or not at_its_place(record, found, info, endpoint):
+            record = self.records.get(found.relative)
+        if record is None or not at_its_place(record, info, endpoint):
             return None
         return record if content_proven(fd, info.st_size, record) else None
 
@@ -3396,7 +3414,7 @@ class Ledger(object):
         """Keep a record, durably before the file is renamed or removed (unless the ledger
         cannot be written: then in memory only, said once)."""
         with self.lock:
-            self.records[tuple(record["file"][:2])] = record
+            self.keep(record)
             written = self.append(record)
         if written:
             self.sync(written)
@@ -3447,15 +3465,15 @@ class Ledger(object):
         the ledger is written anew with the records left (those of files in flight): on
         a long run it stays small."""
         with self.lock:
-            key = tuple(record["file"][:2])
-            if self.records.get(key) is record:
-                del self.records[key]
+            for place in places(record):
+                if self.records.get(place) is record:
+                    del self.records[place]
             if self.fd is not None and self.size > self.compact_at:
                 self.compact()
 
     def compact(self):
         """Write the ledger anew with the records not yet resolved (lock held)."""
-        data = self.lines(self.records.values())
+        data = self.lines(self.unresolved())
         try:
             write_atomically(self.path, data, 0o600)
             fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -3479,7 +3497,7 @@ class Ledger(object):
         if fd is None:
             return
         os.close(fd)
-        kept = [record for record in self.records.values() if still_there(root_fd, record)]
+        kept = [record for record in self.unresolved() if still_there(root_fd, record)]
         try:
             if kept:
                 write_atomically(self.path, self.lines(kept), 0o600)
@@ -4562,8 +4580,8 @@ def confirmation(job, found, info, key, proof, fields):
         ".%09dZ" % (info.st_mtime_ns % 10 ** 9),
         "checksum": {proof.checksum: proof.value}, "etag": proof.etag,
         "version_id": proof.version_id or None,
-        "file": ledger_identity(info), "name": found.name, "aside": aside,
-        "steps": [list(step) for step in found.directory.steps]})
+        "file": ledger_identity(info), "dir": found.directory.relative,
+        "name": found.name, "aside": aside})
 
 
 def move_file(client, job, found, key):

@@ -614,7 +614,7 @@ class Ledger(unittest.TestCase):
             handle.write(data)
         md5 = hashlib.md5(data).hexdigest()
         return {"id": name, "file": s3push.ledger_identity(os.stat(path)), "name": name,
-                "aside": ".s3push-0123456789abcdef-" + name, "steps": [], "key": name,
+                "aside": ".s3push-0123456789abcdef-" + name, "dir": "", "key": name,
                 "endpoint": "http://s3", "checksum": {"md5": md5}}
 
     def found(self, name):
@@ -641,7 +641,7 @@ class Ledger(unittest.TestCase):
         os.unlink(os.path.join(self.root, "gone"))
         ledger.close(self.root_fd)
         again = self.ledger()
-        self.assertEqual(sorted(r["id"] for r in again.records.values()), ["kept"])
+        self.assertEqual(sorted(r["id"] for r in again.unresolved()), ["kept"])
         self.assertEqual(self.vouching(again, "kept")["key"], "kept")
         again.resolved(self.vouching(again, "kept"))
         again.close(self.root_fd)
@@ -663,6 +663,18 @@ class Ledger(unittest.TestCase):
             handle.write(b"DATA")
         os.utime(aside, ns=(mtime, mtime))
         self.assertIsNone(self.vouching(ledger, os.path.basename(aside)))
+
+    def test_a_card_that_comes_back_renumbered_is_still_vouched_for(self):
+        # vfat and exFAT number inodes anew at each mount: the place, size and mtime find
+        # the record, the bytes prove it; a folder seen gone drops it.
+        ledger = self.ledger()
+        record = self.record("f")
+        record["file"][:2] = [1, 2]   # as an earlier mount numbered it
+        ledger.add(record)
+        self.assertIsNotNone(self.vouching(ledger, "f"))
+        self.assertTrue(s3push.still_there(self.root_fd, record))
+        record["dir"] = "gone/"
+        self.assertFalse(s3push.still_there(self.root_fd, record))
 
     def test_an_md5_of_parts_and_a_gzip_s_file_crc32_are_computed_again(self):
         data = os.urandom(3 * s3push.MIB + 5)
@@ -693,7 +705,7 @@ class Ledger(unittest.TestCase):
             ledger.resolved(record)
             self.assertLess(os.path.getsize(path), 3000)
         ledger.close_file()   # as a kill would: the one in flight survived every rewrite
-        self.assertIn("held", [r["id"] for r in self.ledger().records.values()])
+        self.assertIn("held", [r["id"] for r in self.ledger().unresolved()])
 
     def test_a_torn_last_line_is_cut_off_and_the_rest_read(self):
         ledger = self.ledger()
@@ -703,7 +715,7 @@ class Ledger(unittest.TestCase):
         with open(path, "ab") as handle:
             handle.write(b'{"id": "b", "file": [1, 2')
         again = self.ledger()
-        self.assertEqual([r["id"] for r in again.records.values()], ["a"])
+        self.assertEqual([r["id"] for r in again.unresolved()], ["a"])
         with open(path, "rb") as handle:
             self.assertTrue(handle.read().endswith(b"}\n"))
 
