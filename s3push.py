@@ -2203,13 +2203,24 @@ def key_name(name):
     return name
 
 
+def name_free(dir_fd, name):
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return True
+    return False
+
+
 def give_back(parent_fd, aside, name):
     """Move what an aside name holds back to name, never replacing what holds that name
     now (link() fails if it is taken); False when it stays (the name is taken, or this
-    filesystem has no hard links). A directory goes back by rename, which replaces at
-    most an empty directory."""
+    filesystem has no hard links). A directory of this account's goes back by rename to
+    a free name (the rename would replace an empty directory made in between)."""
     try:
-        if stat.S_ISDIR(os.stat(aside, dir_fd=parent_fd, follow_symlinks=False).st_mode):
+        info = os.stat(aside, dir_fd=parent_fd, follow_symlinks=False)
+        if stat.S_ISDIR(info.st_mode):   # only this account's: no other's takes a name
+            if info.st_uid != os.geteuid() or not name_free(parent_fd, name):
+                return False
             os.rename(aside, name, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
         else:   # a symlink is linked itself, never followed
             os.link(aside, name, src_dir_fd=parent_fd, dst_dir_fd=parent_fd,
@@ -2331,6 +2342,17 @@ def private_folder(path):
         raise OSError(errno.EPERM, "owned by uid %d, mode %04o: it must be this account's "
                       "and writable by it alone" % (info.st_uid, stat.S_IMODE(info.st_mode)))
     return fd
+
+
+def state_problem(state_dir):
+    """Why the state folder cannot be used (private_folder refused it), in a few words."""
+    if state_dir is None:
+        return "no HOME and no --state-dir"
+    try:
+        os.close(private_folder(state_dir))
+    except OSError as exc:
+        return "%s: %s" % (safe_name(state_dir), exc.strerror or exc)
+    return "%s could not be opened" % safe_name(state_dir)
 
 
 def run_lock(state_dir, root_fd):
@@ -2985,6 +3007,16 @@ def default_state_dir(environ):
     return os.path.join(base, "s3push")
 
 
+def open_journal(path):
+    """A journal to read, never through a symlink nor a FIFO; ValueError for what is no
+    regular file."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError("it is no regular file")
+    return open(fd, "rb")
+
+
 class JournalPart(collections.namedtuple("JournalPart", "offset length check_hex etag")):
     """One part the server confirmed, as the journal recorded it: check_hex is its MD5 or
     CRC32 (the journal's "checksum"), in hex."""
@@ -3051,7 +3083,7 @@ class Journal(object):
         """(header, parts) of the journal kept for this very file, or None (also when its
         upload is older than max_age: a lifecycle rule has likely removed it)."""
         try:
-            with open(self.path, "rb") as handle:
+            with open_journal(self.path) as handle:
                 data = handle.read(MAX_JOURNAL_BYTES + 1)
             if len(data) > MAX_JOURNAL_BYTES:
                 raise ValueError("it is too large")
@@ -3154,7 +3186,7 @@ def journal_is_stale(root_fd, path, now, max_age):
     the file it was kept for gone from SOURCE_DIR or changed (reached as the scan reaches files,
     never through a symlink)."""
     try:
-        with open(path, "rb") as handle:
+        with open_journal(path) as handle:
             header, _ = parse_journal(handle.read(MAX_JOURNAL_BYTES))
         steps = [(str(name), int(device), int(inode)) for name, device, inode in
                  header["steps"]]
@@ -3327,9 +3359,9 @@ class Ledger(object):
     relative path of its folder), "name", "aside", and what proves the bytes again
     ("part_size", "file_crc32")."""
 
-    def __init__(self, folder, notices):
+    def __init__(self, folder, notices, problem=None):
         self.path = os.path.join(folder, LEDGER_NAME) if folder else None
-        self.notices = notices
+        self.notices, self.problem = notices, problem   # problem: why there is no folder
         self.lock = threading.Lock()        # the file and the records
         self.sync_lock = threading.Lock()   # one fsync at a time, for all lines before it
         self.fd = None
@@ -3338,12 +3370,12 @@ class Ledger(object):
         self.records = {}   # relative path (see places): the records not yet resolved
         self.compact_at = LEDGER_COMPACT   # bytes
 
-    def open(self, reason=None):
+    def open(self):
         """Read what earlier runs left and open the ledger for appending; without it (no
-        state folder: reason) files still move, with a warning."""
+        state folder: self.problem) files still move, with a warning."""
         try:
             if self.path is None:
-                raise OSError(errno.ENOENT, reason or "no state folder")
+                raise OSError(errno.ENOENT, self.problem or "no state folder")
             os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
             self.fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT |
                               os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -3389,9 +3421,9 @@ class Ledger(object):
     def fail(self, exc):
         self.close_file()
         self.notices.warning(
-            "cannot keep the ledger of confirmed uploads %s (%s): files still move, but one "
+            "cannot keep the ledger of confirmed uploads%s (%s): files still move, but one "
             "whose run is killed between its upload and its removal goes up again" % (
-                safe_name(self.path or "in the state folder"), exc.strerror or exc),
+                " " + safe_name(self.path) if self.path else "", exc.strerror or exc),
             once="ledger")
 
     def keep(self, record):
@@ -4103,17 +4135,16 @@ def checksum_for(choice, endpoint):
     return CHECKSUMS[choice]
 
 
-def journals_for(options, environ, destination, tally, checksum):
+def journals_for(options, environ, destination, tally, checksum, problem):
     """Where this run keeps its resume journals; None when it keeps none (said under -v:
-    no state folder, or under --checksum md5 no MD5 to check parts by: where FIPS forbids
-    it, CRC32 uploads still resume)."""
+    no state folder of this account's alone (problem: why not), or under --checksum md5
+    no MD5 to check parts by: where FIPS forbids it, CRC32 uploads still resume)."""
     if not options.resume_days:
         return None
     state_dir = options.state_dir or default_state_dir(environ)
-    if state_dir is None or (checksum.content_md5 and new_md5() is None):
+    if problem or (checksum.content_md5 and new_md5() is None):
         tally.notices.note("no resume journals are kept (%s): an upload cut off part-way "
-                           "will start over" % ("no HOME and no --state-dir" if state_dir
-                                                is None else "MD5 is not available"))
+                           "will start over" % (problem or "MD5 is not available"))
         return None
     return Journals(pair_folder(state_dir, options.source, destination),
                     options.resume_days * 86400, tally.notices.note)
@@ -4198,8 +4229,9 @@ class Job(object):
                                  tally.notices) \
             if options.manifest else NoManifest()
         state_dir = options.state_dir or default_state_dir(environ)
-        self.ledger = Ledger(state_fd is not None and pair_folder(
-            state_dir, options.source, destination), tally.notices)
+        problem = state_problem(state_dir) if state_fd is None else None
+        self.ledger = Ledger(problem is None and pair_folder(
+            state_dir, options.source, destination), tally.notices, problem)
         self.source = options.source
         self.allow_hardlinks = options.allow_hardlinks
         self.session = session
@@ -4228,7 +4260,8 @@ class Job(object):
         self.template = Template(destination.prefix, object_headers(options, time.time()),
                                  options.tag, destination.whole_key)
         # None, or where resume journals are kept
-        self.journals = journals_for(options, environ, destination, tally, self.checksum)
+        self.journals = journals_for(options, environ, destination, tally, self.checksum,
+                                     problem)
         # Whole-key templates may give two files one key, and so may --compress (a.log
         # and a.log.gz): the keys this run took, so that the second is kept instead.
         self.keys_taken = set() if destination.whole_key or self.compress else None
@@ -4784,14 +4817,18 @@ def check_source(source):
                            % safe_name(source))
 
 
-def check_state_dir(state_dir, source):
-    """A UsageError for a --state-dir inside SOURCE_DIR: its journals would be moved."""
+def check_state_dir(state_dir, source, setting="--state-dir"):
+    """A UsageError for a state folder (named by setting) inside SOURCE_DIR where the scan
+    would reach it (no folder on the way is hidden, ".*" being always excluded): its
+    ledger and journals would be moved like any file."""
     if state_dir:
         inside = os.path.relpath(os.path.realpath(state_dir), os.path.realpath(source))
-        if inside != os.pardir and not inside.startswith(os.pardir + os.sep):
-            raise UsageError("--state-dir %s is inside SOURCE_DIR: its journals would be "
-                             "moved like any file; choose a folder outside it"
-                             % safe_name(state_dir))
+        if inside == os.curdir or inside != os.pardir and \
+                not inside.startswith(os.pardir + os.sep) and \
+                not any(part.startswith(".") for part in inside.split(os.sep)):
+            raise UsageError("the state folder %s (%s) is inside SOURCE_DIR: its ledger and "
+                             "journals would be moved like any file; choose a folder outside "
+                             "it" % (safe_name(state_dir), setting))
 
 
 def manifest_key(template, run, started):
@@ -5040,7 +5077,8 @@ def push(options, environ, tally):
     check_upload_options(options, time.time())
     check_platform()
     check_source(options.source)
-    check_state_dir(options.state_dir, options.source)
+    check_state_dir(options.state_dir or default_state_dir(environ), options.source,
+                    "--state-dir" if options.state_dir else "XDG_STATE_HOME or HOME")
     try:
         root = open_source(options.source)
     except OSError as exc:

@@ -246,6 +246,23 @@ class Handover(FaultCase):
         self.assertEqual(files_under(self.source), [])
         self.assert_landed({"sub/app.log": b"old"})
 
+    @unittest.skipIf(os.geteuid() != 0, "needs root, to make another account's folder")
+    def test_another_account_s_folder_under_an_aside_name_is_not_given_back(self):
+        # In a shared sticky folder, nobody's folder named as an aside name of the empty
+        # inbox/ would replace it if given back (a rename replaces an empty folder).
+        drop = os.path.join(self.source, "drop")
+        os.makedirs(os.path.join(drop, "inbox"))
+        os.chmod(drop, 0o1777)
+        planted = os.path.join(drop, ".s3push-0000000000000000-inbox")
+        os.mkdir(planted)
+        os.chown(planted, 65534, 65534)
+        inbox = os.stat(os.path.join(drop, "inbox"))
+        result = self.run_s3push("--min-age", "0")
+        self.assertEqual(result.status, 0, result.stderr)
+        after = os.stat(os.path.join(drop, "inbox"))
+        self.assertEqual((after.st_ino, after.st_uid), (inbox.st_ino, inbox.st_uid))
+        self.assertTrue(os.path.isdir(planted))
+
     def test_a_dry_run_renames_nothing(self):
         write_file(self.source, "app.log", b"data")
         self.assertEqual(self.seamed_run("check", "kill").returncode, -signal.SIGKILL)

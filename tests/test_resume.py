@@ -238,8 +238,17 @@ class Resume(FaultCase):
         write_file(self.source, "big.bin", data)
         proxy, status, _, err = self.run_through("--jobs", "2", "-v", "--state-dir", blocker)
         self.assertEqual(status, 0, err)
-        self.assertEqual(err.count("cannot write resume journals"), 1, err)
+        self.assertEqual(err.count("no resume journals are kept (%s" % blocker), 1, err)
+        self.assertEqual(err.count("cannot keep the ledger"), 1, err)
         self.assert_landed({"big.bin": data})
+
+    def test_a_state_folder_the_scan_would_reach_is_a_usage_error(self):
+        # Named by XDG_STATE_HOME as by --state-dir: its ledger and journals would be moved.
+        write_file(self.source, "f", b"data")
+        result = self.run_s3push(env=self.env(XDG_STATE_HOME=os.path.join(self.source, "st")))
+        self.assertEqual(result.status, 2, result.stderr)
+        self.assertIn("XDG_STATE_HOME", result.stderr)
+        self.assertEqual(files_under(self.source), [b"f"])
 
     def test_journals_of_files_gone_or_too_old_are_removed(self):
         aside = os.path.join(self.tmp, "aside")

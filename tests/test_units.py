@@ -1167,11 +1167,12 @@ class Journals(unittest.TestCase):
         s3push.new_md5 = lambda: None
         try:
             crc32, md5 = s3push.CHECKSUMS["crc32"], s3push.MD5
-            self.assertIsNotNone(s3push.journals_for(opts, {}, destination, tally, crc32))
-            self.assertIsNone(s3push.journals_for(opts, {}, destination, tally, md5))
+            self.assertIsNotNone(s3push.journals_for(opts, {}, destination, tally, crc32,
+                                                     None))
+            self.assertIsNone(s3push.journals_for(opts, {}, destination, tally, md5, None))
         finally:
             s3push.new_md5 = real
-        self.assertIsNotNone(s3push.journals_for(opts, {}, destination, tally, md5))
+        self.assertIsNotNone(s3push.journals_for(opts, {}, destination, tally, md5, None))
 
     def test_a_crc32_journal(self):
         header = self.HEADER.replace(b'"created"', b'"checksum": "crc32", "created"')
@@ -1206,11 +1207,12 @@ class Journals(unittest.TestCase):
         self.assertIsNone(s3push.default_state_dir({"HOME": ""}))
 
     def test_a_state_folder_inside_the_source_is_a_usage_error(self):
-        for inside in ("/src", "/src/state", "/src/a/../..src"):
+        for inside in ("/src", "/src/state", "/src/a/../state"):
             with self.assertRaises(s3push.UsageError, msg=inside):
                 s3push.check_state_dir(inside, "/src")
-        for outside in (None, "/", "/srcx", "/src/.."):
-            s3push.check_state_dir(outside, "/src")
+        for outside in (None, "/", "/srcx", "/src/..", "/src/.local/state/s3push",
+                        "/src/a/../..src"):
+            s3push.check_state_dir(outside, "/src")   # a hidden folder is never scanned
 
 
 class Templates(unittest.TestCase):
