@@ -3576,16 +3576,28 @@ def fsync_folder(path):
         os.close(fd)
 
 
+MANIFEST_LOCK_WAIT = 10.0   # seconds: runs hold it for one line; beyond, it is held on purpose
+
+
 def flock_or_not(fd, operation):
-    """flock(fd, operation); False where the filesystem has no flock (some network
-    filesystems): the caller goes on without it."""
-    try:
-        fcntl.flock(fd, operation)
-    except OSError as exc:
-        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-            return False
-        raise
-    return True
+    """flock(fd, operation), waiting at most MANIFEST_LOCK_WAIT: False where the
+    filesystem has no flock (some network filesystems), None when it stays held (by an
+    account that may read the file: it must not stall the run); the caller goes on
+    without it."""
+    give_up, pause = time.monotonic() + MANIFEST_LOCK_WAIT, 0.005
+    while True:
+        try:
+            fcntl.flock(fd, operation | fcntl.LOCK_NB)
+            return True
+        except OSError as exc:
+            if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                return False
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            if time.monotonic() > give_up:
+                return None
+        time.sleep(pause)
+        pause = min(pause * 2, 0.25)
 
 
 def whole_lines_end(fd, end):
@@ -3639,6 +3651,7 @@ class Manifest(object):
         self.lock = threading.Lock()
         self.fd = None
         self.place = None   # a ManifestPlace, once open
+        self.unlocked = False
 
     def open(self):
         """Open the file (see open_manifest) and cut off a line an earlier run was cut
@@ -3663,11 +3676,19 @@ class Manifest(object):
                                        offset)
 
     def lock_file(self, fd, operation):
-        if flock_or_not(fd, operation):
-            return True
-        self.notices.note("cannot flock the manifest %s: the runs that share it must not "
-                          "run at once" % safe_name(self.path))
-        return False
+        if self.unlocked:   # held past the wait once: not waited for again this run
+            return False
+        locked = flock_or_not(fd, operation)
+        self.unlocked = locked is None
+        if locked is None:
+            self.notices.warning("the manifest %s stayed locked by another process for %d s "
+                                 "(an account that may read it can hold its lock): written "
+                                 "without the lock; let no other account read it"
+                                 % (safe_name(self.path), MANIFEST_LOCK_WAIT), once="flock")
+        elif not locked:
+            self.notices.note("cannot flock the manifest %s: the runs that share it must "
+                              "not run at once" % safe_name(self.path))
+        return bool(locked)
 
     def mend(self, fd):
         """The file's size once a last line cut short (a run stopped in the middle of
@@ -3761,6 +3782,9 @@ def run_lines(place, run, notices):
                 info.st_size < place.offset:
             return None
         locked = flock_or_not(fd, fcntl.LOCK_SH)   # no line half written meanwhile
+        if locked is None:
+            notices.warning("the manifest %s stayed locked by another process: read without "
+                            "its lock" % safe_name(place.path), once="flock-read")
         handle.seek(place.offset)
         lines, bad = [], 0
         for line in handle:

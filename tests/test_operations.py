@@ -390,6 +390,25 @@ class ManifestFaults(IntegrationCase):
         import json
         return sorted({json.loads(line)["run"] for line in data.splitlines()})
 
+    def test_a_lock_held_by_another_process_does_not_stall_the_run(self):
+        # An account that may read the manifest can hold a shared flock on it forever.
+        manifest = os.path.join(self.tmp, "moved.jsonl")
+        with open(manifest, "wb"):
+            pass
+        holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; "
+                                   "f = open(sys.argv[1]); fcntl.flock(f, fcntl.LOCK_SH); "
+                                   "print(1, flush=True); time.sleep(600)", manifest],
+                                  stdout=subprocess.PIPE)
+        self.addCleanup(holder.kill)
+        holder.stdout.readline()
+        for name in ("a", "b", "c"):
+            write_file(self.source, name, name.encode())
+        result = self.run_s3push("--manifest", manifest)
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertEqual(result.stderr.count("stayed locked"), 1, result.stderr)
+        self.assertEqual(len(self.read_manifest().splitlines()), 3)
+        self.assertEqual(files_under(self.source), [])
+
     def tiny_filesystem(self):
         """A tmpfs of 16 KiB (four pages) of the test's own; skipped, named, where none
         can be mounted."""
