@@ -3652,6 +3652,7 @@ class Manifest(object):
         self.fd = None
         self.place = None   # a ManifestPlace, once open
         self.unlocked = False
+        self.written = 0   # lines this run wrote
 
     def open(self):
         """Open the file (see open_manifest) and cut off a line an earlier run was cut
@@ -3734,6 +3735,7 @@ class Manifest(object):
             self.open()
             with self.lock:
                 self.append(line.encode("utf-8", "surrogateescape"))
+                self.written += 1
         except OSError as exc:
             raise FileError("cannot write the manifest %s (%s): kept, uploaded; the "
                             "record is part of the move" % (safe_name(self.path),
@@ -3887,6 +3889,10 @@ def check_upload_options(options, now):
         if not options.manifest:
             raise UsageError("--manifest-key uploads the lines of --manifest FILE: give both")
         check_template(options.manifest_key, "--manifest-key", PLACEHOLDERS + ("run_id",))
+        if "{run_id}" not in options.manifest_key:   # else a run's object replaces another's
+            raise UsageError("--manifest-key %s has no {run_id}: each run's object needs a "
+                             "key of its own, e.g. manifests/{hostname}/{date}/{run_id}.jsonl"
+                             % options.manifest_key)
     names = [key.lower() for key, _ in options.metadata]
     for key in names:
         if names.count(key) > 1 or key in ("mtime", "s3push-size"):
@@ -4926,6 +4932,11 @@ def upload_manifest(job, item):
                                   "(rotated or cut): its object %s was never sent" % (
                                       item.run, path, job.destination.url(item.key)))
         return True
+    if item.run == job.run_id and len(lines) < job.manifest.written:
+        job.tally.notices.warning(
+            "the manifest %s holds %d of the %d lines this run wrote (cut by a rotation, "
+            "e.g. logrotate's copytruncate?): its object %s lists only those" % (
+                path, len(lines), job.manifest.written, job.destination.url(item.key)))
     if not lines:
         return True
     body = b"".join(lines)

@@ -353,6 +353,9 @@ class Manifests(IntegrationCase):
         result = self.run_s3push("--manifest-key", "m.jsonl")
         self.assertEqual(result.status, 2, result.stderr)
         self.assertIn("--manifest-key uploads the lines of --manifest FILE", result.stderr)
+        result = self.run_s3push("--manifest", manifest, "--manifest-key", "m/{date}.jsonl")
+        self.assertEqual(result.status, 2, result.stderr)   # each run's object its own key
+        self.assertIn("has no {run_id}", result.stderr)
 
     def test_a_manifest_that_cannot_be_written_keeps_every_file(self):
         write_file(self.source, "a.log", b"alpha")
