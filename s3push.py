@@ -248,10 +248,23 @@ class Notices(object):
             emit(sys.stderr, line)
 
 
+def fsync_folder(path):
+    """Make the names just made or renamed in the folder path last through a power cut."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:   # a filesystem that cannot sync a folder: as good
+            raise
+    finally:
+        os.close(fd)
+
+
 def write_atomically(path, data, mode):
-    """Write path anew: data (bytes) into path.PID.tmp, fsync'ed, renamed over path, so a
-    reader sees the old file or the new one, never half, and a crash leaves the old. mode:
-    of a new file (the umask applies). Raises OSError; no temporary file is left."""
+    """Write path anew: data (bytes) into path.PID.tmp, fsync'ed, renamed over path (and
+    the folder fsync'ed, so that the new name lasts through a power cut), so a reader sees
+    the old file or the new one, never half, and a crash leaves the old. mode: of a new
+    file (the umask applies). Raises OSError; no temporary file is left."""
     temporary = "%s.%d.tmp" % (path, os.getpid())
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW |
                  os.O_CLOEXEC, mode)
@@ -270,6 +283,10 @@ def write_atomically(path, data, mode):
         except OSError:
             pass
         raise
+    try:
+        fsync_folder(os.path.dirname(path) or ".")
+    except OSError:
+        pass   # the file is whole either way; only its name may not last a power cut
 
 
 # === Errors ===
@@ -316,6 +333,12 @@ class UnreachableError(S3PushError):
 class FileError(S3PushError):
     exit_code = EXIT_FILES_LEFT
     fatal = False
+
+
+class ManifestError(FileError):
+    """A --manifest line that cannot be written: its file is kept, and the run stops, as
+    every later file would be uploaded and kept the same way (a full disk)."""
+    fatal = True
 
 
 class UnremovableError(FileError):
@@ -3564,18 +3587,6 @@ def new_run_id(started):
                       os.urandom(8).hex())
 
 
-def fsync_folder(path):
-    """Make the names just made or renamed in the folder path last through a power cut."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:   # a filesystem that cannot sync a folder: as good
-            raise
-    finally:
-        os.close(fd)
-
-
 MANIFEST_LOCK_WAIT = 10.0   # seconds: runs hold it for one line; beyond, it is held on purpose
 
 
@@ -3598,6 +3609,13 @@ def flock_or_not(fd, operation):
                 return None
         time.sleep(pause)
         pause = min(pause * 2, 0.25)
+
+
+def no_room(fd):
+    """Whether the filesystem of the file open as fd has not one block left for this
+    account (root may use the reserved ones); False where it tells no size (some FUSE)."""
+    info = os.fstatvfs(fd)
+    return info.f_blocks > 0 and (info.f_bfree if os.geteuid() == 0 else info.f_bavail) == 0
 
 
 def whole_lines_end(fd, end):
@@ -3662,6 +3680,8 @@ class Manifest(object):
                 return
             fd = open_manifest(self.path)
             try:
+                if no_room(fd):   # else every file would be uploaded, then kept
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
                 info = os.fstat(fd)
                 locked = self.lock_file(fd, fcntl.LOCK_EX)
                 try:
@@ -3737,9 +3757,9 @@ class Manifest(object):
                 self.append(line.encode("utf-8", "surrogateescape"))
                 self.written += 1
         except OSError as exc:
-            raise FileError("cannot write the manifest %s (%s): kept, uploaded; the "
-                            "record is part of the move" % (safe_name(self.path),
-                                                            exc.strerror or exc))
+            raise ManifestError("cannot write the manifest %s (%s): kept, uploaded, and the "
+                                "run stops here; the record is part of the move"
+                                % (safe_name(self.path), exc.strerror or exc))
 
     def close(self):
         with self.lock:
@@ -3829,7 +3849,6 @@ class PendingObjects(object):
                            "key": item.key, "manifest": list(item.place)})
         os.makedirs(self.folder, mode=0o700, exist_ok=True)
         write_atomically(self.path(item.run), text.encode("utf-8"), 0o600)
-        fsync_folder(self.folder)
 
     def earlier(self, run, notices):
         """The ManifestObjects of the other runs, the oldest first; a record that does

@@ -393,6 +393,26 @@ class ManifestFaults(IntegrationCase):
         import json
         return sorted({json.loads(line)["run"] for line in data.splitlines()})
 
+    def test_a_manifest_on_a_full_filesystem_moves_nothing_and_sends_nothing(self):
+        # Every file would be uploaded, then kept for want of its line, run after run.
+        tiny = self.tiny_filesystem()
+        write_file(self.source, "a.log", b"alpha")
+        manifest = os.path.join(tiny, "moved.jsonl")
+        with open(manifest, "wb"):
+            pass
+        filler = os.open(os.path.join(tiny, "filler"), os.O_WRONLY | os.O_CREAT)
+        try:
+            while os.write(filler, b"\0" * 4096):
+                pass
+        except OSError:
+            pass
+        os.close(filler)
+        result = self.run_s3push("--manifest", manifest)
+        self.assertEqual(result.status, 65, result.stderr)
+        self.assertIn("cannot write the manifest", result.stderr)
+        self.assertEqual(self.recorder.requests, [])
+        self.assertEqual(files_under(self.source), [b"a.log"])
+
     def test_a_lock_held_by_another_process_does_not_stall_the_run(self):
         # An account that may read the manifest can hold a shared flock on it forever.
         manifest = os.path.join(self.tmp, "moved.jsonl")
