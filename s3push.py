@@ -4399,8 +4399,6 @@ class PartTask(object):
             self.journal.confirmed(self.index + 1, self.offset, self.length, result)
         except S3PushError as exc:
             error = exc
-            if exc.fatal:
-                self.job.queue.stop()
         except OSError as exc:
             error = FileError("cannot read part %d (%s)" % (self.index + 1, exc.strerror))
         except BaseException:
@@ -4408,6 +4406,8 @@ class PartTask(object):
             raise
         finally:
             self.tracker.finish(self.index, result, error)
+        if error is not None and error.fatal:   # after: the upload fails of this cause,
+            self.job.queue.stop()               # not of a part the stop abandoned
 
     def abandon(self):
         self.tracker.finish(self.index, error=TemporaryError("the run stopped before part %d "

@@ -93,6 +93,15 @@ class IgnoredCrc32(FaultCase):
         self.assertIn("--checksum md5", result.stderr)
         self.assertEqual(len(files_under(self.source)), len(files))
 
+    @only_on(IGNORES_CRC32, "it verifies or echoes x-amz-checksum-crc32")
+    def test_a_multipart_file_alone_says_so_too(self):
+        # The part that met the missing echo names the cause, not a part it stopped.
+        files = self.corpus(0, big=1)
+        result = self.run_s3push(*(CRC32 + MULTIPART))
+        self.assertEqual(result.status, 78, result.stderr)
+        self.assertIn("did not confirm the CRC32", result.stderr)
+        self.assertEqual(len(files_under(self.source)), len(files))
+
 
 @only_on(VERIFIES_CRC32, "it does not verify x-amz-checksum-crc32")
 class VerifiedCrc32(FaultCase):
