@@ -2367,32 +2367,33 @@ def private_folder(path):
     return fd
 
 
-def state_problem(state_dir):
-    """Why the state folder cannot be used (private_folder refused it), in a few words."""
-    if state_dir is None:
-        return "no HOME and no --state-dir"
+class StateFolder(collections.namedtuple("StateFolder", "path fd problem")):
+    """The state folder (see default_state_dir), opened once a run and handed to what
+    keeps something there: its path, its descriptor, or None and why it cannot be used."""
+    __slots__ = ()
+
+
+def open_state_folder(path):
+    """The StateFolder at path (None: no HOME), made 0700 if missing; never an error."""
+    if path is None:
+        return StateFolder(None, None, "no HOME and no --state-dir")
     try:
-        os.close(private_folder(state_dir))
+        return StateFolder(path, private_folder(path), None)
     except OSError as exc:
-        return "%s: %s" % (safe_name(state_dir), exc.strerror or exc)
-    return "%s could not be opened" % safe_name(state_dir)
+        return StateFolder(path, None, "%s: %s" % (safe_name(path), exc.strerror or exc))
 
 
-def run_lock(state_dir, root_fd):
+def run_lock(folder_fd, root_fd):
     """The run lock of SOURCE_DIR (open as root_fd): an exclusive flock on a file in the
-    state folder named by SOURCE_DIR's device and inode, so that every spelling of the
-    path shares it, while no other account can open it, let alone hold it. The kernel
-    drops it when the process dies; the holder's pid is in the file, for the runs it
-    keeps out. Returns (descriptor, None), or (None, the holder's pid or None) when
-    another run holds it; OSError when the state folder cannot keep it."""
+    state folder (open as folder_fd) named by SOURCE_DIR's device and inode, so that every
+    spelling of the path shares it, while no other account can open it, let alone hold
+    it. The kernel drops it when the process dies; the holder's pid is in the file, for
+    the runs it keeps out. Returns (descriptor, None), or (None, the holder's pid or
+    None) when another run holds it; OSError when the state folder cannot keep it."""
     source = os.fstat(root_fd)
-    folder = private_folder(state_dir)
-    try:
-        fd = os.open("run-%x-%x.lock" % (source.st_dev, source.st_ino),
-                     os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                     dir_fd=folder)
-    finally:
-        os.close(folder)
+    fd = os.open("run-%x-%x.lock" % (source.st_dev, source.st_ino),
+                 os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                 dir_fd=folder_fd)
     try:
         if not try_lock(fd):
             holder = os.pread(fd, 32, 0).strip()
@@ -2612,7 +2613,7 @@ class Spill(object):
     unlinked at once: a killed run leaves nothing), read back in order. A record is a
     marshal'ed tuple that sorts as order_key does: (mtime, directory's relative path, name,
     directory's number, device, inode, size); the Directory objects stay in memory, one
-    per directory, as the scan made them."""
+    per directory, as the scan made them. folder_fd None: no state folder, no run."""
 
     def __init__(self, folder_fd):
         self.folder_fd = folder_fd
@@ -2638,6 +2639,8 @@ class Spill(object):
         SPILL_BATCH to a marshal'ed list (one call per record would cost more than all
         the sorting), each after its length: read back whole, a batch is decoded from
         memory (marshal.load from a file reads it piece by piece, 7 times slower)."""
+        if self.folder_fd is None:
+            raise OSError(errno.ENOENT, "no state folder")
         run = os.fdopen(unnamed_file(self.folder_fd, ".s3push-spill-"), "w+b")
         try:
             records = iter(records)
@@ -2657,69 +2660,61 @@ class Spill(object):
 
     @staticmethod
     def read(run):
-        """The records of a run, in order; the run is closed at its end."""
-        with run:
-            while True:
-                size = int.from_bytes(run.read(8), "little")
-                if not size:
-                    return
-                yield from marshal.loads(run.read(size))
+        """The records of a run, in order, from its start."""
+        run.seek(0)
+        while True:
+            size = int.from_bytes(run.read(8), "little")
+            if not size:
+                return
+            yield from marshal.loads(run.read(size))
+
+    def merged(self, runs, held):
+        """The records of the runs and of held (sorted), merged in order."""
+        return heapq.merge(*[self.read(run) for run in runs] + [held])
 
 
-def spilled_order(files, window, spill):
+def oldest_first(files, window, spill, notices):
     """The files in order_key order, for O(n log n) time and O(window) memory: runs of
     `window` files are sorted and spilled; at most MAX_RUNS runs are kept (more are merged
     into one), and at the end the runs and the files still held are merged. A tree of
-    fewer than `window` files is sorted in memory, with no spill."""
-    held, runs = [], []
-    for found in files:
-        held.append(spill.record(found))
-        if len(held) == window:
+    fewer than `window` files is sorted in memory, with no spill. Where no run can be
+    written (no state folder, a full disk), the order gives way, said once: what was
+    held goes on, and then each window of files in its own order."""
+    held, runs, spilling = [], [], True
+    try:
+        for found in files:
+            held.append(spill.record(found))
+            if len(held) < window:
+                continue
             held.sort()
-            runs.append(spill.write(held))
-            held = []
-            if len(runs) == MAX_RUNS:
-                runs = [spill.write(heapq.merge(*[spill.read(run) for run in runs]))]
-    held.sort()
-    for record in heapq.merge(*[spill.read(run) for run in runs] + [held]):
-        yield spill.found(record)
-
-
-def rescanned_order(scan_round, window):
-    """The files of scan_round(first_round) in order_key order without a spill: the
-    `window` oldest are held and sorted; when there were more, the tree is scanned again
-    for the next `window` after the last one handed on (quadratic in the number of files
-    over the window: the fallback where the state folder cannot hold a spill)."""
-    after, first = None, True
-    while True:
-        files = scan_round(first)
-        if after is not None:
-            files = (found for found in files if order_key(found) > after)
-        batch = heapq.nsmallest(window, files, key=order_key)
-        yield from batch
-        if len(batch) < window:
-            return
-        after, first = order_key(batch[-1]), False
-
-
-def oldest_first(scan_round, window, spill):
-    """The files of a scan (scan_round(True); scan_round(False) scans again without
-    counting what it meets twice), oldest mtime first, ties by path. With a Spill, one
-    scan, spilled and merged; without one, or if a spill fails (a full disk), the tree
-    is scanned once per window instead (nothing has been handed on before the first
-    file: the order is whole either way)."""
-    if spill is not None:
-        try:
-            ordered = spilled_order(scan_round(True), window, spill)
-            first = next(ordered, None)
-        except OSError:
-            first = ordered = None
-        else:
-            if first is not None:
-                yield first
-                yield from ordered
-            return
-    yield from rescanned_order(scan_round, window)
+            if spilling:
+                try:
+                    if len(runs) == MAX_RUNS - 1:   # merged into one: a few files open
+                        merged = spill.write(spill.merged(runs, held))
+                        for run in runs:
+                            run.close()
+                        runs = [merged]
+                    else:
+                        runs.append(spill.write(held))
+                    held = []
+                    continue
+                except OSError as exc:
+                    notices.warning("cannot spill the order of a backlog of more than %d "
+                                    "files to the state folder (%s): they go oldest first "
+                                    "within each %d instead" % (window, exc.strerror or exc,
+                                                                 window))
+                    spilling = False
+            for record in spill.merged(runs, held):   # what is held goes on as it is
+                yield spill.found(record)
+            for run in runs:
+                run.close()
+            runs, held = [], []
+        held.sort()
+        for record in spill.merged(runs, held):
+            yield spill.found(record)
+    finally:
+        for run in runs:
+            run.close()
 
 
 # === Local side: one file (its checks, its writers, its gzip) ===
@@ -4184,18 +4179,17 @@ def checksum_for(choice, endpoint):
     return CHECKSUMS[choice]
 
 
-def journals_for(options, environ, destination, tally, checksum, problem):
+def journals_for(options, state, destination, tally, checksum):
     """Where this run keeps its resume journals; None when it keeps none (said under -v:
-    no state folder of this account's alone (problem: why not), or under --checksum md5
-    no MD5 to check parts by: where FIPS forbids it, CRC32 uploads still resume)."""
+    no state folder of this account's alone, or under --checksum md5 no MD5 to check
+    parts by: where FIPS forbids it, CRC32 uploads still resume)."""
     if not options.resume_days:
         return None
-    state_dir = options.state_dir or default_state_dir(environ)
-    if problem or (checksum.content_md5 and new_md5() is None):
+    if state.fd is None or (checksum.content_md5 and new_md5() is None):
         tally.notices.note("no resume journals are kept (%s): an upload cut off part-way "
-                           "will start over" % (problem or "MD5 is not available"))
+                           "will start over" % (state.problem or "MD5 is not available"))
         return None
-    return Journals(pair_folder(state_dir, options.source, destination),
+    return Journals(pair_folder(state.path, options.source, destination),
                     options.resume_days * 86400, tally.notices.note)
 
 
@@ -4266,8 +4260,7 @@ class WorkQueue(object):
 class Job(object):
     """What the workers share: settings, destination, options, the queue and the tally."""
 
-    def __init__(self, options, environ, session, destination, tally, root, asides,
-                 state_fd):
+    def __init__(self, options, session, destination, tally, root, asides, state):
         self.root = root   # SOURCE_DIR's descriptor: every file is reached through it
         self.asides = asides
         self.run_id = new_run_id(tally.started_at)
@@ -4277,10 +4270,8 @@ class Job(object):
         self.manifest = Manifest(options.manifest, options.source, self.run_id,
                                  tally.notices) \
             if options.manifest else NoManifest()
-        state_dir = options.state_dir or default_state_dir(environ)
-        problem = state_problem(state_dir) if state_fd is None else None
-        self.ledger = Ledger(problem is None and pair_folder(
-            state_dir, options.source, destination), tally.notices, problem)
+        self.ledger = Ledger(state.fd is not None and pair_folder(
+            state.path, options.source, destination), tally.notices, state.problem)
         self.source = options.source
         self.allow_hardlinks = options.allow_hardlinks
         self.session = session
@@ -4297,7 +4288,7 @@ class Job(object):
         self.rate_limit = RateLimit(options.bwlimit) if options.bwlimit else None
         self.content_type = options.content_type
         self.compress = options.compress   # the gzip level, or None
-        self.spool_folder = state_fd   # the private state folder's descriptor, or None
+        self.spool_folder = state.fd   # the private state folder's descriptor, or None
         self.if_exists = options.if_exists
         self.writers = WriterIndex()
         self.verify_md5 = not (options.sse or "").startswith("aws:kms")
@@ -4309,8 +4300,7 @@ class Job(object):
         self.template = Template(destination.prefix, object_headers(options, time.time()),
                                  options.tag, destination.whole_key)
         # None, or where resume journals are kept
-        self.journals = journals_for(options, environ, destination, tally, self.checksum,
-                                     problem)
+        self.journals = journals_for(options, state, destination, tally, self.checksum)
         # Whole-key templates may give two files one key, and so may --compress (a.log
         # and a.log.gz): the keys this run took, so that the second is kept instead.
         self.keys_taken = set() if destination.whole_key or self.compress else None
@@ -4888,23 +4878,21 @@ def manifest_key(template, run, started):
     return expand_template(template, hostname, when, started, {"run_id": run})
 
 
-def pending_objects(options, environ, destination):
-    """The PendingObjects of this source and destination; None without a state folder."""
-    state_dir = options.state_dir or default_state_dir(environ)
-    return PendingObjects(pair_folder(state_dir, options.source, destination)) \
-        if state_dir else None
+def pending_objects(options, state, destination):
+    """The PendingObjects of this source and destination (in a usable state folder)."""
+    return PendingObjects(pair_folder(state.path, options.source, destination))
 
 
-def objects_waiting(options, environ, destination, state_fd, notices):
+def objects_waiting(options, state, destination, notices):
     """Whether a run that found no file has earlier runs' manifest objects to send: only
     under --manifest-key does it pay for the deferred modules (hashlib names the folder)."""
-    if not options.manifest_key or options.dry_run or state_fd is None:
+    if not options.manifest_key or options.dry_run or state.fd is None:
         return False
     load_deferred_modules()
-    return bool(pending_objects(options, environ, destination).earlier("", notices))
+    return bool(pending_objects(options, state, destination).earlier("", notices))
 
 
-def begin_manifest(job, options, environ, state_fd):
+def begin_manifest(job, options, state):
     """Open the manifest before the first file and, under --manifest-key, record this
     run's object as pending (before its first line): (this run's ManifestObject, the
     PendingObjects or None)."""
@@ -4918,11 +4906,11 @@ def begin_manifest(job, options, environ, state_fd):
     run = job.manifest.run
     own = ManifestObject(run, manifest_key(options.manifest_key, run, job.tally.started_at),
                          job.manifest.place)
-    if state_fd is None:   # a lasting state of the host, as for resume journals
+    if state.fd is None:   # a lasting state of the host, as for resume journals
         job.tally.notices.note("no usable state folder: should a --manifest-key upload "
                                "fail, no later run sends its object")
         return own, None
-    pending = pending_objects(options, environ, job.destination)
+    pending = pending_objects(options, state, job.destination)
     try:
         pending.add(own)
     except OSError as exc:
@@ -4988,13 +4976,12 @@ def send_manifest_objects(job, own, pending):
 
 
 def move_or_plan(options, environ, settings, destination, tally, files, root, asides,
-                 state_fd):
-    """Dry run, or move the files, then remove the directories they left empty.
-    state_fd: the private state folder, or None where there is none."""
+                 state):
+    """Dry run, or move the files, then remove the directories they left empty."""
     if options.dry_run:
         print_plan(options.source, files, destination, tally, options.compress)
         return
-    if options.compress is not None and state_fd is None:
+    if options.compress is not None and state.fd is None:
         raise ConfigError("--compress spools each gzip in the private state folder, and "
                           "there is none usable (see the warning above, or no HOME): fix "
                           "--state-dir")
@@ -5002,10 +4989,10 @@ def move_or_plan(options, environ, settings, destination, tally, files, root, as
                       lambda: load_settings(options, environ).credentials)
     session.debug = options.debug
     tally.progress = sys.stderr.isatty() if options.progress is None else options.progress
-    job = Job(options, environ, session, destination, tally, root, asides, state_fd)
+    job = Job(options, session, destination, tally, root, asides, state)
     job.ledger.open()
     try:
-        own, pending = begin_manifest(job, options, environ, state_fd)
+        own, pending = begin_manifest(job, options, state)
         move_all(job, files)
     finally:   # a kill -9 leaves the ledger to the next run as it is
         job.ledger.close(root)
@@ -5042,74 +5029,52 @@ def filters(options):
     return excludes, includes
 
 
-def take_run_lock(state_dir, root, notices):
+def take_run_lock(state, root, notices):
     """(held, the holder's pid or None): the run lock (see run_lock) in the state folder;
     where that folder cannot keep it, a flock on SOURCE_DIR itself, said on stderr: a
     lock any reader of SOURCE_DIR could hold, but a run that runs."""
-    try:
-        if state_dir is None:
-            raise OSError(errno.ENOENT, "no HOME and no --state-dir")
-        fd, holder = run_lock(state_dir, root)
-        return fd is not None, holder
-    except OSError as exc:
-        notices.warning("cannot keep the run lock in %s (%s): locking SOURCE_DIR itself, "
-                        "which any account that may read it can hold; fix --state-dir or "
-                        "HOME" % (safe_name(state_dir or "the state folder"),
-                                  exc.strerror or exc))
-        return try_lock(root), None
+    problem = state.problem
+    if state.fd is not None:
+        try:
+            fd, holder = run_lock(state.fd, root)
+            return fd is not None, holder
+        except OSError as exc:
+            problem = "%s: %s" % (safe_name(state.path), exc.strerror or exc)
+    notices.warning("cannot keep the run lock (%s): locking SOURCE_DIR itself, which any "
+                    "account that may read it can hold; fix --state-dir or HOME" % problem)
+    return try_lock(root), None
 
 
-def open_spill(state_dir):
-    """A Spill in the state folder, for the order of a big backlog; None where the folder
-    cannot hold one (the tree is then scanned once per ORDER_WINDOW files instead)."""
-    try:
-        return Spill(private_folder(state_dir)) if state_dir else None
-    except OSError:
-        return None
-
-
-def push_locked(options, environ, tally, destination, root):
+def push_locked(options, environ, tally, destination, root, state):
     """Lock SOURCE_DIR (open as root), scan it, and move what the scan finds."""
-    state_dir = options.state_dir or default_state_dir(environ)
     if not options.dry_run:
-        held, holder = take_run_lock(state_dir, root, tally.notices)
+        held, holder = take_run_lock(state, root, tally.notices)
         if not held:
             tally.skipped_for = holder or 0
             emit(sys.stderr, "s3push: another run (pid %s) is moving %s; this one exits"
                  % (holder or "unknown", safe_name(options.source)))
             return EXIT_OK
-    errors, counted = [], [None]
+    errors = []
     excludes, includes = filters(options)
     young_after = time.time_ns() if hasattr(time, "time_ns") else int(time.time() * 1e9)
     young_after -= int(options.min_age * 1e9)
+    selection = Selection(excludes, includes, young_after, options.min_size,
+                          options.max_size)
     asides = AsideNames(recover=not options.dry_run)
-    spill = open_spill(state_dir)
-
-    def scan_round(first):   # only a first round counts what it leaves or finds wrong
-        selection = Selection(excludes, includes, young_after, options.min_size,
-                              options.max_size)
-        if first:
-            del errors[:]
-            counted[0] = selection
-        return scan(root, selection, errors if first else [], asides)
-    try:
-        first, files = first_and_rest(oldest_first(scan_round, ORDER_WINDOW, spill))
-        tally.young_count = counted[0].young   # the first round is whole by now
-        tally.sized_out_count = counted[0].sized_out
-        state_fd = spill.folder_fd if spill is not None else None
-        if first is not None or objects_waiting(options, environ, destination, state_fd,
-                                                tally.notices):
-            load_deferred_modules()
-            settings = load_settings(options, environ)
-            if options.splay and not options.dry_run:   # a fleet's cron ticks spread out
-                time.sleep(random.uniform(0, options.splay))
-            warn_if_exposed(settings.credentials, tally.notices)
-            tally.credentials = settings.credentials
-            move_or_plan(options, environ, settings, destination, tally, files or (), root,
-                         asides, state_fd)
-    finally:
-        if spill is not None:
-            os.close(spill.folder_fd)
+    files = oldest_first(scan(root, selection, errors, asides), ORDER_WINDOW,
+                         Spill(state.fd), tally.notices)
+    first, files = first_and_rest(files)
+    if first is not None or objects_waiting(options, state, destination, tally.notices):
+        load_deferred_modules()
+        settings = load_settings(options, environ)
+        if options.splay and not options.dry_run:   # a fleet's cron ticks spread out
+            time.sleep(random.uniform(0, options.splay))
+        warn_if_exposed(settings.credentials, tally.notices)
+        tally.credentials = settings.credentials
+        move_or_plan(options, environ, settings, destination, tally, files or (), root,
+                     asides, state)
+    tally.young_count = selection.young   # whole unless the order gave way (see oldest_first)
+    tally.sized_out_count = selection.sized_out
     for relative, exc in errors:   # a FileError, or TreeChanged
         path = os.path.join(options.source, relative)
         if isinstance(exc, Vanished):
@@ -5138,10 +5103,13 @@ def push(options, environ, tally):
     except OSError as exc:
         raise NoInputError("cannot open SOURCE_DIR %s (%s): check the path"
                            % (safe_name(options.source), exc.strerror))
+    state = open_state_folder(options.state_dir or default_state_dir(environ))
     try:
-        return push_locked(options, environ, tally, destination, root)
+        return push_locked(options, environ, tally, destination, root, state)
     finally:
         os.close(root)
+        if state.fd is not None:
+            os.close(state.fd)
 
 
 def replace_file(path, text, what, notices):
@@ -5590,58 +5558,6 @@ def guarded_run(options, tally):
         return EXIT_SOFTWARE
 
 
-# Run by its path, CPython keeps the script's syntax tree (8-9 MiB) until the script
-# returns (pyrun_file). So the script hands its compiled code to a fresh interpreter of
-# the same binary through a memory-only file, and the process becomes that interpreter:
-# same pid, arguments, environment and descriptors, as if started from bytecode (peak
-# RSS 34 -> 24 MiB for 1,000 small files; 20-40 ms more per start, measured).
-RELAUNCH = """# s3push: %(file)r run from its compiled code (see relaunch in it)
-import marshal, os, sys
-with os.fdopen(%(fd)d, "rb") as code:
-    code = marshal.loads(code.read()) if sys.hexversion == %(version)d else None
-module = type(sys)("s3push")
-module.__file__ = sys.argv[0] = %(file)r
-if sys.path and sys.path[0] == "":   # -c put the working folder there: as by path
-    sys.path[0] = %(path0)r
-code = code or compile(open(module.__file__, "rb").read(), module.__file__, "exec")
-sys.modules["s3push"] = module
-exec(code, module.__dict__)
-sys.exit(module.main())
-"""
-
-
-def interpreter_flags():
-    """The flags this interpreter was started with that its successor must have too."""
-    flags = [flag for flag, name in (("-I", "isolated"), ("-E", "ignore_environment"),
-                                     ("-s", "no_user_site"), ("-B", "dont_write_bytecode"),
-                                     ("-P", "safe_path")) if getattr(sys.flags, name, 0)]
-    flags += ["-O"] * sys.flags.optimize + ["-W" + option for option in sys.warnoptions]
-    return flags + ["-X" + name if value is True else "-X%s=%s" % (name, value)
-                    for name, value in getattr(sys, "_xoptions", {}).items()]
-
-
-def relaunch(code, path):
-    """Become a fresh interpreter that runs `code` (this script, compiled from `path`);
-    return where that cannot be: no memory-only files (before Python 3.8, or not Linux)."""
-    if not hasattr(os, "memfd_create") or not sys.executable or sys.flags.inspect:
-        return
-    try:
-        fd = os.memfd_create("s3push-code")
-    except OSError:
-        return
-    try:
-        with os.fdopen(os.dup(fd), "wb") as out:
-            marshal.dump(code, out)
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.set_inheritable(fd, True)
-        loader = RELAUNCH % {"fd": fd, "version": sys.hexversion, "file": path,
-                             "path0": sys.path[0] if sys.path else ""}
-        os.execv(sys.executable, [sys.executable] + interpreter_flags() + ["-c", loader] +
-                 sys.argv[1:])
-    except OSError:   # (execv returns only on failure) run here, as started
-        os.close(fd)
-
-
 def main(argv=None):
     options = build_parser().parse_args(argv)
     tally = Tally(Notices(options.verbose))
@@ -5656,8 +5572,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    # Relaunched only where the interpreter itself runs this file, as started by its path:
-    # not from stdin, nor by python -m or runpy (whose frame calls this one).
-    if sys._getframe().f_back is None and os.path.isfile(__file__):
-        relaunch(sys._getframe().f_code, __file__)
     sys.exit(main())

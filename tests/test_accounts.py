@@ -84,7 +84,7 @@ class RunLock(IntegrationCase):
             write_file(self.source, "f%d" % n, b"x")
             result = self.run_s3push("--state-dir", state_dir)
             self.assertEqual(result.status, 0, result.stderr)
-            self.assertIn("cannot keep the run lock in %s (%s" % (state_dir, reason),
+            self.assertIn("cannot keep the run lock (%s: %s" % (state_dir, reason),
                           result.stderr)
             self.assertEqual(files_under(self.source), [])
         self.assertEqual(os.listdir(cases[-1][0]), [])

@@ -1,6 +1,8 @@
 """Unit tests of the pure parts: settings resolution, destinations, keys, selection, checks."""
 
 import argparse
+import contextlib
+import io
 import hashlib
 import os
 import shutil
@@ -260,20 +262,25 @@ class Selection(unittest.TestCase):
         for window, max_runs, spill in [(w, m, s) for w in (1, 3, 4, 11, 12, 100)
                                         for m in (2, 64) for s in ("spill", None, "full")]:
             s3push.MAX_RUNS = max_runs
-            rounds = []
-
-            def scan_round(first):
-                rounds.append(first)
-                return self.scan(self.root, (), [])
-            got = [f for f in s3push.oldest_first(scan_round, window, self.spill(spill))]
-            self.assertEqual([f.relative for f in got], expected, (window, spill))
-            rescans = [True] + [False] * (len(mtimes) // window)   # a scan a window
-            if spill == "spill" or spill == "full" and len(mtimes) // window < 2:
-                self.assertEqual(rounds, [True], window)   # one scan, whatever the backlog
-            elif spill == "full":   # the second run failed: scanned again, counted afresh
-                self.assertEqual(rounds, [True] + rescans, window)
-            else:
-                self.assertEqual(rounds, rescans, window)
+            notices = s3push.Notices()
+            with contextlib.redirect_stderr(io.StringIO()) as stderr:
+                got = list(s3push.oldest_first(self.scan(self.root, (), []), window,
+                                               self.spill(spill), notices))
+            relatives = [f.relative for f in got]
+            self.assertEqual(sorted(relatives), sorted(expected), (window, spill))
+            windows = len(mtimes) // window   # windows that fill up: a run each
+            failed = spill is None and windows or spill == "full" and windows > 1
+            if not failed:   # the whole order, the scan seen once
+                self.assertEqual(relatives, expected, (window, max_runs, spill))
+                self.assertEqual(stderr.getvalue(), "")
+            else:   # the order gave way: said once; every file still comes, once
+                self.assertEqual(stderr.getvalue().count("cannot spill the order"), 1)
+                self.assertIn("oldest first within each %d" % window, stderr.getvalue())
+            if spill is None and windows:   # each window in its own order
+                for start in range(0, windows * window, window):
+                    self.assertEqual(relatives[start:start + window],
+                                     sorted(relatives[start:start + window],
+                                            key=lambda r: (mtimes[int(r[-2:])], r)))
             for found in got:   # what comes back from a spill is what the scan saw
                 info = os.stat(os.path.join(self.root, found.relative))
                 self.assertEqual(found.info, (info.st_dev, info.st_ino, info.st_size,
@@ -283,9 +290,10 @@ class Selection(unittest.TestCase):
                                  (folder.st_dev, folder.st_ino))
 
     def spill(self, kind):
-        """A Spill in a folder of its own; "full": one whose second run fails (ENOSPC)."""
+        """A Spill in a folder of its own; None: no state folder; "full": one whose second
+        run fails (ENOSPC)."""
         if kind is None:
-            return None
+            return s3push.Spill(None)
         folder = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, folder)
         fd = os.open(folder, os.O_RDONLY)
@@ -428,20 +436,23 @@ class Selection(unittest.TestCase):
         first, second = s3push.open_source(self.root), s3push.open_source(self.root + "/.")
         self.addCleanup(os.close, first)
         self.addCleanup(os.close, second)
-        fd, holder = s3push.run_lock(state, first)
+        folder = s3push.open_state_folder(state)
+        self.addCleanup(os.close, folder.fd)
+        fd, holder = s3push.run_lock(folder.fd, first)
         self.assertIsNotNone(fd)
-        self.assertEqual(s3push.run_lock(state, second), (None, os.getpid()))
+        self.assertEqual(s3push.run_lock(folder.fd, second), (None, os.getpid()))
         self.assertEqual(stat.S_IMODE(os.stat(state).st_mode), 0o700)
         lock, = os.listdir(state)
         self.assertEqual(stat.S_IMODE(os.stat(os.path.join(state, lock)).st_mode), 0o600)
         os.close(fd)
-        fd, holder = s3push.run_lock(state, second)
+        fd, holder = s3push.run_lock(folder.fd, second)
         self.assertIsNotNone(fd)
         os.close(fd)
         os.chmod(state, 0o770)
-        with self.assertRaises(OSError) as caught:
-            s3push.run_lock(state, first)
-        self.assertIn("mode 0770", str(caught.exception))
+        refused = s3push.open_state_folder(state)
+        self.assertIsNone(refused.fd)
+        self.assertIn("mode 0770", refused.problem)
+        self.assertIn("no HOME", s3push.open_state_folder(None).problem)
 
     def test_a_python_without_the_at_calls_is_told_what_is_missing(self):
         s3push.check_platform()
@@ -1162,17 +1173,18 @@ class Journals(unittest.TestCase):
         opts = argparse.Namespace(resume_days=7, state_dir=tempfile.mkdtemp(), verbose=False,
                                   source="/src")
         self.addCleanup(shutil.rmtree, opts.state_dir)
+        state = s3push.open_state_folder(opts.state_dir)
+        self.addCleanup(os.close, state.fd)
         destination = s3push.Destination("b", "p/")
         real = s3push.new_md5
         s3push.new_md5 = lambda: None
         try:
             crc32, md5 = s3push.CHECKSUMS["crc32"], s3push.MD5
-            self.assertIsNotNone(s3push.journals_for(opts, {}, destination, tally, crc32,
-                                                     None))
-            self.assertIsNone(s3push.journals_for(opts, {}, destination, tally, md5, None))
+            self.assertIsNotNone(s3push.journals_for(opts, state, destination, tally, crc32))
+            self.assertIsNone(s3push.journals_for(opts, state, destination, tally, md5))
         finally:
             s3push.new_md5 = real
-        self.assertIsNotNone(s3push.journals_for(opts, {}, destination, tally, md5, None))
+        self.assertIsNotNone(s3push.journals_for(opts, state, destination, tally, md5))
 
     def test_a_crc32_journal(self):
         header = self.HEADER.replace(b'"created"', b'"checksum": "crc32", "created"')
