@@ -71,6 +71,7 @@ import collections
 import errno
 import fcntl
 import fnmatch
+import functools
 import heapq
 import itertools
 import marshal
@@ -2701,8 +2702,8 @@ def oldest_first(files, window, spill, notices):
                 except OSError as exc:
                     notices.warning("cannot spill the order of a backlog of more than %d "
                                     "files to the state folder (%s): they go oldest first "
-                                    "within each %d instead" % (window, exc.strerror or exc,
-                                                                 window))
+                                    "within each %d instead" % (
+                                        window, exc.strerror or exc, window))
                     spilling = False
             for record in spill.merged(runs, held):   # what is held goes on as it is
                 yield spill.found(record)
@@ -4006,13 +4007,12 @@ def internal_error(exc, credentials):
 
 
 class Tally(object):
-    """What one run did, shared by the workers: moved, failed, left for later; the lines
-    that say so, and the exit status that follows."""
+    """What one run did, in numbers: moved, failed, left for later, found; the exit status
+    and the summaries that follow from them. Changed only through the Report."""
 
-    def __init__(self, notices=None):
-        self.lock = threading.Lock()
-        self.notices = notices or Notices()
-        self.notices.before = self.clear_status
+    def __init__(self):
+        self.started = time.monotonic()
+        self.started_at = time.time()
         self.moved_count = 0
         self.moved_from = set()   # directories of moved files, for --delete-empty-dirs
         self.bytes = 0
@@ -4023,93 +4023,13 @@ class Tally(object):
         self.writing_count = 0   # files left for later: still being written
         self.unremovable_count = 0   # files left alone: this account could not remove them
         self.fatal = None      # the error that stopped the run early
-        self.credentials = None   # once loaded: what error text must never show
-        self.started = time.monotonic()
-        self.started_at = time.time()
-        self.found_files = 0   # files and bytes the scan has handed over so far
+        self.found_files = 0   # files and bytes the scan has queued so far
         self.found_bytes = 0
         self.scan_done = False
         self.errors = []       # the first lines said on stderr, for --summary-json
         self.errors_total = 0
         self.versions = []     # the first objects' VersionIds (versioned buckets)
-        self.progress = False  # a live status line is on stderr
         self.skipped_for = None   # another run held the lock: its pid (0: not known)
-
-    def moved(self, path, url, size, directory, verbose, version_id):
-        with self.lock:
-            self.moved_count += 1
-            self.moved_from.add(directory)
-            self.bytes += size
-            if version_id and len(self.versions) < MAX_SUMMARY_VERSIONS:
-                self.versions.append({"url": url, "version_id": version_id})
-            self.clear_status()
-            if verbose:
-                emit(sys.stdout, "moved %s -> %s (%d bytes%s)" % (
-                    safe_name(path), url, size,
-                    ", version %s" % safe_name(version_id) if version_id else ""))
-
-    def failed(self, path, url, exc):
-        """One line on stderr naming the file, the key (when there is one) and the reason."""
-        with self.lock:
-            self.clear_status()
-            if isinstance(exc, UnremovableError):   # files left, one line a directory
-                self.unremovable_count += exc.files
-            else:
-                self.failures.append(exc.exit_code)
-            if exc.fatal and self.fatal is not None:
-                return   # the same cause hit the other workers: said once is enough
-            if exc.fatal:
-                self.fatal = exc
-            target = " -> " + url if url else ""
-            line = "s3push: error: %s%s: %s" % (safe_name(path), target, exc)
-            emit(sys.stderr, line)
-            self.errors_total += 1
-            if len(self.errors) < MAX_SUMMARY_ERRORS:
-                self.errors.append(line)
-
-    def vanished(self, path, exc):
-        """Not a failure, but the operator is told: one warning line."""
-        self.notices.warning("%s: %s" % (safe_name(path), exc))
-
-    def resumed(self, path, reused, parts, size, verbose):
-        """A multipart upload goes on where an earlier run left it."""
-        with self.lock:
-            self.bytes_resumed += size
-            if verbose or self.progress:
-                self.clear_status()
-                emit(sys.stdout if verbose else sys.stderr, "resuming %s: %d of %d parts "
-                     "already there" % (safe_name(path), reused, parts))
-
-    def resume_dropped(self, size):
-        """A resumed upload started over: its reused bytes were sent again after all."""
-        with self.lock:
-            self.bytes_resumed -= size
-
-    def handed_over(self, size):
-        """The scan handed over one more file of this size."""
-        with self.lock:
-            self.found_files += 1
-            self.found_bytes += size
-
-    def left_open(self, path, exc, verbose):
-        """Left for a later run, like a file younger than --min-age: said under -v only."""
-        with self.lock:
-            self.writing_count += 1
-            if verbose:
-                self.clear_status()
-                emit(sys.stdout, "left %s: %s" % (safe_name(path), exc))
-
-    def out_of_time(self):
-        """The deadline stopped the run: what was not sent waits for the next one."""
-        with self.lock:
-            self.failures.append(EXIT_TEMPFAIL)
-            emit(sys.stderr, "s3push: the --deadline was reached: files not sent yet are "
-                 "left for the next run")
-
-    def crashed(self, exc):
-        with self.lock:
-            self.fatal = internal_error(exc, self.credentials)
-            emit(sys.stderr, "s3push: %s" % self.fatal)
 
     def exit_status(self):
         if self.fatal is not None:
@@ -4117,10 +4037,6 @@ class Tally(object):
         if EXIT_FILES_LEFT in self.failures or self.unremovable_count:
             return EXIT_FILES_LEFT
         return max(self.failures) if self.failures else EXIT_OK
-
-    def clear_status(self):
-        if self.progress:
-            sys.stderr.write("\r\x1b[K")
 
     def status_line(self):
         """files and bytes done of those found, rate and (once the scan is done) ETA."""
@@ -4132,11 +4048,6 @@ class Tally(object):
         return "s3push: %d/%d%s files, %.1f/%.1f%s MB, %.1f MB/s%s" % (
             self.moved_count, self.found_files, more, self.bytes / 1e6, self.found_bytes / 1e6,
             more, rate / 1e6, eta)
-
-    def show_status(self):
-        with self.lock:
-            sys.stderr.write("\r" + self.status_line() + "\x1b[K")
-            sys.stderr.flush()
 
     def summary_data(self, options, status):
         """The run for monitoring (--summary-json)."""
@@ -4168,6 +4079,107 @@ class Tally(object):
                    self.young_count, self.writing_count, kept))
 
 
+class Report(object):
+    """What the run says as it goes, shared by the workers: a line for each file moved
+    (-v), failed or left, the live status line, and the Tally behind them, each line and
+    its count changed together."""
+
+    def __init__(self, notices=None):
+        self.lock = threading.Lock()
+        self.tally = Tally()
+        self.notices = notices or Notices()
+        self.notices.before = self.clear_status
+        self.credentials = None   # once loaded: what error text must never show
+        self.progress = False  # a live status line is on stderr
+
+    def moved(self, path, url, size, directory, verbose, version_id):
+        tally = self.tally
+        with self.lock:
+            tally.moved_count += 1
+            tally.moved_from.add(directory)
+            tally.bytes += size
+            if version_id and len(tally.versions) < MAX_SUMMARY_VERSIONS:
+                tally.versions.append({"url": url, "version_id": version_id})
+            self.clear_status()
+            if verbose:
+                emit(sys.stdout, "moved %s -> %s (%d bytes%s)" % (
+                    safe_name(path), url, size,
+                    ", version %s" % safe_name(version_id) if version_id else ""))
+
+    def failed(self, path, url, exc):
+        """One line on stderr naming the file, the key (when there is one) and the reason."""
+        tally = self.tally
+        with self.lock:
+            self.clear_status()
+            if isinstance(exc, UnremovableError):   # files left, one line a directory
+                tally.unremovable_count += exc.files
+            else:
+                tally.failures.append(exc.exit_code)
+            if exc.fatal and tally.fatal is not None:
+                return   # the same cause hit the other workers: said once is enough
+            if exc.fatal:
+                tally.fatal = exc
+            target = " -> " + url if url else ""
+            line = "s3push: error: %s%s: %s" % (safe_name(path), target, exc)
+            emit(sys.stderr, line)
+            tally.errors_total += 1
+            if len(tally.errors) < MAX_SUMMARY_ERRORS:
+                tally.errors.append(line)
+
+    def vanished(self, path, exc):
+        """Not a failure, but the operator is told: one warning line."""
+        self.notices.warning("%s: %s" % (safe_name(path), exc))
+
+    def resumed(self, path, reused, parts, size, verbose):
+        """A multipart upload goes on where an earlier run left it."""
+        with self.lock:
+            self.tally.bytes_resumed += size
+            if verbose or self.progress:
+                self.clear_status()
+                emit(sys.stdout if verbose else sys.stderr, "resuming %s: %d of %d parts "
+                     "already there" % (safe_name(path), reused, parts))
+
+    def resume_dropped(self, size):
+        """A resumed upload started over: its reused bytes were sent again after all."""
+        with self.lock:
+            self.tally.bytes_resumed -= size
+
+    def queued(self, size):
+        """The scan queued one more file of this size for the workers."""
+        with self.lock:
+            self.tally.found_files += 1
+            self.tally.found_bytes += size
+
+    def left_open(self, path, exc, verbose):
+        """Left for a later run, like a file younger than --min-age: said under -v only."""
+        with self.lock:
+            self.tally.writing_count += 1
+            if verbose:
+                self.clear_status()
+                emit(sys.stdout, "left %s: %s" % (safe_name(path), exc))
+
+    def out_of_time(self):
+        """The deadline stopped the run: what was not sent waits for the next one."""
+        with self.lock:
+            self.tally.failures.append(EXIT_TEMPFAIL)
+            emit(sys.stderr, "s3push: the --deadline was reached: files not sent yet are "
+                 "left for the next run")
+
+    def crashed(self, exc):
+        with self.lock:
+            self.tally.fatal = internal_error(exc, self.credentials)
+            emit(sys.stderr, "s3push: %s" % self.tally.fatal)
+
+    def clear_status(self):
+        if self.progress:
+            sys.stderr.write("\r\x1b[K")
+
+    def show_status(self):
+        with self.lock:
+            sys.stderr.write("\r" + self.tally.status_line() + "\x1b[K")
+            sys.stderr.flush()
+
+
 def checksum_for(choice, endpoint):
     """What proves each upload: --checksum, else CRC32 where the endpoint is AWS S3's
     (which verifies x-amz-checksum-crc32 and echoes it; 5x cheaper per byte than MD5)
@@ -4179,18 +4191,18 @@ def checksum_for(choice, endpoint):
     return CHECKSUMS[choice]
 
 
-def journals_for(options, state, destination, tally, checksum):
+def journals_for(options, state, destination, report, checksum):
     """Where this run keeps its resume journals; None when it keeps none (said under -v:
     no state folder of this account's alone, or under --checksum md5 no MD5 to check
     parts by: where FIPS forbids it, CRC32 uploads still resume)."""
     if not options.resume_days:
         return None
     if state.fd is None or (checksum.content_md5 and new_md5() is None):
-        tally.notices.note("no resume journals are kept (%s): an upload cut off part-way "
-                           "will start over" % (state.problem or "MD5 is not available"))
+        report.notices.note("no resume journals are kept (%s): an upload cut off part-way "
+                            "will start over" % (state.problem or "MD5 is not available"))
         return None
     return Journals(pair_folder(state.path, options.source, destination),
-                    options.resume_days * 86400, tally.notices.note)
+                    options.resume_days * 86400, report.notices.note)
 
 
 class WorkQueue(object):
@@ -4257,50 +4269,26 @@ class WorkQueue(object):
             return self.parts.popleft() if self.parts else None
 
 
-class Job(object):
-    """What the workers share: settings, destination, options, the queue and the tally."""
+class ObjectSettings(object):
+    """How every file's object goes up this run, settled once from the options: where its
+    key goes (destination, template, --if-exists), what its requests carry (headers,
+    condition, checksum, signed payload or not), when it goes in parts, whether gzipped;
+    and the keys this run took."""
 
-    def __init__(self, options, session, destination, tally, root, asides, state):
-        self.root = root   # SOURCE_DIR's descriptor: every file is reached through it
-        self.asides = asides
-        self.run_id = new_run_id(tally.started_at)
-        endpoint = session.endpoint   # as configured: what the ledger's records are for
-        self.endpoint = "%s://%s%s" % (endpoint.scheme, endpoint.netloc(endpoint.host),
-                                       endpoint.base_path)
-        self.manifest = Manifest(options.manifest, options.source, self.run_id,
-                                 tally.notices) \
-            if options.manifest else NoManifest()
-        self.ledger = Ledger(state.fd is not None and pair_folder(
-            state.path, options.source, destination), tally.notices, state.problem)
-        self.source = options.source
-        self.allow_hardlinks = options.allow_hardlinks
-        self.session = session
+    def __init__(self, options, session, destination):
         self.destination = destination
-        self.tally = tally
-        self.verbose = options.verbose
+        self.template = Template(destination.prefix, object_headers(options, time.time()),
+                                 options.tag, destination.whole_key)
+        self.content_type = options.content_type
+        self.if_exists = options.if_exists
         self.multipart_threshold = options.multipart_threshold
         self.part_size = options.part_size
-        self.jobs = options.jobs   # how many workers; each with its own connection
-        self.deadline = Deadline(tally.started + options.deadline if options.deadline
-                                 else None)
-        self.retries = options.retries
-        self.timeout = options.timeout
-        self.rate_limit = RateLimit(options.bwlimit) if options.bwlimit else None
-        self.content_type = options.content_type
         self.compress = options.compress   # the gzip level, or None
-        self.spool_folder = state.fd   # the private state folder's descriptor, or None
-        self.if_exists = options.if_exists
-        self.writers = WriterIndex()
         self.verify_md5 = not (options.sse or "").startswith("aws:kms")
         self.checksum = checksum_for(options.checksum, session.endpoint)
         self.plain_http = session.endpoint.scheme == "http"   # see Sending
         self.sign_payload = options.sign_payload or \
             (self.checksum.content_md5 and new_md5() is None)
-        self.queue = WorkQueue(max_files=4 * options.jobs)
-        self.template = Template(destination.prefix, object_headers(options, time.time()),
-                                 options.tag, destination.whole_key)
-        # None, or where resume journals are kept
-        self.journals = journals_for(options, state, destination, tally, self.checksum)
         # Whole-key templates may give two files one key, and so may --compress (a.log
         # and a.log.gz): the keys this run took, so that the second is kept instead.
         self.keys_taken = set() if destination.whole_key or self.compress else None
@@ -4318,6 +4306,54 @@ class Job(object):
             self.keys_taken.add(key)
             return True
 
+    def sending(self, relative, info, gzipped):
+        """The Sending of one file's object: the run's headers, its own type and mtime."""
+        headers = self.template.headers_for(info.st_mtime)
+        headers["content-type"] = self.content_type or (
+            "application/gzip" if gzipped else guess_content_type(relative))
+        headers["x-amz-meta-mtime"] = "%d.%09d" % divmod(info.st_mtime_ns, 10 ** 9)
+        if gzipped:   # the object's own size is the gzip's
+            headers["x-amz-meta-s3push-size"] = str(info.st_size)
+        condition = {"if-none-match": "*"} if self.if_exists != "overwrite" else {}
+        return Sending(headers, condition, self.verify_md5, self.sign_payload,
+                       self.checksum, self.plain_http)
+
+
+class Job(object):
+    """What the workers share: where the files are, how their objects go up, the records
+    kept of them (ledger, manifest, journals), the queue, the clients and the report."""
+
+    def __init__(self, options, session, destination, report, root, asides, state):
+        self.root = root   # SOURCE_DIR's descriptor: every file is reached through it
+        self.source = options.source
+        self.asides = asides
+        self.writers = WriterIndex()
+        self.allow_hardlinks = options.allow_hardlinks
+        self.objects = ObjectSettings(options, session, destination)
+        self.destination = destination
+        self.run_id = new_run_id(report.tally.started_at)
+        endpoint = session.endpoint   # as configured: what the ledger's records are for
+        self.endpoint = "%s://%s%s" % (endpoint.scheme, endpoint.netloc(endpoint.host),
+                                       endpoint.base_path)
+        self.ledger = Ledger(state.fd is not None and pair_folder(
+            state.path, options.source, destination), report.notices, state.problem)
+        self.manifest = Manifest(options.manifest, options.source, self.run_id,
+                                 report.notices) \
+            if options.manifest else NoManifest()
+        # None, or where resume journals are kept
+        self.journals = journals_for(options, state, destination, report,
+                                     self.objects.checksum)
+        self.spool_folder = state.fd   # the private state folder's descriptor, or None
+        self.workers = options.jobs   # each with its own connection
+        self.queue = WorkQueue(max_files=4 * options.jobs)
+        self.deadline = Deadline(report.tally.started + options.deadline if options.deadline
+                                 else None)
+        rate_limit = RateLimit(options.bwlimit) if options.bwlimit else None
+        self.new_client = functools.partial(S3Client, session, options.retries,
+                                            options.timeout, self.deadline, rate_limit)
+        self.report = report
+        self.verbose = options.verbose
+
     def journal_for(self, found, info):
         if self.journals is None:
             return NoJournal()
@@ -4329,18 +4365,6 @@ class Job(object):
 # multipart upload first, then files. The scan feeds files in oldest first (see
 # oldest_first), and the queue holds only a few per worker, so memory does not grow with
 # the directory.
-
-
-def sending_for(job, relative, info, gzipped):
-    headers = job.template.headers_for(info.st_mtime)
-    headers["content-type"] = job.content_type or (
-        "application/gzip" if gzipped else guess_content_type(relative))
-    headers["x-amz-meta-mtime"] = "%d.%09d" % divmod(info.st_mtime_ns, 10 ** 9)
-    if gzipped:   # the object's own size is the gzip's
-        headers["x-amz-meta-s3push-size"] = str(info.st_size)
-    condition = {"if-none-match": "*"} if job.if_exists != "overwrite" else {}
-    return Sending(headers, condition, job.verify_md5, job.sign_payload, job.checksum,
-                   job.plain_http)
 
 
 class PartTracker(object):
@@ -4462,14 +4486,14 @@ def multipart_upload(client, job, key, fd, info, sending, journal):
     the next run go on, and a bucket lifecycle rule removes an upload nobody completes.
     """
     state = file_state(info)
-    part_size = part_size_for(info.st_size, job.part_size)
+    part_size = part_size_for(info.st_size, job.objects.part_size)
     plan = MultipartPlan(part_size, part_ranges(info.st_size, part_size),
                          headers_fingerprint(multipart_headers(sending)), sending.checksum)
     resumption = reusable_parts(journal, key, fd, plan)
     if resumption is not None:
         reused = sum(part.length for part in resumption.parts.values())
-        job.tally.resumed(os.path.join(job.source, journal.found.relative),
-                          len(resumption.parts), len(plan.ranges), reused, job.verbose)
+        job.report.resumed(os.path.join(job.source, journal.found.relative),
+                           len(resumption.parts), len(plan.ranges), reused, job.verbose)
     try:
         return send_parts(client, job, key, fd, plan, sending, journal, resumption, state)
     except (KeyTakenError, ChangedError):
@@ -4479,7 +4503,7 @@ def multipart_upload(client, job, key, fd, info, sending, journal):
         if resumption is None and not isinstance(exc, UploadGoneError):
             raise
         if resumption is not None:   # its parts go again after all
-            job.tally.resume_dropped(reused)
+            job.report.resume_dropped(reused)
         return send_parts(client, job, key, fd, plan, sending, journal, None, state)
     finally:
         journal.close()
@@ -4490,7 +4514,7 @@ def send_file(client, job, key, body, found, info, sending):
     of the file itself or of its gzip (the journal is the file's, info). Returns the
     object's Proof."""
     fd, sent = body
-    if sent.st_size > min(job.multipart_threshold, MAX_PUT_BYTES):
+    if sent.st_size > min(job.objects.multipart_threshold, MAX_PUT_BYTES):
         return multipart_upload(client, job, key, fd, sent, sending,
                                 job.journal_for(found, info))
     return put_object(client, key, fd, sent.st_size, sending)
@@ -4505,29 +4529,29 @@ def upload_file(client, job, fd, info, found, key):
         check_links(info, job.allow_hardlinks)
         if info.st_size > MAX_OBJECT_BYTES:
             raise FileError("larger than 5 TiB, S3's limit for one object; left in place")
-        gzipped = goes_gzipped(job.compress, found.name, fd)
+        gzipped = goes_gzipped(job.objects.compress, found.name, fd)
         first = gzip_key(key) if gzipped else key
-        if not job.take_key(first):
+        if not job.objects.take_key(first):
             raise FileError("another file of this run went to that key%s: kept, not "
                             "overwriting it; add {mtime_epoch} or {inode} to the key template "
                             "to tell them apart" % (" plus .gz" if gzipped else ""))
         body, fields = (fd, info), {"compression": None, "compressed_size": None}
         if gzipped:
             spool, spooled, crc = gzip_file(fd, info, found.name, job.spool_folder,
-                                            job.compress)
+                                            job.objects.compress)
             body = (spool, spooled)
             fields = {"compression": "gzip", "compressed_size": spooled.st_size,
                       "file_crc32": "%08x" % crc}
         try:
-            sending = sending_for(job, found.relative, info, gzipped)
-            for key in candidate_keys(first, job.if_exists):
+            sending = job.objects.sending(found.relative, info, gzipped)
+            for key in candidate_keys(first, job.objects.if_exists):
                 try:
                     proof = send_file(client, job, key, body, found, info, sending)
                     if proof.checksum == MD5_OF_PARTS:
-                        fields["part_size"] = part_size_for(body[1].st_size, job.part_size)
+                        fields["part_size"] = part_size_for(body[1].st_size, job.objects.part_size)
                     return key, proof, fields
                 except KeyTakenError:
-                    if job.if_exists != "number":
+                    if job.objects.if_exists != "number":
                         raise
         finally:
             if gzipped:
@@ -4542,9 +4566,9 @@ def check_no_writer(job, fd, info, since, uploaded):
     """StillWritten when a process has the file open for writing."""
     writing = still_written(fd, info, job.writers, since)
     if writing is None:
-        job.tally.notices.note("cannot tell whether other processes still write files here "
-                               "(no file lease, no /proc): relying on --min-age and "
-                               "in-progress names")
+        job.report.notices.note("cannot tell whether other processes still write files here "
+                                "(no file lease, no /proc): relying on --min-age and "
+                                "in-progress names")
     elif writing:
         raise StillWritten("%sstill open for writing by another process; left for a "
                            "later run" % ("uploaded, but " if uploaded else ""))
@@ -4600,7 +4624,7 @@ def remove_file(job, parent_fd, fd, found, uploaded, opened, aside):
                                "new one is left for a later run")
         os.unlink(name, dir_fd=parent_fd)
         if why is not None:
-            job.tally.notices.warning(
+            job.report.notices.warning(
                 "cannot rename a file aside before its removal in %s (%s): it is removed "
                 "by its name right after its last check, so a new version renamed over "
                 "that name at that very instant would be removed with it" % (
@@ -4631,7 +4655,7 @@ def aside_left_over(job, parent_fd, found, key):
     if give_back(parent_fd, found.name, name):
         raise StillWritten("an earlier run's aside name, given back as %s for a later run"
                            % safe_name(name))
-    job.tally.notices.warning(
+    job.report.notices.warning(
         "%s was left under an aside name by an earlier run, and %s is taken (or this "
         "filesystem has no hard links to give it back): it goes to a key of its own, %s" % (
             safe_name(os.path.join(job.source, found.relative)), safe_name(name),
@@ -4712,7 +4736,7 @@ def move_file(client, job, found, key):
 
 
 class FileTask(object):
-    """One file to move: upload, verify, delete; the outcome goes to the run's tally."""
+    """One file to move: upload, verify, delete; the outcome goes to the run's report."""
 
     def __init__(self, job, found):
         self.job, self.found = job, found
@@ -4722,27 +4746,27 @@ class FileTask(object):
         path = os.path.join(job.source, found.relative)
         url = None
         try:   # the key, made once from the scan's mtime (a file changed since is left)
-            key = job.template.key_for(found)
+            key = job.objects.template.key_for(found)
             url = job.destination.url(key)
             record = move_file(client, job, found, key)
         except StillWritten as exc:
-            job.tally.left_open(path, exc, job.verbose)
+            job.report.left_open(path, exc, job.verbose)
             return
         except Vanished as exc:
-            job.tally.vanished(path, exc)
+            job.report.vanished(path, exc)
             return
         except S3PushError as exc:
-            job.tally.failed(path, url, exc)
+            job.report.failed(path, url, exc)
             if exc.fatal:
                 job.queue.stop()
             return
-        job.tally.moved(path, job.destination.url(record["key"]), record["size"],
-                        found.directory, job.verbose, record["version_id"])
+        job.report.moved(path, job.destination.url(record["key"]), record["size"],
+                         found.directory, job.verbose, record["version_id"])
 
 
 def worker(job):
     """Run tasks until the queue is done, over this worker's own connection."""
-    client = S3Client(job.session, job.retries, job.timeout, job.deadline, job.rate_limit)
+    client = job.new_client()
     try:
         while True:
             task = job.queue.next_task()
@@ -4750,7 +4774,7 @@ def worker(job):
                 return
             task.perform(client)
     except Exception as exc:   # a bug: stop the run, keep the files, say where
-        job.tally.crashed(exc)
+        job.report.crashed(exc)
         job.queue.stop()
     finally:
         client.close()
@@ -4759,31 +4783,31 @@ def worker(job):
 # === The run ===
 
 
-def show_progress(tally, done):
+def show_progress(report, done):
     """The live status line on stderr, until done is set."""
     while not done.wait(PROGRESS_INTERVAL):
-        tally.show_status()
-    with tally.lock:
-        tally.clear_status()
-        tally.progress = False
+        report.show_status()
+    with report.lock:
+        report.clear_status()
+        report.progress = False
 
 
 def move_all(job, files):
     """Feed the scan's files to the workers and wait for them; SIGTERM stops the feed."""
     workers = [threading.Thread(target=worker, args=(job,), daemon=True)
-               for _ in range(job.jobs)]
+               for _ in range(job.workers)]
     for thread in workers:
         thread.start()
     done = threading.Event()
-    status_line = threading.Thread(target=show_progress, args=(job.tally, done), daemon=True)
-    if job.tally.progress:
+    status_line = threading.Thread(target=show_progress, args=(job.report, done), daemon=True)
+    if job.report.progress:
         status_line.start()
     try:
         for found in files:
             if job.deadline.passed() or not job.queue.add_file(FileTask(job, found)):
                 break
-            job.tally.handed_over(found.info.st_size)
-        job.tally.scan_done = True
+            job.report.queued(found.info.st_size)
+        job.report.tally.scan_done = True
         job.queue.done_producing()
         for thread in workers:
             while thread.is_alive():
@@ -4791,7 +4815,7 @@ def move_all(job, files):
                 if job.deadline.passed() and not job.queue.stopped:
                     job.queue.stop()   # no new file or part; requests in flight finish
         if job.deadline.passed():
-            job.tally.out_of_time()
+            job.report.out_of_time()
     except BaseException:
         job.queue.stop()   # in-flight uploads are abandoned; nothing unconfirmed is deleted
         raise
@@ -4801,7 +4825,7 @@ def move_all(job, files):
             status_line.join(1)
 
 
-def print_plan(source, files, destination, tally, compress):
+def print_plan(source, files, destination, report, compress):
     """Print where each file would go; names that cannot be keys are reported. The lines
     go out a thousand at a time (a plan may have millions). Under --compress, by the name
     alone: a file whose first bytes show it compressed goes as it is after all."""
@@ -4813,7 +4837,7 @@ def print_plan(source, files, destination, tally, compress):
             if goes_gzipped(compress, found.name):   # by the name alone
                 key = gzip_key(key)
         except FileError as exc:
-            tally.failed(base + found.relative, None, exc)
+            report.failed(base + found.relative, None, exc)
             continue
         lines.append("would move %s -> %s (%d bytes)" % (
             safe_name(base + found.relative), destination.url(key), found.info.st_size))
@@ -4904,20 +4928,20 @@ def begin_manifest(job, options, state):
     if not options.manifest_key:
         return None, None
     run = job.manifest.run
-    own = ManifestObject(run, manifest_key(options.manifest_key, run, job.tally.started_at),
+    own = ManifestObject(run, manifest_key(options.manifest_key, run, job.report.tally.started_at),
                          job.manifest.place)
     if state.fd is None:   # a lasting state of the host, as for resume journals
-        job.tally.notices.note("no usable state folder: should a --manifest-key upload "
-                               "fail, no later run sends its object")
+        job.report.notices.note("no usable state folder: should a --manifest-key upload "
+                                "fail, no later run sends its object")
         return own, None
     pending = pending_objects(options, state, job.destination)
     try:
         pending.add(own)
     except OSError as exc:
-        job.tally.notices.warning("cannot keep a record of this run's --manifest-key object "
-                                  "in %s (%s): should its upload fail, no later run sends "
-                                  "it" % (safe_name(pending.folder), exc.strerror or exc),
-                                  once="pending-object")
+        job.report.notices.warning("cannot keep a record of this run's --manifest-key object "
+                                   "in %s (%s): should its upload fail, no later run sends "
+                                   "it" % (safe_name(pending.folder), exc.strerror or exc),
+                                   once="pending-object")
     return own, pending
 
 
@@ -4927,20 +4951,20 @@ def upload_manifest(job, item):
     gone (a warning); False after a failure (one error line)."""
     path = safe_name(item.place.path)
     try:
-        lines = run_lines(item.place, item.run, job.tally.notices)
+        lines = run_lines(item.place, item.run, job.report.notices)
     except FileNotFoundError:
         lines = None
     except OSError as exc:
-        job.tally.failed(path, None, FileError("cannot read the manifest back (%s)"
-                                               % (exc.strerror or exc)))
+        job.report.failed(path, None, FileError("cannot read the manifest back (%s)"
+                                                % (exc.strerror or exc)))
         return False
     if lines is None:
-        job.tally.notices.warning("the lines of run %s are gone from the manifest %s "
-                                  "(rotated or cut): its object %s was never sent" % (
+        job.report.notices.warning("the lines of run %s are gone from the manifest %s "
+                                   "(rotated or cut): its object %s was never sent" % (
                                       item.run, path, job.destination.url(item.key)))
         return True
     if item.run == job.run_id and len(lines) < job.manifest.written:
-        job.tally.notices.warning(
+        job.report.notices.warning(
             "the manifest %s holds %d of the %d lines this run wrote (cut by a rotation, "
             "e.g. logrotate's copytruncate?): its object %s lists only those" % (
                 path, len(lines), job.manifest.written, job.destination.url(item.key)))
@@ -4948,15 +4972,16 @@ def upload_manifest(job, item):
         return True
     body = b"".join(lines)
     digest = digest_bytes(body)
-    client = S3Client(job.session, job.retries, job.timeout, job.deadline, job.rate_limit)
+    sending = Sending({}, {}, job.objects.verify_md5, True)   # its SHA-256 signed too
+    client = job.new_client()
     try:
         headers = body_headers(digest, MD5, "application/x-ndjson")
         response = client.request("PUT", item.key, headers, body, digest.payload_hash,
                                   validate=lambda answer:
-                                  MD5.confirm(answer, digest.value, job))
+                                  MD5.confirm(answer, digest.value, sending))
         check_answer(response, "")
     except S3PushError as exc:
-        job.tally.failed(path, job.destination.url(item.key), exc)
+        job.report.failed(path, job.destination.url(item.key), exc)
         return False
     finally:
         client.close()
@@ -4967,7 +4992,7 @@ def send_manifest_objects(job, own, pending):
     """--manifest-key: the objects of earlier runs not yet confirmed (an upload that
     failed, a run killed), the oldest first, then this run's; each record removed once
     its object is sent. The first failure stops: the rest wait for the next run."""
-    earlier = pending.earlier(own.run, job.tally.notices) if pending is not None else []
+    earlier = pending.earlier(own.run, job.report.notices) if pending is not None else []
     for item in earlier + [own]:
         if not upload_manifest(job, item):
             return
@@ -4975,21 +5000,21 @@ def send_manifest_objects(job, own, pending):
             pending.remove(item.run)
 
 
-def move_or_plan(options, environ, settings, destination, tally, files, root, asides,
+def move_or_plan(options, environ, settings, destination, report, files, root, asides,
                  state):
     """Dry run, or move the files, then remove the directories they left empty."""
     if options.dry_run:
-        print_plan(options.source, files, destination, tally, options.compress)
+        print_plan(options.source, files, destination, report, options.compress)
         return
     if options.compress is not None and state.fd is None:
         raise ConfigError("--compress spools each gzip in the private state folder, and "
                           "there is none usable (see the warning above, or no HOME): fix "
                           "--state-dir")
-    session = Session(settings, destination.bucket, tally.notices,
+    session = Session(settings, destination.bucket, report.notices,
                       lambda: load_settings(options, environ).credentials)
     session.debug = options.debug
-    tally.progress = sys.stderr.isatty() if options.progress is None else options.progress
-    job = Job(options, session, destination, tally, root, asides, state)
+    report.progress = sys.stderr.isatty() if options.progress is None else options.progress
+    job = Job(options, session, destination, report, root, asides, state)
     job.ledger.open()
     try:
         own, pending = begin_manifest(job, options, state)
@@ -5002,7 +5027,7 @@ def move_or_plan(options, environ, settings, destination, tally, files, root, as
     if job.journals is not None:
         job.journals.sweep(root, time.time())
     if options.delete_empty_dirs:
-        remove_empty_dirs(root, tally.moved_from)
+        remove_empty_dirs(root, report.tally.moved_from)
 
 
 def read_globs(path, option):
@@ -5045,12 +5070,12 @@ def take_run_lock(state, root, notices):
     return try_lock(root), None
 
 
-def push_locked(options, environ, tally, destination, root, state):
+def push_locked(options, environ, report, destination, root, state):
     """Lock SOURCE_DIR (open as root), scan it, and move what the scan finds."""
     if not options.dry_run:
-        held, holder = take_run_lock(state, root, tally.notices)
+        held, holder = take_run_lock(state, root, report.notices)
         if not held:
-            tally.skipped_for = holder or 0
+            report.tally.skipped_for = holder or 0
             emit(sys.stderr, "s3push: another run (pid %s) is moving %s; this one exits"
                  % (holder or "unknown", safe_name(options.source)))
             return EXIT_OK
@@ -5062,31 +5087,32 @@ def push_locked(options, environ, tally, destination, root, state):
                           options.max_size)
     asides = AsideNames(recover=not options.dry_run)
     files = oldest_first(scan(root, selection, errors, asides), ORDER_WINDOW,
-                         Spill(state.fd), tally.notices)
+                         Spill(state.fd), report.notices)
     first, files = first_and_rest(files)
-    if first is not None or objects_waiting(options, state, destination, tally.notices):
+    if first is not None or objects_waiting(options, state, destination, report.notices):
         load_deferred_modules()
         settings = load_settings(options, environ)
         if options.splay and not options.dry_run:   # a fleet's cron ticks spread out
             time.sleep(random.uniform(0, options.splay))
-        warn_if_exposed(settings.credentials, tally.notices)
-        tally.credentials = settings.credentials
-        move_or_plan(options, environ, settings, destination, tally, files or (), root,
+        warn_if_exposed(settings.credentials, report.notices)
+        report.credentials = settings.credentials
+        move_or_plan(options, environ, settings, destination, report, files or (), root,
                      asides, state)
-    tally.young_count = selection.young   # whole unless the order gave way (see oldest_first)
-    tally.sized_out_count = selection.sized_out
+    # The scan is whole by now, unless the order gave way (see oldest_first).
+    report.tally.young_count = selection.young
+    report.tally.sized_out_count = selection.sized_out
     for relative, exc in errors:   # a FileError, or TreeChanged
         path = os.path.join(options.source, relative)
         if isinstance(exc, Vanished):
-            tally.vanished(path, exc)
+            report.vanished(path, exc)
         else:
-            tally.failed(path, None, exc)
+            report.failed(path, None, exc)
     if options.verbose:
-        emit(sys.stdout, tally.summary())
-    return tally.exit_status()
+        emit(sys.stdout, report.tally.summary())
+    return report.tally.exit_status()
 
 
-def push(options, environ, tally):
+def push(options, environ, report):
     """The whole run after argument parsing; returns the exit status.
 
     Nothing beyond the scan happens until it finds a file: an idle tick reads no
@@ -5105,7 +5131,7 @@ def push(options, environ, tally):
                            % (safe_name(options.source), exc.strerror))
     state = open_state_folder(options.state_dir or default_state_dir(environ))
     try:
-        return push_locked(options, environ, tally, destination, root, state)
+        return push_locked(options, environ, report, destination, root, state)
     finally:
         os.close(root)
         if state.fd is not None:
@@ -5535,12 +5561,12 @@ def on_sigterm(signum, frame):
     raise Interrupted(signum)
 
 
-def guarded_run(options, tally):
+def guarded_run(options, report):
     """Run, mapping every way a run can end to its exit status and one line."""
     signal.signal(signal.SIGTERM, on_sigterm)
     signal.signal(signal.SIGIO, signal.SIG_IGN)   # a lease break (see TAKE_LEASES): no harm
     try:
-        return push(options, os.environ, tally)
+        return push(options, os.environ, report)
     except KeyboardInterrupt:
         emit(sys.stderr, "s3push: interrupted; files not yet confirmed were left in place")
         return EXIT_SIGNAL_BASE + signal.SIGINT
@@ -5552,22 +5578,22 @@ def guarded_run(options, tally):
         return exc.exit_code
     except BrokenPipeError:   # stdout closed early (a --dry-run | head): nothing to mend
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return tally.exit_status()
+        return report.tally.exit_status()
     except Exception as exc:   # a bug: one line, no secret, every unconfirmed file kept
-        emit(sys.stderr, "s3push: error: %s" % internal_error(exc, tally.credentials))
+        emit(sys.stderr, "s3push: error: %s" % internal_error(exc, report.credentials))
         return EXIT_SOFTWARE
 
 
 def main(argv=None):
     options = build_parser().parse_args(argv)
-    tally = Tally(Notices(options.verbose))
-    status = guarded_run(options, tally)
-    data = tally.summary_data(options, status)
+    report = Report(Notices(options.verbose))
+    status = guarded_run(options, report)
+    data = report.tally.summary_data(options, status)
     if options.summary_json:
-        write_summary(options.summary_json, data, tally.notices)
+        write_summary(options.summary_json, data, report.notices)
     if options.metrics_file:
-        write_metrics(options.metrics_file, data, collections.Counter(tally.failures),
-                      tally.notices)
+        write_metrics(options.metrics_file, data, collections.Counter(report.tally.failures),
+                      report.notices)
     return status
 
 

@@ -1169,7 +1169,7 @@ class Journals(unittest.TestCase):
 
     def test_without_md5_crc32_uploads_still_keep_journals(self):
         # Where FIPS forbids MD5 (new_md5 gives None), only MD5 parts cannot be checked.
-        tally = s3push.Tally()
+        tally = s3push.Report()
         opts = argparse.Namespace(resume_days=7, state_dir=tempfile.mkdtemp(), verbose=False,
                                   source="/src")
         self.addCleanup(shutil.rmtree, opts.state_dir)
