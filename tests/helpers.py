@@ -3,6 +3,96 @@
 The server (see s3server.start_server) starts on first use and stops when the process
 exits. The script runs as a subprocess with a cron-like environment: no LANG, an empty
 HOME, credentials only from what the test sets.
+
+TEST SEAMS: every way the suite reaches into the script or is steered from outside, here
+and nowhere else. s3push.py has no test mode. Its seams are module globals and default
+arguments that change nothing when left alone; a unit test sets them in its own process
+(and puts them back), an integration test in a launcher of its own: `-c` code put in
+place of LAUNCH at argv[1:3] of IntegrationCase.command (helpers.LAUNCH is the default,
+the README's start from bytecode; test_integration.MovesFiles also starts it by path).
+
+In s3push.py   (name, default: what it does; set by, for which tests)
+  TAKE_LEASES   True: still_written asks for a read lease (fcntl.F_SETLEASE) before it
+      looks in /proc; False: /proc alone answers. Set False by the launcher
+      test_writers.NO_LEASES for test_writers.OpenWriters (each writer test again with
+      leases=False: the /proc fallback), and in-process by test_writers.OpenWritersUnit.
+  MOVE_SEAM     None; else seam(step, name) calls it at each step of a file's move:
+      "compress" (after each block read into the gzip), "compressed" (the gzip spooled and
+      checked, before it is sent), "confirmed" (the server confirmed the upload; nothing
+      recorded yet), "recorded" (the ledger record and the manifest line written), "rename"
+      (before the rename to the aside name), "check" (renamed aside, before it is checked
+      again), "unlink" (just before the unlink: after "check", or where no aside name can
+      be had, before the last stat of the name), "removed" (unlinked, the ledger record not
+      yet resolved). Set by the SEAMED launchers of test_handover (at SEAM_STEP,
+      SEAM_ACTION=kill: SIGKILL itself, or rename: rename SEAM_NEW over the name, as a
+      writer would) for test_handover.Handover (every step from "confirmed" to "removed"),
+      and of test_compress (at SEAM_STEP compress or compressed, the file at SEAM_PATH
+      rewritten in place with SEAM_NEW's bytes, its mtime put back) for
+      test_compress.Compress.test_a_file_rewritten_while_compressed_is_kept_and_never_mixed.
+  ORDER_WINDOW, MAX_RUNS   10000 files held at once for the oldest-first order (beyond,
+      spilled to sorted runs); 64 runs merged at once. Set (3 and 2) by the launcher
+      test_operations.SMALL_WINDOW for test_operations.Order.test_oldest_files_go_first;
+      MAX_RUNS in-process by
+      test_units.Selection.test_oldest_first_in_windows_each_file_once.
+  Ledger.compact_at   LEDGER_COMPACT (1 MiB): past it the ledger is written anew. Set to
+      2000 on its ledger by test_units.Ledger.test_a_long_run_keeps_the_ledger_small.
+  new_md5       hashlib's MD5, or None where FIPS forbids it. Replaced in-process by a
+      lambda giving None in
+      test_units.Journals.test_without_md5_crc32_uploads_still_keep_journals.
+  WriterIndex(proc="/proc")   where the /proc view is read. A missing folder (no /proc) in
+      test_writers.OpenWritersUnit.
+  check_links(info, allowed, protected_path=PROTECTED_HARDLINKS)   the sysctl file of
+      fs.protected_hardlinks. A file of its own (1, 0, missing) in
+      test_units.Selection.test_hard_links_only_where_the_kernel_protects_them_or_allowed.
+  load_deferred_modules()   the imports a run defers until it has a file to send. Called
+      first by every module that calls s3push in-process (s3server, test_units,
+      test_security, test_sigv4, test_writers).
+
+The foreign-platform run (run_all.py, as root: make test on the oldest and the newest
+Python; run_all.FOREIGN_MODULES names its tests). The Linux-only facilities are absent,
+not skipped by a flag:
+  tests/foreign/sitecustomize.py   loaded by every Python of the run through PYTHONPATH
+      (run_all.foreign_run for run.py; IntegrationCase.env for each script run when
+      FOREIGN): deletes fcntl.F_SETLEASE and F_GETLEASE (no lease, whatever TAKE_LEASES
+      says) and os.memfd_create (Linux's memory-only files).
+  /proc   an empty read-only tmpfs over it, in the run's own mount namespace
+      (run_all.FOREIGN_WRAP: unshare --mount): no /proc fallback, no /proc/self/fd.
+  S3PUSH_TEST_FOREIGN=1   set by run_all.foreign_run: FOREIGN and skip_if_foreign here.
+      Read by test_writers.OpenWriters (skipped: WritersUnseen stands in),
+      test_writers.WritersUnseen (runs there only),
+      test_integration.MovesFiles' test of the script started by its path (it reads
+      /proc/PID/cmdline: skipped) and
+      test_security.HostileWriter.test_hard_links_follow_the_kernel_s_protection (expects
+      no protected_hardlinks file).
+
+Environment variables. s3push.py reads one S3PUSH_ variable, and it is no seam:
+S3PUSH_EXPECTED_BUCKET_OWNER, a setting like --expected-bucket-owner
+(test_operations.Fleets). The rest are the suite's:
+  S3PUSH_TEST_MODULES   run.py: the unittest names to run (default: every test_*.py).
+      Set by run_all.py for --server runs (SERVER_MODULES, MODULES_FOR) and the foreign run.
+  S3PUSH_TEST_VERBOSE, S3PUSH_TEST_TIMES   run.py: a line per test; the 25 slowest at the end.
+  S3PUSH_TEST_JOBS      run_all.py: interpreters run side by side (default: twice the cores).
+  S3PUSH_TEST_PORTS=LOW-HIGH   set by run_all.py for each of those; s3server.free_port
+      draws the servers' and proxies' ports from it.
+  S3PUSH_TEST_SOAK=full|short   set by run_all.py (full on the oldest and the newest
+      Python); soak() below sizes the soak tests (test_faults.Chaos and Crashes,
+      test_resume, test_security, test_operations.BandwidthLimit).
+  S3PUSH_TEST_ENDPOINT, S3PUSH_TEST_BUCKET, S3PUSH_TEST_ACCESS_KEY_ID,
+  S3PUSH_TEST_SECRET_ACCESS_KEY, S3PUSH_TEST_REGION, S3PUSH_TEST_READER_ACCESS_KEY_ID,
+  S3PUSH_TEST_READER_SECRET_ACCESS_KEY   s3server.start_server: a running server to use
+      (run_all.py --server sets all but the region, default us-east-1).
+  S3PUSH_TEST_SERVER_KIND   s3server.server_kind: whose gaps (LACKS) skip tests. Set by
+      run_all.py --server.
+  S3PUSH_TEST_SERVER=rgw|moto|localstack, MINIO_BIN   s3server.start_server starts that
+      server in this process instead of rclone's.
+  S3PUSH_RCLONE         s3server: the rclone binary (default .testenv/rclone/bin/rclone).
+  S3PUSH_FAKETIME       test_faults.faketime_library: a libfaketime of your own (default:
+      what make test unpacked into .testenv/faketime), preloaded with FAKETIME=-20m or
+      +20m by test_faults.Corrections.test_clock_20_minutes_behind and _ahead.
+  PYTHONS, PYENV_ROOT   run_all.py: the interpreters to run on, or where pyenv keeps them.
+  SEAM_STEP, SEAM_ACTION, SEAM_NEW, SEAM_PATH   read by the SEAMED launchers (above), set
+      by their tests.
+  BENCH_*               bench.py's own (see its docstring), not the suite's.
 """
 
 import atexit
@@ -105,6 +195,40 @@ def files_under(root):
     return sorted(found)
 
 
+# A writer process: appends `bursts` bursts of `size` bytes (burst i is the byte 'A' + i
+# repeated) to PATH, pausing `pause` seconds between them. "hold" keeps the file open the
+# whole time; "reopen" opens, appends and closes for each burst; "wait" opens the file for
+# appending, says "open" on stdout, and writes one burst when a line comes on stdin.
+# (test_writers: writer detection; test_faults.IfExists: a writer that reopens.)
+WRITER = r"""
+import sys, time
+path, mode = sys.argv[1:3]
+bursts, size, pause = int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+if mode == "wait":
+    with open(path, "ab") as handle:
+        print("open", flush=True)
+        sys.stdin.readline()
+        handle.write(b"A" * size)
+    sys.exit(0)
+handle = open(path, "ab") if mode == "hold" else None
+for i in range(bursts):
+    if i:
+        time.sleep(pause)
+    if mode == "reopen":
+        handle = open(path, "ab")
+    handle.write(bytes([65 + i]) * size)
+    handle.flush()
+    if mode == "reopen":
+        handle.close()
+handle.close()
+"""
+
+
+def written(bursts, size):
+    """What WRITER leaves in its file after `bursts` bursts of `size` bytes."""
+    return b"".join(bytes([65 + i]) * size for i in range(bursts))
+
+
 class Result(object):
     def __init__(self, status, stdout, stderr):
         self.status = status
@@ -137,6 +261,15 @@ class IntegrationCase(unittest.TestCase):
                     "?uploads=" in target or "?uploadId=" in target),
                     "the script sent %s %s: only PUT and multipart POSTs may be sent"
                     % (method, target))
+
+    def fault_proxy(self, rule=None):
+        """A FaultProxy of this test's own in front of the server: rule(request) says
+        what to do to each request (see s3server.FaultProxy; None, or no rule: forward
+        it). It records as the recorder does, and tearDown checks what it saw."""
+        proxy = s3server.FaultProxy(self.server.endpoint, rule)
+        self.addCleanup(proxy.close)
+        self.proxies.append(proxy)
+        return proxy
 
     def env(self, **extra):
         # AWS_EC2_METADATA_DISABLED: a run without credentials must not look for the EC2

@@ -31,9 +31,8 @@ import threading
 import time
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
-SERVER_MODULES = ("test_integration test_faults test_security test_operations test_resume "
-                  "test_handover test_compress "
-                  "test_checksums")
+SERVER_MODULES = ("test_integration test_faults test_writers test_security test_operations "
+                  "test_resume test_handover test_compress test_checksums")
 MODULES_FOR = {"localstack": "test_checksums "   # and a crash window under If-None-Match
                               "test_handover.Handover.test_killed_after_the_confirmation_"
                               "under_if_exists_keep_and_number"}
@@ -41,7 +40,7 @@ MODULES_FOR = {"localstack": "test_checksums "   # and a crash window under If-N
 # these suites again with fcntl's lease calls absent and /proc an empty tmpfs in a mount
 # namespace of the run's own, as on macOS and the BSDs (helpers.FOREIGN).
 FOREIGN_MODULES = ("test_integration test_handover test_accounts test_security.HostileWriter "
-                   "test_security.BadInput test_faults.ChangingFiles test_faults.WritersUnseen")
+                   "test_security.BadInput test_faults.ChangingFiles test_writers.WritersUnseen")
 FOREIGN_WRAP = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
                 'mount -t tmpfs -o ro,size=4k s3push-no-proc /proc && exec "$@"', "sh"]
 PROBE = "import sys; print('%d.%d' % sys.version_info[:2], sys.executable)"

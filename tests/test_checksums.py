@@ -64,7 +64,7 @@ class DefaultProof(FaultCase):
             if request.attempt == 0 and request.body:
                 return ("flip", {"x-amz-checksum-crc32": crc32_text(request.body)})
             return None
-        proxy = self.proxy(rule)
+        proxy = self.fault_proxy(rule)
         result = self.run_s3push("--retries", "0", *MULTIPART, endpoint=proxy.endpoint)
         self.assertNotEqual(result.status, 0, result.stderr)
         self.assertEqual(len(files_under(self.source)), len(files), result.stderr)
@@ -74,8 +74,8 @@ class DefaultProof(FaultCase):
         # The answer's CRC32 is not the one sent: the bytes are not proven, whatever the
         # server did (set by the proxy, so this runs on every server).
         write_file(self.source, "f", b"data")
-        proxy = self.proxy(lambda r: ("header", {"x-amz-checksum-crc32": "AAAAAA=="})
-                           if r.method == "PUT" else None)
+        proxy = self.fault_proxy(lambda r: ("header", {"x-amz-checksum-crc32": "AAAAAA=="})
+                                 if r.method == "PUT" else None)
         result = self.run_s3push("--retries", "1", *CRC32, endpoint=proxy.endpoint)
         self.assertEqual(result.status, 75, result.stderr)
         self.assertIn("CRC32 AAAAAA== is not that of what was sent", result.stderr)
@@ -127,7 +127,7 @@ class VerifiedCrc32(FaultCase):
     def test_a_damaged_body_never_lands_under_crc32(self):
         for args in ((), ("--sign-payload",)):
             files = self.corpus(5, big=1)
-            proxy = self.proxy(lambda r: ("flip",) if r.attempt == 0 and r.body else None)
+            proxy = self.fault_proxy(lambda r: ("flip",) if r.attempt == 0 and r.body else None)
             result = self.run_s3push("--retries", "0", *(CRC32 + MULTIPART + args),
                                      endpoint=proxy.endpoint)
             self.assertNotEqual(result.status, 0, result.stderr)
@@ -138,8 +138,8 @@ class VerifiedCrc32(FaultCase):
     def test_a_crc32_upload_resumes_from_its_journal(self):
         files = self.corpus(0, big=1)
         big = files["big/b0.bin"]
-        proxy = self.proxy(lambda r: ("answer", 500, "InternalError")
-                           if "partNumber=2&" in r.target else None)
+        proxy = self.fault_proxy(lambda r: ("answer", 500, "InternalError")
+                                 if "partNumber=2&" in r.target else None)
         result = self.run_s3push("--retries", "0", "--jobs", "1", *(CRC32 + MULTIPART),
                                  endpoint=proxy.endpoint)
         self.assertEqual(result.status, 75, result.stderr)
@@ -173,7 +173,7 @@ class ForgedCrc32(FaultCase):
         for relative in list(files)[:4]:   # at least 5 bytes: the forgery needs them
             files[relative] = os.urandom(100)
             write_file(self.source, relative, files[relative])
-        proxy = self.proxy(lambda r: ("forge",) if r.method == "PUT" else None)
+        proxy = self.fault_proxy(lambda r: ("forge",) if r.method == "PUT" else None)
         result = self.run_s3push("--retries", "1", *(CRC32 + MULTIPART),
                                  endpoint=proxy.endpoint)
         self.assertNotEqual(result.status, 0, result.stderr)

@@ -18,8 +18,8 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import s3server  # noqa: E402
-from helpers import (FOREIGN, RUN_TIMEOUT, IntegrationCase, files_under,  # noqa: E402
-                     skip_if_foreign, skip_unless_server_checks, soak, write_file)
+from helpers import (RUN_TIMEOUT, WRITER, IntegrationCase, files_under,  # noqa: E402
+                     skip_unless_server_checks, soak, write_file, written)
 
 MIB = 1024 * 1024
 MULTIPART = ("--multipart-threshold", "5MiB", "--part-size", "5MiB")
@@ -42,12 +42,6 @@ def faketime_library(test):
 
 
 class FaultCase(IntegrationCase):
-    def proxy(self, rule=None):
-        proxy = s3server.FaultProxy(self.server.endpoint, rule)
-        self.addCleanup(proxy.close)
-        self.proxies.append(proxy)
-        return proxy
-
     def corpus(self, count, big=0, seed=0):
         """count small files in nested folders and `big` multipart ones; {relative: bytes}."""
         rng = random.Random(seed)
@@ -76,7 +70,7 @@ class FaultCase(IntegrationCase):
 class Retries(FaultCase):
     def test_transient_answers_are_retried(self):
         write_file(self.source, "f", b"data")
-        proxy = self.proxy(lambda r: ("answer", 503, "SlowDown") if r.attempt < 2 else None)
+        proxy = self.fault_proxy(lambda r: ("answer", 503, "SlowDown") if r.attempt < 2 else None)
         result = self.run_s3push(endpoint=proxy.endpoint)
         self.assertEqual(result.status, 0, result.stderr)
         self.assert_landed({"f": b"data"})
@@ -84,7 +78,7 @@ class Retries(FaultCase):
 
     def test_permission_errors_are_not_retried(self):
         write_file(self.source, "f", b"data")
-        proxy = self.proxy(lambda r: ("answer", 403, "AccessDenied"))
+        proxy = self.fault_proxy(lambda r: ("answer", 403, "AccessDenied"))
         result = self.run_s3push(endpoint=proxy.endpoint)
         self.assertEqual(result.status, 77, result.stderr)
         self.assertEqual(len(proxy.requests), 1)
@@ -93,7 +87,7 @@ class Retries(FaultCase):
     def test_broken_connections_are_retried(self):
         write_file(self.source, "f", b"data")
         faults = [("reset-before",), ("reset-after",), ("truncate",)]
-        proxy = self.proxy(lambda r: faults[r.attempt] if r.attempt < len(faults) else None)
+        proxy = self.fault_proxy(lambda r: faults[r.attempt] if r.attempt < len(faults) else None)
         result = self.run_s3push(endpoint=proxy.endpoint)
         self.assertEqual(result.status, 0, result.stderr)
         self.assert_landed({"f": b"data"})
@@ -103,7 +97,7 @@ class Retries(FaultCase):
 
     def test_a_stalled_server_times_out_and_is_retried(self):
         write_file(self.source, "f", b"data")
-        proxy = self.proxy(lambda r: ("stall", 3) if r.attempt == 0 else None)
+        proxy = self.fault_proxy(lambda r: ("stall", 3) if r.attempt == 0 else None)
         result = self.run_s3push("--timeout", "1", endpoint=proxy.endpoint)
         self.assertEqual(result.status, 0, result.stderr)
         self.assert_landed({"f": b"data"})
@@ -116,13 +110,13 @@ class Retries(FaultCase):
             seen.append(time.monotonic())
             return ("answer", 503, "SlowDown", "", {"Retry-After": "2"}) \
                 if request.attempt == 0 else None
-        result = self.run_s3push(endpoint=self.proxy(rule).endpoint)
+        result = self.run_s3push(endpoint=self.fault_proxy(rule).endpoint)
         self.assertEqual(result.status, 0, result.stderr)
         self.assertGreaterEqual(seen[1] - seen[0], 1.9, "Retry-After: 2 was not waited for")
 
     def test_the_deadline_ends_a_run_that_keeps_failing(self):
         write_file(self.source, "f", b"data")
-        proxy = self.proxy(lambda r: ("answer", 503, "SlowDown", "", {"Retry-After": "30"}))
+        proxy = self.fault_proxy(lambda r: ("answer", 503, "SlowDown", "", {"Retry-After": "30"}))
         started = time.monotonic()
         result = self.run_s3push("--deadline", "2", "--retries", "10", endpoint=proxy.endpoint)
         self.assertEqual(result.status, 75, result.stderr)
@@ -132,7 +126,7 @@ class Retries(FaultCase):
     def test_no_new_file_starts_after_the_deadline(self):
         for i in range(10):
             write_file(self.source, "f%d" % i, b"data")
-        proxy = self.proxy(lambda r: ("stall", 0.5))
+        proxy = self.fault_proxy(lambda r: ("stall", 0.5))
         result = self.run_s3push("--deadline", "1", "--jobs", "1", endpoint=proxy.endpoint)
         self.assertEqual(result.status, 75, result.stderr)
         self.assertIn("--deadline was reached", result.stderr)
@@ -173,7 +167,7 @@ class Corrections(FaultCase):
                 return ("answer", 400, "AuthorizationHeaderMalformed",
                         "<Region>eu-west-1</Region>")
             return None
-        result = self.run_s3push(endpoint=self.proxy(rule).endpoint)
+        result = self.run_s3push(endpoint=self.fault_proxy(rule).endpoint)
         self.assertEqual(result.status, 0, result.stderr)
         self.assert_landed({"f%d" % i: b"x%d" % i for i in range(5)})
         self.assertEqual(result.stderr.count("\n"), 1, result.stderr)
@@ -188,7 +182,7 @@ class Corrections(FaultCase):
                 return ("answer", 301, "PermanentRedirect", "",
                         {"x-amz-bucket-region": "ap-southeast-2"})
             return None
-        result = self.run_s3push(endpoint=self.proxy(rule).endpoint)
+        result = self.run_s3push(endpoint=self.fault_proxy(rule).endpoint)
         self.assertEqual(result.status, 0, result.stderr)
         self.assertIn("set --region ap-southeast-2", result.stderr)
 
@@ -213,7 +207,7 @@ class Corrections(FaultCase):
                 return ("answer", 400, "ExpiredToken")
             return None
         env = self.env(AWS_ACCESS_KEY_ID=None, AWS_SECRET_ACCESS_KEY=None)
-        result = self.run_s3push(env=env, endpoint=self.proxy(rule).endpoint)
+        result = self.run_s3push(env=env, endpoint=self.fault_proxy(rule).endpoint)
         self.assertEqual(result.status, 0, result.stderr)
         self.assertIn("credentials had expired; read them again", result.stderr)
         self.assert_landed({"f": b"data"})
@@ -221,7 +215,7 @@ class Corrections(FaultCase):
     def test_expired_token_not_renewed_stops_the_run(self):
         write_file(self.source, "f", b"data")
         self.credentials_file("OLD-TOKEN")
-        proxy = self.proxy(lambda r: ("answer", 400, "ExpiredToken"))
+        proxy = self.fault_proxy(lambda r: ("answer", 400, "ExpiredToken"))
         env = self.env(AWS_ACCESS_KEY_ID=None, AWS_SECRET_ACCESS_KEY=None)
         result = self.run_s3push(env=env, endpoint=proxy.endpoint)
         self.assertEqual(result.status, 77, result.stderr)
@@ -232,7 +226,7 @@ class Corrections(FaultCase):
 class Corruption(FaultCase):
     def test_flipped_body_bytes_never_land(self):
         files = self.corpus(20, big=1)
-        proxy = self.proxy(lambda r: ("flip",) if r.attempt == 0 and r.body else None)
+        proxy = self.fault_proxy(lambda r: ("flip",) if r.attempt == 0 and r.body else None)
         result = self.run_s3push("--retries", "0", *MULTIPART, endpoint=proxy.endpoint)
         self.assertNotEqual(result.status, 0, result.stderr)
         # rclone checks Content-MD5 (BadDigest); Ceph RGW checks the signed SHA-256 first;
@@ -252,7 +246,7 @@ class Corruption(FaultCase):
                 flipped.add(path)
                 return ("flip",)
             return None
-        proxy = self.proxy(once_per_file)
+        proxy = self.fault_proxy(once_per_file)
         result = self.run_s3push(*MULTIPART, endpoint=proxy.endpoint)
         self.assertEqual(result.status, 0, result.stderr)
         self.assertEqual(files_under(self.source), [])
@@ -261,7 +255,7 @@ class Corruption(FaultCase):
     def flipped_on_every_path(self, *args):
         """Every body damaged on the way (small PUTs and parts): nothing may leave."""
         files = self.corpus(10, big=1)
-        proxy = self.proxy(lambda r: ("flip",) if r.attempt == 0 and r.body else None)
+        proxy = self.fault_proxy(lambda r: ("flip",) if r.attempt == 0 and r.body else None)
         result = self.run_s3push("--retries", "0", *(args + MULTIPART),
                                  endpoint=proxy.endpoint)
         self.assertNotEqual(result.status, 0, result.stderr)
@@ -285,7 +279,7 @@ class Corruption(FaultCase):
 
     def test_an_etag_that_is_not_the_md5_keeps_the_file(self):
         write_file(self.source, "f", b"data")
-        proxy = self.proxy(lambda r: ("etag", '"0123456789abcdef0123456789abcdef"'))
+        proxy = self.fault_proxy(lambda r: ("etag", '"0123456789abcdef0123456789abcdef"'))
         result = self.run_s3push("--retries", "1", endpoint=proxy.endpoint)
         self.assertEqual(result.status, 75, result.stderr)
         self.assertIn("is not the MD5 of what was sent", result.stderr)
@@ -294,8 +288,8 @@ class Corruption(FaultCase):
 
     def test_a_multipart_etag_that_is_not_the_md5_of_md5s_keeps_the_file(self):
         self.corpus(0, big=1)
-        proxy = self.proxy(lambda r: ("etag", '"0123456789abcdef0123456789abcdef"')
-                           if "partNumber=2&" in r.target else None)
+        proxy = self.fault_proxy(lambda r: ("etag", '"0123456789abcdef0123456789abcdef"')
+                                 if "partNumber=2&" in r.target else None)
         result = self.run_s3push("--retries", "1", *MULTIPART, endpoint=proxy.endpoint)
         self.assertEqual(result.status, 75, result.stderr)
         self.assertIn("part 2: the server's ETag", result.stderr)
@@ -319,7 +313,7 @@ class Chaos(FaultCase):
             injected[fault[0] + (str(fault[1]) if len(fault) > 1 else "")] = \
                 injected.get(fault[0] + (str(fault[1]) if len(fault) > 1 else ""), 0) + 1
             return fault
-        proxy = self.proxy(rule)
+        proxy = self.fault_proxy(rule)
         for _ in range(30):
             result = self.run_s3push("--retries", "2", "--timeout", "1", "--jobs", "4",
                                      *MULTIPART, endpoint=proxy.endpoint)
@@ -466,172 +460,6 @@ class Signals(FaultCase):
         self.assertEqual(self.stopped_by(signal.SIGINT), 130)
 
 
-# A writer process: appends `bursts` bursts of `size` bytes (burst i is the byte 'A' + i
-# repeated) to PATH, pausing `pause` seconds between them. "hold" keeps the file open the
-# whole time; "reopen" opens, appends and closes for each burst; "wait" opens the file for
-# appending, says "open" on stdout, and writes one burst when a line comes on stdin.
-WRITER = r"""
-import sys, time
-path, mode = sys.argv[1:3]
-bursts, size, pause = int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
-if mode == "wait":
-    with open(path, "ab") as handle:
-        print("open", flush=True)
-        sys.stdin.readline()
-        handle.write(b"A" * size)
-    sys.exit(0)
-handle = open(path, "ab") if mode == "hold" else None
-for i in range(bursts):
-    if i:
-        time.sleep(pause)
-    if mode == "reopen":
-        handle = open(path, "ab")
-    handle.write(bytes([65 + i]) * size)
-    handle.flush()
-    if mode == "reopen":
-        handle.close()
-handle.close()
-"""
-# The script with file leases off (an internal seam): the /proc fallback answers.
-NO_LEASES = ("import sys; sys.path.insert(0, %r); import s3push; s3push.TAKE_LEASES = False; "
-             "sys.argv[0] = s3push.__file__; sys.exit(s3push.main())" % s3server.REPO)
-
-
-def written(bursts, size):
-    return b"".join(bytes([65 + i]) * size for i in range(bursts))
-
-
-# A writer pauses this long between bursts, --min-age 1: each pause leaves a window of
-# 1.5 s in which the file is old enough but still open, for the runs (one every 0.2 s
-# plus its own time) to meet. At 1.5 s the window was 0.5 s, which a loaded machine's
-# runs could step over twice (seen once: the writer was never caught).
-PAUSE = 2.5
-
-
-@skip_if_foreign("no lease and no /proc: writers are not seen (WritersUnseen stands in)")
-class OpenWriters(FaultCase):
-    """Writers as separate processes: a file still open for writing is never moved; after
-    every run what left the source is on the server, and in the end every byte written."""
-
-    def writer(self, path, mode, bursts, size, pause, user=None):
-        argv = [sys.executable, "-c", WRITER, path, mode, str(bursts), str(size), str(pause)]
-        if user is not None:
-            argv = ["setpriv", "--reuid=%d" % user, "--regid=%d" % user, "--clear-groups",
-                    "/usr/bin/python3" if os.path.exists("/usr/bin/python3")
-                    else sys.executable] + argv[1:]
-        process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        self.addCleanup(process.kill)
-        return process
-
-    def runs_while(self, process, leases, *args):
-        """Run the script (-v) again and again while the process lives, then once more."""
-        said = ""
-        while True:
-            alive = process.poll() is None
-            argv = self.command("-v", *args)
-            if not leases:
-                argv[1:3] = ["-c", NO_LEASES]
-            done = subprocess.run(argv, env=self.env(), stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, timeout=RUN_TIMEOUT)
-            # 0, or 65 when the file changed during its upload (kept): never a loss, which
-            # the end of check_writer proves byte for byte.
-            self.assertIn(done.returncode, (0, 65), done.stderr)
-            said += done.stdout.decode()
-            if not alive:
-                return said
-            time.sleep(0.2)
-
-    def check_writer(self, mode, bursts, size, pause, args, leases=True, user=None):
-        path = os.path.join(self.source, "rec.bin")
-        process = self.writer(path, mode, bursts, size, pause, user)
-        said = self.runs_while(process, leases, *args)
-        self.assertEqual(process.wait(RUN_TIMEOUT), 0)
-        if files_under(self.source):   # the last burst was younger than --min-age
-            time.sleep(1.1)
-            said += self.run_s3push("-v", *args).stdout
-        self.assertEqual(files_under(self.source), [])
-        self.assert_landed({"rec.bin": written(bursts, size)})
-        # A writer caught at the open or the unlink, or (on a busy machine) between the
-        # scan and the open: either way the file was left while it was being written.
-        self.assertRegex(said, "rec.bin: (still open for writing by another process|"
-                               "changed since the scan)")
-
-    def test_a_writer_that_pauses_past_min_age(self):
-        for leases in (True, False):
-            with self.subTest(leases=leases):
-                self.prefix = self.prefix.rstrip("/") + "-%s/" % leases
-                self.check_writer("hold", 3, 1000, PAUSE, ("--min-age", "1"), leases)
-
-    def test_a_slow_copy_of_several_mib(self):
-        self.check_writer("hold", 8, MIB, 0.3, ("--min-age", "0") + MULTIPART)
-
-    def test_a_writer_of_another_user(self):
-        if os.geteuid() != 0:
-            self.skipTest("runs the writer as nobody, which needs root")
-        os.chmod(self.tmp, 0o755)
-        os.chmod(self.source, 0o777)
-        for leases in (True, False):
-            with self.subTest(leases=leases):
-                self.prefix = self.prefix.rstrip("/") + "-%s/" % leases
-                self.check_writer("hold", 3, 1000, PAUSE, ("--min-age", "1"), leases, 65534)
-
-    def test_a_writer_that_opens_the_file_during_the_upload(self):
-        path = write_file(self.source, "rec.bin", b"first\n")
-        gate = s3server.GateProxy(self.recorder.endpoint)
-        self.addCleanup(gate.close)
-        process = subprocess.Popen(self.command("-v", endpoint=gate.endpoint), env=self.env(),
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.addCleanup(process.kill)
-        self.assertTrue(gate.arrived.wait(RUN_TIMEOUT))
-        writer = self.writer(path, "wait", 1, 10, 0)
-        self.assertEqual(writer.stdout.readline(), b"open\n")
-        gate.release.set()
-        out, err = process.communicate(timeout=RUN_TIMEOUT)
-        self.assertEqual(process.returncode, 0, err)
-        self.assertIn(b"uploaded, but still open for writing", out)
-        self.assertIn(b"1 still being written", out)
-        self.assertEqual(files_under(self.source), [b"rec.bin"])
-        writer.communicate(b"go\n", timeout=RUN_TIMEOUT)
-        result = self.run_s3push("--min-age", "0")
-        self.assertEqual(result.status, 0, result.stderr)
-        self.assert_landed({"rec.bin": b"first\n" + b"A" * 10})
-        self.assertEqual(files_under(self.source), [])
-
-
-@unittest.skipUnless(FOREIGN, "runs in the foreign-platform run only (no lease, no /proc)")
-class WritersUnseen(FaultCase):
-    """Where neither a lease nor /proc can tell (macOS, the BSDs), writer detection degrades
-    as the README says: said once under -v, and --min-age is all there is."""
-    NOTE = "cannot tell whether other processes still write files here (no file lease, " \
-           "no /proc): relying on --min-age and in-progress names"
-    writer = OpenWriters.writer
-
-    def test_a_writer_holding_its_file_open_is_not_seen(self):
-        path = write_file(self.source, "rec.bin", b"first\n")
-        writer = self.writer(path, "wait", 1, 10, 0)
-        self.assertEqual(writer.stdout.readline(), b"open\n")
-        result = self.run_s3push("-v", "--min-age", "0")
-        writer.communicate(b"go\n", timeout=RUN_TIMEOUT)
-        self.assertEqual(result.status, 0, result.stderr)
-        self.assertEqual(result.stderr.count(self.NOTE), 1, result.stderr)
-        self.assertEqual(files_under(self.source), [])
-        self.assert_landed({"rec.bin": b"first\n"})
-
-    def test_min_age_still_keeps_a_writer_s_file_until_it_is_quiet(self):
-        path = os.path.join(self.source, "rec.bin")
-        writer = self.writer(path, "hold", 3, 1000, 1.0)
-        while writer.poll() is None:
-            result = self.run_s3push("-v", "--min-age", "3")
-            self.assertEqual(result.status, 0, result.stderr)
-            self.assertEqual(files_under(self.source), [b"rec.bin"])
-            time.sleep(0.3)
-        time.sleep(3.1)
-        result = self.run_s3push("-v", "--min-age", "3")
-        self.assertEqual(result.status, 0, result.stderr)
-        self.assertIn(self.NOTE, result.stderr)
-        self.assert_landed({"rec.bin": written(3, 1000)})
-
-
 class IfExists(FaultCase):
     def test_number_sends_if_none_match(self):
         write_file(self.source, "f", b"data")
@@ -736,7 +564,7 @@ class CompleteProof(FaultCase):
         with this status; a second run without the proxy moves it. Its requests."""
         data = os.urandom(6 * MIB)
         write_file(self.source, "big.bin", data)
-        proxy = self.proxy(lambda r: action if is_complete(r) else None)
+        proxy = self.fault_proxy(lambda r: action if is_complete(r) else None)
         result = self.run_s3push("--retries", "1", *(args + MULTIPART),
                                  endpoint=proxy.endpoint)
         self.assertEqual(result.status, status, result.stderr)
@@ -786,7 +614,7 @@ class CompleteProof(FaultCase):
         data = os.urandom(6 * MIB)
         write_file(self.source, "big.bin", data)
         answers = []
-        proxy = self.proxy(lambda r: ("inspect", answers.append) if is_complete(r) else None)
+        proxy = self.fault_proxy(lambda r: ("inspect", answers.append) if is_complete(r) else None)
         result = self.run_s3push(*MULTIPART, endpoint=proxy.endpoint)
         self.assertEqual(result.status, 0, result.stderr)
         self.assertEqual(len(answers), 1)

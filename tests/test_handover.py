@@ -68,7 +68,7 @@ class RewrittenInPlace(FaultCase):
         old = os.urandom(11 * MIB)
         new = os.urandom(len(old))
         path = write_file(self.source, "db.bin", old)
-        proxy = self.proxy(rule_for(self.rewrite(path, new)))
+        proxy = self.fault_proxy(rule_for(self.rewrite(path, new)))
         result = self.run_s3push("--jobs", "1", *MULTIPART, endpoint=proxy.endpoint)
         got = self.server.object_bytes(self.prefix + "db.bin")
         held = {None: "nothing", old: "the old bytes", new: "the new bytes"}.get(got, "a mix")

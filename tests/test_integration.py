@@ -327,12 +327,6 @@ MIB = 1024 * 1024
 class Multipart(IntegrationCase):
     """Small part sizes keep these fast: 5 MiB, S3's minimum."""
 
-    def proxied(self, rule=None):
-        proxy = s3server.FaultProxy(self.server.endpoint, rule)
-        self.addCleanup(proxy.close)
-        self.proxies.append(proxy)
-        return proxy
-
     def methods(self, proxy):
         """(method, first query name) of each distinct request: a retry repeats its target."""
         return [(m, t.split("?", 1)[1].split("=")[0] if "?" in t else "")
@@ -342,7 +336,7 @@ class Multipart(IntegrationCase):
         data = os.urandom(2 * 5 * MIB + 12345)
         write_file(self.source, "big/file.bin", data)
         write_file(self.source, "small.txt", b"small")
-        proxy = self.proxied()
+        proxy = self.fault_proxy()
         result = self.run_s3push("--multipart-threshold", "5MiB", "--part-size", "5MiB",
                                  endpoint=proxy.endpoint)
         self.assertEqual(result.status, 0, result.stderr)
@@ -359,7 +353,7 @@ class Multipart(IntegrationCase):
         exact = os.urandom(5 * MIB)
         write_file(self.source, "empty", b"")
         write_file(self.source, "exact", exact)
-        proxy = self.proxied()
+        proxy = self.fault_proxy()
         result = self.run_s3push("--multipart-threshold", "5MiB", "--part-size", "5MiB",
                                  endpoint=proxy.endpoint)
         self.assertEqual(result.status, 0, result.stderr)
@@ -372,7 +366,7 @@ class Multipart(IntegrationCase):
 
         def rule(request):
             return ("answer", 503, "SlowDown") if "partNumber=2&" in request.target else None
-        proxy = self.proxied(rule)
+        proxy = self.fault_proxy(rule)
         result = self.run_s3push("--multipart-threshold", "5MiB", "--part-size", "5MiB",
                                  "--retries", "1", endpoint=proxy.endpoint)
         self.assertEqual(result.status, 75, result.stderr)
@@ -393,7 +387,7 @@ class Multipart(IntegrationCase):
             return ("answer", 500, "InternalError") \
                 if "partNumber=1&" in request.target and not request.attempt else None
         result = self.run_s3push("--multipart-threshold", "5MiB", "--part-size", "5MiB",
-                                 endpoint=self.proxied(rule).endpoint)
+                                 endpoint=self.fault_proxy(rule).endpoint)
         self.assertEqual(result.status, 0, result.stderr)
         self.assert_landed({"big.bin": data})
 

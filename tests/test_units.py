@@ -11,7 +11,6 @@ import stat
 import sys
 import tempfile
 import threading
-import time
 import unittest
 import zlib
 
@@ -507,71 +506,6 @@ class Selection(unittest.TestCase):
                 s3push.check_links(os.lstat(path), allowed, switch)
         os.unlink(os.path.join(self.root, "g"))
         s3push.check_links(os.lstat(path), False, switch)   # one link: always fine
-
-
-class OpenWriters(unittest.TestCase):
-    def setUp(self):
-        self.root = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, self.root)
-        self.path = os.path.join(self.root, "f")
-        with open(self.path, "wb") as handle:
-            handle.write(b"x")
-        self.fd = os.open(self.path, os.O_RDONLY)
-        self.addCleanup(os.close, self.fd)
-        self.info = os.fstat(self.fd)
-        self.addCleanup(setattr, s3push, "TAKE_LEASES", s3push.TAKE_LEASES)
-
-    def test_by_lease_and_by_proc(self):
-        for leases in (True, False):
-            s3push.TAKE_LEASES = leases
-            index = s3push.WriterIndex()
-            self.assertIs(s3push.still_written(self.fd, self.info, index, 0), False)
-            for mode in ("ab", "r+b"):
-                with open(self.path, mode):
-                    self.assertIs(s3push.still_written(self.fd, self.info, index,
-                                                          time.monotonic()), True, mode)
-            with open(self.path, "rb"):   # a reader is no writer
-                self.assertIs(s3push.still_written(self.fd, self.info, index,
-                                                      time.monotonic()), False)
-            self.assertEqual(index.built is None, leases)   # /proc only when no lease
-
-    def test_the_proc_view_is_built_again_only_when_too_old(self):
-        s3push.TAKE_LEASES = False
-        index = s3push.WriterIndex()
-        self.assertIs(s3push.still_written(self.fd, self.info, index, 0), False)
-        built = index.built
-        with open(self.path, "ab"):
-            # An older view will do for `since` before it: the writer is not seen yet.
-            self.assertIs(s3push.still_written(self.fd, self.info, index, built), False)
-            self.assertIs(s3push.still_written(self.fd, self.info, index,
-                                                  time.monotonic()), True)
-        self.assertGreater(index.built, built)
-
-    def test_without_the_lease_call_proc_answers(self):
-        """As on macOS and the BSDs: fcntl has no F_SETLEASE at all (TAKE_LEASES still on)."""
-        import fcntl
-        lease = getattr(fcntl, "F_SETLEASE", None)
-        if lease is not None:
-            del fcntl.F_SETLEASE
-            self.addCleanup(setattr, fcntl, "F_SETLEASE", lease)
-        index = s3push.WriterIndex()
-        self.assertIs(s3push.still_written(self.fd, self.info, index, 0), False)
-        self.assertIsNotNone(index.built, "the /proc view answered")
-        index = s3push.WriterIndex(proc=os.path.join(self.root, "no-proc"))
-        self.assertIsNone(s3push.still_written(self.fd, self.info, index, 0))
-
-    def test_neither_lease_nor_proc_says_none(self):
-        s3push.TAKE_LEASES = False
-        index = s3push.WriterIndex(proc=os.path.join(self.root, "no-proc"))
-        self.assertIsNone(s3push.still_written(self.fd, self.info, index, 0))
-
-    def test_fdinfo_flags(self):
-        for flags, writable in (("0100000", False), ("02", True), ("0100001", True),
-                                ("0102002", True), ("02100000", False)):
-            path = os.path.join(self.root, "fdinfo")
-            with open(path, "w") as handle:
-                handle.write("pos:\t0\nflags:\t%s\nmnt_id:\t25\n" % flags)
-            self.assertIs(s3push.fd_writable(path), writable, flags)
 
 
 class NumberedKeys(unittest.TestCase):
