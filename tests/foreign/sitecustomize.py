@@ -1,6 +1,7 @@
 """Loaded by every Python of a foreign-platform run (run_all.py; PYTHONPATH names this
-folder): fcntl loses the Linux-only lease calls, as on macOS and the BSDs, where they do not exist. /proc is hidden by the run itself: an empty tmpfs
-mounted over it in a mount namespace of its own (unshare), as on a host that has none."""
+folder): fcntl loses the Linux-only lease calls, as on macOS and the BSDs, where they do
+not exist. /proc is hidden by the run itself: an empty tmpfs mounted over it in a mount
+namespace of its own (unshare), as on a host that has none."""
 
 import fcntl
 
