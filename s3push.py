@@ -724,7 +724,7 @@ def error_from_response(response, what=""):
     return FileError(text)
 
 
-def file_state(info):
+def content_stamp(info):
     """What changes with a file's contents, whatever a writer does to its mtime: size,
     mtime and ctime (the kernel sets ctime on every change, utimes() included)."""
     return info.st_size, info.st_mtime_ns, info.st_ctime_ns
@@ -732,7 +732,7 @@ def file_state(info):
 
 class FileRange(object):
     """length bytes of an open file from offset: a request body read with pread, never held.
-    `state`: the file_state the body's checksum was computed in; a file no longer in it is
+    `state`: the content_stamp the body's checksum was computed in; a file no longer in it is
     not sent (ChangedError), so a changed file is never retried as a damaged body."""
 
     def __init__(self, fd, offset, length, state=None):
@@ -742,7 +742,7 @@ class FileRange(object):
         self.state = state
 
     def blocks(self):
-        if self.state is not None and file_state(os.fstat(self.fd)) != self.state:
+        if self.state is not None and content_stamp(os.fstat(self.fd)) != self.state:
             raise ChangedError()
         position, end = self.offset, self.offset + self.length
         while position < end:
@@ -1912,7 +1912,7 @@ def put_range(client, key, fd, offset, length, headers, sending, query=(), what=
     value (and SHA-256 if the payload is signed), sent with it, retried until the answer
     confirms it (check.confirm). Returns (what was Sent, the answer)."""
     check = sending.checksum
-    state = file_state(os.fstat(fd))
+    state = content_stamp(os.fstat(fd))
     digest = digest_range(fd, offset, length, sending.sign_payload, check, sending.plain_http)
     body = digest.body if digest.body is not None else FileRange(fd, offset, length, state)
     headers = dict(body_headers(digest, check), **headers)
@@ -1925,7 +1925,7 @@ def put_range(client, key, fd, offset, length, headers, sending, query=(), what=
             raise exc.__class__("%s: %s" % (what, exc)) if what else exc
         check_answer(response, what)
     except S3PushError as exc:   # a body refused because the file changed as it was read
-        if isinstance(exc, ChangedError) or exc.fatal or file_state(os.fstat(fd)) == state:
+        if isinstance(exc, ChangedError) or exc.fatal or content_stamp(os.fstat(fd)) == state:
             raise
         raise ChangedError() from None
     return Sent(response.header("etag"), digest.value), response
@@ -2355,19 +2355,6 @@ def try_lock(fd):
     return True
 
 
-def private_folder(path):
-    """A descriptor of the folder path, made (0700) if missing; OSError unless it is this
-    account's and no other account may write in it."""
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    info = os.fstat(fd)
-    if info.st_uid != os.geteuid() or info.st_mode & 0o022:
-        os.close(fd)
-        raise OSError(errno.EPERM, "owned by uid %d, mode %04o: it must be this account's "
-                      "and writable by it alone" % (info.st_uid, stat.S_IMODE(info.st_mode)))
-    return fd
-
-
 class StateFolder(collections.namedtuple("StateFolder", "path fd problem")):
     """The state folder (see default_state_dir), opened once a run and handed to what
     keeps something there: its path, its descriptor, or None and why it cannot be used."""
@@ -2375,13 +2362,22 @@ class StateFolder(collections.namedtuple("StateFolder", "path fd problem")):
 
 
 def open_state_folder(path):
-    """The StateFolder at path (None: no HOME), made 0700 if missing; never an error."""
+    """The StateFolder at path (None: no HOME), made 0700 if missing; usable only if it is
+    this account's and no other account may write in it. Never an error."""
     if path is None:
         return StateFolder(None, None, "no HOME and no --state-dir")
     try:
-        return StateFolder(path, private_folder(path), None)
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
         return StateFolder(path, None, "%s: %s" % (safe_name(path), exc.strerror or exc))
+    info = os.fstat(fd)
+    if info.st_uid != os.geteuid() or info.st_mode & 0o022:
+        os.close(fd)
+        return StateFolder(path, None, "%s: owned by uid %d, mode %04o: it must be this "
+                           "account's and writable by it alone" % (
+                               safe_name(path), info.st_uid, stat.S_IMODE(info.st_mode)))
+    return StateFolder(path, fd, None)
 
 
 def run_lock(folder_fd, root_fd):
@@ -2727,8 +2723,10 @@ def file_identity(info):
     return [info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns]
 
 
-def same_file(before, after):
-    """True when two stat results are one unchanged file (file_identity)."""
+def same_version(before, after):
+    """True when two stat results are one version of one file: device, inode, size and
+    mtime (file_identity). Not ctime: the scan keeps none and a rename aside changes it;
+    content_stamp tells whether the open file changed since it was read."""
     return file_identity(before) == file_identity(after)
 
 
@@ -2973,7 +2971,7 @@ def gzip_file(fd, info, name, folder_fd, level):
     fstat, the file's CRC32). ChangedError when the file is not in the state it had (info)
     by the end; a FileError when it cannot be read or the spool written (a full state
     folder)."""
-    state = file_state(info)
+    state = content_stamp(info)
     spool = None
     try:
         spool = unnamed_file(folder_fd, ".s3push-gzip-")
@@ -2986,7 +2984,7 @@ def gzip_file(fd, info, name, folder_fd, level):
                 out.write(deflate.compress(block))
                 seam("compress", name)
             out.write(deflate.flush() + struct.pack("<II", crc, size & 0xFFFFFFFF))
-        if file_state(os.fstat(fd)) != state:   # read across a change: not one state
+        if content_stamp(os.fstat(fd)) != state:   # read across a change: not one state
             raise ChangedError()
         gunzip_check(spool, crc, size)
         seam("compressed", name)
@@ -4439,7 +4437,7 @@ class MultipartPlan(collections.namedtuple("MultipartPlan",
 def send_parts(client, job, key, fd, plan, sending, journal, resumption, state):
     """Create the upload (unless it is a Resumption), send the parts it lacks through the
     workers (helping them), then complete it, but only if the file is still in the
-    file_state it was in before its first part (or reused part) was read: parts read
+    content_stamp it was in before its first part (or reused part) was read: parts read
     before and after a rewrite in place would make an object that was never the file."""
     if resumption is None:
         resumption = Resumption(create_multipart_upload(client, key, sending), time.time(),
@@ -4463,7 +4461,7 @@ def send_parts(client, job, key, fd, plan, sending, journal, resumption, state):
         job.queue.end_upload()
     if tracker.error is not None:
         raise tracker.error
-    if file_state(os.fstat(fd)) != state:   # left incomplete: a lifecycle rule removes it
+    if content_stamp(os.fstat(fd)) != state:   # left incomplete: a lifecycle rule removes it
         journal.remove()
         raise ChangedError("changed while it was uploading, between its parts: the "
                            "multipart upload was not completed (the key holds what it "
@@ -4485,7 +4483,7 @@ def multipart_upload(client, job, key, fd, info, sending, journal):
     On failure nothing is aborted (AbortMultipartUpload is a DELETE): the journal lets
     the next run go on, and a bucket lifecycle rule removes an upload nobody completes.
     """
-    state = file_state(info)
+    state = content_stamp(info)
     part_size = part_size_for(info.st_size, job.objects.part_size)
     plan = MultipartPlan(part_size, part_ranges(info.st_size, part_size),
                          headers_fingerprint(multipart_headers(sending)), sending.checksum)
@@ -4588,61 +4586,71 @@ def check_still_read(job, parent_fd, fd, name, uploaded, opened):
     if (after.st_dev, after.st_ino) != (uploaded.st_dev, uploaded.st_ino):
         raise StillWritten("replaced by a new version after its upload; the new one is "
                            "left for a later run")
-    if not same_file(uploaded, after) or file_state(os.fstat(fd)) != file_state(uploaded):
+    # The name holds the version read, and the open file did not change since it was read
+    # (its ctime moves even when a writer sets the mtime back).
+    if not same_version(uploaded, after) or \
+            content_stamp(os.fstat(fd)) != content_stamp(uploaded):
         raise ChangedError()
+    # A writer may have opened it during the upload: what it writes would be lost.
     check_no_writer(job, fd, uploaded, opened, True)
     return True
 
 
-def remove_file(job, parent_fd, fd, found, uploaded, opened, aside):
-    """Unlink the file only if it is still the one read, unchanged, no process writes it,
-    and its directory is still where the scan saw it. The unlink is of what its aside
-    name holds once the name was renamed to it and that was checked again, never of
-    whatever took the name meanwhile; what else came there is given back. Where no
-    aside name can be had (a full directory, a name too long for one), the name itself
-    is unlinked right after its last check, said once for the directory."""
-    name = found.name
-    if not check_still_read(job, parent_fd, fd, name, uploaded, opened):
-        return
-    os.close(open_directory(job.root, found.directory.steps))   # not moved away meanwhile
-    why = None
-    if aside is not None:
-        seam("rename", name)
-        try:
-            os.rename(name, aside, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            why = exc.strerror
-    elif not ASIDE.match(name):   # an earlier run's aside name is unlinked as it is
-        why = "its name is too long for one"
-    if aside is None or why is not None:
-        seam("unlink", name)
-        again = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)   # the last instant
-        if not (stat.S_ISREG(again.st_mode) and same_file(uploaded, again)):
-            raise StillWritten("replaced by a new version just before its removal; the "
-                               "new one is left for a later run")
-        os.unlink(name, dir_fd=parent_fd)
-        if why is not None:
-            job.report.notices.warning(
-                "cannot rename a file aside before its removal in %s (%s): it is removed "
-                "by its name right after its last check, so a new version renamed over "
-                "that name at that very instant would be removed with it" % (
-                    safe_name(os.path.join(job.source, found.directory.relative) or "."),
-                    why), once=("aside", found.directory.steps))
-        return
-    seam("check", name)
+def unlink_by_name(job, parent_fd, found, uploaded, why):
+    """Where no aside name can be had (why: a full directory, a name too long for one),
+    the name is unlinked right after its last check, said once for the directory; an
+    earlier run's aside name (why None) is unlinked as it is."""
+    seam("unlink", found.name)
+    again = os.stat(found.name, dir_fd=parent_fd, follow_symlinks=False)   # the last instant
+    if not (stat.S_ISREG(again.st_mode) and same_version(uploaded, again)):
+        raise StillWritten("replaced by a new version just before its removal; the new one "
+                           "is left for a later run")
+    os.unlink(found.name, dir_fd=parent_fd)
+    if why is not None:
+        job.report.notices.warning(
+            "cannot rename a file aside before its removal in %s (%s): it is removed by its "
+            "name right after its last check, so a new version renamed over that name at "
+            "that very instant would be removed with it" % (
+                safe_name(os.path.join(job.source, found.directory.relative) or "."), why),
+            once=("aside", found.directory.steps))
+
+
+def unlink_aside(job, parent_fd, fd, found, uploaded, opened, aside):
+    """Unlink what the rename brought to the aside name once it is checked to be the
+    version read; anything else is given back under its name, for a later run."""
+    seam("check", found.name)
     came = os.stat(aside, dir_fd=parent_fd, follow_symlinks=False)
     try:
-        if not (stat.S_ISREG(came.st_mode) and same_file(uploaded, came)):
+        if not (stat.S_ISREG(came.st_mode) and same_version(uploaded, came)):
             raise StillWritten("replaced by a new version just before its removal; the "
                                "new one is left for a later run")
+        # A writer that opened it just before the rename: the last chance to see one.
         check_no_writer(job, fd, uploaded, opened, True)
     except StillWritten:
-        give_back(parent_fd, aside, name)
+        give_back(parent_fd, aside, found.name)
         raise
-    seam("unlink", name)
+    seam("unlink", found.name)
     os.unlink(aside, dir_fd=parent_fd)
+
+
+def remove_file(job, parent_fd, fd, found, uploaded, opened, aside):
+    """Unlink the file only if it is still the one read, unchanged, no process writes it,
+    and its directory is still where the scan saw it: renamed to its aside name within
+    its directory, checked there, unlinked (never whatever took the name meanwhile)."""
+    if not check_still_read(job, parent_fd, fd, found.name, uploaded, opened):
+        return
+    os.close(open_directory(job.root, found.directory.steps))   # not moved away meanwhile
+    if aside is None:   # an earlier run's aside name, or a name too long for one
+        why = None if ASIDE.match(found.name) else "its name is too long for one"
+        return unlink_by_name(job, parent_fd, found, uploaded, why)
+    seam("rename", found.name)
+    try:
+        os.rename(found.name, aside, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
+    except FileNotFoundError:
+        return   # removed by another process meanwhile: nothing to do
+    except OSError as exc:
+        return unlink_by_name(job, parent_fd, found, uploaded, exc.strerror)
+    unlink_aside(job, parent_fd, fd, found, uploaded, opened, aside)
 
 
 def aside_left_over(job, parent_fd, found, key):
@@ -4694,11 +4702,12 @@ def move_file(client, job, found, key):
         opened = time.monotonic()
         fd, info = open_regular_file(parent, found.name)
         try:
-            # 2. No writer: what one adds after the upload would go into a removed file.
+            # 2. No writer now: what one adds after the upload would go into a removed
+            # file, so a file still written is not even sent (checked again before removal).
             check_no_writer(job, fd, info, float("-inf"), False)
             info = os.fstat(fd)   # after the check: a writer's last words count as a change
             # 3. The file the scan saw: its key was made from the scan's mtime.
-            if not same_file(found.info, info):
+            if not same_version(found.info, info):
                 raise StillWritten("changed since the scan; left for a later run")
             # 4. Removable at all: else each run would send it again.
             if fixed_in_place(fd, info):

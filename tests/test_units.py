@@ -414,12 +414,12 @@ class Selection(unittest.TestCase):
         with self.assertRaisesRegex(s3push.UsageError, "cannot read --exclude-from .*nope"):
             s3push.read_globs(path + ".nope", "--exclude-from")
 
-    def test_same_file(self):
+    def test_same_version(self):
         path = self.touch("f")
         before = os.lstat(path)
-        self.assertTrue(s3push.same_file(before, os.lstat(path)))
+        self.assertTrue(s3push.same_version(before, os.lstat(path)))
         os.utime(path, (5, 5))
-        self.assertFalse(s3push.same_file(before, os.lstat(path)))
+        self.assertFalse(s3push.same_version(before, os.lstat(path)))
 
     def test_lock_is_exclusive_and_released(self):
         first, second = s3push.open_source(self.root), s3push.open_source(self.root)
