@@ -3339,11 +3339,9 @@ def content_proven(fd, size, record):
         return False
     if not part_size:
         return checksum_of_range(fd, 0, size, check) == value
-    parts = b"".join(bytes.fromhex(checksum_of_range(fd, offset, length, MD5))
-                     for _, offset, length in part_ranges(size, part_size))
-    md5 = new_md5()
-    md5.update(parts)
-    return "%s-%d" % (md5.hexdigest(), len(parts) // 16) == value
+    ranges = part_ranges(size, part_size)   # the parts' MD5s, composed as the upload's were
+    values = [digest_range(fd, offset, length, check).value for _, offset, length in ranges]
+    return check.complete(values, [length for _, _, length in ranges])[1] == value
 
 
 def still_there(root_fd, record):
