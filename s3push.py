@@ -1614,9 +1614,21 @@ def crc32_combine(crc1, crc2, length2):
     return gf2_multiply(x_power(8 * length2), crc1) ^ crc2
 
 
-def crc32_text(crc):
-    """A CRC32 as x-amz-checksum-crc32 carries it: its 4 bytes, big-endian, in base64."""
-    return base64.b64encode(struct.pack(">I", crc)).decode("ascii")
+class Crc32(object):
+    """zlib's CRC32 as hashlib offers a hash: update(), digest() (its 4 bytes, big-endian,
+    as x-amz-checksum-crc32 carries them), hexdigest()."""
+
+    def __init__(self):
+        self.value = 0
+
+    def update(self, data):
+        self.value = zlib.crc32(data, self.value)
+
+    def digest(self):
+        return struct.pack(">I", self.value)
+
+    def hexdigest(self):
+        return self.digest().hex()
 
 
 def new_md5():
@@ -1631,6 +1643,16 @@ def new_md5():
         return hashlib.md5()
     except ValueError:
         return None
+
+
+def digest_of(hashed):
+    """A hash's digest, or None for no hash (an MD5 where FIPS forbids it)."""
+    return hashed.digest() if hashed is not None else None
+
+
+def base64_text(digest):
+    """A digest as a header carries it (Content-MD5, x-amz-checksum-crc32): in base64."""
+    return base64.b64encode(digest).decode("ascii")
 
 
 def plain_etag(etag):
@@ -1673,10 +1695,10 @@ def check_crc32_echo(response, crc32):
         raise ConfigError("the server did not confirm the CRC32 it was sent (no "
                           "x-amz-checksum-crc32 in its answer: it does not verify checksums); "
                           "the file is kept: run with --checksum md5")
-    if echo != crc32_text(crc32):
+    if echo != base64_text(crc32):
         raise TemporaryError("the server's CRC32 %s is not that of what was sent (%s): the "
                              "bytes were damaged on the way; the file is kept"
-                             % (one_line(echo, 40), crc32_text(crc32)))
+                             % (one_line(echo, 40), base64_text(crc32)))
 
 
 MD5_OF_PARTS = "md5_of_parts"   # a multipart object's proof under MD5 (see Proof)
@@ -1690,34 +1712,26 @@ class Proof(collections.namedtuple("Proof", "checksum value etag version_id")):
     __slots__ = ()
 
 
+# A check (Md5Check, Crc32Check) holds only what differs between the two: new(), the hash
+# a body is read through (hashlib's, or Crc32); the headers that carry its value (a
+# digest, raw bytes); how a PUT's answer proves it (confirm); how a multipart upload
+# composes it (start_headers, part_element, complete, proof).
+
+
 class Md5Check(object):
     """--checksum md5: every body goes under its signed Content-MD5, which every S3 server
     checks, and the ETag it answers must be that MD5 (unless SSE-KMS: verify_md5 off, the
     Content-MD5 the server checked then vouches). A multipart object's ETag is the MD5 of
-    its parts' MD5s and their count. Values: 16 raw bytes, or None where FIPS forbids MD5
-    (the payload's signed SHA-256 then vouches, and no ETag can be compared)."""
+    its parts' MD5s and their count. No hash where FIPS forbids MD5: values are None (the
+    payload's signed SHA-256 then vouches, and no ETag can be compared)."""
     name = "md5"
-    content_md5 = True   # its value is the body's Content-MD5
+    forgeable = False   # no bytes chosen to match keep an MD5 (see Sending)
 
     def new(self):
         return new_md5()
 
-    def update(self, state, block):
-        if state is not None:
-            state.update(block)
-        return state
-
-    def value(self, state):
-        return state.digest() if state is not None else None
-
-    def hex(self, value):
-        return value.hex() if value is not None else ""
-
-    def from_hex(self, text):
-        return bytes.fromhex(text)
-
     def headers(self, value):
-        return {}   # the Content-MD5 is every body's (body_headers)
+        return {"content-md5": base64_text(value)} if value is not None else {}
 
     def confirm(self, answer, value, sending):
         check_etag(answer.header("etag"), value.hex() if value is not None and
@@ -1760,27 +1774,15 @@ class Crc32Check(object):
     server must verify and echo (AWS S3, MinIO, LocalStack); no echo, no proof. A
     multipart object carries the whole file's CRC32 (FULL_OBJECT: comparable with the
     file whatever the part size; COMPOSITE would be a CRC of the parts' CRCs, which only
-    this part size reproduces), combined here from the parts'. Values: ints."""
+    this part size reproduces), combined here from the parts'."""
     name = "crc32"
-    content_md5 = False
+    forgeable = True   # four bytes chosen to match keep any CRC32 (see Sending)
 
     def new(self):
-        return 0
-
-    def update(self, state, block):
-        return zlib.crc32(block, state)
-
-    def value(self, state):
-        return state
-
-    def hex(self, value):
-        return "%08x" % value
-
-    def from_hex(self, text):
-        return int(text, 16)
+        return Crc32()
 
     def headers(self, value):   # the SDK header too: Object Lock wants MD5 or it
-        return {"x-amz-checksum-crc32": crc32_text(value),
+        return {"x-amz-checksum-crc32": base64_text(value),
                 "x-amz-sdk-checksum-algorithm": "CRC32"}
 
     def confirm(self, answer, value, sending):
@@ -1790,33 +1792,34 @@ class Crc32Check(object):
         return {"x-amz-checksum-algorithm": "CRC32", "x-amz-checksum-type": "FULL_OBJECT"}
 
     def part_element(self, value):
-        return "<ChecksumCRC32>%s</ChecksumCRC32>" % crc32_text(value)
+        return "<ChecksumCRC32>%s</ChecksumCRC32>" % base64_text(value)
 
     def complete(self, values, lengths):
         whole = 0
-        for crc, length in zip(values, lengths):
-            whole = crc32_combine(whole, crc, length)
-        return {"x-amz-checksum-crc32": crc32_text(whole),
+        for value, length in zip(values, lengths):
+            whole = crc32_combine(whole, int.from_bytes(value, "big"), length)
+        whole = struct.pack(">I", whole)
+        return {"x-amz-checksum-crc32": base64_text(whole),
                 "x-amz-checksum-type": "FULL_OBJECT"}, whole
 
     def proof(self, answer, response, key, expected, etag, sending):
         echo = xml_text(answer, "ChecksumCRC32") or response.header("x-amz-checksum-crc32")
-        if echo != crc32_text(expected):
+        if echo != base64_text(expected):
             raise FileError("the server did not confirm the whole file's CRC32 %s (it said "
                             "%s): kept; a server without FULL_OBJECT checksums needs "
-                            "--checksum md5" % (crc32_text(expected),
+                            "--checksum md5" % (base64_text(expected),
                                                 one_line(echo or "nothing", 40)))
-        return Proof("crc32", self.hex(expected), etag, response.header("x-amz-version-id"))
+        return Proof(self.name, expected.hex(), etag, response.header("x-amz-version-id"))
 
 
 MD5 = Md5Check()
 CHECKSUMS = {check.name: check for check in (MD5, Crc32Check())}   # by --checksum's name
 
 
-class Digest(collections.namedtuple("Digest", "size sha256_hex value md5_raw body")):
+class Digest(collections.namedtuple("Digest", "size sha256_hex value md5 body")):
     """What one read of a file or part found: its size, its SHA-256 (None: the payload
-    goes unsigned), the proving checksum's value, its MD5 for Content-MD5 (the value
-    itself under MD5; beside a CRC32 over plain http; else None) and (small) its bytes."""
+    goes unsigned), the value of the check that proves it (its digest), an MD5 beside it
+    (see Sending; else None) and (small) its bytes."""
     __slots__ = ()
 
     @property
@@ -1826,36 +1829,31 @@ class Digest(collections.namedtuple("Digest", "size sha256_hex value md5_raw bod
         return self.sha256_hex or UNSIGNED_PAYLOAD
 
 
-def digest_range(fd, offset, length, sha256, check=MD5, md5_too=False):
-    """Read a range once with pread, computing the check's value (and its MD5 besides if
-    md5_too, and its SHA-256 if sha256) in the same pass. Bodies up to IN_MEMORY_BYTES
-    are kept, to be sent without a second read."""
+def digest_range(fd, offset, length, check, sha256=False, md5=False):
+    """Read a range once with pread, through the check's hash, and in the same pass its
+    SHA-256 if sha256 and an MD5 if md5. Bodies up to IN_MEMORY_BYTES are kept, to be
+    sent without a second read."""
+    proving = check.new()
     sha = hashlib.sha256() if sha256 else None
-    md5 = new_md5() if md5_too and not check.content_md5 else None
-    state = check.new()
+    md5 = new_md5() if md5 else None
+    hashes = [hashed for hashed in (proving, sha, md5) if hashed is not None]
     keep = length <= IN_MEMORY_BYTES
     chunks = []
     for block in FileRange(fd, offset, length).blocks():
-        if sha is not None:
-            sha.update(block)
-        if md5 is not None:
-            md5.update(block)
-        state = check.update(state, block)
+        for hashed in hashes:
+            hashed.update(block)
         if keep:
             chunks.append(block)
-    value = check.value(state)
-    return Digest(length, sha.hexdigest() if sha is not None else None, value,
-                  value if check.content_md5 else md5.digest() if md5 is not None else None,
-                  b"".join(chunks) if keep else None)
+    return Digest(length, sha.hexdigest() if sha is not None else None, digest_of(proving),
+                  digest_of(md5), b"".join(chunks) if keep else None)
 
 
-def digest_bytes(data):
-    """The Digest of a small body under MD5, its SHA-256 signed."""
-    md5 = new_md5()
-    if md5 is not None:
-        md5.update(data)
-    value = md5.digest() if md5 is not None else None
-    return Digest(len(data), payload_hash(data), value, value, data)
+def digest_bytes(data, check):
+    """The Digest of a small body under the check, its SHA-256 signed."""
+    hashed = check.new()
+    if hashed is not None:
+        hashed.update(data)
+    return Digest(len(data), payload_hash(data), digest_of(hashed), None, data)
 
 
 class Sending(object):
@@ -1866,10 +1864,10 @@ class Sending(object):
     MD5, or plain http) or the body goes UNSIGNED-PAYLOAD under its signed checksum
     (one hash, not two).
 
-    Over plain http (plain_http) anyone on the path may change a body and keep its CRC32
-    (four bytes chosen to match): each body then goes under its signed SHA-256, which AWS
-    checks, and its signed Content-MD5 too, which every server checks (no four bytes
-    keep an MD5)."""
+    Over plain http anyone on the path may change a body and keep its CRC32 (four bytes
+    chosen to match: the check is forgeable): each body then goes under its signed
+    SHA-256, which AWS checks, and its signed Content-MD5 too (md5_beside), which every
+    server checks (no four bytes keep an MD5)."""
 
     def __init__(self, headers, condition, verify_md5, sign_payload, checksum=MD5,
                  plain_http=False):
@@ -1878,15 +1876,15 @@ class Sending(object):
         self.verify_md5 = verify_md5
         self.sign_payload = sign_payload or plain_http
         self.checksum = checksum
-        self.plain_http = plain_http
+        self.md5_beside = plain_http and checksum.forgeable
 
 
-def body_headers(digest, check=MD5, content_type=None):
+def body_headers(digest, check, content_type=None):
     headers = {"content-length": str(digest.size)}
     if content_type:
         headers["content-type"] = content_type
-    if digest.md5_raw is not None:
-        headers["content-md5"] = base64.b64encode(digest.md5_raw).decode("ascii")
+    if digest.md5 is not None:   # beside a forgeable check (see Sending)
+        headers.update(MD5.headers(digest.md5))
     headers.update(check.headers(digest.value))
     return headers
 
@@ -1903,7 +1901,7 @@ def check_answer(response, what):
 
 class Sent(collections.namedtuple("Sent", "etag value")):
     """What the server confirmed of one PUT: its ETag as sent back, and the value of the
-    check (the Sending's) of the bytes read and sent."""
+    check (the Sending's: its digest) of the bytes read and sent."""
     __slots__ = ()
 
 
@@ -1913,7 +1911,7 @@ def put_range(client, key, fd, offset, length, headers, sending, query=(), what=
     confirms it (check.confirm). Returns (what was Sent, the answer)."""
     check = sending.checksum
     state = content_stamp(os.fstat(fd))
-    digest = digest_range(fd, offset, length, sending.sign_payload, check, sending.plain_http)
+    digest = digest_range(fd, offset, length, check, sending.sign_payload, sending.md5_beside)
     body = digest.body if digest.body is not None else FileRange(fd, offset, length, state)
     headers = dict(body_headers(digest, check), **headers)
     try:
@@ -1936,9 +1934,8 @@ def put_object(client, key, fd, size, sending):
     Returns its Proof."""
     sent, response = put_range(client, key, fd, 0, size,
                                dict(sending.headers, **sending.condition), sending)
-    check = sending.checksum
-    return Proof(check.name, check.hex(sent.value), plain_etag(sent.etag),
-                 response.header("x-amz-version-id"))
+    return Proof(sending.checksum.name, sent.value.hex() if sent.value is not None else "",
+                 plain_etag(sent.etag), response.header("x-amz-version-id"))
 
 
 def multipart_headers(sending):
@@ -1998,7 +1995,7 @@ def complete_multipart_upload(client, key, upload_id, parts, sending, lengths):
         "<Part><PartNumber>%d</PartNumber><ETag>%s</ETag>%s</Part>" % (
             n, xml_escape(part.etag), check.part_element(part.value))
         for n, part in enumerate(parts, 1))).encode("utf-8")
-    digest = digest_bytes(body)
+    digest = digest_bytes(body, MD5)
     headers = body_headers(digest, MD5, "application/xml")
     headers.update(sending.condition)
     extra, expected = check.complete([part.value for part in parts], lengths)
@@ -3076,7 +3073,7 @@ def part_line(number, part, check):
 
 def checksum_of_range(fd, offset, length, check):
     """The check's value of a range of the file, in hex."""
-    return check.hex(digest_range(fd, offset, length, False, check).value)
+    return digest_range(fd, offset, length, check).value.hex()
 
 
 class Resumption(collections.namedtuple("Resumption", "upload_id created parts")):
@@ -3143,7 +3140,7 @@ class Journal(object):
 
     def confirmed(self, number, offset, length, sent):
         """Append one part the server confirmed: one write of one line, then fsync."""
-        part = JournalPart(offset, length, self.checksum.hex(sent.value), sent.etag)
+        part = JournalPart(offset, length, sent.value.hex(), sent.etag)
         with self.lock:
             if self.fd is not None:
                 try:
@@ -3332,15 +3329,13 @@ def content_proven(fd, size, record):
         name, value = "crc32", record["file_crc32"]
     part_size = record.get("part_size") if name == MD5_OF_PARTS else None
     check = MD5 if part_size else CHECKSUMS.get(name)
-    if check is None or check is MD5 and new_md5() is None:
+    if check is None or check.new() is None:   # FIPS forbids MD5
         return False
     if not part_size:
         return checksum_of_range(fd, 0, size, check) == value
-    parts = b"".join(bytes.fromhex(checksum_of_range(fd, offset, length, MD5))
-                     for _, offset, length in part_ranges(size, part_size))
-    md5 = new_md5()
-    md5.update(parts)
-    return "%s-%d" % (md5.hexdigest(), len(parts) // 16) == value
+    ranges = part_ranges(size, part_size)   # the parts' MD5s, composed as the upload's were
+    values = [digest_range(fd, offset, length, check).value for _, offset, length in ranges]
+    return check.complete(values, [length for _, _, length in ranges])[1] == value
 
 
 def still_there(root_fd, record):
@@ -4195,7 +4190,7 @@ def journals_for(options, state, destination, report, checksum):
     parts by: where FIPS forbids it, CRC32 uploads still resume)."""
     if not options.resume_days:
         return None
-    if state.fd is None or (checksum.content_md5 and new_md5() is None):
+    if state.fd is None or checksum.new() is None:   # FIPS forbids MD5
         report.notices.note("no resume journals are kept (%s): an upload cut off part-way "
                             "will start over" % (state.problem or "MD5 is not available"))
         return None
@@ -4286,7 +4281,7 @@ class ObjectSettings(object):
         self.checksum = checksum_for(options.checksum, session.endpoint)
         self.plain_http = session.endpoint.scheme == "http"   # see Sending
         self.sign_payload = options.sign_payload or \
-            (self.checksum.content_md5 and new_md5() is None)
+            self.checksum.new() is None   # FIPS forbids MD5
         # Whole-key templates may give two files one key, and so may --compress (a.log
         # and a.log.gz): the keys this run took, so that the second is kept instead.
         self.keys_taken = set() if destination.whole_key or self.compress else None
@@ -4446,7 +4441,7 @@ def send_parts(client, job, key, fd, plan, sending, journal, resumption, state):
     journal.start(key, plan, resumption)
     tracker = PartTracker(len(plan.ranges))
     for number, part in reused.items():
-        tracker.finish(number - 1, Sent(part.etag, plan.checksum.from_hex(part.check_hex)))
+        tracker.finish(number - 1, Sent(part.etag, bytes.fromhex(part.check_hex)))
     job.queue.begin_upload([PartTask(job, tracker, journal, sending, number - 1, key,
                                      upload_id, fd, offset, length)
                             for number, offset, length in plan.ranges if number not in reused])
@@ -4980,7 +4975,7 @@ def upload_manifest(job, item):
     if not lines:
         return True
     body = b"".join(lines)
-    digest = digest_bytes(body)
+    digest = digest_bytes(body, MD5)
     sending = Sending({}, {}, job.objects.verify_md5, True)   # its SHA-256 signed too
     client = job.new_client()
     try:
