@@ -38,7 +38,7 @@ Files and environment read (the AWS tools' precedence):
     bucket owner --expected-bucket-owner, S3PUSH_EXPECTED_BUCKET_OWNER, the
                  profile's s3push_expected_bucket_owner, else none
     writers      /proc/sys/fs/protected_hardlinks; /proc/*/fd and /proc/*/fdinfo
-                 where no file lease can be taken (see Local side)
+                 where no file lease can be taken (see One file on disk)
     state        written and read: --state-dir, $XDG_STATE_HOME/s3push, else
                  ~/.local/state/s3push (this account's alone): the run lock, the
                  journals that let a multipart upload cut off part-way resume, and
@@ -53,17 +53,17 @@ Security:
     TLS certificates are verified. Requests sent: PUT only. Nothing outside
     SOURCE_DIR is read or removed whatever a writer does to the tree meanwhile:
     every file is reached from SOURCE_DIR's descriptor one name at a time, never
-    through a symlink, and checked against what the scan saw (see Local side).
+    through a symlink, and checked against what the scan saw (see The tree).
 
 Sections (grep '^# ==='), lowest layer first; each uses only what stands above it:
-constants and output, errors, SigV4 signer, HTTP and XML transport, Session and
-S3Client, credentials and settings, S3 operations, local side (keys; the walk; oldest
-first; one file: its checks, its writers, its gzip), the state kept between runs
-(resume journals, the ledger of confirmed uploads), the manifest (and its objects not
-yet sent), the job (option checks, key templates, the tally, the queue: what the workers
-share), the per-file move and parallel transfers (move_file: one file from its open to
-its unlink), the run (the scan, the lock, the moves, summary and metrics), command line
-(main last).
+constants and output; errors; the SigV4 signer; HTTP and XML transport; Session and
+S3Client; credentials and settings; the object on the server (checksums, PUT,
+multipart); keys; the tree (the walk, the lock, the state folder); the order (oldest
+first); state kept between runs (resume journals, the ledger of confirmed uploads); the
+manifest; the run's settings and its report; one file on disk (its checks, its writers,
+its gzip); sending one file (the job, the queue, the parts); the move of one file
+(move_file: one file from its open to its unlink, in numbered steps); the run (the scan,
+the moves, summary and metrics); the command line (main last).
 """
 
 import argparse
@@ -1579,7 +1579,9 @@ def warn_if_exposed(credentials, notices):
                         "%04o): chmod 600 it" % (path, stat.S_IMODE(mode)))
 
 
-# === S3 operations ===
+# === The object on the server: checksums, PUT, multipart ===
+# Each body goes under a checksum the server verifies and its answer proves (Md5Check or
+# Crc32Check); an object is one PUT or a multipart upload, never read back.
 
 
 CRC32_POLYNOMIAL = 0xEDB88320   # zlib's, bit-reflected: x^0 is the top bit
@@ -2037,7 +2039,7 @@ def part_ranges(size, part_size):
             for n, offset in enumerate(range(0, size, part_size))]
 
 
-# === Local side: keys ===
+# === Keys: where each file goes ===
 
 
 class Destination(object):
@@ -2167,7 +2169,7 @@ def guess_content_type(name):
     return mimetypes.guess_type(name, strict=False)[0] or "application/octet-stream"
 
 
-# === Local side: the walk ===
+# === The tree: the walk, the lock, the state folder ===
 
 
 def globs(patterns):
@@ -2331,6 +2333,12 @@ class Found(collections.namedtuple("Found", "directory name info")):
     @property
     def relative(self):
         return self.directory.relative + self.name
+
+
+def file_identity(info):
+    """A file as the scan, the move and the journals know it: device, inode, size and
+    mtime (a list: as a journal keeps it in JSON)."""
+    return [info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns]
 
 
 def open_source(source):
@@ -2580,7 +2588,34 @@ def scan(root_fd, selection, errors, asides):
             os.close(fd)
 
 
-# === Local side: oldest first ===
+def remove_directory(root_fd, steps):
+    """rmdir the directory steps lead to; False when it is not empty or not the same."""
+    try:
+        parent = open_directory(root_fd, steps[:-1])
+    except (OSError, TreeChanged):
+        return False
+    name, device, inode = steps[-1]
+    try:
+        info = os.stat(name, dir_fd=parent, follow_symlinks=False)
+        if (info.st_dev, info.st_ino) != (device, inode):
+            return False
+        os.rmdir(name, dir_fd=parent)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(parent)
+
+
+def remove_empty_dirs(root_fd, directories):
+    """rmdir the directories moved files were in, and their parents, never SOURCE_DIR; each
+    through its parent's descriptor, and only while it is the directory the scan saw."""
+    for steps in sorted({d.steps for d in directories}, key=len, reverse=True):
+        while steps and remove_directory(root_fd, steps):
+            steps = steps[:-1]
+
+
+# === The order: oldest first ===
 
 
 ORDER_WINDOW = 10000   # files held at once to send the oldest first; beyond, spilled
@@ -2711,292 +2746,7 @@ def oldest_first(files, window, spill, notices):
             run.close()
 
 
-# === Local side: one file (its checks, its writers, its gzip) ===
-
-
-def file_identity(info):
-    """A file as the scan, the move and the journals know it: device, inode, size and
-    mtime (a list: as a journal keeps it in JSON)."""
-    return [info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns]
-
-
-def same_version(before, after):
-    """True when two stat results are one version of one file: device, inode, size and
-    mtime (file_identity). Not ctime: the scan keeps none and a rename aside changes it;
-    content_stamp tells whether the open file changed since it was read."""
-    return file_identity(before) == file_identity(after)
-
-
-def open_regular_file(parent_fd, name):
-    """Open a file for reading through its directory's descriptor, without following a
-    symlink or blocking on a FIFO."""
-    try:
-        fd = os.open(name, FILE_FLAGS, dir_fd=parent_fd)
-    except FileNotFoundError:
-        raise Vanished("vanished before it was read (moved or deleted by another "
-                       "process); nothing to do")
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise TreeChanged("replaced by a symlink during the run; not followed, "
-                              "left alone")
-        raise FileError("cannot read (%s); left in place" % exc.strerror)
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
-        os.close(fd)
-        raise TreeChanged("no longer a regular file; left alone")
-    return fd, info
-
-
-def check_links(info, allowed, protected_path=PROTECTED_HARDLINKS):
-    """Refuse a file with more than one hard link, unless --allow-hardlinks or the kernel
-    keeps users from linking in files they cannot read (fs.protected_hardlinks = 1):
-    otherwise a writer could link any file of the host into SOURCE_DIR to have it sent."""
-    if info.st_nlink <= 1 or allowed:
-        return
-    try:
-        with open(protected_path) as handle:
-            if handle.read().strip() == "1":
-                return
-        setting = "fs.protected_hardlinks is not on"
-    except OSError:   # not Linux (macOS, the BSDs), or no /proc: as unsafe as off
-        setting = "the kernel does not say that users cannot link in others' files (no %s)" \
-            % protected_path
-    raise FileError("has %d hard links and %s, so it may be another user's file linked in; "
-                    "left in place (--allow-hardlinks moves such files)"
-                    % (info.st_nlink, setting))
-
-
-# chattr +i or +a (Linux), chflags uchg, schg, uappnd or sappnd (macOS, the BSDs): no
-# account, root included, may remove such a file; FS_IMMUTABLE_FL | FS_APPEND_FL.
-LINUX_FIXED_FLAGS = 0x10 | 0x20
-BSD_FIXED_FLAGS = stat.UF_IMMUTABLE | stat.UF_APPEND | stat.SF_IMMUTABLE | stat.SF_APPEND
-
-
-def fixed_in_place(fd, info):
-    """True when the file (open as fd, fstat'ed as info) is immutable or append-only. On
-    Linux the flags come from the FS_IOC_GETFLAGS ioctl (a filesystem without them answers
-    ENOTTY: False); elsewhere from st_flags, where the platform has it."""
-    flags = getattr(info, "st_flags", None)
-    if flags is not None:
-        return bool(flags & BSD_FIXED_FLAGS)
-    if not sys.platform.startswith("linux"):
-        return False
-    request = (2 << 30) | ((8 if sys.maxsize > 2 ** 32 else 4) << 16) | (ord("f") << 8) | 1
-    try:
-        answer = fcntl.ioctl(fd, request, bytes(8))
-    except OSError:
-        return False
-    return bool(int.from_bytes(answer[:4], sys.byteorder) & LINUX_FIXED_FLAGS)
-
-
-# A file that some process still has open for writing is left for a later run: moved now,
-# what the writer adds later would go into a deleted file. The kernel tells exactly, for
-# every process of every user, through a read lease, which cannot be taken while anyone has
-# the file open for writing; it is taken and dropped at once (a lease break would send
-# SIGIO, which run_main ignores). Where no lease can be taken (neither the file's owner nor
-# root: EACCES; NFS or some FUSE: EINVAL), /proc tells for the processes this user may see.
-TAKE_LEASES = True   # the tests turn it off to exercise the /proc fallback
-
-
-def fd_writable(fdinfo_path):
-    """True when the 'flags:' line of a /proc fdinfo file gives O_WRONLY or O_RDWR."""
-    with open(fdinfo_path) as handle:
-        for line in handle:
-            if line.startswith("flags:"):
-                return int(line.split()[1], 8) & os.O_ACCMODE != os.O_RDONLY
-    return False
-
-
-def proc_writers(proc):
-    """{(device, inode)} of every file open for writing in the processes under proc (those
-    this user may see): /proc/PID/fd names the file, /proc/PID/fdinfo its access mode."""
-    found = set()
-    for pid in os.listdir(proc):
-        if not pid.isdigit():
-            continue
-        try:
-            names = os.listdir(os.path.join(proc, pid, "fd"))
-        except OSError:
-            continue   # gone, or another user's
-        for name in names:
-            try:
-                if fd_writable(os.path.join(proc, pid, "fdinfo", name)):
-                    target = os.stat(os.path.join(proc, pid, "fd", name))
-                    found.add((target.st_dev, target.st_ino))
-            except OSError:
-                continue   # closed meanwhile
-    return found
-
-
-class WriterIndex(object):
-    """The files open for writing as /proc shows them: built on first use (an idle tick
-    never pays for it), and again only when a check needs a newer view than the last."""
-
-    def __init__(self, proc="/proc"):
-        self.proc = proc
-        self.lock = threading.Lock()
-        self.built = None   # time.monotonic() when the last view was started
-        self.writing = frozenset()
-
-    def has_writer(self, info, since):
-        """Whether the file of info is open for writing, in a view started after `since`;
-        None when there is no /proc to tell."""
-        with self.lock:
-            if self.built is None or self.built < since:
-                if not os.path.isdir(os.path.join(self.proc, "self", "fdinfo")):
-                    return None
-                started = time.monotonic()
-                self.writing = frozenset(proc_writers(self.proc))
-                self.built = started
-            return (info.st_dev, info.st_ino) in self.writing
-
-
-def still_written(fd, info, index, since):
-    """True when some process has the file (open read-only as fd) open for writing, False
-    when none has, None when neither a lease nor /proc can tell. A /proc view must have
-    been started after `since` (time.monotonic())."""
-    lease = getattr(fcntl, "F_SETLEASE", None) if TAKE_LEASES else None   # Linux only
-    if lease is not None:
-        try:
-            fcntl.fcntl(fd, lease, fcntl.F_RDLCK)
-        except OSError as exc:
-            if exc.errno == errno.EAGAIN:
-                return True
-        else:
-            fcntl.fcntl(fd, lease, fcntl.F_UNLCK)
-            return False
-    return index.has_writer(info, since)
-
-
-def remove_directory(root_fd, steps):
-    """rmdir the directory steps lead to; False when it is not empty or not the same."""
-    try:
-        parent = open_directory(root_fd, steps[:-1])
-    except (OSError, TreeChanged):
-        return False
-    name, device, inode = steps[-1]
-    try:
-        info = os.stat(name, dir_fd=parent, follow_symlinks=False)
-        if (info.st_dev, info.st_ino) != (device, inode):
-            return False
-        os.rmdir(name, dir_fd=parent)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(parent)
-
-
-def remove_empty_dirs(root_fd, directories):
-    """rmdir the directories moved files were in, and their parents, never SOURCE_DIR; each
-    through its parent's descriptor, and only while it is the directory the scan saw."""
-    for steps in sorted({d.steps for d in directories}, key=len, reverse=True):
-        while steps and remove_directory(root_fd, steps):
-            steps = steps[:-1]
-
-
-# Tests run a writer, or kill the run, at each step of a file's move (as TAKE_LEASES).
-MOVE_SEAM = None
-
-
-def seam(step, name):
-    if MOVE_SEAM is not None:
-        MOVE_SEAM(step, name)
-
-
-# --compress gzip: a file goes up as its gzip, spooled to an unnamed file of the private
-# state folder (memory stays flat whatever its size; a retry or a part sent again reads
-# the same bytes). Deterministic (no name, mtime 0, OS unknown), so a resumed upload's
-# parts match what an earlier run sent. What is compressed already goes as it is.
-GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
-COMPRESSED_EXTENSIONS = frozenset(
-    ".gz .tgz .zst .xz .bz2 .lz4 .zip .7z .jpg .jpeg .png .gif .webp .mp3 .mp4 .mkv .mov "
-    ".avi .pdf .parquet".split())
-COMPRESSED_MAGIC = (b"\x1f\x8b", b"\x28\xb5\x2f\xfd", b"\xfd7zXZ\x00", b"BZh",
-                    b"\x04\x22\x4d\x18", b"PK\x03\x04", b"7z\xbc\xaf\x27\x1c", b"\xff\xd8\xff",
-                    b"\x89PNG", b"GIF8", b"%PDF", b"PAR1", b"\x1a\x45\xdf\xa3", b"ID3")
-
-
-def compressed_already(name):
-    """By its name alone (what a dry run can tell): an extension of COMPRESSED_EXTENSIONS."""
-    return os.path.splitext(os.fsdecode(name))[1].lower() in COMPRESSED_EXTENSIONS
-
-
-def compressed_inside(fd):
-    """By its first bytes: a compressed format's magic (RIFF..WEBP, ....ftyp: video)."""
-    head = os.pread(fd, 12, 0)
-    return head.startswith(COMPRESSED_MAGIC) or head[8:12] == b"WEBP" or \
-        head[4:8] == b"ftyp"
-
-
-def goes_gzipped(compress, name, fd=None):
-    """Whether a file goes up as its gzip: under --compress, unless it is compressed
-    already, by its name or (given its descriptor) its first bytes. Decided here only."""
-    return compress is not None and not compressed_already(name) and \
-        (fd is None or not compressed_inside(fd))
-
-
-def gunzip_check(spool, crc, size):
-    """Raise unless the spool decompresses to size bytes of CRC32 crc, the trailer saying
-    the same: what goes up is the gzip of what was read, nothing else. Output is taken a
-    block at a time, whatever the ratio."""
-    head = os.pread(spool, len(GZIP_HEADER), 0)
-    inflate = zlib.decompressobj(-zlib.MAX_WBITS)
-    got_crc, got_size = 0, 0
-    total = os.fstat(spool).st_size
-    rest = None   # what follows the deflate stream: the trailer, 8 bytes (9 kept: more)
-    try:
-        for block in FileRange(spool, len(GZIP_HEADER), total - len(GZIP_HEADER)).blocks():
-            while rest is None and block:
-                out = inflate.decompress(block, BLOCK_BYTES)
-                got_crc, got_size = zlib.crc32(out, got_crc), got_size + len(out)
-                block = inflate.unconsumed_tail
-                if inflate.eof:   # with max_length, the rest is in both; taken once
-                    rest, block = inflate.unused_data, b""
-            if rest is not None:
-                rest = (rest + block)[:9]
-    except zlib.error:
-        rest = None
-    trailer = struct.pack("<II", crc, size & 0xFFFFFFFF)
-    if head != GZIP_HEADER or rest != trailer or (got_crc, got_size) != (crc, size):
-        raise FileError("its gzip, read back from the state folder, is not the file as "
-                        "read (a disk or memory fault?): kept, nothing sent")
-
-
-def gzip_file(fd, info, name, folder_fd, level):
-    """The file's gzip, in a new unnamed file of the state folder: (its descriptor, its
-    fstat, the file's CRC32). ChangedError when the file is not in the state it had (info)
-    by the end; a FileError when it cannot be read or the spool written (a full state
-    folder)."""
-    state = content_stamp(info)
-    spool = None
-    try:
-        spool = unnamed_file(folder_fd, ".s3push-gzip-")
-        deflate = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS)
-        crc, size = 0, 0
-        with open(os.dup(spool), "wb") as out:
-            out.write(GZIP_HEADER)
-            for block in FileRange(fd, 0, info.st_size, state).blocks():
-                crc, size = zlib.crc32(block, crc), size + len(block)
-                out.write(deflate.compress(block))
-                seam("compress", name)
-            out.write(deflate.flush() + struct.pack("<II", crc, size & 0xFFFFFFFF))
-        if content_stamp(os.fstat(fd)) != state:   # read across a change: not one state
-            raise ChangedError()
-        gunzip_check(spool, crc, size)
-        seam("compressed", name)
-        return spool, os.fstat(spool), crc
-    except BaseException as exc:
-        if spool is not None:
-            os.close(spool)
-        if isinstance(exc, OSError):   # reading it, or writing the spool
-            raise FileError("cannot compress it (%s): kept; if the state folder is full or "
-                            "not writable, free space there or fix --state-dir"
-                            % exc.strerror) from None
-        raise
-
-
-# === State kept between runs: resume journals, the ledger, the manifest ===
+# === State kept between runs: resume journals, the ledger ===
 # A multipart upload cut off part-way (a kill, a reboot, a link that drops) resumes on the
 # next run from a journal kept outside SOURCE_DIR, one folder per source and destination:
 # the file it was for (device, inode, size, mtime), its key and upload id, and each part
@@ -3873,10 +3623,9 @@ class PendingObjects(object):
             pass   # left: the next run sends the same lines to the same key again
 
 
-# === The job: what the workers share ===
-# Option checks, object headers and key templates; the tally of the run and what it
-# prints; the queue; and the Job that holds them with the settings, for the per-file
-# move below.
+# === The run's settings and its report ===
+# Option checks, object headers and key templates; the Tally of the run and the Report
+# that says it; ObjectSettings, how every file's object goes up.
 
 
 MAX_METADATA_BYTES = 2048   # S3: user metadata, keys and values, as UTF-8
@@ -4198,6 +3947,318 @@ def journals_for(options, state, destination, report, checksum):
                     options.resume_days * 86400, report.notices.note)
 
 
+class ObjectSettings(object):
+    """How every file's object goes up this run, settled once from the options: where its
+    key goes (destination, template, --if-exists), what its requests carry (headers,
+    condition, checksum, signed payload or not), when it goes in parts, whether gzipped;
+    and the keys this run took."""
+
+    def __init__(self, options, session, destination):
+        self.destination = destination
+        self.template = Template(destination.prefix, object_headers(options, time.time()),
+                                 options.tag, destination.whole_key)
+        self.content_type = options.content_type
+        self.if_exists = options.if_exists
+        self.multipart_threshold = options.multipart_threshold
+        self.part_size = options.part_size
+        self.compress = options.compress   # the gzip level, or None
+        self.verify_md5 = not (options.sse or "").startswith("aws:kms")
+        self.checksum = checksum_for(options.checksum, session.endpoint)
+        self.plain_http = session.endpoint.scheme == "http"   # see Sending
+        self.sign_payload = options.sign_payload or \
+            self.checksum.new() is None   # FIPS forbids MD5
+        # Whole-key templates may give two files one key, and so may --compress (a.log
+        # and a.log.gz): the keys this run took, so that the second is kept instead.
+        self.keys_taken = set() if destination.whole_key or self.compress else None
+        self.keys_lock = threading.Lock()
+
+    def take_key(self, key):
+        """False when another file of this run has taken key (whole-key templates; under
+        --compress, keys ending .gz: a path alone never repeats)."""
+        if self.keys_taken is None or not (self.destination.whole_key or
+                                           key.endswith(".gz")):
+            return True
+        with self.keys_lock:
+            if key in self.keys_taken:
+                return False
+            self.keys_taken.add(key)
+            return True
+
+    def sending(self, relative, info, gzipped):
+        """The Sending of one file's object: the run's headers, its own type and mtime."""
+        headers = self.template.headers_for(info.st_mtime)
+        headers["content-type"] = self.content_type or (
+            "application/gzip" if gzipped else guess_content_type(relative))
+        headers["x-amz-meta-mtime"] = "%d.%09d" % divmod(info.st_mtime_ns, 10 ** 9)
+        if gzipped:   # the object's own size is the gzip's
+            headers["x-amz-meta-s3push-size"] = str(info.st_size)
+        condition = {"if-none-match": "*"} if self.if_exists != "overwrite" else {}
+        return Sending(headers, condition, self.verify_md5, self.sign_payload,
+                       self.checksum, self.plain_http)
+
+
+# === One file on disk: its checks, its writers, its gzip ===
+# What move_file (below) asks of the open file: that it is a regular file reached
+# through its directory, not hard-linked elsewhere, removable at all, written by no
+# process; and, under --compress, its gzip.
+
+
+def same_version(before, after):
+    """True when two stat results are one version of one file: device, inode, size and
+    mtime (file_identity). Not ctime: the scan keeps none and a rename aside changes it;
+    content_stamp tells whether the open file changed since it was read."""
+    return file_identity(before) == file_identity(after)
+
+
+def open_regular_file(parent_fd, name):
+    """Open a file for reading through its directory's descriptor, without following a
+    symlink or blocking on a FIFO."""
+    try:
+        fd = os.open(name, FILE_FLAGS, dir_fd=parent_fd)
+    except FileNotFoundError:
+        raise Vanished("vanished before it was read (moved or deleted by another "
+                       "process); nothing to do")
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise TreeChanged("replaced by a symlink during the run; not followed, "
+                              "left alone")
+        raise FileError("cannot read (%s); left in place" % exc.strerror)
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise TreeChanged("no longer a regular file; left alone")
+    return fd, info
+
+
+def check_links(info, allowed, protected_path=PROTECTED_HARDLINKS):
+    """Refuse a file with more than one hard link, unless --allow-hardlinks or the kernel
+    keeps users from linking in files they cannot read (fs.protected_hardlinks = 1):
+    otherwise a writer could link any file of the host into SOURCE_DIR to have it sent."""
+    if info.st_nlink <= 1 or allowed:
+        return
+    try:
+        with open(protected_path) as handle:
+            if handle.read().strip() == "1":
+                return
+        setting = "fs.protected_hardlinks is not on"
+    except OSError:   # not Linux (macOS, the BSDs), or no /proc: as unsafe as off
+        setting = "the kernel does not say that users cannot link in others' files (no %s)" \
+            % protected_path
+    raise FileError("has %d hard links and %s, so it may be another user's file linked in; "
+                    "left in place (--allow-hardlinks moves such files)"
+                    % (info.st_nlink, setting))
+
+
+# chattr +i or +a (Linux), chflags uchg, schg, uappnd or sappnd (macOS, the BSDs): no
+# account, root included, may remove such a file; FS_IMMUTABLE_FL | FS_APPEND_FL.
+LINUX_FIXED_FLAGS = 0x10 | 0x20
+BSD_FIXED_FLAGS = stat.UF_IMMUTABLE | stat.UF_APPEND | stat.SF_IMMUTABLE | stat.SF_APPEND
+
+
+def fixed_in_place(fd, info):
+    """True when the file (open as fd, fstat'ed as info) is immutable or append-only. On
+    Linux the flags come from the FS_IOC_GETFLAGS ioctl (a filesystem without them answers
+    ENOTTY: False); elsewhere from st_flags, where the platform has it."""
+    flags = getattr(info, "st_flags", None)
+    if flags is not None:
+        return bool(flags & BSD_FIXED_FLAGS)
+    if not sys.platform.startswith("linux"):
+        return False
+    request = (2 << 30) | ((8 if sys.maxsize > 2 ** 32 else 4) << 16) | (ord("f") << 8) | 1
+    try:
+        answer = fcntl.ioctl(fd, request, bytes(8))
+    except OSError:
+        return False
+    return bool(int.from_bytes(answer[:4], sys.byteorder) & LINUX_FIXED_FLAGS)
+
+
+# A file that some process still has open for writing is left for a later run: moved now,
+# what the writer adds later would go into a deleted file. The kernel tells exactly, for
+# every process of every user, through a read lease, which cannot be taken while anyone has
+# the file open for writing; it is taken and dropped at once (a lease break would send
+# SIGIO, which run_main ignores). Where no lease can be taken (neither the file's owner nor
+# root: EACCES; NFS or some FUSE: EINVAL), /proc tells for the processes this user may see.
+TAKE_LEASES = True   # the tests turn it off to exercise the /proc fallback
+
+
+def fd_writable(fdinfo_path):
+    """True when the 'flags:' line of a /proc fdinfo file gives O_WRONLY or O_RDWR."""
+    with open(fdinfo_path) as handle:
+        for line in handle:
+            if line.startswith("flags:"):
+                return int(line.split()[1], 8) & os.O_ACCMODE != os.O_RDONLY
+    return False
+
+
+def proc_writers(proc):
+    """{(device, inode)} of every file open for writing in the processes under proc (those
+    this user may see): /proc/PID/fd names the file, /proc/PID/fdinfo its access mode."""
+    found = set()
+    for pid in os.listdir(proc):
+        if not pid.isdigit():
+            continue
+        try:
+            names = os.listdir(os.path.join(proc, pid, "fd"))
+        except OSError:
+            continue   # gone, or another user's
+        for name in names:
+            try:
+                if fd_writable(os.path.join(proc, pid, "fdinfo", name)):
+                    target = os.stat(os.path.join(proc, pid, "fd", name))
+                    found.add((target.st_dev, target.st_ino))
+            except OSError:
+                continue   # closed meanwhile
+    return found
+
+
+class WriterIndex(object):
+    """The files open for writing as /proc shows them: built on first use (an idle tick
+    never pays for it), and again only when a check needs a newer view than the last."""
+
+    def __init__(self, proc="/proc"):
+        self.proc = proc
+        self.lock = threading.Lock()
+        self.built = None   # time.monotonic() when the last view was started
+        self.writing = frozenset()
+
+    def has_writer(self, info, since):
+        """Whether the file of info is open for writing, in a view started after `since`;
+        None when there is no /proc to tell."""
+        with self.lock:
+            if self.built is None or self.built < since:
+                if not os.path.isdir(os.path.join(self.proc, "self", "fdinfo")):
+                    return None
+                started = time.monotonic()
+                self.writing = frozenset(proc_writers(self.proc))
+                self.built = started
+            return (info.st_dev, info.st_ino) in self.writing
+
+
+def still_written(fd, info, index, since):
+    """True when some process has the file (open read-only as fd) open for writing, False
+    when none has, None when neither a lease nor /proc can tell. A /proc view must have
+    been started after `since` (time.monotonic())."""
+    lease = getattr(fcntl, "F_SETLEASE", None) if TAKE_LEASES else None   # Linux only
+    if lease is not None:
+        try:
+            fcntl.fcntl(fd, lease, fcntl.F_RDLCK)
+        except OSError as exc:
+            if exc.errno == errno.EAGAIN:
+                return True
+        else:
+            fcntl.fcntl(fd, lease, fcntl.F_UNLCK)
+            return False
+    return index.has_writer(info, since)
+
+
+# Tests run a writer, or kill the run, at each step of a file's move (as TAKE_LEASES).
+MOVE_SEAM = None
+
+
+def seam(step, name):
+    if MOVE_SEAM is not None:
+        MOVE_SEAM(step, name)
+
+
+# --compress gzip: a file goes up as its gzip, spooled to an unnamed file of the private
+# state folder (memory stays flat whatever its size; a retry or a part sent again reads
+# the same bytes). Deterministic (no name, mtime 0, OS unknown), so a resumed upload's
+# parts match what an earlier run sent. What is compressed already goes as it is.
+GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
+COMPRESSED_EXTENSIONS = frozenset(
+    ".gz .tgz .zst .xz .bz2 .lz4 .zip .7z .jpg .jpeg .png .gif .webp .mp3 .mp4 .mkv .mov "
+    ".avi .pdf .parquet".split())
+COMPRESSED_MAGIC = (b"\x1f\x8b", b"\x28\xb5\x2f\xfd", b"\xfd7zXZ\x00", b"BZh",
+                    b"\x04\x22\x4d\x18", b"PK\x03\x04", b"7z\xbc\xaf\x27\x1c", b"\xff\xd8\xff",
+                    b"\x89PNG", b"GIF8", b"%PDF", b"PAR1", b"\x1a\x45\xdf\xa3", b"ID3")
+
+
+def compressed_already(name):
+    """By its name alone (what a dry run can tell): an extension of COMPRESSED_EXTENSIONS."""
+    return os.path.splitext(os.fsdecode(name))[1].lower() in COMPRESSED_EXTENSIONS
+
+
+def compressed_inside(fd):
+    """By its first bytes: a compressed format's magic (RIFF..WEBP, ....ftyp: video)."""
+    head = os.pread(fd, 12, 0)
+    return head.startswith(COMPRESSED_MAGIC) or head[8:12] == b"WEBP" or \
+        head[4:8] == b"ftyp"
+
+
+def goes_gzipped(compress, name, fd=None):
+    """Whether a file goes up as its gzip: under --compress, unless it is compressed
+    already, by its name or (given its descriptor) its first bytes. Decided here only."""
+    return compress is not None and not compressed_already(name) and \
+        (fd is None or not compressed_inside(fd))
+
+
+def gunzip_check(spool, crc, size):
+    """Raise unless the spool decompresses to size bytes of CRC32 crc, the trailer saying
+    the same: what goes up is the gzip of what was read, nothing else. Output is taken a
+    block at a time, whatever the ratio."""
+    head = os.pread(spool, len(GZIP_HEADER), 0)
+    inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+    got_crc, got_size = 0, 0
+    total = os.fstat(spool).st_size
+    rest = None   # what follows the deflate stream: the trailer, 8 bytes (9 kept: more)
+    try:
+        for block in FileRange(spool, len(GZIP_HEADER), total - len(GZIP_HEADER)).blocks():
+            while rest is None and block:
+                out = inflate.decompress(block, BLOCK_BYTES)
+                got_crc, got_size = zlib.crc32(out, got_crc), got_size + len(out)
+                block = inflate.unconsumed_tail
+                if inflate.eof:   # with max_length, the rest is in both; taken once
+                    rest, block = inflate.unused_data, b""
+            if rest is not None:
+                rest = (rest + block)[:9]
+    except zlib.error:
+        rest = None
+    trailer = struct.pack("<II", crc, size & 0xFFFFFFFF)
+    if head != GZIP_HEADER or rest != trailer or (got_crc, got_size) != (crc, size):
+        raise FileError("its gzip, read back from the state folder, is not the file as "
+                        "read (a disk or memory fault?): kept, nothing sent")
+
+
+def gzip_file(fd, info, name, folder_fd, level):
+    """The file's gzip, in a new unnamed file of the state folder: (its descriptor, its
+    fstat, the file's CRC32). ChangedError when the file is not in the state it had (info)
+    by the end; a FileError when it cannot be read or the spool written (a full state
+    folder)."""
+    state = content_stamp(info)
+    spool = None
+    try:
+        spool = unnamed_file(folder_fd, ".s3push-gzip-")
+        deflate = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS)
+        crc, size = 0, 0
+        with open(os.dup(spool), "wb") as out:
+            out.write(GZIP_HEADER)
+            for block in FileRange(fd, 0, info.st_size, state).blocks():
+                crc, size = zlib.crc32(block, crc), size + len(block)
+                out.write(deflate.compress(block))
+                seam("compress", name)
+            out.write(deflate.flush() + struct.pack("<II", crc, size & 0xFFFFFFFF))
+        if content_stamp(os.fstat(fd)) != state:   # read across a change: not one state
+            raise ChangedError()
+        gunzip_check(spool, crc, size)
+        seam("compressed", name)
+        return spool, os.fstat(spool), crc
+    except BaseException as exc:
+        if spool is not None:
+            os.close(spool)
+        if isinstance(exc, OSError):   # reading it, or writing the spool
+            raise FileError("cannot compress it (%s): kept; if the state folder is full or "
+                            "not writable, free space there or fix --state-dir"
+                            % exc.strerror) from None
+        raise
+
+
+# === Sending one file: the job, the queue, the parts ===
+# Workers (threads, one connection each) take tasks from one queue: parts of a started
+# multipart upload first, then files. The scan feeds files in oldest first (see
+# oldest_first), and the queue holds only a few per worker, so memory does not grow with
+# the directory. The Job is what every worker and every move is handed.
+
+
 class WorkQueue(object):
     def __init__(self, max_files):
         self.cond = threading.Condition()
@@ -4262,56 +4323,6 @@ class WorkQueue(object):
             return self.parts.popleft() if self.parts else None
 
 
-class ObjectSettings(object):
-    """How every file's object goes up this run, settled once from the options: where its
-    key goes (destination, template, --if-exists), what its requests carry (headers,
-    condition, checksum, signed payload or not), when it goes in parts, whether gzipped;
-    and the keys this run took."""
-
-    def __init__(self, options, session, destination):
-        self.destination = destination
-        self.template = Template(destination.prefix, object_headers(options, time.time()),
-                                 options.tag, destination.whole_key)
-        self.content_type = options.content_type
-        self.if_exists = options.if_exists
-        self.multipart_threshold = options.multipart_threshold
-        self.part_size = options.part_size
-        self.compress = options.compress   # the gzip level, or None
-        self.verify_md5 = not (options.sse or "").startswith("aws:kms")
-        self.checksum = checksum_for(options.checksum, session.endpoint)
-        self.plain_http = session.endpoint.scheme == "http"   # see Sending
-        self.sign_payload = options.sign_payload or \
-            self.checksum.new() is None   # FIPS forbids MD5
-        # Whole-key templates may give two files one key, and so may --compress (a.log
-        # and a.log.gz): the keys this run took, so that the second is kept instead.
-        self.keys_taken = set() if destination.whole_key or self.compress else None
-        self.keys_lock = threading.Lock()
-
-    def take_key(self, key):
-        """False when another file of this run has taken key (whole-key templates; under
-        --compress, keys ending .gz: a path alone never repeats)."""
-        if self.keys_taken is None or not (self.destination.whole_key or
-                                           key.endswith(".gz")):
-            return True
-        with self.keys_lock:
-            if key in self.keys_taken:
-                return False
-            self.keys_taken.add(key)
-            return True
-
-    def sending(self, relative, info, gzipped):
-        """The Sending of one file's object: the run's headers, its own type and mtime."""
-        headers = self.template.headers_for(info.st_mtime)
-        headers["content-type"] = self.content_type or (
-            "application/gzip" if gzipped else guess_content_type(relative))
-        headers["x-amz-meta-mtime"] = "%d.%09d" % divmod(info.st_mtime_ns, 10 ** 9)
-        if gzipped:   # the object's own size is the gzip's
-            headers["x-amz-meta-s3push-size"] = str(info.st_size)
-        condition = {"if-none-match": "*"} if self.if_exists != "overwrite" else {}
-        return Sending(headers, condition, self.verify_md5, self.sign_payload,
-                       self.checksum, self.plain_http)
-
-
 class Job(object):
     """What the workers share: where the files are, how their objects go up, the records
     kept of them (ledger, manifest, journals), the queue, the clients and the report."""
@@ -4351,13 +4362,6 @@ class Job(object):
         if self.journals is None:
             return NoJournal()
         return self.journals.for_file(found, info)
-
-
-# === The per-file move and parallel transfers ===
-# Workers (threads, one connection each) take tasks from one queue: parts of a started
-# multipart upload first, then files. The scan feeds files in oldest first (see
-# oldest_first), and the queue holds only a few per worker, so memory does not grow with
-# the directory.
 
 
 class PartTracker(object):
@@ -4553,6 +4557,12 @@ def upload_file(client, job, fd, info, found, key):
         raise FileError("cannot read (%s); left in place" % exc.strerror)
     raise FileError("%s and the next %d numbered keys are all taken: left in place"
                     % (safe_name(first), MAX_NUMBERED_KEYS))
+
+
+# === The move of one file ===
+# move_file is the one path from a file's open to its unlink, in numbered steps; what
+# stands here exists for it alone: the checks before the removal, the removal by an
+# aside name, the ledger's record, and the task a worker runs.
 
 
 def check_no_writer(job, fd, info, since, uploaded):
