@@ -4566,7 +4566,9 @@ def upload_file(client, job, fd, info, found, key):
 
 
 def check_no_writer(job, fd, info, since, uploaded):
-    """StillWritten when a process has the file open for writing."""
+    """StillWritten when a process has the file open for writing. Where only /proc can
+    tell, its view must have been started after since (time.monotonic(); -inf: any view,
+    before the upload, since the removal takes a fresh one). uploaded: for the message."""
     writing = still_written(fd, info, job.writers, since)
     if writing is None:
         job.report.notices.note("cannot tell whether other processes still write files here "
@@ -4577,10 +4579,10 @@ def check_no_writer(job, fd, info, since, uploaded):
                            "later run" % ("uploaded, but " if uploaded else ""))
 
 
-def check_still_read(job, parent_fd, fd, name, uploaded, opened):
+def check_still_read(parent_fd, fd, name, uploaded):
     """Raise unless name (in the directory open as parent_fd) is still the very file
-    read (uploaded: its fstat then), unchanged, written by no process; False when it is
-    gone (removed by another process: nothing to do)."""
+    read (uploaded: its fstat then), unchanged; False when it is gone (removed by
+    another process: nothing to do)."""
     try:
         after = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
     except FileNotFoundError:
@@ -4596,15 +4598,15 @@ def check_still_read(job, parent_fd, fd, name, uploaded, opened):
     if not same_version(uploaded, after) or \
             content_stamp(os.fstat(fd)) != content_stamp(uploaded):
         raise ChangedError()
-    # A writer may have opened it during the upload: what it writes would be lost.
-    check_no_writer(job, fd, uploaded, opened, True)
     return True
 
 
-def unlink_by_name(job, parent_fd, found, uploaded, why):
+def unlink_by_name(job, parent_fd, fd, found, uploaded, why):
     """Where no aside name can be had (why: a full directory, a name too long for one),
-    the name is unlinked right after its last check, said once for the directory; an
+    the name is unlinked right after its last checks, said once for the directory; an
     earlier run's aside name (why None) is unlinked as it is."""
+    # A writer may have opened it during the upload (a /proc view taken from now on).
+    check_no_writer(job, fd, uploaded, time.monotonic(), True)
     seam("unlink", found.name)
     again = os.stat(found.name, dir_fd=parent_fd, follow_symlinks=False)   # the last instant
     if not (stat.S_ISREG(again.st_mode) and same_version(uploaded, again)):
@@ -4620,7 +4622,7 @@ def unlink_by_name(job, parent_fd, found, uploaded, why):
             once=("aside", found.directory.steps))
 
 
-def unlink_aside(job, parent_fd, fd, found, uploaded, opened, aside):
+def unlink_aside(job, parent_fd, fd, found, uploaded, aside):
     """Unlink what the rename brought to the aside name once it is checked to be the
     version read; anything else is given back under its name, for a later run."""
     seam("check", found.name)
@@ -4629,8 +4631,9 @@ def unlink_aside(job, parent_fd, fd, found, uploaded, opened, aside):
         if not (stat.S_ISREG(came.st_mode) and same_version(uploaded, came)):
             raise StillWritten("replaced by a new version just before its removal; the "
                                "new one is left for a later run")
-        # A writer that opened it just before the rename: the last chance to see one.
-        check_no_writer(job, fd, uploaded, opened, True)
+        # A writer that opened it during the upload or until the rename, the last instant
+        # a name reached it: a /proc view taken from now on.
+        check_no_writer(job, fd, uploaded, time.monotonic(), True)
     except StillWritten:
         give_back(parent_fd, aside, found.name)
         raise
@@ -4638,24 +4641,24 @@ def unlink_aside(job, parent_fd, fd, found, uploaded, opened, aside):
     os.unlink(aside, dir_fd=parent_fd)
 
 
-def remove_file(job, parent_fd, fd, found, uploaded, opened, aside):
+def remove_file(job, parent_fd, fd, found, uploaded, aside):
     """Unlink the file only if it is still the one read, unchanged, no process writes it,
     and its directory is still where the scan saw it: renamed to its aside name within
     its directory, checked there, unlinked (never whatever took the name meanwhile)."""
-    if not check_still_read(job, parent_fd, fd, found.name, uploaded, opened):
+    if not check_still_read(parent_fd, fd, found.name, uploaded):
         return
     os.close(open_directory(job.root, found.directory.steps))   # not moved away meanwhile
     if aside is None:   # an earlier run's aside name, or a name too long for one
         why = None if ASIDE.match(found.name) else "its name is too long for one"
-        return unlink_by_name(job, parent_fd, found, uploaded, why)
+        return unlink_by_name(job, parent_fd, fd, found, uploaded, why)
     seam("rename", found.name)
     try:
         os.rename(found.name, aside, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
     except FileNotFoundError:
         return   # removed by another process meanwhile: nothing to do
     except OSError as exc:
-        return unlink_by_name(job, parent_fd, found, uploaded, exc.strerror)
-    unlink_aside(job, parent_fd, fd, found, uploaded, opened, aside)
+        return unlink_by_name(job, parent_fd, fd, found, uploaded, exc.strerror)
+    unlink_aside(job, parent_fd, fd, found, uploaded, aside)
 
 
 def aside_left_over(job, parent_fd, found, key):
@@ -4704,7 +4707,6 @@ def move_file(client, job, found, key):
     record = None
     try:
         # 1. Open it through its directory: never through a symlink, never a FIFO.
-        opened = time.monotonic()
         fd, info = open_regular_file(parent, found.name)
         try:
             # 2. No writer now: what one adds after the upload would go into a removed
@@ -4735,7 +4737,7 @@ def move_file(client, job, found, key):
                 job.ledger.exported(record)
             seam("recorded", found.name)
             # 8. Removed: still the file read, unchanged, unwritten; set aside, checked.
-            remove_file(job, parent, fd, found, info, opened, record["aside"])
+            remove_file(job, parent, fd, found, info, record["aside"])
             seam("removed", found.name)
             job.ledger.resolved(record)
         finally:

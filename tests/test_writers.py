@@ -107,26 +107,33 @@ class OpenWriters(FaultCase):
                 self.check_writer("hold", 3, 1000, PAUSE, ("--min-age", "1"), leases, 65534)
 
     def test_a_writer_that_opens_the_file_during_the_upload(self):
-        path = write_file(self.source, "rec.bin", b"first\n")
-        gate = s3server.GateProxy(self.recorder.endpoint)
-        self.addCleanup(gate.close)
-        process = subprocess.Popen(self.command("-v", endpoint=gate.endpoint), env=self.env(),
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.addCleanup(process.kill)
-        self.assertTrue(gate.arrived.wait(RUN_TIMEOUT))
-        writer = self.writer(path, "wait", 1, 10, 0)
-        self.assertEqual(writer.stdout.readline(), b"open\n")
-        gate.release.set()
-        out, err = process.communicate(timeout=RUN_TIMEOUT)
-        self.assertEqual(process.returncode, 0, err)
-        self.assertIn(b"uploaded, but still open for writing", out)
-        self.assertIn(b"1 still being written", out)
-        self.assertEqual(files_under(self.source), [b"rec.bin"])
-        writer.communicate(b"go\n", timeout=RUN_TIMEOUT)
-        result = self.run_s3push("--min-age", "0")
-        self.assertEqual(result.status, 0, result.stderr)
-        self.assert_landed({"rec.bin": b"first\n" + b"A" * 10})
-        self.assertEqual(files_under(self.source), [])
+        # By the lease, and by /proc where no lease can be taken: the view that clears the
+        # file for removal is taken after its upload, never one from before.
+        for leases in (True, False):
+            with self.subTest(leases=leases):
+                path = write_file(self.source, "rec.bin", b"first\n")
+                gate = s3server.GateProxy(self.recorder.endpoint)
+                self.addCleanup(gate.close)
+                argv = self.command("-v", endpoint=gate.endpoint)
+                if not leases:
+                    argv[1:3] = ["-c", NO_LEASES]
+                process = subprocess.Popen(argv, env=self.env(), stdout=subprocess.PIPE,
+                                           stderr=subprocess.PIPE)
+                self.addCleanup(process.kill)
+                self.assertTrue(gate.arrived.wait(RUN_TIMEOUT))
+                writer = self.writer(path, "wait", 1, 10, 0)
+                self.assertEqual(writer.stdout.readline(), b"open\n")
+                gate.release.set()
+                out, err = process.communicate(timeout=RUN_TIMEOUT)
+                self.assertEqual(process.returncode, 0, err)
+                self.assertIn(b"uploaded, but still open for writing", out)
+                self.assertIn(b"1 still being written", out)
+                self.assertEqual(files_under(self.source), [b"rec.bin"])
+                writer.communicate(b"go\n", timeout=RUN_TIMEOUT)
+                result = self.run_s3push("--min-age", "0")
+                self.assertEqual(result.status, 0, result.stderr)
+                self.assert_landed({"rec.bin": b"first\n" + b"A" * 10})
+                self.assertEqual(files_under(self.source), [])
 
 
 @unittest.skipUnless(FOREIGN, "runs in the foreign-platform run only (no lease, no /proc)")
