@@ -62,7 +62,7 @@ multipart); keys; the tree (the walk, the lock, the state folder); the order (ol
 first); state kept between runs (resume journals, the ledger of confirmed uploads); the
 manifest; the run's settings and its report; one file on disk (its checks, its writers,
 its gzip); sending one file (the job, the queue, the parts); the move of one file
-(move_file: one file from its open to its unlink, in numbered steps); the run (the scan,
+(move_file: one file from its open to its unlink, in numbered steps); the run (the lock,
 the moves, summary and metrics); the command line (main last).
 """
 
@@ -2341,6 +2341,13 @@ def file_identity(info):
     return [info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns]
 
 
+def same_version(before, after):
+    """True when two stat results are one version of one file: device, inode, size and
+    mtime (file_identity). Not ctime: the scan keeps none and a rename aside changes it;
+    content_stamp tells whether the open file changed since it was read."""
+    return file_identity(before) == file_identity(after)
+
+
 def open_source(source):
     """A descriptor of SOURCE_DIR, resolved once (it may itself be a symlink): the whole run
     reaches its files through it, whatever becomes of the path."""
@@ -2360,9 +2367,22 @@ def try_lock(fd):
     return True
 
 
+def default_state_dir(environ):
+    """$XDG_STATE_HOME/s3push, else ~/.local/state/s3push; None without a home."""
+    base = environ.get("XDG_STATE_HOME", "")
+    if not os.path.isabs(base):   # the XDG spec: a relative path is to be ignored
+        home = environ.get("HOME", "")
+        if not os.path.isabs(home):
+            return None
+        base = os.path.join(home, ".local", "state")
+    return os.path.join(base, "s3push")
+
+
 class StateFolder(collections.namedtuple("StateFolder", "path fd problem")):
-    """The state folder (see default_state_dir), opened once a run and handed to what
-    keeps something there: its path, its descriptor, or None and why it cannot be used."""
+    """The state folder (see default_state_dir), opened and checked once a run: its path,
+    its descriptor (None: unusable, and problem says why). The run lock, the spill and
+    the gzip spool use the descriptor; the ledger, the journals and the pending manifest
+    objects, in a folder of their own below it (pair_folder), only when it is usable."""
     __slots__ = ()
 
 
@@ -2623,10 +2643,6 @@ MAX_RUNS = 64          # sorted runs merged at once (each open, with an 8 KiB bu
 SPILL_BATCH = 256      # records read or written at once: 64 runs hold 16,384 in memory
 
 
-def order_key(found):
-    return found.info.st_mtime_ns, found.directory.relative, found.name
-
-
 def unnamed_file(folder_fd, prefix):
     """A new file of the state folder, open for reading and writing, its name unlinked
     at once: only this process reaches it, and a killed run leaves nothing behind."""
@@ -2640,12 +2656,13 @@ def unnamed_file(folder_fd, prefix):
 class Spill(object):
     """Sorted runs of files written to unnamed files of the state folder (created, then
     unlinked at once: a killed run leaves nothing), read back in order. A record is a
-    marshal'ed tuple that sorts as order_key does: (mtime, directory's relative path, name,
-    directory's number, device, inode, size); the Directory objects stay in memory, one
-    per directory, as the scan made them. folder_fd None: no state folder, no run."""
+    marshal'ed tuple in the order files go: (mtime, directory's relative path, name,
+    directory's number, device, inode, size), ties broken by the path; the Directory
+    objects stay in memory, one per directory, as the scan made them. Without a usable
+    state folder (a StateFolder without a descriptor), no run can be written."""
 
-    def __init__(self, folder_fd):
-        self.folder_fd = folder_fd
+    def __init__(self, state):
+        self.folder_fd, self.problem = state.fd, state.problem
         self.directories = []   # by number
         self.numbers = {}       # id(Directory): number
 
@@ -2669,7 +2686,7 @@ class Spill(object):
         the sorting), each after its length: read back whole, a batch is decoded from
         memory (marshal.load from a file reads it piece by piece, 7 times slower)."""
         if self.folder_fd is None:
-            raise OSError(errno.ENOENT, "no state folder")
+            raise OSError(errno.ENOENT, self.problem)
         run = os.fdopen(unnamed_file(self.folder_fd, ".s3push-spill-"), "w+b")
         try:
             records = iter(records)
@@ -2689,13 +2706,20 @@ class Spill(object):
 
     @staticmethod
     def read(run):
-        """The records of a run, in order, from its start."""
-        run.seek(0)
-        while True:
-            size = int.from_bytes(run.read(8), "little")
-            if not size:
-                return
-            yield from marshal.loads(run.read(size))
+        """The records of a run, in order, from its start; a run that cannot be read back
+        stops the run (every file stays for the next one)."""
+        try:
+            run.seek(0)
+            while True:
+                size = int.from_bytes(run.read(8), "little")
+                if not size:
+                    return
+                batch = marshal.loads(run.read(size))
+                yield from batch
+        except (OSError, EOFError, ValueError) as exc:
+            raise TemporaryError("cannot read back the order spilled to the state folder "
+                                 "(%s): files not moved yet are left for the next run"
+                                 % (getattr(exc, "strerror", None) or exc))
 
     def merged(self, runs, held):
         """The records of the runs and of held (sorted), merged in order."""
@@ -2703,7 +2727,8 @@ class Spill(object):
 
 
 def oldest_first(files, window, spill, notices):
-    """The files in order_key order, for O(n log n) time and O(window) memory: runs of
+    """The files oldest first (by mtime, ties by path), for O(n log n) time and O(window)
+    memory: runs of
     `window` files are sorted and spilled; at most MAX_RUNS runs are kept (more are merged
     into one), and at the end the runs and the files still held are merged. A tree of
     fewer than `window` files is sorted in memory, with no spill. Where no run can be
@@ -2758,17 +2783,6 @@ def oldest_first(files, window, spill, notices):
 JOURNAL_VERSION = 1
 MAX_JOURNAL_BYTES = 16 * MIB   # 10,000 parts take about 2 MiB
 DEFAULT_RESUME_DAYS = 7
-
-
-def default_state_dir(environ):
-    """$XDG_STATE_HOME/s3push, else ~/.local/state/s3push; None without a home."""
-    base = environ.get("XDG_STATE_HOME", "")
-    if not os.path.isabs(base):   # the XDG spec: a relative path is to be ignored
-        home = environ.get("HOME", "")
-        if not os.path.isabs(home):
-            return None
-        base = os.path.join(home, ".local", "state")
-    return os.path.join(base, "s3push")
 
 
 def open_journal(path):
@@ -3749,8 +3763,9 @@ def internal_error(exc, credentials):
 
 
 class Tally(object):
-    """What one run did, in numbers: moved, failed, left for later, found; the exit status
-    and the summaries that follow from them. Changed only through the Report."""
+    """What one run did, in numbers: moved, failed, left for later, queued; the exit status
+    and the summaries that follow from them. While workers run, changed only through
+    the Report, under its lock."""
 
     def __init__(self):
         self.started = time.monotonic()
@@ -3765,8 +3780,8 @@ class Tally(object):
         self.writing_count = 0   # files left for later: still being written
         self.unremovable_count = 0   # files left alone: this account could not remove them
         self.fatal = None      # the error that stopped the run early
-        self.found_files = 0   # files and bytes the scan has queued so far
-        self.found_bytes = 0
+        self.queued_files = 0   # files and bytes the scan has queued so far
+        self.queued_bytes = 0
         self.scan_done = False
         self.errors = []       # the first lines said on stderr, for --summary-json
         self.errors_total = 0
@@ -3784,11 +3799,11 @@ class Tally(object):
         """files and bytes done of those found, rate and (once the scan is done) ETA."""
         seconds = max(time.monotonic() - self.started, 1e-6)
         rate = self.bytes / seconds
-        left = max(self.found_bytes - self.bytes, 0)
+        left = max(self.queued_bytes - self.bytes, 0)
         eta = " ETA %ds" % (left / rate) if self.scan_done and rate > 0 else ""
         more = "" if self.scan_done else "+"
         return "s3push: %d/%d%s files, %.1f/%.1f%s MB, %.1f MB/s%s" % (
-            self.moved_count, self.found_files, more, self.bytes / 1e6, self.found_bytes / 1e6,
+            self.moved_count, self.queued_files, more, self.bytes / 1e6, self.queued_bytes / 1e6,
             more, rate / 1e6, eta)
 
     def summary_data(self, options, status):
@@ -3889,8 +3904,8 @@ class Report(object):
     def queued(self, size):
         """The scan queued one more file of this size for the workers."""
         with self.lock:
-            self.tally.found_files += 1
-            self.tally.found_bytes += size
+            self.tally.queued_files += 1
+            self.tally.queued_bytes += size
 
     def left_open(self, path, exc, verbose):
         """Left for a later run, like a file younger than --min-age: said under -v only."""
@@ -4003,13 +4018,6 @@ class ObjectSettings(object):
 # process; and, under --compress, its gzip.
 
 
-def same_version(before, after):
-    """True when two stat results are one version of one file: device, inode, size and
-    mtime (file_identity). Not ctime: the scan keeps none and a rename aside changes it;
-    content_stamp tells whether the open file changed since it was read."""
-    return file_identity(before) == file_identity(after)
-
-
 def open_regular_file(parent_fd, name):
     """Open a file for reading through its directory's descriptor, without following a
     symlink or blocking on a FIFO."""
@@ -4076,7 +4084,7 @@ def fixed_in_place(fd, info):
 # what the writer adds later would go into a deleted file. The kernel tells exactly, for
 # every process of every user, through a read lease, which cannot be taken while anyone has
 # the file open for writing; it is taken and dropped at once (a lease break would send
-# SIGIO, which run_main ignores). Where no lease can be taken (neither the file's owner nor
+# SIGIO, which guarded_run ignores). Where no lease can be taken (neither the file's owner nor
 # root: EACCES; NFS or some FUSE: EINVAL), /proc tells for the processes this user may see.
 TAKE_LEASES = True   # the tests turn it off to exercise the /proc fallback
 
@@ -4347,8 +4355,8 @@ class Job(object):
         # None, or where resume journals are kept
         self.journals = journals_for(options, state, destination, report,
                                      self.objects.checksum)
-        self.spool_folder = state.fd   # the private state folder's descriptor, or None
-        self.workers = options.jobs   # each with its own connection
+        self.spool_folder = state.fd   # the state folder's descriptor (None: unusable)
+        self.worker_count = options.jobs   # each with its own connection
         self.queue = WorkQueue(max_files=4 * options.jobs)
         self.deadline = Deadline(report.tally.started + options.deadline if options.deadline
                                  else None)
@@ -4523,7 +4531,6 @@ def upload_file(client, job, fd, info, found, key):
     its Proof, what the ledger keeps of the body: its compression, the gzip's size, the
     file's CRC32 under it, the part size of an MD5 of parts)."""
     try:
-        check_links(info, job.allow_hardlinks)
         if info.st_size > MAX_OBJECT_BYTES:
             raise FileError("larger than 5 TiB, S3's limit for one object; left in place")
         gzipped = goes_gzipped(job.objects.compress, found.name, fd)
@@ -4601,6 +4608,15 @@ def check_still_read(parent_fd, fd, name, uploaded):
     return True
 
 
+def check_name_holds(parent_fd, name, uploaded):
+    """StillWritten unless name holds the version uploaded: else a new version came to it
+    just before the removal, and it is what a later run moves."""
+    came = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+    if not (stat.S_ISREG(came.st_mode) and same_version(uploaded, came)):
+        raise StillWritten("replaced by a new version just before its removal; the new one "
+                           "is left for a later run")
+
+
 def unlink_by_name(job, parent_fd, fd, found, uploaded, why):
     """Where no aside name can be had (why: a full directory, a name too long for one),
     the name is unlinked right after its last checks, said once for the directory; an
@@ -4608,10 +4624,7 @@ def unlink_by_name(job, parent_fd, fd, found, uploaded, why):
     # A writer may have opened it during the upload (a /proc view taken from now on).
     check_no_writer(job, fd, uploaded, time.monotonic(), True)
     seam("unlink", found.name)
-    again = os.stat(found.name, dir_fd=parent_fd, follow_symlinks=False)   # the last instant
-    if not (stat.S_ISREG(again.st_mode) and same_version(uploaded, again)):
-        raise StillWritten("replaced by a new version just before its removal; the new one "
-                           "is left for a later run")
+    check_name_holds(parent_fd, found.name, uploaded)   # the last instant
     os.unlink(found.name, dir_fd=parent_fd)
     if why is not None:
         job.report.notices.warning(
@@ -4626,11 +4639,8 @@ def unlink_aside(job, parent_fd, fd, found, uploaded, aside):
     """Unlink what the rename brought to the aside name once it is checked to be the
     version read; anything else is given back under its name, for a later run."""
     seam("check", found.name)
-    came = os.stat(aside, dir_fd=parent_fd, follow_symlinks=False)
     try:
-        if not (stat.S_ISREG(came.st_mode) and same_version(uploaded, came)):
-            raise StillWritten("replaced by a new version just before its removal; the "
-                               "new one is left for a later run")
+        check_name_holds(parent_fd, aside, uploaded)
         # A writer that opened it during the upload or until the rename, the last instant
         # a name reached it: a /proc view taken from now on.
         check_no_writer(job, fd, uploaded, time.monotonic(), True)
@@ -4716,7 +4726,9 @@ def move_file(client, job, found, key):
             # 3. The file the scan saw: its key was made from the scan's mtime.
             if not same_version(found.info, info):
                 raise StillWritten("changed since the scan; left for a later run")
-            # 4. Removable at all: else each run would send it again.
+            # 4. Ours to send and to remove: no other account's file linked in, and not
+            # immutable (that one each run would send again).
+            check_links(info, job.allow_hardlinks)
             if fixed_in_place(fd, info):
                 raise UnremovableError("is immutable or append-only (chattr +i, +a): no "
                                        "account may remove it, so it is not uploaded; "
@@ -4811,7 +4823,7 @@ def show_progress(report, done):
 def move_all(job, files):
     """Feed the scan's files to the workers and wait for them; SIGTERM stops the feed."""
     workers = [threading.Thread(target=worker, args=(job,), daemon=True)
-               for _ in range(job.workers)]
+               for _ in range(job.worker_count)]
     for thread in workers:
         thread.start()
     done = threading.Event()
@@ -4871,43 +4883,6 @@ def first_and_rest(iterator):
     if first is None:
         return None, None
     return first, itertools.chain([first], iterator)
-
-
-def check_platform():
-    """ConfigError where this Python cannot reach files through a directory's descriptor
-    (the *at() calls of POSIX.1-2008; every Linux, macOS 10.10+, the BSDs): the walk needs
-    them to stay inside SOURCE_DIR whatever a writer does."""
-    missing = [call.__name__ for call in (os.open, os.stat, os.mkdir, os.rename, os.unlink,
-                                          os.rmdir, os.link) if call not in os.supports_dir_fd]
-    if os.listdir not in os.supports_fd:
-        missing.append("listdir")
-    if missing:
-        raise ConfigError("this Python cannot use os.%s through a directory's descriptor, "
-                          "which s3push needs to stay inside SOURCE_DIR: run it with a "
-                          "Python built for this system (3.6+)" % ", os.".join(missing))
-
-
-def check_source(source):
-    if not os.path.isdir(source):
-        what = "does not exist" if not os.path.exists(source) else "is not a directory"
-        raise NoInputError("SOURCE_DIR %s %s: check the path" % (safe_name(source), what))
-    if not os.access(source, os.R_OK | os.X_OK):
-        raise NoInputError("SOURCE_DIR %s is not readable by this user: fix its permissions"
-                           % safe_name(source))
-
-
-def check_state_dir(state_dir, source, setting="--state-dir"):
-    """A UsageError for a state folder (named by setting) inside SOURCE_DIR where the scan
-    would reach it (no folder on the way is hidden, ".*" being always excluded): its
-    ledger and journals would be moved like any file."""
-    if state_dir:
-        inside = os.path.relpath(os.path.realpath(state_dir), os.path.realpath(source))
-        if inside == os.curdir or inside != os.pardir and \
-                not inside.startswith(os.pardir + os.sep) and \
-                not any(part.startswith(".") for part in inside.split(os.sep)):
-            raise UsageError("the state folder %s (%s) is inside SOURCE_DIR: its ledger and "
-                             "journals would be moved like any file; choose a folder outside "
-                             "it" % (safe_name(state_dir), setting))
 
 
 def manifest_key(template, run, started):
@@ -5102,21 +5077,26 @@ def push_locked(options, environ, report, destination, root, state):
     selection = Selection(excludes, includes, young_after, options.min_size,
                           options.max_size)
     asides = AsideNames(recover=not options.dry_run)
-    files = oldest_first(scan(root, selection, errors, asides), ORDER_WINDOW,
-                         Spill(state.fd), report.notices)
-    first, files = first_and_rest(files)
-    if first is not None or objects_waiting(options, state, destination, report.notices):
-        load_deferred_modules()
-        settings = load_settings(options, environ)
-        if options.splay and not options.dry_run:   # a fleet's cron ticks spread out
-            time.sleep(random.uniform(0, options.splay))
-        warn_if_exposed(settings.credentials, report.notices)
-        report.credentials = settings.credentials
-        move_or_plan(options, environ, settings, destination, report, files or (), root,
-                     asides, state)
-    # The scan is whole by now, unless the order gave way (see oldest_first).
-    report.tally.young_count = selection.young
-    report.tally.sized_out_count = selection.sized_out
+    ordered = oldest_first(scan(root, selection, errors, asides), ORDER_WINDOW,
+                           Spill(state), report.notices)
+    try:
+        first, files = first_and_rest(ordered)
+        if first is not None or objects_waiting(options, state, destination,
+                                                report.notices):
+            load_deferred_modules()
+            settings = load_settings(options, environ)
+            if options.splay and not options.dry_run:   # a fleet's cron ticks spread out
+                time.sleep(random.uniform(0, options.splay))
+            warn_if_exposed(settings.credentials, report.notices)
+            report.credentials = settings.credentials
+            move_or_plan(options, environ, settings, destination, report, files or (),
+                         root, asides, state)
+    finally:
+        ordered.close()   # the scan's descriptors and the spilled runs, now
+        # Whole once the first file came, unless the order gave way (see oldest_first)
+        # and the run stopped before the scan's end.
+        report.tally.young_count = selection.young
+        report.tally.sized_out_count = selection.sized_out
     for relative, exc in errors:   # a FileError, or TreeChanged
         path = os.path.join(options.source, relative)
         if isinstance(exc, Vanished):
@@ -5126,6 +5106,43 @@ def push_locked(options, environ, report, destination, root, state):
     if options.verbose:
         emit(sys.stdout, report.tally.summary())
     return report.tally.exit_status()
+
+
+def check_platform():
+    """ConfigError where this Python cannot reach files through a directory's descriptor
+    (the *at() calls of POSIX.1-2008; every Linux, macOS 10.10+, the BSDs): the walk needs
+    them to stay inside SOURCE_DIR whatever a writer does."""
+    missing = [call.__name__ for call in (os.open, os.stat, os.mkdir, os.rename, os.unlink,
+                                          os.rmdir, os.link) if call not in os.supports_dir_fd]
+    if os.listdir not in os.supports_fd:
+        missing.append("listdir")
+    if missing:
+        raise ConfigError("this Python cannot use os.%s through a directory's descriptor, "
+                          "which s3push needs to stay inside SOURCE_DIR: run it with a "
+                          "Python built for this system (3.6+)" % ", os.".join(missing))
+
+
+def check_source(source):
+    if not os.path.isdir(source):
+        what = "does not exist" if not os.path.exists(source) else "is not a directory"
+        raise NoInputError("SOURCE_DIR %s %s: check the path" % (safe_name(source), what))
+    if not os.access(source, os.R_OK | os.X_OK):
+        raise NoInputError("SOURCE_DIR %s is not readable by this user: fix its permissions"
+                           % safe_name(source))
+
+
+def check_state_dir(state_dir, source, setting="--state-dir"):
+    """A UsageError for a state folder (named by setting) inside SOURCE_DIR where the scan
+    would reach it (no folder on the way is hidden, ".*" being always excluded): its
+    ledger and journals would be moved like any file."""
+    if state_dir:
+        inside = os.path.relpath(os.path.realpath(state_dir), os.path.realpath(source))
+        if inside == os.curdir or inside != os.pardir and \
+                not inside.startswith(os.pardir + os.sep) and \
+                not any(part.startswith(".") for part in inside.split(os.sep)):
+            raise UsageError("the state folder %s (%s) is inside SOURCE_DIR: its ledger and "
+                             "journals would be moved like any file; choose a folder outside "
+                             "it" % (safe_name(state_dir), setting))
 
 
 def push(options, environ, report):
@@ -5138,14 +5155,15 @@ def push(options, environ, report):
     check_upload_options(options, time.time())
     check_platform()
     check_source(options.source)
-    check_state_dir(options.state_dir or default_state_dir(environ), options.source,
+    state_dir = options.state_dir or default_state_dir(environ)
+    check_state_dir(state_dir, options.source,
                     "--state-dir" if options.state_dir else "XDG_STATE_HOME or HOME")
     try:
         root = open_source(options.source)
     except OSError as exc:
         raise NoInputError("cannot open SOURCE_DIR %s (%s): check the path"
                            % (safe_name(options.source), exc.strerror))
-    state = open_state_folder(options.state_dir or default_state_dir(environ))
+    state = open_state_folder(state_dir)
     try:
         return push_locked(options, environ, report, destination, root, state)
     finally:

@@ -275,6 +275,8 @@ class Selection(unittest.TestCase):
             else:   # the order gave way: said once; every file still comes, once
                 self.assertEqual(stderr.getvalue().count("cannot spill the order"), 1)
                 self.assertIn("oldest first within each %d" % window, stderr.getvalue())
+                self.assertIn("no HOME and no --state-dir" if spill is None else
+                              "No space left on device", stderr.getvalue())
             if spill is None and windows:   # each window in its own order
                 for start in range(0, windows * window, window):
                     self.assertEqual(relatives[start:start + window],
@@ -288,16 +290,33 @@ class Selection(unittest.TestCase):
                 self.assertEqual(found.directory.steps[-1][1:],
                                  (folder.st_dev, folder.st_ino))
 
+    def test_a_spilled_run_that_cannot_be_read_back_stops_the_run(self):
+        for i in range(5):
+            self.touch("f%d" % i, i)
+        spill = self.spill("spill")
+        write = spill.write
+
+        def unreadable(records):   # its reads fail as a failing disk's would (EIO)
+            run = write(records)
+            run.read = lambda size: (_ for _ in ()).throw(OSError(5, "Input/output error"))
+            return run
+        spill.write = unreadable
+        with self.assertRaises(s3push.TemporaryError) as caught:
+            list(s3push.oldest_first(self.scan(self.root, (), []), 2, spill,
+                                     s3push.Notices()))
+        self.assertIn("cannot read back the order spilled to the state folder "
+                      "(Input/output error)", str(caught.exception))
+
     def spill(self, kind):
         """A Spill in a folder of its own; None: no state folder; "full": one whose second
         run fails (ENOSPC)."""
         if kind is None:
-            return s3push.Spill(None)
+            return s3push.Spill(s3push.StateFolder(None, None, "no HOME and no --state-dir"))
         folder = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, folder)
         fd = os.open(folder, os.O_RDONLY)
         self.addCleanup(os.close, fd)
-        spill = s3push.Spill(fd)
+        spill = s3push.Spill(s3push.StateFolder(folder, fd, None))
         if kind == "full":
             write, runs = spill.write, []
 
