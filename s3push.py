@@ -5618,7 +5618,21 @@ def guarded_run(options, report):
         return EXIT_SOFTWARE
 
 
+def open_standard_streams():
+    """Descriptors 0, 1 and 2 that cron or a wrapper closed (2>&-) are opened on /dev/null
+    first: else the first file the run opens would take that number, and a line meant for
+    stderr would go into it. Python left such a stream None; it writes to /dev/null."""
+    for number, name in enumerate(("stdin", "stdout", "stderr")):
+        try:
+            os.fstat(number)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)   # the lowest free number: this one
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(number, "r" if number == 0 else "w", closefd=False))
+
+
 def main(argv=None):
+    open_standard_streams()
     options = build_parser().parse_args(argv)
     report = Report(Notices(options.verbose))
     status = guarded_run(options, report)

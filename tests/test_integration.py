@@ -88,6 +88,29 @@ class MovesFiles(IntegrationCase):
             argv = handle.read().split(b"\0")[:-1]
         self.assertEqual(argv, [os.fsencode(a) for a in command])
 
+    def test_closed_standard_streams(self):
+        # cron or a wrapper may start it with stdin, stdout and stderr closed (<&- >&- 2>&-):
+        # the run still moves its files, and its exit status still tells; a failure's line
+        # goes nowhere, never into a file the run opened under a freed number.
+        summary = os.path.join(self.tmp, "summary.json")
+        closed = ["sh", "-c", 'exec "$@" <&- >&- 2>&-', "sh"]
+        for by_path in (False, True):   # from bytecode, and by its path
+            write_file(self.source, "a/f", b"data")
+            command = self.command("-v", "--summary-json", summary)
+            if by_path:
+                command[1:3] = [s3server.S3PUSH]
+            done = subprocess.run(closed + command, env=self.env(), timeout=RUN_TIMEOUT)
+            self.assertEqual(done.returncode, 0, by_path)
+            self.assert_landed({"a/f": b"data"})
+            self.assertEqual(files_under(self.source), [])
+            with open(summary) as handle:
+                self.assertEqual(json.load(handle)["files_moved"], 1)
+        write_file(self.source, "b", b"beta")
+        done = subprocess.run(closed + self.command(endpoint="http://127.0.0.1:9"),
+                              env=self.env(), timeout=RUN_TIMEOUT)
+        self.assertEqual(done.returncode, 75)   # no server there: the file is kept
+        self.assertEqual(files_under(self.source), [b"b"])
+
     def test_empty_files(self):
         write_file(self.source, "empty", b"")
         write_file(self.source, "sub/also-empty.txt", b"")
