@@ -472,12 +472,14 @@ def authorization_header(access_key, scope, signed_headers, signature_hex):
 
 
 def sign_request(method, host, path, query, headers, body_hash, credentials, region, now,
-                 service="s3", trace=None):
+                 service="s3", trace=None, keys=None):
     """Compose the steps: return the headers to send, Authorization included.
 
     path is unencoded; the caller sends canonical_uri(path) as the request target.
     now is an aware datetime: the signer never reads the clock itself. trace, if given,
-    is called with the canonical request and the string to sign (for --debug).
+    is called with the canonical request and the string to sign (for --debug). keys, if
+    given, is a dict that keeps the last signing key derived (it changes with the day,
+    the region and the secret), so that a client derives it once, not for each request.
     """
     amz_date = now.strftime("%Y%m%dT%H%M%SZ")
     signed = dict(headers)
@@ -491,7 +493,13 @@ def sign_request(method, host, path, query, headers, body_hash, credentials, reg
     text = string_to_sign(amz_date, scope, request_text)
     if trace is not None:
         trace(request_text, text)
-    key = signing_key(credentials.secret_key, amz_date[:8], region, service)
+    derived_for = (credentials.secret_key, scope)
+    key = keys.get(derived_for) if keys is not None else None
+    if key is None:
+        key = signing_key(credentials.secret_key, amz_date[:8], region, service)
+        if keys is not None:
+            keys.clear()
+            keys[derived_for] = key
     signed["authorization"] = authorization_header(credentials.access_key, scope, signed_names,
                                                    signature(key, text))
     return signed
@@ -1102,6 +1110,7 @@ class S3Client(object):
         self.retries = retries
         self.timeout = timeout
         self.connection = None
+        self.signing_keys = {}   # see sign_request
 
     def close(self):
         if self.connection is not None:
@@ -1166,7 +1175,7 @@ class S3Client(object):
                                        self.session.expected_owner})
         trace = self.trace(method, target, used.credentials) if self.session.debug else None
         signed = sign_request(method, host, path, query, headers, body_hash, used.credentials,
-                              used.region, signed_at, trace=trace)
+                              used.region, signed_at, trace=trace, keys=self.signing_keys)
         signed["user-agent"] = USER_AGENT
         try:
             response = self.connection.exchange(method, target, signed, body)
@@ -3498,9 +3507,9 @@ class Manifest(object):
                 fcntl.flock(self.fd, fcntl.LOCK_UN)
 
     def write(self, record):
-        """The line of a ledger record (see Ledger), under this run's tag and time: a line
-        written late, by the run that found the file's upload confirmed, is in its own
-        run's --manifest-key object."""
+        """Write the line of a ledger record (see Ledger), under this run's tag and time
+        (a line written late, by the run that found the file's upload confirmed, is in its
+        own run's --manifest-key object); True once it is written."""
         line = json.dumps(dict({name: record[name] for name in MANIFEST_FIELDS},
                                time=time.strftime(ISO_SECONDS, time.gmtime()), run=self.run),
                           sort_keys=True) + "\n"
@@ -3513,6 +3522,7 @@ class Manifest(object):
             raise ManifestError("cannot write the manifest %s (%s): kept, uploaded, and the "
                                 "run stops here; the record is part of the move"
                                 % (safe_name(self.path), exc.strerror or exc))
+        return True
 
     def close(self):
         with self.lock:
@@ -3529,7 +3539,7 @@ class NoManifest(object):
         pass
 
     def write(self, record):
-        pass
+        return False   # no line: a later run with --manifest writes it, if still vouched
 
     def close(self):
         pass
@@ -3842,10 +3852,10 @@ class Report(object):
     its count changed together."""
 
     def __init__(self, notices=None):
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()   # the notices' too: one writer of stderr at a time
         self.tally = Tally()
         self.notices = notices or Notices()
-        self.notices.before = self.clear_status
+        self.notices.lock, self.notices.before = self.lock, self.clear_status
         self.credentials = None   # once loaded: what error text must never show
         self.progress = False  # a live status line is on stderr
 
@@ -4744,8 +4754,7 @@ def move_file(client, job, found, key):
                 record = confirmation(job, found, info, key, proof, fields)
                 job.ledger.add(record)
             # 7. Its line in the manifest: part of the move, so a line that fails keeps it.
-            if not record.get("line_written"):
-                job.manifest.write(record)
+            if not record.get("line_written") and job.manifest.write(record):
                 job.ledger.exported(record)
             seam("recorded", found.name)
             # 8. Removed: still the file read, unchanged, unwritten; set aside, checked.
@@ -5051,14 +5060,19 @@ def take_run_lock(state, root, notices):
     lock any reader of SOURCE_DIR could hold, but a run that runs."""
     problem = state.problem
     if state.fd is not None:
-        try:
+        try:   # the lock's descriptor stays open (and the lock held) until the process ends
             fd, holder = run_lock(state.fd, root)
             return fd is not None, holder
         except OSError as exc:
             problem = "%s: %s" % (safe_name(state.path), exc.strerror or exc)
     notices.warning("cannot keep the run lock (%s): locking SOURCE_DIR itself, which any "
                     "account that may read it can hold; fix --state-dir or HOME" % problem)
-    return try_lock(root), None
+    try:
+        return try_lock(root), None
+    except OSError as exc:   # e.g. ENOLCK: SOURCE_DIR on NFS without a lock manager
+        raise ConfigError("cannot lock SOURCE_DIR either (%s): nothing moved; give s3push a "
+                          "state folder of this account's alone with --state-dir"
+                          % (exc.strerror or exc))
 
 
 def push_locked(options, environ, report, destination, root, state):

@@ -194,12 +194,15 @@ class S3DocExamples(unittest.TestCase, StepChecks):
         headers = {n.lower(): v for n, v in example["headers"] if n.lower() not in own}
         creds = s3push.Credentials(common["access_key_id"], common["secret_access_key"])
         now = datetime.datetime(2013, 5, 24, tzinfo=datetime.timezone.utc)
-        signed = s3push.sign_request(example["method"], example["host"], example["path"],
-                                     example["query"], headers, example["payload"]["sha256"],
-                                     creds, common["region"], now)
-        self.assertEqual(signed["authorization"].rsplit("Signature=", 1)[1],
-                         example["expected"]["signature"])
-        self.assertIn("x-amz-content-sha256", signed["authorization"])
+        keys = {}   # as a client keeps them: derived once, the same signature every time
+        for kept in (None, keys, keys):
+            signed = s3push.sign_request(example["method"], example["host"], example["path"],
+                                         example["query"], headers,
+                                         example["payload"]["sha256"], creds, common["region"],
+                                         now, keys=kept)
+            self.assertEqual(signed["authorization"].rsplit("Signature=", 1)[1],
+                             example["expected"]["signature"])
+            self.assertIn("x-amz-content-sha256", signed["authorization"])
 
     def steps_and_composed(self, name):
         example = self.example(name)
@@ -250,6 +253,19 @@ class SignerRules(unittest.TestCase):
         self.assertIn("SignedHeaders=content-md5;host;x-amz-content-sha256;x-amz-date;"
                       "x-amz-security-token,", signed["authorization"])
         self.assertIn("/20200102/eu-west-1/s3/aws4_request", signed["authorization"])
+
+    def test_a_kept_signing_key_follows_the_day_the_region_and_the_secret(self):
+        keys, day = {}, datetime.datetime(2020, 1, 2, tzinfo=datetime.timezone.utc)
+        for creds, region, now in [(s3push.Credentials("AKID", "one"), "eu-west-1", day),
+                                   (s3push.Credentials("AKID", "one"), "eu-west-1", day),
+                                   (s3push.Credentials("AKID", "one"), "us-east-1", day),
+                                   (s3push.Credentials("AKID", "two"), "us-east-1", day),
+                                   (s3push.Credentials("AKID", "two"), "us-east-1",
+                                    day + datetime.timedelta(days=1))]:
+            args = ("PUT", "h", "/b/k", [], {}, "abc", creds, region, now)
+            self.assertEqual(s3push.sign_request(*args, keys=keys),
+                             s3push.sign_request(*args))
+            self.assertEqual(len(keys), 1)
 
     def test_secret_with_symbols(self):
         key = s3push.signing_key("a%b+c/d=e", "20200101", "us-east-1", "s3")

@@ -448,6 +448,22 @@ class Selection(unittest.TestCase):
         os.close(first)
         self.assertTrue(s3push.try_lock(second))
 
+    def test_a_lock_that_cannot_be_kept_anywhere_is_a_config_error(self):
+        # No state folder, and SOURCE_DIR on NFS without a lock manager (ENOLCK).
+        root = s3push.open_source(self.root)
+        self.addCleanup(os.close, root)
+        real = s3push.try_lock
+        s3push.try_lock = lambda fd: (_ for _ in ()).throw(OSError(37, "No locks available"))
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):
+                with self.assertRaises(s3push.ConfigError) as caught:
+                    s3push.take_run_lock(s3push.open_state_folder(None), root,
+                                         s3push.Notices())
+        finally:
+            s3push.try_lock = real
+        self.assertIn("cannot lock SOURCE_DIR either (No locks available)",
+                      str(caught.exception))
+
     def test_run_lock_in_the_state_folder(self):
         state = os.path.join(tempfile.mkdtemp(), "state")
         self.addCleanup(shutil.rmtree, os.path.dirname(state))
