@@ -971,6 +971,7 @@ class AnswerParsing(unittest.TestCase):
     def setUp(self):
         self.connection = s3push.Connection("http", "h", 80, 10)
         ours, self.server = socket.socketpair()
+        ours.settimeout(10)   # as Connection.open sets it: a test that breaks does not hang
         self.connection.sock, self.connection.reader = ours, ours.makefile("rb")
         self.addCleanup(self.connection.close)
         self.addCleanup(self.server.close)
