@@ -835,10 +835,10 @@ def request_head(method, target, headers):
     # error names the header, never its value (a signature or a token).
     if UNSAFE_IN_TARGET.search(method + target) or UNSAFE_IN_NAMES.search("".join(headers)) \
             or UNSAFE_IN_VALUES.search("".join(headers.values())):
-        raise ValueError("refused to send a request whose target or header holds CR, LF or "
-                         "NUL: %s" % ", ".join(name for name, value in headers.items() if (
-                             UNSAFE_IN_NAMES.search(name) or UNSAFE_IN_VALUES.search(value)))
-                         or "the target")
+        culprits = [name for name, value in headers.items() if UNSAFE_IN_NAMES.search(name)
+                    or UNSAFE_IN_VALUES.search(value)] or ["its target"]
+        raise ValueError("refused to send a request with CR, LF or NUL in %s"
+                         % ", ".join(culprits))
     lines = ["%s %s HTTP/1.1" % (method, target)]
     lines.extend("%s: %s" % item for item in headers.items())
     lines.append("\r\n")

@@ -1008,8 +1008,9 @@ class AnswerParsing(unittest.TestCase):
                 self.connection.exchange("PUT", "/k", {"host": "h", name: value}, b"")
             self.assertIn(name, str(caught.exception))
             self.assertNotIn(value, str(caught.exception))
-        with self.assertRaises(ValueError):
+        with self.assertRaises(ValueError) as caught:
             self.connection.exchange("GET", "/k HTTP/1.1\r\nx: y", {"host": "h"}, b"")
+        self.assertIn("in its target", str(caught.exception))
         self.server.setblocking(False)
         with self.assertRaises(BlockingIOError):   # nothing was sent
             self.server.recv(1)
