@@ -89,9 +89,8 @@ if sys.version_info < (3, 6):
 # Imported by load_deferred_modules() where the scan first finds a file, so that a cron
 # tick with nothing to send never pays for them (they are half the start-up time).
 DEFERRED_MODULES = ("base64", "calendar", "configparser", "datetime", "email.utils", "hashlib",
-                    "hmac", "http.client", "json", "mimetypes", "random", "shlex", "socket",
-                    "ssl", "struct", "subprocess", "urllib.parse", "xml.etree.ElementTree",
-                    "zlib")
+                    "hmac", "json", "mimetypes", "random", "shlex", "socket", "ssl", "struct",
+                    "subprocess", "urllib.parse", "xml.etree.ElementTree", "zlib")
 
 
 def load_deferred_modules():
@@ -779,8 +778,6 @@ def describe_os_error(exc):
     """A short reason for a network error, e.g. 'Connection refused' or 'timed out'."""
     if isinstance(exc, socket.timeout):
         return "timed out"
-    if isinstance(exc, http.client.IncompleteRead):   # its own text is a repr
-        return "the answer was cut short after %d bytes" % len(exc.partial)
     return getattr(exc, "strerror", None) or one_line(exc) or exc.__class__.__name__
 
 
@@ -805,12 +802,150 @@ class RateLimit(object):
         if start > now:
             time.sleep(start - now)
 
-    def send(self, conn, data):
+    def send(self, sock, data):
         view = memoryview(data)
         for offset in range(0, len(view), self.slice):
             piece = view[offset:offset + self.slice]
             self.take(len(piece))
-            conn.send(piece)
+            sock.sendall(piece)
+
+
+# The limits of an answer's head, as http.client's: a line's bytes, and its header lines.
+MAX_HEAD_LINE = 65536
+MAX_HEADERS = 100
+UNSAFE_IN_TARGET = re.compile("[\x00-\x20\x7f]")
+UNSAFE_IN_NAMES = re.compile("[:\\s\x00]")
+UNSAFE_IN_VALUES = re.compile("[\r\n\x00]")
+STATUS_LINE = re.compile(r"(HTTP/1\.[0-9]) ([0-9]{3})(?: (.*))?\Z")
+
+
+class AnswerError(OSError):
+    """An answer cut short or that is not HTTP/1.x: a connection that broke, retried as
+    the operating system's errors of a connection are."""
+
+
+# One answer read off a connection; reusable: whether the next request may follow it there.
+Answer = collections.namedtuple("Answer", "response reusable")
+
+
+def request_head(method, target, headers):
+    """The request line and header lines of one request, as bytes (latin-1, as http.client
+    sends them)."""
+    # CR, LF or NUL would let a value smuggle in a header or a request of its own. The
+    # error names the header, never its value (a signature or a token).
+    if UNSAFE_IN_TARGET.search(method + target) or UNSAFE_IN_NAMES.search("".join(headers)) \
+            or UNSAFE_IN_VALUES.search("".join(headers.values())):
+        culprits = [name for name, value in headers.items() if UNSAFE_IN_NAMES.search(name)
+                    or UNSAFE_IN_VALUES.search(value)] or ["its target"]
+        raise ValueError("refused to send a request with CR, LF or NUL in %s"
+                         % ", ".join(culprits))
+    lines = ["%s %s HTTP/1.1" % (method, target)]
+    lines.extend("%s: %s" % item for item in headers.items())
+    lines.append("\r\n")
+    return "\r\n".join(lines).encode("latin-1")
+
+
+def read_head_line(reader):
+    """One line of an answer's head as sent (b'' at the end of the stream)."""
+    line = reader.readline(MAX_HEAD_LINE + 1)
+    if len(line) > MAX_HEAD_LINE:   # no server sends one: this is not HTTP
+        raise AnswerError("a line of the answer's head is over %d bytes" % MAX_HEAD_LINE)
+    return line
+
+
+def read_status_line(reader):
+    """(version, status, reason) of an answer's first line."""
+    line = read_head_line(reader)
+    if not line:   # e.g. a kept-alive connection that the server had closed
+        raise AnswerError("the server closed the connection without an answer")
+    match = STATUS_LINE.match(line.decode("latin-1").rstrip("\r\n"))
+    if match is None:
+        raise AnswerError("the answer is not HTTP/1.x: %s" % one_line(repr(line), 80))
+    return match.group(1), int(match.group(2)), (match.group(3) or "").strip()
+
+
+def read_header_lines(reader):
+    """The header fields up to the blank line, as {lower-case name: value}; a repeated
+    field's values joined with ', ' (RFC 9110 5.3)."""
+    headers, name = {}, None
+    for _ in range(MAX_HEADERS + 1):
+        line = read_head_line(reader)
+        if line in (b"\r\n", b"\n"):
+            return headers
+        if not line:
+            raise AnswerError("the answer was cut short in its head")
+        text = line.decode("latin-1").strip()
+        if line[:1] in (b" ", b"\t") and name is not None:   # obs-fold: the value goes on
+            headers[name] += " " + text
+            continue
+        name, _, value = text.partition(":")
+        name, value = name.strip().lower(), value.strip()
+        headers[name] = headers[name] + ", " + value if name in headers else value
+    raise AnswerError("the answer has more than %d header lines" % MAX_HEADERS)
+
+
+def read_exactly(reader, size, before=0):
+    """size bytes of a body; before: the bytes of it read already (for the error)."""
+    data = reader.read(size)
+    if len(data) < size:   # the stream ended before the body did
+        raise AnswerError("the answer was cut short after %d bytes" % (before + len(data)))
+    return data
+
+
+def read_chunked(reader, limit):
+    """(at most limit bytes of a chunked body, whether it was read to its end):
+    RFC 9112 7.1, each chunk its size in hex, its bytes and a line end; then a trailer."""
+    parts, size = [], 0
+    while True:
+        try:
+            chunk = int(read_head_line(reader).split(b";", 1)[0], 16)
+        except ValueError:
+            chunk = -1
+        if chunk < 0:
+            raise AnswerError("the answer was cut short after %d bytes (a broken chunk)" % size)
+        if chunk == 0:
+            read_header_lines(reader)   # the trailer, never needed
+            return b"".join(parts), True
+        if size + chunk > limit:   # more than we keep: the rest is left, and the connection
+            return b"".join(parts), False
+        parts.append(read_exactly(reader, chunk, size))
+        size += chunk
+        if read_head_line(reader) not in (b"\r\n", b"\n"):
+            raise AnswerError("the answer was cut short after %d bytes (a broken chunk)" % size)
+
+
+def read_body(reader, method, status, headers, limit):
+    """(at most limit bytes of an answer's body, whether the stream is at its end)."""
+    if method == "HEAD" or status < 200 or status in (204, 304):   # these have none
+        return b"", True
+    if headers.get("transfer-encoding", "").lower().endswith("chunked"):
+        return read_chunked(reader, limit)
+    try:
+        length = int(headers.get("content-length", ""))
+    except ValueError:
+        length = -1
+    if length < 0:   # no length said: the body runs until the server closes
+        return reader.read(limit), False
+    return read_exactly(reader, min(length, limit)), length <= limit
+
+
+def keeps_alive(version, headers):
+    """Whether the server keeps the connection for another request (RFC 9112 9.3)."""
+    tokens = headers.get("connection", "").lower()
+    return "close" not in tokens and (version != "HTTP/1.0" or "keep-alive" in tokens)
+
+
+def read_answer(reader, method):
+    """The Answer to one request: an error's body is kept to MAX_ERROR_BODY bytes."""
+    version, status, reason = read_status_line(reader)
+    headers = read_header_lines(reader)
+    while status < 200:   # 100 Continue and other interim answers: the final one follows
+        version, status, reason = read_status_line(reader)
+        headers = read_header_lines(reader)
+    limit = MAX_ERROR_BODY if status >= 300 else MAX_ANSWER_BODY
+    body, whole = read_body(reader, method, status, headers, limit)
+    reusable = whole and keeps_alive(version, headers)
+    return Answer(Response(status, reason, headers, body), reusable)
 
 
 class Connection(object):
@@ -825,42 +960,60 @@ class Connection(object):
         self.tls = tls          # an ssl.SSLContext for https
         self.proxy = proxy      # a Proxy, or None
         self.rate_limit = rate_limit   # a RateLimit, or None
-        self.conn = None
+        self.sock = None
+        self.reader = None   # the one buffered reader of sock: what it holds is the next answer's
 
     def close(self):
-        if self.conn is not None:
-            self.conn.close()
-        self.conn = None
+        if self.sock is not None:
+            self.reader.close()
+            self.sock.close()
+        self.sock = self.reader = None
 
     def open(self):
-        connect_timeout = min(CONNECT_TIMEOUT, self.timeout)
         via = self.proxy or self
-        host, port = via.host, via.port
-        if self.scheme == "https":
-            conn = http.client.HTTPSConnection(host, port, timeout=connect_timeout,
-                                               context=self.tls or tls_context(None))
-            if self.proxy:   # a CONNECT tunnel, then TLS with the endpoint itself
-                auth = self.proxy.authorization
-                auth = {"Proxy-Authorization": auth} if auth else None
-                conn.set_tunnel(self.host, self.port, headers=auth)
-        else:
-            conn = http.client.HTTPConnection(host, port, timeout=connect_timeout)
         try:
-            conn.connect()
-        except (OSError, http.client.HTTPException) as exc:
-            if is_certificate_error(exc):
-                raise ConfigError("the TLS certificate of %s:%d is not trusted (%s): if the "
-                                  "server uses a private CA, name it with --ca-bundle, "
-                                  "AWS_CA_BUNDLE or ca_bundle in the profile"
-                                  % (self.host, self.port, one_line(exc)))
-            reason = describe_os_error(exc) + self.via()
-            raise UnreachableError("cannot connect to %s:%d (%s): is the endpoint right and "
-                                   "the server up?" % (self.host, self.port, reason), reason)
-        conn.sock.settimeout(self.timeout)
-        # Headers and body go out in separate writes: without this, Nagle's algorithm and
-        # delayed ACKs stall each streamed request by up to 40 ms.
-        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.conn = conn
+            sock = socket.create_connection((via.host, via.port),
+                                            timeout=min(CONNECT_TIMEOUT, self.timeout))
+        except OSError as exc:
+            raise self.connect_error(exc)
+        try:
+            # Head and body may go out in separate writes: without this, Nagle's algorithm
+            # and delayed ACKs stall each streamed request by up to 40 ms.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.scheme == "https":
+                sock = self.secure(sock)
+        except (OSError, ssl.CertificateError) as exc:
+            sock.close()
+            raise self.connect_error(exc)
+        sock.settimeout(self.timeout)
+        self.sock, self.reader = sock, sock.makefile("rb")
+
+    def secure(self, sock):
+        """TLS with the endpoint itself, through a CONNECT tunnel when there is a proxy."""
+        if self.proxy:
+            address = "[%s]:%d" % (self.host, self.port) if ":" in self.host else \
+                "%s:%d" % (self.host, self.port)
+            headers = {"Host": address}
+            if self.proxy.authorization:
+                headers["Proxy-Authorization"] = self.proxy.authorization
+            sock.sendall(request_head("CONNECT", address, headers))
+            with sock.makefile("rb") as reader:   # the proxy says nothing more before TLS
+                _, status, reason = read_status_line(reader)
+                read_header_lines(reader)
+            if status != 200:
+                raise AnswerError("the proxy refused the tunnel: HTTP %d %s" % (status, reason))
+        return (self.tls or tls_context(None)).wrap_socket(sock, server_hostname=self.host)
+
+    def connect_error(self, exc):
+        """The ConfigError or UnreachableError for a connection that could not be made."""
+        if is_certificate_error(exc):
+            return ConfigError("the TLS certificate of %s:%d is not trusted (%s): if the "
+                               "server uses a private CA, name it with --ca-bundle, "
+                               "AWS_CA_BUNDLE or ca_bundle in the profile"
+                               % (self.host, self.port, one_line(exc)))
+        reason = describe_os_error(exc) + self.via()
+        return UnreachableError("cannot connect to %s:%d (%s): is the endpoint right and "
+                                "the server up?" % (self.host, self.port, reason), reason)
 
     def via(self):
         """', through the proxy HOST:PORT' (never its password), or ''."""
@@ -869,45 +1022,34 @@ class Connection(object):
 
     def exchange(self, method, target, headers, body):
         """Send one request and read the answer; body is bytes or a FileRange."""
-        if self.conn is None:
-            self.open()
         if self.proxy and self.scheme == "http":   # a forward proxy takes absolute URLs
             target = "http://%s:%d%s" % (self.host, self.port, target)
             if self.proxy.authorization:
                 headers = dict(headers, **{"proxy-authorization": self.proxy.authorization})
-        conn = self.conn
-        conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
-        for name, value in headers.items():
-            conn.putheader(name, value)
+        head = request_head(method, target, headers)
+        if self.sock is None:
+            self.open()
         try:
-            if isinstance(body, bytes) and self.rate_limit is None:
-                # One write for the head and a small body (endheaders(body) makes two):
-                # half the syscalls of a small PUT, and the server gets it in one piece.
-                head = []
-                conn.send = head.append
-                try:
-                    conn.endheaders()
-                finally:
-                    del conn.send
-                conn.send(b"".join(head) + body)
-            else:
-                conn.endheaders()
-                for block in [body] if isinstance(body, bytes) else body.blocks():
-                    if self.rate_limit is None:
-                        conn.send(block)
-                    else:
-                        self.rate_limit.send(conn, block)
+            self.send(head, body)
         except (BrokenPipeError, ConnectionResetError):
             pass   # the server may have answered early (an error) and closed: read it
-        answer = conn.getresponse()
-        limit = MAX_ERROR_BODY if answer.status >= 300 else MAX_ANSWER_BODY
-        data = answer.read(limit)
-        if answer.length and len(data) < limit:   # a sized read returns a cut body silently
-            raise http.client.IncompleteRead(data, answer.length)
-        if answer.will_close or not answer.isclosed():
+        answer = read_answer(self.reader, method)
+        if not answer.reusable:   # closed by the server, or a body left unread in it
             self.close()
-        return Response(answer.status, answer.reason,
-                        {k.lower(): v for k, v in answer.getheaders()}, data)
+        return answer.response
+
+    def send(self, head, body):
+        if isinstance(body, bytes) and self.rate_limit is None:
+            # One write for the head and a small body: half the syscalls of a small PUT,
+            # and the server gets it in one piece.
+            self.sock.sendall(head + body)
+            return
+        self.sock.sendall(head)
+        for block in [body] if isinstance(body, bytes) else body.blocks():
+            if self.rate_limit is None:
+                self.sock.sendall(block)
+            else:
+                self.rate_limit.send(self.sock, block)
 
 
 def http_call(network, method, url, headers=None, body=b"", timeout=METADATA_TIMEOUT):
@@ -929,7 +1071,7 @@ def http_call(network, method, url, headers=None, body=b"", timeout=METADATA_TIM
     try:
         answer = connection.exchange(method, (parts.path or "/") + (
             "?" + parts.query if parts.query else ""), headers, body)
-    except (OSError, ValueError, http.client.HTTPException) as exc:
+    except (OSError, ValueError) as exc:
         reason = describe_os_error(exc) + connection.via()
         raise UnreachableError("no answer from %s (%s)" % (parts.netloc, reason), reason)
     finally:
@@ -1182,7 +1324,7 @@ class S3Client(object):
         except S3PushError:
             self.connection.close()
             raise
-        except (OSError, http.client.HTTPException) as exc:
+        except OSError as exc:   # AnswerError included: an answer cut short
             self.connection.close()
             raise TemporaryError("the connection failed during the request (%s); the file "
                                  "is kept" % describe_os_error(exc))
@@ -1687,7 +1829,7 @@ def etag_confirms(etag, md5_hex):
 
 def check_etag(etag, md5_hex):
     """Raise (a retryable error) unless the answer's ETag confirms the bytes sent."""
-    if not etag:   # http.client takes headers cut short for complete ones
+    if not etag:   # e.g. a proxy's answer, not the server's
         raise TemporaryError("the answer carried no ETag (cut short?); the file is kept")
     if not etag_confirms(etag, md5_hex):
         raise TemporaryError("the server's ETag %s is not the MD5 of what was sent (%s): the "

@@ -741,15 +741,17 @@ class Layout(unittest.TestCase):
 
     def test_one_http_client(self):
         """Every request (S3, STS, the metadata services) goes through Connection.open: the
-        one place that makes an HTTP connection, so one proxy rule and one TLS trust."""
+        one place that makes a connection (and Connection.secure the one that wraps it in
+        TLS), so one proxy rule and one TLS trust."""
         ast, makers = self.ast, []
         for node in ast.walk(self.tree):
             if isinstance(node, ast.FunctionDef):
                 for call in ast.walk(node):
                     if isinstance(call, ast.Attribute) and call.attr in (
-                            "HTTPConnection", "HTTPSConnection", "urlopen", "create_connection"):
-                        makers.append(node.name)
-        self.assertEqual(makers, ["open", "open"])
+                            "HTTPConnection", "HTTPSConnection", "urlopen", "create_connection",
+                            "socket", "wrap_socket"):
+                        makers.append((node.name, call.attr))
+        self.assertEqual(makers, [("open", "create_connection"), ("secure", "wrap_socket")])
 
     def test_the_checksum_is_chosen_in_one_place(self):
         """No comparison with an algorithm's name: checksum_for picks Md5Check or
@@ -921,8 +923,8 @@ class Verification(unittest.TestCase):
 
 
 class CutAnswers(unittest.TestCase):
-    """An answer shorter than its Content-Length is a broken connection: http.client's
-    sized read returns what came without a word."""
+    """An answer shorter than its Content-Length is a broken connection, never a short
+    body taken for a whole one."""
 
     def answer(self, raw):
         """What Connection.exchange makes of a server that answers raw and closes."""
@@ -946,9 +948,8 @@ class CutAnswers(unittest.TestCase):
             listener.close()
 
     def test_a_body_shorter_than_its_length_is_a_broken_connection(self):
-        import http.client
         for status in (200, 500):
-            with self.assertRaises(http.client.IncompleteRead) as caught:
+            with self.assertRaises(s3push.AnswerError) as caught:
                 self.answer(b"HTTP/1.1 %d X\r\nContent-Length: 400\r\n\r\n" % status +
                             b'<?xml version="1.0" encoding="UTF-8"?>\n' + b" " * 40)
             self.assertEqual(s3push.describe_os_error(caught.exception),
@@ -961,6 +962,155 @@ class CutAnswers(unittest.TestCase):
                          b"")
         self.assertEqual(self.answer(b"HTTP/1.1 500 X\r\nConnection: close\r\n\r\nto the end")
                          .body, b"to the end")
+
+
+class AnswerParsing(unittest.TestCase):
+    """Connection reads answers itself: over one end of a socketpair, the test's server
+    writing raw answers on the other."""
+
+    def setUp(self):
+        self.connection = s3push.Connection("http", "h", 80, 10)
+        ours, self.server = socket.socketpair()
+        ours.settimeout(10)   # as Connection.open sets it: a test that breaks does not hang
+        self.connection.sock, self.connection.reader = ours, ours.makefile("rb")
+        self.addCleanup(self.connection.close)
+        self.addCleanup(self.server.close)
+
+    def serve(self, raw, close=False):
+        """The server writes raw (from a thread: it may be more than a socket holds), then
+        closes its side if asked."""
+        server = self.server   # this one: setUp() may make another pair meanwhile
+
+        def write():
+            server.sendall(raw)
+            if close:
+                server.shutdown(socket.SHUT_WR)
+        thread = threading.Thread(target=write, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 10)
+
+    def exchange(self, method="GET", body=b""):
+        return self.connection.exchange(method, "/k", {"host": "h"}, body)
+
+    def kept(self):
+        return self.connection.sock is not None
+
+    def test_the_request_is_one_head_and_its_body(self):
+        self.serve(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.connection.exchange("PUT", "/k?a=b", {"host": "h", "x-amz-meta-n": "\xe9"}, b"abc")
+        self.assertEqual(self.server.recv(65536), b"PUT /k?a=b HTTP/1.1\r\nhost: h\r\n"
+                         b"x-amz-meta-n: \xe9\r\n\r\nabc")
+
+    def test_a_header_that_would_smuggle_a_line_is_refused(self):
+        for name, value in (("x-amz-meta-a", "1\r\nx-evil: 1"), ("x-amz-meta-a", "a\x00"),
+                            ("x-a\nb", "1"), ("x-a:b", "1")):
+            with self.assertRaises(ValueError) as caught:
+                self.connection.exchange("PUT", "/k", {"host": "h", name: value}, b"")
+            self.assertIn(name, str(caught.exception))
+            self.assertNotIn(value, str(caught.exception))
+        with self.assertRaises(ValueError) as caught:
+            self.connection.exchange("GET", "/k HTTP/1.1\r\nx: y", {"host": "h"}, b"")
+        self.assertIn("in its target", str(caught.exception))
+        self.server.setblocking(False)
+        with self.assertRaises(BlockingIOError):   # nothing was sent
+            self.server.recv(1)
+
+    def test_folded_and_repeated_headers(self):
+        self.serve(b"HTTP/1.1 200 OK\r\nX-A: one\r\n  two\r\nX-B: 1\r\nx-b: 2\r\n"
+                   b"ETag:  \"e\" \r\nContent-Length: 2\r\n\r\nok")
+        answer = self.exchange()
+        self.assertEqual((answer.status, answer.reason, answer.body), (200, "OK", b"ok"))
+        self.assertEqual(answer.headers, {"x-a": "one two", "x-b": "1, 2", "etag": '"e"',
+                                          "content-length": "2"})
+        self.assertTrue(self.kept())
+
+    def test_bytes_past_one_answer_are_the_next_answer(self):
+        self.serve(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\none"
+                   b"HTTP/1.1 404 Not Found\r\nContent-Length: 3\r\n\r\ntwo")
+        self.assertEqual(self.exchange().body, b"one")
+        second = self.exchange()
+        self.assertEqual((second.status, second.reason, second.body), (404, "Not Found", b"two"))
+        self.assertTrue(self.kept())
+
+    def test_a_chunked_body(self):
+        self.serve(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4;ext=1\r\nWiki\r\n"
+                   b"5\r\npedia\r\nE\r\n in\r\n\r\nchunks.\r\n0\r\nTrailer: t\r\n\r\n"
+                   b"HTTP/1.1 204 No Content\r\n\r\n")
+        self.assertEqual(self.exchange().body, b"Wikipedia in\r\n\r\nchunks.")
+        self.assertEqual(self.exchange().status, 204)
+        self.assertTrue(self.kept())
+
+    def test_a_cut_body_is_an_error(self):
+        chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc"
+        for raw, read in ((b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", 3),
+                          (chunked + b"\r\n5\r\nab", 5), (chunked + b"\r\n", 3),
+                          (chunked + b"de\r\n0\r\n\r\n", 3)):
+            self.setUp()
+            self.serve(raw, close=True)
+            with self.assertRaises(s3push.AnswerError) as caught:
+                self.exchange()
+            self.assertIsInstance(caught.exception, OSError)   # S3Client.attempt retries it
+            self.assertIn("the answer was cut short after %d bytes" % read,
+                          s3push.describe_os_error(caught.exception))
+
+    def test_a_cut_or_missing_head_is_an_error(self):
+        for raw, said in ((b"", "closed the connection without an answer"),
+                          (b"HTTP/1.1 200 OK\r\nETag: \"e\"\r\n", "cut short in its head"),
+                          (b"SSH-2.0-OpenSSH\r\n", "not HTTP/1.x"),
+                          (b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 101 + b"\r\n", "header lines"),
+                          (b"HTTP/1.1 200 OK\r\nX: " + b"y" * 70000 + b"\r\n\r\n", "bytes")):
+            self.setUp()
+            self.serve(raw, close=True)
+            with self.assertRaises(s3push.AnswerError) as caught:
+                self.exchange()
+            self.assertIn(said, str(caught.exception))
+
+    def test_connection_close_closes(self):
+        self.serve(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok")
+        self.assertEqual(self.exchange().body, b"ok")
+        self.assertFalse(self.kept())
+
+    def test_interim_answers_are_skipped(self):
+        self.serve(b"HTTP/1.1 100 Continue\r\nX-Interim: 1\r\n\r\n"
+                   b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        answer = self.exchange("PUT", b"abc")
+        self.assertEqual((answer.status, answer.body), (200, b"ok"))
+        self.assertNotIn("x-interim", answer.headers)
+        self.assertTrue(self.kept())
+
+    def test_http_1_0_closes_unless_kept_alive(self):
+        self.serve(b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 2\r\n\r\nok"
+                   b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertEqual(self.exchange().body, b"ok")
+        self.assertTrue(self.kept())
+        self.assertEqual(self.exchange().body, b"ok")
+        self.assertFalse(self.kept())
+
+    def test_no_body_where_http_says_none(self):
+        self.serve(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+                   b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n"
+                   b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(self.exchange("HEAD").body, b"")
+        self.assertEqual(self.exchange().status, 304)
+        self.assertEqual(self.exchange().status, 200)
+        self.assertTrue(self.kept())
+
+    def test_a_body_longer_than_the_limit_closes(self):
+        size = s3push.MAX_ERROR_BODY + 1000
+        self.serve(b"HTTP/1.1 500 X\r\nContent-Length: %d\r\n\r\n" % size + b"e" * size)
+        self.assertEqual(self.exchange().body, b"e" * s3push.MAX_ERROR_BODY)
+        self.assertFalse(self.kept())
+        self.setUp()
+        self.serve(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" +
+                   b"%x\r\n" % s3push.MAX_ANSWER_BODY + b"a" * s3push.MAX_ANSWER_BODY +
+                   b"\r\n1\r\nb\r\n0\r\n\r\n")
+        self.assertEqual(self.exchange().body, b"a" * s3push.MAX_ANSWER_BODY)
+        self.assertFalse(self.kept())
+
+    def test_a_body_without_length_runs_to_the_end_and_closes(self):
+        self.serve(b"HTTP/1.1 200 OK\r\n\r\nall of it", close=True)
+        self.assertEqual(self.exchange().body, b"all of it")
+        self.assertFalse(self.kept())
 
 
 class GzipSpool(unittest.TestCase):
