@@ -286,7 +286,7 @@ def print_ratios(rows):
                    rate("small", peer, "files"), target, True)
     ratio_line("1,000 x 4 KiB: client CPU vs rclone move",
                figure(rows, "small", "s3push", "cpu"),
-               figure(rows, "small", "rclone move", "cpu"), 0.6, False)
+               figure(rows, "small", "rclone move", "cpu"), 0.8, False)
     peers = [rate("big", p, "bytes") for p in ("aws s3 mv", "rclone move")]
     peers = [p for p in peers if p]
     ratio_line("%d MiB: MB/s vs the faster peer" % BIG_MIB, rate("big", "s3push", "bytes"),
@@ -593,7 +593,7 @@ def growth_bench(tools, work, python):
     ratio_line("100,000 young: tick CPU vs rclone move", cpu(young, "s3push"),
                cpu(young, "rclone move"), 1.0, False)
     ratio_line("20,000 x 1 KiB: client CPU vs rclone move", cpu(label, "s3push"),
-               cpu(label, "rclone move"), 0.6, False)
+               cpu(label, "rclone move"), 0.8, False)
     worst = max(rss for (_, tool), (_, rss) in figures.items() if tool.startswith("s3push"))
     print("%-52s %6.1f MiB  (target <= %d: %s)" % (
         "s3push peak RSS, growth workloads, by path", worst, TARGET_RSS_MIB[False],
