@@ -4100,18 +4100,18 @@ def checksum_for(choice, endpoint):
     return CHECKSUMS[choice]
 
 
-def journals_for(options, state, destination, report, checksum):
-    """Where this run keeps its resume journals; None when it keeps none (said under -v:
-    no state folder of this account's alone, or under --checksum md5 no MD5 to check
-    parts by: where FIPS forbids it, CRC32 uploads still resume)."""
+def journals_for(options, pair, state, report, checksum):
+    """Where this run keeps its resume journals (pair: the pair folder, None without a
+    usable state folder); None when it keeps none (said under -v: no state folder of
+    this account's alone, or under --checksum md5 no MD5 to check parts by: where FIPS
+    forbids it, CRC32 uploads still resume)."""
     if not options.resume_days:
         return None
-    if state.fd is None or checksum.new() is None:   # FIPS forbids MD5
+    if pair is None or checksum.new() is None:   # FIPS forbids MD5
         report.notices.note("no resume journals are kept (%s): an upload cut off part-way "
                             "will start over" % (state.problem or "MD5 is not available"))
         return None
-    return Journals(pair_folder(state.path, options.source, destination),
-                    options.resume_days * 86400, report.notices.note)
+    return Journals(pair, options.resume_days * 86400, report.notices.note)
 
 
 class ObjectSettings(object):
@@ -4499,14 +4499,15 @@ class Job(object):
         endpoint = session.endpoint   # as configured: what the ledger's records are for
         self.endpoint = "%s://%s%s" % (endpoint.scheme, endpoint.netloc(endpoint.host),
                                        endpoint.base_path)
-        self.ledger = Ledger(state.fd is not None and pair_folder(
-            state.path, options.source, destination), report.notices, state.problem)
+        # The folder of this source and destination in the state folder, if usable.
+        pair = pair_folder(state.path, options.source, destination) \
+            if state.fd is not None else None
+        self.ledger = Ledger(pair, report.notices, state.problem)
         self.manifest = Manifest(options.manifest, options.source, self.run_id,
                                  report.notices) \
             if options.manifest else NoManifest()
         # None, or where resume journals are kept
-        self.journals = journals_for(options, state, destination, report,
-                                     self.objects.checksum)
+        self.journals = journals_for(options, pair, state, report, self.objects.checksum)
         self.spool_folder = state.fd   # the state folder's descriptor (None: unusable)
         self.worker_count = options.jobs   # each with its own connection
         self.queue = WorkQueue(max_files=4 * options.jobs)

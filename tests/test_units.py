@@ -1298,16 +1298,16 @@ class Journals(unittest.TestCase):
         self.addCleanup(shutil.rmtree, opts.state_dir)
         state = s3push.open_state_folder(opts.state_dir)
         self.addCleanup(os.close, state.fd)
-        destination = s3push.Destination("b", "p/")
+        pair = s3push.pair_folder(state.path, opts.source, s3push.Destination("b", "p/"))
         real = s3push.new_md5
         s3push.new_md5 = lambda: None
         try:
             crc32, md5 = s3push.CHECKSUMS["crc32"], s3push.MD5
-            self.assertIsNotNone(s3push.journals_for(opts, state, destination, tally, crc32))
-            self.assertIsNone(s3push.journals_for(opts, state, destination, tally, md5))
+            self.assertIsNotNone(s3push.journals_for(opts, pair, state, tally, crc32))
+            self.assertIsNone(s3push.journals_for(opts, pair, state, tally, md5))
         finally:
             s3push.new_md5 = real
-        self.assertIsNotNone(s3push.journals_for(opts, state, destination, tally, md5))
+        self.assertIsNotNone(s3push.journals_for(opts, pair, state, tally, md5))
 
     def test_a_crc32_journal(self):
         header = self.HEADER.replace(b'"created"', b'"checksum": "crc32", "created"')
