@@ -5559,27 +5559,51 @@ def rate_argument(text):
     return rate
 
 
+DURATION_UNITS = (86400, 3600, 60, 1)   # d, h, m, s
+
+
+def duration_argument(text):
+    """Seconds from '90' or a duration of whole numbers with units, largest first, each at
+    most once: '90s', '10m', '1h', '2d', '1h30m'."""
+    if re.fullmatch(r"[0-9]+", text):
+        return int(text)
+    match = re.fullmatch(r"(?:([0-9]+)d)?(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9]+)s)?", text)
+    if not text or not match:
+        raise argparse.ArgumentTypeError(
+            "%r is not a duration: give seconds (90) or whole numbers with the units d, h, "
+            "m, s, largest first (90s, 10m, 1h30m, 2d)" % text)
+    return sum(int(count) * unit for count, unit in zip(match.groups(), DURATION_UNITS)
+               if count)
+
+
+def positive_duration(text):
+    seconds = duration_argument(text)
+    if seconds == 0:
+        raise argparse.ArgumentTypeError("must be at least 1 second")
+    return seconds
+
+
 def format_size(size):
     return "%dMiB" % (size // MIB) if size % MIB == 0 else "%d bytes" % size
 
 
 def add_transfer_options(parser):
-    parser.add_argument("--deadline", type=non_negative_int, default=0, metavar="SECONDS",
-                        help="start no upload and no retry after this many seconds, so that "
-                        "a cron run ends before the next one starts; what is left waits "
-                        "for the next run (default 0: none)")
-    parser.add_argument("--splay", type=non_negative_int, default=0, metavar="SECONDS",
+    parser.add_argument("--deadline", type=duration_argument, default=0, metavar="DURATION",
+                        help="start no upload and no retry after this long, so that a cron "
+                        "run ends before the next one starts; what is left waits for the "
+                        "next run (default 0: none)")
+    parser.add_argument("--splay", type=duration_argument, default=0, metavar="DURATION",
                         help="once there is something to send, first wait a random time "
-                        "below SECONDS, so that many hosts whose cron fires at once do not "
+                        "below DURATION, so that many hosts whose cron fires at once do not "
                         "reach S3 at once; a run with nothing to send never waits "
                         "(default 0)")
     parser.add_argument("--bwlimit", type=rate_argument, metavar="RATE",
                         help="keep the whole run's upload at or under RATE bytes per second, "
                         "all --jobs and parts together (binary units: 500K, 2M, 1G; "
                         "default: no limit)")
-    parser.add_argument("--timeout", type=positive_int, default=DEFAULT_TIMEOUT,
-                        metavar="SECONDS", help="give up on a connection that makes no "
-                        "progress for this long, then retry (default %(default)s)")
+    parser.add_argument("--timeout", type=positive_duration, default=DEFAULT_TIMEOUT,
+                        metavar="DURATION", help="give up on a connection that makes no "
+                        "progress for this long, then retry (default %ds)" % DEFAULT_TIMEOUT)
     parser.add_argument("--retries", type=non_negative_int, default=DEFAULT_RETRIES,
                         metavar="N", help="retry a request that failed for a transient reason "
                         "(5xx, throttling, a broken connection) up to N times, with "
@@ -5700,9 +5724,9 @@ def build_parser():
     parser.add_argument("source", metavar="SOURCE_DIR", help="directory whose files to move")
     parser.add_argument("destination", metavar="s3://BUCKET[/PREFIX]",
                         help="where the files go; keys are PREFIX/relative/path")
-    parser.add_argument("--min-age", type=non_negative_int, default=DEFAULT_MIN_AGE,
-                        metavar="SECONDS", help="leave files modified more recently than this "
-                        "for a later run (default %(default)s)")
+    parser.add_argument("--min-age", type=duration_argument, default=DEFAULT_MIN_AGE,
+                        metavar="DURATION", help="leave files modified more recently than "
+                        "this for a later run (default %ds)" % DEFAULT_MIN_AGE)
     parser.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                         help="skip names or relative paths matching GLOB (repeatable); always "
                         "skipped: " + " ".join(DEFAULT_EXCLUDES))

@@ -769,6 +769,34 @@ class Summaries(IntegrationCase):
         self.assertTrue(result.stderr.endswith("\x1b[K"), repr(result.stderr[-40:]))
 
 
+class CommandLine(IntegrationCase):
+    """What the command line takes and how it says what it does not."""
+
+    def test_durations_take_units(self):
+        write_file(self.source, "f", b"data", mtime=time.time() - 3600)
+        result = self.run_s3push("--min-age", "1h30m")
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertEqual(files_under(self.source), [b"f"])   # an hour old: too young
+        result = self.run_s3push("--min-age", "59m", "--deadline", "1h", "--splay", "1s",
+                                 "--timeout", "2m")
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assert_landed({"f": b"data"})
+
+    def test_a_bad_duration_is_a_usage_error_naming_the_option_and_the_forms(self):
+        write_file(self.source, "f", b"data")
+        for option, value in (("--min-age", "10x"), ("--deadline", "1.5h"),
+                              ("--splay", "30m1h"), ("--timeout", "10M"),
+                              ("--timeout", "0s")):
+            result = self.run_s3push(option, value)
+            self.assertEqual(result.status, 2, (option, result.stderr))
+            last = result.stderr.strip().splitlines()[-1]
+            self.assertIn(option, last)
+            self.assertIn("90s, 10m, 1h30m, 2d" if value != "0s" else "at least 1 second",
+                          last)
+        self.assertEqual(files_under(self.source), [b"f"])
+        self.assertEqual(self.recorder.requests, [])
+
+
 def parse_prometheus(text):
     """{(name, ((label, value), ...)): float} of a Prometheus text-format file; raises on
     any line that is not a comment, a blank or `name{labels} value`."""
