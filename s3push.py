@@ -5713,7 +5713,7 @@ def add_object_options(parser):
 
 def build_parser():
     parser = argparse.ArgumentParser(
-        prog="s3push.py",
+        prog="s3push.py", allow_abbrev=False,   # a cron line names whole options
         usage="%(prog)s [options] SOURCE_DIR s3://BUCKET[/PREFIX]",
         description="Move the files under SOURCE_DIR into S3, verified: each file is "
                     "deleted only after the server confirmed its exact bytes.",
@@ -5772,6 +5772,21 @@ def build_parser():
     return parser
 
 
+SHORT_FLAGS = "hv"   # -h and -v: the options of one letter, neither takes a value
+
+
+def split_short_flags(argv):
+    """-vv as -v -v: argparse of Python 3.6 and 3.7 refuses one-letter flags given together
+    once abbreviations are (allow_abbrev=False, bpo-26967). Nothing after '--' is touched."""
+    split = []
+    for number, arg in enumerate(argv):
+        if arg == "--":
+            return split + argv[number:]
+        together = re.fullmatch("-[%s]{2,}" % SHORT_FLAGS, arg)
+        split += ["-" + letter for letter in arg[1:]] if together else [arg]
+    return split
+
+
 def on_sigterm(signum, frame):
     raise Interrupted(signum)
 
@@ -5814,7 +5829,8 @@ def open_standard_streams():
 
 def main(argv=None):
     open_standard_streams()
-    options = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    options = build_parser().parse_args(split_short_flags(argv))
     report = Report(Notices(options.verbose))
     status = guarded_run(options, report)
     data = report.tally.summary_data(options, status)

@@ -797,6 +797,29 @@ class CommandLine(IntegrationCase):
         self.assertEqual(self.recorder.requests, [])
 
 
+    def test_only_whole_option_names(self):
+        write_file(self.source, "d/f", b"data", mtime=time.time())
+        for args, named in ((("--delete",), "--delete"), (("--min-ag", "0"), "--min-ag"),
+                            (("--verb",), "--verb")):
+            result = self.run_s3push(*args)
+            self.assertEqual(result.status, 2, (args, result.stderr))
+            self.assertIn("unrecognized arguments: " + named,
+                          result.stderr.strip().splitlines()[-1])
+        self.assertEqual(files_under(self.source), [b"d/f"])
+        self.assertEqual(self.recorder.requests, [])
+
+    def test_short_flags_given_together_still_work(self):
+        # argparse of Python 3.6 and 3.7 refuses -vv once abbreviations are refused.
+        write_file(self.source, "f", b"data")
+        result = self.run_s3push("-vv")
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertIn("moved 1 files", result.stderr + result.stdout)
+        self.assert_landed({"f": b"data"})
+        result = self.run_s3push("-vh")
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertTrue(result.stdout.startswith("usage: s3push.py"), result.stdout[:200])
+
+
 def parse_prometheus(text):
     """{(name, ((label, value), ...)): float} of a Prometheus text-format file; raises on
     any line that is not a comment, a blank or `name{labels} value`."""

@@ -227,6 +227,22 @@ class Durations(unittest.TestCase):
             s3push.positive_duration("0m")
 
 
+class ShortFlags(unittest.TestCase):
+    def test_flags_given_together_are_split_before_the_parser_sees_them(self):
+        split = s3push.split_short_flags
+        self.assertEqual(split(["-vv", "-vh", "--x=-vv", "-vx", "a"]),
+                         ["-v", "-v", "-v", "-h", "--x=-vv", "-vx", "a"])
+        self.assertEqual(split(["-v", "--", "-vv", "s3://b"]), ["-v", "--", "-vv", "s3://b"])
+
+    def test_short_flags_names_every_option_of_one_letter(self):
+        actions = s3push.build_parser()._actions
+        short = {name[1] for action in actions for name in action.option_strings
+                 if len(name) == 2}
+        self.assertEqual(short, set(s3push.SHORT_FLAGS))
+        self.assertEqual({action.nargs for action in actions
+                          if set(action.option_strings) & {"-" + c for c in short}}, {0})
+
+
 class Keys(unittest.TestCase):
     def test_prefix_and_relative(self):
         self.assertEqual(s3push.object_key("", "a/b c"), "a/b c")
