@@ -5452,11 +5452,14 @@ def add_output_options(parser):
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     parser.add_argument("--summary-json", metavar="FILE",
                         help="write a summary of the run (counts, bytes, seconds, exit "
-                        "status, first errors) to FILE as JSON, for monitoring")
+                        "status, first errors) to FILE as JSON, for monitoring; also for a "
+                        "command line refused (exit 2), unless the error is in "
+                        "--summary-json or --metrics-file itself")
     parser.add_argument("--metrics-file", metavar="FILE",
                         help="write the run's figures to FILE in the Prometheus text format, "
                         "for node_exporter's textfile collector (files and bytes moved, "
-                        "failures by kind, files left, seconds, exit status, last success)")
+                        "failures by kind, files left, seconds, exit status, last success); "
+                        "for a command line refused, as --summary-json")
 
 
 CANNED_ACLS = ("private", "public-read", "public-read-write", "authenticated-read",
@@ -5711,10 +5714,21 @@ def add_object_options(parser):
                        help="put a legal hold on each object (needs s3:PutObjectLegalHold)")
 
 
+USAGE = "s3push.py [options] SOURCE_DIR s3://BUCKET[/PREFIX]"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, but a usage error is raised (UsageError), not said with an exit,
+    so that main writes the summary and the metrics of a refused command line too."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="s3push.py", allow_abbrev=False,   # a cron line names whole options
-        usage="%(prog)s [options] SOURCE_DIR s3://BUCKET[/PREFIX]",
+        usage=USAGE,
         description="Move the files under SOURCE_DIR into S3, verified: each file is "
                     "deleted only after the server confirmed its exact bytes.",
         epilog="exit status: 0 all moved, nothing to do or another run active; 2 usage; "
@@ -5787,8 +5801,48 @@ def split_short_flags(argv):
     return split
 
 
+def report_options(argv):
+    """--summary-json and --metrics-file of a command line the parser refused, read apart
+    from every other argument: wherever the error is, but in one of these two, their
+    paths are known. Nothing else of the run is: no source, no destination."""
+    parser = Parser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--summary-json")
+    parser.add_argument("--metrics-file")
+    try:
+        found = parser.parse_known_args(argv)[0]
+    except UsageError:   # --summary-json or --metrics-file without its FILE
+        found = argparse.Namespace(summary_json=None, metrics_file=None)
+    return argparse.Namespace(source="", destination="", verbose=False,
+                              summary_json=found.summary_json, metrics_file=found.metrics_file)
+
+
+def parse_options(argv):
+    """(options, None) for a command line to run; else (what the run's reports can be
+    given of it, the UsageError that refuses it)."""
+    parser = build_parser()
+    try:
+        options = parser.parse_args(split_short_flags(argv))
+    except UsageError as exc:
+        parser.print_usage(sys.stderr)
+        return report_options(argv), exc
+    if options.source.lower().startswith("s3://") and \
+            not options.destination.lower().startswith("s3://"):
+        return options, UsageError("arguments in the wrong order, the directory comes first: "
+                                   + USAGE)
+    return options, None
+
+
 def on_sigterm(signum, frame):
     raise Interrupted(signum)
+
+
+def say_error(report, message):
+    """The error that ends a run: one line on stderr, kept for --summary-json."""
+    line = "s3push: error: %s" % message
+    emit(sys.stderr, line)
+    report.tally.errors_total += 1
+    if len(report.tally.errors) < MAX_SUMMARY_ERRORS:
+        report.tally.errors.append(line)
 
 
 def guarded_run(options, report):
@@ -5804,13 +5858,13 @@ def guarded_run(options, report):
         emit(sys.stderr, "s3push: terminated; files not yet confirmed were left in place")
         return EXIT_SIGNAL_BASE + exc.signum
     except S3PushError as exc:
-        emit(sys.stderr, "s3push: error: %s" % exc)
+        say_error(report, exc)
         return exc.exit_code
     except BrokenPipeError:   # stdout closed early (a --dry-run | head): nothing to mend
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return report.tally.exit_status()
     except Exception as exc:   # a bug: one line, no secret, every unconfirmed file kept
-        emit(sys.stderr, "s3push: error: %s" % internal_error(exc, report.credentials))
+        say_error(report, internal_error(exc, report.credentials))
         return EXIT_SOFTWARE
 
 
@@ -5829,10 +5883,13 @@ def open_standard_streams():
 
 def main(argv=None):
     open_standard_streams()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    options = build_parser().parse_args(split_short_flags(argv))
+    options, refused = parse_options(sys.argv[1:] if argv is None else list(argv))
     report = Report(Notices(options.verbose))
-    status = guarded_run(options, report)
+    if refused is None:
+        status = guarded_run(options, report)
+    else:   # no run; its reports all the same, wherever their paths could be read
+        say_error(report, refused)
+        status = refused.exit_code
     data = report.tally.summary_data(options, status)
     if options.summary_json:
         write_summary(options.summary_json, data, report.notices)

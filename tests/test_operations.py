@@ -820,6 +820,57 @@ class CommandLine(IntegrationCase):
         self.assertTrue(result.stdout.startswith("usage: s3push.py"), result.stdout[:200])
 
 
+    def run_argv(self, argv):
+        done = subprocess.run(argv, env=self.env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=120)
+        return done.returncode, done.stdout.decode(), done.stderr.decode()
+
+    def test_arguments_in_the_wrong_order_get_a_one_line_hint(self):
+        write_file(self.source, "f", b"data")
+        argv = self.command()
+        argv[-2:] = argv[-1:-3:-1]
+        status, out, err = self.run_argv(argv)
+        self.assertEqual(status, 2, err)
+        self.assertEqual(err.count("\n"), 1, err)
+        self.assertIn("wrong order", err)
+        self.assertIn("s3push.py [options] SOURCE_DIR s3://BUCKET[/PREFIX]", err)
+        self.assertEqual(files_under(self.source), [b"f"])
+
+    def test_a_refused_command_line_leaves_its_summary_and_metrics(self):
+        import json
+        write_file(self.source, "f", b"data")
+        summary, metrics = (os.path.join(self.tmp, name) for name in ("s.json", "m.prom"))
+        reports = ("--summary-json", summary, "--metrics-file", metrics)
+        bad_value, unknown = ("--min-age", "10x"), ("--no-such-option",)
+        swapped = self.command(*reports)
+        swapped[-2:] = swapped[-1:-3:-1]
+        for argv, named in ((self.command(*(bad_value + reports)), "--min-age"),
+                            (self.command(*(reports + bad_value)), "--min-age"),
+                            (self.command(*(unknown + reports)), "--no-such-option"),
+                            (self.command(*reports)[:-2], "required"),
+                            (swapped, "wrong order")):
+            for path in (summary, metrics):
+                if os.path.exists(path):
+                    os.unlink(path)
+            status, out, err = self.run_argv(argv)
+            self.assertEqual(status, 2, (argv, err))
+            with open(summary) as handle:
+                data = json.load(handle)
+            self.assertEqual((data["exit_status"], data["files_moved"]), (2, 0), argv)
+            self.assertIn(named, data["errors"][0])
+            self.assertEqual(data["errors"], [err.strip().splitlines()[-1]])
+            with open(metrics) as handle:
+                self.assertIn("s3push_exit_status", handle.read())
+        # Where its own FILE is missing, no summary can be written; the error is said.
+        os.unlink(summary)
+        status, out, err = self.run_argv(self.command(*reports[2:]) + ["--summary-json"])
+        self.assertEqual(status, 2, err)
+        self.assertIn("--summary-json", err)
+        self.assertFalse(os.path.exists(summary))
+        self.assertEqual(files_under(self.source), [b"f"])
+        self.assertEqual(self.recorder.requests, [])
+
+
 def parse_prometheus(text):
     """{(name, ((label, value), ...)): float} of a Prometheus text-format file; raises on
     any line that is not a comment, a blank or `name{labels} value`."""
