@@ -871,6 +871,37 @@ class CommandLine(IntegrationCase):
         self.assertEqual(self.recorder.requests, [])
 
 
+    def test_help_in_titled_groups_then_examples_and_credentials(self):
+        status, out, err = self.run_argv(self.command("--help"))
+        self.assertEqual(status, 0, err)
+        titles = ("what is moved", "where it goes", "how objects are written", "transfer",
+                  "safety", "output", "examples")
+        starts = [out.find("\n%s:\n" % title) for title in titles]
+        self.assertNotIn(-1, starts, out)
+        self.assertEqual(starts, sorted(starts))
+        self.assertNotIn("arguments:", out)   # nothing left in argparse's own groups
+        sections = dict(zip(titles, (out[a:b] for a, b in zip(starts, starts[1:] + [None]))))
+        for title, options in (("what is moved", ("SOURCE_DIR", "--min-age DURATION",
+                                                  "--exclude GLOB", "--max-size SIZE")),
+                               ("where it goes", ("s3://BUCKET[/PREFIX]", "--if-exists",
+                                                  "--endpoint-url", "--profile")),
+                               ("how objects are written", ("--storage-class", "--compress",
+                                                            "--metadata", "--legal-hold")),
+                               ("transfer", ("--jobs N", "--timeout DURATION",
+                                             "--deadline DURATION", "--splay DURATION")),
+                               ("safety", ("--dry-run", "--checksum", "--state-dir")),
+                               ("output", ("-v, --verbose", "--summary-json", "-h, --help"))):
+            for option in options:
+                self.assertIn("\n  " + option, sections[title], (title, option))
+        examples = " ".join(sections["examples"].split())
+        for said in ("--dry-run /var/spool/outbox", "*/5 * * * * /usr/local/bin/s3push.py",
+                     "--min-age 10m", "systemd timer", "credentials", "AWS_ACCESS_KEY_ID",
+                     "~/.aws/credentials and ~/.aws/config", "AWS_PROFILE",
+                     "EC2 instance profile", "exit status"):
+            self.assertIn(said, examples)
+        self.assertIn("for a command line refused (exit 2)", " ".join(out.split()))
+
+
 def parse_prometheus(text):
     """{(name, ((label, value), ...)): float} of a Prometheus text-format file; raises on
     any line that is not a comment, a blank or `name{labels} value`."""

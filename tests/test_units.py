@@ -227,12 +227,17 @@ class Durations(unittest.TestCase):
             s3push.positive_duration("0m")
 
 
-class ShortFlags(unittest.TestCase):
+class CommandLineParser(unittest.TestCase):
     def test_flags_given_together_are_split_before_the_parser_sees_them(self):
         split = s3push.split_short_flags
         self.assertEqual(split(["-vv", "-vh", "--x=-vv", "-vx", "a"]),
                          ["-v", "-v", "-v", "-h", "--x=-vv", "-vx", "a"])
         self.assertEqual(split(["-v", "--", "-vv", "s3://b"]), ["-v", "--", "-vv", "s3://b"])
+
+    def test_every_option_is_in_a_titled_group(self):
+        for group in s3push.build_parser()._action_groups:
+            if group.title in ("positional arguments", "optional arguments", "options"):
+                self.assertEqual(group._group_actions, [], group.title)
 
     def test_short_flags_names_every_option_of_one_letter(self):
         actions = s3push.build_parser()._actions
