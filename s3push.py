@@ -5423,42 +5423,6 @@ def account_id(text):
     return text
 
 
-def add_settings_options(parser):
-    parser.add_argument("--profile", help="profile in ~/.aws/credentials and ~/.aws/config")
-    parser.add_argument("--region", help="signing region (default: from the environment or "
-                        "profile, else us-east-1)")
-    parser.add_argument("--endpoint-url", metavar="URL",
-                        help="S3-compatible server, e.g. http://127.0.0.1:9000")
-    parser.add_argument("--expected-bucket-owner", type=account_id, metavar="ACCOUNT_ID",
-                        help="send x-amz-expected-bucket-owner on every request: S3 refuses "
-                        "(403) if another account owns the bucket; also "
-                        "S3PUSH_EXPECTED_BUCKET_OWNER or s3push_expected_bucket_owner in the "
-                        "profile")
-    parser.add_argument("--ca-bundle", metavar="FILE",
-                        help="trust the CAs in FILE (PEM) instead of the system's for TLS; "
-                        "also AWS_CA_BUNDLE or ca_bundle in the profile")
-
-
-def add_output_options(parser):
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="print one line per moved file and a summary")
-    parser.add_argument("--debug", action="store_true",
-                        help="also print each request's canonical request, string to sign "
-                        "and answer on stderr (the secret, the token and signatures are "
-                        "left out)")
-    parser.add_argument("--progress", action="store_true", default=None,
-                        help="a live status line on stderr (files and bytes done of those "
-                        "found, rate, ETA); the default on a terminal, never under cron")
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
-    parser.add_argument("--summary-json", metavar="FILE",
-                        help="write a summary of the run (counts, bytes, seconds, exit "
-                        "status, first errors) to FILE as JSON, for monitoring")
-    parser.add_argument("--metrics-file", metavar="FILE",
-                        help="write the run's figures to FILE in the Prometheus text format, "
-                        "for node_exporter's textfile collector (files and bytes moved, "
-                        "failures by kind, files left, seconds, exit status, last success)")
-
-
 CANNED_ACLS = ("private", "public-read", "public-read-write", "authenticated-read",
                "aws-exec-read", "bucket-owner-read", "bucket-owner-full-control")
 
@@ -5479,8 +5443,7 @@ def compress_argument(text):
                                      % text)
 
 
-def add_upload_options(parser):
-    group = parser.add_argument_group("upload options")
+def add_upload_options(group):
     group.add_argument("--storage-class", type=upper_word, metavar="CLASS",
                        help="e.g. STANDARD_IA, INTELLIGENT_TIERING, GLACIER_IR")
     group.add_argument("--sse", choices=("AES256", "aws:kms", "aws:kms:dsse"),
@@ -5497,24 +5460,10 @@ def add_upload_options(parser):
                        "x-amz-meta-s3push-size; files compressed already (by extension or "
                        "first bytes: .gz .zst .zip .jpg .mp4 ...) go as they are. Spooled "
                        "in the state folder; checked to gunzip to the file before it is sent")
-    group.add_argument("--checksum", choices=("md5", "crc32"),
-                       help="what proves each upload: md5 (a signed Content-MD5, and the "
-                       "ETag must be that MD5: every S3 server) or crc32 (a signed "
-                       "x-amz-checksum-crc32 the server verifies and must echo: AWS S3, "
-                       "MinIO; cheaper per byte). Default: crc32 on AWS endpoints, md5 "
-                       "elsewhere")
     group.add_argument("--sign-payload", action="store_true",
                        help="sign each body's SHA-256 too (for bucket policies that demand "
                        "s3:x-amz-content-sha256); by default bodies go UNSIGNED-PAYLOAD under "
                        "their signed Content-MD5, which the server checks: one hash, not two")
-    group.add_argument("--if-exists", choices=("overwrite", "keep", "number"),
-                       help="when an object is already at the key: overwrite it (the "
-                       "default); keep it, and the file too, as a conflict to resolve; or "
-                       "number: send the file to the first free key of name.1.ext, "
-                       "name.2.ext, ... (keep and number send If-None-Match: *)")
-    group.add_argument("--no-overwrite", dest="if_exists", action="store_const",
-                       const="keep", help="the same as --if-exists keep")
-    parser.set_defaults(if_exists="overwrite")
 
 
 def non_negative_int(text):
@@ -5559,51 +5508,180 @@ def rate_argument(text):
     return rate
 
 
+DURATION_UNITS = (86400, 3600, 60, 1)   # d, h, m, s
+
+
+def duration_argument(text):
+    """Seconds from '90' or a duration of whole numbers with units, largest first, each at
+    most once: '90s', '10m', '1h', '2d', '1h30m'."""
+    if re.fullmatch(r"[0-9]+", text):
+        return int(text)
+    match = re.fullmatch(r"(?:([0-9]+)d)?(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9]+)s)?", text)
+    if not text or not match:
+        raise argparse.ArgumentTypeError(
+            "%r is not a duration: give seconds (90) or whole numbers with the units d, h, "
+            "m, s, largest first (90s, 10m, 1h30m, 2d)" % text)
+    return sum(int(count) * unit for count, unit in zip(match.groups(), DURATION_UNITS)
+               if count)
+
+
+def positive_duration(text):
+    seconds = duration_argument(text)
+    if seconds == 0:
+        raise argparse.ArgumentTypeError("must be at least 1 second")
+    return seconds
+
+
 def format_size(size):
     return "%dMiB" % (size // MIB) if size % MIB == 0 else "%d bytes" % size
 
 
-def add_transfer_options(parser):
-    parser.add_argument("--deadline", type=non_negative_int, default=0, metavar="SECONDS",
-                        help="start no upload and no retry after this many seconds, so that "
-                        "a cron run ends before the next one starts; what is left waits "
-                        "for the next run (default 0: none)")
-    parser.add_argument("--splay", type=non_negative_int, default=0, metavar="SECONDS",
-                        help="once there is something to send, first wait a random time "
-                        "below SECONDS, so that many hosts whose cron fires at once do not "
-                        "reach S3 at once; a run with nothing to send never waits "
-                        "(default 0)")
-    parser.add_argument("--bwlimit", type=rate_argument, metavar="RATE",
-                        help="keep the whole run's upload at or under RATE bytes per second, "
-                        "all --jobs and parts together (binary units: 500K, 2M, 1G; "
-                        "default: no limit)")
-    parser.add_argument("--timeout", type=positive_int, default=DEFAULT_TIMEOUT,
-                        metavar="SECONDS", help="give up on a connection that makes no "
-                        "progress for this long, then retry (default %(default)s)")
-    parser.add_argument("--retries", type=non_negative_int, default=DEFAULT_RETRIES,
-                        metavar="N", help="retry a request that failed for a transient reason "
-                        "(5xx, throttling, a broken connection) up to N times, with "
-                        "exponential backoff (default %(default)s)")
-    parser.add_argument("--jobs", type=positive_int, default=DEFAULT_JOBS, metavar="N",
-                        help="files and parts sent at once, each over its own kept-alive "
-                        "connection (default %(default)s)")
-    parser.add_argument("--multipart-threshold", type=size_argument, metavar="SIZE",
-                        default=DEFAULT_MULTIPART_THRESHOLD,
-                        help="files larger than this go up in parts (default %s)"
-                        % format_size(DEFAULT_MULTIPART_THRESHOLD))
-    parser.add_argument("--part-size", type=part_size_argument, metavar="SIZE",
-                        default=DEFAULT_PART_SIZE,
-                        help="size of each part, at least 5MiB; grown by itself so that any "
-                        "file fits in 10,000 parts (default %s)" % format_size(DEFAULT_PART_SIZE))
-    parser.add_argument("--state-dir", metavar="DIR",
-                        help="where the journals that let a multipart upload cut off part-way "
-                        "resume are kept, outside SOURCE_DIR (default $XDG_STATE_HOME/s3push, "
-                        "else ~/.local/state/s3push)")
-    parser.add_argument("--resume-days", type=non_negative_int, default=DEFAULT_RESUME_DAYS,
-                        metavar="DAYS", help="forget a journal once its upload is this many "
-                        "days old: keep it at or below the bucket's "
-                        "AbortIncompleteMultipartUpload days; 0 keeps no journals "
-                        "(default %(default)s)")
+def add_selection_options(group):
+    group.add_argument("source", metavar="SOURCE_DIR", help="directory whose files to move")
+    group.add_argument("--min-age", type=duration_argument, default=DEFAULT_MIN_AGE,
+                       metavar="DURATION", help="leave files modified more recently than "
+                       "this for a later run (default %ds)" % DEFAULT_MIN_AGE)
+    group.add_argument("--min-size", type=size_argument, default=0, metavar="SIZE",
+                       help="leave (and count) files smaller than SIZE")
+    group.add_argument("--max-size", type=size_argument, default=None, metavar="SIZE",
+                       help="leave (and count) files larger than SIZE")
+    group.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                       help="skip names or relative paths matching GLOB (repeatable); always "
+                       "skipped: " + " ".join(DEFAULT_EXCLUDES))
+    group.add_argument("--exclude-from", action="append", default=[], metavar="FILE",
+                       help="--exclude each glob of FILE: one a line, '#' starts a comment "
+                       "line (repeatable)")
+    group.add_argument("--include", action="append", default=[], metavar="GLOB",
+                       help="move only files whose name or relative path matches GLOB "
+                       "(repeatable; the excludes still win)")
+    group.add_argument("--include-from", action="append", default=[], metavar="FILE",
+                       help="--include each glob of FILE, as --exclude-from reads it")
+    group.add_argument("--delete-empty-dirs", action="store_true",
+                       help="remove subdirectories the run emptied (never SOURCE_DIR)")
+
+
+def add_destination_options(group):
+    group.add_argument("destination", metavar="s3://BUCKET[/PREFIX]",
+                       help="where the files go; keys are PREFIX/relative/path")
+    group.add_argument("--if-exists", choices=("overwrite", "keep", "number"),
+                       default="overwrite",
+                       help="when an object is already at the key: overwrite it (the "
+                       "default); keep it, and the file too, as a conflict to resolve; or "
+                       "number: send the file to the first free key of name.1.ext, "
+                       "name.2.ext, ... (keep and number send If-None-Match: *)")
+    group.add_argument("--no-overwrite", dest="if_exists", action="store_const",
+                       const="keep", help="the same as --if-exists keep")
+    group.add_argument("--endpoint-url", metavar="URL",
+                       help="S3-compatible server, e.g. http://127.0.0.1:9000")
+    group.add_argument("--region", help="signing region (default: from the environment or "
+                       "profile, else us-east-1)")
+    group.add_argument("--profile", help="profile in ~/.aws/credentials and ~/.aws/config "
+                       "(credentials: below)")
+    group.add_argument("--ca-bundle", metavar="FILE",
+                       help="trust the CAs in FILE (PEM) instead of the system's for TLS; "
+                       "also AWS_CA_BUNDLE or ca_bundle in the profile")
+
+
+def add_transfer_options(group):
+    group.add_argument("--deadline", type=duration_argument, default=0, metavar="DURATION",
+                       help="start no upload and no retry after this long, so that a cron "
+                       "run ends before the next one starts; what is left waits for the "
+                       "next run (default 0: none)")
+    group.add_argument("--splay", type=duration_argument, default=0, metavar="DURATION",
+                       help="once there is something to send, first wait a random time "
+                       "below DURATION, so that many hosts whose cron fires at once do not "
+                       "reach S3 at once; a run with nothing to send never waits "
+                       "(default 0)")
+    group.add_argument("--bwlimit", type=rate_argument, metavar="RATE",
+                       help="keep the whole run's upload at or under RATE bytes per second, "
+                       "all --jobs and parts together (binary units: 500K, 2M, 1G; "
+                       "default: no limit)")
+    group.add_argument("--timeout", type=positive_duration, default=DEFAULT_TIMEOUT,
+                       metavar="DURATION", help="give up on a connection that makes no "
+                       "progress for this long, then retry (default %ds)" % DEFAULT_TIMEOUT)
+    group.add_argument("--retries", type=non_negative_int, default=DEFAULT_RETRIES,
+                       metavar="N", help="retry a request that failed for a transient reason "
+                       "(5xx, throttling, a broken connection) up to N times, with "
+                       "exponential backoff (default %(default)s)")
+    group.add_argument("--jobs", type=positive_int, default=DEFAULT_JOBS, metavar="N",
+                       help="files and parts sent at once, each over its own kept-alive "
+                       "connection (default %(default)s)")
+    group.add_argument("--multipart-threshold", type=size_argument, metavar="SIZE",
+                       default=DEFAULT_MULTIPART_THRESHOLD,
+                       help="files larger than this go up in parts (default %s)"
+                       % format_size(DEFAULT_MULTIPART_THRESHOLD))
+    group.add_argument("--part-size", type=part_size_argument, metavar="SIZE",
+                       default=DEFAULT_PART_SIZE,
+                       help="size of each part, at least 5MiB; grown by itself so that any "
+                       "file fits in 10,000 parts (default %s)" % format_size(DEFAULT_PART_SIZE))
+    group.add_argument("--resume-days", type=non_negative_int, default=DEFAULT_RESUME_DAYS,
+                       metavar="DAYS", help="forget a journal once its upload is this many "
+                       "days old: keep it at or below the bucket's "
+                       "AbortIncompleteMultipartUpload days; 0 keeps no journals "
+                       "(default %(default)s)")
+
+
+def add_safety_options(group):
+    group.add_argument("--dry-run", action="store_true",
+                       help="print what would move where, change nothing")
+    group.add_argument("--checksum", choices=("md5", "crc32"),
+                       help="what proves each upload: md5 (a signed Content-MD5, and the "
+                       "ETag must be that MD5: every S3 server) or crc32 (a signed "
+                       "x-amz-checksum-crc32 the server verifies and must echo: AWS S3, "
+                       "MinIO; cheaper per byte). Default: crc32 on AWS endpoints, md5 "
+                       "elsewhere")
+    group.add_argument("--expected-bucket-owner", type=account_id, metavar="ACCOUNT_ID",
+                       help="send x-amz-expected-bucket-owner on every request: S3 refuses "
+                       "(403) if another account owns the bucket; also "
+                       "S3PUSH_EXPECTED_BUCKET_OWNER or s3push_expected_bucket_owner in the "
+                       "profile")
+    group.add_argument("--allow-hardlinks", action="store_true",
+                       help="move files with more than one hard link even where the kernel "
+                       "lets users link in files they cannot read (fs.protected_hardlinks "
+                       "off); by default such files are left in place and reported")
+    group.add_argument("--state-dir", metavar="DIR",
+                       help="the state folder, outside SOURCE_DIR: the run lock, the ledger "
+                       "of confirmed uploads and the journals that let a multipart upload cut "
+                       "off part-way resume (default $XDG_STATE_HOME/s3push, else "
+                       "~/.local/state/s3push)")
+
+
+def add_output_options(group):
+    group.add_argument("-v", "--verbose", action="store_true",
+                       help="print one line per moved file and a summary")
+    group.add_argument("--debug", action="store_true",
+                       help="also print each request's canonical request, string to sign "
+                       "and answer on stderr (the secret, the token and signatures are "
+                       "left out)")
+    group.add_argument("--progress", action="store_true", default=None,
+                       help="a live status line on stderr (files and bytes done of those "
+                       "found, rate, ETA); the default on a terminal, never under cron")
+    group.add_argument("--no-progress", dest="progress", action="store_false")
+    group.add_argument("--summary-json", metavar="FILE",
+                       help="write a summary of the run (counts, bytes, seconds, exit "
+                       "status, first errors) to FILE as JSON, for monitoring; also for a "
+                       "command line refused (exit 2), unless the error is in "
+                       "--summary-json or --metrics-file itself")
+    group.add_argument("--metrics-file", metavar="FILE",
+                       help="write the run's figures to FILE in the Prometheus text format, "
+                       "for node_exporter's textfile collector (files and bytes moved, "
+                       "failures by kind, files left, seconds, exit status, last success); "
+                       "for a command line refused, as --summary-json")
+    group.add_argument("--manifest", metavar="FILE",
+                       help="append a JSON line per moved file to FILE (time, run, path, "
+                       "bucket, key, size, mtime, the checksum that proved it, ETag, "
+                       "VersionId), fsync'ed before the file is removed; a line that cannot "
+                       "be written whole is cut off and keeps the file. Runs may share FILE "
+                       "(flock); never followed through a symlink")
+    group.add_argument("--manifest-key", metavar="TEMPLATE",
+                       help="at the end of the run, upload its --manifest lines as one "
+                       "object at this key (one more PUT), e.g. "
+                       "manifests/{hostname}/{date}/{hour}-{run_id}.jsonl; {run_id} and the "
+                       "time placeholders are of the run's start. An object not sent (a "
+                       "failure, a kill) is sent by the next run of SOURCE_DIR to this "
+                       "destination")
+    group.add_argument("-h", "--help", action="help", help="show this help and exit")
+    group.add_argument("--version", action="version", version="s3push " + VERSION)
 
 
 def argument_text(text):
@@ -5660,8 +5738,7 @@ def retain_until(text):
                                      "(UTC)" % text)
 
 
-def add_object_options(parser):
-    group = parser.add_argument_group("object metadata, tags and Object Lock")
+def add_object_options(group):
     group.add_argument("--metadata", type=metadata_item, action="append", default=[],
                        metavar="KEY=VALUE", help="user metadata (x-amz-meta-KEY), repeatable; "
                        "the value may hold the key placeholders ({hostname}, {mtime_date}, "
@@ -5687,69 +5764,118 @@ def add_object_options(parser):
                        help="put a legal hold on each object (needs s3:PutObjectLegalHold)")
 
 
+USAGE = "s3push.py [options] SOURCE_DIR s3://BUCKET[/PREFIX]"
+DESCRIPTION = """\
+Move the files under SOURCE_DIR into S3, verified: each file is deleted only
+after the server confirmed its exact bytes."""
+EPILOG = """\
+examples:
+  see what would go where, then move it (-v: a line per file, and a summary):
+    s3push.py --dry-run /var/spool/outbox s3://my-bucket/web01/
+    s3push.py -v /var/spool/outbox s3://my-bucket/web01/
+  from cron every 5 minutes, files 10 minutes old or older (crontab -e):
+    */5 * * * * /usr/local/bin/s3push.py --min-age 10m /var/spool/outbox \
+s3://my-bucket/web01/
+  from a systemd timer: a Type=oneshot service running that command and a timer
+  with OnUnitActiveSec=5min (both units: the README, "Running it from a systemd
+  timer").
+
+durations: 90 (seconds), 90s, 10m, 1h, 2d, 1h30m. sizes: 64K, 8M, 1G, 64MiB
+(binary units), or bytes.
+
+credentials, as the AWS CLI finds them: AWS_ACCESS_KEY_ID and
+AWS_SECRET_ACCESS_KEY (with AWS_SESSION_TOKEN), passed over when --profile is
+given; else the profile (--profile, AWS_PROFILE, else default) in
+~/.aws/credentials and ~/.aws/config (keys, role_arn, credential_process);
+else a container's role (AWS_CONTAINER_CREDENTIALS_*), else the EC2 instance
+profile (IMDSv2). No option takes a secret.
+
+exit status: 0 all moved, nothing to do or another run active; 2 usage;
+65 some files failed and were left; 66 SOURCE_DIR unusable; 70 internal error;
+75 temporary failure, try again; 77 S3 refused the credentials or permission;
+78 configuration or credentials problem; 130/143 interrupted."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, but a usage error is raised (UsageError), not said with an exit,
+    so that main writes the summary and the metrics of a refused command line too."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(
-        prog="s3push.py",
-        usage="%(prog)s [options] SOURCE_DIR s3://BUCKET[/PREFIX]",
-        description="Move the files under SOURCE_DIR into S3, verified: each file is "
-                    "deleted only after the server confirmed its exact bytes.",
-        epilog="exit status: 0 all moved, nothing to do or another run active; 2 usage; "
-               "65 some files failed and were left; 66 SOURCE_DIR unusable; 70 internal "
-               "error; 75 temporary failure, try again; 77 S3 refused the credentials or "
-               "permission; 78 configuration or credentials problem; 130/143 interrupted.")
-    parser.add_argument("source", metavar="SOURCE_DIR", help="directory whose files to move")
-    parser.add_argument("destination", metavar="s3://BUCKET[/PREFIX]",
-                        help="where the files go; keys are PREFIX/relative/path")
-    parser.add_argument("--min-age", type=non_negative_int, default=DEFAULT_MIN_AGE,
-                        metavar="SECONDS", help="leave files modified more recently than this "
-                        "for a later run (default %(default)s)")
-    parser.add_argument("--exclude", action="append", default=[], metavar="GLOB",
-                        help="skip names or relative paths matching GLOB (repeatable); always "
-                        "skipped: " + " ".join(DEFAULT_EXCLUDES))
-    parser.add_argument("--exclude-from", action="append", default=[], metavar="FILE",
-                        help="--exclude each glob of FILE: one a line, '#' starts a comment "
-                        "line (repeatable)")
-    parser.add_argument("--include", action="append", default=[], metavar="GLOB",
-                        help="move only files whose name or relative path matches GLOB "
-                        "(repeatable; the excludes still win)")
-    parser.add_argument("--include-from", action="append", default=[], metavar="FILE",
-                        help="--include each glob of FILE, as --exclude-from reads it")
-    parser.add_argument("--min-size", type=size_argument, default=0, metavar="SIZE",
-                        help="leave (and count) files smaller than SIZE")
-    parser.add_argument("--max-size", type=size_argument, default=None, metavar="SIZE",
-                        help="leave (and count) files larger than SIZE")
-    parser.add_argument("--manifest", metavar="FILE",
-                        help="append a JSON line per moved file to FILE (time, run, path, "
-                        "bucket, key, size, mtime, the checksum that proved it, ETag, "
-                        "VersionId), fsync'ed before the file is removed; a line that cannot "
-                        "be written whole is cut off and keeps the file. Runs may share FILE "
-                        "(flock); never followed through a symlink")
-    parser.add_argument("--manifest-key", metavar="TEMPLATE",
-                        help="at the end of the run, upload its --manifest lines as one "
-                        "object at this key (one more PUT), e.g. "
-                        "manifests/{hostname}/{date}/{hour}-{run_id}.jsonl; {run_id} and the "
-                        "time placeholders are of the run's start. An object not sent (a "
-                        "failure, a kill) is sent by the next run of SOURCE_DIR to this "
-                        "destination")
-    parser.add_argument("--delete-empty-dirs", action="store_true",
-                        help="remove subdirectories the run emptied (never SOURCE_DIR)")
-    parser.add_argument("--allow-hardlinks", action="store_true",
-                        help="move files with more than one hard link even where the kernel "
-                        "lets users link in files they cannot read (fs.protected_hardlinks "
-                        "off); by default such files are left in place and reported")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print what would move where, change nothing")
-    add_transfer_options(parser)
-    add_upload_options(parser)
-    add_object_options(parser)
-    add_settings_options(parser)
-    add_output_options(parser)
-    parser.add_argument("--version", action="version", version="s3push " + VERSION)
+    parser = Parser(prog="s3push.py", usage=USAGE, description=DESCRIPTION, epilog=EPILOG,
+                    formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False,
+                    allow_abbrev=False)   # a cron line names whole options
+    add_selection_options(parser.add_argument_group("what is moved"))
+    add_destination_options(parser.add_argument_group("where it goes"))
+    written = parser.add_argument_group("how objects are written")
+    add_upload_options(written)
+    add_object_options(written)
+    add_transfer_options(parser.add_argument_group("transfer"))
+    add_safety_options(parser.add_argument_group("safety"))
+    add_output_options(parser.add_argument_group("output"))
     return parser
+
+
+SHORT_FLAGS = "hv"   # -h and -v: the options of one letter, neither takes a value
+
+
+def split_short_flags(argv):
+    """-vv as -v -v: argparse of Python 3.6 and 3.7 refuses one-letter flags given together
+    once abbreviations are (allow_abbrev=False, bpo-26967). Nothing after '--' is touched."""
+    split = []
+    for number, arg in enumerate(argv):
+        if arg == "--":
+            return split + argv[number:]
+        together = re.fullmatch("-[%s]{2,}" % SHORT_FLAGS, arg)
+        split += ["-" + letter for letter in arg[1:]] if together else [arg]
+    return split
+
+
+def report_options(argv):
+    """--summary-json and --metrics-file of a command line the parser refused, read apart
+    from every other argument: wherever the error is, but in one of these two, their
+    paths are known. Nothing else of the run is: no source, no destination."""
+    parser = Parser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--summary-json")
+    parser.add_argument("--metrics-file")
+    try:
+        found = parser.parse_known_args(argv)[0]
+    except UsageError:   # --summary-json or --metrics-file without its FILE
+        found = argparse.Namespace(summary_json=None, metrics_file=None)
+    return argparse.Namespace(source="", destination="", verbose=False,
+                              summary_json=found.summary_json, metrics_file=found.metrics_file)
+
+
+def parse_options(argv):
+    """(options, None) for a command line to run; else (what the run's reports can be
+    given of it, the UsageError that refuses it)."""
+    parser = build_parser()
+    try:
+        options = parser.parse_args(split_short_flags(argv))
+    except UsageError as exc:
+        parser.print_usage(sys.stderr)
+        return report_options(argv), exc
+    if options.source.lower().startswith("s3://") and \
+            not options.destination.lower().startswith("s3://"):
+        return options, UsageError("arguments in the wrong order, the directory comes first: "
+                                   + USAGE)
+    return options, None
 
 
 def on_sigterm(signum, frame):
     raise Interrupted(signum)
+
+
+def say_error(report, message):
+    """The error that ends a run: one line on stderr, kept for --summary-json."""
+    line = "s3push: error: %s" % message
+    emit(sys.stderr, line)
+    report.tally.errors_total += 1
+    if len(report.tally.errors) < MAX_SUMMARY_ERRORS:
+        report.tally.errors.append(line)
 
 
 def guarded_run(options, report):
@@ -5765,13 +5891,13 @@ def guarded_run(options, report):
         emit(sys.stderr, "s3push: terminated; files not yet confirmed were left in place")
         return EXIT_SIGNAL_BASE + exc.signum
     except S3PushError as exc:
-        emit(sys.stderr, "s3push: error: %s" % exc)
+        say_error(report, exc)
         return exc.exit_code
     except BrokenPipeError:   # stdout closed early (a --dry-run | head): nothing to mend
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return report.tally.exit_status()
     except Exception as exc:   # a bug: one line, no secret, every unconfirmed file kept
-        emit(sys.stderr, "s3push: error: %s" % internal_error(exc, report.credentials))
+        say_error(report, internal_error(exc, report.credentials))
         return EXIT_SOFTWARE
 
 
@@ -5790,9 +5916,13 @@ def open_standard_streams():
 
 def main(argv=None):
     open_standard_streams()
-    options = build_parser().parse_args(argv)
+    options, refused = parse_options(sys.argv[1:] if argv is None else list(argv))
     report = Report(Notices(options.verbose))
-    status = guarded_run(options, report)
+    if refused is None:
+        status = guarded_run(options, report)
+    else:   # no run; its reports all the same, wherever their paths could be read
+        say_error(report, refused)
+        status = refused.exit_code
     data = report.tally.summary_data(options, status)
     if options.summary_json:
         write_summary(options.summary_json, data, report.notices)

@@ -769,6 +769,139 @@ class Summaries(IntegrationCase):
         self.assertTrue(result.stderr.endswith("\x1b[K"), repr(result.stderr[-40:]))
 
 
+class CommandLine(IntegrationCase):
+    """What the command line takes and how it says what it does not."""
+
+    def test_durations_take_units(self):
+        write_file(self.source, "f", b"data", mtime=time.time() - 3600)
+        result = self.run_s3push("--min-age", "1h30m")
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertEqual(files_under(self.source), [b"f"])   # an hour old: too young
+        result = self.run_s3push("--min-age", "59m", "--deadline", "1h", "--splay", "1s",
+                                 "--timeout", "2m")
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assert_landed({"f": b"data"})
+
+    def test_a_bad_duration_is_a_usage_error_naming_the_option_and_the_forms(self):
+        write_file(self.source, "f", b"data")
+        for option, value in (("--min-age", "10x"), ("--deadline", "1.5h"),
+                              ("--splay", "30m1h"), ("--timeout", "10M"),
+                              ("--timeout", "0s")):
+            result = self.run_s3push(option, value)
+            self.assertEqual(result.status, 2, (option, result.stderr))
+            last = result.stderr.strip().splitlines()[-1]
+            self.assertIn(option, last)
+            self.assertIn("90s, 10m, 1h30m, 2d" if value != "0s" else "at least 1 second",
+                          last)
+        self.assertEqual(files_under(self.source), [b"f"])
+        self.assertEqual(self.recorder.requests, [])
+
+
+    def test_only_whole_option_names(self):
+        write_file(self.source, "d/f", b"data", mtime=time.time())
+        for args, named in ((("--delete",), "--delete"), (("--min-ag", "0"), "--min-ag"),
+                            (("--verb",), "--verb")):
+            result = self.run_s3push(*args)
+            self.assertEqual(result.status, 2, (args, result.stderr))
+            self.assertIn("unrecognized arguments: " + named,
+                          result.stderr.strip().splitlines()[-1])
+        self.assertEqual(files_under(self.source), [b"d/f"])
+        self.assertEqual(self.recorder.requests, [])
+
+    def test_short_flags_given_together_still_work(self):
+        # argparse of Python 3.6 and 3.7 refuses -vv once abbreviations are refused.
+        write_file(self.source, "f", b"data")
+        result = self.run_s3push("-vv")
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertIn("moved 1 files", result.stderr + result.stdout)
+        self.assert_landed({"f": b"data"})
+        result = self.run_s3push("-vh")
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertTrue(result.stdout.startswith("usage: s3push.py"), result.stdout[:200])
+
+
+    def run_argv(self, argv):
+        done = subprocess.run(argv, env=self.env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=120)
+        return done.returncode, done.stdout.decode(), done.stderr.decode()
+
+    def test_arguments_in_the_wrong_order_get_a_one_line_hint(self):
+        write_file(self.source, "f", b"data")
+        argv = self.command()
+        argv[-2:] = argv[-1:-3:-1]
+        status, out, err = self.run_argv(argv)
+        self.assertEqual(status, 2, err)
+        self.assertEqual(err.count("\n"), 1, err)
+        self.assertIn("wrong order", err)
+        self.assertIn("s3push.py [options] SOURCE_DIR s3://BUCKET[/PREFIX]", err)
+        self.assertEqual(files_under(self.source), [b"f"])
+
+    def test_a_refused_command_line_leaves_its_summary_and_metrics(self):
+        import json
+        write_file(self.source, "f", b"data")
+        summary, metrics = (os.path.join(self.tmp, name) for name in ("s.json", "m.prom"))
+        reports = ("--summary-json", summary, "--metrics-file", metrics)
+        bad_value, unknown = ("--min-age", "10x"), ("--no-such-option",)
+        swapped = self.command(*reports)
+        swapped[-2:] = swapped[-1:-3:-1]
+        for argv, named in ((self.command(*(bad_value + reports)), "--min-age"),
+                            (self.command(*(reports + bad_value)), "--min-age"),
+                            (self.command(*(unknown + reports)), "--no-such-option"),
+                            (self.command(*reports)[:-2], "required"),
+                            (swapped, "wrong order")):
+            for path in (summary, metrics):
+                if os.path.exists(path):
+                    os.unlink(path)
+            status, out, err = self.run_argv(argv)
+            self.assertEqual(status, 2, (argv, err))
+            with open(summary) as handle:
+                data = json.load(handle)
+            self.assertEqual((data["exit_status"], data["files_moved"]), (2, 0), argv)
+            self.assertIn(named, data["errors"][0])
+            self.assertEqual(data["errors"], [err.strip().splitlines()[-1]])
+            with open(metrics) as handle:
+                self.assertIn("s3push_exit_status", handle.read())
+        # Where its own FILE is missing, no summary can be written; the error is said.
+        os.unlink(summary)
+        status, out, err = self.run_argv(self.command(*reports[2:]) + ["--summary-json"])
+        self.assertEqual(status, 2, err)
+        self.assertIn("--summary-json", err)
+        self.assertFalse(os.path.exists(summary))
+        self.assertEqual(files_under(self.source), [b"f"])
+        self.assertEqual(self.recorder.requests, [])
+
+
+    def test_help_in_titled_groups_then_examples_and_credentials(self):
+        status, out, err = self.run_argv(self.command("--help"))
+        self.assertEqual(status, 0, err)
+        titles = ("what is moved", "where it goes", "how objects are written", "transfer",
+                  "safety", "output", "examples")
+        starts = [out.find("\n%s:\n" % title) for title in titles]
+        self.assertNotIn(-1, starts, out)
+        self.assertEqual(starts, sorted(starts))
+        self.assertNotIn("arguments:", out)   # nothing left in argparse's own groups
+        sections = dict(zip(titles, (out[a:b] for a, b in zip(starts, starts[1:] + [None]))))
+        for title, options in (("what is moved", ("SOURCE_DIR", "--min-age DURATION",
+                                                  "--exclude GLOB", "--max-size SIZE")),
+                               ("where it goes", ("s3://BUCKET[/PREFIX]", "--if-exists",
+                                                  "--endpoint-url", "--profile")),
+                               ("how objects are written", ("--storage-class", "--compress",
+                                                            "--metadata", "--legal-hold")),
+                               ("transfer", ("--jobs N", "--timeout DURATION",
+                                             "--deadline DURATION", "--splay DURATION")),
+                               ("safety", ("--dry-run", "--checksum", "--state-dir")),
+                               ("output", ("-v, --verbose", "--summary-json", "-h, --help"))):
+            for option in options:
+                self.assertIn("\n  " + option, sections[title], (title, option))
+        examples = " ".join(sections["examples"].split())
+        for said in ("--dry-run /var/spool/outbox", "*/5 * * * * /usr/local/bin/s3push.py",
+                     "--min-age 10m", "systemd timer", "credentials", "AWS_ACCESS_KEY_ID",
+                     "~/.aws/credentials and ~/.aws/config", "AWS_PROFILE",
+                     "EC2 instance profile", "exit status"):
+            self.assertIn(said, examples)
+        self.assertIn("for a command line refused (exit 2)", " ".join(out.split()))
+
+
 def parse_prometheus(text):
     """{(name, ((label, value), ...)): float} of a Prometheus text-format file; raises on
     any line that is not a comment, a blank or `name{labels} value`."""

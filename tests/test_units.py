@@ -209,6 +209,45 @@ class Destinations(unittest.TestCase):
             self.assertIn(repr(url), str(caught.exception))
 
 
+class Durations(unittest.TestCase):
+    def test_seconds_and_units(self):
+        for text, seconds in (("0", 0), ("90", 90), ("90s", 90), ("10m", 600), ("1h", 3600),
+                              ("2d", 172800), ("1h30m", 5400), ("90m", 5400),
+                              ("2d3h4m5s", 183845), ("0s", 0)):
+            self.assertEqual(s3push.duration_argument(text), seconds, text)
+        self.assertEqual(s3push.positive_duration("1s"), 1)
+
+    def test_what_is_refused_names_the_accepted_forms(self):
+        for text in ("", "10x", "10M", "1.5h", "-5", "1h30", "30m1h", "1h1h", "m", "5\n",
+                     "\u0665"):
+            with self.assertRaises(argparse.ArgumentTypeError, msg=repr(text)) as caught:
+                s3push.duration_argument(text)
+            self.assertIn("90s, 10m, 1h30m, 2d", str(caught.exception))
+        with self.assertRaises(argparse.ArgumentTypeError):
+            s3push.positive_duration("0m")
+
+
+class CommandLineParser(unittest.TestCase):
+    def test_flags_given_together_are_split_before_the_parser_sees_them(self):
+        split = s3push.split_short_flags
+        self.assertEqual(split(["-vv", "-vh", "--x=-vv", "-vx", "a"]),
+                         ["-v", "-v", "-v", "-h", "--x=-vv", "-vx", "a"])
+        self.assertEqual(split(["-v", "--", "-vv", "s3://b"]), ["-v", "--", "-vv", "s3://b"])
+
+    def test_every_option_is_in_a_titled_group(self):
+        for group in s3push.build_parser()._action_groups:
+            if group.title in ("positional arguments", "optional arguments", "options"):
+                self.assertEqual(group._group_actions, [], group.title)
+
+    def test_short_flags_names_every_option_of_one_letter(self):
+        actions = s3push.build_parser()._actions
+        short = {name[1] for action in actions for name in action.option_strings
+                 if len(name) == 2}
+        self.assertEqual(short, set(s3push.SHORT_FLAGS))
+        self.assertEqual({action.nargs for action in actions
+                          if set(action.option_strings) & {"-" + c for c in short}}, {0})
+
+
 class Keys(unittest.TestCase):
     def test_prefix_and_relative(self):
         self.assertEqual(s3push.object_key("", "a/b c"), "a/b c")
