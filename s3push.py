@@ -2584,17 +2584,21 @@ def open_directory(root_fd, steps):
     """A descriptor of the directory that steps lead to from SOURCE_DIR (open as root_fd):
     each name opened relative to the one before, never through a symlink, and its device
     and inode checked against the scan's. TreeChanged when the tree changed."""
-    fd = os.dup(root_fd)
+    fd = root_fd
     try:
         for name, device, inode in steps:
             child = os.open(name, DIRECTORY_FLAGS, dir_fd=fd)
-            os.close(fd)
+            if fd != root_fd:
+                os.close(fd)
             fd = child
             info = os.fstat(fd)
             if (info.st_dev, info.st_ino) != (device, inode):
                 raise OSError(errno.ENOENT, "replaced")
+        if fd == root_fd:   # SOURCE_DIR itself: a descriptor of its own, for the caller
+            fd = os.dup(root_fd)
     except BaseException as exc:
-        os.close(fd)
+        if fd != root_fd:
+            os.close(fd)
         if isinstance(exc, OSError) and exc.errno in CHANGED_ERRNOS:
             raise TreeChanged("a directory on its path was moved, replaced or swapped "
                               "for a symlink during the run; left alone")
@@ -4420,8 +4424,14 @@ def gzip_file(fd, info, name, folder_fd, level):
 
 
 class WorkQueue(object):
+    """Files and parts for the workers. Two conditions share one lock: a file added wakes
+    one worker, and the scan, waiting while the queue is full, is woken once the workers
+    took half of it (not at every file: each wake costs a switch of threads)."""
+
     def __init__(self, max_files):
-        self.cond = threading.Condition()
+        lock = threading.Lock()
+        self.work = threading.Condition(lock)   # workers wait here for a task or the end
+        self.room = threading.Condition(lock)   # the scan waits here while the queue is full
         self.files = collections.deque()
         self.parts = collections.deque()
         self.max_files = max_files
@@ -4431,55 +4441,57 @@ class WorkQueue(object):
 
     def add_file(self, task):
         """Queue a file, waiting while the queue is full; False once the run stopped."""
-        with self.cond:
+        with self.work:
             while len(self.files) >= self.max_files and not self.stopped:
-                self.cond.wait(1.0)
+                self.room.wait(1.0)
             if not self.stopped:
                 self.files.append(task)
-                self.cond.notify()
+                self.work.notify()
             return not self.stopped
 
     def begin_upload(self, tasks):
-        with self.cond:
+        with self.work:
             self.uploads += 1
             self.parts.extend(tasks)
-            self.cond.notify_all()
+            self.work.notify_all()
 
     def end_upload(self):
-        with self.cond:
+        with self.work:
             self.uploads -= 1
-            self.cond.notify_all()
+            self.work.notify_all()
 
     def done_producing(self):
-        with self.cond:
+        with self.work:
             self.producing = False
-            self.cond.notify_all()
+            self.work.notify_all()
 
     def stop(self):
         """Take no new work: queued files stay on disk, queued parts are abandoned."""
-        with self.cond:
+        with self.work:
             self.stopped = True
             self.files.clear()
             abandoned, self.parts = list(self.parts), collections.deque()
-            self.cond.notify_all()
+            self.work.notify_all()
+            self.room.notify_all()
         for part in abandoned:
             part.abandon()
 
     def next_task(self):
         """The next part or file; None when there is nothing left to do."""
-        with self.cond:
+        with self.work:
             while True:
                 if self.parts:
                     return self.parts.popleft()
                 if self.files and not self.stopped:
-                    self.cond.notify_all()   # room for the scan
+                    if len(self.files) == self.max_files // 2 + 1:
+                        self.room.notify()   # half taken: the scan may fill it again
                     return self.files.popleft()
                 if self.stopped or (not self.producing and self.uploads == 0):
                     return None
-                self.cond.wait()
+                self.work.wait()
 
     def next_part(self):
-        with self.cond:
+        with self.work:
             return self.parts.popleft() if self.parts else None
 
 
