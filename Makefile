@@ -28,7 +28,7 @@ FUSEFS_DEBS := bindfs exfat-fuse exfatprogs libfuse2
 
 AWSCLI := $(TESTENV)/awscli/bin/aws
 
-.PHONY: test test-all test-rgw test-moto test-localstack demo bench clean
+.PHONY: test test-all test-rgw test-moto test-localstack demo bench breakdown clean
 
 test: $(RCLONE) $(FAKETIME) $(FUSEFS)
 	LC_ALL=C.UTF-8 $(PYTHON) tests/run_all.py
@@ -63,6 +63,10 @@ bench: $(RCLONE) $(LOCALSTACK)
 		$(PYTHON) -m venv $(TESTENV)/awscli && \
 		$(TESTENV)/awscli/bin/pip install --quiet --disable-pip-version-check awscli; }
 	$(PYTHON) tests/bench.py
+
+# Where a small file's CPU goes, step by step: the README's breakdown table.
+breakdown: $(RCLONE)
+	$(PYTHON) tests/breakdown.py
 
 $(RCLONE):
 	rm -rf $(TESTENV)/rclone
