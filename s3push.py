@@ -2058,12 +2058,14 @@ class Sent(collections.namedtuple("Sent", "etag value")):
     __slots__ = ()
 
 
-def put_range(client, key, fd, offset, length, headers, sending, query=(), what=""):
+def put_range(client, key, fd, offset, length, headers, sending, query=(), what="",
+              state=None):
     """PUT a range of an open file, a whole object or one part: read once for its check's
     value (and SHA-256 if the payload is signed), sent with it, retried until the answer
-    confirms it (check.confirm). Returns (what was Sent, the answer)."""
+    confirms it (check.confirm). state: the file's content_stamp before it is read, if the
+    caller has it. Returns (what was Sent, the answer)."""
     check = sending.checksum
-    state = content_stamp(os.fstat(fd))
+    state = content_stamp(os.fstat(fd)) if state is None else state
     digest = digest_range(fd, offset, length, check, sending.sign_payload, sending.md5_beside)
     body = digest.body if digest.body is not None else FileRange(fd, offset, length, state)
     headers = dict(body_headers(digest, check), **headers)
@@ -2082,11 +2084,12 @@ def put_range(client, key, fd, offset, length, headers, sending, query=(), what=
     return Sent(response.header("etag"), digest.value), response
 
 
-def put_object(client, key, fd, size, sending):
-    """PUT one object from an open file; raise unless the server confirmed these bytes.
-    Returns its Proof."""
-    sent, response = put_range(client, key, fd, 0, size,
-                               dict(sending.headers, **sending.condition), sending)
+def put_object(client, key, fd, info, sending):
+    """PUT one object from an open file (info: its fstat, taken before it is read); raise
+    unless the server confirmed these bytes. Returns its Proof."""
+    sent, response = put_range(client, key, fd, 0, info.st_size,
+                               dict(sending.headers, **sending.condition), sending,
+                               state=content_stamp(info))
     return Proof(sending.checksum.name, sent.value.hex() if sent.value is not None else "",
                  plain_etag(sent.etag), response.header("x-amz-version-id"))
 
@@ -2580,6 +2583,10 @@ def run_lock(folder_fd, root_fd):
     return fd, None
 
 
+DIRECTORY_CHANGED = ("a directory on its path was moved, replaced or swapped for a symlink "
+                     "during the run; left alone")
+
+
 def open_directory(root_fd, steps):
     """A descriptor of the directory that steps lead to from SOURCE_DIR (open as root_fd):
     each name opened relative to the one before, never through a symlink, and its device
@@ -2600,10 +2607,31 @@ def open_directory(root_fd, steps):
         if fd != root_fd:
             os.close(fd)
         if isinstance(exc, OSError) and exc.errno in CHANGED_ERRNOS:
-            raise TreeChanged("a directory on its path was moved, replaced or swapped "
-                              "for a symlink during the run; left alone")
+            raise TreeChanged(DIRECTORY_CHANGED)
         raise
     return fd
+
+
+def check_directory_in_place(root_fd, steps):
+    """TreeChanged unless the directory that steps lead to from SOURCE_DIR is still where
+    the scan saw it: its parent opened as open_directory does, and itself looked at with
+    one fstatat (its device and inode the scan's, a directory, not a symlink)."""
+    if not steps:
+        return
+    parent = open_directory(root_fd, steps[:-1]) if len(steps) > 1 else root_fd
+    try:
+        name, device, inode = steps[-1]
+        try:
+            info = os.stat(name, dir_fd=parent, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno in CHANGED_ERRNOS:
+                raise TreeChanged(DIRECTORY_CHANGED)
+            raise
+        if (info.st_dev, info.st_ino) != (device, inode) or not stat.S_ISDIR(info.st_mode):
+            raise TreeChanged(DIRECTORY_CHANGED)
+    finally:
+        if parent != root_fd:
+            os.close(parent)
 
 
 def list_directory(fd):
@@ -3296,6 +3324,7 @@ class Ledger(object):
         self.lock = threading.Lock()        # the file and the records
         self.sync_lock = threading.Lock()   # one fsync at a time, for all lines before it
         self.fd = None
+        self.retired = []   # descriptors replaced or dropped: closed by sync or close
         self.size = 0   # of the file: where a line cut short is cut back to
         self.written = self.synced = 0   # lines written, and made durable
         self.records = {}   # relative path (see places): the records not yet resolved
@@ -3409,8 +3438,10 @@ class Ledger(object):
         with self.sync_lock:
             if self.synced >= line:
                 return
-            with self.lock:   # a duplicate: compact() may replace the file meanwhile
-                fd, upto = os.dup(self.fd) if self.fd is not None else None, self.written
+            with self.lock:   # compact() may replace the file meanwhile: see retire
+                fd, upto, retired, self.retired = self.fd, self.written, self.retired, []
+            for old in retired:   # no fsync uses them: this one holds sync_lock
+                os.close(old)
             if fd is None:
                 return
             try:
@@ -3419,8 +3450,6 @@ class Ledger(object):
                 with self.lock:
                     self.fail(exc)
                 return
-            finally:
-                os.close(fd)
             self.synced = max(self.synced, upto)
 
     def resolved(self, record):
@@ -3443,7 +3472,7 @@ class Ledger(object):
         except OSError:   # a full state folder: appending to the old one goes on
             self.compact_at = self.size + LEDGER_COMPACT
             return
-        os.close(self.fd)
+        self.retire()
         self.fd, self.size = fd, len(data)
         self.synced = self.written   # what is left was fsync'ed by write_atomically
 
@@ -3457,6 +3486,9 @@ class Ledger(object):
         not reached by this run), in a ledger written anew; none: no ledger."""
         with self.lock:
             fd, self.fd = self.fd, None
+            for old in self.retired:
+                os.close(old)
+            self.retired = []
         if fd is None:
             return
         os.close(fd)
@@ -3471,9 +3503,14 @@ class Ledger(object):
                 safe_name(self.path), exc.strerror or exc), once="ledger")
 
     def close_file(self):
+        self.retire()
+        self.fd = None
+
+    def retire(self):
+        """Drop the descriptor (lock held): closed by the next sync or by close, never
+        while an fsync may still be at work on it (one that took it before the lock)."""
         if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+            self.retired.append(self.fd)
 
 
 # === The manifest ===
@@ -4687,7 +4724,7 @@ def send_file(client, job, key, body, found, info, sending):
     if sent.st_size > min(job.objects.multipart_threshold, MAX_PUT_BYTES):
         return multipart_upload(client, job, key, fd, sent, sending,
                                 job.journal_for(found, info))
-    return put_object(client, key, fd, sent.st_size, sending)
+    return put_object(client, key, fd, sent, sending)
 
 
 def upload_file(client, job, fd, info, found, key):
@@ -4822,7 +4859,7 @@ def remove_file(job, parent_fd, fd, found, uploaded, aside):
     its directory, checked there, unlinked (never whatever took the name meanwhile)."""
     if not check_still_read(parent_fd, fd, found.name, uploaded):
         return
-    os.close(open_directory(job.root, found.directory.steps))   # not moved away meanwhile
+    check_directory_in_place(job.root, found.directory.steps)   # not moved away meanwhile
     if aside is None:   # an earlier run's aside name, or a name too long for one
         why = None if ASIDE.match(found.name) else "its name is too long for one"
         return unlink_by_name(job, parent_fd, fd, found, uploaded, why)
