@@ -5643,11 +5643,15 @@ def add_selection_options(group):
     group.add_argument("source", metavar="SOURCE_DIR", help="directory whose files to move")
     group.add_argument("--min-age", type=duration_argument, default=DEFAULT_MIN_AGE,
                        metavar="DURATION", help="leave files modified more recently than "
-                       "this for a later run (default %ds)" % DEFAULT_MIN_AGE)
+                       "this for a later run (default %ds); a file dated more than %ds "
+                       "ahead of the clock is judged by its ctime, and named in a warning"
+                       % (DEFAULT_MIN_AGE, FUTURE_SLACK))
     group.add_argument("--warn-waiting", type=duration_argument, default=DEFAULT_WARN_WAITING,
                        metavar="DURATION", help="warn, each run, of a file left as still "
                        "written (open for writing by another process) whose mtime is older "
-                       "than this (default %s)" % format_duration(DEFAULT_WARN_WAITING))
+                       "than this (default %s); the metrics and the summary give the oldest "
+                       "file's age for each reason a file waits"
+                       % format_duration(DEFAULT_WARN_WAITING))
     group.add_argument("--min-size", type=size_argument, default=0, metavar="SIZE",
                        help="leave (and count) files smaller than SIZE")
     group.add_argument("--max-size", type=size_argument, default=None, metavar="SIZE",
