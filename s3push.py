@@ -109,6 +109,7 @@ EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855
 UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
 DEFAULT_REGION = "us-east-1"
 DEFAULT_MIN_AGE = 60
+DURATION_UNITS = (86400, 3600, 60, 1)   # d, h, m, s
 DEFAULT_EXCLUDES = (".*", "*.tmp", "*.part", "*.partial", "*.swp", "*~")
 MIB = 1024 ** 2
 MAX_KEY_BYTES = 1024
@@ -2469,10 +2470,12 @@ class Directory(collections.namedtuple("Directory", "relative steps")):
         return Directory(self.relative, self.steps + ((name, info.st_dev, info.st_ino),))
 
 
-class ScanStat(collections.namedtuple("ScanStat", "st_dev st_ino st_size st_mtime_ns")):
+class ScanStat(collections.namedtuple("ScanStat",
+                                      "st_dev st_ino st_size st_mtime_ns since_ns")):
     """What the scan keeps of a file's lstat: enough to tell later whether it is still the
     same, unchanged file (a whole stat_result is several times the size, and up to
-    ORDER_WINDOW of them are held)."""
+    ORDER_WINDOW of them are held), and since_ns: when it was last written, as its age is
+    judged (see future_dated)."""
     __slots__ = ()
 
     @property
@@ -2684,33 +2687,86 @@ def removal_in(fd):
     return Removal(None, owner)
 
 
+# Why a file is left for a later run: the reason labels of the metrics and the summary.
+YOUNG = "young"               # younger than --min-age
+SIZED_OUT = "size"            # outside --min-size, --max-size
+WRITING = "writing"           # still open for writing (StillWritten)
+LEFT_REASONS = (YOUNG, SIZED_OUT, WRITING)
+FUTURE_SLACK = 5              # seconds an mtime may run ahead of this host's clock
+FUTURE_NAMED = 5              # future-dated files a warning names; the rest are counted
+DEFAULT_WARN_WAITING = 86400  # --warn-waiting: a still-written file this old is named
+
+
+class FilesLeft(object):
+    """The files left for a later run, by reason (LEFT_REASONS): how many, and when the
+    oldest was last written (ns since the epoch; see future_dated), for its age in the
+    metrics and the summary. Counts and a minimum, not lists: memory stays flat however
+    many wait."""
+
+    def __init__(self):
+        self.counts = dict.fromkeys(LEFT_REASONS, 0)
+        self.oldest = {}   # reason: since_ns of its oldest file
+
+    def add(self, reason, since_ns):
+        self.counts[reason] += 1
+        if since_ns < self.oldest.get(reason, since_ns + 1):
+            self.oldest[reason] = since_ns
+
+    def add_all(self, other):
+        for reason, count in other.counts.items():
+            self.counts[reason] += count
+        for reason, since_ns in other.oldest.items():
+            self.oldest[reason] = min(since_ns, self.oldest.get(reason, since_ns))
+
+    def oldest_seconds(self, now):
+        """The age of the oldest file left for each reason at now (0: none left)."""
+        return {reason: round(max(now - self.oldest[reason] / 1e9, 0), 3)
+                if reason in self.oldest else 0 for reason in LEFT_REASONS}
+
+
 class Selection(object):
     """Which files the scan passes on: names no exclude glob matches (given include globs,
-    files one of them matches: every directory is still walked), modified at or before
-    young_after_ns (ns since the epoch: --min-age), of min_size to max_size bytes. The
-    files left for their age or size are counted (counts, not lists: memory stays flat
-    however many wait), and nothing else is made of them."""
+    files one of them matches: every directory is still walked), written (see
+    future_dated; now_ns: the clock at the start) at or before young_after_ns (ns since
+    the epoch: --min-age), of min_size to max_size bytes. The files left for their age
+    or size go to `left` (FilesLeft), and nothing else is made of them; the future-dated
+    are counted, the first few named."""
 
     def __init__(self, excludes=(), includes=(), young_after_ns=float("inf"), min_size=0,
-                 max_size=None):
+                 max_size=None, now_ns=float("inf")):
         self.excludes, self.includes = globs(excludes), globs(includes)
         self.young_after_ns = young_after_ns
+        self.future_after_ns = now_ns + FUTURE_SLACK * 10 ** 9
         self.min_size = min_size
         self.max_size = float("inf") if max_size is None else max_size
-        self.young = 0       # files left: younger than --min-age
-        self.sized_out = 0   # files left: outside --min-size, --max-size
+        self.left = FilesLeft()
+        self.future = []          # the first FUTURE_NAMED future-dated files' paths
+        self.future_count = 0
 
 
 UNREMOVABLE = "unremovable"   # scan_entry's answer for a file that would be kept
-YOUNG = "young"               # for one younger than --min-age
-SIZED_OUT = "sized out"       # and for one outside --min-size, --max-size
+
+
+def future_dated(selection, info, relative):
+    """When a file whose mtime is past selection.future_after_ns was last written, as its
+    age is judged: its ctime where the mtime is still more than FUTURE_SLACK ahead of the
+    clock (a writer's clock ahead, tar, touch), for no user can set a ctime: the kernel
+    sets it at every change. Those are counted in selection, the first few named. The
+    clock is read again: a file written during a long scan is not future-dated."""
+    if info.st_mtime_ns <= time.time() * 1e9 + FUTURE_SLACK * 10 ** 9:
+        return info.st_mtime_ns
+    selection.future_count += 1
+    if len(selection.future) < FUTURE_NAMED:
+        selection.future.append(relative)
+    return info.st_ctime_ns
 
 
 def scan_entry(fd, directory, name, selection, stack, errors, removal, aside=False):
     """The Found for one name of a directory (open as fd) if it is a regular file to send
-    (UNREMOVABLE for one this account could not remove: see Removal; YOUNG or SIZED_OUT
-    for one left by the Selection); a subdirectory goes on stack. The scan's hot path:
-    one lstat a name. aside: an earlier run's aside name, which no exclude skips."""
+    (UNREMOVABLE for one this account could not remove: see Removal; None for one the
+    Selection leaves, counted in selection.left); a subdirectory goes on stack. The
+    scan's hot path: one lstat a name. aside: an earlier run's aside name, which no
+    exclude skips."""
     if not aside and matches(name, directory.relative + name, selection.excludes):
         return None
     try:
@@ -2726,14 +2782,19 @@ def scan_entry(fd, directory, name, selection, stack, errors, removal, aside=Fal
         if selection.includes is not None and not matches(
                 shown, directory.relative + shown, selection.includes):
             return None
-        if info.st_mtime_ns > selection.young_after_ns:
-            return YOUNG
+        since = info.st_mtime_ns
+        if since > selection.future_after_ns:
+            since = future_dated(selection, info, directory.relative + shown)
+        if since > selection.young_after_ns:
+            selection.left.add(YOUNG, since)
+            return None
         if not selection.min_size <= info.st_size <= selection.max_size:
-            return SIZED_OUT
+            selection.left.add(SIZED_OUT, since)
+            return None
         if not removal.allows(info):
             return UNREMOVABLE
         return Found(directory, name, ScanStat(info.st_dev, info.st_ino, info.st_size,
-                                               info.st_mtime_ns))
+                                               info.st_mtime_ns, since))
     if stat.S_ISDIR(info.st_mode) and not aside:
         stack.append(directory.child(name, info))
     return None
@@ -2742,17 +2803,13 @@ def scan_entry(fd, directory, name, selection, stack, errors, removal, aside=Fal
 def scan_directory(fd, directory, selection, stack, errors, asides):
     """The regular files of one directory (open as fd); its subdirectories go on stack.
     Names of ours (AsideNames) are met before the excludes (".*") would skip them. Files
-    left for their age or size are counted in selection; files this account could not
+    left for their age or size are counted in selection.left; files this account could not
     remove are counted, and go to errors once for the directory."""
     removal, kept = removal_in(fd), 0
     for name in list_directory(fd):
         aside = name.startswith(ASIDE_PREFIX) and asides.meet(fd, directory, name, stack)
         found = scan_entry(fd, directory, name, selection, stack, errors, removal, aside)
-        if found is YOUNG:
-            selection.young += 1
-        elif found is SIZED_OUT:
-            selection.sized_out += 1
-        elif found is UNREMOVABLE:
+        if found is UNREMOVABLE:
             kept += 1
         elif found is not None:
             yield found
@@ -2839,8 +2896,8 @@ def unnamed_file(folder_fd, prefix):
 class Spill(object):
     """Sorted runs of files written to unnamed files of the state folder (created, then
     unlinked at once: a killed run leaves nothing), read back in order. A record is a
-    marshal'ed tuple in the order files go: (mtime, directory's relative path, name,
-    directory's number, device, inode, size), ties broken by the path; the Directory
+    marshal'ed tuple in the order files go: (since_ns, directory's relative path, name,
+    directory's number, device, inode, size, mtime), ties broken by the path; the Directory
     objects stay in memory, one per directory, as the scan made them. Without a usable
     state folder (a StateFolder without a descriptor), no run can be written."""
 
@@ -2856,12 +2913,13 @@ class Spill(object):
             number = self.numbers[id(directory)] = len(self.directories)
             self.directories.append(directory)
         info = found.info
-        return (info.st_mtime_ns, directory.relative, found.name, number, info.st_dev,
-                info.st_ino, info.st_size)
+        return (info.since_ns, directory.relative, found.name, number, info.st_dev,
+                info.st_ino, info.st_size, info.st_mtime_ns)
 
     def found(self, record):
-        mtime, _, name, number, device, inode, size = record
-        return Found(self.directories[number], name, ScanStat(device, inode, size, mtime))
+        since, _, name, number, device, inode, size, mtime = record
+        return Found(self.directories[number], name, ScanStat(device, inode, size, mtime,
+                                                              since))
 
     def write(self, records):
         """A new run holding records (already in order): a file open for reading. They go
@@ -2910,8 +2968,8 @@ class Spill(object):
 
 
 def oldest_first(files, window, spill, notices):
-    """The files oldest first (by mtime, ties by path), for O(n log n) time and O(window)
-    memory: runs of
+    """The files oldest first (by their ScanStat's since_ns: the mtime, or the ctime of a
+    future-dated file; ties by path), for O(n log n) time and O(window) memory: runs of
     `window` files are sorted and spilled; at most MAX_RUNS runs are kept (more are merged
     into one), and at the end the runs and the files still held are merged. A tree of
     fewer than `window` files is sorted in memory, with no spill. Where no run can be
@@ -3955,6 +4013,16 @@ def internal_error(exc, credentials):
         exc.__class__.__name__, line, redact(one_line(exc), credentials)))
 
 
+def format_duration(seconds):
+    """'45s', '12m5s', '3h20m', '2d4h': the two largest units, as --min-age takes them."""
+    parts, left = [], int(seconds)
+    for unit, name in zip(DURATION_UNITS, "dhms"):
+        if left >= unit or unit == 1 and not parts:
+            parts.append("%d%s" % (left // unit, name))
+            left %= unit
+    return "".join(parts[:2])
+
+
 class Tally(object):
     """What one run did, in numbers: moved, failed, left for later, queued; the exit status
     and the summaries that follow from them. While workers run, changed only through
@@ -3968,9 +4036,7 @@ class Tally(object):
         self.bytes = 0
         self.bytes_resumed = 0   # of multipart uploads resumed: not sent again
         self.failures = []     # exit codes of the failed files
-        self.young_count = 0   # files left for later: younger than --min-age
-        self.sized_out_count = 0   # files left: outside --min-size, --max-size
-        self.writing_count = 0   # files left for later: still being written
+        self.left = FilesLeft()   # files left for later: young, sized out, still written
         self.unremovable_count = 0   # files left alone: this account could not remove them
         self.fatal = None      # the error that stopped the run early
         self.queued_files = 0   # files and bytes the scan has queued so far
@@ -4007,9 +4073,11 @@ class Tally(object):
                 "seconds": round(time.monotonic() - self.started, 3), "exit_status": status,
                 "files_moved": self.moved_count, "bytes_moved": self.bytes,
                 "bytes_resumed": self.bytes_resumed,
-                "files_failed": len(self.failures), "files_left_young": self.young_count,
-                "files_left_size": self.sized_out_count,
-                "files_left_writing": self.writing_count,
+                "files_failed": len(self.failures),
+                "files_left_young": self.left.counts[YOUNG],
+                "files_left_size": self.left.counts[SIZED_OUT],
+                "files_left_writing": self.left.counts[WRITING],
+                "files_left_oldest_seconds": self.left.oldest_seconds(time.time()),
                 "files_left_unremovable": self.unremovable_count,
                 "run_skipped": self.skipped_for is not None,
                 "lock_holder_pid": self.skipped_for or None,
@@ -4020,13 +4088,13 @@ class Tally(object):
         seconds = max(time.monotonic() - self.started, 1e-6)
         kept = ", %d this account cannot remove" % self.unremovable_count \
             if self.unremovable_count else ""
-        kept += ", %d outside --min-size/--max-size" % self.sized_out_count \
-            if self.sized_out_count else ""
+        young, writing = self.left.counts[YOUNG], self.left.counts[WRITING]
+        kept += ", %d outside --min-size/--max-size" % self.left.counts[SIZED_OUT] \
+            if self.left.counts[SIZED_OUT] else ""
         return ("s3push: moved %d files, %d bytes in %.2f s (%.2f MB/s); %d failed, "
                 "%d left for later (%d younger than --min-age, %d still being written)%s"
                 % (self.moved_count, self.bytes, seconds, self.bytes / seconds / 1e6,
-                   len(self.failures), self.young_count + self.writing_count,
-                   self.young_count, self.writing_count, kept))
+                   len(self.failures), young + writing, young, writing, kept))
 
 
 class Report(object):
@@ -4100,10 +4168,17 @@ class Report(object):
             self.tally.queued_files += 1
             self.tally.queued_bytes += size
 
-    def left_open(self, path, exc, verbose):
-        """Left for a later run, like a file younger than --min-age: said under -v only."""
+    def left_open(self, path, exc, verbose, since_ns, warn_after):
+        """Left for a later run, like a file younger than --min-age: said under -v only,
+        and in a warning once it has waited (since since_ns: see future_dated) more than
+        warn_after seconds (--warn-waiting)."""
+        waited = time.time() - since_ns / 1e9
         with self.lock:
-            self.tally.writing_count += 1
+            self.tally.left.add(WRITING, since_ns)
+            if waited > warn_after:
+                self.notices.warning("%s: %s, and last written %s ago (beyond "
+                                     "--warn-waiting): see that its writer closes it"
+                                     % (safe_name(path), exc, format_duration(waited)))
             if verbose:
                 self.clear_status()
                 emit(sys.stdout, "left %s: %s" % (safe_name(path), exc))
@@ -4567,6 +4642,7 @@ class Job(object):
                                             options.timeout, self.deadline, rate_limit)
         self.report = report
         self.verbose = options.verbose
+        self.warn_waiting = options.warn_waiting   # seconds: see Report.left_open
 
     def journal_for(self, found, info):
         if self.journals is None:
@@ -4979,7 +5055,8 @@ class FileTask(object):
             url = job.destination.url(key)
             record = move_file(client, job, found, key)
         except StillWritten as exc:
-            job.report.left_open(path, exc, job.verbose)
+            job.report.left_open(path, exc, job.verbose, found.info.since_ns,
+                                 job.warn_waiting)
             return
         except Vanished as exc:
             job.report.vanished(path, exc)
@@ -5267,6 +5344,21 @@ def take_run_lock(state, root, notices):
                           % (exc.strerror or exc))
 
 
+def warn_future_dated(selection, source, notices):
+    """One warning naming the first future-dated files the scan met, and counting them."""
+    if not selection.future_count:
+        return
+    names = ", ".join(safe_name(os.path.join(source, relative))
+                      for relative in selection.future)
+    more = selection.future_count - len(selection.future)
+    notices.warning(
+        "%d file%s dated more than %ds ahead of this host's clock (a writer's clock ahead, "
+        "tar, touch): %s%s; their age is judged by their ctime, which the kernel sets at "
+        "every change, and their keys keep the mtime as it is" % (
+            selection.future_count, "" if selection.future_count == 1 else "s",
+            FUTURE_SLACK, names, " and %d more" % more if more else ""))
+
+
 def push_locked(options, environ, report, destination, root, state):
     """Lock SOURCE_DIR (open as root), scan it, and move what the scan finds."""
     if not options.dry_run:
@@ -5278,10 +5370,9 @@ def push_locked(options, environ, report, destination, root, state):
             return EXIT_OK
     errors = []
     excludes, includes = filters(options)
-    young_after = time.time_ns() if hasattr(time, "time_ns") else int(time.time() * 1e9)
-    young_after -= int(options.min_age * 1e9)
-    selection = Selection(excludes, includes, young_after, options.min_size,
-                          options.max_size)
+    now = time.time_ns() if hasattr(time, "time_ns") else int(time.time() * 1e9)
+    selection = Selection(excludes, includes, now - int(options.min_age * 1e9),
+                          options.min_size, options.max_size, now)
     asides = AsideNames(recover=not options.dry_run)
     ordered = oldest_first(scan(root, selection, errors, asides), ORDER_WINDOW,
                            Spill(state), report.notices)
@@ -5301,8 +5392,8 @@ def push_locked(options, environ, report, destination, root, state):
         ordered.close()   # the scan's descriptors and the spilled runs, now
         # Whole once the first file came, unless the order gave way (see oldest_first)
         # and the run stopped before the scan's end.
-        report.tally.young_count = selection.young
-        report.tally.sized_out_count = selection.sized_out
+        report.tally.left.add_all(selection.left)
+        warn_future_dated(selection, options.source, report.notices)
     for relative, exc in errors:   # a FileError, or TreeChanged
         path = os.path.join(options.source, relative)
         if isinstance(exc, Vanished):
@@ -5427,6 +5518,9 @@ def metrics_text(data, failures, now, last_success):
     for code, kind in sorted(FAILURE_KINDS.items()):
         rows.append(("s3push_files_failed", "files the last run failed to move, by kind",
                      (("kind", kind),), failures.get(code, 0)))
+    for reason, seconds in sorted(data["files_left_oldest_seconds"].items()):
+        rows.append(("s3push_files_left_oldest_seconds", "the age of the oldest file left for "
+                     "a later run, by reason (0: none)", (("reason", reason),), seconds))
     rows += [("s3push_files_left", "files left for a later run, by reason",
               (("reason", "young"),), data["files_left_young"]),
              ("s3push_files_left", "files left for a later run, by reason",
@@ -5557,9 +5651,6 @@ def rate_argument(text):
     return rate
 
 
-DURATION_UNITS = (86400, 3600, 60, 1)   # d, h, m, s
-
-
 def duration_argument(text):
     """Seconds from '90' or a duration of whole numbers with units, largest first, each at
     most once: '90s', '10m', '1h', '2d', '1h30m'."""
@@ -5589,7 +5680,15 @@ def add_selection_options(group):
     group.add_argument("source", metavar="SOURCE_DIR", help="directory whose files to move")
     group.add_argument("--min-age", type=duration_argument, default=DEFAULT_MIN_AGE,
                        metavar="DURATION", help="leave files modified more recently than "
-                       "this for a later run (default %ds)" % DEFAULT_MIN_AGE)
+                       "this for a later run (default %ds); a file dated more than %ds "
+                       "ahead of the clock is judged by its ctime, and named in a warning"
+                       % (DEFAULT_MIN_AGE, FUTURE_SLACK))
+    group.add_argument("--warn-waiting", type=duration_argument, default=DEFAULT_WARN_WAITING,
+                       metavar="DURATION", help="warn, each run, of a file left as still "
+                       "written (open for writing by another process) whose mtime is older "
+                       "than this (default %s); the metrics and the summary give the oldest "
+                       "file's age for each reason a file waits"
+                       % format_duration(DEFAULT_WARN_WAITING))
     group.add_argument("--min-size", type=size_argument, default=0, metavar="SIZE",
                        help="leave (and count) files smaller than SIZE")
     group.add_argument("--max-size", type=size_argument, default=None, metavar="SIZE",

@@ -745,6 +745,43 @@ class Summaries(IntegrationCase):
                           summary["files_left_young"]), (2, 6, 1))
         self.assertEqual(summary["files_failed"], 0)
 
+    def summary(self, *args):
+        import json
+        path = os.path.join(self.tmp, "summary.json")
+        result = self.run_s3push("--summary-json", path, *args)
+        self.assertEqual(result.status, 0, result.stderr)
+        with open(path) as handle:
+            return result, json.load(handle)
+
+    def test_a_file_dated_ahead_is_judged_by_its_ctime_named_and_keyed_by_its_mtime(self):
+        hour, year = time.time() + 3600, time.time() + 366 * 86400
+        write_file(self.source, "hour", b"h", mtime=hour)
+        write_file(self.source, "year", b"y", mtime=year)
+        for i in range(6):
+            write_file(self.source, "many/f%d" % i, b"m", mtime=hour)
+        # Just written (its ctime): too young at the default --min-age, and said once.
+        result, summary = self.summary()
+        self.assertEqual(len(files_under(self.source)), 8)
+        warnings = [line for line in result.stderr.splitlines() if "ahead" in line]
+        self.assertEqual(len(warnings), 1, result.stderr)
+        self.assertIn("s3push: warning: 8 files dated more than 5s ahead of this host's "
+                      "clock", warnings[0])
+        self.assertEqual(warnings[0].count(self.source), 5)   # the first few named
+        self.assertIn(" and 3 more; their age is judged by their ctime", warnings[0])
+        self.assertEqual(summary["files_left_young"], 8)
+        self.assertGreater(summary["files_left_oldest_seconds"]["young"], 0)   # not 0: ahead
+        self.assertLess(summary["files_left_oldest_seconds"]["young"], 60)
+        # Old enough by its ctime: moved, its key made from its mtime as it is.
+        base, self.prefix = self.prefix, self.prefix + "{mtime_year}/"
+        result = self.run_s3push("--min-age", "0")
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertIn("8 files dated more than 5s ahead", result.stderr)
+        self.assertEqual(files_under(self.source), [])
+        years = [time.gmtime(hour).tm_year, time.gmtime(year).tm_year]
+        self.assertEqual(self.server.keys(base), {"%s%d/%s" % (base, y, name) for y, name in (
+            [(years[0], "hour"), (years[1], "year")] +
+            [(years[0], "many/f%d" % i) for i in range(6)])})
+
     def test_summary_json_when_settings_fail(self):
         import json
         write_file(self.source, "a", b"1")
@@ -959,6 +996,27 @@ class Fleets(IntegrationCase):
                          first[("s3push_last_success_timestamp_seconds", ())])
         self.assertGreater(second[("s3push_last_run_timestamp_seconds", ())],
                            first[("s3push_last_run_timestamp_seconds", ())])
+
+    def test_the_oldest_file_left_for_each_reason(self):
+        import json
+        now = time.time()
+        write_file(self.source, "young1", b"x", mtime=now - 10)
+        write_file(self.source, "young2", b"x", mtime=now - 30)
+        write_file(self.source, "big", b"x" * 100, mtime=now - 5000)
+        write_file(self.source, "a", b"12345")
+        path, summary = os.path.join(self.tmp, "s3push.prom"), os.path.join(self.tmp, "s.json")
+        result = self.run_s3push("--metrics-file", path, "--summary-json", summary,
+                                 "--max-size", "50")
+        self.assertEqual(result.status, 0, result.stderr)
+        metrics = self.metrics(path)
+        with open(summary) as handle:
+            oldest = json.load(handle)["files_left_oldest_seconds"]
+        self.assertEqual(sorted(oldest), ["size", "writing", "young"])
+        for reason, age in (("young", 30), ("size", 5000), ("writing", 0)):
+            self.assertAlmostEqual(oldest[reason], age, delta=20)
+            self.assertEqual(metrics[("s3push_files_left_oldest_seconds",
+                                      (("reason", reason),))], oldest[reason])
+        self.assertEqual(oldest["writing"], 0)   # none left
 
     def test_splay_never_delays_a_run_with_nothing_to_send(self):
         write_file(self.source, "young", b"x", mtime=time.time())

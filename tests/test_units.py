@@ -324,7 +324,7 @@ class Selection(unittest.TestCase):
             for found in got:   # what comes back from a spill is what the scan saw
                 info = os.stat(os.path.join(self.root, found.relative))
                 self.assertEqual(found.info, (info.st_dev, info.st_ino, info.st_size,
-                                              info.st_mtime_ns))
+                                              info.st_mtime_ns, info.st_mtime_ns))
                 folder = os.stat(os.path.join(self.root, found.directory.relative))
                 self.assertEqual(found.directory.steps[-1][1:],
                                  (folder.st_dev, folder.st_ino))
@@ -443,7 +443,7 @@ class Selection(unittest.TestCase):
         self.addCleanup(os.close, fd)
         kept = [f.relative for f in s3push.scan(fd, selection, [], s3push.AsideNames(True))]
         self.assertEqual(kept, ["old"])
-        self.assertEqual(selection.young, 1)
+        self.assertEqual(selection.left.counts[s3push.YOUNG], 1)
 
     def test_includes_and_sizes(self):
         for name, size in (("a.log", 10), ("b.log", 2000), ("c.txt", 10), ("d/e.log", 500),
@@ -457,7 +457,7 @@ class Selection(unittest.TestCase):
             selection = s3push.Selection(s3push.DEFAULT_EXCLUDES + ("skip",), **kw)
             found = sorted(f.relative for f in s3push.scan(fd, selection, [],
                                                            s3push.AsideNames(True)))
-            return found, selection.sized_out
+            return found, selection.left.counts[s3push.SIZED_OUT]
         self.assertEqual(selected(includes=("*.log",)), (["a.log", "b.log", "d/e.log"], 0))
         self.assertEqual(selected(includes=("d/*",)), (["d/e.log", "d/f.csv"], 0))
         self.assertEqual(selected(includes=("*.log",), min_size=100, max_size=1000),
@@ -1415,7 +1415,8 @@ class Templates(unittest.TestCase):
         template = s3push.Template(whole.prefix, whole_key=True)
         template.hostname = "web1"
         template.upload_time = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
-        info = s3push.ScanStat(1, 77, 5, 1700000000 * 10 ** 9 + 5)
+        mtime = 1700000000 * 10 ** 9 + 5
+        info = s3push.ScanStat(1, 77, 5, mtime, mtime)
         directory = s3push.Directory("app/", (("app", 1, 2),))
         self.assertEqual(template.key_for(s3push.Found(directory, "app.log.1", info)),
                          "web1/2023-11-14/app/app.log.1700000000.1")

@@ -135,6 +135,31 @@ class OpenWriters(FaultCase):
                 self.assert_landed({"rec.bin": b"first\n" + b"A" * 10})
                 self.assertEqual(files_under(self.source), [])
 
+    def test_a_file_held_open_longer_than_warn_waiting_is_named_each_run(self):
+        import json
+        path = write_file(self.source, "rec.bin", b"first\n")
+        writer = self.writer(path, "wait", 1, 10, 0)
+        self.assertEqual(writer.stdout.readline(), b"open\n")
+        os.utime(path, (time.time() - 2 * 86400 - 600,) * 2)   # not written for 2 days
+        summary = os.path.join(self.tmp, "summary.json")
+        for _ in range(2):   # each run
+            result = self.run_s3push("--min-age", "0", "--summary-json", summary)
+            self.assertEqual(result.status, 0, result.stderr)
+            self.assertIn("s3push: warning: %s: still open for writing by another process; "
+                          "left for a later run, and last written 2d10m ago (beyond "
+                          "--warn-waiting)" % path.decode(), result.stderr)
+            with open(summary) as handle:
+                data = json.load(handle)
+            self.assertEqual(data["files_left_writing"], 1)
+            self.assertAlmostEqual(data["files_left_oldest_seconds"]["writing"],
+                                   2 * 86400 + 600, delta=60)
+        result = self.run_s3push("--min-age", "0", "--warn-waiting", "3d")
+        self.assertEqual((result.status, result.stderr), (0, ""))
+        self.assertEqual(files_under(self.source), [b"rec.bin"])
+        writer.communicate(b"go\n", timeout=RUN_TIMEOUT)
+        self.assertEqual(self.run_s3push("--min-age", "0").status, 0)
+        self.assert_landed({"rec.bin": b"first\n" + b"A" * 10})
+
 
 @unittest.skipUnless(FOREIGN, "runs in the foreign-platform run only (no lease, no /proc)")
 class WritersUnseen(FaultCase):
