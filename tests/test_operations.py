@@ -1056,9 +1056,10 @@ class LogFile(IntegrationCase):
 
     def test_with_stdout_and_stderr_closed_the_log_still_gets_the_lines(self):
         write_file(self.source, "a", b"alpha")
-        closed = ["sh", "-c", 'exec "$@" <&- >&- 2>&-', "sh"]
+        # Descriptors 1 and 2 free: the log must not take one of their numbers.
+        closed = ["sh", "-c", 'exec "$@" >&- 2>&-', "sh"]
         done = subprocess.run(closed + self.command("-v", "--log-file", self.log),
-                              env=self.env(), timeout=RUN_TIMEOUT)
+                              env=self.env(), stdin=subprocess.DEVNULL, timeout=RUN_TIMEOUT)
         self.assertEqual(done.returncode, 0)
         texts = self.logged()
         self.assertEqual([t.split(" ", 2)[:2] for t in texts],
