@@ -5738,20 +5738,20 @@ def add_output_options(group):
                        help="write a summary of the run (counts, bytes, seconds, exit "
                        "status, first errors) to FILE as JSON, for monitoring; also for a "
                        "command line refused (exit 2), unless the error is in "
-                       "--summary-json or --metrics-file itself")
+                       "--summary-json, --metrics-file or --log-file itself")
     group.add_argument("--metrics-file", metavar="FILE",
                        help="write the run's figures to FILE in the Prometheus text format, "
                        "for node_exporter's textfile collector (files and bytes moved, "
                        "failures by kind, files left, seconds, exit status, last success); "
                        "for a command line refused, as --summary-json")
     group.add_argument("--log-file", metavar="FILE",
-                       help="also append every line the run prints on stderr, and on stdout "
-                       "(-v), to FILE, each after its time (UTC: 2026-12-03T14:30:43+00:00), "
-                       "one write a line, so runs may share FILE; made 0600, reopened each "
-                       "run (rotate it by renaming), never followed through a symlink, "
-                       "nothing but a regular file. One that cannot be written is a warning, "
-                       "not a reason to keep files; for a command line refused, as "
-                       "--summary-json. Not the live status line")
+                       help="also append each line the run prints (on stderr; on stdout "
+                       "under -v; not the live status line) to FILE, after its time in UTC "
+                       "(2026-12-03T14:30:43+00:00), in one write, so that runs may share "
+                       "FILE. Made 0600; opened anew each run (rotate it by renaming); never "
+                       "followed through a symlink; a regular file only. One that cannot be "
+                       "written is a warning, not a reason to keep files; for a command line "
+                       "refused, as --summary-json")
     group.add_argument("--manifest", metavar="FILE",
                        help="append a JSON line per moved file to FILE (time, run, path, "
                        "bucket, key, size, mtime, the checksum that proved it, ETag, "

@@ -894,7 +894,8 @@ class CommandLine(IntegrationCase):
                                ("transfer", ("--jobs N", "--timeout DURATION",
                                              "--deadline DURATION", "--splay DURATION")),
                                ("safety", ("--dry-run", "--checksum", "--state-dir")),
-                               ("output", ("-v, --verbose", "--summary-json", "-h, --help"))):
+                               ("output", ("-v, --verbose", "--summary-json", "--log-file FILE",
+                                           "-h, --help"))):
             for option in options:
                 self.assertIn("\n  " + option, sections[title], (title, option))
         examples = " ".join(sections["examples"].split())
