@@ -216,8 +216,33 @@ def emit(stream, line, flush=True):
         stream.flush()
 
 
+LOG_TIME = "%Y-%m-%dT%H:%M:%S+00:00"   # --log-file: UTC, as the summary and the manifest
+
+
+def open_log(path):
+    """(a descriptor to append to the --log-file at path, None), the file made 0600; or
+    (None, why not). Never through a symlink (one planted there would have the run append
+    to the file it names), never blocked by a FIFO (opened non-blocking, then refused as
+    all but a regular file is)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW |
+                     os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EMLINK) and os.path.islink(path):
+            return None, "a symlink: not followed; name the file itself"
+        if exc.errno == errno.ENXIO:   # a FIFO that no process reads
+            return None, "not a regular file"
+        return None, exc.strerror or str(exc)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None, "not a regular file"
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    return fd, None
+
+
 class Notices(object):
-    """The one road of warnings and notes to stderr, each topic said once a run.
+    """The one road of every line the run prints (line()), and of its warnings and notes
+    to stderr, each topic said once a run; and of the copy of each line in --log-file.
 
     A warning is always shown: what the operator should fix or know now (a clock or a
     region corrected, credentials others may read, a lock or a summary that could not be
@@ -226,10 +251,12 @@ class Notices(object):
     would otherwise mail every tick."""
 
     def __init__(self, verbose=False):
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         self.verbose = verbose
         self.said = set()
         self.before = None   # called before a line is written: clears a live status line
+        self.log = None   # the --log-file's descriptor, while it can be written
+        self.log_path = None
 
     def warning(self, message, once=None):
         """once: a topic said at most once a run (None: each time, e.g. a file's)."""
@@ -244,9 +271,45 @@ class Notices(object):
                 return
             if once is not None:
                 self.said.add(once)
+            self.line(sys.stderr, line)
+
+    def line(self, stream, text, flush=True):
+        """Write text (a line, or lines) to stream and to the log: every line the run
+        prints comes here, made free of secrets before (see redact)."""
+        with self.lock:
             if self.before is not None:
                 self.before()
-            emit(sys.stderr, line)
+            self.logged(text)
+            emit(stream, text, flush)
+
+    def open_log(self, path):
+        """--log-file: append every line from now on to path (see open_log); one warning
+        when it cannot be opened, and the run goes on."""
+        self.log, problem = open_log(path)
+        self.log_path = path
+        if problem:
+            self.warning("cannot write the --log-file %s (%s): its lines are only printed"
+                         % (safe_name(path), problem))
+
+    def logged(self, text):
+        """text into the log, each line after the time, in one write(): the lines of runs
+        that share the log never mix. One warning when it cannot be written, and no more
+        lines to it."""
+        if self.log is None:
+            return
+        stamp = time.strftime(LOG_TIME, time.gmtime())
+        data = "".join("%s %s\n" % (stamp, line) for line in text.split("\n"))
+        data = data.encode("utf-8", "backslashreplace")
+        try:
+            if os.write(self.log, data) == len(data):
+                return
+            problem = "written short: a full filesystem, or a file size limit"
+        except OSError as exc:
+            problem = exc.strerror or str(exc)
+        os.close(self.log)
+        self.log = None
+        self.warning("cannot write the --log-file %s (%s): its lines are only printed"
+                     % (safe_name(self.log_path), problem))
 
 
 def fsync_folder(path):
@@ -301,6 +364,7 @@ class S3PushError(Exception):
 
 class UsageError(S3PushError):
     exit_code = EXIT_USAGE
+    usage = ""   # the synopsis said before the error line, where argparse refused
 
 
 class NoInputError(S3PushError):
@@ -1316,7 +1380,8 @@ class S3Client(object):
         if self.session.expected_owner:   # S3 refuses (403) if another account owns it
             headers = dict(headers, **{"x-amz-expected-bucket-owner":
                                        self.session.expected_owner})
-        trace = self.trace(method, target, used.credentials) if self.session.debug else None
+        trace = self.trace(method, target, used.credentials, self.session.notices) \
+            if self.session.debug else None
         signed = sign_request(method, host, path, query, headers, body_hash, used.credentials,
                               used.region, signed_at, trace=trace, keys=self.signing_keys)
         signed["user-agent"] = USER_AGENT
@@ -1331,20 +1396,22 @@ class S3Client(object):
                                  "is kept" % describe_os_error(exc))
         response.expected_owner = self.session.expected_owner
         if self.session.debug:
-            emit(sys.stderr, "s3push: debug: answer %d %s, ETag %s, request id %s" % (
-                response.status, response.reason, response.header("etag") or "-",
-                response.header("x-amz-request-id") or "-"))
+            self.session.notices.line(sys.stderr, "s3push: debug: answer %d %s, ETag %s, "
+                                      "request id %s" % (
+                                          response.status, response.reason,
+                                          response.header("etag") or "-",
+                                          response.header("x-amz-request-id") or "-"))
         if validate is not None and 200 <= response.status < 300:
             validate(response)
         return response
 
     @staticmethod
-    def trace(method, target, credentials):
+    def trace(method, target, credentials, notices):
         """--debug: the canonical request and string to sign, through redact()."""
         def show(request_text, text):
-            emit(sys.stderr, redact("s3push: debug: %s %s\n--- canonical request\n%s\n"
-                                    "--- string to sign\n%s"
-                                    % (method, target, request_text, text), credentials))
+            notices.line(sys.stderr, redact(
+                "s3push: debug: %s %s\n--- canonical request\n%s\n--- string to sign\n%s"
+                % (method, target, request_text, text), credentials))
         return show
 
 
@@ -4099,11 +4166,11 @@ class Tally(object):
 
 class Report(object):
     """What the run says as it goes, shared by the workers: a line for each file moved
-    (-v), failed or left, the live status line, and the Tally behind them, each line and
-    its count changed together."""
+    (-v), failed or left (each through its Notices' line()), the live status line, and the
+    Tally behind them, each line and its count changed together."""
 
     def __init__(self, notices=None):
-        self.lock = threading.RLock()   # the notices' too: one writer of stderr at a time
+        self.lock = threading.RLock()   # the notices' too: one writer of lines at a time
         self.tally = Tally()
         self.notices = notices or Notices()
         self.notices.lock, self.notices.before = self.lock, self.clear_status
@@ -4120,7 +4187,7 @@ class Report(object):
                 tally.versions.append({"url": url, "version_id": version_id})
             self.clear_status()
             if verbose:
-                emit(sys.stdout, "moved %s -> %s (%d bytes%s)" % (
+                self.notices.line(sys.stdout, "moved %s -> %s (%d bytes%s)" % (
                     safe_name(path), url, size,
                     ", version %s" % safe_name(version_id) if version_id else ""))
 
@@ -4139,7 +4206,7 @@ class Report(object):
                 tally.fatal = exc
             target = " -> " + url if url else ""
             line = "s3push: error: %s%s: %s" % (safe_name(path), target, exc)
-            emit(sys.stderr, line)
+            self.notices.line(sys.stderr, line)
             tally.errors_total += 1
             if len(tally.errors) < MAX_SUMMARY_ERRORS:
                 tally.errors.append(line)
@@ -4153,9 +4220,8 @@ class Report(object):
         with self.lock:
             self.tally.bytes_resumed += size
             if verbose or self.progress:
-                self.clear_status()
-                emit(sys.stdout if verbose else sys.stderr, "resuming %s: %d of %d parts "
-                     "already there" % (safe_name(path), reused, parts))
+                self.notices.line(sys.stdout if verbose else sys.stderr, "resuming %s: %d of "
+                                  "%d parts already there" % (safe_name(path), reused, parts))
 
     def resume_dropped(self, size):
         """A resumed upload started over: its reused bytes were sent again after all."""
@@ -4180,20 +4246,19 @@ class Report(object):
                                      "--warn-waiting): see that its writer closes it"
                                      % (safe_name(path), exc, format_duration(waited)))
             if verbose:
-                self.clear_status()
-                emit(sys.stdout, "left %s: %s" % (safe_name(path), exc))
+                self.notices.line(sys.stdout, "left %s: %s" % (safe_name(path), exc))
 
     def out_of_time(self):
         """The deadline stopped the run: what was not sent waits for the next one."""
         with self.lock:
             self.tally.failures.append(EXIT_TEMPFAIL)
-            emit(sys.stderr, "s3push: the --deadline was reached: files not sent yet are "
-                 "left for the next run")
+            self.notices.line(sys.stderr, "s3push: the --deadline was reached: files not "
+                              "sent yet are left for the next run")
 
     def crashed(self, exc):
         with self.lock:
             self.tally.fatal = internal_error(exc, self.credentials)
-            emit(sys.stderr, "s3push: %s" % self.tally.fatal)
+            self.notices.line(sys.stderr, "s3push: %s" % self.tally.fatal)
 
     def clear_status(self):
         if self.progress:
@@ -5148,10 +5213,10 @@ def print_plan(source, files, destination, report, compress):
         lines.append("would move %s -> %s (%d bytes)" % (
             safe_name(base + found.relative), destination.url(key), found.info.st_size))
         if len(lines) == 1000:
-            emit(sys.stdout, "\n".join(lines), flush=False)
+            report.notices.line(sys.stdout, "\n".join(lines), flush=False)
             lines = []
     if lines:
-        emit(sys.stdout, "\n".join(lines))
+        report.notices.line(sys.stdout, "\n".join(lines))
     sys.stdout.flush()
 
 
@@ -5365,8 +5430,8 @@ def push_locked(options, environ, report, destination, root, state):
         held, holder = take_run_lock(state, root, report.notices)
         if not held:
             report.tally.skipped_for = holder or 0
-            emit(sys.stderr, "s3push: another run (pid %s) is moving %s; this one exits"
-                 % (holder or "unknown", safe_name(options.source)))
+            report.notices.line(sys.stderr, "s3push: another run (pid %s) is moving %s; this "
+                                "one exits" % (holder or "unknown", safe_name(options.source)))
             return EXIT_OK
     errors = []
     excludes, includes = filters(options)
@@ -5401,7 +5466,7 @@ def push_locked(options, environ, report, destination, root, state):
         else:
             report.failed(path, None, exc)
     if options.verbose:
-        emit(sys.stdout, report.tally.summary())
+        report.notices.line(sys.stdout, report.tally.summary())
     return report.tally.exit_status()
 
 
@@ -5809,12 +5874,20 @@ def add_output_options(group):
                        help="write a summary of the run (counts, bytes, seconds, exit "
                        "status, first errors) to FILE as JSON, for monitoring; also for a "
                        "command line refused (exit 2), unless the error is in "
-                       "--summary-json or --metrics-file itself")
+                       "--summary-json, --metrics-file or --log-file itself")
     group.add_argument("--metrics-file", metavar="FILE",
                        help="write the run's figures to FILE in the Prometheus text format, "
                        "for node_exporter's textfile collector (files and bytes moved, "
                        "failures by kind, files left, seconds, exit status, last success); "
                        "for a command line refused, as --summary-json")
+    group.add_argument("--log-file", metavar="FILE",
+                       help="also append each line the run prints (on stderr; on stdout "
+                       "under -v; not the live status line) to FILE, after its time in UTC "
+                       "(2026-12-03T14:30:43+00:00), in one write, so that runs may share "
+                       "FILE. Made 0600; opened anew each run (rotate it by renaming); never "
+                       "followed through a symlink; a regular file only. One that cannot be "
+                       "written is a warning, not a reason to keep files; for a command line "
+                       "refused, as --summary-json")
     group.add_argument("--manifest", metavar="FILE",
                        help="append a JSON line per moved file to FILE (time, run, path, "
                        "bucket, key, size, mtime, the checksum that proved it, ETag, "
@@ -5983,18 +6056,19 @@ def split_short_flags(argv):
 
 
 def report_options(argv):
-    """--summary-json and --metrics-file of a command line the parser refused, read apart
-    from every other argument: wherever the error is, but in one of these two, their
-    paths are known. Nothing else of the run is: no source, no destination."""
+    """--summary-json, --metrics-file and --log-file of a command line the parser refused,
+    read apart from every other argument: wherever the error is, but in one of these
+    three, their paths are known. Nothing else of the run is: no source, no destination."""
     parser = Parser(add_help=False, allow_abbrev=False)
-    parser.add_argument("--summary-json")
-    parser.add_argument("--metrics-file")
+    for option in ("--summary-json", "--metrics-file", "--log-file"):
+        parser.add_argument(option)
     try:
         found = parser.parse_known_args(argv)[0]
-    except UsageError:   # --summary-json or --metrics-file without its FILE
-        found = argparse.Namespace(summary_json=None, metrics_file=None)
+    except UsageError:   # one of them without its FILE
+        found = argparse.Namespace(summary_json=None, metrics_file=None, log_file=None)
     return argparse.Namespace(source="", destination="", verbose=False,
-                              summary_json=found.summary_json, metrics_file=found.metrics_file)
+                              summary_json=found.summary_json, metrics_file=found.metrics_file,
+                              log_file=found.log_file)
 
 
 def parse_options(argv):
@@ -6004,7 +6078,7 @@ def parse_options(argv):
     try:
         options = parser.parse_args(split_short_flags(argv))
     except UsageError as exc:
-        parser.print_usage(sys.stderr)
+        exc.usage = parser.format_usage().rstrip("\n")
         return report_options(argv), exc
     if options.source.lower().startswith("s3://") and \
             not options.destination.lower().startswith("s3://"):
@@ -6020,7 +6094,7 @@ def on_sigterm(signum, frame):
 def say_error(report, message):
     """The error that ends a run: one line on stderr, kept for --summary-json."""
     line = "s3push: error: %s" % message
-    emit(sys.stderr, line)
+    report.notices.line(sys.stderr, line)
     report.tally.errors_total += 1
     if len(report.tally.errors) < MAX_SUMMARY_ERRORS:
         report.tally.errors.append(line)
@@ -6033,10 +6107,12 @@ def guarded_run(options, report):
     try:
         return push(options, os.environ, report)
     except KeyboardInterrupt:
-        emit(sys.stderr, "s3push: interrupted; files not yet confirmed were left in place")
+        report.notices.line(sys.stderr, "s3push: interrupted; files not yet confirmed were "
+                            "left in place")
         return EXIT_SIGNAL_BASE + signal.SIGINT
     except Interrupted as exc:
-        emit(sys.stderr, "s3push: terminated; files not yet confirmed were left in place")
+        report.notices.line(sys.stderr, "s3push: terminated; files not yet confirmed were "
+                            "left in place")
         return EXIT_SIGNAL_BASE + exc.signum
     except S3PushError as exc:
         say_error(report, exc)
@@ -6065,10 +6141,15 @@ def open_standard_streams():
 def main(argv=None):
     open_standard_streams()
     options, refused = parse_options(sys.argv[1:] if argv is None else list(argv))
-    report = Report(Notices(options.verbose))
+    notices = Notices(options.verbose)
+    if options.log_file:   # first: every line of the run goes to it, a refusal's too
+        notices.open_log(options.log_file)
+    report = Report(notices)
     if refused is None:
         status = guarded_run(options, report)
     else:   # no run; its reports all the same, wherever their paths could be read
+        if refused.usage:
+            notices.line(sys.stderr, refused.usage)
         say_error(report, refused)
         status = refused.exit_code
     data = report.tally.summary_data(options, status)

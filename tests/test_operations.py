@@ -4,9 +4,13 @@ The recording proxy in front of the server shows the headers each request carrie
 """
 
 import base64
+import calendar
 import os
 import random
+import re
+import resource
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -16,7 +20,7 @@ import urllib.parse
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from helpers import IntegrationCase, files_under, skip_unless_server_checks  # noqa: E402
-from helpers import LACKS, soak, write_file  # noqa: E402
+from helpers import LACKS, RUN_TIMEOUT, soak, write_file  # noqa: E402
 import s3server  # noqa: E402
 
 MULTIPART = ("--multipart-threshold", "5MiB", "--part-size", "5MiB")
@@ -927,7 +931,8 @@ class CommandLine(IntegrationCase):
                                ("transfer", ("--jobs N", "--timeout DURATION",
                                              "--deadline DURATION", "--splay DURATION")),
                                ("safety", ("--dry-run", "--checksum", "--state-dir")),
-                               ("output", ("-v, --verbose", "--summary-json", "-h, --help"))):
+                               ("output", ("-v, --verbose", "--summary-json", "--log-file FILE",
+                                           "-h, --help"))):
             for option in options:
                 self.assertIn("\n  " + option, sections[title], (title, option))
         examples = " ".join(sections["examples"].split())
@@ -937,6 +942,181 @@ class CommandLine(IntegrationCase):
                      "EC2 instance profile", "exit status"):
             self.assertIn(said, examples)
         self.assertIn("for a command line refused (exit 2)", " ".join(out.split()))
+
+
+CANARY = "CANARYtoken0123456789SESSION"   # a session token no output may show
+LOG_LINE = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)\+00:00 (.*)\Z")
+
+
+class LogFile(IntegrationCase):
+    """--log-file: what the run prints, each line after its time, appended safely."""
+
+    def setUp(self):
+        IntegrationCase.setUp(self)
+        self.log = os.path.join(self.tmp, "s3push.log")
+
+    def logged(self, start=None, end=None):
+        """The log's lines without their times; each time (UTC) within start, end."""
+        with open(self.log, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+        texts = []
+        for line in lines:
+            match = LOG_LINE.match(line)
+            self.assertIsNotNone(match, line)
+            if start is not None:
+                when = calendar.timegm(time.strptime(match.group(1), "%Y-%m-%dT%H:%M:%S"))
+                self.assertTrue(int(start) <= when <= end, (start, line, end))
+            texts.append(match.group(2))
+        return texts
+
+    def test_what_the_run_prints_each_line_after_its_time(self):
+        credentials = os.path.join(self.home, "credentials")
+        with open(credentials, "w") as handle:   # others may read it: a warning
+            handle.write("[default]\naws_access_key_id = %s\naws_secret_access_key = %s\n"
+                         % (self.server.access_key, self.server.secret_key))
+        os.chmod(credentials, 0o644)
+        write_file(self.source, "a", b"alpha")
+        write_file(self.source, "/".join(["d" * 250] * 5), b"x")   # no key: an error
+        start = time.time()
+        result = self.run_s3push("-v", "--log-file", self.log, env=self.env(
+            AWS_ACCESS_KEY_ID=None, AWS_SECRET_ACCESS_KEY=None,
+            AWS_SHARED_CREDENTIALS_FILE=credentials))
+        texts = self.logged(start, time.time() + 1)
+        self.assertEqual(result.status, 65, result.stderr)
+        printed = result.stderr.splitlines() + result.stdout.splitlines()
+        self.assertEqual(sorted(texts), sorted(printed))
+        for said in ("s3push: warning: %s holds credentials" % credentials, "s3push: error: ",
+                     "moved %s/a -> " % self.source, "s3push: moved 1 files"):
+            self.assertEqual(len([t for t in texts if t.startswith(said)]), 1, (said, texts))
+        self.assertEqual(stat.S_IMODE(os.stat(self.log).st_mode), 0o600)
+        self.assert_landed({"a": b"alpha"})
+
+    @skip_unless_server_checks("session-token")
+    def test_debug_lines_without_secrets(self):
+        write_file(self.source, "a", b"alpha")
+        result = self.run_s3push("--debug", "--log-file", self.log,
+                                 env=self.env(AWS_SESSION_TOKEN=CANARY))
+        self.assertEqual(result.status, 0, result.stderr)
+        texts = self.logged()
+        self.assertEqual(texts, result.stderr.splitlines())
+        self.assertIn("--- canonical request", texts)
+        self.assertIn("x-amz-security-token:<redacted>", texts)
+        with open(self.log) as handle:
+            text = handle.read()
+        for secret in (CANARY, self.server.secret_key):
+            self.assertNotIn(secret, text)
+        self.assertNotRegex(text, "Signature=[0-9a-f]{64}")
+
+    def test_a_symlinked_log_is_refused_and_the_files_move(self):
+        planted = os.path.join(self.tmp, "planted")
+        for target in (planted, os.path.join(self.tmp, "not-there")):
+            if target == planted:
+                open(target, "wb").close()
+            os.symlink(target, self.log)
+            write_file(self.source, "a", b"alpha")
+            result = self.run_s3push("-v", "--log-file", self.log)
+            self.assertEqual(result.status, 0, result.stderr)
+            self.assertEqual(result.stderr.splitlines(), [
+                "s3push: warning: cannot write the --log-file %s (a symlink: not followed; "
+                "name the file itself): its lines are only printed" % self.log])
+            self.assertEqual(files_under(self.source), [])
+            self.assertEqual(os.path.getsize(planted), 0)
+            self.assertFalse(os.path.lexists(os.path.join(self.tmp, "not-there")))
+            os.unlink(self.log)
+
+    def test_a_fifo_never_stalls_the_run(self):
+        os.mkfifo(self.log)
+        reader = os.open(self.log, os.O_RDONLY | os.O_NONBLOCK)
+        for read in (True, False):   # a process reads it, then none does
+            write_file(self.source, "a", b"alpha")
+            result = self.run_s3push("-v", "--log-file", self.log)
+            self.assertEqual(result.status, 0, result.stderr)
+            self.assertIn("--log-file %s (not a regular file)" % self.log, result.stderr)
+            self.assertEqual(files_under(self.source), [])
+            if read:
+                self.assertEqual(os.read(reader, 100), b"")
+                os.close(reader)
+
+    def test_a_log_that_cannot_be_written_is_one_warning_and_the_files_move(self):
+        os.mkdir(self.log)
+        for log, reason in ((self.log, "Is a directory"), ("/dev/full", "not a regular file")):
+            write_file(self.source, "a", b"alpha")
+            result = self.run_s3push("-v", "--log-file", log)
+            self.assertEqual(result.status, 0, result.stderr)
+            self.assertEqual(result.stderr.splitlines(), [
+                "s3push: warning: cannot write the --log-file %s (%s): its lines are only "
+                "printed" % (log, reason)])
+            self.assertEqual(files_under(self.source), [])
+        # A log opened but not written (a full disk, here a file size limit it is at).
+        os.rmdir(self.log)
+        with open(self.log, "wb") as handle:
+            handle.write(b"x" * 65536)
+
+        def limit():
+            resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+        write_file(self.source, "a", b"alpha")
+        write_file(self.source, "b", b"beta")
+        done = subprocess.run(self.command("-v", "--log-file", self.log), env=self.env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              preexec_fn=limit, timeout=RUN_TIMEOUT)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(done.stderr.decode().splitlines(), [
+            "s3push: warning: cannot write the --log-file %s (File too large): its lines "
+            "are only printed" % self.log])
+        self.assertEqual(len([line for line in done.stdout.decode().splitlines()
+                              if line.startswith("moved ")]), 2, done.stdout)
+        self.assertEqual(os.path.getsize(self.log), 65536)
+        self.assert_landed({"a": b"alpha", "b": b"beta"})
+
+    def test_runs_append_and_one_that_finds_the_lock_held_says_so_there(self):
+        with open(self.log, "w") as handle:
+            handle.write("an earlier line\n")
+        os.chmod(self.log, 0o640)   # the file's own mode is kept
+        write_file(self.source, "a", b"alpha")
+        gate, first = self.gated_run("-v", "--log-file", self.log)
+        second = self.run_s3push("-v", "--log-file", self.log)
+        self.assertEqual(second.status, 0, second.stderr)
+        gate.release.set()
+        first.communicate(timeout=RUN_TIMEOUT)
+        self.assertEqual(first.returncode, 0)
+        write_file(self.source, "b", b"beta")
+        third = self.run_s3push("-v", "--log-file", self.log)
+        self.assertEqual(third.status, 0, third.stderr)
+        with open(self.log) as handle:
+            self.assertEqual(handle.readline(), "an earlier line\n")
+            texts = [LOG_LINE.match(line).group(2) for line in handle.read().splitlines()]
+        self.assertTrue(texts[0].startswith("s3push: another run (pid %d) is moving "
+                                            % first.pid), texts)
+        self.assertEqual([t.split(" ", 2)[:2] for t in texts[1:]],
+                         [["moved", self.source + "/a"], ["s3push:", "moved"],
+                          ["moved", self.source + "/b"], ["s3push:", "moved"]])
+        self.assertEqual(stat.S_IMODE(os.stat(self.log).st_mode), 0o640)
+
+    def test_with_stdout_and_stderr_closed_the_log_still_gets_the_lines(self):
+        write_file(self.source, "a", b"alpha")
+        # Descriptors 1 and 2 free: the log must not take one of their numbers.
+        closed = ["sh", "-c", 'exec "$@" >&- 2>&-', "sh"]
+        done = subprocess.run(closed + self.command("-v", "--log-file", self.log),
+                              env=self.env(), stdin=subprocess.DEVNULL, timeout=RUN_TIMEOUT)
+        self.assertEqual(done.returncode, 0)
+        texts = self.logged()
+        self.assertEqual([t.split(" ", 2)[:2] for t in texts],
+                         [["moved", self.source + "/a"], ["s3push:", "moved"]])
+        self.assert_landed({"a": b"alpha"})
+
+    def test_a_refused_command_line_is_logged_where_the_path_was_read(self):
+        write_file(self.source, "f", b"data")
+        for argv in (self.command("--min-age", "10x", "--log-file", self.log),
+                     self.command("--log-file", self.log, "--no-such-option")):
+            if os.path.exists(self.log):
+                os.unlink(self.log)
+            result = subprocess.run(argv, env=self.env(), stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, timeout=RUN_TIMEOUT)
+            self.assertEqual(result.returncode, 2)
+            stderr = result.stderr.decode().splitlines()
+            self.assertEqual(self.logged(), stderr)
+            self.assertTrue(stderr[0].startswith("usage: s3push.py"), stderr)
+        self.assertEqual(files_under(self.source), [b"f"])
 
 
 def parse_prometheus(text):

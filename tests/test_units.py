@@ -817,6 +817,25 @@ class Layout(unittest.TestCase):
                     places.append(self.names(top)[0])
         self.assertEqual(places, ["Notices"])
 
+    def test_one_road_for_lines(self):
+        """Every line the run prints goes through Notices.line (and so into --log-file,
+        after the same redaction): no other function calls emit or writes to sys.stdout or
+        sys.stderr, but the live status line's."""
+        ast, places = self.ast, set()
+        for function in ast.walk(self.tree):
+            if not isinstance(function, ast.FunctionDef):
+                continue
+            for node in ast.walk(function):
+                if not isinstance(node, ast.Call):
+                    continue
+                name = getattr(node.func, "id", None) or getattr(node.func, "attr", "")
+                streams = [n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)
+                           and n.attr in ("stdout", "stderr")]
+                if name == "emit" or streams and name in ("write", "print_usage",
+                                                          "print_help", "print"):
+                    places.add(function.name)
+        self.assertEqual(places, {"line", "clear_status", "show_status"})
+
     def names(self, node):
         ast = self.ast
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
