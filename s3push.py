@@ -320,9 +320,10 @@ class TemporaryError(S3PushError):
 
 
 class UnreachableError(S3PushError):
-    """No connection to the host: `reason` says why, e.g. 'Connection refused'. Temporary
-    as its exit status says, but no TemporaryError: a host that takes no connection stops
-    the run at once, it is not retried and waited for."""
+    """No connection to the host, or no answer from it (see SilenceWatch): `reason` says
+    why, e.g. 'Connection refused'. Temporary as its exit status says, but no
+    TemporaryError: a host that takes no connection, or answers none, stops the run at
+    once, it is not retried and waited for."""
     exit_code = EXIT_TEMPFAIL
 
     def __init__(self, message, reason=""):
@@ -1101,6 +1102,72 @@ class Deadline(object):
         return self.at is not None and time.monotonic() >= self.at
 
 
+class SilenceWatch(object):
+    """The one place that decides that the endpoint stopped answering, shared by the
+    run's S3Clients. It has when requests time out one after another for twice --timeout
+    with no answer to any request in between: counted from when the first of them last
+    heard from it (--timeout before it timed out; not before the last answer) to the
+    timeout of the last. Any answer, or a failure that is no timeout (a reset), ends the
+    count. A slow request is retried as usual; with nothing else answered, once.
+
+    Once silent, every request of the run fails with one UnreachableError (exit 75,
+    fatal): those in flight at once (their connections shut), the others before they
+    start or retry. So the run stops within three --timeout of the endpoint going silent
+    (most often two: its requests time out together), keeping every file not confirmed."""
+
+    def __init__(self, timeout):
+        self.lock = threading.Lock()
+        self.timeout = timeout
+        self.heard = float("-inf")   # time.monotonic() of the last answer
+        self.since = None   # since when nothing was heard, once a request timed out
+        self.message = None   # once silent: the text of what every request fails with
+        self.stopped = threading.Event()   # set then: ends a wait before a retry
+        self.clients = set()   # the S3Clients of the run, whose requests it may cut
+
+    def error(self):
+        """Once the endpoint is silent, the UnreachableError every request fails with (a
+        new one each time: raised in several threads at once), else None."""
+        return UnreachableError(self.message, "timed out") if self.message else None
+
+    def check(self):
+        if self.message:
+            raise self.error()
+
+    def answered(self):
+        self.heard, self.since = time.monotonic(), None
+
+    def failed(self, exc, where):
+        """A request to where (scheme://host) failed of exc: the UnreachableError to raise
+        instead once the endpoint is silent, else None (exc stands)."""
+        if not isinstance(exc, socket.timeout):
+            if isinstance(exc, OSError):   # a reset, an answer cut short: it was heard
+                self.answered()
+            return self.error()
+        now = time.monotonic()
+        with self.lock:
+            if self.since is None:   # the request last heard from it --timeout ago
+                self.since = max(now - self.timeout, self.heard)
+            if not self.message and now - self.since >= 2 * self.timeout:
+                self.silent(where, now - self.since)
+            return self.error()
+
+    def silent(self, where, seconds):
+        """Give up on the endpoint: requests in flight end now, not a --timeout later."""
+        self.message = ("no answer from %s for %d s: every request in that time timed out "
+                        "(--timeout %ds); the run stops, files not sent are kept for the "
+                        "next run" % (where, seconds, self.timeout))
+        self.stopped.set()
+        for client in self.clients:
+            sock = client.connection and client.connection.sock
+            if sock is None:
+                continue
+            try:   # its blocked read or write returns. Not TLS's shutdown, which would
+                # unwrap it first: a write of its worker meanwhile would go out in clear.
+                socket.SocketType.shutdown(sock, socket.SHUT_RDWR)
+            except OSError:
+                pass   # closed meanwhile by its worker
+
+
 REGION_NAME = re.compile(r"^[a-z]{2}(-[a-z0-9]+)+-\d+$")
 
 
@@ -1245,7 +1312,7 @@ class S3Client(object):
     """Signs and sends requests for one bucket over one connection (one per worker)."""
 
     def __init__(self, session, retries=0, timeout=DEFAULT_TIMEOUT, deadline=None,
-                 rate_limit=None):
+                 rate_limit=None, watch=None):
         self.session = session
         self.deadline = deadline or Deadline()
         self.rate_limit = rate_limit
@@ -1253,8 +1320,13 @@ class S3Client(object):
         self.timeout = timeout
         self.connection = None
         self.signing_keys = {}   # see sign_request
+        self.watch = watch or SilenceWatch(timeout)
+        with self.watch.lock:
+            self.watch.clients.add(self)
 
     def close(self):
+        with self.watch.lock:
+            self.watch.clients.discard(self)
         if self.connection is not None:
             self.connection.close()
 
@@ -1268,10 +1340,12 @@ class S3Client(object):
         without using up a retry. Each attempt is signed afresh; a FileRange body is read
         from disk again. validate(response), if given, checks a 2xx answer and raises
         TemporaryError to have the request retried (an ETag that is not the MD5 sent, a
-        complete without its result). A server that refuses connections is not retried.
+        complete without its result). A server that refuses connections is not retried,
+        nor one that stopped answering (SilenceWatch).
         """
         retry = corrections = 0
         while True:
+            self.watch.check()   # a silent endpoint (SilenceWatch) is asked nothing more
             used = self.session.snapshot()
             signed_at = datetime.datetime.now(datetime.timezone.utc) + \
                 datetime.timedelta(seconds=used.offset)
@@ -1294,7 +1368,7 @@ class S3Client(object):
                 if failure is not None:
                     raise failure
                 return response
-            time.sleep(delay)
+            self.watch.stopped.wait(delay)
             retry += 1
 
     def attempt(self, method, key, query, headers, body, body_hash, used, signed_at,
@@ -1321,13 +1395,16 @@ class S3Client(object):
         signed["user-agent"] = USER_AGENT
         try:
             response = self.connection.exchange(method, target, signed, body)
-        except S3PushError:
+        except (S3PushError, OSError) as exc:   # AnswerError included: an answer cut short
             self.connection.close()
-            raise
-        except OSError as exc:   # AnswerError included: an answer cut short
-            self.connection.close()
+            silence = self.watch.failed(exc, "%s://%s" % (endpoint.scheme, host))
+            if silence is not None:
+                raise silence
+            if isinstance(exc, S3PushError):
+                raise
             raise TemporaryError("the connection failed during the request (%s); the file "
                                  "is kept" % describe_os_error(exc))
+        self.watch.answered()
         response.expected_owner = self.session.expected_owner
         if self.session.debug:
             emit(sys.stderr, "s3push: debug: answer %d %s, ETag %s, request id %s" % (
@@ -4514,8 +4591,10 @@ class Job(object):
         self.deadline = Deadline(report.tally.started + options.deadline if options.deadline
                                  else None)
         rate_limit = RateLimit(options.bwlimit) if options.bwlimit else None
+        self.watch = SilenceWatch(options.timeout)   # the endpoint's, for every client
         self.new_client = functools.partial(S3Client, session, options.retries,
-                                            options.timeout, self.deadline, rate_limit)
+                                            options.timeout, self.deadline, rate_limit,
+                                            self.watch)
         self.report = report
         self.verbose = options.verbose
 
@@ -4582,8 +4661,9 @@ class PartTask(object):
             self.job.queue.stop()               # not of a part the stop abandoned
 
     def abandon(self):
-        self.tracker.finish(self.index, error=TemporaryError("the run stopped before part %d "
-                                                             "was sent" % (self.index + 1)))
+        # Stopped by a silent endpoint: the upload fails of that, said once for the run.
+        self.tracker.finish(self.index, error=self.job.watch.error() or TemporaryError(
+            "the run stopped before part %d was sent" % (self.index + 1)))
 
 
 class MultipartPlan(collections.namedtuple("MultipartPlan",
@@ -5598,7 +5678,10 @@ def add_transfer_options(group):
                        "default: no limit)")
     group.add_argument("--timeout", type=positive_duration, default=DEFAULT_TIMEOUT,
                        metavar="DURATION", help="give up on a connection that makes no "
-                       "progress for this long, then retry (default %ds)" % DEFAULT_TIMEOUT)
+                       "progress for this long, then retry (default %ds); when requests time "
+                       "out one after another for twice this long with no answer between, "
+                       "the endpoint is silent: the run stops (exit 75), files kept"
+                       % DEFAULT_TIMEOUT)
     group.add_argument("--retries", type=non_negative_int, default=DEFAULT_RETRIES,
                        metavar="N", help="retry a request that failed for a transient reason "
                        "(5xx, throttling, a broken connection) up to N times, with "
