@@ -132,6 +132,7 @@ METADATA_TIMEOUT = 1                   # seconds for the EC2 metadata service, a
 REFRESH_MARGIN = 300                   # refresh temporary credentials this long before expiry
 DEFAULT_TIMEOUT = 60                   # seconds without progress before a request fails
 DEFAULT_RETRIES = 5
+DEFAULT_LOCK_WARN_AFTER = 3600         # seconds another run may hold the lock unremarked
 BACKOFF_BASE = 0.2                     # seconds; full jitter below base * 2**retry
 BACKOFF_CAP = 20.0
 RETRY_AFTER_CAP = 60.0
@@ -2633,22 +2634,52 @@ def open_state_folder(path):
     return StateFolder(path, fd, None)
 
 
+# Another run holding the run lock: its pid and since when (seconds since the epoch); each
+# None when not known.
+LockHolder = collections.namedtuple("LockHolder", "pid since")
+
+
+def process_runs(pid):
+    """Whether a process of that pid runs (another account's too)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def lock_holder(fd):
+    """The LockHolder of the run lock's file, open as fd: the pid it wrote, and the file's
+    mtime, which that write set as it took the lock. No other account writes in the state
+    folder, and the kernel sets the mtime: nothing there to forge or to parse."""
+    text = os.pread(fd, 32, 0).strip()
+    pid = int(text) if text.isdigit() else 0
+    # A pid that no longer runs was read in the instant between the lock taken and the
+    # pid written over the last holder's: the holder has just begun.
+    if not pid or not process_runs(pid):
+        return LockHolder(None, None)
+    return LockHolder(pid, os.fstat(fd).st_mtime)
+
+
 def run_lock(folder_fd, root_fd):
     """The run lock of SOURCE_DIR (open as root_fd): an exclusive flock on a file in the
     state folder (open as folder_fd) named by SOURCE_DIR's device and inode, so that every
     spelling of the path shares it, while no other account can open it, let alone hold
     it. The kernel drops it when the process dies; the holder's pid is in the file, for
-    the runs it keeps out. Returns (descriptor, None), or (None, the holder's pid or
-    None) when another run holds it; OSError when the state folder cannot keep it."""
+    the runs it keeps out, and its mtime says since when. Returns (descriptor, None), or
+    (None, the holder's LockHolder) when another run holds it; OSError when the state
+    folder cannot keep it."""
     source = os.fstat(root_fd)
     fd = os.open("run-%x-%x.lock" % (source.st_dev, source.st_ino),
                  os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                  dir_fd=folder_fd)
     try:
         if not try_lock(fd):
-            holder = os.pread(fd, 32, 0).strip()
+            holder = lock_holder(fd)
             os.close(fd)
-            return None, int(holder) if holder.isdigit() else None
+            return None, holder
         os.ftruncate(fd, 0)
         os.pwrite(fd, b"%d\n" % os.getpid(), 0)
     except BaseException:
@@ -4016,6 +4047,7 @@ class Tally(object):
         self.errors_total = 0
         self.versions = []     # the first objects' VersionIds (versioned buckets)
         self.skipped_for = None   # another run held the lock: its pid (0: not known)
+        self.lock_held_seconds = None   # and for how long it had, when known
 
     def exit_status(self):
         if self.fatal is not None:
@@ -4049,6 +4081,7 @@ class Tally(object):
                 "files_left_unremovable": self.unremovable_count,
                 "run_skipped": self.skipped_for is not None,
                 "lock_holder_pid": self.skipped_for or None,
+                "lock_held_seconds": self.lock_held_seconds,
                 "errors_total": self.errors_total, "errors": self.errors,
                 "versions": self.versions}
 
@@ -5278,7 +5311,7 @@ def filters(options):
 
 
 def take_run_lock(state, root, notices):
-    """(held, the holder's pid or None): the run lock (see run_lock) in the state folder;
+    """(held, the holder's LockHolder or None): the run lock (see run_lock) in the state folder;
     where that folder cannot keep it, a flock on SOURCE_DIR itself, said on stderr: a
     lock any reader of SOURCE_DIR could hold, but a run that runs."""
     problem = state.problem
@@ -5298,14 +5331,33 @@ def take_run_lock(state, root, notices):
                           % (exc.strerror or exc))
 
 
+def kept_out(options, report, holder, now):
+    """Another run holds the lock (holder: its LockHolder): this one exits, saying so in a
+    line, or in a warning once the holder has held it for --lock-warn-after, since a
+    stopped or hung run (SIGSTOP, a dead NFS mount) keeps every later one out."""
+    tally = report.tally
+    tally.skipped_for = holder.pid or 0
+    if holder.since is not None:
+        tally.lock_held_seconds = round(max(now - holder.since, 0), 3)
+    if tally.lock_held_seconds is None or tally.lock_held_seconds < options.lock_warn_after:
+        emit(sys.stderr, "s3push: another run (pid %s) is moving %s; this one exits"
+             % (holder.pid or "unknown", safe_name(options.source)))
+        return
+    report.notices.warning(
+        "another run (pid %d) has held the lock of %s since %s (%d s, over "
+        "--lock-warn-after %ds): no run moves files until it ends; is it stopped or hung? "
+        "(ps -o pid,stat,etime,wchan -p %d); this one exits" % (
+            holder.pid, safe_name(options.source), time.strftime(
+                ISO_SECONDS, time.gmtime(holder.since)), tally.lock_held_seconds,
+            options.lock_warn_after, holder.pid))
+
+
 def push_locked(options, environ, report, destination, root, state):
     """Lock SOURCE_DIR (open as root), scan it, and move what the scan finds."""
     if not options.dry_run:
         held, holder = take_run_lock(state, root, report.notices)
         if not held:
-            report.tally.skipped_for = holder or 0
-            emit(sys.stderr, "s3push: another run (pid %s) is moving %s; this one exits"
-                 % (holder or "unknown", safe_name(options.source)))
+            kept_out(options, report, holder or LockHolder(None, None), time.time())
             return EXIT_OK
     errors = []
     excludes, includes = filters(options)
@@ -5469,6 +5521,9 @@ def metrics_text(data, failures, now, last_success):
              ("s3push_run_seconds", "how long the last run took", (), data["seconds"]),
              ("s3push_run_skipped", "1 when the last run exited at once: another run of "
               "this account was moving SOURCE_DIR", (), int(data["run_skipped"])),
+             ("s3push_lock_held_seconds", "how long another run had held the run lock when "
+              "the last run found it held (0: none held it, or not known)", (),
+              data["lock_held_seconds"] or 0),
              ("s3push_exit_status", "the exit status of the last run", (),
               data["exit_status"]),
              ("s3push_last_run_timestamp_seconds", "when the last run ended", (), now)]
@@ -5727,6 +5782,12 @@ def add_safety_options(group):
                        "of confirmed uploads and the journals that let a multipart upload cut "
                        "off part-way resume (default $XDG_STATE_HOME/s3push, else "
                        "~/.local/state/s3push)")
+    group.add_argument("--lock-warn-after", type=duration_argument, metavar="DURATION",
+                       default=DEFAULT_LOCK_WARN_AFTER,
+                       help="a run that finds another one holding the run lock exits 0 "
+                       "with a line; once that one has held it this long, a warning naming "
+                       "its pid and since when, as a stopped or hung run keeps every later "
+                       "one out (default 1h; 0: always)")
 
 
 def add_output_options(group):
