@@ -133,6 +133,7 @@ METADATA_TIMEOUT = 1                   # seconds for the EC2 metadata service, a
 REFRESH_MARGIN = 300                   # refresh temporary credentials this long before expiry
 DEFAULT_TIMEOUT = 60                   # seconds without progress before a request fails
 DEFAULT_RETRIES = 5
+DEFAULT_LOCK_WARN_AFTER = 3600         # seconds another run may hold the lock unremarked
 BACKOFF_BASE = 0.2                     # seconds; full jitter below base * 2**retry
 BACKOFF_CAP = 20.0
 RETRY_AFTER_CAP = 60.0
@@ -385,9 +386,10 @@ class TemporaryError(S3PushError):
 
 
 class UnreachableError(S3PushError):
-    """No connection to the host: `reason` says why, e.g. 'Connection refused'. Temporary
-    as its exit status says, but no TemporaryError: a host that takes no connection stops
-    the run at once, it is not retried and waited for."""
+    """No connection to the host, or no answer from it (see SilenceWatch): `reason` says
+    why, e.g. 'Connection refused'. Temporary as its exit status says, but no
+    TemporaryError: a host that takes no connection, or answers none, stops the run at
+    once, it is not retried and waited for."""
     exit_code = EXIT_TEMPFAIL
 
     def __init__(self, message, reason=""):
@@ -1166,6 +1168,72 @@ class Deadline(object):
         return self.at is not None and time.monotonic() >= self.at
 
 
+class SilenceWatch(object):
+    """The one place that decides that the endpoint stopped answering, shared by the
+    run's S3Clients. It has when requests time out one after another for twice --timeout
+    with no answer to any request in between: counted from when the first of them last
+    heard from it (--timeout before it timed out; not before the last answer) to the
+    timeout of the last. Any answer, or a failure that is no timeout (a reset), ends the
+    count. A slow request is retried as usual; with nothing else answered, once.
+
+    Once silent, every request of the run fails with one UnreachableError (exit 75,
+    fatal): those in flight at once (their connections shut), the others before they
+    start or retry. So the run stops within three --timeout of the endpoint going silent
+    (most often two: its requests time out together), keeping every file not confirmed."""
+
+    def __init__(self, timeout):
+        self.lock = threading.Lock()
+        self.timeout = timeout
+        self.heard = float("-inf")   # time.monotonic() of the last answer
+        self.since = None   # since when nothing was heard, once a request timed out
+        self.message = None   # once silent: the text of what every request fails with
+        self.stopped = threading.Event()   # set then: ends a wait before a retry
+        self.clients = set()   # the S3Clients of the run, whose requests it may cut
+
+    def error(self):
+        """Once the endpoint is silent, the UnreachableError every request fails with (a
+        new one each time: raised in several threads at once), else None."""
+        return UnreachableError(self.message, "timed out") if self.message else None
+
+    def check(self):
+        if self.message:
+            raise self.error()
+
+    def answered(self):
+        self.heard, self.since = time.monotonic(), None
+
+    def failed(self, exc, where):
+        """A request to where (scheme://host) failed of exc: the UnreachableError to raise
+        instead once the endpoint is silent, else None (exc stands)."""
+        if not isinstance(exc, socket.timeout):
+            if isinstance(exc, OSError):   # a reset, an answer cut short: it was heard
+                self.answered()
+            return self.error()
+        now = time.monotonic()
+        with self.lock:
+            if self.since is None:   # the request last heard from it --timeout ago
+                self.since = max(now - self.timeout, self.heard)
+            if not self.message and now - self.since >= 2 * self.timeout:
+                self.silent(where, now - self.since)
+            return self.error()
+
+    def silent(self, where, seconds):
+        """Give up on the endpoint: requests in flight end now, not a --timeout later."""
+        self.message = ("no answer from %s for %d s: every request in that time timed out "
+                        "(--timeout %ds); the run stops, files not sent are kept for the "
+                        "next run" % (where, seconds, self.timeout))
+        self.stopped.set()
+        for client in self.clients:
+            sock = client.connection and client.connection.sock
+            if sock is None:
+                continue
+            try:   # its blocked read or write returns. Not TLS's shutdown, which would
+                # unwrap it first: a write of its worker meanwhile would go out in clear.
+                socket.SocketType.shutdown(sock, socket.SHUT_RDWR)
+            except OSError:
+                pass   # closed meanwhile by its worker
+
+
 REGION_NAME = re.compile(r"^[a-z]{2}(-[a-z0-9]+)+-\d+$")
 
 
@@ -1310,7 +1378,7 @@ class S3Client(object):
     """Signs and sends requests for one bucket over one connection (one per worker)."""
 
     def __init__(self, session, retries=0, timeout=DEFAULT_TIMEOUT, deadline=None,
-                 rate_limit=None):
+                 rate_limit=None, watch=None):
         self.session = session
         self.deadline = deadline or Deadline()
         self.rate_limit = rate_limit
@@ -1318,8 +1386,13 @@ class S3Client(object):
         self.timeout = timeout
         self.connection = None
         self.signing_keys = {}   # see sign_request
+        self.watch = watch or SilenceWatch(timeout)
+        with self.watch.lock:
+            self.watch.clients.add(self)
 
     def close(self):
+        with self.watch.lock:
+            self.watch.clients.discard(self)
         if self.connection is not None:
             self.connection.close()
 
@@ -1333,10 +1406,12 @@ class S3Client(object):
         without using up a retry. Each attempt is signed afresh; a FileRange body is read
         from disk again. validate(response), if given, checks a 2xx answer and raises
         TemporaryError to have the request retried (an ETag that is not the MD5 sent, a
-        complete without its result). A server that refuses connections is not retried.
+        complete without its result). A server that refuses connections is not retried,
+        nor one that stopped answering (SilenceWatch).
         """
         retry = corrections = 0
         while True:
+            self.watch.check()   # a silent endpoint (SilenceWatch) is asked nothing more
             used = self.session.snapshot()
             signed_at = datetime.datetime.now(datetime.timezone.utc) + \
                 datetime.timedelta(seconds=used.offset)
@@ -1359,7 +1434,7 @@ class S3Client(object):
                 if failure is not None:
                     raise failure
                 return response
-            time.sleep(delay)
+            self.watch.stopped.wait(delay)
             retry += 1
 
     def attempt(self, method, key, query, headers, body, body_hash, used, signed_at,
@@ -1387,13 +1462,16 @@ class S3Client(object):
         signed["user-agent"] = USER_AGENT
         try:
             response = self.connection.exchange(method, target, signed, body)
-        except S3PushError:
+        except (S3PushError, OSError) as exc:   # AnswerError included: an answer cut short
             self.connection.close()
-            raise
-        except OSError as exc:   # AnswerError included: an answer cut short
-            self.connection.close()
+            silence = self.watch.failed(exc, "%s://%s" % (endpoint.scheme, host))
+            if silence is not None:
+                raise silence
+            if isinstance(exc, S3PushError):
+                raise
             raise TemporaryError("the connection failed during the request (%s); the file "
                                  "is kept" % describe_os_error(exc))
+        self.watch.answered()
         response.expected_owner = self.session.expected_owner
         if self.session.debug:
             self.session.notices.line(sys.stderr, "s3push: debug: answer %d %s, ETag %s, "
@@ -2629,22 +2707,52 @@ def open_state_folder(path):
     return StateFolder(path, fd, None)
 
 
+# Another run holding the run lock: its pid and since when (seconds since the epoch); each
+# None when not known.
+LockHolder = collections.namedtuple("LockHolder", "pid since")
+
+
+def process_runs(pid):
+    """Whether a process of that pid runs (another account's too)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def lock_holder(fd):
+    """The LockHolder of the run lock's file, open as fd: the pid it wrote, and the file's
+    mtime, which that write set as it took the lock. No other account writes in the state
+    folder, and the kernel sets the mtime: nothing there to forge or to parse."""
+    text = os.pread(fd, 32, 0).strip()
+    pid = int(text) if text.isdigit() else 0
+    # A pid that no longer runs was read in the instant between the lock taken and the
+    # pid written over the last holder's: the holder has just begun.
+    if not pid or not process_runs(pid):
+        return LockHolder(None, None)
+    return LockHolder(pid, os.fstat(fd).st_mtime)
+
+
 def run_lock(folder_fd, root_fd):
     """The run lock of SOURCE_DIR (open as root_fd): an exclusive flock on a file in the
     state folder (open as folder_fd) named by SOURCE_DIR's device and inode, so that every
     spelling of the path shares it, while no other account can open it, let alone hold
     it. The kernel drops it when the process dies; the holder's pid is in the file, for
-    the runs it keeps out. Returns (descriptor, None), or (None, the holder's pid or
-    None) when another run holds it; OSError when the state folder cannot keep it."""
+    the runs it keeps out, and its mtime says since when. Returns (descriptor, None), or
+    (None, the holder's LockHolder) when another run holds it; OSError when the state
+    folder cannot keep it."""
     source = os.fstat(root_fd)
     fd = os.open("run-%x-%x.lock" % (source.st_dev, source.st_ino),
                  os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                  dir_fd=folder_fd)
     try:
         if not try_lock(fd):
-            holder = os.pread(fd, 32, 0).strip()
+            holder = lock_holder(fd)
             os.close(fd)
-            return None, int(holder) if holder.isdigit() else None
+            return None, holder
         os.ftruncate(fd, 0)
         os.pwrite(fd, b"%d\n" % os.getpid(), 0)
     except BaseException:
@@ -4113,6 +4221,7 @@ class Tally(object):
         self.errors_total = 0
         self.versions = []     # the first objects' VersionIds (versioned buckets)
         self.skipped_for = None   # another run held the lock: its pid (0: not known)
+        self.lock_held_seconds = None   # and for how long it had, when known
 
     def exit_status(self):
         if self.fatal is not None:
@@ -4148,6 +4257,7 @@ class Tally(object):
                 "files_left_unremovable": self.unremovable_count,
                 "run_skipped": self.skipped_for is not None,
                 "lock_holder_pid": self.skipped_for or None,
+                "lock_held_seconds": self.lock_held_seconds,
                 "errors_total": self.errors_total, "errors": self.errors,
                 "versions": self.versions}
 
@@ -4703,8 +4813,10 @@ class Job(object):
         self.deadline = Deadline(report.tally.started + options.deadline if options.deadline
                                  else None)
         rate_limit = RateLimit(options.bwlimit) if options.bwlimit else None
+        self.watch = SilenceWatch(options.timeout)   # the endpoint's, for every client
         self.new_client = functools.partial(S3Client, session, options.retries,
-                                            options.timeout, self.deadline, rate_limit)
+                                            options.timeout, self.deadline, rate_limit,
+                                            self.watch)
         self.report = report
         self.verbose = options.verbose
         self.warn_waiting = options.warn_waiting   # seconds: see Report.left_open
@@ -4772,8 +4884,9 @@ class PartTask(object):
             self.job.queue.stop()               # not of a part the stop abandoned
 
     def abandon(self):
-        self.tracker.finish(self.index, error=TemporaryError("the run stopped before part %d "
-                                                             "was sent" % (self.index + 1)))
+        # Stopped by a silent endpoint: the upload fails of that, said once for the run.
+        self.tracker.finish(self.index, error=self.job.watch.error() or TemporaryError(
+            "the run stopped before part %d was sent" % (self.index + 1)))
 
 
 class MultipartPlan(collections.namedtuple("MultipartPlan",
@@ -5389,7 +5502,7 @@ def filters(options):
 
 
 def take_run_lock(state, root, notices):
-    """(held, the holder's pid or None): the run lock (see run_lock) in the state folder;
+    """(held, the holder's LockHolder or None): the run lock (see run_lock) in the state folder;
     where that folder cannot keep it, a flock on SOURCE_DIR itself, said on stderr: a
     lock any reader of SOURCE_DIR could hold, but a run that runs."""
     problem = state.problem
@@ -5424,14 +5537,33 @@ def warn_future_dated(selection, source, notices):
             FUTURE_SLACK, names, " and %d more" % more if more else ""))
 
 
+def kept_out(options, report, holder, now):
+    """Another run holds the lock (holder: its LockHolder): this one exits, saying so in a
+    line, or in a warning once the holder has held it for --lock-warn-after, since a
+    stopped or hung run (SIGSTOP, a dead NFS mount) keeps every later one out."""
+    tally = report.tally
+    tally.skipped_for = holder.pid or 0
+    if holder.since is not None:
+        tally.lock_held_seconds = round(max(now - holder.since, 0), 3)
+    if tally.lock_held_seconds is None or tally.lock_held_seconds < options.lock_warn_after:
+        report.notices.line(sys.stderr, "s3push: another run (pid %s) is moving %s; this "
+                            "one exits" % (holder.pid or "unknown", safe_name(options.source)))
+        return
+    report.notices.warning(
+        "another run (pid %d) has held the lock of %s since %s (%d s, over "
+        "--lock-warn-after %ds): no run moves files until it ends; is it stopped or hung? "
+        "(ps -o pid,stat,etime,wchan -p %d); this one exits" % (
+            holder.pid, safe_name(options.source), time.strftime(
+                ISO_SECONDS, time.gmtime(holder.since)), tally.lock_held_seconds,
+            options.lock_warn_after, holder.pid))
+
+
 def push_locked(options, environ, report, destination, root, state):
     """Lock SOURCE_DIR (open as root), scan it, and move what the scan finds."""
     if not options.dry_run:
         held, holder = take_run_lock(state, root, report.notices)
         if not held:
-            report.tally.skipped_for = holder or 0
-            report.notices.line(sys.stderr, "s3push: another run (pid %s) is moving %s; this "
-                                "one exits" % (holder or "unknown", safe_name(options.source)))
+            kept_out(options, report, holder or LockHolder(None, None), time.time())
             return EXIT_OK
     errors = []
     excludes, includes = filters(options)
@@ -5597,6 +5729,9 @@ def metrics_text(data, failures, now, last_success):
              ("s3push_run_seconds", "how long the last run took", (), data["seconds"]),
              ("s3push_run_skipped", "1 when the last run exited at once: another run of "
               "this account was moving SOURCE_DIR", (), int(data["run_skipped"])),
+             ("s3push_lock_held_seconds", "how long another run had held the run lock when "
+              "the last run found it held (0: none held it, or not known)", (),
+              data["lock_held_seconds"] or 0),
              ("s3push_exit_status", "the exit status of the last run", (),
               data["exit_status"]),
              ("s3push_last_run_timestamp_seconds", "when the last run ended", (), now)]
@@ -5811,7 +5946,10 @@ def add_transfer_options(group):
                        "default: no limit)")
     group.add_argument("--timeout", type=positive_duration, default=DEFAULT_TIMEOUT,
                        metavar="DURATION", help="give up on a connection that makes no "
-                       "progress for this long, then retry (default %ds)" % DEFAULT_TIMEOUT)
+                       "progress for this long, then retry (default %ds); when requests time "
+                       "out one after another for twice this long with no answer between, "
+                       "the endpoint is silent: the run stops (exit 75), files kept"
+                       % DEFAULT_TIMEOUT)
     group.add_argument("--retries", type=non_negative_int, default=DEFAULT_RETRIES,
                        metavar="N", help="retry a request that failed for a transient reason "
                        "(5xx, throttling, a broken connection) up to N times, with "
@@ -5857,6 +5995,12 @@ def add_safety_options(group):
                        "of confirmed uploads and the journals that let a multipart upload cut "
                        "off part-way resume (default $XDG_STATE_HOME/s3push, else "
                        "~/.local/state/s3push)")
+    group.add_argument("--lock-warn-after", type=duration_argument, metavar="DURATION",
+                       default=DEFAULT_LOCK_WARN_AFTER,
+                       help="a run that finds another one holding the run lock exits 0 "
+                       "with a line; once that one has held it this long, a warning naming "
+                       "its pid and since when, as a stopped or hung run keeps every later "
+                       "one out (default 1h; 0: always)")
 
 
 def add_output_options(group):

@@ -677,6 +677,32 @@ class GateProxy(LoopbackServer):
         pump(client, upstream)
 
 
+class SilentServer(LoopbackServer):
+    """An endpoint gone silent: it accepts connections and reads what comes, but never
+    answers. `connections` counts the connections it accepted."""
+
+    def __init__(self):
+        self.clients = []
+        LoopbackServer.__init__(self)
+
+    @property
+    def connections(self):
+        return len(self.clients)
+
+    def close(self):
+        LoopbackServer.close(self)
+        for client in list(self.clients):
+            client.close()
+
+    def serve(self, client):
+        self.clients.append(client)
+        try:
+            while client.recv(65536):
+                pass
+        except OSError:
+            pass
+
+
 def pump(source, sink):
     try:
         while True:

@@ -3,10 +3,14 @@ this account's private state folder), and files this account could not remove on
 uploaded are never uploaded (one line a directory, exit 65). The real script against
 the test server; the other account is nobody, so most tests need root."""
 
+import fcntl
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -71,6 +75,75 @@ class RunLock(IntegrationCase):
         process.communicate(timeout=RUN_TIMEOUT)
         self.assertEqual(process.returncode, 0)
         self.assert_landed({"a": b"a"})
+
+    def lock_file(self):
+        """The run lock's file of SOURCE_DIR in the state folder (see run_lock)."""
+        source = os.stat(self.source)
+        return os.path.join(self.home, ".local", "state", "s3push",
+                            "run-%x-%x.lock" % (source.st_dev, source.st_ino))
+
+    def kept_out(self, *args):
+        """A run the lock keeps out: (its stderr, its summary, its metrics text)."""
+        summary, metrics = (os.path.join(self.tmp, name) for name in ("s.json", "m.prom"))
+        result = self.run_s3push("--summary-json", summary, "--metrics-file", metrics, *args)
+        self.assertEqual(result.status, 0, result.stderr)
+        with open(summary) as summary_file, open(metrics) as metrics_file:
+            return result.stderr, json.load(summary_file), metrics_file.read()
+
+    def held_seconds(self, metrics):
+        return float(re.search(r"\ns3push_lock_held_seconds\{[^}]*\} (\S+)\n",
+                               metrics).group(1))
+
+    def test_a_run_holding_the_lock_for_long_is_named_in_a_warning(self):
+        write_file(self.source, "a", b"a")
+        self.assertEqual(self.run_s3push().status, 0)   # leaves the lock's file behind
+        hour_ago = time.time() - 3600
+        os.utime(self.lock_file(), (hour_ago, hour_ago))
+        write_file(self.source, "b", b"b")
+        gate, process = self.gated_run()
+        process.send_signal(signal.SIGSTOP)   # a stopped run, mid-upload
+        self.addCleanup(process.send_signal, signal.SIGCONT)
+        # Held since it began (its lock time, not the file's): said as usual.
+        err, data, metrics = self.kept_out()
+        self.assertEqual(err, "s3push: another run (pid %d) is moving %s; this one exits\n"
+                         % (process.pid, self.source))
+        self.assertLess(data["lock_held_seconds"], 60)
+        self.assertLess(self.held_seconds(metrics), 60)
+        # Held for two hours: a warning naming the pid and since when (UTC).
+        since = time.time() - 7200
+        os.utime(self.lock_file(), (since, since))
+        err, data, metrics = self.kept_out()
+        self.assertRegex(err, r"^s3push: warning: another run \(pid %d\) has held the lock "
+                         r"of %s since %s \(720\d s, over --lock-warn-after 3600s\).*\n$" % (
+                             process.pid, re.escape(self.source),
+                             time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since))))
+        self.assertEqual((data["lock_holder_pid"], data["run_skipped"]), (process.pid, True))
+        self.assertGreaterEqual(data["lock_held_seconds"], 7200)
+        self.assertGreaterEqual(self.held_seconds(metrics), 7200)
+        err, _, _ = self.kept_out("--lock-warn-after", "3h")   # not yet that long
+        self.assertIn("another run (pid %d) is moving" % process.pid, err)
+        process.send_signal(signal.SIGCONT)
+        gate.release.set()
+        process.communicate(timeout=RUN_TIMEOUT)
+        self.assertEqual(process.returncode, 0)
+        self.assert_landed({"a": b"a", "b": b"b"})
+
+    def test_a_pid_that_no_longer_runs_is_not_named(self):
+        # The instant between a run's lock taken and its pid written over the last one's.
+        write_file(self.source, "a", b"a")
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        os.makedirs(os.path.dirname(self.lock_file()), mode=0o700)
+        fd = os.open(self.lock_file(), os.O_RDWR | os.O_CREAT, 0o600)
+        self.addCleanup(os.close, fd)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, b"%d\n" % gone.pid)
+        os.utime(self.lock_file(), (0, 0))
+        err, data, metrics = self.kept_out()
+        self.assertEqual(err, "s3push: another run (pid unknown) is moving %s; this one "
+                         "exits\n" % self.source)
+        self.assertEqual((data["lock_holder_pid"], data["lock_held_seconds"]), (None, None))
+        self.assertEqual(self.held_seconds(metrics), 0)
 
     def test_a_state_folder_that_cannot_keep_the_lock_falls_back(self):
         not_a_folder = write_file(self.tmp, "plain", b"")

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import unittest
 
@@ -132,6 +133,67 @@ class Retries(FaultCase):
         self.assertIn("--deadline was reached", result.stderr)
         self.assertGreaterEqual(len(files_under(self.source)), 5)
         self.assert_nothing_lost({"f%d" % i: b"data" for i in range(10)})
+
+
+class SilentEndpoint(FaultCase):
+    """An endpoint that takes connections and stops answering ends the run (SilenceWatch):
+    exit 75 and one line naming it and --timeout, every file kept, within three --timeout
+    (plus the start-up: a bound about hanging, not speed). A slow request is retried."""
+    TIMEOUT = 2
+    START_UP = 3   # seconds, generous: the interpreter, the scan, the deferred imports
+
+    def run_silenced(self, endpoint, *args):
+        started = time.monotonic()
+        result = self.run_s3push("--timeout", str(self.TIMEOUT), *args, endpoint=endpoint)
+        seconds = time.monotonic() - started
+        self.assertEqual(result.status, 75, result.stderr)
+        lines = result.stderr.splitlines()
+        self.assertEqual(len(lines), 1, result.stderr)
+        self.assertIn("no answer from %s for " % endpoint, lines[0])
+        self.assertIn("(--timeout %ds)" % self.TIMEOUT, lines[0])
+        self.assertLess(seconds, 3 * self.TIMEOUT + self.START_UP, "the run did not give up")
+
+    def test_a_silent_endpoint_ends_the_run_and_every_file_stays(self):
+        self.corpus(40)
+        silent = s3server.SilentServer()
+        self.addCleanup(silent.close)
+        self.run_silenced(silent.endpoint)
+        self.assertEqual(len(files_under(self.source)), 40)
+        self.assertGreater(silent.connections, 0)
+
+    def test_multipart_uploads_cut_off_by_the_silence_resume_next_run(self):
+        files = self.corpus(4, big=2)
+        release = threading.Event()
+        self.addCleanup(release.set)
+
+        def hold(request):   # the uploads start, but no part is answered
+            if "partNumber=" not in request.target:
+                return None
+            release.wait(RUN_TIMEOUT)
+            return ("reset-before",)
+        # Two workers, four parts: parts in flight and parts queued when the run stops.
+        self.run_silenced(self.fault_proxy(hold).endpoint, "--jobs", "2", *MULTIPART)
+        left = self.assert_nothing_lost(files)
+        self.assertTrue({"big/b0.bin", "big/b1.bin"} <= left, left)
+        release.set()
+        result = self.run_s3push(*MULTIPART)
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertEqual(files_under(self.source), [])
+        self.assert_landed(files)
+
+    def test_a_single_slow_request_is_retried(self):
+        files = {"f%d" % i: b"data %d" % i for i in range(5)}
+        for name, data in files.items():
+            write_file(self.source, name, data)
+        # One answer comes after 1.5 --timeout, with no other request in flight (--jobs 1).
+        proxy = self.fault_proxy(lambda r: ("stall", 1.5 * self.TIMEOUT)
+                                 if r.target.endswith("/f2") and r.attempt == 0 else None)
+        result = self.run_s3push("--timeout", str(self.TIMEOUT), "--jobs", "1",
+                                 endpoint=proxy.endpoint)
+        self.assertEqual((result.status, result.stderr), (0, ""))
+        self.assertEqual(files_under(self.source), [])
+        self.assert_landed(files)
+        self.assertEqual(sum(target.endswith("/f2") for _, target in proxy.requests), 2)
 
 
 class Corrections(FaultCase):

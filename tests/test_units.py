@@ -513,7 +513,8 @@ class Selection(unittest.TestCase):
         self.addCleanup(os.close, folder.fd)
         fd, holder = s3push.run_lock(folder.fd, first)
         self.assertIsNotNone(fd)
-        self.assertEqual(s3push.run_lock(folder.fd, second), (None, os.getpid()))
+        kept_out, holder = s3push.run_lock(folder.fd, second)
+        self.assertEqual((kept_out, holder.pid), (None, os.getpid()))
         self.assertEqual(stat.S_IMODE(os.stat(state).st_mode), 0o700)
         lock, = os.listdir(state)
         self.assertEqual(stat.S_IMODE(os.stat(os.path.join(state, lock)).st_mode), 0o600)
@@ -1317,6 +1318,61 @@ class PartsAndRetries(unittest.TestCase):
         for empty in (b"<ETag></ETag>", b"<ETag/>", b"<ETag>&quot;&quot;</ETag>"):
             with self.assertRaises(s3push.FileError):   # but not for another key, or none
                 proof(empty, "", key=b"other")
+
+
+class SilenceRule(unittest.TestCase):
+    """SilenceWatch: timeouts one after another for twice --timeout, with no answer
+    between, make the endpoint silent; an answer or a reset ends the count."""
+    WHERE = "http://127.0.0.1:9"
+
+    def test_timeouts_over_twice_the_timeout_without_an_answer(self):
+        watch = s3push.SilenceWatch(2)
+        self.assertIsNone(watch.failed(socket.timeout(), self.WHERE))   # 2 s: retried
+        watch.since -= 1.9   # 3.9 s of timeouts
+        self.assertIsNone(watch.failed(socket.timeout(), self.WHERE))
+        watch.since -= 0.2
+        error = watch.failed(socket.timeout(), self.WHERE)
+        self.assertIsInstance(error, s3push.UnreachableError)
+        self.assertTrue(error.fatal)
+        self.assertEqual(error.exit_code, 75)
+        self.assertIn("no answer from http://127.0.0.1:9 for 4 s", str(error))
+        self.assertIn("(--timeout 2s)", str(error))
+        with self.assertRaises(s3push.UnreachableError):   # nothing more is sent
+            watch.check()
+        self.assertTrue(watch.stopped.is_set())   # a wait before a retry ends
+        self.assertIsNotNone(watch.failed(OSError("reset"), self.WHERE))
+
+    def test_an_answer_or_a_reset_ends_the_count(self):
+        watch = s3push.SilenceWatch(2)
+        for ending in (watch.answered, lambda: watch.failed(ConnectionResetError(), "")):
+            watch.failed(socket.timeout(), self.WHERE)
+            watch.since -= 10
+            ending()
+            self.assertIsNone(watch.failed(socket.timeout(), self.WHERE))
+        watch.check()
+
+    def test_counted_from_the_last_answer_at_the_earliest(self):
+        watch = s3push.SilenceWatch(2)
+        watch.answered()   # while the request that times out now was waiting
+        watch.heard += 1
+        watch.failed(socket.timeout(), self.WHERE)
+        self.assertEqual(watch.since, watch.heard)
+
+    def test_requests_in_flight_end_at_once(self):
+        watch = s3push.SilenceWatch(2)
+        waiting, server = socket.socketpair()
+        self.addCleanup(waiting.close)
+        self.addCleanup(server.close)
+        client, idle = s3push.S3Client(None, watch=watch), s3push.S3Client(None, watch=watch)
+        client.connection = argparse.Namespace(sock=waiting)
+        read = []
+        reader = threading.Thread(target=lambda: read.append(waiting.recv(10)))
+        reader.start()
+        watch.failed(socket.timeout(), self.WHERE)
+        watch.since -= 5
+        watch.failed(socket.timeout(), self.WHERE)
+        reader.join(5)
+        self.assertEqual(read, [b""], "the request in flight was not cut")
 
 
 class ManifestLines(unittest.TestCase):
