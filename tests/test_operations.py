@@ -9,6 +9,8 @@ import os
 import random
 import re
 import resource
+import shlex
+import shutil
 import socket
 import stat
 import subprocess
@@ -1240,6 +1242,106 @@ class Fleets(IntegrationCase):
         self.assertIn("not owned by account 111122223333", result.stderr)
         self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
         self.assertEqual(files_under(self.source), [b"f"])
+
+
+def readme_blocks():
+    """The README's fenced blocks, as the reader copies them."""
+    with open(os.path.join(s3server.REPO, "README.md"), encoding="utf-8") as handle:
+        return re.findall(r"^```[a-z]*\n(.*?)^```$", handle.read(), re.S | re.M)
+
+
+def readme_units():
+    """{name: text} of the README's systemd units: the blocks that open with their path."""
+    units = {}
+    for block in readme_blocks():
+        first = block.split("\n", 1)[0]
+        if first.startswith("# /etc/systemd/system/"):
+            units[first.rsplit("/", 1)[1]] = block
+    return units
+
+
+def unit_setting(unit, key, default=None):
+    found = re.findall(r"^%s=(.*)$" % key, unit, re.M)
+    return found[-1] if found else default
+
+
+class Recipes(IntegrationCase):
+    """The README's recipes, run as written: the systemd units and the log shipping line."""
+
+    UNITS = {"s3push.service", "s3push.timer", "s3push.path"}
+
+    def service_argv(self, state_base):
+        """The service's ExecStart as systemd runs it, with this test's paths: %S is
+        state_base, the interpreter this one, SOURCE_DIR this test's source."""
+        service = readme_units()["s3push.service"]
+        argv = shlex.split(unit_setting(service, "ExecStart").replace("%S", state_base))
+        self.assertEqual(argv[:2], ["/usr/bin/python3", "/usr/local/bin/s3push.py"])
+        return [sys.executable, s3server.S3PUSH, "--endpoint-url", self.recorder.endpoint] + \
+            argv[2:-2] + [self.source, "s3://%s/%s" % (self.server.bucket, self.prefix)], argv
+
+    @unittest.skipIf(shutil.which("systemd-analyze") is None, "no systemd-analyze here")
+    def test_the_systemd_units_pass_systemd_analyze_verify(self):
+        units = readme_units()
+        self.assertEqual(set(units), self.UNITS)
+        paths = []
+        for name, text in sorted(units.items()):
+            # verify needs ExecStart's program to exist: this interpreter, this script.
+            text = text.replace("/usr/bin/python3 ", sys.executable + " ").replace(
+                "/usr/local/bin/s3push.py", s3server.S3PUSH)
+            paths.append(os.path.join(self.tmp, name))
+            with open(paths[-1], "w") as handle:
+                handle.write(text)
+        done = subprocess.run(["systemd-analyze", "verify"] + paths, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, timeout=RUN_TIMEOUT)
+        # A warning (an unknown key, a bad value ignored) is a failure too.
+        self.assertEqual((done.returncode, done.stdout.decode()), (0, ""))
+
+    def test_the_service_keeps_its_lock_in_its_state_directory(self):
+        # As systemd starts it: a user whose home does not exist, the state directory made
+        # with StateDirectoryMode (default 0755) under %S, credentials in the environment.
+        service = readme_units()["s3push.service"]
+        base = os.path.join(self.tmp, "var-lib")
+        state = os.path.join(base, unit_setting(service, "StateDirectory"))
+        os.makedirs(state)
+        os.chmod(state, int(unit_setting(service, "StateDirectoryMode", "0755"), 8))
+        argv, written = self.service_argv(base)
+        self.assertIn(written[-2], unit_setting(service, "ReadWritePaths", "").split())
+        write_file(self.source, "a/f", b"data")
+        done = subprocess.run(argv, env=self.env(HOME="/nonexistent"), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=RUN_TIMEOUT)
+        self.assertEqual((done.returncode, done.stderr.decode()), (0, ""))
+        self.assertEqual(files_under(self.source), [])
+        self.assert_landed({"a/f": b"data"})
+        self.assertEqual([n for n in os.listdir(state) if n.startswith("run-")], [
+            "run-%x-%x.lock" % (os.stat(self.source).st_dev, os.stat(self.source).st_ino)])
+
+    def test_the_path_unit_starts_the_service_on_events_and_the_timer_as_backstop(self):
+        units = readme_units()
+        source = shlex.split(unit_setting(units["s3push.service"], "ExecStart"))[-2]
+        path, timer = units["s3push.path"], units["s3push.timer"]
+        # DirectoryNotEmpty= or PathExists*= would start it again at once after each run
+        # that leaves a file: back to back, until systemd's start limit fails the units.
+        self.assertEqual(re.findall(r"^(Path\w+|DirectoryNotEmpty)=(.*)$", path, re.M),
+                         [("PathChanged", source)])
+        self.assertEqual(unit_setting(path, "Unit", "s3push.service"), "s3push.service")
+        self.assertEqual(unit_setting(timer, "Unit", "s3push.service"), "s3push.service")
+        self.assertIsNotNone(unit_setting(timer, "OnUnitActiveSec"))
+
+    def test_the_log_shipping_globs_take_rotated_logs_never_the_live_one(self):
+        line = [b for b in readme_blocks() if "--include" in b and "/var/log/app" in b]
+        self.assertEqual(len(line), 1, "the Shipping logs line")
+        words, filters = shlex.split(line[0]), []
+        for i, word in enumerate(words):
+            if word in ("--include", "--exclude"):
+                filters += words[i:i + 2]
+        rotated = ["app.log.1", "app.log.2.gz", "app.log-20261202", "app.log-20261201.gz"]
+        for name in rotated + ["app.log"]:
+            write_file(self.source, name, b"line\n")
+        result = self.run_s3push("--dry-run", *filters)
+        self.assertEqual(result.status, 0, result.stderr)
+        chosen = re.findall(r"^would move (\S+) -> ", result.stdout, re.M)
+        self.assertEqual(sorted(chosen), sorted(os.path.join(self.source, n) for n in rotated))
+        self.assertEqual(len(files_under(self.source)), 5)
 
 
 class Proxies(IntegrationCase):
