@@ -4585,21 +4585,31 @@ class WriterIndex(object):
             return (info.st_dev, info.st_ino) in self.writing
 
 
+# still_written's answer where the lease was refused (another account's file, and no
+# CAP_LEASE) and /proc shows no writer among this account's processes: those of other
+# accounts it does not show.
+OTHERS_UNSEEN = "others unseen"
+
+
 def still_written(fd, info, index, since):
     """True when some process has the file (open read-only as fd) open for writing, False
-    when none has, None when neither a lease nor /proc can tell. A /proc view must have
-    been started after `since` (time.monotonic())."""
+    when none has, None when neither a lease nor /proc can tell, OTHERS_UNSEEN when no
+    process of this account has. A /proc view must have been started after `since`
+    (time.monotonic())."""
     lease = getattr(fcntl, "F_SETLEASE", None) if TAKE_LEASES else None   # Linux only
+    refused = False
     if lease is not None:
         try:
             fcntl.fcntl(fd, lease, fcntl.F_RDLCK)
         except OSError as exc:
             if exc.errno == errno.EAGAIN:
                 return True
+            refused = exc.errno == errno.EACCES   # neither its owner nor CAP_LEASE
         else:
             fcntl.fcntl(fd, lease, fcntl.F_UNLCK)
             return False
-    return index.has_writer(info, since)
+    seen = index.has_writer(info, since)
+    return OTHERS_UNSEEN if refused and seen is False else seen
 
 
 # Tests run a writer, or kill the run, at each step of a file's move (as TAKE_LEASES).
@@ -5037,6 +5047,13 @@ def check_no_writer(job, fd, info, since, uploaded):
         job.report.notices.note("cannot tell whether other processes still write files here "
                                 "(no file lease, no /proc): relying on --min-age and "
                                 "in-progress names")
+    elif writing is OTHERS_UNSEEN:
+        job.report.notices.warning(
+            "cannot see whether processes of other accounts still write the files of other "
+            "accounts here (a read lease needs the file's owner or CAP_LEASE, and /proc "
+            "shows this account's processes only): relying on --min-age and in-progress "
+            "names; run as the files' owner or with CAP_LEASE (README: systemd)",
+            once="others unseen")
     elif writing:
         raise StillWritten("%sstill open for writing by another process; left for a "
                            "later run" % ("uploaded, but " if uploaded else ""))

@@ -218,6 +218,44 @@ class Unremovable(IntegrationCase):
 
 
 
+class OtherAccountsWriters(IntegrationCase):
+    """Run as nobody, without CAP_LEASE, over root's file in nobody's directory: the kernel
+    refuses nobody a lease on it, and /proc shows nobody none of root's processes, so
+    root's writer is unseen. The run says so in a warning (with --min-age 0 the file then
+    moves, as it must where nothing can tell); nobody's own files give no warning."""
+
+    def setUp(self):
+        IntegrationCase.setUp(self)
+        os.chmod(self.tmp, 0o755)
+        for path in (self.source, self.home):
+            os.chown(path, NOBODY, NOBODY)
+
+    def run_as_nobody(self):
+        argv = AS_NOBODY + [NOBODY_PYTHON] + self.command()[1:]
+        return subprocess.run(argv, env=self.env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=RUN_TIMEOUT)
+
+    @needs_root
+    def test_writers_of_other_accounts_unseen_are_said(self):
+        path = write_file(self.source, "roots", b"r")   # root's, held open for writing
+        writer = open(path, "ab")
+        self.addCleanup(writer.close)
+        done = self.run_as_nobody()
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn(b"warning: cannot see whether processes of other accounts still write",
+                      done.stderr)
+        self.assertEqual(done.stderr.count(b"warning:"), 1, done.stderr)
+
+    @needs_root
+    def test_an_account_s_own_files_give_no_warning(self):
+        path = write_file(self.source, "mine", b"m")
+        os.chown(path, NOBODY, NOBODY)
+        done = self.run_as_nobody()
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(done.stderr, b"")
+        self.assert_landed({"mine": b"m"})
+
+
 class Immutable(IntegrationCase):
     def chattr(self, flag, path):
         try:
