@@ -7,7 +7,7 @@ Synopsis:
 Every regular file under SOURCE_DIR that is older than --min-age goes up to
 BUCKET at key PREFIX/relative/path in one signed PUT. The local copy is removed
 only after the server confirmed those exact bytes (its ETag equals the MD5 the
-script computed, or it verified and echoed the CRC32: --checksum, the default on AWS),
+script computed, or it verified and echoed the CRC32 or SHA-256: --checksum),
 the file is still the one that was read (same device,
 inode, size and mtime), and no process has it open for writing. Anything
 ambiguous keeps the file for the next run.
@@ -1877,8 +1877,8 @@ def warn_if_exposed(credentials, notices):
 
 
 # === The object on the server: checksums, PUT, multipart ===
-# Each body goes under a checksum the server verifies and its answer proves (Md5Check or
-# Crc32Check); an object is one PUT or a multipart upload, never read back.
+# Each body goes under a checksum the server verifies and its answer proves (Md5Check,
+# Crc32Check or Sha256Check); an object is one PUT or a multipart upload, never read back.
 
 
 CRC32_POLYNOMIAL = 0xEDB88320   # zlib's, bit-reflected: x^0 is the top bit
@@ -1983,38 +1983,43 @@ def check_etag(etag, md5_hex):
                              % (etag, md5_hex))
 
 
-def check_crc32_echo(response, crc32):
-    """Raise unless the answer echoes the CRC32 sent, which the server verified (AWS S3,
-    MinIO and LocalStack refuse a body that does not match it). No echo: this server does
-    not verify CRC32 (rclone's, Ceph RGW 16) and cannot prove any upload by it."""
-    echo = response.header("x-amz-checksum-crc32")
+def check_echo(response, header, algorithm, digest):
+    """Raise unless the answer echoes in header (x-amz-checksum-crc32, -sha256) the digest
+    sent, which the server verified (AWS S3, MinIO and LocalStack refuse a body that does
+    not match it). No echo: this server does not verify it (rclone's, Ceph RGW 16) and
+    cannot prove any upload by it."""
+    echo = response.header(header)
     if not echo:
         if not response.header("etag"):   # headers cut short
             raise TemporaryError("the answer carried no checksum (cut short?); the file is kept")
-        raise ConfigError("the server did not confirm the CRC32 it was sent (no "
-                          "x-amz-checksum-crc32 in its answer: it does not verify checksums); "
-                          "the file is kept: run with --checksum md5")
-    if echo != base64_text(crc32):
-        raise TemporaryError("the server's CRC32 %s is not that of what was sent (%s): the "
+        raise ConfigError("the server did not confirm the %s it was sent (no %s in its "
+                          "answer: it does not verify checksums); the file is kept: run with "
+                          "--checksum md5" % (algorithm, header))
+    if echo != base64_text(digest):
+        raise TemporaryError("the server's %s %s is not that of what was sent (%s): the "
                              "bytes were damaged on the way; the file is kept"
-                             % (one_line(echo, 40), base64_text(crc32)))
+                             % (algorithm, one_line(echo, 40), base64_text(digest)))
 
 
 MD5_OF_PARTS = "md5_of_parts"   # a multipart object's proof under MD5 (see Proof)
+SHA256_OF_PARTS = "sha256_of_parts"   # and under SHA-256
 
 
 class Proof(collections.namedtuple("Proof", "checksum value etag version_id")):
     """What the server confirmed of a whole object, as the manifest records it: the
-    checksum that proved it ("md5", "crc32", or for a multipart upload under MD5
-    "md5_of_parts", the MD5 of the parts' MD5s and their count), its value in hex, the
-    ETag and the VersionId ('' where the bucket keeps no versions)."""
+    checksum that proved it ("md5", "crc32", "sha256", or for a multipart upload under
+    MD5 or SHA-256 "md5_of_parts" or "sha256_of_parts", the hash of the parts' hashes and
+    their count), its value in hex, the ETag and the VersionId ('' where the bucket keeps
+    no versions)."""
     __slots__ = ()
 
 
-# A check (Md5Check, Crc32Check) holds only what differs between the two: new(), the hash
-# a body is read through (hashlib's, or Crc32); the headers that carry its value (a
-# digest, raw bytes); how a PUT's answer proves it (confirm); how a multipart upload
-# composes it (start_headers, part_element, complete, proof).
+# A check (Md5Check, Crc32Check, Sha256Check) holds only what differs between them: new(),
+# the hash a body is read through (hashlib's, or Crc32); the headers that carry its value
+# (a digest, raw bytes); how a PUT's answer proves it (confirm); how a multipart upload
+# composes it (start_headers, part_element, complete, proof); of_parts, the name of a
+# multipart Proof that only its part size reproduces (else None); payload_sha256, whether
+# its hash is the body's SHA-256, which a signed payload then shares (see digest_range).
 
 
 class Md5Check(object):
@@ -2024,7 +2029,9 @@ class Md5Check(object):
     its parts' MD5s and their count. No hash where FIPS forbids MD5: values are None (the
     payload's signed SHA-256 then vouches, and no ETag can be compared)."""
     name = "md5"
+    of_parts = MD5_OF_PARTS
     forgeable = False   # no bytes chosen to match keep an MD5 (see Sending)
+    payload_sha256 = False
 
     def new(self):
         return new_md5()
@@ -2065,7 +2072,7 @@ class Md5Check(object):
         if expected and etag and sending.verify_md5 and etag != expected:
             raise FileError("the server's ETag %s is not %s, the MD5 of the parts' MD5s: kept"
                             % (etag, expected))
-        return Proof(MD5_OF_PARTS, expected, etag, response.header("x-amz-version-id"))
+        return Proof(self.of_parts, expected, etag, response.header("x-amz-version-id"))
 
 
 class Crc32Check(object):
@@ -2075,7 +2082,9 @@ class Crc32Check(object):
     file whatever the part size; COMPOSITE would be a CRC of the parts' CRCs, which only
     this part size reproduces), combined here from the parts'."""
     name = "crc32"
+    of_parts = None   # its multipart proof is the whole file's CRC32
     forgeable = True   # four bytes chosen to match keep any CRC32 (see Sending)
+    payload_sha256 = False
 
     def new(self):
         return Crc32()
@@ -2085,7 +2094,7 @@ class Crc32Check(object):
                 "x-amz-sdk-checksum-algorithm": "CRC32"}
 
     def confirm(self, answer, value, sending):
-        check_crc32_echo(answer, value)
+        check_echo(answer, "x-amz-checksum-crc32", "CRC32", value)
 
     def start_headers(self):
         return {"x-amz-checksum-algorithm": "CRC32", "x-amz-checksum-type": "FULL_OBJECT"}
@@ -2111,8 +2120,51 @@ class Crc32Check(object):
         return Proof(self.name, expected.hex(), etag, response.header("x-amz-version-id"))
 
 
+class Sha256Check(object):
+    """--checksum sha256: every body goes under its signed x-amz-checksum-sha256, which the
+    server must verify and echo (AWS S3, LocalStack); no echo, no proof. S3 keeps it for
+    an auditor to read off the object. A multipart object's is COMPOSITE, S3's only kind
+    for SHA-256: the SHA-256 of the parts' SHA-256s and their count ("-N"), which only
+    this part size reproduces (the ledger keeps it, as for an MD5 of parts)."""
+    name = "sha256"
+    of_parts = SHA256_OF_PARTS
+    forgeable = False
+    payload_sha256 = True
+
+    def new(self):
+        return hashlib.sha256()
+
+    def headers(self, value):   # the SDK header too: Object Lock wants MD5 or it
+        return {"x-amz-checksum-sha256": base64_text(value),
+                "x-amz-sdk-checksum-algorithm": "SHA256"}
+
+    def confirm(self, answer, value, sending):
+        check_echo(answer, "x-amz-checksum-sha256", "SHA-256", value)
+
+    def start_headers(self):
+        return {"x-amz-checksum-algorithm": "SHA256", "x-amz-checksum-type": "COMPOSITE"}
+
+    def part_element(self, value):
+        return "<ChecksumSHA256>%s</ChecksumSHA256>" % base64_text(value)
+
+    def complete(self, values, lengths):
+        """(no headers: the parts' values are the list's, the object's "hex-N")."""
+        return {}, "%s-%d" % (hashlib.sha256(b"".join(values)).hexdigest(), len(values))
+
+    def proof(self, answer, response, key, expected, etag, sending):
+        echo = xml_text(answer, "ChecksumSHA256") or response.header("x-amz-checksum-sha256")
+        digest, count = expected.split("-")
+        sent = "%s-%s" % (base64_text(bytes.fromhex(digest)), count)   # as S3 writes it
+        if echo != sent:
+            raise FileError("the server did not confirm %s, the SHA-256 of the parts' "
+                            "SHA-256s (it said %s): kept" % (sent, one_line(echo or "nothing",
+                                                                            60)))
+        return Proof(self.of_parts, expected, etag, response.header("x-amz-version-id"))
+
+
 MD5 = Md5Check()
-CHECKSUMS = {check.name: check for check in (MD5, Crc32Check())}   # by --checksum's name
+CHECKSUMS = {check.name: check for check in (MD5, Crc32Check(), Sha256Check())}   # by name
+OF_PARTS = {check.of_parts: check for check in CHECKSUMS.values() if check.of_parts}
 
 
 class Digest(collections.namedtuple("Digest", "size sha256_hex value md5 body")):
@@ -2130,10 +2182,10 @@ class Digest(collections.namedtuple("Digest", "size sha256_hex value md5 body"))
 
 def digest_range(fd, offset, length, check, sha256=False, md5=False):
     """Read a range once with pread, through the check's hash, and in the same pass its
-    SHA-256 if sha256 and an MD5 if md5. Bodies up to IN_MEMORY_BYTES are kept, to be
-    sent without a second read."""
+    SHA-256 if sha256 (the check's own hash, if it is one) and an MD5 if md5. Bodies up
+    to IN_MEMORY_BYTES are kept, to be sent without a second read."""
     proving = check.new()
-    sha = hashlib.sha256() if sha256 else None
+    sha = hashlib.sha256() if sha256 and not check.payload_sha256 else None
     md5 = new_md5() if md5 else None
     hashes = [hashed for hashed in (proving, sha, md5) if hashed is not None]
     keep = length <= IN_MEMORY_BYTES
@@ -2143,6 +2195,7 @@ def digest_range(fd, offset, length, check, sha256=False, md5=False):
             hashed.update(block)
         if keep:
             chunks.append(block)
+    sha = proving if sha256 and check.payload_sha256 else sha   # one hash, not two
     return Digest(length, sha.hexdigest() if sha is not None else None, digest_of(proving),
                   digest_of(md5), b"".join(chunks) if keep else None)
 
@@ -2158,10 +2211,10 @@ def digest_bytes(data, check):
 class Sending(object):
     """How one file's object is sent: its headers (type, storage class, encryption, ACL,
     mtime, ...), a condition (--if-exists keep or number: If-None-Match: *), the check
-    that proves each body (Md5Check or Crc32Check; verify_md5 off under SSE-KMS, whose
-    ETag is no MD5), and whether each body's SHA-256 is signed too (--sign-payload, no
-    MD5, or plain http) or the body goes UNSIGNED-PAYLOAD under its signed checksum
-    (one hash, not two).
+    that proves each body (Md5Check, Crc32Check or Sha256Check; verify_md5 off under
+    SSE-KMS, whose ETag is no MD5), and whether each body's SHA-256 is signed too
+    (--sign-payload, no MD5, or plain http; under Sha256Check the same hash) or the body
+    goes UNSIGNED-PAYLOAD under its signed checksum (one hash, not two).
 
     Over plain http anyone on the path may change a body and keep its CRC32 (four bytes
     chosen to match: the check is forgeable): each body then goes under its signed
@@ -3191,7 +3244,7 @@ def oldest_first(files, window, spill, notices):
 # A multipart upload cut off part-way (a kill, a reboot, a link that drops) resumes on the
 # next run from a journal kept outside SOURCE_DIR, one folder per source and destination:
 # the file it was for (device, inode, size, mtime), its key and upload id, and each part
-# the server confirmed (number, range, MD5 or CRC32, ETag). The server is asked nothing
+# the server confirmed (number, range, MD5, CRC32 or SHA-256, ETag). The server is asked nothing
 # (no ListParts): PutObject-only keys resume too. A recorded part is reused only while
 # the file's bytes there still have its checksum; from the first that differs, all are
 # sent again.
@@ -3212,8 +3265,8 @@ def open_journal(path):
 
 
 class JournalPart(collections.namedtuple("JournalPart", "offset length check_hex etag")):
-    """One part the server confirmed, as the journal recorded it: check_hex is its MD5 or
-    CRC32 (the journal's "checksum"), in hex."""
+    """One part the server confirmed, as the journal recorded it: check_hex is its MD5,
+    CRC32 or SHA-256 (the journal's "checksum"), in hex."""
     __slots__ = ()
 
 
@@ -3403,7 +3456,7 @@ def journal_is_stale(root_fd, path, now, max_age):
 
 def reusable_parts(journal, key, fd, plan):
     """The Resumption of an upload the journal holds for this file, key, part size and
-    headers, with the parts whose bytes in the file still have the recorded MD5, up to
+    headers, with the parts whose bytes in the file still have the recorded value, up to
     the first that differs; None when there is none."""
     loaded = journal.load()
     if loaded is None:
@@ -3507,13 +3560,13 @@ def content_proven(fd, size, record):
     (name, value), = record["checksum"].items()
     if record.get("file_crc32"):
         name, value = "crc32", record["file_crc32"]
-    part_size = record.get("part_size") if name == MD5_OF_PARTS else None
-    check = MD5 if part_size else CHECKSUMS.get(name)
+    part_size = record.get("part_size") if name in OF_PARTS else None
+    check = OF_PARTS[name] if part_size else CHECKSUMS.get(name)
     if check is None or check.new() is None:   # FIPS forbids MD5
         return False
     if not part_size:
         return checksum_of_range(fd, 0, size, check) == value
-    ranges = part_ranges(size, part_size)   # the parts' MD5s, composed as the upload's were
+    ranges = part_ranges(size, part_size)   # the parts' hashes, composed as the upload's were
     values = [digest_range(fd, offset, length, check).value for _, offset, length in ranges]
     return check.complete(values, [length for _, _, length in ranges])[1] == value
 
@@ -4902,8 +4955,8 @@ class PartTask(object):
 class MultipartPlan(collections.namedtuple("MultipartPlan",
                                            "part_size ranges headers checksum")):
     """How one file goes up in parts: the part size, [(number, offset, length)], the
-    fingerprint of its headers and its check, Md5Check or Crc32Check (a journal of other
-    headers or another checksum is not resumed)."""
+    fingerprint of its headers and its check, Md5Check, Crc32Check or Sha256Check (a
+    journal of other headers or another checksum is not resumed)."""
     __slots__ = ()
 
 
@@ -4995,7 +5048,7 @@ def upload_file(client, job, fd, info, found, key):
     """Send the open file (under --compress, its gzip) to its first candidate key, or
     under --if-exists number to the first free numbered one; returns (the key it went to,
     its Proof, what the ledger keeps of the body: its compression, the gzip's size, the
-    file's CRC32 under it, the part size of an MD5 of parts)."""
+    file's CRC32 under it, the part size of an MD5 or SHA-256 of parts)."""
     try:
         if info.st_size > MAX_OBJECT_BYTES:
             raise FileError("larger than 5 TiB, S3's limit for one object; left in place")
@@ -5017,7 +5070,7 @@ def upload_file(client, job, fd, info, found, key):
             for key in candidate_keys(first, job.objects.if_exists):
                 try:
                     proof = send_file(client, job, key, body, found, info, sending)
-                    if proof.checksum == MD5_OF_PARTS:
+                    if proof.checksum in OF_PARTS:
                         fields["part_size"] = part_size_for(body[1].st_size, job.objects.part_size)
                     return key, proof, fields
                 except KeyTakenError:
@@ -5992,12 +6045,14 @@ def add_transfer_options(group):
 def add_safety_options(group):
     group.add_argument("--dry-run", action="store_true",
                        help="print what would move where, change nothing")
-    group.add_argument("--checksum", choices=("md5", "crc32"),
+    group.add_argument("--checksum", choices=("md5", "crc32", "sha256"),
                        help="what proves each upload: md5 (a signed Content-MD5, and the "
-                       "ETag must be that MD5: every S3 server) or crc32 (a signed "
+                       "ETag must be that MD5: every S3 server), crc32 (a signed "
                        "x-amz-checksum-crc32 the server verifies and must echo: AWS S3, "
-                       "MinIO; cheaper per byte). Default: crc32 on AWS endpoints, md5 "
-                       "elsewhere")
+                       "MinIO; cheaper per byte) or sha256 (likewise x-amz-checksum-sha256: "
+                       "AWS S3; the object keeps a SHA-256 the server verified, of the parts' "
+                       "SHA-256s for a multipart upload). Default: crc32 on AWS endpoints, "
+                       "md5 elsewhere")
     group.add_argument("--expected-bucket-owner", type=account_id, metavar="ACCOUNT_ID",
                        help="send x-amz-expected-bucket-owner on every request: S3 refuses "
                        "(403) if another account owns the bucket; also "

@@ -1,15 +1,20 @@
-"""What proves an upload: MD5 (Content-MD5 and the ETag) by default off AWS, CRC32 where
-the server verifies it (x-amz-checksum-crc32, echoed), and never an echo alone.
+"""What proves an upload: MD5 (Content-MD5 and the ETag) by default off AWS, CRC32 or
+SHA-256 where the server verifies it (x-amz-checksum-crc32, -sha256, echoed), and never an
+echo alone.
 
 Against every server: the default proof, a server that claims a checksum it never checked,
-a CRC32 answered wrong. Against a server that ignores CRC32 (rclone's, Ceph RGW 16):
---checksum crc32 stops the run and keeps every file. Against one that verifies it
-(LocalStack in make test-localstack, MinIO given by MINIO_BIN): the CRC32 path end to end,
-damaged bodies, multipart with a whole-file CRC32, and a resumed upload.
+a CRC32 answered wrong. Against a server that ignores CRC32 and SHA-256 (rclone's, Ceph RGW
+16): --checksum crc32 or sha256 stops the run and keeps every file. Against one that
+verifies them (LocalStack in make test-localstack, MinIO given by MINIO_BIN for CRC32): each
+path end to end, damaged bodies, multipart (a whole-file CRC32, a COMPOSITE SHA-256), and a
+resumed upload; a SHA-256 of parts proven again by a later run from the ledger.
 """
 
+import base64
+import hashlib
 import json
 import os
+import signal
 import sys
 import unittest
 import zlib
@@ -17,16 +22,34 @@ import zlib
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import s3server  # noqa: E402
 from helpers import files_under, write_file  # noqa: E402
-from test_faults import MULTIPART, FaultCase  # noqa: E402
+from test_faults import MIB, MULTIPART, FaultCase  # noqa: E402
+import test_handover  # noqa: E402
 
 CRC32 = ("--checksum", "crc32")
 VERIFIES_CRC32 = ("localstack", "minio")      # refuse a body whose CRC32 differs, echo it
 IGNORES_CRC32 = ("rclone", "rgw")             # neither check nor echo x-amz-checksum-crc32
+SHA256 = ("--checksum", "sha256")
+VERIFIES_SHA256 = ("localstack",)             # refuses a body whose SHA-256 differs, echoes it
+IGNORES_SHA256 = ("rclone", "rgw")            # neither check nor echo x-amz-checksum-sha256
 
 
 def crc32_text(data):
     """The x-amz-checksum-crc32 of data, as the script writes it."""
     return s3server.s3push.base64_text(zlib.crc32(data).to_bytes(4, "big"))
+
+
+def sha256_text(data):
+    """The x-amz-checksum-sha256 of data, as the script writes it."""
+    return base64.b64encode(hashlib.sha256(data).digest()).decode("ascii")
+
+
+def composite_sha256(data, part_size=5 * MIB):
+    """S3's COMPOSITE SHA-256 of data sent in parts: (base64-N, hex-N)."""
+    digests = [hashlib.sha256(data[o:o + part_size]).digest()
+               for o in range(0, len(data), part_size)]
+    whole = hashlib.sha256(b"".join(digests)).digest()
+    return ("%s-%d" % (base64.b64encode(whole).decode("ascii"), len(digests)),
+            "%s-%d" % (whole.hex(), len(digests)))
 
 
 def only_on(kinds, what):
@@ -180,6 +203,113 @@ class ForgedCrc32(FaultCase):
         self.assert_nothing_lost(files)
         self.assertEqual(len(files_under(self.source)), len(files), result.stderr)
         self.assertRegex(result.stderr, "BadDigest|XAmzContentSHA256Mismatch")
+
+
+class IgnoredSha256(FaultCase):
+    @only_on(IGNORES_SHA256, "it verifies or echoes x-amz-checksum-sha256")
+    def test_sha256_where_the_server_ignores_it_stops_and_keeps_every_file(self):
+        # No echo, no proof: the ETag is no SHA-256, and no MD5 went beside it.
+        files = self.corpus(3, big=1)
+        result = self.run_s3push(*(SHA256 + MULTIPART))
+        self.assertEqual(result.status, 78, result.stderr)
+        self.assertIn("did not confirm the SHA-256", result.stderr)
+        self.assertIn("--checksum md5", result.stderr)
+        self.assertEqual(len(files_under(self.source)), len(files))
+        heads = body_requests(self.recorder)
+        self.assertTrue(heads)
+        for head in heads:   # over http: the signed payload's SHA-256 is the checksum's
+            checksum = head.header("x-amz-checksum-sha256")
+            self.assertEqual(base64.b64decode(checksum).hex(),
+                             head.header("x-amz-content-sha256"), head.target)
+            self.assertEqual(head.header("content-md5"), "", head.target)
+
+
+@only_on(VERIFIES_SHA256, "it does not verify x-amz-checksum-sha256")
+class VerifiedSha256(FaultCase):
+    seamed_run = test_handover.Handover.seamed_run   # a run killed at a step
+
+    def test_sha256_proves_puts_and_a_composite_multipart(self):
+        files = self.corpus(5, big=1)
+        manifest = os.path.join(self.tmp, "manifest.jsonl")
+        result = self.run_s3push("--manifest", manifest, *(SHA256 + MULTIPART))
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertEqual(files_under(self.source), [])
+        self.assert_landed(files)
+        for head in body_requests(self.recorder):   # one hash: signed payload and checksum
+            checksum = head.header("x-amz-checksum-sha256")
+            self.assertEqual(base64.b64decode(checksum).hex(),
+                             head.header("x-amz-content-sha256"), head.target)
+            self.assertEqual(head.header("content-md5"), "", head.target)
+        starts = [head for head in self.recorder.heads if "?uploads" in head.target]
+        self.assertEqual(len(starts), 1)
+        self.assertEqual((starts[0].header("x-amz-checksum-algorithm"),
+                          starts[0].header("x-amz-checksum-type")), ("SHA256", "COMPOSITE"))
+        # What an auditor reads off each object, and what the manifest says of it.
+        with open(manifest) as handle:
+            lines = {line["key"][len(self.prefix):]: line
+                     for line in map(json.loads, handle)}
+        self.assertEqual(sorted(lines), sorted(files))
+        for relative, data in files.items():
+            headers = self.server.object_headers(self.prefix + relative,
+                                                 {"x-amz-checksum-mode": "ENABLED"})
+            if len(data) > 5 * MIB:
+                echoed, recorded = composite_sha256(data)
+                self.assertEqual(lines[relative]["checksum"], {"sha256_of_parts": recorded})
+            else:
+                echoed = sha256_text(data)
+                self.assertEqual(lines[relative]["checksum"],
+                                 {"sha256": hashlib.sha256(data).hexdigest()})
+            self.assertEqual(headers.get("x-amz-checksum-sha256"), echoed, relative)
+
+    def test_a_damaged_body_never_lands_under_sha256(self):
+        files = self.corpus(5, big=1)
+        proxy = self.fault_proxy(lambda r: ("flip",) if r.attempt == 0 and r.body else None)
+        result = self.run_s3push("--retries", "0", *(SHA256 + MULTIPART),
+                                 endpoint=proxy.endpoint)
+        self.assertNotEqual(result.status, 0, result.stderr)
+        self.assertIn("BadDigest", result.stderr)
+        self.assertEqual(len(files_under(self.source)), len(files), result.stderr)
+        self.assert_nothing_lost(files)
+
+    def test_a_sha256_upload_resumes_from_its_journal(self):
+        files = self.corpus(0, big=1)
+        big = files["big/b0.bin"]
+        proxy = self.fault_proxy(lambda r: ("answer", 500, "InternalError")
+                                 if "partNumber=2&" in r.target else None)
+        result = self.run_s3push("--retries", "0", "--jobs", "1", *(SHA256 + MULTIPART),
+                                 endpoint=proxy.endpoint)
+        self.assertEqual(result.status, 75, result.stderr)
+        journals = [os.path.join(d, n) for d, _, names in os.walk(self.home) for n in names
+                    if n.endswith(".journal")]
+        self.assertEqual(len(journals), 1)
+        with open(journals[0]) as handle:
+            lines = [json.loads(line) for line in handle]
+        self.assertEqual(lines[0]["checksum"], "sha256")
+        self.assertEqual([(p["part"], p["sha256"]) for p in lines[1:]],
+                         [(1, hashlib.sha256(big[:5 * MIB]).hexdigest())])
+        result = self.run_s3push("-v", *(SHA256 + MULTIPART))
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertIn("1 of 2 parts already there", result.stdout + result.stderr)
+        self.assertEqual([t for _, t in self.recorder.requests if "partNumber=1&" in t], [],
+                         "part 1 was in the journal: it is not sent again")
+        self.assert_landed(files)
+        headers = self.server.object_headers(self.prefix + "big/b0.bin",
+                                             {"x-amz-checksum-mode": "ENABLED"})
+        self.assertEqual(headers.get("x-amz-checksum-sha256"), composite_sha256(big)[0])
+
+    def test_a_sha256_of_parts_is_proven_again_by_the_next_run(self):
+        # Killed once the ledger holds the confirmation: the next run reads the file's
+        # parts again at the recorded part size, finds the composite, and removes the file
+        # without sending it again.
+        files = self.corpus(0, big=1)
+        done = self.seamed_run("recorded", "kill", None, *(SHA256 + MULTIPART))
+        self.assertEqual(done.returncode, -signal.SIGKILL, done.stderr)
+        sent = len(body_requests(self.recorder))
+        result = self.run_s3push(*(SHA256 + MULTIPART))
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertEqual(files_under(self.source), [])
+        self.assertEqual(len(body_requests(self.recorder)), sent, "sent again")
+        self.assert_landed(files)
 
 
 class ControlCharacters(FaultCase):

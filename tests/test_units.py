@@ -12,6 +12,7 @@ import sys
 import tempfile
 import threading
 import unittest
+import unittest.mock
 import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -712,6 +713,23 @@ class Ledger(unittest.TestCase):
         record["checksum"] = {"md5": "0" * 32}
         self.assertTrue(s3push.content_proven(fd, info.st_size, record))
 
+    def test_a_sha256_and_a_sha256_of_parts_are_computed_again(self):
+        data = os.urandom(3 * s3push.MIB + 5)
+        record = self.record("big", data)
+        record["checksum"] = {"sha256": hashlib.sha256(data).hexdigest()}
+        _, fd, info = self.found("big")
+        self.assertTrue(s3push.content_proven(fd, info.st_size, record))
+        part_size = s3push.MIB   # S3's COMPOSITE: the SHA-256 of the parts' SHA-256s, "-N"
+        parts = b"".join(hashlib.sha256(data[o:o + part_size]).digest()
+                         for o in range(0, len(data), part_size))
+        record["checksum"] = {"sha256_of_parts": "%s-4" % hashlib.sha256(parts).hexdigest()}
+        record["part_size"] = part_size
+        self.assertTrue(s3push.content_proven(fd, info.st_size, record))
+        record["part_size"] = 2 * part_size
+        self.assertFalse(s3push.content_proven(fd, info.st_size, record))
+        del record["part_size"]
+        self.assertFalse(s3push.content_proven(fd, info.st_size, record))
+
     def test_a_long_run_keeps_the_ledger_small(self):
         ledger = self.ledger()
         self.addCleanup(setattr, s3push, "LEDGER_COMPACT", s3push.LEDGER_COMPACT)
@@ -794,15 +812,17 @@ class Layout(unittest.TestCase):
         self.assertEqual(makers, [("open", "create_connection"), ("secure", "wrap_socket")])
 
     def test_the_checksum_is_chosen_in_one_place(self):
-        """No comparison with an algorithm's name: checksum_for picks Md5Check or
-        Crc32Check once, and everything else asks the object it picked."""
+        """No comparison with an algorithm's name, nor a multipart proof's: checksum_for
+        picks Md5Check, Crc32Check or Sha256Check once, and everything else asks the
+        object it picked (or the table of proofs by name, CHECKSUMS and OF_PARTS)."""
         ast, compared = self.ast, []
+        names = ("md5", "crc32", "sha256", "md5_of_parts", "sha256_of_parts")
         for node in ast.walk(self.tree):
             if isinstance(node, ast.Compare):
                 for side in [node.left] + node.comparators:
                     if isinstance(side, ast.Str if sys.version_info < (3, 8) else
-                                  ast.Constant) and getattr(side, "s", None) in ("md5",
-                                                                                 "crc32"):
+                                  ast.Constant) and getattr(side, "s", None) in names or \
+                            isinstance(side, ast.Name) and side.id.endswith("_OF_PARTS"):
                         compared.append(node.lineno)
         self.assertEqual(compared, [])
 
@@ -912,17 +932,61 @@ class Verification(unittest.TestCase):
         self.assertEqual(s3push.base64_text(crc.digest()), "NhCmhg==")
 
     def test_a_crc32_proves_only_when_echoed_as_sent(self):
-        def answer(**headers):
-            return s3push.Response(200, "OK", {k.replace("_", "-"): v
-                                               for k, v in headers.items()}, b"")
-        crc = bytes.fromhex("3610a686")   # of b"hello"
-        s3push.check_crc32_echo(answer(etag='"e"', x_amz_checksum_crc32="NhCmhg=="), crc)
+        def check(**headers):
+            answer = s3push.Response(200, "OK", {k.replace("_", "-"): v
+                                                 for k, v in headers.items()}, b"")
+            crc = bytes.fromhex("3610a686")   # of b"hello"
+            s3push.check_echo(answer, "x-amz-checksum-crc32", "CRC32", crc)
+        check(etag='"e"', x_amz_checksum_crc32="NhCmhg==")
         with self.assertRaises(s3push.TemporaryError):   # damaged on the way
-            s3push.check_crc32_echo(answer(etag='"e"', x_amz_checksum_crc32="AAAAAA=="), crc)
+            check(etag='"e"', x_amz_checksum_crc32="AAAAAA==")
         with self.assertRaises(s3push.ConfigError):   # a server that checks no CRC32
-            s3push.check_crc32_echo(answer(etag='"e"'), crc)
+            check(etag='"e"')
         with self.assertRaises(s3push.TemporaryError):   # an answer cut short
-            s3push.check_crc32_echo(answer(), crc)
+            check()
+
+    def test_a_sha256_check_is_the_signed_payload_s_hash_too(self):
+        # Over plain http (or --sign-payload) the payload's SHA-256 is the check's value:
+        # one hash per byte, not two.
+        check, made = s3push.CHECKSUMS["sha256"], []
+        real = s3push.hashlib.sha256
+
+        def counted(*args):
+            made.append(1)
+            return real(*args)
+        data = os.urandom(70000)
+        with tempfile.TemporaryFile() as handle:
+            handle.write(data)
+            handle.flush()
+            with unittest.mock.patch.object(s3push.hashlib, "sha256", counted):
+                signed = s3push.digest_range(handle.fileno(), 0, len(data), check, True)
+                unsigned = s3push.digest_range(handle.fileno(), 0, len(data), check)
+        self.assertEqual(len(made), 2, "one SHA-256 a read")
+        self.assertEqual(signed.value, hashlib.sha256(data).digest())
+        self.assertEqual(signed.payload_hash, hashlib.sha256(data).hexdigest())
+        self.assertEqual(unsigned.payload_hash, s3push.UNSIGNED_PAYLOAD)
+        self.assertEqual(s3push.body_headers(signed, check)["x-amz-checksum-sha256"],
+                         s3push.base64_text(hashlib.sha256(data).digest()))
+
+    def test_a_multipart_sha256_is_the_composite_s3_echoes(self):
+        check = s3push.CHECKSUMS["sha256"]
+        parts = [b"a" * 10, b"b" * 3]
+        values = [hashlib.sha256(part).digest() for part in parts]
+        headers, expected = check.complete(values, [10, 3])
+        composite = hashlib.sha256(b"".join(values)).digest()
+        self.assertEqual(expected, composite.hex() + "-2")
+
+        def proof(echo):
+            body = ("<CompleteMultipartUploadResult><Key>k</Key><ETag>\"e-2\"</ETag>%s"
+                    "</CompleteMultipartUploadResult>" % echo).encode()
+            response = s3push.Response(200, "OK", {}, body)
+            return check.proof(response.xml, response, "k", expected, "e-2", None)
+        echoed = "<ChecksumSHA256>%s-2</ChecksumSHA256>" % s3push.base64_text(composite)
+        self.assertEqual(proof(echoed), s3push.Proof("sha256_of_parts", expected, "e-2", ""))
+        for wrong in ("", echoed.replace("-2<", "-3<"),
+                      "<ChecksumSHA256>%s-2</ChecksumSHA256>" % s3push.base64_text(values[0])):
+            with self.assertRaises(s3push.FileError):
+                proof(wrong)
 
     def test_crc32_by_default_only_on_aws_endpoints(self):
         for url, expected in ((None, "crc32"), ("https://s3.eu-west-1.amazonaws.com", "crc32"),
