@@ -217,7 +217,6 @@ class Unremovable(IntegrationCase):
         self.assert_landed(self.moving)
 
 
-
 class OtherAccountsWriters(IntegrationCase):
     """Run as nobody, without CAP_LEASE, over root's file in nobody's directory: the kernel
     refuses nobody a lease on it, and /proc shows nobody none of root's processes, so
