@@ -931,23 +931,40 @@ def read_status_line(reader):
     return match.group(1), int(match.group(2)), (match.group(3) or "").strip()
 
 
-def read_header_lines(reader):
-    """The header fields up to the blank line, as {lower-case name: value}; a repeated
+def header_fields(lines):
+    """{lower-case name: value} of header lines (text, without their line ends); a repeated
     field's values joined with ', ' (RFC 9110 5.3)."""
     headers, name = {}, None
+    for line in lines:
+        if line[:1] in (" ", "\t") and name is not None:   # obs-fold: the value goes on
+            headers[name] += " " + line.strip()
+            continue
+        name, _, value = line.partition(":")
+        name, value = name.strip().lower(), value.strip()
+        headers[name] = headers[name] + ", " + value if name in headers else value
+    return headers
+
+
+def read_header_lines(reader):
+    """The header fields up to the blank line (header_fields). A head the reader holds
+    whole already (an answer comes in one piece) is taken in one read; else it is read
+    line by line. Either way within http.client's limits."""
+    held = reader.peek(MAX_HEAD_LINE)   # what is buffered (one read if nothing is)
+    end = 0 if held.startswith(b"\r\n") else held.find(b"\r\n\r\n") + 2   # 1: not all
+    if end != 1 and end <= MAX_HEAD_LINE and \
+            held.count(b"\n", 0, end) == held.count(b"\r\n", 0, end):   # no bare LF
+        lines = reader.read(end + 2)[:end].decode("latin-1").split("\r\n")[:-1]
+        if len(lines) > MAX_HEADERS:
+            raise AnswerError("the answer has more than %d header lines" % MAX_HEADERS)
+        return header_fields(lines)
+    lines = []
     for _ in range(MAX_HEADERS + 1):
         line = read_head_line(reader)
         if line in (b"\r\n", b"\n"):
-            return headers
+            return header_fields(lines)
         if not line:
             raise AnswerError("the answer was cut short in its head")
-        text = line.decode("latin-1").strip()
-        if line[:1] in (b" ", b"\t") and name is not None:   # obs-fold: the value goes on
-            headers[name] += " " + text
-            continue
-        name, _, value = text.partition(":")
-        name, value = name.strip().lower(), value.strip()
-        headers[name] = headers[name] + ", " + value if name in headers else value
+        lines.append(line.decode("latin-1").rstrip("\r\n"))
     raise AnswerError("the answer has more than %d header lines" % MAX_HEADERS)
 
 

@@ -11,6 +11,7 @@ import stat
 import sys
 import tempfile
 import threading
+import time
 import unittest
 import unittest.mock
 import zlib
@@ -1146,6 +1147,26 @@ class AnswerParsing(unittest.TestCase):
         self.assertEqual(answer.headers, {"x-a": "one two", "x-b": "1, 2", "etag": '"e"',
                                           "content-length": "2"})
         self.assertTrue(self.kept())
+
+    def test_a_head_read_at_once_or_line_by_line_gives_the_same_fields(self):
+        head = (b"HTTP/1.1 200 OK\r\nX-A: one\r\n  two\r\nX-B: 1\r\nx-b: 2\r\n"
+                b"ETag:  \"e\" \r\nContent-Length: 2\r\n\r\nok")
+        expected = {"x-a": "one two", "x-b": "1, 2", "etag": '"e"', "content-length": "2"}
+        server = self.server
+
+        def trickle():   # a byte at a time: the head is never held whole
+            for byte in range(len(head)):
+                server.sendall(head[byte:byte + 1])
+                time.sleep(0.002)
+        thread = threading.Thread(target=trickle, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 10)
+        self.assertEqual(self.exchange().headers, expected)
+        for raw in (head, head.replace(b"\r\n", b"\n"), head.replace(b"1\r\n", b"1\n")):
+            self.setUp()   # a fresh pair: the whole answer at once, with bare LFs too
+            self.serve(raw)
+            answer = self.exchange()
+            self.assertEqual((answer.headers, answer.body), (expected, b"ok"), raw)
 
     def test_bytes_past_one_answer_are_the_next_answer(self):
         self.serve(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\none"
