@@ -3787,7 +3787,7 @@ class Ledger(object):
     def close(self, root_fd):
         """Keep only the records whose file is still there (kept at the last instant, or
         not reached by this run), in a ledger written anew; none: no ledger."""
-        with self.lock:
+        with self.sync_lock, self.lock:   # no fsync at work on what is closed here
             fd, self.fd = self.fd, None
             for old in self.retired:
                 os.close(old)
@@ -3810,10 +3810,18 @@ class Ledger(object):
         self.fd = None
 
     def retire(self):
-        """Drop the descriptor (lock held): closed by the next sync or by close, never
-        while an fsync may still be at work on it (one that took it before the lock)."""
+        """Drop the descriptor (lock held), never closing it while an fsync may still be at
+        work on it (one that took it before the lock): at once where no sync runs (the
+        order of the locks is sync's: only a try here), else by that sync or by close."""
         if self.fd is not None:
             self.retired.append(self.fd)
+        if self.sync_lock.acquire(False):
+            try:
+                for old in self.retired:
+                    os.close(old)
+                self.retired = []
+            finally:
+                self.sync_lock.release()
 
 
 # === The manifest ===

@@ -655,6 +655,42 @@ class Ledger(unittest.TestCase):
         ledger.open()
         return ledger
 
+    def test_compactions_without_syncs_keep_no_descriptor(self):
+        """Files the ledger vouches for are removed without a record added, so without a
+        sync: the descriptor each compaction replaces is closed all the same."""
+        ledger = s3push.Ledger(self.folder, self.notices)
+        ledger.open()
+        self.addCleanup(ledger.close, self.root_fd)
+        ledger.compact_at = 0   # each resolved record compacts
+        records = [dict(self.record("f%d" % number), aside=None) for number in range(40)]
+        for record in records:
+            ledger.add(record)
+        before = len(os.listdir("/proc/self/fd"))
+        for record in records:
+            ledger.resolved(record)
+        self.assertEqual(len(os.listdir("/proc/self/fd")), before)
+        self.assertEqual(ledger.retired, [])
+
+    def test_close_waits_for_an_fsync_at_work(self):
+        """A sync holds sync_lock from taking the descriptor to its fsync: close (the run
+        stopped by a signal while workers still run) closes nothing under it."""
+        ledger = self.ledger()
+        ledger.add(self.record("one"))
+        ledger.sync_lock.acquire()   # a sync between taking the descriptor and its fsync
+        fd = ledger.fd
+        closing = threading.Thread(target=ledger.close, args=(self.root_fd,), daemon=True)
+        closing.start()
+        closing.join(0.3)
+        try:
+            self.assertTrue(closing.is_alive())
+            os.fsync(fd)   # still the ledger's: not closed, not reused
+        finally:
+            ledger.sync_lock.release()
+        closing.join(10)
+        self.assertFalse(closing.is_alive())
+        with self.assertRaises(OSError):
+            os.fstat(fd)
+
     def test_a_record_outlives_its_run_while_its_file_is_there(self):
         ledger = self.ledger()
         kept, gone = self.record("kept"), self.record("gone")
