@@ -1464,7 +1464,8 @@ class S3Client(object):
         connect_host = host.rsplit(":", 1)[0] if ":" in host else host
         if self.connection is None or self.connection.host != connect_host or \
                 self.connection.port != endpoint.port:
-            self.close()
+            if self.connection is not None:   # the client stays known to its SilenceWatch
+                self.connection.close()
             self.connection = Connection(endpoint.scheme, connect_host, endpoint.port,
                                          self.timeout, self.session.tls, proxy_for(
                                              self.session.proxies, endpoint.scheme,

@@ -161,6 +161,17 @@ class SilentEndpoint(FaultCase):
         self.assertEqual(len(files_under(self.source)), 40)
         self.assertGreater(silent.connections, 0)
 
+    def test_a_body_still_going_out_is_cut_when_the_silence_is_declared(self):
+        """Small files time out unanswered while a 12 MiB body still goes out at --bwlimit
+        1M (12 s): once the silence is declared, that request ends too."""
+        self.corpus(6)
+        write_file(self.source, "big.bin", os.urandom(12 * MIB))
+        silent = s3server.SilentServer()
+        self.addCleanup(silent.close)
+        self.run_silenced(silent.endpoint, "--jobs", "2", "--bwlimit", "1M",
+                          "--multipart-threshold", "1G")
+        self.assertEqual(len(files_under(self.source)), 7)
+
     def test_multipart_uploads_cut_off_by_the_silence_resume_next_run(self):
         files = self.corpus(4, big=2)
         release = threading.Event()
