@@ -12,6 +12,7 @@ import sys
 import tempfile
 import threading
 import unittest
+import urllib.parse
 import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -253,10 +254,24 @@ class Keys(unittest.TestCase):
         self.assertEqual(s3push.object_key("", "a/b c"), "a/b c")
         self.assertEqual(s3push.object_key("p/", "ü/x"), "p/ü/x")
 
-    def test_not_utf8(self):
-        name = os.fsdecode(b"caf\xe9.txt")
-        with self.assertRaisesRegex(s3push.FileError, r"not valid UTF-8 \(caf\\xe9.txt\)"):
-            s3push.object_key("p/", name)
+    def test_bytes_that_are_not_utf8_are_escaped_as_rclone_escapes_them(self):
+        # Each byte that is not part of valid UTF-8: U+201B and two upper-case hex digits.
+        for raw, text in ((b"caf\xe9.txt", "caf\u201bE9.txt"),
+                          (b"\xff\xfe/x", "\u201bFF\u201bFE/x"),
+                          (b"a\xe2\x82", "a\u201bE2\u201b82"),       # cut short
+                          (b"\xed\xa0\x80", "\u201bED\u201bA0\u201b80"),  # a surrogate
+                          (b"\xc0\xaf", "\u201bC0\u201bAF"),             # overlong "/"
+                          ("caf\u00e9 \u201bE9".encode(), "caf\u00e9 \u201bE9")):   # UTF-8
+            for name in (raw, os.fsdecode(raw)):
+                self.assertEqual(s3push.key_text(name), text, raw)
+            self.assertEqual(s3push.object_key("p/", os.fsdecode(raw)), "p/" + text)
+
+    def test_the_original_bytes_percent_encoded(self):
+        self.assertIsNone(s3push.percent_bytes("caf\u00e9/a b~"))
+        for raw, text in ((b"caf\xe9.txt", "caf%E9.txt"),
+                          (b"d\xff/a b~%.c\xc3\xa9", "d%FF/a%20b~%25.c%C3%A9")):
+            self.assertEqual(s3push.percent_bytes(os.fsdecode(raw)), text)
+            self.assertEqual(urllib.parse.unquote_to_bytes(text), raw)
 
     def test_too_long(self):
         s3push.object_key("", "x" * 1024)
@@ -1443,6 +1458,16 @@ class Templates(unittest.TestCase):
         self.assertEqual(template.key_for(top), "web1/2023-11-14/{size}.1700000000.log")
         sized = s3push.Template("{path}-{size}-{inode}", whole_key=True)
         self.assertEqual(sized.key_for(s3push.Found(directory, "x", info)), "app/x-5-77")
+
+    def test_templates_fill_in_the_escaped_name(self):
+        info = s3push.ScanStat(1, 77, 5, -1500000000, -1500000000)   # 1969-12-31T23:59:58.5
+        odd = s3push.Found(s3push.Directory(os.fsdecode(b"d\xff/"), ()),
+                           os.fsdecode(b"caf\xe9.csv"), info)
+        parts = s3push.Template("{dir}|{name}|{stem}|{ext}|{path}|{mtime_epoch}",
+                                whole_key=True)
+        self.assertEqual(parts.key_for(odd), "d\u201bFF|caf\u201bE9.csv|caf\u201bE9|.csv|"
+                                             "d\u201bFF/caf\u201bE9.csv|-2")
+        self.assertEqual(s3push.Template("p/").key_for(odd), "p/d\u201bFF/caf\u201bE9.csv")
 
 
 class ProxyRules(unittest.TestCase):
