@@ -4081,11 +4081,12 @@ class Template(object):
 
     def key_for(self, found):
         """The key of a file (FileError for a name that cannot be one, see object_key):
-        the prefix and its relative path, or the whole-key template filled in for it."""
+        the prefix and its relative path, or the whole-key template filled in for it (S3's
+        limit is the key's: a deep path may give a short one)."""
         mtime = found.info.st_mtime
         if not self.whole_key:
             return object_key(self.expand(self.prefix, mtime), found.relative)
-        key = self.expand(self.prefix, mtime, file_fields(object_key("", found.relative),
+        key = self.expand(self.prefix, mtime, file_fields(key_text(found.relative),
                                                           found.info))
         return object_key("", re.sub("/{2,}", "/", key).lstrip("/"))
 

@@ -733,6 +733,24 @@ class KeyTemplates(IntegrationCase):
         self.assertIn(b"unknown placeholder {hostnme}", done.stderr)
         self.assertEqual(files_under(self.source), [b"f"])
 
+    def run_to(self, template, *args):
+        argv = self.command(*args)
+        argv[-1] = "s3://%s/%s%s" % (self.server.bucket, self.prefix, template)
+        return subprocess.run(argv, env=self.env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=RUN_TIMEOUT)
+
+    def test_a_deep_path_under_a_name_template_moves(self):
+        # S3's 1,024 bytes are the key's: a path over them may still give a short key.
+        deep = "/".join(["d" * 250] * 5) + "/f.log"
+        write_file(self.source, deep, b"deep")
+        done = self.run_to("{path}")
+        self.assertEqual(done.returncode, 65, done.stderr)
+        self.assertIn(b"the key would be %d bytes" % len(self.prefix + deep), done.stderr)
+        self.assertEqual(files_under(self.source), [deep.encode()])
+        done = self.run_to("{name}")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assert_landed({"f.log": b"deep"})
+        self.assertEqual(files_under(self.source), [])
 
 class Summaries(IntegrationCase):
     def test_summary_json(self):

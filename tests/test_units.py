@@ -1469,6 +1469,15 @@ class Templates(unittest.TestCase):
                                              "d\u201bFF/caf\u201bE9.csv|-2")
         self.assertEqual(s3push.Template("p/").key_for(odd), "p/d\u201bFF/caf\u201bE9.csv")
 
+    def test_the_key_limit_is_the_key_s(self):
+        info = s3push.ScanStat(1, 77, 5, -1500000000, -1500000000)   # 1969-12-31T23:59:58.5
+        deep = s3push.Directory("d" * 1100 + "/", ())
+        named = s3push.Template("t/{mtime_date}/{name}", whole_key=True)
+        self.assertEqual(named.key_for(s3push.Found(deep, "f", info)), "t/1969-12-31/f")
+        whole = s3push.Template("t/{path}", whole_key=True)
+        with self.assertRaisesRegex(s3push.FileError, "the key would be 1104 bytes"):
+            whole.key_for(s3push.Found(deep, "f", info))
+
 
 class ProxyRules(unittest.TestCase):
     def test_no_proxy_matching(self):
