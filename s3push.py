@@ -2332,6 +2332,13 @@ def percent_bytes(name):
         return urllib.parse.quote_from_bytes(raw, safe="/~")   # "~" as on every Python
 
 
+def mtime_text(mtime_ns):
+    """An mtime in seconds to the nanosecond, exactly as it is: -1.5 s is -1.500000000
+    (divmod would floor it to -2 and 500000000)."""
+    seconds, fraction = divmod(abs(mtime_ns), 10 ** 9)
+    return "%s%d.%09d" % ("-" if mtime_ns < 0 else "", seconds, fraction)
+
+
 def file_fields(relative, info):
     """The FILE_PLACEHOLDERS' values for a file: relative is its path as key text
     (key_text), info its ScanStat. {dir} is '' for a file at the top ('//' in a key is
@@ -4083,7 +4090,7 @@ class Template(object):
         """The key of a file (FileError for a name that cannot be one, see object_key):
         the prefix and its relative path, or the whole-key template filled in for it (S3's
         limit is the key's: a deep path may give a short one)."""
-        mtime = found.info.st_mtime
+        mtime = found.info.st_mtime_ns // 10 ** 9   # whole seconds: a float rounds up
         if not self.whole_key:
             return object_key(self.expand(self.prefix, mtime), found.relative)
         key = self.expand(self.prefix, mtime, file_fields(key_text(found.relative),
@@ -4370,10 +4377,10 @@ class ObjectSettings(object):
 
     def sending(self, relative, info, gzipped):
         """The Sending of one file's object: the run's headers, its own type and mtime."""
-        headers = self.template.headers_for(info.st_mtime)
+        headers = self.template.headers_for(info.st_mtime_ns // 10 ** 9)
         headers["content-type"] = self.content_type or (
             "application/gzip" if gzipped else guess_content_type(relative))
-        headers["x-amz-meta-mtime"] = "%d.%09d" % divmod(info.st_mtime_ns, 10 ** 9)
+        headers["x-amz-meta-mtime"] = mtime_text(info.st_mtime_ns)
         original = percent_bytes(relative)
         if original:   # its key holds the name escaped (key_text); here are its bytes
             headers[NAME_HEADER] = original
@@ -5086,8 +5093,8 @@ def confirmation(job, found, info, key, proof, fields):
         "id": ident, "run": job.run_id, "time": time.strftime(ISO_SECONDS, time.gmtime()),
         "path": key_text(path), "endpoint": job.endpoint,
         "bucket": job.destination.bucket, "key": key, "size": info.st_size,
-        "mtime": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(info.st_mtime)) +
-        ".%09dZ" % (info.st_mtime_ns % 10 ** 9),
+        "mtime": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(
+            info.st_mtime_ns // 10 ** 9)) + ".%09dZ" % (info.st_mtime_ns % 10 ** 9),
         "checksum": {proof.checksum: proof.value}, "etag": proof.etag,
         "version_id": proof.version_id or None,
         "file": ledger_identity(info), "dir": found.directory.relative,

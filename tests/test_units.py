@@ -273,6 +273,12 @@ class Keys(unittest.TestCase):
             self.assertEqual(s3push.percent_bytes(os.fsdecode(raw)), text)
             self.assertEqual(urllib.parse.unquote_to_bytes(text), raw)
 
+    def test_mtimes_to_the_nanosecond_before_1970_too(self):
+        for mtime_ns, text in ((-1500000000, "-1.500000000"), (-500000000, "-0.500000000"),
+                               (-2 * 10 ** 9, "-2.000000000"), (0, "0.000000000"),
+                               (1700006399999999999, "1700006399.999999999")):
+            self.assertEqual(s3push.mtime_text(mtime_ns), text)
+
     def test_too_long(self):
         s3push.object_key("", "x" * 1024)
         with self.assertRaisesRegex(s3push.FileError, "1025 bytes"):
@@ -1477,6 +1483,14 @@ class Templates(unittest.TestCase):
         whole = s3push.Template("t/{path}", whole_key=True)
         with self.assertRaisesRegex(s3push.FileError, "the key would be 1104 bytes"):
             whole.key_for(s3push.Found(deep, "f", info))
+
+    def test_mtime_placeholders_from_whole_seconds(self):
+        # 2023-11-14T23:59:59.999999999: as a float it is the next day.
+        mtime = 1700006399999999999
+        info = s3push.ScanStat(1, 77, 5, mtime, mtime)
+        template = s3push.Template("{mtime_date}/{mtime_hour}/")
+        self.assertEqual(template.key_for(s3push.Found(s3push.Directory("", ()), "f", info)),
+                         "2023-11-14/23/f")
 
 
 class ProxyRules(unittest.TestCase):
