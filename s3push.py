@@ -5831,7 +5831,9 @@ def add_selection_options(group):
 
 def add_destination_options(group):
     group.add_argument("destination", metavar="s3://BUCKET[/PREFIX]",
-                       help="where the files go; keys are PREFIX/relative/path")
+                       help="where the files go; keys are PREFIX/relative/path (a byte of "
+                       "a name that is not UTF-8 as U+201B and its two hex digits, the name's "
+                       "bytes in x-amz-meta-s3push-name)")
     group.add_argument("--if-exists", choices=("overwrite", "keep", "number"),
                        default="overwrite",
                        help="when an object is already at the key: overwrite it (the "
