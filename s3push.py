@@ -2448,9 +2448,50 @@ def check_template(text, where, known=PLACEHOLDERS):
                 name, where, " ".join("{%s}" % p for p in known)))
 
 
+# A name that is not UTF-8 (Latin-1 from an old Windows share, a camera's firmware) cannot
+# be a key as it is: each byte of it that is not part of valid UTF-8 is written as U+201B
+# (a high-reversed-9 quotation mark) and its two upper-case hex digits, as rclone's
+# InvalidUtf8 encoding writes it (b"caf\xe9.csv" -> "caf\u201bE9.csv"). A UTF-8 name keeps
+# its key as it is; the original bytes of an escaped one go with its object (NAME_HEADER)
+# and its manifest line.
+ESCAPE_MARK = "\u201b"
+UNDECODABLE = re.compile("[\udc80-\udcff]")   # such a byte, as surrogateescape holds it
+NAME_HEADER = "x-amz-meta-s3push-name"
+
+
+def key_text(name):
+    """A file name or path (see name_bytes) as the text of a key: its UTF-8 as it is, the
+    bytes that are not UTF-8 escaped (U+201B and two hex digits)."""
+    raw = name_bytes(name)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return UNDECODABLE.sub(lambda byte: "%s%02X" % (ESCAPE_MARK, ord(byte.group()) & 0xFF),
+                               raw.decode("utf-8", "surrogateescape"))
+
+
+def percent_bytes(name):
+    """None for a UTF-8 name; else its bytes percent-encoded, '/' kept, as NAME_HEADER and
+    the manifest's path_bytes carry them (urllib.parse.unquote_to_bytes gives them back)."""
+    raw = name_bytes(name)
+    try:
+        raw.decode("utf-8")
+        return None
+    except UnicodeDecodeError:
+        return urllib.parse.quote_from_bytes(raw, safe="/~")   # "~" as on every Python
+
+
+def mtime_text(mtime_ns):
+    """An mtime in seconds to the nanosecond, exactly as it is: -1.5 s is -1.500000000
+    (divmod would floor it to -2 and 500000000)."""
+    seconds, fraction = divmod(abs(mtime_ns), 10 ** 9)
+    return "%s%d.%09d" % ("-" if mtime_ns < 0 else "", seconds, fraction)
+
+
 def file_fields(relative, info):
-    """The FILE_PLACEHOLDERS' values for a file: relative is its path (decoded), info its
-    ScanStat. {dir} is '' for a file at the top ('//' in a key is then made '/')."""
+    """The FILE_PLACEHOLDERS' values for a file: relative is its path as key text
+    (key_text), info its ScanStat. {dir} is '' for a file at the top ('//' in a key is
+    then made '/'). {mtime_epoch} is whole seconds, floored as the date is."""
     directory, _, name = relative.rpartition("/")
     stem, ext = os.path.splitext(name)
     return {"path": relative, "dir": directory, "name": name, "stem": stem, "ext": ext,
@@ -2494,15 +2535,12 @@ def parse_destination(url):
 
 
 def object_key(prefix, relative):
-    """The key for a file: PREFIX + its path relative to SOURCE_DIR, '/' separated.
+    """The key for a file: PREFIX + its path relative to SOURCE_DIR, '/' separated, as
+    key text (key_text: from the bytes on disk, those that are not UTF-8 escaped).
 
-    Raises FileError for a name that is not UTF-8 or a key longer than S3 allows.
+    Raises FileError for a key longer than S3 allows.
     """
-    try:
-        key = prefix + name_bytes(relative).decode("utf-8")   # from the bytes on disk
-    except UnicodeDecodeError:
-        raise FileError("the name is not valid UTF-8 (%s): rename it; it was left in place"
-                        % safe_name(relative))
+    key = prefix + key_text(relative)
     size = len(key.encode("utf-8"))
     if size > MAX_KEY_BYTES:
         raise FileError("the key would be %d bytes, over S3's limit of %d: shorten the path; "
@@ -4005,9 +4043,11 @@ class Manifest(object):
         """Write the line of a ledger record (see Ledger), under this run's tag and time
         (a line written late, by the run that found the file's upload confirmed, is in its
         own run's --manifest-key object); True once it is written."""
-        line = json.dumps(dict({name: record[name] for name in MANIFEST_FIELDS},
-                               time=time.strftime(ISO_SECONDS, time.gmtime()), run=self.run),
-                          sort_keys=True) + "\n"
+        fields = {name: record[name] for name in MANIFEST_FIELDS}
+        if "path_bytes" in record:   # a path that is not UTF-8 (see confirmation)
+            fields["path_bytes"] = record["path_bytes"]
+        line = json.dumps(dict(fields, time=time.strftime(ISO_SECONDS, time.gmtime()),
+                               run=self.run), sort_keys=True) + "\n"
         try:
             self.open()
             with self.lock:
@@ -4171,7 +4211,7 @@ def check_upload_options(options, now):
                              % options.manifest_key)
     names = [key.lower() for key, _ in options.metadata]
     for key in names:
-        if names.count(key) > 1 or key in ("mtime", "s3push-size"):
+        if names.count(key) > 1 or key in ("mtime", "s3push-size", "s3push-name"):
             raise UsageError("--metadata %s: %s" % (key, "given twice" if names.count(key) > 1
                                                     else "s3push sets it itself"))
     size = sum(len(k.encode("utf-8")) + len(v.encode("utf-8")) for k, v in options.metadata)
@@ -4235,11 +4275,12 @@ class Template(object):
 
     def key_for(self, found):
         """The key of a file (FileError for a name that cannot be one, see object_key):
-        the prefix and its relative path, or the whole-key template filled in for it."""
-        mtime = found.info.st_mtime
+        the prefix and its relative path, or the whole-key template filled in for it (S3's
+        limit is the key's: a deep path may give a short one)."""
+        mtime = found.info.st_mtime_ns // 10 ** 9   # whole seconds: a float rounds up
         if not self.whole_key:
             return object_key(self.expand(self.prefix, mtime), found.relative)
-        key = self.expand(self.prefix, mtime, file_fields(object_key("", found.relative),
+        key = self.expand(self.prefix, mtime, file_fields(key_text(found.relative),
                                                           found.info))
         return object_key("", re.sub("/{2,}", "/", key).lstrip("/"))
 
@@ -4505,15 +4546,17 @@ class ObjectSettings(object):
         self.sign_payload = options.sign_payload or \
             self.checksum.new() is None   # FIPS forbids MD5
         # Whole-key templates may give two files one key, and so may --compress (a.log
-        # and a.log.gz): the keys this run took, so that the second is kept instead.
-        self.keys_taken = set() if destination.whole_key or self.compress else None
+        # and a.log.gz) and the escape of a name that is not UTF-8 (caf\xe9 and a file
+        # named caf\u201bE9): the keys this run took, so that the second is kept instead.
+        self.keys_taken = set()
         self.keys_lock = threading.Lock()
 
     def take_key(self, key):
         """False when another file of this run has taken key (whole-key templates; under
-        --compress, keys ending .gz: a path alone never repeats)."""
-        if self.keys_taken is None or not (self.destination.whole_key or
-                                           key.endswith(".gz")):
+        --compress, keys ending .gz; keys holding ESCAPE_MARK: a path alone never
+        repeats)."""
+        if not (self.destination.whole_key or self.compress and key.endswith(".gz") or
+                ESCAPE_MARK in key):
             return True
         with self.keys_lock:
             if key in self.keys_taken:
@@ -4523,10 +4566,19 @@ class ObjectSettings(object):
 
     def sending(self, relative, info, gzipped):
         """The Sending of one file's object: the run's headers, its own type and mtime."""
-        headers = self.template.headers_for(info.st_mtime)
+        headers = self.template.headers_for(info.st_mtime_ns // 10 ** 9)
         headers["content-type"] = self.content_type or (
             "application/gzip" if gzipped else guess_content_type(relative))
-        headers["x-amz-meta-mtime"] = "%d.%09d" % divmod(info.st_mtime_ns, 10 ** 9)
+        headers["x-amz-meta-mtime"] = mtime_text(info.st_mtime_ns)
+        original = percent_bytes(relative)
+        if original:   # its key holds the name escaped (key_text); here are its bytes
+            headers[NAME_HEADER] = original
+            size = sum(len(name) - len("x-amz-meta-") + len(value) for name, value in
+                       headers.items() if name.startswith("x-amz-meta-"))   # all ASCII
+            if size > MAX_METADATA_BYTES:
+                raise FileError("its name's bytes, percent-encoded in %s, take the metadata "
+                                "to %d bytes, over S3's limit of 2 KiB: shorten the path (or "
+                                "send less --metadata); left in place" % (NAME_HEADER, size))
         if gzipped:   # the object's own size is the gzip's
             headers["x-amz-meta-s3push-size"] = str(info.st_size)
         condition = {"if-none-match": "*"} if self.if_exists != "overwrite" else {}
@@ -5245,17 +5297,21 @@ def confirmation(job, found, info, key, proof, fields):
     ident, aside = job.asides.new(found.name)
     if ASIDE.match(found.name):   # an earlier run's aside name: unlinked as it is
         aside = None
-    return dict(fields, **{
+    path = os.path.join(job.source, found.relative)
+    record = dict(fields, **{
         "id": ident, "run": job.run_id, "time": time.strftime(ISO_SECONDS, time.gmtime()),
-        "path": os.fsdecode(name_bytes(os.path.join(job.source, found.relative))),
-        "endpoint": job.endpoint, "bucket": job.destination.bucket, "key": key,
-        "size": info.st_size,
-        "mtime": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(info.st_mtime)) +
-        ".%09dZ" % (info.st_mtime_ns % 10 ** 9),
+        "path": key_text(path), "endpoint": job.endpoint,
+        "bucket": job.destination.bucket, "key": key, "size": info.st_size,
+        "mtime": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(
+            info.st_mtime_ns // 10 ** 9)) + ".%09dZ" % (info.st_mtime_ns % 10 ** 9),
         "checksum": {proof.checksum: proof.value}, "etag": proof.etag,
         "version_id": proof.version_id or None,
         "file": ledger_identity(info), "dir": found.directory.relative,
         "name": found.name, "aside": aside})
+    original = percent_bytes(path)
+    if original:   # not UTF-8: path is escaped as its key is; these are its bytes
+        record["path_bytes"] = original
+    return record
 
 
 def move_file(client, job, found, key):
@@ -6006,7 +6062,9 @@ def add_selection_options(group):
 
 def add_destination_options(group):
     group.add_argument("destination", metavar="s3://BUCKET[/PREFIX]",
-                       help="where the files go; keys are PREFIX/relative/path")
+                       help="where the files go; keys are PREFIX/relative/path (a byte of "
+                       "a name that is not UTF-8 as U+201B and its two hex digits, the name's "
+                       "bytes in x-amz-meta-s3push-name)")
     group.add_argument("--if-exists", choices=("overwrite", "keep", "number"),
                        default="overwrite",
                        help="when an object is already at the key: overwrite it (the "

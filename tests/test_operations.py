@@ -735,6 +735,45 @@ class KeyTemplates(IntegrationCase):
         self.assertIn(b"unknown placeholder {hostnme}", done.stderr)
         self.assertEqual(files_under(self.source), [b"f"])
 
+    def run_to(self, template, *args):
+        argv = self.command(*args)
+        argv[-1] = "s3://%s/%s%s" % (self.server.bucket, self.prefix, template)
+        return subprocess.run(argv, env=self.env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=RUN_TIMEOUT)
+
+    def test_a_deep_path_under_a_name_template_moves(self):
+        # S3's 1,024 bytes are the key's: a path over them may still give a short key.
+        deep = "/".join(["d" * 250] * 5) + "/f.log"
+        write_file(self.source, deep, b"deep")
+        done = self.run_to("{path}")
+        self.assertEqual(done.returncode, 65, done.stderr)
+        self.assertIn(b"the key would be %d bytes" % len(self.prefix + deep), done.stderr)
+        self.assertEqual(files_under(self.source), [deep.encode()])
+        done = self.run_to("{name}")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assert_landed({"f.log": b"deep"})
+        self.assertEqual(files_under(self.source), [])
+
+    def test_mtimes_before_1970_and_in_a_second_s_last_nanosecond_are_exact(self):
+        import json
+        times = {"old": -1500000000,                  # 1969-12-31T23:59:58.5
+                 "edge": 1700006399999999999}         # a float rounds it to the next day
+        for name, mtime_ns in times.items():
+            os.utime(write_file(self.source, name, name.encode()), ns=(mtime_ns, mtime_ns))
+        manifest = os.path.join(self.tmp, "moved.jsonl")
+        done = self.run_to("{mtime_date}/{mtime_epoch}-{name}", "--manifest", manifest)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assert_landed({"1969-12-31/-2-old": b"old",
+                            "2023-11-14/1700006399-edge": b"edge"})
+        sent = {h.target.rsplit("-", 1)[-1]: h.header("x-amz-meta-mtime")
+                for h in self.recorder.heads if h.method == "PUT"}
+        self.assertEqual(sent, {"old": "-1.500000000", "edge": "1700006399.999999999"})
+        with open(manifest) as handle:
+            written = {json.loads(line)["key"].rsplit("-", 1)[-1]: json.loads(line)["mtime"]
+                       for line in handle}
+        self.assertEqual(written, {"old": "1969-12-31T23:59:58.500000000Z",
+                                   "edge": "2023-11-14T23:59:59.999999999Z"})
+
 
 class Summaries(IntegrationCase):
     def test_summary_json(self):

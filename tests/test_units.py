@@ -14,6 +14,7 @@ import threading
 import time
 import unittest
 import unittest.mock
+import urllib.parse
 import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -255,10 +256,30 @@ class Keys(unittest.TestCase):
         self.assertEqual(s3push.object_key("", "a/b c"), "a/b c")
         self.assertEqual(s3push.object_key("p/", "ü/x"), "p/ü/x")
 
-    def test_not_utf8(self):
-        name = os.fsdecode(b"caf\xe9.txt")
-        with self.assertRaisesRegex(s3push.FileError, r"not valid UTF-8 \(caf\\xe9.txt\)"):
-            s3push.object_key("p/", name)
+    def test_bytes_that_are_not_utf8_are_escaped_as_rclone_escapes_them(self):
+        # Each byte that is not part of valid UTF-8: U+201B and two upper-case hex digits.
+        for raw, text in ((b"caf\xe9.txt", "caf\u201bE9.txt"),
+                          (b"\xff\xfe/x", "\u201bFF\u201bFE/x"),
+                          (b"a\xe2\x82", "a\u201bE2\u201b82"),       # cut short
+                          (b"\xed\xa0\x80", "\u201bED\u201bA0\u201b80"),  # a surrogate
+                          (b"\xc0\xaf", "\u201bC0\u201bAF"),             # overlong "/"
+                          ("caf\u00e9 \u201bE9".encode(), "caf\u00e9 \u201bE9")):   # UTF-8
+            for name in (raw, os.fsdecode(raw)):
+                self.assertEqual(s3push.key_text(name), text, raw)
+            self.assertEqual(s3push.object_key("p/", os.fsdecode(raw)), "p/" + text)
+
+    def test_the_original_bytes_percent_encoded(self):
+        self.assertIsNone(s3push.percent_bytes("caf\u00e9/a b~"))
+        for raw, text in ((b"caf\xe9.txt", "caf%E9.txt"),
+                          (b"d\xff/a b~%.c\xc3\xa9", "d%FF/a%20b~%25.c%C3%A9")):
+            self.assertEqual(s3push.percent_bytes(os.fsdecode(raw)), text)
+            self.assertEqual(urllib.parse.unquote_to_bytes(text), raw)
+
+    def test_mtimes_to_the_nanosecond_before_1970_too(self):
+        for mtime_ns, text in ((-1500000000, "-1.500000000"), (-500000000, "-0.500000000"),
+                               (-2 * 10 ** 9, "-2.000000000"), (0, "0.000000000"),
+                               (1700006399999999999, "1700006399.999999999")):
+            self.assertEqual(s3push.mtime_text(mtime_ns), text)
 
     def test_too_long(self):
         s3push.object_key("", "x" * 1024)
@@ -1620,6 +1641,33 @@ class Templates(unittest.TestCase):
         self.assertEqual(template.key_for(top), "web1/2023-11-14/{size}.1700000000.log")
         sized = s3push.Template("{path}-{size}-{inode}", whole_key=True)
         self.assertEqual(sized.key_for(s3push.Found(directory, "x", info)), "app/x-5-77")
+
+    def test_templates_fill_in_the_escaped_name(self):
+        info = s3push.ScanStat(1, 77, 5, -1500000000, -1500000000)   # 1969-12-31T23:59:58.5
+        odd = s3push.Found(s3push.Directory(os.fsdecode(b"d\xff/"), ()),
+                           os.fsdecode(b"caf\xe9.csv"), info)
+        parts = s3push.Template("{dir}|{name}|{stem}|{ext}|{path}|{mtime_epoch}",
+                                whole_key=True)
+        self.assertEqual(parts.key_for(odd), "d\u201bFF|caf\u201bE9.csv|caf\u201bE9|.csv|"
+                                             "d\u201bFF/caf\u201bE9.csv|-2")
+        self.assertEqual(s3push.Template("p/").key_for(odd), "p/d\u201bFF/caf\u201bE9.csv")
+
+    def test_the_key_limit_is_the_key_s(self):
+        info = s3push.ScanStat(1, 77, 5, -1500000000, -1500000000)   # 1969-12-31T23:59:58.5
+        deep = s3push.Directory("d" * 1100 + "/", ())
+        named = s3push.Template("t/{mtime_date}/{name}", whole_key=True)
+        self.assertEqual(named.key_for(s3push.Found(deep, "f", info)), "t/1969-12-31/f")
+        whole = s3push.Template("t/{path}", whole_key=True)
+        with self.assertRaisesRegex(s3push.FileError, "the key would be 1104 bytes"):
+            whole.key_for(s3push.Found(deep, "f", info))
+
+    def test_mtime_placeholders_from_whole_seconds(self):
+        # 2023-11-14T23:59:59.999999999: as a float it is the next day.
+        mtime = 1700006399999999999
+        info = s3push.ScanStat(1, 77, 5, mtime, mtime)
+        template = s3push.Template("{mtime_date}/{mtime_hour}/")
+        self.assertEqual(template.key_for(s3push.Found(s3push.Directory("", ()), "f", info)),
+                         "2023-11-14/23/f")
 
 
 class ProxyRules(unittest.TestCase):
