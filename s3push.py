@@ -10,7 +10,8 @@ only after the server confirmed those exact bytes (its ETag equals the MD5 the
 script computed, or it verified and echoed the CRC32 or SHA-256: --checksum),
 the file is still the one that was read (same device,
 inode, size and mtime), and no process has it open for writing. Anything
-ambiguous keeps the file for the next run.
+ambiguous keeps the file for the next run. With --archive-dir DIR the file is
+moved into DIR (same filesystem, at its relative path, never over a name) instead.
 Only PUT is ever sent: credentials allowing nothing but s3:PutObject suffice.
 
 Exit status (the cron contract; these numbers never change):
@@ -5091,7 +5092,8 @@ def upload_file(client, job, fd, info, found, key):
 # === The move of one file ===
 # move_file is the one path from a file's open to its unlink, in numbered steps; what
 # stands here exists for it alone: the checks before the removal, the removal by an
-# aside name, the ledger's record, and the task a worker runs.
+# aside name (or its archive: --archive-dir), the ledger's record, and the task a worker
+# runs.
 
 
 def check_no_writer(job, fd, info, since, uploaded):

@@ -1640,6 +1640,8 @@ class Archive(IntegrationCase):
         self.assertEqual(self.archived(), {"top.csv": b"top", "a/b/deep.log": b"deep"})
         deep = os.stat(os.path.join(self.archive, "a/b/deep.log"))
         self.assertEqual((deep.st_mtime, deep.st_ino, deep.st_nlink), (1200000000, inode, 1))
+        # The README's expiry line counts from the ctime: the day it was archived.
+        self.assertGreater(deep.st_ctime, time.time() - 60)
         self.assertEqual(os.stat(os.path.join(self.archive, "top.csv")).st_mtime, 1000000000)
         self.assertIn("archived as %s" % os.path.join(self.archive, "a/b/deep.log"),
                       result.stdout)
