@@ -5179,16 +5179,14 @@ def open_archive_folder(archive_fd, relative):
 
 def rename_into_archive(job, parent_fd, name, folder, candidate, why):
     """Where no hard link can be made (why: vfat, exFAT, another account's file under
-    fs.protected_hardlinks), the file is renamed into DIR once candidate is seen free,
-    said once a run; False when it is taken."""
-    if not name_free(folder, candidate):
-        return False
+    fs.protected_hardlinks), the file is renamed to candidate in DIR right after link()
+    found that name free (the kernel answers EEXIST before it asks the filesystem), said
+    once a run."""
     job.report.notices.warning(
         "cannot hard-link files into the archive %s (%s): each is renamed into it right "
-        "after its name there is seen free, so a file put at that very name in that instant "
-        "would be replaced" % (safe_name(job.archive.path), why), once="archive links")
+        "after its name there is found free, so a file put at that very name in that "
+        "instant would be replaced" % (safe_name(job.archive.path), why), once="archive links")
     os.rename(name, candidate, src_dir_fd=parent_fd, dst_dir_fd=folder)
-    return True
 
 
 def archive_file(job, parent_fd, name, found, uploaded):
@@ -5211,9 +5209,7 @@ def archive_file(job, parent_fd, name, found, uploaded):
             except OSError as exc:
                 if exc.errno not in NO_HARD_LINKS:
                     raise
-                if not rename_into_archive(job, parent_fd, name, folder, candidate,
-                                           exc.strerror):
-                    continue
+                rename_into_archive(job, parent_fd, name, folder, candidate, exc.strerror)
                 return found.directory.relative + candidate
             seam("archived", found.name)
             os.unlink(name, dir_fd=parent_fd)
@@ -5221,7 +5217,7 @@ def archive_file(job, parent_fd, name, found, uploaded):
     finally:
         os.close(folder)
     raise FileError("uploaded, but %s and the next %d numbered names are all taken in the "
-                    "archive %s: left under its name or an aside name, for a later run" % (
+                    "archive %s; left in place" % (
                         safe_name(own), MAX_ARCHIVE_NUMBERS,
                         safe_name(os.path.join(job.archive.path, found.directory.relative))))
 

@@ -1658,6 +1658,18 @@ class Archive(IntegrationCase):
                       result.stdout)
         self.assertEqual(files_under(self.source), [])
 
+    def test_a_file_whose_every_numbered_name_is_taken_is_kept(self):
+        taken = {"app.log": b"0"}
+        taken.update(("app.%d.log" % n, b"%d" % n) for n in range(1, 101))
+        for name, data in taken.items():
+            write_file(self.archive, name, data)
+        write_file(self.source, "app.log", b"today")
+        result = self.run_s3push("--archive-dir", self.archive)
+        self.assertEqual(result.status, 65, result.stderr)
+        self.assertIn("the next 100 numbered names are all taken", result.stderr)
+        self.assertEqual(files_under(self.source), [b"app.log"])
+        self.assertEqual(self.archived(), taken)
+
     def test_a_symlink_in_the_archive_never_leads_a_file_out_of_it(self):
         # A writer of DIR puts a symlink where a folder would be made: the file stays.
         elsewhere = os.path.join(self.tmp, "elsewhere")
