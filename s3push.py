@@ -10,7 +10,8 @@ only after the server confirmed those exact bytes (its ETag equals the MD5 the
 script computed, or it verified and echoed the CRC32 or SHA-256: --checksum),
 the file is still the one that was read (same device,
 inode, size and mtime), and no process has it open for writing. Anything
-ambiguous keeps the file for the next run.
+ambiguous keeps the file for the next run. With --archive-dir DIR the file is
+moved into DIR (same filesystem, at its relative path, never over a name) instead.
 Only PUT is ever sent: credentials allowing nothing but s3:PutObject suffice.
 
 Exit status (the cron contract; these numbers never change):
@@ -4407,7 +4408,7 @@ class Report(object):
         self.credentials = None   # once loaded: what error text must never show
         self.progress = False  # a live status line is on stderr
 
-    def moved(self, path, url, size, directory, verbose, version_id):
+    def moved(self, path, url, size, directory, verbose, version_id, archived=None):
         tally = self.tally
         with self.lock:
             tally.moved_count += 1
@@ -4417,9 +4418,10 @@ class Report(object):
                 tally.versions.append({"url": url, "version_id": version_id})
             self.clear_status()
             if verbose:
-                self.notices.line(sys.stdout, "moved %s -> %s (%d bytes%s)" % (
+                self.notices.line(sys.stdout, "moved %s -> %s (%d bytes%s)%s" % (
                     safe_name(path), url, size,
-                    ", version %s" % safe_name(version_id) if version_id else ""))
+                    ", version %s" % safe_name(version_id) if version_id else "",
+                    ", archived as %s" % safe_name(archived) if archived else ""))
 
     def failed(self, path, url, exc):
         """One line on stderr naming the file, the key (when there is one) and the reason."""
@@ -4927,8 +4929,10 @@ class Job(object):
     """What the workers share: where the files are, how their objects go up, the records
     kept of them (ledger, manifest, journals), the queue, the clients and the report."""
 
-    def __init__(self, options, session, destination, report, root, asides, state):
+    def __init__(self, options, session, destination, report, root, asides, state,
+                 archive):
         self.root = root   # SOURCE_DIR's descriptor: every file is reached through it
+        self.archive = archive   # --archive-dir's Archive, or None
         self.source = options.source
         self.asides = asides
         self.writers = WriterIndex()
@@ -5166,7 +5170,8 @@ def upload_file(client, job, fd, info, found, key):
 # === The move of one file ===
 # move_file is the one path from a file's open to its unlink, in numbered steps; what
 # stands here exists for it alone: the checks before the removal, the removal by an
-# aside name, the ledger's record, and the task a worker runs.
+# aside name (or its archive: --archive-dir), the ledger's record, and the task a worker
+# runs.
 
 
 def check_no_writer(job, fd, info, since, uploaded):
@@ -5221,6 +5226,89 @@ def check_name_holds(parent_fd, name, uploaded):
                            "is left for a later run")
 
 
+# --archive-dir DIR: the last step of a removal links the file into DIR at its relative
+# path instead of unlinking it alone. link() never replaces a name, so nothing in DIR is
+# overwritten: a name taken there gets the first free numbered one (app.1.log), and one that
+# holds this very file already (a run killed between the link and the unlink) is where it
+# was archived. DIR's folders are made with mkdir and entered one name at a time from DIR's
+# descriptor, never through a symlink (a writer of DIR cannot steer a file out of it).
+MAX_ARCHIVE_NUMBERS = 100   # a name, then at most this many numbered ones
+NO_HARD_LINKS = frozenset([errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS])
+
+
+def open_archive_folder(archive_fd, relative):
+    """A descriptor of DIR/relative (relative: '' or ending in '/'), its folders made as
+    needed, each opened from the one above it without following a symlink."""
+    fd = os.dup(archive_fd)
+    try:
+        for name in relative.split("/")[:-1]:
+            try:
+                os.mkdir(name, 0o777, dir_fd=fd)
+            except FileExistsError:
+                pass   # made by an earlier file or run, or killed right after its mkdir
+            child = os.open(name, DIRECTORY_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def rename_into_archive(job, parent_fd, name, folder, candidate, why):
+    """Where no hard link can be made (why: vfat, exFAT, another account's file under
+    fs.protected_hardlinks), the file is renamed to candidate in DIR right after link()
+    found that name free (the kernel answers EEXIST before it asks the filesystem), said
+    once a run."""
+    job.report.notices.warning(
+        "cannot hard-link files into the archive %s (%s): each is renamed into it right "
+        "after its name there is found free, so a file put at that very name in that "
+        "instant would be replaced" % (safe_name(job.archive.path), why), once="archive links")
+    os.rename(name, candidate, src_dir_fd=parent_fd, dst_dir_fd=folder)
+
+
+def archive_file(job, parent_fd, name, found, uploaded):
+    """Link the file at name (checked to be the one read) into DIR at its relative path,
+    under its own name or the first free numbered one, then unlink name. Returns the
+    path it has in DIR, relative to DIR."""
+    own = key_name(found.name)   # an earlier run's aside name: the name it had
+    folder = open_archive_folder(job.archive.fd, found.directory.relative)
+    try:
+        seam("archive", found.name)
+        for number in range(MAX_ARCHIVE_NUMBERS + 1):
+            candidate = numbered_key(own, number) if number else own
+            try:
+                os.link(name, candidate, src_dir_fd=parent_fd, dst_dir_fd=folder,
+                        follow_symlinks=False)
+            except FileExistsError:
+                there = os.stat(candidate, dir_fd=folder, follow_symlinks=False)
+                if (there.st_dev, there.st_ino) != (uploaded.st_dev, uploaded.st_ino):
+                    continue   # another file's: never replaced
+            except OSError as exc:
+                if exc.errno not in NO_HARD_LINKS:
+                    raise
+                rename_into_archive(job, parent_fd, name, folder, candidate, exc.strerror)
+                return found.directory.relative + candidate
+            seam("archived", found.name)
+            os.unlink(name, dir_fd=parent_fd)
+            return found.directory.relative + candidate
+    finally:
+        os.close(folder)
+    raise FileError("uploaded, but %s and the next %d numbered names are all taken in the "
+                    "archive %s; left in place" % (
+                        safe_name(own), MAX_ARCHIVE_NUMBERS,
+                        safe_name(os.path.join(job.archive.path, found.directory.relative))))
+
+
+def let_go(job, parent_fd, name, found, uploaded):
+    """The last step of a removal, name checked to hold the file read: unlinked, or under
+    --archive-dir archived (see archive_file). Returns its path in DIR, or None."""
+    if job.archive is None:
+        os.unlink(name, dir_fd=parent_fd)
+        return None
+    return archive_file(job, parent_fd, name, found, uploaded)
+
+
 def unlink_by_name(job, parent_fd, fd, found, uploaded, why):
     """Where no aside name can be had (why: a full directory, a name too long for one),
     the name is unlinked right after its last checks, said once for the directory; an
@@ -5229,7 +5317,7 @@ def unlink_by_name(job, parent_fd, fd, found, uploaded, why):
     check_no_writer(job, fd, uploaded, time.monotonic(), True)
     seam("unlink", found.name)
     check_name_holds(parent_fd, found.name, uploaded)   # the last instant
-    os.unlink(found.name, dir_fd=parent_fd)
+    archived = let_go(job, parent_fd, found.name, found, uploaded)
     if why is not None:
         job.report.notices.warning(
             "cannot rename a file aside before its removal in %s (%s): it is removed by its "
@@ -5237,6 +5325,7 @@ def unlink_by_name(job, parent_fd, fd, found, uploaded, why):
             "that very instant would be removed with it" % (
                 safe_name(os.path.join(job.source, found.directory.relative) or "."), why),
             once=("aside", found.directory.steps))
+    return archived
 
 
 def unlink_aside(job, parent_fd, fd, found, uploaded, aside):
@@ -5252,13 +5341,18 @@ def unlink_aside(job, parent_fd, fd, found, uploaded, aside):
         give_back(parent_fd, aside, found.name)
         raise
     seam("unlink", found.name)
-    os.unlink(aside, dir_fd=parent_fd)
+    try:
+        return let_go(job, parent_fd, aside, found, uploaded)
+    except (OSError, FileError):   # not archived (DIR full, its names taken): left in place
+        give_back(parent_fd, aside, found.name)
+        raise
 
 
 def remove_file(job, parent_fd, fd, found, uploaded, aside):
-    """Unlink the file only if it is still the one read, unchanged, no process writes it,
-    and its directory is still where the scan saw it: renamed to its aside name within
-    its directory, checked there, unlinked (never whatever took the name meanwhile)."""
+    """Unlink (or archive) the file only if it is still the one read, unchanged, no
+    process writes it, and its directory is still where the scan saw it: renamed to its
+    aside name within its directory, checked there, unlinked or archived (never whatever
+    took the name meanwhile). Returns its path in DIR under --archive-dir, else None."""
     if not check_still_read(parent_fd, fd, found.name, uploaded):
         return
     check_directory_in_place(job.root, found.directory.steps)   # not moved away meanwhile
@@ -5272,7 +5366,7 @@ def remove_file(job, parent_fd, fd, found, uploaded, aside):
         return   # removed by another process meanwhile: nothing to do
     except OSError as exc:
         return unlink_by_name(job, parent_fd, fd, found, uploaded, exc.strerror)
-    unlink_aside(job, parent_fd, fd, found, uploaded, aside)
+    return unlink_aside(job, parent_fd, fd, found, uploaded, aside)
 
 
 def aside_left_over(job, parent_fd, found, key):
@@ -5317,12 +5411,13 @@ def confirmation(job, found, info, key, proof, fields):
 def move_file(client, job, found, key):
     """One file from its open to its unlink: upload it to key (one PUT, or multipart
     above the threshold) unless the ledger vouches that the server holds it already,
-    record that, then remove it. Returns its ledger record."""
+    record that, then remove it (or archive it: --archive-dir). Returns its ledger record
+    and its path in DIR (None: unlinked, or not reached)."""
     try:
         parent = open_directory(job.root, found.directory.steps)
     except OSError as exc:
         raise FileError("cannot open its directory (%s); left in place" % exc.strerror)
-    record = None
+    record = archived = None
     try:
         # 1. Open it through its directory: never through a symlink, never a FIFO.
         fd, info = open_regular_file(parent, found.name)
@@ -5355,19 +5450,20 @@ def move_file(client, job, found, key):
             if not record.get("line_written") and job.manifest.write(record):
                 job.ledger.exported(record)
             seam("recorded", found.name)
-            # 8. Removed: still the file read, unchanged, unwritten; set aside, checked.
-            remove_file(job, parent, fd, found, info, record["aside"])
+            # 8. Removed: still the file read, unchanged, unwritten; set aside, checked;
+            # unlinked, or linked into --archive-dir first.
+            archived = remove_file(job, parent, fd, found, info, record["aside"])
             seam("removed", found.name)
             job.ledger.resolved(record)
         finally:
             os.close(fd)
     except OSError as exc:   # reading it is upload_file's to report
         raise FileError("cannot %s (%s); left in place" % (
-            "check it before its upload" if record is None else "remove it once uploaded",
-            exc.strerror))
+            "check it before its upload" if record is None else "%s it once uploaded" % (
+                "archive" if job.archive else "remove"), exc.strerror))
     finally:
         os.close(parent)
-    return record
+    return record, archived
 
 
 class FileTask(object):
@@ -5383,7 +5479,7 @@ class FileTask(object):
         try:   # the key, made once from the scan's mtime (a file changed since is left)
             key = job.objects.template.key_for(found)
             url = job.destination.url(key)
-            record = move_file(client, job, found, key)
+            record, archived = move_file(client, job, found, key)
         except StillWritten as exc:
             job.report.left_open(path, exc, job.verbose, found.info.since_ns,
                                  job.warn_waiting)
@@ -5397,7 +5493,8 @@ class FileTask(object):
                 job.queue.stop()
             return
         job.report.moved(path, job.destination.url(record["key"]), record["size"],
-                         found.directory, job.verbose, record["version_id"])
+                         found.directory, job.verbose, record["version_id"],
+                         archived and os.path.join(job.archive.path, archived))
 
 
 def worker(job):
@@ -5461,10 +5558,11 @@ def move_all(job, files):
             status_line.join(1)
 
 
-def print_plan(source, files, destination, report, compress):
-    """Print where each file would go; names that cannot be keys are reported. The lines
-    go out a thousand at a time (a plan may have millions). Under --compress, by the name
-    alone: a file whose first bytes show it compressed goes as it is after all."""
+def print_plan(source, files, destination, report, compress, archive_dir):
+    """Print where each file would go (and under --archive-dir, the folder of DIR it would
+    be archived in); names that cannot be keys are reported. The lines go out a thousand
+    at a time (a plan may have millions). Under --compress, by the name alone: a file
+    whose first bytes show it compressed goes as it is after all."""
     template = Template(destination.prefix, whole_key=destination.whole_key)
     base, lines = os.path.join(source, ""), []
     for found in files:
@@ -5475,8 +5573,10 @@ def print_plan(source, files, destination, report, compress):
         except FileError as exc:
             report.failed(base + found.relative, None, exc)
             continue
-        lines.append("would move %s -> %s (%d bytes)" % (
-            safe_name(base + found.relative), destination.url(key), found.info.st_size))
+        lines.append("would move %s -> %s (%d bytes)%s" % (
+            safe_name(base + found.relative), destination.url(key), found.info.st_size,
+            ", then archive it in %s" % safe_name(os.path.join(
+                archive_dir, found.directory.relative)) if archive_dir else ""))
         if len(lines) == 1000:
             report.notices.line(sys.stdout, "\n".join(lines), flush=False)
             lines = []
@@ -5600,10 +5700,11 @@ def send_manifest_objects(job, own, pending):
 
 
 def move_or_plan(options, environ, settings, destination, report, files, root, asides,
-                 state):
+                 state, archive):
     """Dry run, or move the files, then remove the directories they left empty."""
     if options.dry_run:
-        print_plan(options.source, files, destination, report, options.compress)
+        print_plan(options.source, files, destination, report, options.compress,
+                   options.archive_dir)
         return
     if options.compress is not None and state.fd is None:
         raise ConfigError("--compress spools each gzip in the private state folder, and "
@@ -5613,7 +5714,7 @@ def move_or_plan(options, environ, settings, destination, report, files, root, a
                       lambda: load_settings(options, environ).credentials)
     session.debug = options.debug
     report.progress = sys.stderr.isatty() if options.progress is None else options.progress
-    job = Job(options, session, destination, report, root, asides, state)
+    job = Job(options, session, destination, report, root, asides, state, archive)
     job.ledger.open()
     try:
         own, pending = begin_manifest(job, options, state)
@@ -5710,8 +5811,9 @@ def kept_out(options, report, holder, now):
             options.lock_warn_after, holder.pid))
 
 
-def push_locked(options, environ, report, destination, root, state):
-    """Lock SOURCE_DIR (open as root), scan it, and move what the scan finds."""
+def push_locked(options, environ, report, destination, root, state, archive):
+    """Lock SOURCE_DIR (open as root), scan it, and move what the scan finds (archive:
+    --archive-dir's Archive, or None)."""
     if not options.dry_run:
         held, holder = take_run_lock(state, root, report.notices)
         if not held:
@@ -5736,7 +5838,7 @@ def push_locked(options, environ, report, destination, root, state):
             warn_if_exposed(settings.credentials, report.notices)
             report.credentials = settings.credentials
             move_or_plan(options, environ, settings, destination, report, files or (),
-                         root, asides, state)
+                         root, asides, state, archive)
     finally:
         ordered.close()   # the scan's descriptors and the spilled runs, now
         # Whole once the first file came, unless the order gave way (see oldest_first)
@@ -5791,6 +5893,56 @@ def check_state_dir(state_dir, source, setting="--state-dir"):
                              "it" % (safe_name(state_dir), setting))
 
 
+class Archive(collections.namedtuple("Archive", "path fd")):
+    """--archive-dir: DIR as given, and the descriptor every file is archived through."""
+    __slots__ = ()
+
+
+def ancestry(fd):
+    """(device, inode) of the directory open as fd and of each one above it, up to the
+    root: its place as the kernel walks "..", whatever symlinks or bind mounts named it."""
+    seen, fd = [], os.dup(fd)
+    try:
+        while True:
+            info = os.fstat(fd)
+            if seen and seen[-1] == (info.st_dev, info.st_ino):
+                return set(seen)
+            seen.append((info.st_dev, info.st_ino))
+            parent = os.open(os.pardir, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = parent
+    finally:
+        os.close(fd)
+
+
+def open_archive(path, root_fd):
+    """--archive-dir DIR opened once, before anything moves; a UsageError where it is no
+    directory, lies on another filesystem than SOURCE_DIR (open as root_fd: a file is
+    linked into DIR, never copied), is inside SOURCE_DIR (the scan would move its files
+    again) or holds it (a file's relative path in DIR could lead back into SOURCE_DIR)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise UsageError("--archive-dir %s: %s; make it on SOURCE_DIR's filesystem" % (
+            safe_name(path), exc.strerror))
+    try:
+        source, archive = os.fstat(root_fd), os.fstat(fd)
+        if source.st_dev != archive.st_dev:
+            why = "is on another filesystem than SOURCE_DIR (files are linked into it, " \
+                "never copied)"
+        elif (source.st_dev, source.st_ino) in ancestry(fd):
+            why = "is inside SOURCE_DIR (its files would be moved again)"
+        elif (archive.st_dev, archive.st_ino) in ancestry(root_fd):
+            why = "holds SOURCE_DIR (a file's path in it could lead back into SOURCE_DIR)"
+        else:
+            return Archive(path, fd)
+        raise UsageError("--archive-dir %s %s: choose a folder beside SOURCE_DIR, on its "
+                         "filesystem" % (safe_name(path), why))
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def push(options, environ, report):
     """The whole run after argument parsing; returns the exit status.
 
@@ -5809,11 +5961,18 @@ def push(options, environ, report):
     except OSError as exc:
         raise NoInputError("cannot open SOURCE_DIR %s (%s): check the path"
                            % (safe_name(options.source), exc.strerror))
+    try:
+        archive = open_archive(options.archive_dir, root) if options.archive_dir else None
+    except BaseException:
+        os.close(root)
+        raise
     state = open_state_folder(state_dir)
     try:
-        return push_locked(options, environ, report, destination, root, state)
+        return push_locked(options, environ, report, destination, root, state, archive)
     finally:
         os.close(root)
+        if archive is not None:
+            os.close(archive.fd)
         if state.fd is not None:
             os.close(state.fd)
 
@@ -6056,6 +6215,12 @@ def add_selection_options(group):
                        "(repeatable; the excludes still win)")
     group.add_argument("--include-from", action="append", default=[], metavar="FILE",
                        help="--include each glob of FILE, as --exclude-from reads it")
+    group.add_argument("--archive-dir", metavar="DIR",
+                       help="move each file, once the server confirmed it, into DIR at its "
+                       "relative path instead of removing it (DIR: an existing folder on "
+                       "SOURCE_DIR's filesystem, outside it; folders made as needed; a name "
+                       "taken there gets a number, app.1.log: nothing there is overwritten); "
+                       "expire it with find (README)")
     group.add_argument("--delete-empty-dirs", action="store_true",
                        help="remove subdirectories the run emptied (never SOURCE_DIR)")
 

@@ -22,10 +22,13 @@ In s3push.py   (name, default: what it does; set by, for which tests)
       recorded yet), "recorded" (the ledger record and the manifest line written), "rename"
       (before the rename to the aside name), "check" (renamed aside, before it is checked
       again), "unlink" (just before the unlink: after "check", or where no aside name can
-      be had, before the last stat of the name), "removed" (unlinked, the ledger record not
-      yet resolved). Set by the SEAMED launchers of test_handover (at SEAM_STEP,
-      SEAM_ACTION=kill: SIGKILL itself, or rename: rename SEAM_NEW over the name, as a
-      writer would) for test_handover.Handover (every step from "confirmed" to "removed"),
+      be had, before the last stat of the name), under --archive-dir "archive" (DIR's folders
+      made, before the link into DIR) and "archived" (linked into DIR, the aside name not yet
+      unlinked), "removed" (unlinked, the ledger record not yet resolved). Set by the SEAMED
+      launchers of test_handover (at SEAM_STEP, SEAM_ACTION=kill: SIGKILL itself, or rename:
+      rename SEAM_NEW over the name, as a writer would) for test_handover.Handover (every
+      step from "confirmed" to "removed") and test_handover.Archived (those and the two of
+      --archive-dir),
       and of test_compress (at SEAM_STEP compress or compressed, the file at SEAM_PATH
       rewritten in place with SEAM_NEW's bytes, its mtime put back) for
       test_compress.Compress.test_a_file_rewritten_while_compressed_is_kept_and_never_mixed.

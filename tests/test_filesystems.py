@@ -154,3 +154,24 @@ class ExfatThroughFuse(HardRemoval):
         with filesystems.exfat_fuse(self) as mount:
             self.put_files(mount)
             self.assert_moved()
+
+    def test_archived_on_exfat_by_a_rename_never_over_a_name(self):
+        # No hard links: each file is renamed into DIR once its name there is seen free,
+        # said once; a name taken there is never replaced.
+        with filesystems.exfat_fuse(self) as mount:
+            self.put_files(mount)
+            archive = os.path.join(mount, "sent")
+            write_file(archive, "sub/d.txt", b"earlier")
+            result = self.run_s3push("--min-age", "0", "--archive-dir", archive)
+            self.assertEqual(result.status, 0, result.stderr)
+            self.assert_landed(FILES)
+            self.assertEqual(files_under(self.source), [])
+            warnings = self.warnings(result.stderr)
+            self.assertEqual(len(warnings), 1, result.stderr)
+            self.assertIn("cannot hard-link files into the archive %s" % archive, warnings[0])
+            archived = {}
+            for relative in files_under(archive):
+                with open(os.path.join(os.fsencode(archive), relative), "rb") as handle:
+                    archived[os.fsdecode(relative)] = handle.read()
+            self.assertEqual(archived, dict(FILES, **{"sub/d.txt": b"earlier",
+                                                      "sub/d.1.txt": FILES["sub/d.txt"]}))

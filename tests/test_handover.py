@@ -10,6 +10,7 @@ sent again.
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -44,6 +45,8 @@ sys.exit(s3push.main())
 # From the server's confirmation to the unlink (see s3push.move_file and remove_file).
 STEPS = ("confirmed", "recorded", "rename", "check", "unlink", "removed")
 RECORDED = STEPS[1:]   # the ledger holds the upload: a later run sends nothing again
+# Under --archive-dir: DIR's folders made (archive), linked into DIR (archived).
+ARCHIVE_STEPS = STEPS[:-1] + ("archive", "archived", "removed")
 
 
 def private_names(root):
@@ -284,6 +287,78 @@ class Handover(FaultCase):
         result = self.run_s3push("--min-age", "0")
         self.assertEqual(result.status, 0, result.stderr)
         self.assertEqual(private_names(self.source), [])
+
+
+class Archived(FaultCase):
+    """The same last steps under --archive-dir: what is archived is the version read,
+    once, whatever a writer or a kill does at any step."""
+
+    seamed_run = Handover.seamed_run
+    puts = Handover.puts
+
+    def setUp(self):
+        super().setUp()
+        self.archive = os.path.join(self.tmp, "archive")
+        os.makedirs(self.archive)
+
+    def archived(self):
+        found = {}
+        for relative in files_under(self.archive):
+            with open(os.path.join(os.fsencode(self.archive), relative), "rb") as handle:
+                found[os.fsdecode(relative)] = handle.read()
+        return found
+
+    def test_a_new_version_renamed_over_the_name_at_each_step(self):
+        base = self.prefix.rstrip("/")
+        for step in ARCHIVE_STEPS:
+            with self.subTest(step=step):
+                self.prefix = "%s-%s/" % (base, step)
+                shutil.rmtree(self.archive)
+                os.makedirs(self.archive)
+                old, new = b"old %d" % random.randrange(10 ** 9), b"new version"
+                write_file(self.source, "sub/app.log", old)
+                tmp = write_file(self.source, "sub/app.log.tmp", new)
+                done = self.seamed_run(step, "rename", os.fsdecode(tmp), "--archive-dir",
+                                       self.archive)
+                self.assertEqual(done.returncode, 0, done.stderr)
+                # The new version stays local; the archive holds the one read, or nothing
+                # where the writer's rename replaced it before it was set aside.
+                self.assertEqual(files_under(self.source), [b"sub/app.log"])
+                with open(os.path.join(self.source, "sub", "app.log"), "rb") as handle:
+                    self.assertEqual(handle.read(), new, step)
+                kept = {} if step in ("confirmed", "recorded", "rename") else \
+                    {"sub/app.log": old}
+                self.assertEqual(self.archived(), kept, step)
+                self.assert_landed({"sub/app.log": old})
+                self.assertEqual(private_names(self.source), [])
+                result = self.run_s3push("--min-age", "0", "--archive-dir", self.archive)
+                self.assertEqual(result.status, 0, result.stderr)
+                self.assert_landed({"sub/app.log": new})
+                self.assertEqual(files_under(self.source), [])
+                self.assertIn(new, self.archived().values())
+
+    def test_killed_at_each_step_then_run_again(self):
+        base = self.prefix.rstrip("/")
+        for step in ARCHIVE_STEPS:
+            with self.subTest(step=step):
+                self.prefix = "%s-%s/" % (base, step)
+                shutil.rmtree(self.archive)
+                os.makedirs(self.archive)
+                data = b"data %d" % random.randrange(10 ** 9)
+                write_file(self.source, "sub/app.log", data)
+                done = self.seamed_run(step, "kill", None, "--archive-dir", self.archive)
+                self.assertEqual(done.returncode, -signal.SIGKILL, done.stderr)
+                self.assertEqual(self.server.object_bytes(self.prefix + "sub/app.log"), data)
+                sent = len(self.puts())
+                result = self.run_s3push("--min-age", "0", "--archive-dir", self.archive)
+                self.assertEqual(result.status, 0, result.stderr)
+                self.assertEqual(files_under(self.source), [], step)
+                self.assertEqual(private_names(self.source), [], step)
+                self.assertEqual(self.archived(), {"sub/app.log": data}, step)
+                self.assertEqual(os.stat(os.path.join(self.archive, "sub/app.log")).st_nlink,
+                                 1, step)
+                if step != "confirmed":   # the ledger vouches: archived, not sent again
+                    self.assertEqual(len(self.puts()), sent, step)
 
 
 if __name__ == "__main__":

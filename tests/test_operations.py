@@ -1651,5 +1651,119 @@ class CredentialsThroughProxies(FakeServices):
         self.assert_landed({"f": b"direct", "g": b"proxied"})
 
 
+class Archive(IntegrationCase):
+    """--archive-dir: each file, once confirmed, linked into DIR at its relative path
+    instead of removed; never over a name there, never out of DIR through a symlink."""
+
+    def setUp(self):
+        super().setUp()
+        self.archive = os.path.join(self.tmp, "archive")
+        os.makedirs(self.archive)
+
+    def archived(self):
+        """{relative path: bytes} of every file in the archive."""
+        found = {}
+        for relative in files_under(self.archive):
+            with open(os.path.join(os.fsencode(self.archive), relative), "rb") as handle:
+                found[os.fsdecode(relative)] = handle.read()
+        return found
+
+    def test_files_are_archived_at_their_relative_paths_with_bytes_and_mtime(self):
+        write_file(self.source, "top.csv", b"top", mtime=1000000000)
+        write_file(self.source, "a/b/deep.log", b"deep", mtime=1200000000)
+        inode = os.stat(os.path.join(self.source, "a/b/deep.log")).st_ino
+        result = self.run_s3push("--archive-dir", self.archive, "-v")
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertEqual(files_under(self.source), [])
+        self.assert_landed({"top.csv": b"top", "a/b/deep.log": b"deep"})
+        self.assertEqual(self.archived(), {"top.csv": b"top", "a/b/deep.log": b"deep"})
+        deep = os.stat(os.path.join(self.archive, "a/b/deep.log"))
+        self.assertEqual((deep.st_mtime, deep.st_ino, deep.st_nlink), (1200000000, inode, 1))
+        # The README's expiry line counts from the ctime: the day it was archived.
+        self.assertGreater(deep.st_ctime, time.time() - 60)
+        self.assertEqual(os.stat(os.path.join(self.archive, "top.csv")).st_mtime, 1000000000)
+        self.assertIn("archived as %s" % os.path.join(self.archive, "a/b/deep.log"),
+                      result.stdout)
+
+    def test_a_name_taken_in_the_archive_is_never_overwritten(self):
+        write_file(self.archive, "sub/app.log", b"monday")
+        write_file(self.archive, "sub/app.1.log", b"tuesday")
+        write_file(self.source, "sub/app.log", b"wednesday")
+        result = self.run_s3push("--archive-dir", self.archive, "-v")
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertEqual(self.archived(), {"sub/app.log": b"monday", "sub/app.1.log":
+                                           b"tuesday", "sub/app.2.log": b"wednesday"})
+        self.assertIn("archived as %s" % os.path.join(self.archive, "sub/app.2.log"),
+                      result.stdout)
+        self.assertEqual(files_under(self.source), [])
+
+    def test_a_file_whose_every_numbered_name_is_taken_is_kept(self):
+        taken = {"app.log": b"0"}
+        taken.update(("app.%d.log" % n, b"%d" % n) for n in range(1, 101))
+        for name, data in taken.items():
+            write_file(self.archive, name, data)
+        write_file(self.source, "app.log", b"today")
+        result = self.run_s3push("--archive-dir", self.archive)
+        self.assertEqual(result.status, 65, result.stderr)
+        self.assertIn("the next 100 numbered names are all taken", result.stderr)
+        self.assertEqual(files_under(self.source), [b"app.log"])
+        self.assertEqual(self.archived(), taken)
+
+    def test_a_symlink_in_the_archive_never_leads_a_file_out_of_it(self):
+        # A writer of DIR puts a symlink where a folder would be made: the file stays.
+        elsewhere = os.path.join(self.tmp, "elsewhere")
+        os.makedirs(elsewhere)
+        os.symlink(elsewhere, os.path.join(self.archive, "sub"))
+        write_file(self.source, "sub/app.log", b"data")
+        result = self.run_s3push("--archive-dir", self.archive)
+        self.assertEqual(result.status, 65, result.stderr)
+        self.assertIn("cannot archive it once uploaded", result.stderr)
+        self.assertEqual(os.listdir(elsewhere), [])
+        self.assertEqual(files_under(self.source), [b"sub/app.log"])
+        os.unlink(os.path.join(self.archive, "sub"))   # put right: the next run sends nothing
+        sent = len(self.recorder.requests)
+        result = self.run_s3push("--archive-dir", self.archive)
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertEqual(len(self.recorder.requests), sent)
+        self.assertEqual(self.archived(), {"sub/app.log": b"data"})
+
+    def test_a_folder_that_cannot_hold_the_archive_is_a_usage_error(self):
+        write_file(self.source, "f.log", b"data")
+        inside = os.path.join(self.source, "sub", "archive")
+        hidden = os.path.join(self.source, ".archive")
+        afile = write_file(self.tmp, "afile", b"")
+        tmpfs = os.path.join(self.tmp, "tmpfs")
+        os.makedirs(tmpfs)
+        for folder in (inside, hidden):
+            os.makedirs(folder)
+        cases = [(inside, "is inside SOURCE_DIR"), (hidden, "is inside SOURCE_DIR"),
+                 (self.source, "is inside SOURCE_DIR"), (self.tmp, "holds SOURCE_DIR"),
+                 (os.path.join(self.tmp, "missing"), "No such file"),
+                 (os.fsdecode(afile), "Not a directory")]
+        if os.geteuid() == 0:
+            subprocess.check_call(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", tmpfs])
+            self.addCleanup(subprocess.call, ["umount", tmpfs])
+            cases.append((tmpfs, "is on another filesystem than SOURCE_DIR"))
+        for folder, why in cases:
+            with self.subTest(folder=folder):
+                for dry in ((), ("--dry-run",)):
+                    result = self.run_s3push("--archive-dir", folder, *dry)
+                    self.assertEqual(result.status, 2, result.stderr)
+                    self.assertIn("--archive-dir %s" % folder, result.stderr)
+                    self.assertIn(why, result.stderr)
+        self.assertEqual(files_under(self.source), [b"f.log"])
+        self.assertEqual(self.recorder.requests, [])
+
+    def test_a_dry_run_says_where_each_file_would_be_archived(self):
+        write_file(self.source, "sub/app.log", b"data")
+        result = self.run_s3push("--archive-dir", self.archive, "--dry-run")
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertIn("then archive it in %s" % os.path.join(self.archive, "sub/"),
+                      result.stdout)
+        self.assertEqual(files_under(self.source), [b"sub/app.log"])
+        self.assertEqual(self.archived(), {})
+        self.assertIn("--archive-dir DIR", self.run_s3push("--help").stdout)
+
+
 if __name__ == "__main__":
     unittest.main()
