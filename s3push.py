@@ -2507,7 +2507,6 @@ def expand_template(text, hostname, upload_time, mtime, fields=None):
     is never expanded."""
     if "{" not in text:
         return text
-    modified = datetime.datetime.fromtimestamp(mtime, datetime.timezone.utc)
 
     def value(match):
         name = match.group(1)
@@ -2515,8 +2514,15 @@ def expand_template(text, hostname, upload_time, mtime, fields=None):
             return fields[name]
         if name == "hostname":
             return hostname
-        when = modified if name.startswith("mtime_") else upload_time
-        return when.strftime(TIME_PARTS[name.replace("mtime_", "")])
+        if not name.startswith("mtime_"):
+            return upload_time.strftime(TIME_PARTS[name])
+        try:   # a file dated past 9999 (touch -d, a bad clock) or before year 1
+            modified = datetime.datetime.fromtimestamp(mtime, datetime.timezone.utc)
+        except (OverflowError, OSError, ValueError):
+            raise FileError("its mtime (%d s since 1970) is out of the years 1 to 9999 that "
+                            "{%s} can show: left in place; touch it to a real date" % (
+                                mtime, name))
+        return modified.strftime(TIME_PARTS[name[len("mtime_"):]])
     return PLACEHOLDER.sub(value, text)
 
 

@@ -693,6 +693,29 @@ class KeyTemplates(IntegrationCase):
         self.assertEqual(self.server.object_bytes(key), b"log")
         self.assertIn(key, done.stdout.decode())
 
+    def test_a_file_dated_past_9999_fails_alone_under_an_mtime_template(self):
+        """tmpfs keeps such a date (ext4 stops at 2446): the file whose {mtime_year} cannot
+        be written is kept with one error line; the others move, and without an mtime
+        placeholder it moves too."""
+        import filesystems
+        filesystems.need_root(self, "a tmpfs")
+        with filesystems.scratch("tmpfs") as (_, mount):
+            with filesystems.mounted(["mount", "-t", "tmpfs", "s3push-test", mount], mount):
+                os.utime(write_file(mount, "far", b"f"), ns=(253402300800 * 10 ** 9,) * 2)
+                write_file(mount, "near", b"n")
+                argv = self.command("--min-age", "0", source=mount)
+                argv[-1] = "s3://%s/%s{mtime_year}/" % (self.server.bucket, self.prefix)
+                done = subprocess.run(argv, env=self.env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, timeout=RUN_TIMEOUT)
+                self.assertEqual(done.returncode, 65, done.stderr)
+                self.assertEqual(done.stderr.count(b"error"), 1, done.stderr)
+                self.assertIn(b"far: its mtime (253402300800 s since 1970) is out of the "
+                              b"years 1 to 9999", done.stderr)
+                self.assertEqual(os.listdir(mount), ["far"])
+                self.assertEqual(self.run_s3push("--min-age", "0", source=mount).status, 0)
+                self.assertEqual(os.listdir(mount), [])
+        self.assert_landed({"far": b"f"})
+
     def test_a_file_touched_between_scan_and_upload_goes_under_the_key_reported(self):
         # Two files, one at a time; the first is held on its way up while the other gets
         # another (old) mtime: it is left for the next run, which files it by that date.
