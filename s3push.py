@@ -225,7 +225,8 @@ def open_log(path):
     """(a descriptor to append to the --log-file at path, None), the file made 0600; or
     (None, why not). Never through a symlink (one planted there would have the run append
     to the file it names), never blocked by a FIFO (opened non-blocking, then refused as
-    all but a regular file is)."""
+    all but a regular file is), never another account's file or one with other names (a
+    hard link, or a folder above swapped for a symlink, would lead there)."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW |
                      os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
@@ -235,9 +236,13 @@ def open_log(path):
         if exc.errno == errno.ENXIO:   # a FIFO that no process reads
             return None, "not a regular file"
         return None, exc.strerror or str(exc)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        return None, "not a regular file"
+    info = os.fstat(fd)
+    why = "not a regular file" if not stat.S_ISREG(info.st_mode) else \
+        "another account's file (uid %d)" % info.st_uid if info.st_uid != os.geteuid() else \
+        "%d hard links to it" % info.st_nlink if info.st_nlink != 1 else None
+    if why is not None:   # a writer of its folder may have linked it there, or swapped
+        os.close(fd)      # a folder above it: appended to, it is not the log's
+        return None, why
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
     return fd, None
 

@@ -1088,6 +1088,32 @@ class LogFile(IntegrationCase):
             self.assertFalse(os.path.lexists(os.path.join(self.tmp, "not-there")))
             os.unlink(self.log)
 
+    def test_another_account_s_file_or_a_hard_link_is_refused(self):
+        """A writer of the log's folder links a file of this account at its name (root's
+        /etc/shadow, where fs.protected_hardlinks is off), or hands over a file of its
+        own: neither is appended to, and the files move."""
+        if os.geteuid() != 0:
+            self.skipTest("gives a file to another account, which needs root")
+        victim = os.path.join(self.tmp, "victim")
+        with open(victim, "wb") as handle:
+            handle.write(b"secret\n")
+        for plant, why in ((os.link, "2 hard links to it"),
+                           (os.rename, "another account's file (uid 65534)")):
+            if plant is os.rename:
+                os.chown(victim, 65534, 65534)
+            plant(victim, self.log)
+            write_file(self.source, "a", b"alpha")
+            result = self.run_s3push("--log-file", self.log)
+            self.assertEqual(result.status, 0, result.stderr)
+            self.assertEqual(result.stderr.splitlines(), [
+                "s3push: warning: cannot write the --log-file %s (%s): its lines are only "
+                "printed" % (self.log, why)])
+            self.assertEqual(files_under(self.source), [])
+            with open(self.log, "rb") as handle:
+                self.assertEqual(handle.read(), b"secret\n")
+            if plant is os.link:
+                os.unlink(self.log)
+
     def test_a_fifo_never_stalls_the_run(self):
         os.mkfifo(self.log)
         reader = os.open(self.log, os.O_RDONLY | os.O_NONBLOCK)
