@@ -660,9 +660,13 @@ class Endpoint(object):
 def parse_endpoint_url(url):
     """An http(s) endpoint URL from the settings; path-style addressing is used with it."""
     parts = urllib.parse.urlsplit(url)
+    if "@" in parts.netloc:   # never echoed: what stands before the @ may be a password
+        raise ConfigError("the endpoint URL holds a user name or a password (USER:PASSWORD@ "
+                          "before its host), which s3push never sends: fix --endpoint-url, "
+                          "AWS_ENDPOINT_URL(_S3) or endpoint_url to http(s)://HOST[:PORT]")
     port = url_port(parts)
     if parts.scheme not in DEFAULT_PORTS or not parts.hostname or port is None \
-            or parts.query or parts.fragment or parts.username:
+            or parts.query or parts.fragment:
         raise ConfigError("endpoint URL %r is not http(s)://HOST[:PORT][/PATH]: fix "
                           "--endpoint-url, AWS_ENDPOINT_URL(_S3) or endpoint_url" % url)
     return Endpoint(parts.scheme, parts.hostname, port, parts.path.rstrip("/"))

@@ -278,6 +278,8 @@ class BadInput(IntegrationCase):
                       AWS_SHARED_CREDENTIALS_FILE=os.path.join(self.home, "missing")), (),
              "no credentials for profile 'default'"),
             (self.env(), ("--endpoint-url", "ftp://x"), "endpoint URL 'ftp://x'"),
+            (self.env(), ("--endpoint-url", "https://admin:Sup3rS3cret@h"),
+             "the endpoint URL holds a user name or a password"),
         ]
         for env, args, fragment in cases:
             argv = [sys.executable, s3server.S3PUSH] + list(args) + [
@@ -290,6 +292,7 @@ class BadInput(IntegrationCase):
             self.assertEqual(done.returncode, 78, err)
             self.assertEqual(len(err.strip().splitlines()), 1, err)
             self.assertIn(fragment, err)
+            self.assertNotIn("Sup3rS3cret", err)
         self.assertEqual(files_under(self.source), [b"f"])
 
     def test_bad_destinations(self):
