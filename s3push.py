@@ -890,6 +890,7 @@ class RateLimit(object):
 # The limits of an answer's head, as http.client's: a line's bytes, and its header lines.
 MAX_HEAD_LINE = 65536
 MAX_HEADERS = 100
+MAX_INTERIM_ANSWERS = 10
 UNSAFE_IN_TARGET = re.compile("[\x00-\x20\x7f]")
 UNSAFE_IN_NAMES = re.compile("[:\\s\x00]")
 UNSAFE_IN_VALUES = re.compile("[\r\n\x00]")
@@ -1033,9 +1034,15 @@ def read_answer(reader, method):
     """The Answer to one request: an error's body is kept to MAX_ERROR_BODY bytes."""
     version, status, reason = read_status_line(reader)
     headers = read_header_lines(reader)
-    while status < 200:   # 100 Continue and other interim answers: the final one follows
+    for _ in range(MAX_INTERIM_ANSWERS + 1):
+        if status >= 200:
+            break
+        # 100 Continue and other interim answers: the final one follows
         version, status, reason = read_status_line(reader)
         headers = read_header_lines(reader)
+    else:   # a server that sends them without end would hold the run forever
+        raise AnswerError("more than %d interim (1xx) answers to one request"
+                          % MAX_INTERIM_ANSWERS)
     limit = MAX_ERROR_BODY if status >= 300 else MAX_ANSWER_BODY
     body, whole = read_body(reader, method, status, headers, limit)
     reusable = whole and keeps_alive(version, headers)

@@ -1225,6 +1225,15 @@ class AnswerParsing(unittest.TestCase):
             answer = self.exchange()
             self.assertEqual((answer.headers, answer.body), (expected, b"ok"), raw)
 
+    def test_interim_answers_without_end_are_an_error(self):
+        final = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        self.serve(b"HTTP/1.1 100 Continue\r\n\r\n" * s3push.MAX_INTERIM_ANSWERS + final)
+        self.assertEqual(self.exchange().body, b"ok")
+        self.setUp()
+        self.serve(b"HTTP/1.1 100 Continue\r\n\r\n" * (s3push.MAX_INTERIM_ANSWERS + 1) + final)
+        with self.assertRaises(s3push.AnswerError):
+            self.exchange()
+
     def test_bytes_past_one_answer_are_the_next_answer(self):
         self.serve(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\none"
                    b"HTTP/1.1 404 Not Found\r\nContent-Length: 3\r\n\r\ntwo")
