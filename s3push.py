@@ -74,6 +74,7 @@ import fcntl
 import fnmatch
 import functools
 import heapq
+import io
 import itertools
 import marshal
 import os
@@ -891,6 +892,11 @@ class RateLimit(object):
 MAX_HEAD_LINE = 65536
 MAX_HEADERS = 100
 MAX_INTERIM_ANSWERS = 10
+# Seconds an answer may take to arrive whole once its request went out (at least three
+# --timeout): each read waits at most --timeout, but a server that trickles a byte now and
+# then would hold the run forever. AWS trickles spaces into the answer of a large
+# CompleteMultipartUpload for minutes: this leaves it many.
+ANSWER_TIME = 15 * 60
 UNSAFE_IN_TARGET = re.compile("[\x00-\x20\x7f]")
 UNSAFE_IN_NAMES = re.compile("[:\\s\x00]")
 UNSAFE_IN_VALUES = re.compile("[\r\n\x00]")
@@ -1049,6 +1055,32 @@ def read_answer(reader, method):
     return Answer(Response(status, reason, headers, body), reusable)
 
 
+class AnswerStream(io.RawIOBase):
+    """What the buffered reader of a Connection reads from: its socket, each read waiting
+    at most the connection's timeout, and none past the answer's deadline (answer_by)."""
+
+    def __init__(self, sock, connection):
+        io.RawIOBase.__init__(self)
+        self.sock, self.connection = sock, connection
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        timeout = self.connection.timeout
+        left = self.connection.answer_by - time.monotonic()
+        if left >= timeout:
+            return self.sock.recv_into(buffer)
+        if left <= 0:
+            raise socket.timeout("the answer did not arrive whole within %d s"
+                                 % max(ANSWER_TIME, 3 * timeout))
+        self.sock.settimeout(left)
+        try:
+            return self.sock.recv_into(buffer)
+        finally:
+            self.sock.settimeout(timeout)
+
+
 class Connection(object):
     """One persistent HTTP/1.1 connection to one host, reopened when it was closed."""
 
@@ -1063,6 +1095,7 @@ class Connection(object):
         self.rate_limit = rate_limit   # a RateLimit, or None
         self.sock = None
         self.reader = None   # the one buffered reader of sock: what it holds is the next answer's
+        self.answer_by = float("inf")   # time.monotonic(): the answer read must be whole by then
 
     def close(self):
         if self.sock is not None:
@@ -1087,7 +1120,7 @@ class Connection(object):
             sock.close()
             raise self.connect_error(exc)
         sock.settimeout(self.timeout)
-        self.sock, self.reader = sock, sock.makefile("rb")
+        self.sock, self.reader = sock, io.BufferedReader(AnswerStream(sock, self))
 
     def secure(self, sock):
         """TLS with the endpoint itself, through a CONNECT tunnel when there is a proxy."""
@@ -1134,6 +1167,7 @@ class Connection(object):
             self.send(head, body)
         except (BrokenPipeError, ConnectionResetError):
             pass   # the server may have answered early (an error) and closed: read it
+        self.answer_by = time.monotonic() + max(ANSWER_TIME, 3 * self.timeout)
         answer = read_answer(self.reader, method)
         if not answer.reusable:   # closed by the server, or a body left unread in it
             self.close()

@@ -172,6 +172,35 @@ class SilentEndpoint(FaultCase):
                           "--multipart-threshold", "1G")
         self.assertEqual(len(files_under(self.source)), 7)
 
+    def test_an_answer_trickled_a_byte_at_a_time_ends_at_its_deadline(self):
+        """Every read gets a byte within --timeout, so no read times out: the answer's
+        deadline (ANSWER_TIME, 3 s here by a launcher of this test's) ends the request."""
+        class Trickle(s3server.LoopbackServer):
+            def serve(self, client):
+                try:
+                    reader = client.makefile("rb")
+                    head = s3server.read_head(reader)
+                    reader.read(s3server.content_length(head))
+                    while True:
+                        client.sendall(b"H")
+                        time.sleep(0.5)
+                except OSError:
+                    client.close()
+        trickle = Trickle()
+        self.addCleanup(trickle.close)
+        write_file(self.source, "f", b"data")
+        argv = self.command("--timeout", "2", "--retries", "0", endpoint=trickle.endpoint)
+        argv[1:3] = ["-c", "import sys; sys.path.insert(0, %r); import s3push; "
+                     "s3push.ANSWER_TIME = 3; sys.argv[0] = s3push.__file__; "
+                     "sys.exit(s3push.main())" % s3server.REPO]
+        started = time.monotonic()
+        done = subprocess.run(argv, env=self.env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=60)
+        self.assertLess(time.monotonic() - started, 20)   # 6 s: three --timeout, the floor
+        self.assertEqual(done.returncode, 75, done.stderr)
+        self.assertIn(b"(timed out); the file is kept", done.stderr)
+        self.assertEqual(files_under(self.source), [b"f"])
+
     def test_multipart_uploads_cut_off_by_the_silence_resume_next_run(self):
         files = self.corpus(4, big=2)
         release = threading.Event()
