@@ -2812,6 +2812,12 @@ def default_state_dir(environ):
     return os.path.join(base, "s3push")
 
 
+def others_may_write(info):
+    """Whether an account other than this one may write in the folder of that stat (its
+    owner, or its group or everyone by its mode): rename, replace or plant what it holds."""
+    return info.st_uid != os.geteuid() or bool(info.st_mode & 0o022)
+
+
 class StateFolder(collections.namedtuple("StateFolder", "path fd problem")):
     """The state folder (see default_state_dir), opened and checked once a run: its path,
     its descriptor (None: unusable, and problem says why). The run lock, the spill and
@@ -2831,7 +2837,7 @@ def open_state_folder(path):
     except OSError as exc:
         return StateFolder(path, None, "%s: %s" % (safe_name(path), exc.strerror or exc))
     info = os.fstat(fd)
-    if info.st_uid != os.geteuid() or info.st_mode & 0o022:
+    if others_may_write(info):
         os.close(fd)
         return StateFolder(path, None, "%s: owned by uid %d, mode %04o: it must be this "
                            "account's and writable by it alone" % (
@@ -5254,21 +5260,40 @@ def check_name_holds(parent_fd, name, uploaded):
 # holds this very file already (a run killed between the link and the unlink) is where it
 # was archived. DIR's folders are made with mkdir and entered one name at a time from DIR's
 # descriptor, never through a symlink (a writer of DIR cannot steer a file out of it).
+# DIR and each folder in it are this account's alone (others_may_write): no other account
+# can read a file there through a folder it could not pass in SOURCE_DIR, nor take it.
 MAX_ARCHIVE_NUMBERS = 100   # a name, then at most this many numbered ones
 NO_HARD_LINKS = frozenset([errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS])
 
 
-def open_archive_folder(archive_fd, relative):
-    """A descriptor of DIR/relative (relative: '' or ending in '/'), its folders made as
-    needed, each opened from the one above it without following a symlink."""
-    fd = os.dup(archive_fd)
+def enter_archive_folder(fd, name, path, make):
+    """The folder name in DIR's folder open as fd (path: its path, for the message), made
+    if missing (make), opened without following a symlink; a FileError where other
+    accounts may write in it (one made beforehand by another account)."""
+    if make:
+        try:   # 0700, not the source folder's mode: never more open than SOURCE_DIR was
+            os.mkdir(name, 0o700, dir_fd=fd)
+        except FileExistsError:
+            pass   # made by an earlier file or run, or killed right after its mkdir
+    child = os.open(name, DIRECTORY_FLAGS, dir_fd=fd)
+    info = os.fstat(child)
+    if others_may_write(info):
+        os.close(child)
+        raise FileError("uploaded, but the archive's folder %s is owned by uid %d, mode "
+                        "%04o: other accounts may write in it (and take or read what is "
+                        "archived there); left in place" % (
+                            safe_name(path), info.st_uid, stat.S_IMODE(info.st_mode)))
+    return child
+
+
+def open_archive_folder(archive, relative, make=True):
+    """A descriptor of DIR/relative (archive: the Archive; relative: '' or ending in '/'),
+    each folder entered (and made, unless make is False) by enter_archive_folder."""
+    fd, path = os.dup(archive.fd), archive.path
     try:
         for name in relative.split("/")[:-1]:
-            try:
-                os.mkdir(name, 0o777, dir_fd=fd)
-            except FileExistsError:
-                pass   # made by an earlier file or run, or killed right after its mkdir
-            child = os.open(name, DIRECTORY_FLAGS, dir_fd=fd)
+            path = os.path.join(path, name)
+            child = enter_archive_folder(fd, name, path, make)
             os.close(fd)
             fd = child
     except BaseException:
@@ -5294,7 +5319,7 @@ def archive_file(job, parent_fd, name, found, uploaded):
     under its own name or the first free numbered one, then unlink name. Returns the
     path it has in DIR, relative to DIR."""
     own = key_name(found.name)   # an earlier run's aside name: the name it had
-    folder = open_archive_folder(job.archive.fd, found.directory.relative)
+    folder = open_archive_folder(job.archive, found.directory.relative)
     try:
         seam("archive", found.name)
         for number in range(MAX_ARCHIVE_NUMBERS + 1):
@@ -5939,9 +5964,10 @@ def ancestry(fd):
 
 def open_archive(path, root_fd):
     """--archive-dir DIR opened once, before anything moves; a UsageError where it is no
-    directory, lies on another filesystem than SOURCE_DIR (open as root_fd: a file is
-    linked into DIR, never copied), is inside SOURCE_DIR (the scan would move its files
-    again) or holds it (a file's relative path in DIR could lead back into SOURCE_DIR)."""
+    directory, lies on another filesystem than SOURCE_DIR (open as root_fd: a
+    file is linked into DIR, never copied), is inside SOURCE_DIR (the scan would move its
+    files again), holds it (a file's relative path in DIR could lead back into
+    SOURCE_DIR), or other accounts may write in it (they could take or read its files)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as exc:
@@ -5956,10 +5982,14 @@ def open_archive(path, root_fd):
             why = "is inside SOURCE_DIR (its files would be moved again)"
         elif (archive.st_dev, archive.st_ino) in ancestry(root_fd):
             why = "holds SOURCE_DIR (a file's path in it could lead back into SOURCE_DIR)"
+        elif others_may_write(archive):
+            why = "is owned by uid %d, mode %04o: other accounts may write in it (and take " \
+                "or read the files archived there)" % (
+                    archive.st_uid, stat.S_IMODE(archive.st_mode))
         else:
             return Archive(path, fd)
         raise UsageError("--archive-dir %s %s: choose a folder beside SOURCE_DIR, on its "
-                         "filesystem" % (safe_name(path), why))
+                         "mount, that only this account may write in" % (safe_name(path), why))
     except BaseException:
         os.close(fd)
         raise
