@@ -5962,9 +5962,21 @@ def ancestry(fd):
         os.close(fd)
 
 
+def across_mounts(root_fd, fd):
+    """Whether the kernel refuses links from the directory open as root_fd into the one
+    open as fd (EXDEV): a bind mount of the same filesystem (the same st_dev). Probed
+    with a rename of ".", which POSIX has always fail (Linux: EBUSY, after the mounts are
+    compared): a name that does not exist could be made by a writer meanwhile, and moved."""
+    try:
+        os.rename(os.curdir, os.curdir, src_dir_fd=root_fd, dst_dir_fd=fd)
+    except OSError as exc:
+        return exc.errno == errno.EXDEV
+    return False
+
+
 def open_archive(path, root_fd):
     """--archive-dir DIR opened once, before anything moves; a UsageError where it is no
-    directory, lies on another filesystem than SOURCE_DIR (open as root_fd: a
+    directory, lies on another filesystem or mount than SOURCE_DIR (open as root_fd: a
     file is linked into DIR, never copied), is inside SOURCE_DIR (the scan would move its
     files again), holds it (a file's relative path in DIR could lead back into
     SOURCE_DIR), or other accounts may write in it (they could take or read its files)."""
@@ -5978,6 +5990,9 @@ def open_archive(path, root_fd):
         if source.st_dev != archive.st_dev:
             why = "is on another filesystem than SOURCE_DIR (files are linked into it, " \
                 "never copied)"
+        elif across_mounts(root_fd, fd):
+            why = "is on another mount than SOURCE_DIR (a bind mount: the kernel links " \
+                "no file across mounts)"
         elif (source.st_dev, source.st_ino) in ancestry(fd):
             why = "is inside SOURCE_DIR (its files would be moved again)"
         elif (archive.st_dev, archive.st_ino) in ancestry(root_fd):

@@ -1797,6 +1797,12 @@ class Archive(IntegrationCase):
             subprocess.check_call(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", tmpfs])
             self.addCleanup(subprocess.call, ["umount", tmpfs])
             cases.append((tmpfs, "is on another filesystem than SOURCE_DIR"))
+            # The same filesystem mounted elsewhere: st_dev agrees, but link() would fail.
+            bound = os.path.join(self.tmp, "bound")
+            os.makedirs(bound)
+            subprocess.check_call(["mount", "--bind", self.archive, bound])
+            self.addCleanup(subprocess.call, ["umount", bound])
+            cases.append((bound, "is on another mount than SOURCE_DIR"))
             theirs = os.path.join(self.tmp, "theirs")
             os.makedirs(theirs)
             os.chown(theirs, 65534, 65534)
