@@ -5302,6 +5302,21 @@ def open_archive_folder(archive, relative, make=True):
     return fd
 
 
+def archived_as(folder, own, info):
+    """The name, own or a numbered one, under which DIR's folder (open as folder) holds
+    the file of that stat already (a run killed between its link and its unlink), or
+    None. Each is looked at: the expiry may have taken the ones before it."""
+    for number in range(MAX_ARCHIVE_NUMBERS + 1):
+        candidate = numbered_key(own, number) if number else own
+        try:
+            there = os.stat(candidate, dir_fd=folder, follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        if (there.st_dev, there.st_ino) == (info.st_dev, info.st_ino):
+            return candidate
+    return None
+
+
 def rename_into_archive(job, parent_fd, name, folder, candidate, why):
     """Where no hard link can be made (why: vfat, exFAT, another account's file under
     fs.protected_hardlinks), the file is renamed to candidate in DIR right after link()
@@ -5314,37 +5329,50 @@ def rename_into_archive(job, parent_fd, name, folder, candidate, why):
     os.rename(name, candidate, src_dir_fd=parent_fd, dst_dir_fd=folder)
 
 
-def archive_file(job, parent_fd, name, found, uploaded):
-    """Link the file at name (checked to be the one read) into DIR at its relative path,
-    under its own name or the first free numbered one, then unlink name. Returns the
-    path it has in DIR, relative to DIR."""
+def link_into_archive(job, parent_fd, name, folder, found, uploaded):
+    """Link name (checked to be the file read) into DIR's folder (open as folder) under
+    its own name or the first free numbered one, then unlink name. Returns the name it
+    has in DIR."""
     own = key_name(found.name)   # an earlier run's aside name: the name it had
-    folder = open_archive_folder(job.archive, found.directory.relative)
-    try:
-        seam("archive", found.name)
-        for number in range(MAX_ARCHIVE_NUMBERS + 1):
-            candidate = numbered_key(own, number) if number else own
-            try:
-                os.link(name, candidate, src_dir_fd=parent_fd, dst_dir_fd=folder,
-                        follow_symlinks=False)
-            except FileExistsError:
-                there = os.stat(candidate, dir_fd=folder, follow_symlinks=False)
-                if (there.st_dev, there.st_ino) != (uploaded.st_dev, uploaded.st_ino):
-                    continue   # another file's: never replaced
-            except OSError as exc:
-                if exc.errno not in NO_HARD_LINKS:
-                    raise
-                rename_into_archive(job, parent_fd, name, folder, candidate, exc.strerror)
-                return found.directory.relative + candidate
-            seam("archived", found.name)
-            os.unlink(name, dir_fd=parent_fd)
-            return found.directory.relative + candidate
-    finally:
-        os.close(folder)
+    for number in range(MAX_ARCHIVE_NUMBERS + 1):
+        candidate = numbered_key(own, number) if number else own
+        try:
+            os.link(name, candidate, src_dir_fd=parent_fd, dst_dir_fd=folder,
+                    follow_symlinks=False)
+        except FileExistsError:
+            continue   # another file's: never replaced
+        except OSError as exc:
+            if exc.errno not in NO_HARD_LINKS:
+                raise
+            rename_into_archive(job, parent_fd, name, folder, candidate, exc.strerror)
+            return candidate
+        seam("archived", found.name)
+        os.unlink(name, dir_fd=parent_fd)
+        return candidate
     raise FileError("uploaded, but %s and the next %d numbered names are all taken in the "
                     "archive %s; left in place" % (
                         safe_name(own), MAX_ARCHIVE_NUMBERS,
                         safe_name(os.path.join(job.archive.path, found.directory.relative))))
+
+
+def archive_file(job, parent_fd, name, found, uploaded):
+    """Link the file at name (checked to be the one read) into DIR at its relative path
+    (see link_into_archive), unless a killed run's link is there already; then unlink
+    name. Returns the path it has in DIR, relative to DIR."""
+    own = key_name(found.name)   # an earlier run's aside name: the name it had
+    folder = open_archive_folder(job.archive, found.directory.relative)
+    try:
+        seam("archive", found.name)
+        # A second link may be a killed run's, in DIR at own or a numbered name: only
+        # then are they looked through.
+        there = archived_as(folder, own, uploaded) if uploaded.st_nlink > 1 else None
+        if there is None:
+            there = link_into_archive(job, parent_fd, name, folder, found, uploaded)
+        else:
+            os.unlink(name, dir_fd=parent_fd)
+        return found.directory.relative + there
+    finally:
+        os.close(folder)
 
 
 def let_go(job, parent_fd, name, found, uploaded):

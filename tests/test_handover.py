@@ -360,6 +360,20 @@ class Archived(FaultCase):
                 if step != "confirmed":   # the ledger vouches: archived, not sent again
                     self.assertEqual(len(self.puts()), sent, step)
 
+    def test_killed_after_the_link_then_its_name_in_the_archive_expired(self):
+        # app.log taken, so it was linked as app.1.log; then the expiry took app.log: the
+        # next run finds its own app.1.log rather than linking it again as app.log.
+        write_file(self.archive, "sub/app.log", b"last week")
+        write_file(self.source, "sub/app.log", b"today")
+        done = self.seamed_run("archived", "kill", None, "--archive-dir", self.archive)
+        self.assertEqual(done.returncode, -signal.SIGKILL, done.stderr)
+        os.unlink(os.path.join(self.archive, "sub/app.log"))   # find -ctime +7 -delete
+        result = self.run_s3push("--min-age", "0", "--archive-dir", self.archive)
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertEqual(self.archived(), {"sub/app.1.log": b"today"})
+        self.assertEqual(os.stat(os.path.join(self.archive, "sub/app.1.log")).st_nlink, 1)
+        self.assertEqual(files_under(self.source), [])
+
 
 if __name__ == "__main__":
     unittest.main()
