@@ -5461,6 +5461,33 @@ def aside_left_over(job, parent_fd, found, key):
             job.destination.url(key)))
 
 
+def in_archive(job, found, info):
+    """Whether DIR holds the file of that stat at its relative path already (see
+    archived_as), its folders entered as archive_file does, none made."""
+    if job.archive is None:
+        return False
+    try:
+        folder = open_archive_folder(job.archive, found.directory.relative, make=False)
+    except (OSError, FileError):
+        return False
+    try:
+        return archived_as(folder, key_name(found.name), info) is not None
+    finally:
+        os.close(folder)
+
+
+def check_own_links(job, found, fd, info):
+    """check_links; but a file of two links whose other one is its own in DIR (a run
+    killed between the link into DIR and the unlink, where fs.protected_hardlinks is off:
+    macOS, the BSDs) passes when the ledger vouches for it. Returns that record, or None."""
+    if info.st_nlink == 2 and not job.allow_hardlinks and in_archive(job, found, info):
+        record = job.ledger.vouching(found, fd, info, job.endpoint)
+        if record is not None:
+            return record
+    check_links(info, job.allow_hardlinks)
+    return None
+
+
 def confirmation(job, found, info, key, proof, fields):
     """The ledger's record of an upload the server confirmed (see Ledger)."""
     ident, aside = job.asides.new(found.name)
@@ -5506,13 +5533,14 @@ def move_file(client, job, found, key):
                 raise StillWritten("changed since the scan; left for a later run")
             # 4. Ours to send and to remove: no other account's file linked in, and not
             # immutable (that one each run would send again).
-            check_links(info, job.allow_hardlinks)
+            record = check_own_links(job, found, fd, info)
             if fixed_in_place(fd, info):
                 raise UnremovableError("is immutable or append-only (chattr +i, +a): no "
                                        "account may remove it, so it is not uploaded; "
                                        "chattr -i -a it to have it moved", 1)
             # 5. Uploaded and proven, unless an earlier run's were and it was killed then.
-            record = job.ledger.vouching(found, fd, info, job.endpoint)
+            if record is None:
+                record = job.ledger.vouching(found, fd, info, job.endpoint)
             if record is None:
                 if ASIDE.match(found.name):
                     aside_left_over(job, parent, found, key)

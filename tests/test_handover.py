@@ -47,6 +47,7 @@ STEPS = ("confirmed", "recorded", "rename", "check", "unlink", "removed")
 RECORDED = STEPS[1:]   # the ledger holds the upload: a later run sends nothing again
 # Under --archive-dir: DIR's folders made (archive), linked into DIR (archived).
 ARCHIVE_STEPS = STEPS[:-1] + ("archive", "archived", "removed")
+PROTECTED_HARDLINKS = "/proc/sys/fs/protected_hardlinks"
 
 
 def private_names(root):
@@ -373,6 +374,36 @@ class Archived(FaultCase):
         self.assertEqual(self.archived(), {"sub/app.1.log": b"today"})
         self.assertEqual(os.stat(os.path.join(self.archive, "sub/app.1.log")).st_nlink, 1)
         self.assertEqual(files_under(self.source), [])
+
+    @unittest.skipIf(os.geteuid() != 0 or not os.path.exists(PROTECTED_HARDLINKS),
+                     "needs root and Linux, to turn fs.protected_hardlinks off")
+    def test_killed_after_the_link_where_hard_links_are_not_protected(self):
+        # As on macOS and the BSDs: the aside name's other link is its own copy in DIR.
+        write_file(self.source, "sub/app.log", b"today")
+        done = self.seamed_run("archived", "kill", None, "--archive-dir", self.archive)
+        self.assertEqual(done.returncode, -signal.SIGKILL, done.stderr)
+        sent = len(self.puts())
+        with open(PROTECTED_HARDLINKS) as handle:
+            old = handle.read()
+        self.addCleanup(write_setting, PROTECTED_HARDLINKS, old)
+        write_setting(PROTECTED_HARDLINKS, "0")
+        result = self.run_s3push("--min-age", "0", "--archive-dir", self.archive)
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertEqual(files_under(self.source), [])
+        self.assertEqual(self.archived(), {"sub/app.log": b"today"})
+        self.assertEqual(os.stat(os.path.join(self.archive, "sub/app.log")).st_nlink, 1)
+        self.assertEqual(len(self.puts()), sent)
+        # Any other file of two links is still refused.
+        write_file(self.source, "two.log", b"two")
+        os.link(os.path.join(self.source, "two.log"), os.path.join(self.tmp, "elsewhere"))
+        result = self.run_s3push("--min-age", "0", "--archive-dir", self.archive)
+        self.assertEqual(result.status, 65, result.stderr)
+        self.assertIn("has 2 hard links", result.stderr)
+
+
+def write_setting(path, value):
+    with open(path, "w") as handle:
+        handle.write(value)
 
 
 if __name__ == "__main__":
