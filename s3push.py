@@ -5317,6 +5317,18 @@ def archived_as(folder, own, info):
     return None
 
 
+def check_archived(folder, candidate, uploaded):
+    """StillWritten, once candidate (just linked into DIR's folder open as folder) is
+    unlinked again, unless it holds the file read: else a new version was renamed over
+    a name unlinked by its own (too long for an aside name) in the meantime, and it is
+    what a later run moves. That link is ours: no other account writes in DIR."""
+    there = os.stat(candidate, dir_fd=folder, follow_symlinks=False)
+    if (there.st_dev, there.st_ino) != (uploaded.st_dev, uploaded.st_ino):
+        os.unlink(candidate, dir_fd=folder)
+        raise StillWritten("replaced by a new version just before its archive; the new one "
+                           "is left for a later run")
+
+
 def rename_into_archive(job, parent_fd, name, folder, candidate, why):
     """Where no hard link can be made (why: vfat, exFAT, another account's file under
     fs.protected_hardlinks), the file is renamed to candidate in DIR right after link()
@@ -5331,8 +5343,8 @@ def rename_into_archive(job, parent_fd, name, folder, candidate, why):
 
 def link_into_archive(job, parent_fd, name, folder, found, uploaded):
     """Link name (checked to be the file read) into DIR's folder (open as folder) under
-    its own name or the first free numbered one, then unlink name. Returns the name it
-    has in DIR."""
+    its own name or the first free numbered one, check what that name holds, then unlink
+    name. Returns the name it has in DIR."""
     own = key_name(found.name)   # an earlier run's aside name: the name it had
     for number in range(MAX_ARCHIVE_NUMBERS + 1):
         candidate = numbered_key(own, number) if number else own
@@ -5346,6 +5358,7 @@ def link_into_archive(job, parent_fd, name, folder, found, uploaded):
                 raise
             rename_into_archive(job, parent_fd, name, folder, candidate, exc.strerror)
             return candidate
+        check_archived(folder, candidate, uploaded)
         seam("archived", found.name)
         os.unlink(name, dir_fd=parent_fd)
         return candidate
@@ -5418,7 +5431,7 @@ def unlink_aside(job, parent_fd, fd, found, uploaded, aside):
     seam("unlink", found.name)
     try:
         return let_go(job, parent_fd, aside, found, uploaded)
-    except (OSError, FileError):   # not archived (DIR full, its names taken): left in place
+    except (OSError, FileError, StillWritten):   # not archived: left in place
         give_back(parent_fd, aside, found.name)
         raise
 

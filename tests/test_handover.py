@@ -400,6 +400,25 @@ class Archived(FaultCase):
         self.assertEqual(result.status, 65, result.stderr)
         self.assertIn("has 2 hard links", result.stderr)
 
+    def test_a_name_too_long_to_set_aside_replaced_as_it_is_archived(self):
+        # Unlinked by its name: a new version renamed over it as DIR's folder is opened is
+        # not archived in its stead (nor removed unsent).
+        name = "L" * 240 + ".log"
+        write_file(self.source, "sub/" + name, b"old")
+        tmp = write_file(self.source, "sub/new.tmp", b"new version")
+        done = self.seamed_run("archive", "rename", os.fsdecode(tmp), "--archive-dir",
+                               self.archive)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(self.archived(), {})
+        with open(os.path.join(self.source, "sub", name), "rb") as handle:
+            self.assertEqual(handle.read(), b"new version")
+        self.assert_landed({"sub/" + name: b"old"})
+        result = self.run_s3push("--min-age", "0", "--archive-dir", self.archive)
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assert_landed({"sub/" + name: b"new version"})
+        self.assertEqual(self.archived(), {"sub/" + name: b"new version"})
+        self.assertEqual(files_under(self.source), [])
+
 
 def write_setting(path, value):
     with open(path, "w") as handle:
