@@ -2846,6 +2846,12 @@ def default_state_dir(environ):
     return os.path.join(base, "s3push")
 
 
+def others_may_write(info):
+    """Whether an account other than this one may write in the folder of that stat (its
+    owner, or its group or everyone by its mode): rename, replace or plant what it holds."""
+    return info.st_uid != os.geteuid() or bool(info.st_mode & 0o022)
+
+
 class StateFolder(collections.namedtuple("StateFolder", "path fd problem")):
     """The state folder (see default_state_dir), opened and checked once a run: its path,
     its descriptor (None: unusable, and problem says why). The run lock, the spill and
@@ -2865,7 +2871,7 @@ def open_state_folder(path):
     except OSError as exc:
         return StateFolder(path, None, "%s: %s" % (safe_name(path), exc.strerror or exc))
     info = os.fstat(fd)
-    if info.st_uid != os.geteuid() or info.st_mode & 0o022:
+    if others_may_write(info):
         os.close(fd)
         return StateFolder(path, None, "%s: owned by uid %d, mode %04o: it must be this "
                            "account's and writable by it alone" % (
@@ -5288,27 +5294,73 @@ def check_name_holds(parent_fd, name, uploaded):
 # holds this very file already (a run killed between the link and the unlink) is where it
 # was archived. DIR's folders are made with mkdir and entered one name at a time from DIR's
 # descriptor, never through a symlink (a writer of DIR cannot steer a file out of it).
+# DIR and each folder in it are this account's alone (others_may_write): no other account
+# can read a file there through a folder it could not pass in SOURCE_DIR, nor take it.
 MAX_ARCHIVE_NUMBERS = 100   # a name, then at most this many numbered ones
 NO_HARD_LINKS = frozenset([errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS])
 
 
-def open_archive_folder(archive_fd, relative):
-    """A descriptor of DIR/relative (relative: '' or ending in '/'), its folders made as
-    needed, each opened from the one above it without following a symlink."""
-    fd = os.dup(archive_fd)
+def enter_archive_folder(fd, name, path, make):
+    """The folder name in DIR's folder open as fd (path: its path, for the message), made
+    if missing (make), opened without following a symlink; a FileError where other
+    accounts may write in it (one made beforehand by another account)."""
+    if make:
+        try:   # 0700, not the source folder's mode: never more open than SOURCE_DIR was
+            os.mkdir(name, 0o700, dir_fd=fd)
+        except FileExistsError:
+            pass   # made by an earlier file or run, or killed right after its mkdir
+    child = os.open(name, DIRECTORY_FLAGS, dir_fd=fd)
+    info = os.fstat(child)
+    if others_may_write(info):
+        os.close(child)
+        raise FileError("uploaded, but the archive's folder %s is owned by uid %d, mode "
+                        "%04o: other accounts may write in it (and take or read what is "
+                        "archived there); left in place" % (
+                            safe_name(path), info.st_uid, stat.S_IMODE(info.st_mode)))
+    return child
+
+
+def open_archive_folder(archive, relative, make=True):
+    """A descriptor of DIR/relative (archive: the Archive; relative: '' or ending in '/'),
+    each folder entered (and made, unless make is False) by enter_archive_folder."""
+    fd, path = os.dup(archive.fd), archive.path
     try:
         for name in relative.split("/")[:-1]:
-            try:
-                os.mkdir(name, 0o777, dir_fd=fd)
-            except FileExistsError:
-                pass   # made by an earlier file or run, or killed right after its mkdir
-            child = os.open(name, DIRECTORY_FLAGS, dir_fd=fd)
+            path = os.path.join(path, name)
+            child = enter_archive_folder(fd, name, path, make)
             os.close(fd)
             fd = child
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def archived_as(folder, own, info):
+    """The name, own or a numbered one, under which DIR's folder (open as folder) holds
+    the file of that stat already (a run killed between its link and its unlink), or
+    None. Each is looked at: the expiry may have taken the ones before it."""
+    for number in range(MAX_ARCHIVE_NUMBERS + 1):
+        candidate = numbered_key(own, number) if number else own
+        try:
+            there = os.stat(candidate, dir_fd=folder, follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        if (there.st_dev, there.st_ino) == (info.st_dev, info.st_ino):
+            return candidate
+    return None
+
+
+def check_archived(folder, candidate, uploaded):
+    """StillWritten, once candidate (just linked into DIR's folder open as folder) is
+    unlinked again, unless it holds the file read: else a new version was renamed over
+    a name unlinked by its own (too long for an aside name) in the meantime, and it is
+    what a later run moves. That link is ours: no other account writes in DIR."""
+    there = os.stat(candidate, dir_fd=folder, follow_symlinks=False)
+    if (there.st_dev, there.st_ino) != (uploaded.st_dev, uploaded.st_ino):
+        os.unlink(candidate, dir_fd=folder)
+        raise StillWritten("replaced by a new version just before its archive; the new one "
+                           "is left for a later run")
 
 
 def rename_into_archive(job, parent_fd, name, folder, candidate, why):
@@ -5323,37 +5375,51 @@ def rename_into_archive(job, parent_fd, name, folder, candidate, why):
     os.rename(name, candidate, src_dir_fd=parent_fd, dst_dir_fd=folder)
 
 
-def archive_file(job, parent_fd, name, found, uploaded):
-    """Link the file at name (checked to be the one read) into DIR at its relative path,
-    under its own name or the first free numbered one, then unlink name. Returns the
-    path it has in DIR, relative to DIR."""
+def link_into_archive(job, parent_fd, name, folder, found, uploaded):
+    """Link name (checked to be the file read) into DIR's folder (open as folder) under
+    its own name or the first free numbered one, check what that name holds, then unlink
+    name. Returns the name it has in DIR."""
     own = key_name(found.name)   # an earlier run's aside name: the name it had
-    folder = open_archive_folder(job.archive.fd, found.directory.relative)
-    try:
-        seam("archive", found.name)
-        for number in range(MAX_ARCHIVE_NUMBERS + 1):
-            candidate = numbered_key(own, number) if number else own
-            try:
-                os.link(name, candidate, src_dir_fd=parent_fd, dst_dir_fd=folder,
-                        follow_symlinks=False)
-            except FileExistsError:
-                there = os.stat(candidate, dir_fd=folder, follow_symlinks=False)
-                if (there.st_dev, there.st_ino) != (uploaded.st_dev, uploaded.st_ino):
-                    continue   # another file's: never replaced
-            except OSError as exc:
-                if exc.errno not in NO_HARD_LINKS:
-                    raise
-                rename_into_archive(job, parent_fd, name, folder, candidate, exc.strerror)
-                return found.directory.relative + candidate
-            seam("archived", found.name)
-            os.unlink(name, dir_fd=parent_fd)
-            return found.directory.relative + candidate
-    finally:
-        os.close(folder)
+    for number in range(MAX_ARCHIVE_NUMBERS + 1):
+        candidate = numbered_key(own, number) if number else own
+        try:
+            os.link(name, candidate, src_dir_fd=parent_fd, dst_dir_fd=folder,
+                    follow_symlinks=False)
+        except FileExistsError:
+            continue   # another file's: never replaced
+        except OSError as exc:
+            if exc.errno not in NO_HARD_LINKS:
+                raise
+            rename_into_archive(job, parent_fd, name, folder, candidate, exc.strerror)
+            return candidate
+        check_archived(folder, candidate, uploaded)
+        seam("archived", found.name)
+        os.unlink(name, dir_fd=parent_fd)
+        return candidate
     raise FileError("uploaded, but %s and the next %d numbered names are all taken in the "
                     "archive %s; left in place" % (
                         safe_name(own), MAX_ARCHIVE_NUMBERS,
                         safe_name(os.path.join(job.archive.path, found.directory.relative))))
+
+
+def archive_file(job, parent_fd, name, found, uploaded):
+    """Link the file at name (checked to be the one read) into DIR at its relative path
+    (see link_into_archive), unless a killed run's link is there already; then unlink
+    name. Returns the path it has in DIR, relative to DIR."""
+    own = key_name(found.name)   # an earlier run's aside name: the name it had
+    folder = open_archive_folder(job.archive, found.directory.relative)
+    try:
+        seam("archive", found.name)
+        # A second link may be a killed run's, in DIR at own or a numbered name: only
+        # then are they looked through.
+        there = archived_as(folder, own, uploaded) if uploaded.st_nlink > 1 else None
+        if there is None:
+            there = link_into_archive(job, parent_fd, name, folder, found, uploaded)
+        else:
+            os.unlink(name, dir_fd=parent_fd)
+        return found.directory.relative + there
+    finally:
+        os.close(folder)
 
 
 def let_go(job, parent_fd, name, found, uploaded):
@@ -5399,7 +5465,7 @@ def unlink_aside(job, parent_fd, fd, found, uploaded, aside):
     seam("unlink", found.name)
     try:
         return let_go(job, parent_fd, aside, found, uploaded)
-    except (OSError, FileError):   # not archived (DIR full, its names taken): left in place
+    except (OSError, FileError, StillWritten):   # not archived: left in place
         give_back(parent_fd, aside, found.name)
         raise
 
@@ -5440,6 +5506,33 @@ def aside_left_over(job, parent_fd, found, key):
         "filesystem has no hard links to give it back): it goes to a key of its own, %s" % (
             safe_name(os.path.join(job.source, found.relative)), safe_name(name),
             job.destination.url(key)))
+
+
+def in_archive(job, found, info):
+    """Whether DIR holds the file of that stat at its relative path already (see
+    archived_as), its folders entered as archive_file does, none made."""
+    if job.archive is None:
+        return False
+    try:
+        folder = open_archive_folder(job.archive, found.directory.relative, make=False)
+    except (OSError, FileError):
+        return False
+    try:
+        return archived_as(folder, key_name(found.name), info) is not None
+    finally:
+        os.close(folder)
+
+
+def check_own_links(job, found, fd, info):
+    """check_links; but a file of two links whose other one is its own in DIR (a run
+    killed between the link into DIR and the unlink, where fs.protected_hardlinks is off:
+    macOS, the BSDs) passes when the ledger vouches for it. Returns that record, or None."""
+    if info.st_nlink == 2 and not job.allow_hardlinks and in_archive(job, found, info):
+        record = job.ledger.vouching(found, fd, info, job.endpoint)
+        if record is not None:
+            return record
+    check_links(info, job.allow_hardlinks)
+    return None
 
 
 def confirmation(job, found, info, key, proof, fields):
@@ -5487,13 +5580,14 @@ def move_file(client, job, found, key):
                 raise StillWritten("changed since the scan; left for a later run")
             # 4. Ours to send and to remove: no other account's file linked in, and not
             # immutable (that one each run would send again).
-            check_links(info, job.allow_hardlinks)
+            record = check_own_links(job, found, fd, info)
             if fixed_in_place(fd, info):
                 raise UnremovableError("is immutable or append-only (chattr +i, +a): no "
                                        "account may remove it, so it is not uploaded; "
                                        "chattr -i -a it to have it moved", 1)
             # 5. Uploaded and proven, unless an earlier run's were and it was killed then.
-            record = job.ledger.vouching(found, fd, info, job.endpoint)
+            if record is None:
+                record = job.ledger.vouching(found, fd, info, job.endpoint)
             if record is None:
                 if ASIDE.match(found.name):
                     aside_left_over(job, parent, found, key)
@@ -5971,11 +6065,24 @@ def ancestry(fd):
         os.close(fd)
 
 
+def across_mounts(root_fd, fd):
+    """Whether the kernel refuses links from the directory open as root_fd into the one
+    open as fd (EXDEV): a bind mount of the same filesystem (the same st_dev). Probed
+    with a rename of ".", which POSIX has always fail (Linux: EBUSY, after the mounts are
+    compared): a name that does not exist could be made by a writer meanwhile, and moved."""
+    try:
+        os.rename(os.curdir, os.curdir, src_dir_fd=root_fd, dst_dir_fd=fd)
+    except OSError as exc:
+        return exc.errno == errno.EXDEV
+    return False
+
+
 def open_archive(path, root_fd):
     """--archive-dir DIR opened once, before anything moves; a UsageError where it is no
-    directory, lies on another filesystem than SOURCE_DIR (open as root_fd: a file is
-    linked into DIR, never copied), is inside SOURCE_DIR (the scan would move its files
-    again) or holds it (a file's relative path in DIR could lead back into SOURCE_DIR)."""
+    directory, lies on another filesystem or mount than SOURCE_DIR (open as root_fd: a
+    file is linked into DIR, never copied), is inside SOURCE_DIR (the scan would move its
+    files again), holds it (a file's relative path in DIR could lead back into
+    SOURCE_DIR), or other accounts may write in it (they could take or read its files)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as exc:
@@ -5986,14 +6093,21 @@ def open_archive(path, root_fd):
         if source.st_dev != archive.st_dev:
             why = "is on another filesystem than SOURCE_DIR (files are linked into it, " \
                 "never copied)"
+        elif across_mounts(root_fd, fd):
+            why = "is on another mount than SOURCE_DIR (a bind mount: the kernel links " \
+                "no file across mounts)"
         elif (source.st_dev, source.st_ino) in ancestry(fd):
             why = "is inside SOURCE_DIR (its files would be moved again)"
         elif (archive.st_dev, archive.st_ino) in ancestry(root_fd):
             why = "holds SOURCE_DIR (a file's path in it could lead back into SOURCE_DIR)"
+        elif others_may_write(archive):
+            why = "is owned by uid %d, mode %04o: other accounts may write in it (and take " \
+                "or read the files archived there)" % (
+                    archive.st_uid, stat.S_IMODE(archive.st_mode))
         else:
             return Archive(path, fd)
         raise UsageError("--archive-dir %s %s: choose a folder beside SOURCE_DIR, on its "
-                         "filesystem" % (safe_name(path), why))
+                         "mount, that only this account may write in" % (safe_name(path), why))
     except BaseException:
         os.close(fd)
         raise

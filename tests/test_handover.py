@@ -47,6 +47,7 @@ STEPS = ("confirmed", "recorded", "rename", "check", "unlink", "removed")
 RECORDED = STEPS[1:]   # the ledger holds the upload: a later run sends nothing again
 # Under --archive-dir: DIR's folders made (archive), linked into DIR (archived).
 ARCHIVE_STEPS = STEPS[:-1] + ("archive", "archived", "removed")
+PROTECTED_HARDLINKS = "/proc/sys/fs/protected_hardlinks"
 
 
 def private_names(root):
@@ -359,6 +360,69 @@ class Archived(FaultCase):
                                  1, step)
                 if step != "confirmed":   # the ledger vouches: archived, not sent again
                     self.assertEqual(len(self.puts()), sent, step)
+
+    def test_killed_after_the_link_then_its_name_in_the_archive_expired(self):
+        # app.log taken, so it was linked as app.1.log; then the expiry took app.log: the
+        # next run finds its own app.1.log rather than linking it again as app.log.
+        write_file(self.archive, "sub/app.log", b"last week")
+        write_file(self.source, "sub/app.log", b"today")
+        done = self.seamed_run("archived", "kill", None, "--archive-dir", self.archive)
+        self.assertEqual(done.returncode, -signal.SIGKILL, done.stderr)
+        os.unlink(os.path.join(self.archive, "sub/app.log"))   # find -ctime +7 -delete
+        result = self.run_s3push("--min-age", "0", "--archive-dir", self.archive)
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertEqual(self.archived(), {"sub/app.1.log": b"today"})
+        self.assertEqual(os.stat(os.path.join(self.archive, "sub/app.1.log")).st_nlink, 1)
+        self.assertEqual(files_under(self.source), [])
+
+    @unittest.skipIf(os.geteuid() != 0 or not os.path.exists(PROTECTED_HARDLINKS),
+                     "needs root and Linux, to turn fs.protected_hardlinks off")
+    def test_killed_after_the_link_where_hard_links_are_not_protected(self):
+        # As on macOS and the BSDs: the aside name's other link is its own copy in DIR.
+        write_file(self.source, "sub/app.log", b"today")
+        done = self.seamed_run("archived", "kill", None, "--archive-dir", self.archive)
+        self.assertEqual(done.returncode, -signal.SIGKILL, done.stderr)
+        sent = len(self.puts())
+        with open(PROTECTED_HARDLINKS) as handle:
+            old = handle.read()
+        self.addCleanup(write_setting, PROTECTED_HARDLINKS, old)
+        write_setting(PROTECTED_HARDLINKS, "0")
+        result = self.run_s3push("--min-age", "0", "--archive-dir", self.archive)
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertEqual(files_under(self.source), [])
+        self.assertEqual(self.archived(), {"sub/app.log": b"today"})
+        self.assertEqual(os.stat(os.path.join(self.archive, "sub/app.log")).st_nlink, 1)
+        self.assertEqual(len(self.puts()), sent)
+        # Any other file of two links is still refused.
+        write_file(self.source, "two.log", b"two")
+        os.link(os.path.join(self.source, "two.log"), os.path.join(self.tmp, "elsewhere"))
+        result = self.run_s3push("--min-age", "0", "--archive-dir", self.archive)
+        self.assertEqual(result.status, 65, result.stderr)
+        self.assertIn("has 2 hard links", result.stderr)
+
+    def test_a_name_too_long_to_set_aside_replaced_as_it_is_archived(self):
+        # Unlinked by its name: a new version renamed over it as DIR's folder is opened is
+        # not archived in its stead (nor removed unsent).
+        name = "L" * 240 + ".log"
+        write_file(self.source, "sub/" + name, b"old")
+        tmp = write_file(self.source, "sub/new.tmp", b"new version")
+        done = self.seamed_run("archive", "rename", os.fsdecode(tmp), "--archive-dir",
+                               self.archive)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(self.archived(), {})
+        with open(os.path.join(self.source, "sub", name), "rb") as handle:
+            self.assertEqual(handle.read(), b"new version")
+        self.assert_landed({"sub/" + name: b"old"})
+        result = self.run_s3push("--min-age", "0", "--archive-dir", self.archive)
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assert_landed({"sub/" + name: b"new version"})
+        self.assertEqual(self.archived(), {"sub/" + name: b"new version"})
+        self.assertEqual(files_under(self.source), [])
+
+
+def write_setting(path, value):
+    with open(path, "w") as handle:
+        handle.write(value)
 
 
 if __name__ == "__main__":

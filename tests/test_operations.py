@@ -1789,10 +1789,24 @@ class Archive(IntegrationCase):
                  (self.source, "is inside SOURCE_DIR"), (self.tmp, "holds SOURCE_DIR"),
                  (os.path.join(self.tmp, "missing"), "No such file"),
                  (os.fsdecode(afile), "Not a directory")]
+        shared = os.path.join(self.tmp, "shared")   # a writer of DIR could read or steal
+        os.makedirs(shared)
+        os.chmod(shared, 0o1777)
+        cases.append((shared, "other accounts may write in it"))
         if os.geteuid() == 0:
             subprocess.check_call(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", tmpfs])
             self.addCleanup(subprocess.call, ["umount", tmpfs])
             cases.append((tmpfs, "is on another filesystem than SOURCE_DIR"))
+            # The same filesystem mounted elsewhere: st_dev agrees, but link() would fail.
+            bound = os.path.join(self.tmp, "bound")
+            os.makedirs(bound)
+            subprocess.check_call(["mount", "--bind", self.archive, bound])
+            self.addCleanup(subprocess.call, ["umount", bound])
+            cases.append((bound, "is on another mount than SOURCE_DIR"))
+            theirs = os.path.join(self.tmp, "theirs")
+            os.makedirs(theirs)
+            os.chown(theirs, 65534, 65534)
+            cases.append((theirs, "other accounts may write in it"))
         for folder, why in cases:
             with self.subTest(folder=folder):
                 for dry in ((), ("--dry-run",)):
@@ -1802,6 +1816,36 @@ class Archive(IntegrationCase):
                     self.assertIn(why, result.stderr)
         self.assertEqual(files_under(self.source), [b"f.log"])
         self.assertEqual(self.recorder.requests, [])
+
+    @unittest.skipIf(os.geteuid() != 0, "needs root, to own files as other accounts")
+    def test_no_other_account_reads_or_takes_an_archived_file(self):
+        # alice/ (0700) kept others from her 0644 file: so does the folder made for it in
+        # DIR. A folder in DIR that another account owns is never archived into.
+        os.chmod(self.tmp, 0o755)
+        for name in ("alice", "bob"):
+            os.makedirs(os.path.join(self.source, name))
+            path = write_file(self.source, name + "/secret.txt", name.encode())
+            os.chmod(path, 0o644)
+            for inside in (path, os.path.dirname(path)):
+                os.chown(inside, 65534, 65534)
+            os.chmod(os.path.dirname(path), 0o700)
+        os.makedirs(os.path.join(self.archive, "bob"))
+        os.chown(os.path.join(self.archive, "bob"), 65534, 65534)
+        result = self.run_s3push("--archive-dir", self.archive)
+        self.assertEqual(result.status, 65, result.stderr)
+        self.assertEqual(self.archived(), {"alice/secret.txt": b"alice"})
+        made = os.stat(os.path.join(self.archive, "alice"))
+        self.assertEqual((made.st_uid, stat.S_IMODE(made.st_mode)), (os.geteuid(), 0o700))
+        self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+        self.assertIn("the archive's folder %s is owned by uid 65534"
+                      % os.path.join(self.archive, "bob"), result.stderr)
+        self.assertEqual(files_under(self.source), [b"bob/secret.txt"])
+        os.rmdir(os.path.join(self.archive, "bob"))   # put right: the next run sends nothing
+        sent = len(self.recorder.requests)
+        result = self.run_s3push("--archive-dir", self.archive)
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertEqual(len(self.recorder.requests), sent)
+        self.assertEqual(files_under(self.source), [])
 
     def test_a_dry_run_says_where_each_file_would_be_archived(self):
         write_file(self.source, "sub/app.log", b"data")
