@@ -2550,6 +2550,9 @@ def parse_destination(url):
     """s3://BUCKET[/PREFIX] to a Destination, or a UsageError saying what is wrong."""
     if not url.lower().startswith("s3://"):
         raise UsageError("destination %r is not an s3://BUCKET[/PREFIX] URL" % url)
+    if re.search("[\udc80-\udcff]", url):   # bytes of argv that are not UTF-8
+        raise UsageError("destination %r is not UTF-8, as keys are: give the prefix in UTF-8"
+                         % url)
     bucket, _, prefix = url[5:].partition("/")
     if not BUCKET_NAME.match(bucket) or ".." in bucket:
         raise UsageError("bucket name %r in %r is not valid: 3-63 lower-case letters, digits, "

@@ -207,7 +207,8 @@ class Destinations(unittest.TestCase):
 
     def test_errors_name_the_culprit(self):
         for url in ("bucket/p", "s3://", "s3:///p", "s3://ab", "s3://Upper", "s3://a..b",
-                    "s3://-bad", "s3://bad-", "s3://sp ace"):
+                    "s3://-bad", "s3://bad-", "s3://sp ace",
+                    os.fsdecode(b"s3://bkt/p\xe9/"), os.fsdecode(b"s3://bkt/p\xe9/{name}")):
             with self.assertRaises(s3push.UsageError, msg=url) as caught:
                 s3push.parse_destination(url)
             self.assertIn(repr(url), str(caught.exception))
