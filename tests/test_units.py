@@ -266,6 +266,7 @@ class Keys(unittest.TestCase):
                           (b"\xed\xa0\x80", "\u201bED\u201bA0\u201b80"),  # a surrogate
                           (b"\xc0\xaf", "\u201bC0\u201bAF"),             # overlong "/"
                           ("caf\u00e9 \u201bE9".encode(), "caf\u00e9 \u201b\u201bE9"),  # UTF-8
+                          ("caf\u201b".encode() + b"\xe9", "caf\u201b\u201b\u201bE9"),  # README
                           ("caf\u00e9.txt".encode(), "caf\u00e9.txt")):
             for name in (raw, os.fsdecode(raw)):
                 self.assertEqual(s3push.key_text(name), text, raw)
