@@ -2501,24 +2501,28 @@ def check_template(text, where, known=PLACEHOLDERS):
 
 # A name that is not UTF-8 (Latin-1 from an old Windows share, a camera's firmware) cannot
 # be a key as it is: each byte of it that is not part of valid UTF-8 is written as U+201B
-# (a high-reversed-9 quotation mark) and its two upper-case hex digits, as rclone's
-# InvalidUtf8 encoding writes it (b"caf\xe9.csv" -> "caf\u201bE9.csv"). A UTF-8 name keeps
-# its key as it is; the original bytes of an escaped one go with its object (NAME_HEADER)
-# and its manifest line.
+# (a high-reversed-9 quotation mark) and its two upper-case hex digits, and each U+201B of
+# the name itself is doubled, as rclone's InvalidUtf8 encoding writes them (b"caf\xe9.csv"
+# -> "caf\u201bE9.csv", a file named "caf\u201bE9.csv" -> "caf\u201b\u201bE9.csv"). So a
+# key reads back left to right (U+201B twice: one U+201B; U+201B and two hex digits: that
+# byte) to one name only: two names never share a key. The original bytes of a name that
+# is not UTF-8 also go with its object (NAME_HEADER) and its manifest line.
 ESCAPE_MARK = "\u201b"
-UNDECODABLE = re.compile("[\udc80-\udcff]")   # such a byte, as surrogateescape holds it
+ESCAPED = re.compile("\u201b|[\udc80-\udcff]")   # the mark, or a byte surrogateescape held
 NAME_HEADER = "x-amz-meta-s3push-name"
 
 
+def escaped_char(match):
+    """U+201B doubled, or a byte that is not UTF-8 as U+201B and its two hex digits."""
+    char = match.group()
+    return char * 2 if char == ESCAPE_MARK else "%s%02X" % (ESCAPE_MARK, ord(char) & 0xFF)
+
+
 def key_text(name):
-    """A file name or path (see name_bytes) as the text of a key: its UTF-8 as it is, the
-    bytes that are not UTF-8 escaped (U+201B and two hex digits)."""
-    raw = name_bytes(name)
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return UNDECODABLE.sub(lambda byte: "%s%02X" % (ESCAPE_MARK, ord(byte.group()) & 0xFF),
-                               raw.decode("utf-8", "surrogateescape"))
+    """A file name or path (see name_bytes) as the text of a key: its UTF-8 as it is, but
+    for U+201B doubled and the bytes that are not UTF-8 escaped (U+201B and two hex
+    digits)."""
+    return ESCAPED.sub(escaped_char, name_bytes(name).decode("utf-8", "surrogateescape"))
 
 
 def percent_bytes(name):
@@ -2580,6 +2584,9 @@ def parse_destination(url):
     """s3://BUCKET[/PREFIX] to a Destination, or a UsageError saying what is wrong."""
     if not url.lower().startswith("s3://"):
         raise UsageError("destination %r is not an s3://BUCKET[/PREFIX] URL" % url)
+    if re.search("[\udc80-\udcff]", url):   # bytes of argv that are not UTF-8
+        raise UsageError("destination %r is not UTF-8, as keys are: give the prefix in UTF-8"
+                         % url)
     bucket, _, prefix = url[5:].partition("/")
     if not BUCKET_NAME.match(bucket) or ".." in bucket:
         raise UsageError("bucket name %r in %r is not valid: 3-63 lower-case letters, digits, "
@@ -2591,18 +2598,20 @@ def parse_destination(url):
     return Destination(bucket, prefix, whole_key)
 
 
-def object_key(prefix, relative):
-    """The key for a file: PREFIX + its path relative to SOURCE_DIR, '/' separated, as
-    key text (key_text: from the bytes on disk, those that are not UTF-8 escaped).
-
-    Raises FileError for a key longer than S3 allows.
-    """
-    key = prefix + key_text(relative)
+def checked_key(key):
+    """The key, or a FileError when it is longer than S3 allows."""
     size = len(key.encode("utf-8"))
     if size > MAX_KEY_BYTES:
         raise FileError("the key would be %d bytes, over S3's limit of %d: shorten the path; "
                         "it was left in place" % (size, MAX_KEY_BYTES))
     return key
+
+
+def object_key(prefix, relative):
+    """The key for a file: PREFIX + its path relative to SOURCE_DIR, '/' separated, as
+    key text (key_text: from the bytes on disk, U+201B doubled, those that are not UTF-8
+    escaped); checked_key's FileError for a key longer than S3 allows."""
+    return checked_key(prefix + key_text(relative))
 
 
 MAX_NUMBERED_KEYS = 100   # --if-exists number tries KEY, then at most this many more
@@ -2617,18 +2626,18 @@ def numbered_key(key, number):
 
 
 def gzip_key(key):
-    """The key of a file's gzip: KEY.gz, checked as object_key checks (the 3 bytes may
-    take it past S3's limit)."""
-    return object_key("", key + ".gz")
+    """The key of a file's gzip: KEY.gz, checked (the 3 bytes may take it past S3's
+    limit). KEY is key text already: never escaped again."""
+    return checked_key(key + ".gz")
 
 
 def candidate_keys(key, if_exists):
     """The keys a file may go to, in turn: KEY (checked already), then under --if-exists
-    number KEY.1, KEY.2, ..., each checked as object_key checks."""
+    number KEY.1, KEY.2, ..., each checked (checked_key)."""
     yield key
     if if_exists == "number":
         for number in range(1, MAX_NUMBERED_KEYS + 1):
-            yield object_key("", numbered_key(key, number))
+            yield checked_key(numbered_key(key, number))
 
 
 def guess_content_type(name):
@@ -4345,7 +4354,7 @@ class Template(object):
             return object_key(self.expand(self.prefix, mtime), found.relative)
         key = self.expand(self.prefix, mtime, file_fields(key_text(found.relative),
                                                           found.info))
-        return object_key("", re.sub("/{2,}", "/", key).lstrip("/"))
+        return checked_key(re.sub("/{2,}", "/", key).lstrip("/"))
 
     def headers_for(self, mtime):
         """The object headers for a file of this mtime (metadata RFC 2047 if not ASCII)."""
@@ -4610,17 +4619,15 @@ class ObjectSettings(object):
         self.sign_payload = options.sign_payload or \
             self.checksum.new() is None   # FIPS forbids MD5
         # Whole-key templates may give two files one key, and so may --compress (a.log
-        # and a.log.gz) and the escape of a name that is not UTF-8 (caf\xe9 and a file
-        # named caf\u201bE9): the keys this run took, so that the second is kept instead.
+        # and a.log.gz): the keys this run took, so that the second is kept instead.
         self.keys_taken = set()
         self.keys_lock = threading.Lock()
 
     def take_key(self, key):
         """False when another file of this run has taken key (whole-key templates; under
-        --compress, keys ending .gz; keys holding ESCAPE_MARK: a path alone never
-        repeats)."""
-        if not (self.destination.whole_key or self.compress and key.endswith(".gz") or
-                ESCAPE_MARK in key):
+        --compress, keys ending .gz: a path alone never repeats, key_text being
+        one-to-one)."""
+        if not (self.destination.whole_key or self.compress and key.endswith(".gz")):
             return True
         with self.keys_lock:
             if key in self.keys_taken:
@@ -6399,7 +6406,9 @@ def add_destination_options(group):
     group.add_argument("destination", metavar="s3://BUCKET[/PREFIX]",
                        help="where the files go; keys are PREFIX/relative/path (a byte of "
                        "a name that is not UTF-8 as U+201B and its two hex digits, the name's "
-                       "bytes in x-amz-meta-s3push-name)")
+                       "bytes in x-amz-meta-s3push-name; a U+201B of the name itself doubled, "
+                       "so a key reads back left to right: U+201B twice is one U+201B, U+201B "
+                       "and two hex digits is that byte)")
     group.add_argument("--if-exists", choices=("overwrite", "keep", "number"),
                        default="overwrite",
                        help="when an object is already at the key: overwrite it (the "

@@ -5,6 +5,7 @@ import contextlib
 import io
 import hashlib
 import os
+import re
 import shutil
 import socket
 import stat
@@ -206,7 +207,8 @@ class Destinations(unittest.TestCase):
 
     def test_errors_name_the_culprit(self):
         for url in ("bucket/p", "s3://", "s3:///p", "s3://ab", "s3://Upper", "s3://a..b",
-                    "s3://-bad", "s3://bad-", "s3://sp ace"):
+                    "s3://-bad", "s3://bad-", "s3://sp ace",
+                    os.fsdecode(b"s3://bkt/p\xe9/"), os.fsdecode(b"s3://bkt/p\xe9/{name}")):
             with self.assertRaises(s3push.UsageError, msg=url) as caught:
                 s3push.parse_destination(url)
             self.assertIn(repr(url), str(caught.exception))
@@ -263,10 +265,31 @@ class Keys(unittest.TestCase):
                           (b"a\xe2\x82", "a\u201bE2\u201b82"),       # cut short
                           (b"\xed\xa0\x80", "\u201bED\u201bA0\u201b80"),  # a surrogate
                           (b"\xc0\xaf", "\u201bC0\u201bAF"),             # overlong "/"
-                          ("caf\u00e9 \u201bE9".encode(), "caf\u00e9 \u201bE9")):   # UTF-8
+                          ("caf\u00e9 \u201bE9".encode(), "caf\u00e9 \u201b\u201bE9"),  # UTF-8
+                          ("caf\u201b".encode() + b"\xe9", "caf\u201b\u201b\u201bE9"),  # README
+                          ("caf\u00e9.txt".encode(), "caf\u00e9.txt")):
             for name in (raw, os.fsdecode(raw)):
                 self.assertEqual(s3push.key_text(name), text, raw)
             self.assertEqual(s3push.object_key("p/", os.fsdecode(raw)), "p/" + text)
+
+    def test_a_key_reads_back_to_the_name_s_bytes_left_to_right(self):
+        # The README's rule: U+201B twice is one U+201B, U+201B and two hex digits the byte.
+        def name_of(key):
+            parts = re.split("\u201b(\u201b|[0-9A-F]{2})", key)
+            return b"".join(part.encode("utf-8") if i % 2 == 0 or part == "\u201b" else
+                            bytes([int(part, 16)]) for i, part in enumerate(parts))
+        mark = "\u201b".encode()
+        names = [b"caf\xe9.csv", mark + b"x", mark * 2, b"caf" + mark + b"E9.csv",
+                 b"caf" + mark * 2 + b"E9.csv", b"caf\xe9" + mark + b"E9\xe9",
+                 mark + b"\xff" + mark + b"FF" + mark * 3 + b"\xe2\x80", mark[:2] + b"9B",
+                 b"\xe2\x80\x9b\x9b" + mark + b"\xc3\xa9/d\xff" + mark + b"/" + mark,
+                 b"plain/a b.log", b""]
+        keys = set()
+        for raw in names:
+            key = s3push.key_text(os.fsdecode(raw))
+            self.assertEqual(name_of(key), raw, key)
+            keys.add(key)
+        self.assertEqual(len(keys), len(names))   # one key a name
 
     def test_the_original_bytes_percent_encoded(self):
         self.assertIsNone(s3push.percent_bytes("caf\u00e9/a b~"))
@@ -1660,6 +1683,15 @@ class Templates(unittest.TestCase):
         self.assertEqual(parts.key_for(odd), "d\u201bFF|caf\u201bE9.csv|caf\u201bE9|.csv|"
                                              "d\u201bFF/caf\u201bE9.csv|-2")
         self.assertEqual(s3push.Template("p/").key_for(odd), "p/d\u201bFF/caf\u201bE9.csv")
+        # A U+201B of the name doubled once, whatever the key goes through next.
+        marked = s3push.Found(s3push.Directory("d\u201b/", ()), "a\u201bE9.log", info)
+        self.assertEqual(parts.key_for(marked), "d\u201b\u201b|a\u201b\u201bE9.log|"
+                         "a\u201b\u201bE9|.log|d\u201b\u201b/a\u201b\u201bE9.log|-2")
+        key = s3push.Template("p/").key_for(marked)
+        self.assertEqual(key, "p/d\u201b\u201b/a\u201b\u201bE9.log")
+        self.assertEqual(s3push.gzip_key(key), key + ".gz")
+        self.assertEqual(list(s3push.candidate_keys(key, "number"))[:2],
+                         [key, "p/d\u201b\u201b/a\u201b\u201bE9.1.log"])
 
     def test_the_key_limit_is_the_key_s(self):
         info = s3push.ScanStat(1, 77, 5, -1500000000, -1500000000)   # 1969-12-31T23:59:58.5
