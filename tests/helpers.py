@@ -46,7 +46,13 @@ In s3push.py   (name, default: what it does; set by, for which tests)
       test_writers.OpenWritersUnit.
   check_links(info, allowed, protected_path=PROTECTED_HARDLINKS)   the sysctl file of
       fs.protected_hardlinks. A file of its own (1, 0, missing) in
-      test_units.Selection.test_hard_links_only_where_the_kernel_protects_them_or_allowed.
+      test_units.Selection.test_hard_links_only_where_the_kernel_protects_them_or_allowed,
+      and one holding 0 in a launcher of
+      test_handover.Archived.test_killed_after_the_link_where_hard_links_are_not_protected
+      (never the kernel's setting: the interpreters run side by side share it).
+  ANSWER_TIME   900 s: an answer must be whole within it (or three --timeout). Set to 3 by
+      a launcher of
+      test_faults.SilentEndpoint.test_an_answer_trickled_a_byte_at_a_time_ends_at_its_deadline.
   load_deferred_modules()   the imports a run defers until it has a file to send. Called
       first by every module that calls s3push in-process (s3server, test_units,
       test_security, test_sigv4, test_writers).
