@@ -173,6 +173,7 @@ def soak(full, short):
     """The size of a soak test's round: full, or short on an interpreter in between."""
     return full if SOAK_FULL else short
 
+
 OLD = time.time() - 3600   # mtime for files that are old enough for the default --min-age
 _SERVERS = []
 
