@@ -62,6 +62,27 @@ def body_requests(proxy):
     return [head for head in proxy.heads if head.method == "PUT"]
 
 
+def assert_a_flipped_byte_keeps_every_file(case, args):
+    """A byte of each first body flipped on the way: the server refuses it (BadDigest),
+    and every file is kept or landed whole."""
+    files = case.corpus(5, big=1)
+    proxy = case.fault_proxy(lambda r: ("flip",) if r.attempt == 0 and r.body else None)
+    result = case.run_s3push("--retries", "0", *args, endpoint=proxy.endpoint)
+    case.assertNotEqual(result.status, 0, result.stderr)
+    case.assertIn("BadDigest", result.stderr)
+    case.assertEqual(len(files_under(case.source)), len(files), result.stderr)
+    case.assert_nothing_lost(files)
+
+
+def the_one_journal(case):
+    """The lines of the one resume journal in the test's home."""
+    journals = [os.path.join(d, n) for d, _, names in os.walk(case.home) for n in names
+                if n.endswith(".journal")]
+    case.assertEqual(len(journals), 1)
+    with open(journals[0]) as handle:
+        return [json.loads(line) for line in handle]
+
+
 class DefaultProof(FaultCase):
     """Off AWS, by default: MD5. Never a checksum header the server may not check."""
 
@@ -149,14 +170,7 @@ class VerifiedCrc32(FaultCase):
 
     def test_a_damaged_body_never_lands_under_crc32(self):
         for args in ((), ("--sign-payload",)):
-            files = self.corpus(5, big=1)
-            proxy = self.fault_proxy(lambda r: ("flip",) if r.attempt == 0 and r.body else None)
-            result = self.run_s3push("--retries", "0", *(CRC32 + MULTIPART + args),
-                                     endpoint=proxy.endpoint)
-            self.assertNotEqual(result.status, 0, result.stderr)
-            self.assertIn("BadDigest", result.stderr)
-            self.assertEqual(len(files_under(self.source)), len(files), result.stderr)
-            self.assert_nothing_lost(files)
+            assert_a_flipped_byte_keeps_every_file(self, CRC32 + MULTIPART + args)
 
     def test_a_crc32_upload_resumes_from_its_journal(self):
         files = self.corpus(0, big=1)
@@ -166,11 +180,7 @@ class VerifiedCrc32(FaultCase):
         result = self.run_s3push("--retries", "0", "--jobs", "1", *(CRC32 + MULTIPART),
                                  endpoint=proxy.endpoint)
         self.assertEqual(result.status, 75, result.stderr)
-        journals = [os.path.join(d, n) for d, _, names in os.walk(self.home) for n in names
-                    if n.endswith(".journal")]
-        self.assertEqual(len(journals), 1)
-        with open(journals[0]) as handle:
-            lines = [json.loads(line) for line in handle]
+        lines = the_one_journal(self)
         self.assertEqual(lines[0]["checksum"], "crc32")
         self.assertEqual([(p["part"], p["crc32"]) for p in lines[1:]],
                          [(1, "%08x" % zlib.crc32(big[:5 * 1024 * 1024]))])
@@ -262,14 +272,7 @@ class VerifiedSha256(FaultCase):
             self.assertEqual(headers.get("x-amz-checksum-sha256"), echoed, relative)
 
     def test_a_damaged_body_never_lands_under_sha256(self):
-        files = self.corpus(5, big=1)
-        proxy = self.fault_proxy(lambda r: ("flip",) if r.attempt == 0 and r.body else None)
-        result = self.run_s3push("--retries", "0", *(SHA256 + MULTIPART),
-                                 endpoint=proxy.endpoint)
-        self.assertNotEqual(result.status, 0, result.stderr)
-        self.assertIn("BadDigest", result.stderr)
-        self.assertEqual(len(files_under(self.source)), len(files), result.stderr)
-        self.assert_nothing_lost(files)
+        assert_a_flipped_byte_keeps_every_file(self, SHA256 + MULTIPART)
 
     def test_a_sha256_upload_resumes_from_its_journal(self):
         files = self.corpus(0, big=1)
@@ -279,11 +282,7 @@ class VerifiedSha256(FaultCase):
         result = self.run_s3push("--retries", "0", "--jobs", "1", *(SHA256 + MULTIPART),
                                  endpoint=proxy.endpoint)
         self.assertEqual(result.status, 75, result.stderr)
-        journals = [os.path.join(d, n) for d, _, names in os.walk(self.home) for n in names
-                    if n.endswith(".journal")]
-        self.assertEqual(len(journals), 1)
-        with open(journals[0]) as handle:
-            lines = [json.loads(line) for line in handle]
+        lines = the_one_journal(self)
         self.assertEqual(lines[0]["checksum"], "sha256")
         self.assertEqual([(p["part"], p["sha256"]) for p in lines[1:]],
                          [(1, hashlib.sha256(big[:5 * MIB]).hexdigest())])
