@@ -205,6 +205,28 @@ def files_under(root):
     return sorted(found)
 
 
+class WithArchive(object):
+    """For the --archive-dir tests (before IntegrationCase among the bases): an empty
+    archive folder, self.archive, and what it holds."""
+
+    def setUp(self):
+        super().setUp()
+        self.archive = os.path.join(self.tmp, "archive")
+        os.makedirs(self.archive)
+
+    def empty_archive(self):
+        shutil.rmtree(self.archive)
+        os.makedirs(self.archive)
+
+    def archived(self):
+        """{relative path: bytes} of every file in the archive."""
+        found = {}
+        for relative in files_under(self.archive):
+            with open(os.path.join(os.fsencode(self.archive), relative), "rb") as handle:
+                found[os.fsdecode(relative)] = handle.read()
+        return found
+
+
 # A writer process: appends `bursts` bursts of `size` bytes (burst i is the byte 'A' + i
 # repeated) to PATH, pausing `pause` seconds between them. "hold" keeps the file open the
 # whole time; "reopen" opens, appends and closes for each burst; "wait" opens the file for

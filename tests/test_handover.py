@@ -10,7 +10,6 @@ sent again.
 
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,8 +17,8 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import s3server  # noqa: E402
-from helpers import (RUN_TIMEOUT, files_under, skip_unless_server_checks,  # noqa: E402
-                     write_file)
+from helpers import (RUN_TIMEOUT, WithArchive, files_under,  # noqa: E402
+                     skip_unless_server_checks, write_file)
 from test_faults import MIB, MULTIPART, FaultCase  # noqa: E402
 
 # The script with s3push.MOVE_SEAM set: at the step named by SEAM_STEP, either die
@@ -289,32 +288,19 @@ class Handover(FaultCase):
         self.assertEqual(private_names(self.source), [])
 
 
-class Archived(FaultCase):
+class Archived(WithArchive, FaultCase):
     """The same last steps under --archive-dir: what is archived is the version read,
     once, whatever a writer or a kill does at any step."""
 
     seamed_run = Handover.seamed_run
     puts = Handover.puts
 
-    def setUp(self):
-        super().setUp()
-        self.archive = os.path.join(self.tmp, "archive")
-        os.makedirs(self.archive)
-
-    def archived(self):
-        found = {}
-        for relative in files_under(self.archive):
-            with open(os.path.join(os.fsencode(self.archive), relative), "rb") as handle:
-                found[os.fsdecode(relative)] = handle.read()
-        return found
-
     def test_a_new_version_renamed_over_the_name_at_each_step(self):
         base = self.prefix.rstrip("/")
         for step in ARCHIVE_STEPS:
             with self.subTest(step=step):
                 self.prefix = "%s-%s/" % (base, step)
-                shutil.rmtree(self.archive)
-                os.makedirs(self.archive)
+                self.empty_archive()
                 old, new = b"old %d" % random.randrange(10 ** 9), b"new version"
                 write_file(self.source, "sub/app.log", old)
                 tmp = write_file(self.source, "sub/app.log.tmp", new)
@@ -342,8 +328,7 @@ class Archived(FaultCase):
         for step in ARCHIVE_STEPS:
             with self.subTest(step=step):
                 self.prefix = "%s-%s/" % (base, step)
-                shutil.rmtree(self.archive)
-                os.makedirs(self.archive)
+                self.empty_archive()
                 data = b"data %d" % random.randrange(10 ** 9)
                 write_file(self.source, "sub/app.log", data)
                 done = self.seamed_run(step, "kill", None, "--archive-dir", self.archive)

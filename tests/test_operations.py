@@ -22,7 +22,7 @@ import urllib.parse
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from helpers import IntegrationCase, files_under, skip_unless_server_checks  # noqa: E402
-from helpers import LACKS, RUN_TIMEOUT, soak, write_file  # noqa: E402
+from helpers import LACKS, RUN_TIMEOUT, WithArchive, soak, write_file  # noqa: E402
 import s3server  # noqa: E402
 
 MULTIPART = ("--multipart-threshold", "5MiB", "--part-size", "5MiB")
@@ -1700,22 +1700,9 @@ class CredentialsThroughProxies(FakeServices):
         self.assert_landed({"f": b"direct", "g": b"proxied"})
 
 
-class Archive(IntegrationCase):
+class Archive(WithArchive, IntegrationCase):
     """--archive-dir: each file, once confirmed, linked into DIR at its relative path
     instead of removed; never over a name there, never out of DIR through a symlink."""
-
-    def setUp(self):
-        super().setUp()
-        self.archive = os.path.join(self.tmp, "archive")
-        os.makedirs(self.archive)
-
-    def archived(self):
-        """{relative path: bytes} of every file in the archive."""
-        found = {}
-        for relative in files_under(self.archive):
-            with open(os.path.join(os.fsencode(self.archive), relative), "rb") as handle:
-                found[os.fsdecode(relative)] = handle.read()
-        return found
 
     def test_files_are_archived_at_their_relative_paths_with_bytes_and_mtime(self):
         write_file(self.source, "top.csv", b"top", mtime=1000000000)
