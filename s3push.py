@@ -3853,9 +3853,8 @@ class Ledger(object):
             if self.synced >= line:
                 return
             with self.lock:   # compact() may replace the file meanwhile: see retire
-                fd, upto, retired, self.retired = self.fd, self.written, self.retired, []
-            for old in retired:   # no fsync uses them: this one holds sync_lock
-                os.close(old)
+                fd, upto = self.fd, self.written
+                self.close_retired()   # no fsync uses them: this one holds sync_lock
             if fd is None:
                 return
             try:
@@ -3900,9 +3899,7 @@ class Ledger(object):
         not reached by this run), in a ledger written anew; none: no ledger."""
         with self.sync_lock, self.lock:   # no fsync at work on what is closed here
             fd, self.fd = self.fd, None
-            for old in self.retired:
-                os.close(old)
-            self.retired = []
+            self.close_retired()
         if fd is None:
             return
         os.close(fd)
@@ -3928,11 +3925,16 @@ class Ledger(object):
             self.retired.append(self.fd)
         if self.sync_lock.acquire(False):
             try:
-                for old in self.retired:
-                    os.close(old)
-                self.retired = []
+                self.close_retired()
             finally:
                 self.sync_lock.release()
+
+    def close_retired(self):
+        """Close the descriptors retired (both locks held: no fsync can be at work on
+        them)."""
+        for old in self.retired:
+            os.close(old)
+        self.retired = []
 
 
 # === The manifest ===
