@@ -361,6 +361,80 @@ def write_atomically(path, data, mode):
         pass   # the file is whole either way; only its name may not last a power cut
 
 
+# The interpreter runs the Python of one thread at a time, and a thread hands that lock on
+# at nearly every system call (a dozen for each small file). Threads spread over several
+# CPUs hand it across them, each time waking another CPU to cold caches: on two CPUs that
+# made a small file cost half as much CPU again, and the waits as much wall time. So a
+# run's threads are kept on one CPU (one of those allowed, by the process id: runs of
+# several sources spread). A thread hashing and sending a body of WIDE_BODY_BYTES or more,
+# gzipping a file or hashing it again for the ledger runs on all of them meanwhile:
+# hashing, TLS and zlib let go of the lock, and those run side by side. Where the CPUs
+# cannot be chosen (macOS, the BSDs, a container that refuses) nothing changes.
+WIDE_BODY_BYTES = 1 << 20
+
+
+class WideCpus(object):
+    """The context of CpuPlacement.wide: the calling thread on every allowed CPU, then
+    back on the one."""
+
+    def __init__(self, placement):
+        self.placement = placement
+
+    def __enter__(self):
+        self.set(self.placement.allowed)
+
+    def __exit__(self, *exc):
+        self.set(self.placement.one)
+
+    @staticmethod
+    def set(cpus):
+        try:
+            os.sched_setaffinity(0, cpus)
+        except OSError:   # a CPU taken offline meanwhile: where it runs is no matter
+            pass
+
+
+class NoPlacement(object):
+    """The context of CpuPlacement.wide where nothing changes."""
+
+    def __enter__(self):
+        pass
+
+    def __exit__(self, *exc):
+        pass
+
+
+NO_PLACEMENT = NoPlacement()
+
+
+class CpuPlacement(object):
+    """The CPUs of the run's threads: narrow() keeps the calling thread, and the threads
+    it starts from then on, on one; wide(size) lets a thread run on all while it works on
+    size bytes. Each thread's own: a thread widened never widens another."""
+
+    def __init__(self):
+        self.allowed = self.one = None   # sets of CPU numbers, once narrowed
+
+    def narrow(self):
+        try:
+            allowed = sorted(os.sched_getaffinity(0))
+            if len(allowed) > 1:
+                one = {allowed[os.getpid() % len(allowed)]}
+                os.sched_setaffinity(0, one)
+                self.allowed, self.one = set(allowed), one
+        except (AttributeError, OSError):   # no such call here, or refused: as it was
+            pass
+
+    def wide(self, size):
+        """A context in which the calling thread runs on every allowed CPU, if size
+        bytes are worth it."""
+        return WideCpus(self) if self.one is not None and size >= WIDE_BODY_BYTES \
+            else NO_PLACEMENT
+
+
+# The run's: narrowed by move_all; widened by put_range, gzip_file and Ledger.vouching.
+CPUS = CpuPlacement()
+
 # === Errors ===
 
 
@@ -2334,21 +2408,24 @@ def put_range(client, key, fd, offset, length, headers, sending, query=(), what=
     caller has it. Returns (what was Sent, the answer)."""
     check = sending.checksum
     state = content_stamp(os.fstat(fd)) if state is None else state
-    digest = digest_range(fd, offset, length, check, sending.sign_payload, sending.md5_beside)
-    body = digest.body if digest.body is not None else FileRange(fd, offset, length, state)
-    headers = dict(body_headers(digest, check), **headers)
-    try:
+    with CPUS.wide(length):
+        digest = digest_range(fd, offset, length, check, sending.sign_payload,
+                              sending.md5_beside)
+        body = digest.body if digest.body is not None else FileRange(fd, offset, length, state)
+        headers = dict(body_headers(digest, check), **headers)
         try:
-            response = client.request("PUT", key, headers, body, digest.payload_hash,
-                                      query=query, validate=lambda answer:
-                                      check.confirm(answer, digest.value, sending))
-        except TemporaryError as exc:
-            raise exc.__class__("%s: %s" % (what, exc)) if what else exc
-        check_answer(response, what)
-    except S3PushError as exc:   # a body refused because the file changed as it was read
-        if isinstance(exc, ChangedError) or exc.fatal or content_stamp(os.fstat(fd)) == state:
-            raise
-        raise ChangedError() from None
+            try:
+                response = client.request("PUT", key, headers, body, digest.payload_hash,
+                                          query=query, validate=lambda answer:
+                                          check.confirm(answer, digest.value, sending))
+            except TemporaryError as exc:
+                raise exc.__class__("%s: %s" % (what, exc)) if what else exc
+            check_answer(response, what)
+        except S3PushError as exc:   # a body refused because the file changed as it was read
+            if isinstance(exc, ChangedError) or exc.fatal or \
+                    content_stamp(os.fstat(fd)) == state:
+                raise
+            raise ChangedError() from None
     return Sent(response.header("etag"), digest.value), response
 
 
@@ -3814,7 +3891,8 @@ class Ledger(object):
             record = self.records.get(found.relative)
         if record is None or not at_its_place(record, info, endpoint):
             return None
-        return record if content_proven(fd, info.st_size, record) else None
+        with CPUS.wide(info.st_size):
+            return record if content_proven(fd, info.st_size, record) else None
 
     def add(self, record):
         """Keep a record, durably before the file is renamed or removed (unless the ledger
@@ -4895,7 +4973,7 @@ def gzip_file(fd, info, name, folder_fd, level):
         spool = unnamed_file(folder_fd, ".s3push-gzip-")
         deflate = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS)
         crc, size = 0, 0
-        with open(os.dup(spool), "wb") as out:
+        with CPUS.wide(info.st_size), open(os.dup(spool), "wb") as out:
             out.write(GZIP_HEADER)
             for block in FileRange(fd, 0, info.st_size, state).blocks():
                 crc, size = zlib.crc32(block, crc), size + len(block)
@@ -4904,7 +4982,8 @@ def gzip_file(fd, info, name, folder_fd, level):
             out.write(deflate.flush() + struct.pack("<II", crc, size & 0xFFFFFFFF))
         if content_stamp(os.fstat(fd)) != state:   # read across a change: not one state
             raise ChangedError()
-        gunzip_check(spool, crc, size)
+        with CPUS.wide(size):
+            gunzip_check(spool, crc, size)
         seam("compressed", name)
         return spool, os.fstat(spool), crc
     except BaseException as exc:
@@ -5686,6 +5765,7 @@ def show_progress(report, done):
 
 def move_all(job, files):
     """Feed the scan's files to the workers and wait for them; SIGTERM stops the feed."""
+    CPUS.narrow()   # this thread (the scan's) and the workers: see CpuPlacement
     workers = [threading.Thread(target=worker, args=(job,), daemon=True)
                for _ in range(job.worker_count)]
     for thread in workers:

@@ -63,7 +63,8 @@ not skipped by a flag:
   tests/foreign/sitecustomize.py   loaded by every Python of the run through PYTHONPATH
       (run_all.foreign_run for run.py; IntegrationCase.env for each script run when
       FOREIGN): deletes fcntl.F_SETLEASE and F_GETLEASE (no lease, whatever TAKE_LEASES
-      says).
+      says), and os.sched_getaffinity and sched_setaffinity (a run's threads go where
+      the kernel puts them: CpuPlacement).
   /proc   an empty read-only tmpfs over it, in the run's own mount namespace
       (run_all.FOREIGN_WRAP: unshare --mount): no /proc fallback, no /proc/self/fd.
   S3PUSH_TEST_FOREIGN=1   set by run_all.foreign_run: FOREIGN and skip_if_foreign here.

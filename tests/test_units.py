@@ -1,7 +1,9 @@
 """Unit tests of the pure parts: settings resolution, destinations, keys, selection, checks."""
 
 import argparse
+import base64
 import contextlib
+import errno
 import io
 import hashlib
 import os
@@ -1139,6 +1141,107 @@ class Verification(unittest.TestCase):
         self.assertEqual(Client.requests, 3)
 
 
+def in_a_thread(function):
+    """function() run in a thread of its own (a thread's CPUs are its own: this one's stay
+    as they were); returns what it returned, or raises what it raised."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = function()
+        except BaseException as exc:
+            outcome["error"] = exc
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(30)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+@unittest.skipUnless(hasattr(os, "sched_setaffinity") and
+                     len(os.sched_getaffinity(0)) > 1, "one CPU, or none can be chosen here")
+class CpuPlacement(unittest.TestCase):
+    """A run's threads on one CPU; a thread on a large body on all of them meanwhile."""
+
+    def test_threads_started_after_narrow_share_its_one_cpu(self):
+        placement = s3push.CpuPlacement()
+
+        def narrowed():
+            before = os.sched_getaffinity(0)
+            placement.narrow()
+            seen = {"narrowed": os.sched_getaffinity(0),
+                    "child": in_a_thread(lambda: os.sched_getaffinity(0))}
+            with placement.wide(s3push.WIDE_BODY_BYTES):
+                seen["wide"] = os.sched_getaffinity(0)
+                seen["child while wide"] = in_a_thread(lambda: os.sched_getaffinity(0))
+            seen["after"] = os.sched_getaffinity(0)
+            with placement.wide(s3push.WIDE_BODY_BYTES - 1):
+                seen["small"] = os.sched_getaffinity(0)
+            return before, seen
+        before, seen = in_a_thread(narrowed)
+        self.assertEqual(len(placement.one), 1)
+        self.assertLessEqual(placement.one, before)
+        self.assertEqual(placement.allowed, before)
+        self.assertEqual(seen, {"narrowed": placement.one, "child": placement.one,
+                                "wide": before, "child while wide": before,
+                                "after": placement.one, "small": placement.one})
+
+    def test_put_range_runs_a_large_body_on_every_cpu(self):
+        seen = []
+
+        class Client(object):   # confirms each body by its MD5, as a server does
+            def request(self, method, key, headers, body, body_hash, query=(),
+                        validate=None):
+                seen.append(os.sched_getaffinity(0))
+                md5 = base64.b64decode(headers["content-md5"]).hex()
+                answer = s3push.Response(200, "OK", {"etag": '"%s"' % md5}, b"")
+                validate(answer)
+                return answer
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        sending = s3push.Sending({}, {}, True, False)
+
+        def put(size):
+            path = os.path.join(folder, str(size))
+            with open(path, "wb") as handle:
+                handle.write(b"x" * size)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                s3push.put_range(Client(), "k", fd, 0, size, {}, sending)
+            finally:
+                os.close(fd)
+        allowed = os.sched_getaffinity(0)
+        placement, s3push.CPUS = s3push.CPUS, s3push.CpuPlacement()
+        self.addCleanup(setattr, s3push, "CPUS", placement)
+
+        def run():
+            s3push.CPUS.narrow()
+            for size in (4096, s3push.WIDE_BODY_BYTES):
+                put(size)
+            return os.sched_getaffinity(0)
+        after = in_a_thread(run)
+        one = s3push.CPUS.one
+        self.assertEqual(len(one), 1)
+        self.assertEqual(seen, [one, allowed])   # the small body on one, the large on all
+        self.assertEqual(after, one)
+
+    def test_where_cpus_cannot_be_chosen_nothing_changes(self):
+        refused = OSError(errno.EPERM, "Operation not permitted")
+        with unittest.mock.patch.object(os, "sched_setaffinity", side_effect=refused):
+            placement = s3push.CpuPlacement()
+            placement.narrow()
+        self.assertIsNone(placement.one)
+        self.assertIs(placement.wide(1 << 30), s3push.NO_PLACEMENT)
+        with unittest.mock.patch.dict(os.__dict__):
+            del os.sched_getaffinity, os.sched_setaffinity   # as on macOS and the BSDs
+            placement = s3push.CpuPlacement()
+            placement.narrow()
+            self.assertIsNone(placement.one)
+            with placement.wide(1 << 30):
+                pass
+
+
 class CutAnswers(unittest.TestCase):
     """An answer shorter than its Content-Length is a broken connection, never a short
     body taken for a whole one."""
@@ -1656,8 +1759,8 @@ class Templates(unittest.TestCase):
         upload = datetime.datetime(2026, 11, 24, 6, 5, tzinfo=datetime.timezone.utc)
         mtime = datetime.datetime(2025, 1, 2, 3, tzinfo=datetime.timezone.utc).timestamp()
         self.assertEqual(s3push.expand_template("logs/{hostname}/{date}/{hour}/{mtime_year}/"
-                                              "{mtime_month}-{mtime_day}/", "web1", upload,
-                                              mtime),
+                                                "{mtime_month}-{mtime_day}/", "web1", upload,
+                                                mtime),
                          "logs/web1/2026-11-24/06/2025/01-02/")
         self.assertEqual(s3push.expand_template("plain/", "h", upload, mtime), "plain/")
 

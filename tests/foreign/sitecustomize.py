@@ -1,11 +1,16 @@
 """Loaded by every Python of a foreign-platform run (run_all.py; PYTHONPATH names this
-folder): fcntl loses the Linux-only lease calls, as on macOS and the BSDs, where they do
-not exist. /proc is hidden by the run itself: an empty tmpfs mounted over it in a mount
-namespace of its own (unshare), as on a host that has none."""
+folder): fcntl loses the Linux-only lease calls and os the calls that choose a thread's
+CPUs, as on macOS and the BSDs, where they do not exist. /proc is hidden by the run
+itself: an empty tmpfs mounted over it in a mount namespace of its own (unshare), as on a
+host that has none."""
 
 import fcntl
+import os
 
 for name in ("F_SETLEASE", "F_GETLEASE"):
     if hasattr(fcntl, name):
         delattr(fcntl, name)
 
+for name in ("sched_getaffinity", "sched_setaffinity"):
+    if hasattr(os, name):
+        delattr(os, name)
