@@ -3897,11 +3897,14 @@ class Ledger(object):
     def add(self, record):
         """Keep a record, durably before the file is renamed or removed (unless the ledger
         cannot be written: then in memory only, said once)."""
+        self.sync(self.write(record))
+
+    def write(self, record):
+        """Keep a record and write its line, not yet durable: the number sync() takes
+        (0: the ledger is off)."""
         with self.lock:
             self.keep(record)
-            written = self.append(record)
-        if written:
-            self.sync(written)
+            return self.append(record)
 
     def exported(self, record):
         """The record's manifest line is written (not fsync'ed: lost, it is written again)."""
@@ -3927,6 +3930,8 @@ class Ledger(object):
 
     def sync(self, line):
         """Make line durable: one fsync covers every line written before it started."""
+        if self.synced >= line:   # another's fsync did (synced only grows)
+            return
         with self.sync_lock:
             if self.synced >= line:
                 return
@@ -5003,6 +5008,9 @@ def gzip_file(fd, info, name, folder_fd, level):
 # the directory. The Job is what every worker and every move is handed.
 
 
+NOT_NOW = object()   # WorkQueue.next_task: nothing to take without waiting
+
+
 class WorkQueue(object):
     """Files and parts for the workers. Two conditions share one lock: a file added wakes
     one worker, and the scan, waiting while the queue is full, is woken once the workers
@@ -5056,8 +5064,9 @@ class WorkQueue(object):
         for part in abandoned:
             part.abandon()
 
-    def next_task(self):
-        """The next part or file; None when there is nothing left to do."""
+    def next_task(self, wait=True):
+        """The next part or file; None when there is nothing left to do; NOT_NOW when
+        there is none yet and wait is False."""
         with self.work:
             while True:
                 if self.parts:
@@ -5068,6 +5077,8 @@ class WorkQueue(object):
                     return self.files.popleft()
                 if self.stopped or (not self.producing and self.uploads == 0):
                     return None
+                if not wait:
+                    return NOT_NOW
                 self.work.wait()
 
     def next_part(self):
@@ -5155,6 +5166,10 @@ class PartTask(object):
         self.sending = sending
         self.key, self.upload_id = key, upload_id
         self.fd, self.offset, self.length = fd, offset, length
+
+    @staticmethod
+    def brief():
+        return False
 
     def perform(self, client):
         """Whatever happens, the tracker hears of this part: its upload never waits forever."""
@@ -5649,7 +5664,12 @@ def move_file(client, job, found, key):
     """One file from its open to its unlink: upload it to key (one PUT, or multipart
     above the threshold) unless the ledger vouches that the server holds it already,
     record that, then remove it (or archive it: --archive-dir). Returns its ledger record
-    and its path in DIR (None: unlinked, or not reached)."""
+    and its path in DIR (None: unlinked, or not reached).
+
+    A generator: once the record of an upload is written it yields, its file open, and
+    its worker sends its next file before it goes on (see worker). By then another
+    worker's fsync most often made the record durable already: one fsync serves many
+    files, and none waits for it with nothing to do."""
     try:
         parent = open_directory(job.root, found.directory.steps)
     except OSError as exc:
@@ -5683,7 +5703,9 @@ def move_file(client, job, found, key):
                 seam("confirmed", found.name)
                 # 6. Recorded durably before anything is renamed or removed.
                 record = confirmation(job, found, info, key, proof, fields)
-                job.ledger.add(record)
+                line = job.ledger.write(record)
+                yield   # the worker's next file goes up meanwhile
+                job.ledger.sync(line)
             # 7. Its line in the manifest: part of the move, so a line that fails keeps it.
             if not record.get("line_written") and job.manifest.write(record):
                 job.ledger.exported(record)
@@ -5705,49 +5727,88 @@ def move_file(client, job, found, key):
 
 
 class FileTask(object):
-    """One file to move: upload, verify, delete; the outcome goes to the run's report."""
+    """One file to move: upload, verify, delete; the outcome goes to the run's report.
+    perform() takes it to its upload's record; when that is left to finish (see
+    move_file), it returns itself, and finish() takes it to its end."""
 
     def __init__(self, job, found):
         self.job, self.found = job, found
+        self.url = None
+        self.steps = None
+
+    def brief(self):
+        """Small: a file stopped at its record may wait through this one's upload."""
+        return self.found.info.st_size < WIDE_BODY_BYTES
 
     def perform(self, client):
+        self.steps = self.move(client)
+        return self if self.advance() else None
+
+    def finish(self):
+        self.advance()
+
+    def move(self, client):
+        key = self.job.objects.template.key_for(self.found)   # from the scan's mtime: a
+        self.url = self.job.destination.url(key)               # file changed since is left
+        return (yield from move_file(client, self.job, self.found, key))
+
+    def advance(self):
+        """Run the move on: True when it stopped part-way, else its outcome is reported."""
         job, found = self.job, self.found
         path = os.path.join(job.source, found.relative)
-        url = None
-        try:   # the key, made once from the scan's mtime (a file changed since is left)
-            key = job.objects.template.key_for(found)
-            url = job.destination.url(key)
-            record, archived = move_file(client, job, found, key)
+        try:
+            next(self.steps)
+            return True
+        except StopIteration as done:
+            record, archived = done.value
         except StillWritten as exc:
             job.report.left_open(path, exc, job.verbose, found.info.since_ns,
                                  job.warn_waiting)
-            return
+            return False
         except Vanished as exc:
             job.report.vanished(path, exc)
-            return
+            return False
         except S3PushError as exc:
-            job.report.failed(path, url, exc)
+            job.report.failed(path, self.url, exc)
             if exc.fatal:
                 job.queue.stop()
-            return
+            return False
         job.report.moved(path, job.destination.url(record["key"]), record["size"],
                          found.directory, job.verbose, record["version_id"],
                          archived and os.path.join(job.archive.path, archived))
+        return False
 
 
 def worker(job):
-    """Run tasks until the queue is done, over this worker's own connection."""
+    """Run tasks until the queue is done, over this worker's own connection. A file whose
+    move stopped at its record (see move_file) is finished once the next task is done if
+    that is a small file's, else before it, and at once when there is no task to take
+    without waiting."""
     client = job.new_client()
+    waiting = None   # the FileTask stopped at its record
     try:
         while True:
-            task = job.queue.next_task()
-            if task is None:
-                return
-            task.perform(client)
+            task = job.queue.next_task(wait=waiting is None)
+            if task is NOT_NOW or task is None:
+                if waiting is not None:
+                    waiting.finish()
+                    waiting = None
+                if task is None:
+                    return
+                continue
+            if waiting is not None and not task.brief():   # not held through a long one
+                waiting.finish()
+                waiting = None
+            stopped = task.perform(client)
+            if waiting is not None:
+                waiting.finish()
+            waiting = stopped
     except Exception as exc:   # a bug: stop the run, keep the files, say where
         job.report.crashed(exc)
         job.queue.stop()
     finally:
+        if waiting is not None:   # a bug in a task: the waiting file is closed, kept
+            waiting.steps.close()
         client.close()
 
 

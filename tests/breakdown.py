@@ -43,7 +43,7 @@ STEPS = [
     ("request_head", "request"), ("Connection.send", "request"),
     ("read_answer", "answer"),
     ("Md5Check.confirm", "proof"),
-    ("confirmation", "record: built"), ("Ledger.add", "record: written"),
+    ("confirmation", "record: built"), ("Ledger.write", "record: written"),
     ("Ledger.sync", "record: fsync"),
     ("remove_file", "removal"), ("Ledger.resolved", "removal"),
     ("upload_file", "the rest: upload"), ("ObjectSettings.sending", "the rest: upload"),
