@@ -603,10 +603,11 @@ class HostileWriter(IntegrationCase):
         self.assertEqual(sorted(os.listdir(self.away)), ["f0", "f1"])
 
     def test_delete_empty_dirs_with_a_swapped_parent(self):
-        # p/q/secret.txt and y/q/secret.txt: whichever goes first, its top directory is
-        # swapped for a symlink to a folder that has q/ too, before the rmdirs.
-        mine = self.write_tree(["p/q/secret.txt", "y/q/secret.txt"])
-        puts, release, process = self.held_run("--delete-empty-dirs", hold=2)
+        # p/q/secret.txt, y/q/secret.txt and z/q/secret.txt: whichever goes first, once it
+        # is removed (after the next file's upload: see s3push.worker), its top directory
+        # is swapped for a symlink to a folder that has q/ too, before the rmdirs.
+        mine = self.write_tree(["p/q/secret.txt", "y/q/secret.txt", "z/q/secret.txt"])
+        puts, release, process = self.held_run("--delete-empty-dirs", hold=3)
         first = puts[0].split("/")[-3]
         self.swap_for_link(first, self.victim)
         result = self.finish(release, process)
