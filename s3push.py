@@ -365,11 +365,12 @@ def write_atomically(path, data, mode):
 # at nearly every system call (a dozen for each small file). Threads spread over several
 # CPUs hand it across them, each time waking another CPU to cold caches: on two CPUs that
 # made a small file cost half as much CPU again, and the waits as much wall time. So a
-# run's threads are kept on one CPU (one of those allowed, by the process id: runs of
-# several sources spread). A thread hashing and sending a body of WIDE_BODY_BYTES or more,
-# gzipping a file or hashing it again for the ledger runs on all of them meanwhile:
-# hashing, TLS and zlib let go of the lock, and those run side by side. Where the CPUs
-# cannot be chosen (macOS, the BSDs, a container that refuses) nothing changes.
+# run's threads are kept on one CPU (one of those allowed, at random: runs of several
+# sources spread, in containers too). A thread hashing and sending a body of
+# WIDE_BODY_BYTES or more, gzipping a file or hashing it again for the ledger runs on all
+# of them meanwhile: hashing, TLS and zlib let go of the lock, and those run side by
+# side. Where the CPUs cannot be chosen (macOS, the BSDs, a container that refuses)
+# nothing changes. A program the run starts (credential_process) shares the thread's.
 WIDE_BODY_BYTES = 1 << 20
 
 
@@ -419,7 +420,7 @@ class CpuPlacement(object):
         try:
             allowed = sorted(os.sched_getaffinity(0))
             if len(allowed) > 1:
-                one = {allowed[os.getpid() % len(allowed)]}
+                one = {random.choice(allowed)}
                 os.sched_setaffinity(0, one)
                 self.allowed, self.one = set(allowed), one
         except (AttributeError, OSError):   # no such call here, or refused: as it was
@@ -3870,6 +3871,11 @@ class Ledger(object):
             record["line_written"] = record.get("line_written") or record["id"] in exported
 
     def fail(self, exc):
+        if self.fd is not None:
+            try:   # the lines written so far: their files are removed all the same
+                os.fsync(self.fd)
+            except OSError:
+                pass
         self.close_file()
         self.notices.warning(
             "cannot keep the ledger of confirmed uploads%s (%s): files still move, but one "
@@ -5704,6 +5710,7 @@ def move_file(client, job, found, key):
                 # 6. Recorded durably before anything is renamed or removed.
                 record = confirmation(job, found, info, key, proof, fields)
                 line = job.ledger.write(record)
+                seam("written", found.name)
                 yield   # the worker's next file goes up meanwhile
                 job.ledger.sync(line)
             # 7. Its line in the manifest: part of the move, so a line that fails keeps it.
@@ -5745,7 +5752,8 @@ class FileTask(object):
         return self if self.advance() else None
 
     def finish(self):
-        self.advance()
+        if self.advance():
+            raise RuntimeError("the move of a file stopped twice")   # see move_file
 
     def move(self, client):
         key = self.job.objects.template.key_for(self.found)   # from the scan's mtime: a
@@ -5779,36 +5787,43 @@ class FileTask(object):
         return False
 
 
+def finish_waiting(waiting, keep=0):
+    """Finish the FileTasks stopped at their records (see worker), oldest first, but the
+    last keep of them."""
+    while len(waiting) > keep:
+        waiting.pop(0).finish()
+
+
 def worker(job):
     """Run tasks until the queue is done, over this worker's own connection. A file whose
     move stopped at its record (see move_file) is finished once the next task is done if
     that is a small file's, else before it, and at once when there is no task to take
     without waiting."""
     client = job.new_client()
-    waiting = None   # the FileTask stopped at its record
+    waiting = []   # the FileTask stopped at its record (for a moment, the next one too)
     try:
         while True:
-            task = job.queue.next_task(wait=waiting is None)
-            if task is NOT_NOW or task is None:
-                if waiting is not None:
-                    waiting.finish()
-                    waiting = None
+            task = job.queue.next_task(wait=not waiting)
+            if task is NOT_NOW or task is None or not task.brief():
+                finish_waiting(waiting)
                 if task is None:
                     return
-                continue
-            if waiting is not None and not task.brief():   # not held through a long one
-                waiting.finish()
-                waiting = None
+                if task is NOT_NOW:
+                    continue
             stopped = task.perform(client)
-            if waiting is not None:
-                waiting.finish()
-            waiting = stopped
+            if stopped is not None:
+                waiting.append(stopped)
+            finish_waiting(waiting, keep=1 if stopped is not None else 0)
     except Exception as exc:   # a bug: stop the run, keep the files, say where
         job.report.crashed(exc)
         job.queue.stop()
+        try:   # the files uploaded and recorded before it: removed, and reported
+            finish_waiting(waiting)
+        except Exception:
+            pass   # the same bug again: said once, and the file stays, recorded
     finally:
-        if waiting is not None:   # a bug in a task: the waiting file is closed, kept
-            waiting.steps.close()
+        for task in waiting:   # never finished: closed, its file kept
+            task.steps.close()
         client.close()
 
 

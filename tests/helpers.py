@@ -19,7 +19,9 @@ In s3push.py   (name, default: what it does; set by, for which tests)
   MOVE_SEAM     None; else seam(step, name) calls it at each step of a file's move:
       "compress" (after each block read into the gzip), "compressed" (the gzip spooled and
       checked, before it is sent), "confirmed" (the server confirmed the upload; nothing
-      recorded yet), "recorded" (the ledger record and the manifest line written), "rename"
+      recorded yet), "written" (the ledger's line written, not yet fsync'ed: the worker
+      sends its next file before it goes on), "recorded" (the ledger record fsync'ed and
+      the manifest line written), "rename"
       (before the rename to the aside name), "check" (renamed aside, before it is checked
       again), "unlink" (just before the unlink: after "check", or where no aside name can
       be had, before the last stat of the name), under --archive-dir "archive" (DIR's folders

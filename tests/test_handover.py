@@ -42,8 +42,9 @@ sys.argv[0] = s3push.__file__
 sys.exit(s3push.main())
 """ % s3server.REPO
 # From the server's confirmation to the unlink (see s3push.move_file and remove_file).
-STEPS = ("confirmed", "recorded", "rename", "check", "unlink", "removed")
-RECORDED = STEPS[1:]   # the ledger holds the upload: a later run sends nothing again
+STEPS = ("confirmed", "written", "recorded", "rename", "check", "unlink", "removed")
+RECORDED = STEPS[1:]   # the ledger holds the upload (its line written: a kill leaves it,
+# fsync'ed or not): a later run sends nothing again
 # Under --archive-dir: DIR's folders made (archive), linked into DIR (archived).
 ARCHIVE_STEPS = STEPS[:-1] + ("archive", "archived", "removed")
 
@@ -312,7 +313,7 @@ class Archived(WithArchive, FaultCase):
                 self.assertEqual(files_under(self.source), [b"sub/app.log"])
                 with open(os.path.join(self.source, "sub", "app.log"), "rb") as handle:
                     self.assertEqual(handle.read(), new, step)
-                kept = {} if step in ("confirmed", "recorded", "rename") else \
+                kept = {} if step in ("confirmed", "written", "recorded", "rename") else \
                     {"sub/app.log": old}
                 self.assertEqual(self.archived(), kept, step)
                 self.assert_landed({"sub/app.log": old})

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import io
 import hashlib
+import inspect
 import os
 import re
 import shutil
@@ -730,6 +731,19 @@ class Ledger(unittest.TestCase):
         self.assertEqual(descriptors_under(self.folder), before)
         self.assertEqual(ledger.retired, [])
 
+    def test_a_ledger_that_fails_keeps_the_lines_written_before(self):
+        """Lines written and not yet fsync'ed (their workers send their next files) are
+        made durable when the ledger fails (a full disk): their files are removed."""
+        ledger = self.ledger()
+        self.addCleanup(ledger.close, self.root_fd)
+        line = ledger.write(self.record("waiting"))
+        self.assertGreater(line, ledger.synced)
+        fd = ledger.fd
+        with unittest.mock.patch.object(os, "fsync", wraps=os.fsync) as fsync:
+            ledger.fail(OSError(errno.ENOSPC, "No space left on device"))
+        fsync.assert_called_once_with(fd)
+        self.assertIsNone(ledger.fd)
+
     def test_close_waits_for_an_fsync_at_work(self):
         """A sync holds sync_lock from taking the descriptor to its fsync: close (the run
         stopped by a signal while workers still run) closes nothing under it."""
@@ -1241,6 +1255,104 @@ class CpuPlacement(unittest.TestCase):
             with placement.wide(1 << 30):
                 pass
 
+
+
+class Workers(unittest.TestCase):
+    """s3push.worker: a file stopped at its record is finished once the next small file
+    went up, before a large one or a part, at once when there is nothing to take, and
+    also when a bug crashed a later task: never left open, never left unreported."""
+
+    class Task(object):
+        """A task as worker sees it: a small or large file whose move stops after its
+        upload (perform) until finish; fails: "perform" or "finish" raise a bug there."""
+
+        def __init__(self, log, name, small=True, fails=None):
+            self.log, self.name, self.small, self.fails = log, name, small, fails
+            self.steps = None
+
+        def brief(self):
+            return self.small
+
+        def perform(self, client):
+            self.log.append("perform " + self.name)
+            if self.fails == "perform":
+                raise RuntimeError("a bug in " + self.name)
+            self.steps = self.move()
+            next(self.steps)
+            return self
+
+        def move(self):
+            yield
+            self.log.append("finish " + self.name)
+            if self.fails == "finish":
+                raise RuntimeError("a bug in " + self.name)
+
+        def finish(self):
+            next(self.steps, None)
+
+    def run_worker(self, tasks, producing=False):
+        """worker() over a queue holding tasks; (the log, the job). producing: the scan
+        is still at work (the test ends it)."""
+        crashes = []
+        client = unittest.mock.Mock()
+        job = unittest.mock.Mock(new_client=lambda: client, queue=s3push.WorkQueue(8))
+        job.report.crashed.side_effect = crashes.append
+        for task in tasks:
+            job.queue.add_file(task)
+        if not producing:
+            job.queue.done_producing()
+        thread = threading.Thread(target=s3push.worker, args=(job,), daemon=True)
+        thread.start()
+        return thread, job, crashes, client
+
+    def finished(self, thread, tasks, client):
+        thread.join(10)
+        self.assertFalse(thread.is_alive())
+        client.close.assert_called_once_with()
+        for task in tasks:   # every move run to its end or closed: no file left open
+            if task.steps is not None:
+                self.assertEqual(inspect.getgeneratorstate(task.steps), "GEN_CLOSED")
+
+    def test_a_file_waits_through_the_next_small_one_only(self):
+        log = []
+        tasks = [self.Task(log, "a"), self.Task(log, "b"), self.Task(log, "c", small=False)]
+        thread, _, crashes, client = self.run_worker(tasks)
+        self.finished(thread, tasks, client)
+        self.assertEqual(log, ["perform a", "perform b", "finish a", "finish b", "perform c",
+                               "finish c"])
+        self.assertEqual(crashes, [])
+
+    def test_nothing_to_take_finishes_the_waiting_file_before_the_worker_waits(self):
+        log = []
+        tasks = [self.Task(log, "a"), self.Task(log, "b")]
+        thread, job, _, client = self.run_worker(tasks[:1], producing=True)
+        deadline = time.monotonic() + 10
+        while log != ["perform a", "finish a"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.assertEqual(log, ["perform a", "finish a"])   # the scan still at work
+        job.queue.add_file(tasks[1])
+        job.queue.done_producing()
+        self.finished(thread, tasks, client)
+        self.assertEqual(log, ["perform a", "finish a", "perform b", "finish b"])
+
+    def test_a_bug_in_the_next_file_still_finishes_the_waiting_one(self):
+        log = []
+        tasks = [self.Task(log, "a"), self.Task(log, "b", fails="perform"),
+                 self.Task(log, "c")]
+        thread, job, crashes, client = self.run_worker(tasks)
+        self.finished(thread, tasks, client)
+        self.assertEqual(log, ["perform a", "perform b", "finish a"])   # c: never taken
+        self.assertEqual([str(exc) for exc in crashes], ["a bug in b"])
+        self.assertTrue(job.queue.stopped)
+
+    def test_a_bug_in_a_finish_still_finishes_the_next_file(self):
+        log = []
+        tasks = [self.Task(log, "a", fails="finish"), self.Task(log, "b")]
+        thread, job, crashes, client = self.run_worker(tasks)
+        self.finished(thread, tasks, client)
+        self.assertEqual(log, ["perform a", "perform b", "finish a", "finish b"])
+        self.assertEqual([str(exc) for exc in crashes], ["a bug in a"])
+        self.assertTrue(job.queue.stopped)
 
 class CutAnswers(unittest.TestCase):
     """An answer shorter than its Content-Length is a broken connection, never a short
