@@ -1256,7 +1256,6 @@ class CpuPlacement(unittest.TestCase):
                 pass
 
 
-
 class Workers(unittest.TestCase):
     """s3push.worker: a file stopped at its record is finished once the next small file
     went up, before a large one or a part, at once when there is nothing to take, and
@@ -1353,6 +1352,7 @@ class Workers(unittest.TestCase):
         self.assertEqual(log, ["perform a", "perform b", "finish a", "finish b"])
         self.assertEqual([str(exc) for exc in crashes], ["a bug in a"])
         self.assertTrue(job.queue.stopped)
+
 
 class CutAnswers(unittest.TestCase):
     """An answer shorter than its Content-Length is a broken connection, never a short
