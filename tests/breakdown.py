@@ -47,7 +47,7 @@ STEPS = [
     ("Ledger.sync", "record: fsync"),
     ("remove_file", "removal"), ("Ledger.resolved", "removal"),
     ("upload_file", "the rest: upload"), ("ObjectSettings.sending", "the rest: upload"),
-    ("move_file", "the rest: move"),
+    ("FileTask.advance", "the rest: move"),
 ]
 
 
