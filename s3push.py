@@ -3900,14 +3900,10 @@ class Ledger(object):
         with CPUS.wide(info.st_size):
             return record if content_proven(fd, info.st_size, record) else None
 
-    def add(self, record):
-        """Keep a record, durably before the file is renamed or removed (unless the ledger
-        cannot be written: then in memory only, said once)."""
-        self.sync(self.write(record))
-
     def write(self, record):
         """Keep a record and write its line, not yet durable: the number sync() takes
-        (0: the ledger is off)."""
+        (0: the ledger is off, and the record is kept in memory only, said once). It is
+        synced before its file is renamed or removed."""
         with self.lock:
             self.keep(record)
             return self.append(record)
@@ -5666,6 +5662,28 @@ def confirmation(job, found, info, key, proof, fields):
     return record
 
 
+def check_before_upload(job, found, fd, info):
+    """Steps 2 to 4 of move_file for the file open as fd (info: its fstat): raise unless
+    no process writes it, it is the version the scan saw, and it is ours to send and to
+    remove. Returns its fstat after the writer check, and the ledger's record of it if
+    check_own_links already asked the ledger (else None)."""
+    # 2. No writer now: what one adds after the upload would go into a removed file, so
+    # a file still written is not even sent (checked again before removal).
+    check_no_writer(job, fd, info, float("-inf"), False)
+    info = os.fstat(fd)   # after the check: a writer's last words count as a change
+    # 3. The file the scan saw: its key was made from the scan's mtime.
+    if not same_version(found.info, info):
+        raise StillWritten("changed since the scan; left for a later run")
+    # 4. Ours to send and to remove: no other account's file linked in, and not
+    # immutable (that one each run would send again).
+    record = check_own_links(job, found, fd, info)
+    if fixed_in_place(fd, info):
+        raise UnremovableError("is immutable or append-only (chattr +i, +a): no account "
+                               "may remove it, so it is not uploaded; chattr -i -a it to "
+                               "have it moved", 1)
+    return info, record
+
+
 def move_file(client, job, found, key):
     """One file from its open to its unlink: upload it to key (one PUT, or multipart
     above the threshold) unless the ledger vouches that the server holds it already,
@@ -5685,20 +5703,8 @@ def move_file(client, job, found, key):
         # 1. Open it through its directory: never through a symlink, never a FIFO.
         fd, info = open_regular_file(parent, found.name)
         try:
-            # 2. No writer now: what one adds after the upload would go into a removed
-            # file, so a file still written is not even sent (checked again before removal).
-            check_no_writer(job, fd, info, float("-inf"), False)
-            info = os.fstat(fd)   # after the check: a writer's last words count as a change
-            # 3. The file the scan saw: its key was made from the scan's mtime.
-            if not same_version(found.info, info):
-                raise StillWritten("changed since the scan; left for a later run")
-            # 4. Ours to send and to remove: no other account's file linked in, and not
-            # immutable (that one each run would send again).
-            record = check_own_links(job, found, fd, info)
-            if fixed_in_place(fd, info):
-                raise UnremovableError("is immutable or append-only (chattr +i, +a): no "
-                                       "account may remove it, so it is not uploaded; "
-                                       "chattr -i -a it to have it moved", 1)
+            # 2-4. No writer, the version the scan saw, ours to send and to remove.
+            info, record = check_before_upload(job, found, fd, info)
             # 5. Uploaded and proven, unless an earlier run's were and it was killed then.
             if record is None:
                 record = job.ledger.vouching(found, fd, info, job.endpoint)

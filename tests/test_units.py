@@ -715,6 +715,11 @@ class Ledger(unittest.TestCase):
         ledger.open()
         return ledger
 
+    @staticmethod
+    def add(ledger, record):
+        """Keep a record durably, as move_file does before anything is renamed."""
+        ledger.sync(ledger.write(record))
+
     def test_compactions_without_syncs_keep_no_descriptor(self):
         """Files the ledger vouches for are removed without a record added, so without a
         sync: the descriptor each compaction replaces is closed all the same."""
@@ -724,7 +729,7 @@ class Ledger(unittest.TestCase):
         ledger.compact_at = 0   # each resolved record compacts
         records = [dict(self.record("f%d" % number), aside=None) for number in range(40)]
         for record in records:
-            ledger.add(record)
+            self.add(ledger, record)
         before = descriptors_under(self.folder)
         for record in records:
             ledger.resolved(record)
@@ -748,7 +753,7 @@ class Ledger(unittest.TestCase):
         """A sync holds sync_lock from taking the descriptor to its fsync: close (the run
         stopped by a signal while workers still run) closes nothing under it."""
         ledger = self.ledger()
-        ledger.add(self.record("one"))
+        self.add(ledger, self.record("one"))
         ledger.sync_lock.acquire()   # a sync between taking the descriptor and its fsync
         fd = ledger.fd
         closing = threading.Thread(target=ledger.close, args=(self.root_fd,), daemon=True)
@@ -767,8 +772,8 @@ class Ledger(unittest.TestCase):
     def test_a_record_outlives_its_run_while_its_file_is_there(self):
         ledger = self.ledger()
         kept, gone = self.record("kept"), self.record("gone")
-        ledger.add(kept)
-        ledger.add(gone)
+        self.add(ledger, kept)
+        self.add(ledger, gone)
         os.unlink(os.path.join(self.root, "gone"))
         ledger.close(self.root_fd)
         again = self.ledger()
@@ -780,7 +785,7 @@ class Ledger(unittest.TestCase):
 
     def test_only_its_own_unchanged_bytes_at_its_place_are_vouched_for(self):
         ledger = self.ledger()
-        ledger.add(self.record("f"))
+        self.add(ledger, self.record("f"))
         self.assertIsNotNone(self.vouching(ledger, "f"))
         self.assertIsNone(self.vouching(ledger, "f", "https://elsewhere"))
         path = os.path.join(self.root, "f")
@@ -801,7 +806,7 @@ class Ledger(unittest.TestCase):
         ledger = self.ledger()
         record = self.record("f")
         record["file"][:2] = [1, 2]   # as an earlier mount numbered it
-        ledger.add(record)
+        self.add(ledger, record)
         self.assertIsNotNone(self.vouching(ledger, "f"))
         self.assertTrue(s3push.still_there(self.root_fd, record))
         record["dir"] = "gone/"
@@ -846,10 +851,10 @@ class Ledger(unittest.TestCase):
         ledger.compact_at = 2000
         path = os.path.join(self.folder, s3push.LEDGER_NAME)
         held = self.record("held")   # in flight all along: never resolved
-        ledger.add(held)
+        self.add(ledger, held)
         for n in range(50):
             record = self.record("f%d" % n)
-            ledger.add(record)
+            self.add(ledger, record)
             ledger.resolved(record)
             self.assertLess(os.path.getsize(path), 3000)
         ledger.close_file()   # as a kill would: the one in flight survived every rewrite
@@ -857,7 +862,7 @@ class Ledger(unittest.TestCase):
 
     def test_a_torn_last_line_is_cut_off_and_the_rest_read(self):
         ledger = self.ledger()
-        ledger.add(self.record("a"))
+        self.add(ledger, self.record("a"))
         ledger.close_file()
         path = os.path.join(self.folder, s3push.LEDGER_NAME)
         with open(path, "ab") as handle:
@@ -871,7 +876,7 @@ class Ledger(unittest.TestCase):
         with open(os.path.join(self.root, ".state"), "w"):
             pass   # the folder cannot be made
         ledger = self.ledger()
-        ledger.add(self.record("a"))
+        self.add(ledger, self.record("a"))
         self.assertIsNone(ledger.fd)
         self.assertIn("ledger", " ".join(map(str, self.notices.said)))
 
