@@ -1704,6 +1704,13 @@ class Archive(WithArchive, IntegrationCase):
     """--archive-dir: each file, once confirmed, linked into DIR at its relative path
     instead of removed; never over a name there, never out of DIR through a symlink."""
 
+    def assert_next_run_sends_nothing(self):
+        """Run again: it ends well, the ledger vouching for what was confirmed."""
+        sent = len(self.recorder.requests)
+        result = self.run_s3push("--archive-dir", self.archive)
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertEqual(len(self.recorder.requests), sent)
+
     def test_files_are_archived_at_their_relative_paths_with_bytes_and_mtime(self):
         write_file(self.source, "top.csv", b"top", mtime=1000000000)
         write_file(self.source, "a/b/deep.log", b"deep", mtime=1200000000)
@@ -1757,10 +1764,7 @@ class Archive(WithArchive, IntegrationCase):
         self.assertEqual(os.listdir(elsewhere), [])
         self.assertEqual(files_under(self.source), [b"sub/app.log"])
         os.unlink(os.path.join(self.archive, "sub"))   # put right: the next run sends nothing
-        sent = len(self.recorder.requests)
-        result = self.run_s3push("--archive-dir", self.archive)
-        self.assertEqual(result.status, 0, result.stderr)
-        self.assertEqual(len(self.recorder.requests), sent)
+        self.assert_next_run_sends_nothing()
         self.assertEqual(self.archived(), {"sub/app.log": b"data"})
 
     def test_a_folder_that_cannot_hold_the_archive_is_a_usage_error(self):
@@ -1828,10 +1832,7 @@ class Archive(WithArchive, IntegrationCase):
                       % os.path.join(self.archive, "bob"), result.stderr)
         self.assertEqual(files_under(self.source), [b"bob/secret.txt"])
         os.rmdir(os.path.join(self.archive, "bob"))   # put right: the next run sends nothing
-        sent = len(self.recorder.requests)
-        result = self.run_s3push("--archive-dir", self.archive)
-        self.assertEqual(result.status, 0, result.stderr)
-        self.assertEqual(len(self.recorder.requests), sent)
+        self.assert_next_run_sends_nothing()
         self.assertEqual(files_under(self.source), [])
 
     def test_a_dry_run_says_where_each_file_would_be_archived(self):
