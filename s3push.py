@@ -1313,22 +1313,26 @@ class Deadline(object):
 
 class SilenceWatch(object):
     """The one place that decides that the endpoint stopped answering, shared by the
-    run's S3Clients. It has when requests time out one after another for twice --timeout
-    with no answer to any request in between: counted from when the first of them last
-    heard from it (--timeout before it timed out; not before the last answer) to the
-    timeout of the last. Any answer, or a failure that is no timeout (a reset), ends the
-    count. A slow request is retried as usual; with nothing else answered, once.
+    run's S3Clients. It has when requests go unanswered one after another for twice
+    --timeout with no answer to any request in between. Unanswered: timed out, or
+    answered 502 or 504 by a gateway (a proxy, a load balancer) that heard nothing from
+    the endpoint behind it. Counted from when the first of them last heard from it
+    (--timeout before it timed out, the gateway's answer itself; not before the last
+    answer) to the last. Any other answer, or a failure that is no timeout (a reset), ends
+    the count. A slow request is retried as usual; with nothing else answered, once.
 
     Once silent, every request of the run fails with one UnreachableError (exit 75,
     fatal): those in flight at once (their connections shut), the others before they
     start or retry. So the run stops within three --timeout of the endpoint going silent
     (most often two: its requests time out together), keeping every file not confirmed."""
 
+    GATEWAY_STATUSES = (502, 504)   # Bad Gateway, Gateway Timeout: no answer from behind
+
     def __init__(self, timeout):
         self.lock = threading.Lock()
         self.timeout = timeout
         self.heard = float("-inf")   # time.monotonic() of the last answer
-        self.since = None   # since when nothing was heard, once a request timed out
+        self.since = None   # since when nothing was heard, once a request went unanswered
         self.message = None   # once silent: the text of what every request fails with
         self.stopped = threading.Event()   # set then: ends a wait before a retry
         self.clients = set()   # the S3Clients of the run, whose requests it may cut
@@ -1352,10 +1356,22 @@ class SilenceWatch(object):
             if isinstance(exc, OSError):   # a reset, an answer cut short: it was heard
                 self.answered()
             return self.error()
+        return self.unanswered(where, self.timeout)
+
+    def got(self, response, where):
+        """A request to where got response: the UnreachableError to raise instead once
+        the endpoint is silent, else None."""
+        if response.status not in self.GATEWAY_STATUSES:
+            self.answered()
+            return None
+        return self.unanswered(where, 0)
+
+    def unanswered(self, where, waited):
+        """A request that last heard from where waited seconds ago got no answer."""
         now = time.monotonic()
         with self.lock:
-            if self.since is None:   # the request last heard from it --timeout ago
-                self.since = max(now - self.timeout, self.heard)
+            if self.since is None:
+                self.since = max(now - waited, self.heard)
             if not self.message and now - self.since >= 2 * self.timeout:
                 self.silent(where, now - self.since)
             return self.error()
@@ -1363,8 +1379,8 @@ class SilenceWatch(object):
     def silent(self, where, seconds):
         """Give up on the endpoint: requests in flight end now, not a --timeout later."""
         self.message = ("no answer from %s for %d s: every request in that time timed out "
-                        "(--timeout %ds); the run stops, files not sent are kept for the "
-                        "next run" % (where, seconds, self.timeout))
+                        "or got a gateway's 502 or 504 (--timeout %ds); the run stops, files "
+                        "not sent are kept for the next run" % (where, seconds, self.timeout))
         self.stopped.set()
         for client in self.clients:
             sock = client.connection and client.connection.sock
@@ -1514,7 +1530,7 @@ def backoff_delay(retry, retry_after, unit):
     try:
         return min(max(float(retry_after), 0.0), RETRY_AFTER_CAP)
     except ValueError:
-        return unit * min(BACKOFF_CAP, BACKOFF_BASE * 2 ** retry)
+        return unit * min(BACKOFF_CAP, BACKOFF_BASE * 2 ** min(retry, 30))
 
 
 class S3Client(object):
@@ -1550,9 +1566,13 @@ class S3Client(object):
         from disk again. validate(response), if given, checks a 2xx answer and raises
         TemporaryError to have the request retried (an ETag that is not the MD5 sent, a
         complete without its result). A server that refuses connections is not retried,
-        nor one that stopped answering (SilenceWatch).
+        nor one that stopped answering (SilenceWatch). A gateway's 502 or 504 (see
+        SilenceWatch) goes on being retried past the retries while nothing else is heard
+        from the endpoint: its silence, counted meanwhile, ends the run within twice
+        --timeout, in one line and not one per file given up.
         """
         retry = corrections = 0
+        quiet = None   # self.watch.heard when the retries ran out on a gateway's answer
         while True:
             self.watch.check()   # a silent endpoint (SilenceWatch) is asked nothing more
             used = self.session.snapshot()
@@ -1573,7 +1593,12 @@ class S3Client(object):
                     return response
                 retry_after = response.header("retry-after")
             delay = backoff_delay(retry, retry_after, random.random())
-            if retry >= self.retries or not self.deadline.allows_wait(delay):
+            spent = retry >= self.retries
+            if spent and failure is None and \
+                    response.status in SilenceWatch.GATEWAY_STATUSES:
+                quiet = self.watch.heard if quiet is None else quiet
+                spent = self.watch.heard != quiet   # answered since: the endpoint lives
+            if spent or not self.deadline.allows_wait(delay):
                 if failure is not None:
                     raise failure
                 return response
@@ -1615,7 +1640,9 @@ class S3Client(object):
                 raise
             raise TemporaryError("the connection failed during the request (%s); the file "
                                  "is kept" % describe_os_error(exc))
-        self.watch.answered()
+        silence = self.watch.got(response, "%s://%s" % (endpoint.scheme, host))
+        if silence is not None:
+            raise silence
         response.expected_owner = self.session.expected_owner
         if self.session.debug:
             self.session.notices.line(sys.stderr, "s3push: debug: answer %d %s, ETag %s, "
@@ -6609,13 +6636,15 @@ def add_transfer_options(group):
     group.add_argument("--timeout", type=positive_duration, default=DEFAULT_TIMEOUT,
                        metavar="DURATION", help="give up on a connection that makes no "
                        "progress for this long, then retry (default %ds); when requests time "
-                       "out one after another for twice this long with no answer between, "
-                       "the endpoint is silent: the run stops (exit 75), files kept"
+                       "out (or get a gateway's 502 or 504) one after another for twice this "
+                       "long with no answer between, the endpoint is silent: the run stops "
+                       "(exit 75), files kept"
                        % DEFAULT_TIMEOUT)
     group.add_argument("--retries", type=non_negative_int, default=DEFAULT_RETRIES,
                        metavar="N", help="retry a request that failed for a transient reason "
                        "(5xx, throttling, a broken connection) up to N times, with "
-                       "exponential backoff (default %(default)s)")
+                       "exponential backoff (default %(default)s); a gateway's 502 or 504 "
+                       "past N while nothing else is answered (see --timeout)")
     group.add_argument("--jobs", type=positive_int, default=DEFAULT_JOBS, metavar="N",
                        help="files and parts sent at once, each over its own kept-alive "
                        "connection (default %(default)s)")

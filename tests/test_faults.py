@@ -221,6 +221,36 @@ class SilentEndpoint(FaultCase):
         self.assertEqual(files_under(self.source), [])
         self.assert_landed(files)
 
+    def test_a_gateway_that_hears_nothing_ends_the_run_in_one_line(self):
+        """A proxy or load balancer in front answers 502 or 504 at once to every request:
+        the endpoint behind it is silent, and no file is given up on meanwhile."""
+        for status in (502, 504):
+            with self.subTest(status=status):
+                self.corpus(20)
+                proxy = self.fault_proxy(lambda r: ("answer", status, "GatewayFault"))
+                self.run_silenced(proxy.endpoint, "--retries", "1")
+                self.assertEqual(len(files_under(self.source)), 20)
+                self.assertGreater(len(proxy.requests), 20)
+
+    def test_a_gateway_that_hears_again_is_waited_for_past_the_retries(self):
+        """A gateway answers 502 for 1.5 s (under twice --timeout): with --retries 0, each
+        file is sent again while nothing else is answered, and every file moves."""
+        files = {"f%d" % i: b"data %d" % i for i in range(8)}
+        for name, data in files.items():
+            write_file(self.source, name, data)
+        until = []
+
+        def outage(request):
+            until[:] = until or [time.monotonic() + 1.5]
+            return ("answer", 502, "BadGateway") if time.monotonic() < until[0] else None
+        proxy = self.fault_proxy(outage)
+        result = self.run_s3push("--timeout", str(self.TIMEOUT), "--retries", "0",
+                                 endpoint=proxy.endpoint)
+        self.assertEqual((result.status, result.stderr), (0, ""))
+        self.assertEqual(files_under(self.source), [])
+        self.assert_landed(files)
+        self.assertGreater(len(proxy.requests), len(files))
+
     def test_a_single_slow_request_is_retried(self):
         files = {"f%d" % i: b"data %d" % i for i in range(5)}
         for name, data in files.items():
@@ -470,7 +500,6 @@ class Crashes(FaultCase):
 
 class ChangingFiles(FaultCase):
     """The gate holds the first request until the test has changed the file."""
-
 
     def finish(self, gate, process):
         gate.release.set()

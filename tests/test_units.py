@@ -1758,6 +1758,23 @@ class SilenceRule(unittest.TestCase):
             self.assertIsNone(watch.failed(socket.timeout(), self.WHERE))
         watch.check()
 
+    def test_a_gateways_502_or_504_is_unanswered_from_its_own_time(self):
+        watch = s3push.SilenceWatch(2)
+        for other in (200, 403, 500, 503):   # the endpoint answered, however it did
+            watch.got(argparse.Namespace(status=504), self.WHERE)
+            watch.since -= 10
+            self.assertIsNone(watch.got(argparse.Namespace(status=other), self.WHERE))
+            self.assertIsNone(watch.since)
+        self.assertIsNone(watch.got(argparse.Namespace(status=502), self.WHERE))
+        self.assertGreater(watch.since, time.monotonic() - 1)   # not backdated a --timeout
+        watch.since -= 3.9
+        self.assertIsNone(watch.got(argparse.Namespace(status=504), self.WHERE))
+        watch.since -= 0.2
+        error = watch.got(argparse.Namespace(status=502), self.WHERE)
+        self.assertIsInstance(error, s3push.UnreachableError)
+        self.assertIn("no answer from http://127.0.0.1:9 for 4 s", str(error))
+        self.assertIn("a gateway's 502 or 504", str(error))
+
     def test_counted_from_the_last_answer_at_the_earliest(self):
         watch = s3push.SilenceWatch(2)
         watch.answered()   # while the request that times out now was waiting
