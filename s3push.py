@@ -3205,6 +3205,19 @@ class Selection(object):
         self.future_count = 0
 
 
+def scan_reaches(relative, selection, folder=False):
+    """Whether the scan, with selection's globs, would meet the file (or with folder, walk
+    the folder) at relative, a '/'-separated path under SOURCE_DIR: no exclude glob
+    matches a name on its way (see scan_entry), and for a file, given include globs, one
+    of them matches it. Its age and size aside."""
+    parts = relative.split("/")
+    for end, name in enumerate(parts, 1):
+        if matches(name, "/".join(parts[:end]), selection.excludes):
+            return False
+    return folder or selection.includes is None or \
+        matches(parts[-1], relative, selection.includes)
+
+
 UNREMOVABLE = "unremovable"   # scan_entry's answer for a file that would be kept
 
 
@@ -6159,16 +6172,16 @@ def kept_out(options, report, holder, now):
             options.lock_warn_after, holder.pid))
 
 
-def push_locked(options, environ, report, destination, root, state, archive):
-    """Lock SOURCE_DIR (open as root), scan it, and move what the scan finds (archive:
-    --archive-dir's Archive, or None)."""
+def push_locked(options, environ, report, destination, root, state, archive, patterns):
+    """Lock SOURCE_DIR (open as root), scan it with patterns (see filters), move what the
+    scan finds (archive: --archive-dir's Archive, or None)."""
     if not options.dry_run:
         held, holder = take_run_lock(state, root, report.notices)
         if not held:
             kept_out(options, report, holder or LockHolder(None, None), time.time())
             return EXIT_OK
     errors = []
-    excludes, includes = filters(options)
+    excludes, includes = patterns
     now = time.time_ns() if hasattr(time, "time_ns") else int(time.time() * 1e9)
     selection = Selection(excludes, includes, now - int(options.min_age * 1e9),
                           options.min_size, options.max_size, now)
@@ -6227,18 +6240,32 @@ def check_source(source):
                            % safe_name(source))
 
 
-def check_state_dir(state_dir, source, setting="--state-dir"):
-    """A UsageError for a state folder (named by setting) inside SOURCE_DIR where the scan
-    would reach it (no folder on the way is hidden, ".*" being always excluded): its
-    ledger and journals would be moved like any file."""
-    if state_dir:
-        inside = os.path.relpath(os.path.realpath(state_dir), os.path.realpath(source))
-        if inside == os.curdir or inside != os.pardir and \
-                not inside.startswith(os.pardir + os.sep) and \
-                not any(part.startswith(".") for part in inside.split(os.sep)):
+OUTPUT_FILES = (("log_file", "--log-file"), ("manifest", "--manifest"),
+                ("summary_json", "--summary-json"), ("metrics_file", "--metrics-file"))
+
+
+def check_outside_scan(options, selection, state_dir, setting="--state-dir"):
+    """A UsageError for a path of the run's own that the scan would meet in SOURCE_DIR
+    (see scan_reaches; a hidden name never is): the state folder (named by setting),
+    whose ledger and journals would be moved like any file, or a file the run writes
+    (OUTPUT_FILES), which a run would leave as still written, or move away."""
+    source = os.path.realpath(options.source)
+    named = [(state_dir, setting, True)] + [(getattr(options, attribute), option, False)
+                                            for attribute, option in OUTPUT_FILES]
+    for path, setting, folder in named:
+        inside = path and os.path.relpath(os.path.realpath(path), source)
+        if not inside or inside == os.pardir or inside.startswith(os.pardir + os.sep):
+            continue
+        if inside != os.curdir and not scan_reaches(inside.replace(os.sep, "/"), selection,
+                                                    folder):
+            continue
+        if folder:
             raise UsageError("the state folder %s (%s) is inside SOURCE_DIR: its ledger and "
                              "journals would be moved like any file; choose a folder outside "
-                             "it" % (safe_name(state_dir), setting))
+                             "it" % (safe_name(path), setting))
+        raise UsageError("the file %s (%s) is inside SOURCE_DIR, where the run would meet "
+                         "its own output as a file to move: write it outside SOURCE_DIR, "
+                         "or --exclude it" % (safe_name(path), setting))
 
 
 class Archive(collections.namedtuple("Archive", "path fd")):
@@ -6322,8 +6349,9 @@ def push(options, environ, report):
     check_platform()
     check_source(options.source)
     state_dir = options.state_dir or default_state_dir(environ)
-    check_state_dir(state_dir, options.source,
-                    "--state-dir" if options.state_dir else "XDG_STATE_HOME or HOME")
+    patterns = filters(options)
+    check_outside_scan(options, Selection(*patterns), state_dir,
+                       "--state-dir" if options.state_dir else "XDG_STATE_HOME or HOME")
     try:
         root = open_source(options.source)
     except OSError as exc:
@@ -6336,7 +6364,8 @@ def push(options, environ, report):
         raise
     state = open_state_folder(state_dir)
     try:
-        return push_locked(options, environ, report, destination, root, state, archive)
+        return push_locked(options, environ, report, destination, root, state, archive,
+                           patterns)
     finally:
         os.close(root)
         if archive is not None:

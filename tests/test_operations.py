@@ -1127,6 +1127,29 @@ class LogFile(IntegrationCase):
                 self.assertEqual(os.read(reader, 100), b"")
                 os.close(reader)
 
+    def test_a_file_of_the_runs_own_that_the_scan_would_meet_is_refused(self):
+        write_file(self.source, "a", b"alpha")
+        for number, option in enumerate(("--log-file", "--manifest", "--summary-json",
+                                         "--metrics-file")):
+            path = os.path.join(self.source, "out%d" % number, "run.txt")
+            result = self.run_s3push(option, path)
+            self.assertEqual(result.status, 2, result.stderr)
+            self.assertIn("s3push: error: the file %s (%s) is inside SOURCE_DIR" % (
+                path, option), result.stderr)
+            self.assertIsNone(self.server.object_bytes(self.prefix + "a"))
+        for number in range(4):
+            shutil.rmtree(os.path.join(self.source, "out%d" % number), ignore_errors=True)
+        # Excluded, or hidden: the run writes it there and never meets it.
+        log, manifest = (os.path.join(self.source, name) for name in ("s3push.log", ".m"))
+        for data in (b"alpha", b"beta"):
+            write_file(self.source, "a", data)
+            result = self.run_s3push("-v", "--exclude", "*.log", "--log-file", log,
+                                     "--manifest", manifest)
+            self.assertEqual(result.status, 0, result.stderr)
+            self.assertIn("0 left for later", result.stdout)
+            self.assertEqual(files_under(self.source), [b".m", b"s3push.log"])
+            self.assertEqual(self.server.object_bytes(self.prefix + "a"), data)
+
     def test_a_log_that_cannot_be_written_is_one_warning_and_the_files_move(self):
         os.mkdir(self.log)
         for log, reason in ((self.log, "Is a directory"), ("/dev/full", "not a regular file")):

@@ -1879,12 +1879,35 @@ class Journals(unittest.TestCase):
         self.assertIsNone(s3push.default_state_dir({"HOME": ""}))
 
     def test_a_state_folder_inside_the_source_is_a_usage_error(self):
-        for inside in ("/src", "/src/state", "/src/a/../state"):
+        options = argparse.Namespace(source="/src", **{attribute: None for attribute, _
+                                                       in s3push.OUTPUT_FILES})
+        selection = s3push.Selection(s3push.DEFAULT_EXCLUDES + ("skip",))
+        for inside in ("/src", "/src/state", "/src/a/../state", "/src/a.log/state"):
             with self.assertRaises(s3push.UsageError, msg=inside):
-                s3push.check_state_dir(inside, "/src")
+                s3push.check_outside_scan(options, selection, inside)
         for outside in (None, "/", "/srcx", "/src/..", "/src/.local/state/s3push",
-                        "/src/a/../..src"):
-            s3push.check_state_dir(outside, "/src")   # a hidden folder is never scanned
+                        "/src/a/../..src", "/src/skip/state", "/src/a/skip"):
+            s3push.check_outside_scan(options, selection, outside)   # never scanned
+
+    def test_a_file_of_the_runs_own_inside_the_source_is_a_usage_error(self):
+        selection = s3push.Selection(s3push.DEFAULT_EXCLUDES + ("*.log", "skip"),
+                                     ("*.csv", "*.json"))
+        for attribute, option in s3push.OUTPUT_FILES:
+            for path, refused in (("/src/moved.json", True), ("/src/a/b/moved.json", True),
+                                  ("/src/run.log", False), ("/src/.moved.json", False),
+                                  ("/src/.d/moved.json", False), ("/src/moved.txt", False),
+                                  ("/src/skip/moved.json", False), ("/srcx/moved.json", False),
+                                  ("/out/moved.json", False)):
+                options = argparse.Namespace(source="/src", **{a: None for a, _
+                                                               in s3push.OUTPUT_FILES})
+                setattr(options, attribute, path)
+                if not refused:
+                    s3push.check_outside_scan(options, selection, None)
+                    continue
+                with self.assertRaises(s3push.UsageError, msg=path) as caught:
+                    s3push.check_outside_scan(options, selection, None)
+                self.assertIn("the file %s (%s) is inside SOURCE_DIR" % (path, option),
+                              str(caught.exception))
 
 
 class Templates(unittest.TestCase):
