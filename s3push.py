@@ -3022,17 +3022,13 @@ def lock_holder(fd):
     return LockHolder(pid, os.fstat(fd).st_mtime)
 
 
-def run_lock(folder_fd, root_fd):
-    """The run lock of SOURCE_DIR (open as root_fd): an exclusive flock on a file in the
-    state folder (open as folder_fd) named by SOURCE_DIR's device and inode, so that every
-    spelling of the path shares it, while no other account can open it, let alone hold
-    it. The kernel drops it when the process dies; the holder's pid is in the file, for
-    the runs it keeps out, and its mtime says since when. Returns (descriptor, None), or
-    (None, the holder's LockHolder) when another run holds it; OSError when the state
-    folder cannot keep it."""
-    source = os.fstat(root_fd)
-    fd = os.open("run-%x-%x.lock" % (source.st_dev, source.st_ino),
-                 os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+def run_lock(folder_fd, name):
+    """The exclusive flock on the lock file name in the state folder (open as folder_fd),
+    where no other account can open it, let alone hold it. The kernel drops it when the
+    process dies; the holder's pid is in the file, for the runs it keeps out, and its
+    mtime says since when. Returns (descriptor, None), or (None, the holder's LockHolder)
+    when another run holds it; OSError when the state folder cannot keep it."""
+    fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                  dir_fd=folder_fd)
     try:
         if not try_lock(fd):
@@ -3045,6 +3041,24 @@ def run_lock(folder_fd, root_fd):
         os.close(fd)
         raise
     return fd, None
+
+
+def source_lock_name(root_fd):
+    """The run lock of SOURCE_DIR (open as root_fd): named by its device and inode, so
+    that every spelling of its path shares it."""
+    source = os.fstat(root_fd)
+    return "run-%x-%x.lock" % (source.st_dev, source.st_ino)
+
+
+def path_lock_name(source):
+    """The lock taken before the first look at SOURCE_DIR (a look that may hang for good
+    on a dead network mount): named by its absolute path as given (a symlink resolved
+    would be a look), with % and / escaped; by the path's SHA-256 where that is long."""
+    name = os.path.abspath(source).replace("%", "%25").replace("/", "%2F")
+    if len(os.fsencode(name)) > 200:
+        import hashlib   # here alone: an idle tick does not load it
+        name = hashlib.sha256(os.fsencode(name)).hexdigest()
+    return "path-%s.lock" % name
 
 
 DIRECTORY_CHANGED = ("a directory on its path was moved, replaced or swapped for a symlink "
@@ -6122,7 +6136,7 @@ def take_run_lock(state, root, notices):
     problem = state.problem
     if state.fd is not None:
         try:   # the lock's descriptor stays open (and the lock held) until the process ends
-            fd, holder = run_lock(state.fd, root)
+            fd, holder = run_lock(state.fd, source_lock_name(root))
             return fd is not None, holder
         except OSError as exc:
             problem = "%s: %s" % (safe_name(state.path), exc.strerror or exc)
@@ -6134,6 +6148,22 @@ def take_run_lock(state, root, notices):
         raise ConfigError("cannot lock SOURCE_DIR either (%s): nothing moved; give s3push a "
                           "state folder of this account's alone with --state-dir"
                           % (exc.strerror or exc))
+
+
+def take_path_lock(state, source):
+    """(held, the holder's LockHolder or None): the lock of SOURCE_DIR's path (see
+    path_lock_name), taken before anything looks at SOURCE_DIR. A run hung in that look
+    (a dead network mount) so keeps the later ones out, said by kept_out, instead of their
+    piling up behind it, each hung in turn. Where the state folder cannot keep it, held:
+    take_run_lock says so. The descriptor stays open (the lock held) until the process
+    ends."""
+    if state.fd is None:
+        return True, None
+    try:
+        fd, holder = run_lock(state.fd, path_lock_name(source))
+    except OSError:
+        return True, None
+    return fd is not None, holder
 
 
 def warn_future_dated(selection, source, notices):
@@ -6244,16 +6274,18 @@ OUTPUT_FILES = (("log_file", "--log-file"), ("manifest", "--manifest"),
                 ("summary_json", "--summary-json"), ("metrics_file", "--metrics-file"))
 
 
-def check_outside_scan(options, selection, state_dir, setting="--state-dir"):
+def check_outside_scan(options, selection, state_dir, setting="--state-dir",
+                       resolve=os.path.realpath):
     """A UsageError for a path of the run's own that the scan would meet in SOURCE_DIR
     (see scan_reaches; a hidden name never is): the state folder (named by setting),
     whose ledger and journals would be moved like any file, or a file the run writes
-    (OUTPUT_FILES), which a run would leave as still written, or move away."""
-    source = os.path.realpath(options.source)
+    (OUTPUT_FILES), which a run would leave as still written, or move away. Paths as
+    resolve makes them absolute: os.path.abspath looks at no folder."""
+    source = resolve(options.source)
     named = [(state_dir, setting, True)] + [(getattr(options, attribute), option, False)
                                             for attribute, option in OUTPUT_FILES]
     for path, setting, folder in named:
-        inside = path and os.path.relpath(os.path.realpath(path), source)
+        inside = path and os.path.relpath(resolve(path), source)
         if not inside or inside == os.pardir or inside.startswith(os.pardir + os.sep):
             continue
         if inside != os.curdir and not scan_reaches(inside.replace(os.sep, "/"), selection,
@@ -6338,20 +6370,8 @@ def open_archive(path, root_fd):
         raise
 
 
-def push(options, environ, report):
-    """The whole run after argument parsing; returns the exit status.
-
-    Nothing beyond the scan happens until it finds a file: an idle tick reads no
-    settings and loads no network code.
-    """
-    destination = parse_destination(options.destination)
-    check_upload_options(options, time.time())
-    check_platform()
-    check_source(options.source)
-    state_dir = options.state_dir or default_state_dir(environ)
-    patterns = filters(options)
-    check_outside_scan(options, Selection(*patterns), state_dir,
-                       "--state-dir" if options.state_dir else "XDG_STATE_HOME or HOME")
+def push_source(options, environ, report, destination, state, patterns):
+    """Open SOURCE_DIR and --archive-dir, and move (push_locked)."""
     try:
         root = open_source(options.source)
     except OSError as exc:
@@ -6362,7 +6382,6 @@ def push(options, environ, report):
     except BaseException:
         os.close(root)
         raise
-    state = open_state_folder(state_dir)
     try:
         return push_locked(options, environ, report, destination, root, state, archive,
                            patterns)
@@ -6370,6 +6389,34 @@ def push(options, environ, report):
         os.close(root)
         if archive is not None:
             os.close(archive.fd)
+
+
+def push(options, environ, report):
+    """The whole run after argument parsing; returns the exit status.
+
+    Nothing looks at SOURCE_DIR before the lock of its path is held (see take_path_lock).
+    Nothing beyond the scan happens until it finds a file: an idle tick reads no
+    settings and loads no network code.
+    """
+    destination = parse_destination(options.destination)
+    check_upload_options(options, time.time())
+    check_platform()
+    state_dir = options.state_dir or default_state_dir(environ)
+    setting = "--state-dir" if options.state_dir else "XDG_STATE_HOME or HOME"
+    patterns = filters(options)
+    # As spelt, before the state folder is made; once SOURCE_DIR may be looked at, as it is.
+    check_outside_scan(options, Selection(*patterns), state_dir, setting, os.path.abspath)
+    state = open_state_folder(state_dir)
+    try:
+        if not options.dry_run:
+            held, holder = take_path_lock(state, options.source)
+            if not held:
+                kept_out(options, report, holder or LockHolder(None, None), time.time())
+                return EXIT_OK
+        check_source(options.source)
+        check_outside_scan(options, Selection(*patterns), state_dir, setting)
+        return push_source(options, environ, report, destination, state, patterns)
+    finally:
         if state.fd is not None:
             os.close(state.fd)
 

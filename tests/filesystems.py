@@ -15,6 +15,7 @@ import contextlib
 import errno
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import tempfile
@@ -141,7 +142,8 @@ def mounted(argv, mount):
 @contextlib.contextmanager
 def fuse_daemon(argv, mount, env, log):
     """A FUSE daemon in the foreground, as this process's child (its output in the file
-    log), until mount is up; on the way out: unmounted, waited for, killed if it lingers."""
+    log), until mount is up: yields its Popen. On the way out: resumed (a test may have
+    stopped it), unmounted, waited for, killed if it lingers."""
     with open(log, "wb") as output:
         daemon = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=output,
                                   stderr=output)
@@ -154,8 +156,10 @@ def fuse_daemon(argv, mount, env, log):
                 raise RuntimeError("%s did not mount %s (exit %s): %s"
                                    % (argv[0], mount, daemon.returncode, said))
             time.sleep(0.05)
-        yield mount
+        yield daemon
     finally:
+        if daemon.poll() is None:
+            daemon.send_signal(signal.SIGCONT)
         unmount(mount)
         try:
             daemon.wait(timeout=10)
@@ -288,6 +292,22 @@ def mode_ignoring_bindfs(test):
         with fuse_daemon(argv, mount, env, os.path.join(top, "bindfs.log")):
             check_modes_ignored(mount, "bindfs")
             yield mount
+
+
+@contextlib.contextmanager
+def stoppable_bindfs(test):
+    """(mount, its daemon's Popen): bindfs over a backing folder. Stopped (SIGSTOP), the
+    daemon makes a dead mount: a look at anything in it hangs until it is resumed, as on
+    an NFS mount whose server is gone. Resumed on the way out."""
+    need_root(test, "bindfs")
+    need_fuse(test, "bindfs")
+    bindfs, env = fusefs_tool(test, "usr/bin/bindfs", "bindfs")
+    with scratch("bindfs") as (top, mount):
+        backing = os.path.join(top, "backing")
+        os.mkdir(backing)
+        argv = [bindfs, "-f", backing, mount]
+        with fuse_daemon(argv, mount, env, os.path.join(top, "bindfs.log")) as daemon:
+            yield mount, daemon
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import filesystems  # noqa: E402
 from helpers import RUN_TIMEOUT, IntegrationCase, files_under, skip_if_foreign  # noqa: E402
 from helpers import write_file  # noqa: E402
 
@@ -83,6 +84,15 @@ class RunLock(IntegrationCase):
         return os.path.join(self.home, ".local", "state", "s3push",
                             "run-%x-%x.lock" % (source.st_dev, source.st_ino))
 
+    def date_locks(self, when, source=None):
+        """Date the path's lock (see take_path_lock) and, if there is one, the run lock as
+        taken at when."""
+        folder = os.path.dirname(self.lock_file())
+        for lock in ("path-%s.lock" % os.path.abspath(source or self.source).replace(
+                "%", "%25").replace("/", "%2F"), os.path.basename(self.lock_file())):
+            if os.path.exists(os.path.join(folder, lock)):
+                os.utime(os.path.join(folder, lock), (when, when))
+
     def kept_out(self, *args):
         """A run the lock keeps out: (its stderr, its summary, its metrics text)."""
         summary, metrics = (os.path.join(self.tmp, name) for name in ("s.json", "m.prom"))
@@ -98,8 +108,7 @@ class RunLock(IntegrationCase):
     def test_a_run_holding_the_lock_for_long_is_named_in_a_warning(self):
         write_file(self.source, "a", b"a")
         self.assertEqual(self.run_s3push().status, 0)   # leaves the lock's file behind
-        hour_ago = time.time() - 3600
-        os.utime(self.lock_file(), (hour_ago, hour_ago))
+        self.date_locks(time.time() - 3600)
         write_file(self.source, "b", b"b")
         gate, process = self.gated_run()
         process.send_signal(signal.SIGSTOP)   # a stopped run, mid-upload
@@ -112,7 +121,7 @@ class RunLock(IntegrationCase):
         self.assertLess(self.held_seconds(metrics), 60)
         # Held for two hours: a warning naming the pid and since when (UTC).
         since = time.time() - 7200
-        os.utime(self.lock_file(), (since, since))
+        self.date_locks(since)
         err, data, metrics = self.kept_out()
         self.assertRegex(err, r"^s3push: warning: another run \(pid %d\) has held the lock "
                          r"of %s since %s \(720\d s, over --lock-warn-after 3600s\).*\n$" % (
@@ -128,6 +137,39 @@ class RunLock(IntegrationCase):
         process.communicate(timeout=RUN_TIMEOUT)
         self.assertEqual(process.returncode, 0)
         self.assert_landed({"a": b"a", "b": b"b"})
+
+    def test_a_run_hung_on_a_dead_mount_keeps_the_later_ones_out(self):
+        """A run hangs at its first look at SOURCE_DIR (a FUSE mount whose daemon is
+        stopped, as an NFS mount whose server is gone): the next one does not hang behind
+        it, but names it and exits, since the lock of the path comes before any look."""
+        with filesystems.stoppable_bindfs(self) as (mount, daemon):
+            source = os.path.join(mount, "src")
+            write_file(source, "a", b"a")
+            daemon.send_signal(signal.SIGSTOP)
+            time.sleep(1.5)   # past FUSE's attribute cache (1 s): every look now hangs
+            hung = subprocess.Popen(self.command(source=source), env=self.env(),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    stdin=subprocess.DEVNULL)
+            self.addCleanup(hung.kill)
+            path_lock = os.path.join(os.path.dirname(self.lock_file()), "path-%s.lock" % (
+                source.replace("/", "%2F")))
+            deadline = time.monotonic() + RUN_TIMEOUT
+            while not os.path.exists(path_lock) or \
+                    open(path_lock).read() != "%d\n" % hung.pid:
+                self.assertLess(time.monotonic(), deadline, "the first run took no lock")
+                time.sleep(0.05)
+            self.date_locks(time.time() - 7200, source)
+            second = self.run_s3push(source=source)
+            self.assertEqual(second.status, 0, second.stderr)
+            self.assertRegex(second.stderr, r"^s3push: warning: another run \(pid %d\) has "
+                             r"held the lock of %s since .*is it stopped or hung\?" % (
+                                 hung.pid, re.escape(source)))
+            self.assertIsNone(hung.poll(), "the first run did not hang")
+            daemon.send_signal(signal.SIGCONT)
+            _, err = hung.communicate(timeout=RUN_TIMEOUT)
+            self.assertEqual(hung.returncode, 0, err)
+            self.assertEqual(files_under(source), [])
+        self.assert_landed({"a": b"a"})
 
     def test_a_pid_that_no_longer_runs_is_not_named(self):
         # The instant between a run's lock taken and its pid written over the last one's.

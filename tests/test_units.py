@@ -573,15 +573,15 @@ class Selection(unittest.TestCase):
         self.addCleanup(os.close, second)
         folder = s3push.open_state_folder(state)
         self.addCleanup(os.close, folder.fd)
-        fd, holder = s3push.run_lock(folder.fd, first)
+        fd, holder = s3push.run_lock(folder.fd, s3push.source_lock_name(first))
         self.assertIsNotNone(fd)
-        kept_out, holder = s3push.run_lock(folder.fd, second)
+        kept_out, holder = s3push.run_lock(folder.fd, s3push.source_lock_name(second))
         self.assertEqual((kept_out, holder.pid), (None, os.getpid()))
         self.assertEqual(stat.S_IMODE(os.stat(state).st_mode), 0o700)
         lock, = os.listdir(state)
         self.assertEqual(stat.S_IMODE(os.stat(os.path.join(state, lock)).st_mode), 0o600)
         os.close(fd)
-        fd, holder = s3push.run_lock(folder.fd, second)
+        fd, holder = s3push.run_lock(folder.fd, s3push.source_lock_name(second))
         self.assertIsNotNone(fd)
         os.close(fd)
         os.chmod(state, 0o770)
@@ -589,6 +589,18 @@ class Selection(unittest.TestCase):
         self.assertIsNone(refused.fd)
         self.assertIn("mode 0770", refused.problem)
         self.assertIn("no HOME", s3push.open_state_folder(None).problem)
+
+    def test_the_path_locks_name_is_the_path_as_given(self):
+        name = s3push.path_lock_name
+        self.assertEqual(name("/data/in%/"), "path-%2Fdata%2Fin%25.lock")
+        self.assertEqual(name("/data/./in"), name("/data/in"))
+        self.assertEqual(name("in"), name(os.path.join(os.getcwd(), "in")))
+        self.assertNotEqual(name("/data/in%2Fx"), name("/data/in/x"))
+        long = name("/" + "d" * 300)
+        self.assertEqual(len(long), len("path-.lock") + 64)
+        self.assertNotEqual(long, name("/" + "d" * 301))
+        raw = name(os.fsdecode(b"/caf\xe9"))   # not UTF-8: a name all the same
+        self.assertEqual(os.fsencode(raw), b"path-%2Fcaf\xe9.lock")
 
     def test_a_python_without_the_at_calls_is_told_what_is_missing(self):
         s3push.check_platform()
