@@ -1315,11 +1315,14 @@ class SilenceWatch(object):
     """The one place that decides that the endpoint stopped answering, shared by the
     run's S3Clients. It has when requests go unanswered one after another for twice
     --timeout with no answer to any request in between. Unanswered: timed out, or
-    answered 502 or 504 by a gateway (a proxy, a load balancer) that heard nothing from
-    the endpoint behind it. Counted from when the first of them last heard from it
-    (--timeout before it timed out, the gateway's answer itself; not before the last
-    answer) to the last. Any other answer, or a failure that is no timeout (a reset), ends
-    the count. A slow request is retried as usual; with nothing else answered, once.
+    answered 502 or 504 by a gateway (a proxy, a load balancer: no x-amz-request-id) that
+    heard nothing from the endpoint behind it. Counted from when the first of them last
+    heard from it (--timeout before it timed out, the gateway's answer itself; not before
+    the last answer) to the last. A gateway's answers make it silent only once requests
+    for two keys or more went unanswered: one file that a gateway always refuses (it
+    breaks the server behind) is that file's failure, not the endpoint's. Any other
+    answer, or a failure that is no timeout (a reset), ends the count. A slow request is
+    retried as usual; with nothing else answered, once.
 
     Once silent, every request of the run fails with one UnreachableError (exit 75,
     fatal): those in flight at once (their connections shut), the others before they
@@ -1333,6 +1336,7 @@ class SilenceWatch(object):
         self.timeout = timeout
         self.heard = float("-inf")   # time.monotonic() of the last answer
         self.since = None   # since when nothing was heard, once a request went unanswered
+        self.keys = set()   # the keys of the requests unanswered since then
         self.message = None   # once silent: the text of what every request fails with
         self.stopped = threading.Event()   # set then: ends a wait before a retry
         self.clients = set()   # the S3Clients of the run, whose requests it may cut
@@ -1349,32 +1353,46 @@ class SilenceWatch(object):
     def answered(self):
         self.heard, self.since = time.monotonic(), None
 
-    def failed(self, exc, where):
-        """A request to where (scheme://host) failed of exc: the UnreachableError to raise
-        instead once the endpoint is silent, else None (exc stands)."""
+    def failed(self, exc, where, key):
+        """A request to where (scheme://host) for key failed of exc: the UnreachableError
+        to raise instead once the endpoint is silent, else None (exc stands)."""
         if not isinstance(exc, socket.timeout):
             if isinstance(exc, OSError):   # a reset, an answer cut short: it was heard
                 self.answered()
             return self.error()
-        return self.unanswered(where, self.timeout)
+        return self.unanswered(where, self.timeout, key, True)
 
-    def got(self, response, where):
-        """A request to where got response: the UnreachableError to raise instead once
-        the endpoint is silent, else None."""
-        if response.status not in self.GATEWAY_STATUSES:
+    def got(self, response, where, key):
+        """A request to where for key got response: the UnreachableError to raise instead
+        once the endpoint is silent, else None."""
+        if response.status not in self.GATEWAY_STATUSES or \
+                response.header("x-amz-request-id"):   # the endpoint's own 502 or 504
             self.answered()
             return None
-        return self.unanswered(where, 0)
+        return self.unanswered(where, 0, key, False)
 
-    def unanswered(self, where, waited):
-        """A request that last heard from where waited seconds ago got no answer."""
+    def unanswered(self, where, waited, key, alone):
+        """A request for key that last heard from where waited seconds ago got no answer;
+        alone: whether it may make the endpoint silent with no other key's."""
         now = time.monotonic()
         with self.lock:
             if self.since is None:
-                self.since = max(now - waited, self.heard)
-            if not self.message and now - self.since >= 2 * self.timeout:
+                self.since, self.keys = max(now - waited, self.heard), set()
+            self.keys.add(key)
+            if not self.message and now - self.since >= 2 * self.timeout and \
+                    (alone or len(self.keys) > 1):
                 self.silent(where, now - self.since)
             return self.error()
+
+    def holds(self, key, quiet):
+        """Whether a request for key, out of retries on a gateway's answer, is sent again:
+        while nothing was heard since quiet (self.heard then), for as long as the count
+        may still make the endpoint silent (twice --timeout), and past that while a
+        request for another key went unanswered (the next one makes it silent)."""
+        with self.lock:
+            return self.heard == quiet and self.since is not None and (
+                time.monotonic() - self.since < 2 * self.timeout or
+                bool(self.keys - {key}))
 
     def silent(self, where, seconds):
         """Give up on the endpoint: requests in flight end now, not a --timeout later."""
@@ -1567,9 +1585,9 @@ class S3Client(object):
         TemporaryError to have the request retried (an ETag that is not the MD5 sent, a
         complete without its result). A server that refuses connections is not retried,
         nor one that stopped answering (SilenceWatch). A gateway's 502 or 504 (see
-        SilenceWatch) goes on being retried past the retries while nothing else is heard
-        from the endpoint: its silence, counted meanwhile, ends the run within twice
-        --timeout, in one line and not one per file given up.
+        SilenceWatch) goes on being retried past the retries while nothing is heard from
+        the endpoint (SilenceWatch.holds): the endpoint's silence, counted meanwhile,
+        ends the run within twice --timeout, in one line and not one per file given up.
         """
         retry = corrections = 0
         quiet = None   # self.watch.heard when the retries ran out on a gateway's answer
@@ -1592,12 +1610,14 @@ class S3Client(object):
                 if not is_retryable(response):
                     return response
                 retry_after = response.header("retry-after")
-            delay = backoff_delay(retry, retry_after, random.random())
             spent = retry >= self.retries
             if spent and failure is None and \
                     response.status in SilenceWatch.GATEWAY_STATUSES:
                 quiet = self.watch.heard if quiet is None else quiet
-                spent = self.watch.heard != quiet   # answered since: the endpoint lives
+                spent = not self.watch.holds(key, quiet)
+            # Past the retries, the backoff's own wait: a Retry-After of 0 is no loop.
+            delay = backoff_delay(retry, "" if retry >= self.retries else retry_after,
+                                  random.random())
             if spent or not self.deadline.allows_wait(delay):
                 if failure is not None:
                     raise failure
@@ -1633,14 +1653,14 @@ class S3Client(object):
             response = self.connection.exchange(method, target, signed, body)
         except (S3PushError, OSError) as exc:   # AnswerError included: an answer cut short
             self.connection.close()
-            silence = self.watch.failed(exc, "%s://%s" % (endpoint.scheme, host))
+            silence = self.watch.failed(exc, "%s://%s" % (endpoint.scheme, host), key)
             if silence is not None:
                 raise silence
             if isinstance(exc, S3PushError):
                 raise
             raise TemporaryError("the connection failed during the request (%s); the file "
                                  "is kept" % describe_os_error(exc))
-        silence = self.watch.got(response, "%s://%s" % (endpoint.scheme, host))
+        silence = self.watch.got(response, "%s://%s" % (endpoint.scheme, host), key)
         if silence is not None:
             raise silence
         response.expected_owner = self.session.expected_owner

@@ -222,15 +222,37 @@ class SilentEndpoint(FaultCase):
         self.assert_landed(files)
 
     def test_a_gateway_that_hears_nothing_ends_the_run_in_one_line(self):
-        """A proxy or load balancer in front answers 502 or 504 at once to every request:
-        the endpoint behind it is silent, and no file is given up on meanwhile."""
+        """A proxy or load balancer in front answers 502 or 504 at once to every request
+        (Retry-After: 0): the endpoint behind it is silent, and no file is given up on
+        meanwhile, nor sent again at once past its retries."""
         for status in (502, 504):
             with self.subTest(status=status):
                 self.corpus(20)
-                proxy = self.fault_proxy(lambda r: ("answer", status, "GatewayFault"))
+                proxy = self.fault_proxy(lambda r: ("answer", status, "GatewayFault", "",
+                                                    {"Retry-After": "0"}))
                 self.run_silenced(proxy.endpoint, "--retries", "1")
                 self.assertEqual(len(files_under(self.source)), 20)
                 self.assertGreater(len(proxy.requests), 20)
+                self.assertLess(len(proxy.requests), 400)   # 8 workers, 6 s, >= 0.02 s
+
+    def test_one_file_a_gateway_always_refuses_is_that_files_failure(self):
+        """A gateway answers 502 to every request for one file (the server behind breaks
+        on it), slowly: the run gives that file up and moves the others, whatever the
+        wait, with nothing else in flight (--jobs 1)."""
+        files = {"f%d" % i: b"data %d" % i for i in range(5)}
+        for number, (name, data) in enumerate(sorted(files.items())):
+            write_file(self.source, name, data, mtime=1000 + number)   # f0 goes first
+        # Three answers 1.5 s apart: 4.5 s, past twice --timeout, with no other answer.
+        proxy = self.fault_proxy(lambda r: time.sleep(1.5) or ("answer", 502, "BadGateway")
+                                 if r.target.split("?")[0].endswith("/f0") else None)
+        result = self.run_s3push("--timeout", str(self.TIMEOUT), "--jobs", "1", "--retries",
+                                 "2", endpoint=proxy.endpoint)
+        self.assertEqual(result.status, 75, result.stderr)
+        self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+        self.assertIn("/f0 -> ", result.stderr)
+        self.assertEqual(files_under(self.source), [b"f0"])
+        del files["f0"]
+        self.assert_landed(files)
 
     def test_a_gateway_that_hears_again_is_waited_for_past_the_retries(self):
         """A gateway answers 502 for 1.5 s (under twice --timeout): with --retries 0, each

@@ -1746,11 +1746,11 @@ class SilenceRule(unittest.TestCase):
 
     def test_timeouts_over_twice_the_timeout_without_an_answer(self):
         watch = s3push.SilenceWatch(2)
-        self.assertIsNone(watch.failed(socket.timeout(), self.WHERE))   # 2 s: retried
+        self.assertIsNone(watch.failed(socket.timeout(), self.WHERE, "k"))   # 2 s: retried
         watch.since -= 1.9   # 3.9 s of timeouts
-        self.assertIsNone(watch.failed(socket.timeout(), self.WHERE))
+        self.assertIsNone(watch.failed(socket.timeout(), self.WHERE, "k"))
         watch.since -= 0.2
-        error = watch.failed(socket.timeout(), self.WHERE)
+        error = watch.failed(socket.timeout(), self.WHERE, "k")
         self.assertIsInstance(error, s3push.UnreachableError)
         self.assertTrue(error.fatal)
         self.assertEqual(error.exit_code, 75)
@@ -1759,30 +1759,45 @@ class SilenceRule(unittest.TestCase):
         with self.assertRaises(s3push.UnreachableError):   # nothing more is sent
             watch.check()
         self.assertTrue(watch.stopped.is_set())   # a wait before a retry ends
-        self.assertIsNotNone(watch.failed(OSError("reset"), self.WHERE))
+        self.assertIsNotNone(watch.failed(OSError("reset"), self.WHERE, "k"))
 
     def test_an_answer_or_a_reset_ends_the_count(self):
         watch = s3push.SilenceWatch(2)
-        for ending in (watch.answered, lambda: watch.failed(ConnectionResetError(), "")):
-            watch.failed(socket.timeout(), self.WHERE)
+        for ending in (watch.answered, lambda: watch.failed(ConnectionResetError(), "", "k")):
+            watch.failed(socket.timeout(), self.WHERE, "k")
             watch.since -= 10
             ending()
-            self.assertIsNone(watch.failed(socket.timeout(), self.WHERE))
+            self.assertIsNone(watch.failed(socket.timeout(), self.WHERE, "k"))
         watch.check()
 
     def test_a_gateways_502_or_504_is_unanswered_from_its_own_time(self):
         watch = s3push.SilenceWatch(2)
+
+        def got(status, key="k", request_id=None):
+            return watch.got(argparse.Namespace(status=status, header=lambda name: {
+                "x-amz-request-id": request_id}.get(name)), self.WHERE, key)
         for other in (200, 403, 500, 503):   # the endpoint answered, however it did
-            watch.got(argparse.Namespace(status=504), self.WHERE)
+            got(504)
             watch.since -= 10
-            self.assertIsNone(watch.got(argparse.Namespace(status=other), self.WHERE))
+            self.assertIsNone(got(other))
             self.assertIsNone(watch.since)
-        self.assertIsNone(watch.got(argparse.Namespace(status=502), self.WHERE))
+        got(502)   # the endpoint's own 502 or 504 is an answer
+        watch.since -= 10
+        self.assertIsNone(got(504, "other", request_id="4442587FB7D0A2F9"))
+        self.assertIsNone(watch.since)
+        self.assertIsNone(got(502))
         self.assertGreater(watch.since, time.monotonic() - 1)   # not backdated a --timeout
-        watch.since -= 3.9
-        self.assertIsNone(watch.got(argparse.Namespace(status=504), self.WHERE))
+        self.assertTrue(watch.holds("k", watch.heard))   # sent again past its retries
+        self.assertFalse(watch.holds("k", watch.heard - 1))   # not: answered since
+        watch.since -= 10
+        self.assertIsNone(got(504))   # one key alone: that file's failure
+        self.assertFalse(watch.holds("k", watch.heard))
+        self.assertTrue(watch.holds("other", watch.heard))
+        watch.since += 6.1   # 3.9 s of gateway answers
+        self.assertIsNone(got(504, "other"))
+        self.assertTrue(watch.holds("k", watch.heard))
         watch.since -= 0.2
-        error = watch.got(argparse.Namespace(status=502), self.WHERE)
+        error = got(502, "third")
         self.assertIsInstance(error, s3push.UnreachableError)
         self.assertIn("no answer from http://127.0.0.1:9 for 4 s", str(error))
         self.assertIn("a gateway's 502 or 504", str(error))
@@ -1791,7 +1806,7 @@ class SilenceRule(unittest.TestCase):
         watch = s3push.SilenceWatch(2)
         watch.answered()   # while the request that times out now was waiting
         watch.heard += 1
-        watch.failed(socket.timeout(), self.WHERE)
+        watch.failed(socket.timeout(), self.WHERE, "k")
         self.assertEqual(watch.since, watch.heard)
 
     def test_requests_in_flight_end_at_once(self):
@@ -1804,9 +1819,9 @@ class SilenceRule(unittest.TestCase):
         read = []
         reader = threading.Thread(target=lambda: read.append(waiting.recv(10)))
         reader.start()
-        watch.failed(socket.timeout(), self.WHERE)
+        watch.failed(socket.timeout(), self.WHERE, "k")
         watch.since -= 5
-        watch.failed(socket.timeout(), self.WHERE)
+        watch.failed(socket.timeout(), self.WHERE, "k")
         reader.join(5)
         self.assertEqual(read, [b""], "the request in flight was not cut")
 
