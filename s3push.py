@@ -2994,13 +2994,14 @@ class StateFolder(collections.namedtuple("StateFolder", "path fd problem")):
     __slots__ = ()
 
 
-def open_state_folder(path):
-    """The StateFolder at path (None: no HOME), made 0700 if missing; usable only if it is
-    this account's and no other account may write in it. Never an error."""
+def open_state_folder(path, make=True):
+    """The StateFolder at path (None: no HOME), made 0700 if missing (with make); usable
+    only if it is this account's and no other account may write in it. Never an error."""
     if path is None:
         return StateFolder(None, None, "no HOME and no --state-dir")
     try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
+        if make:
+            os.makedirs(path, mode=0o700, exist_ok=True)
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
         return StateFolder(path, None, "%s: %s" % (safe_name(path), exc.strerror or exc))
@@ -3072,9 +3073,12 @@ def source_lock_name(root_fd):
 
 def path_lock_name(source):
     """The lock taken before the first look at SOURCE_DIR (a look that may hang for good
-    on a dead network mount): named by its absolute path as given (a symlink resolved
-    would be a look), with % and / escaped; by the path's SHA-256 where that is long."""
-    name = os.path.abspath(source).replace("%", "%25").replace("/", "%2F")
+    on a dead network mount): named by this host and SOURCE_DIR's path as given, made
+    absolute (nothing resolved: a symlink or '..' resolved would be a look), % and /
+    escaped; by their SHA-256 where that is long. The host: a state folder shared by
+    hosts (a home over NFS) keeps no host out of its own directory."""
+    name = "%s-%s" % tuple(text.replace("%", "%25").replace("/", "%2F") for text in (
+        os.uname().nodename, os.path.join(os.getcwd(), source)))
     if len(os.fsencode(name)) > 200:
         import hashlib   # here alone: an idle tick does not load it
         name = hashlib.sha256(os.fsencode(name)).hexdigest()
@@ -6170,19 +6174,28 @@ def take_run_lock(state, root, notices):
                           % (exc.strerror or exc))
 
 
-def take_path_lock(state, source):
+def take_path_lock(state_dir, source):
     """(held, the holder's LockHolder or None): the lock of SOURCE_DIR's path (see
-    path_lock_name), taken before anything looks at SOURCE_DIR. A run hung in that look
-    (a dead network mount) so keeps the later ones out, said by kept_out, instead of their
-    piling up behind it, each hung in turn. Where the state folder cannot keep it, held:
-    take_run_lock says so. The descriptor stays open (the lock held) until the process
-    ends."""
+    path_lock_name) in the state folder, taken before anything looks at SOURCE_DIR. A run
+    hung in that look (a dead network mount) so keeps the later ones out, said by
+    kept_out, instead of their piling up behind it, each hung in turn. Held, and not
+    taken, where the state folder is not there yet (it is made once SOURCE_DIR is found),
+    is spelt inside SOURCE_DIR (it would hang as well), or cannot keep it (take_run_lock
+    says so). The descriptor stays open (the lock held) until the process ends."""
+    if not state_dir:
+        return True, None
+    inside = os.path.relpath(os.path.abspath(state_dir), os.path.abspath(source))
+    if inside != os.pardir and not inside.startswith(os.pardir + os.sep):
+        return True, None
+    state = open_state_folder(state_dir, make=False)
     if state.fd is None:
         return True, None
     try:
         fd, holder = run_lock(state.fd, path_lock_name(source))
     except OSError:
         return True, None
+    finally:
+        os.close(state.fd)
     return fd is not None, holder
 
 
@@ -6294,18 +6307,16 @@ OUTPUT_FILES = (("log_file", "--log-file"), ("manifest", "--manifest"),
                 ("summary_json", "--summary-json"), ("metrics_file", "--metrics-file"))
 
 
-def check_outside_scan(options, selection, state_dir, setting="--state-dir",
-                       resolve=os.path.realpath):
+def check_outside_scan(options, selection, state_dir, setting="--state-dir"):
     """A UsageError for a path of the run's own that the scan would meet in SOURCE_DIR
     (see scan_reaches; a hidden name never is): the state folder (named by setting),
     whose ledger and journals would be moved like any file, or a file the run writes
-    (OUTPUT_FILES), which a run would leave as still written, or move away. Paths as
-    resolve makes them absolute: os.path.abspath looks at no folder."""
-    source = resolve(options.source)
+    (OUTPUT_FILES), which a run would leave as still written, or move away."""
+    source = os.path.realpath(options.source)
     named = [(state_dir, setting, True)] + [(getattr(options, attribute), option, False)
                                             for attribute, option in OUTPUT_FILES]
     for path, setting, folder in named:
-        inside = path and os.path.relpath(resolve(path), source)
+        inside = path and os.path.relpath(os.path.realpath(path), source)
         if not inside or inside == os.pardir or inside.startswith(os.pardir + os.sep):
             continue
         if inside != os.curdir and not scan_reaches(inside.replace(os.sep, "/"), selection,
@@ -6422,19 +6433,17 @@ def push(options, environ, report):
     check_upload_options(options, time.time())
     check_platform()
     state_dir = options.state_dir or default_state_dir(environ)
-    setting = "--state-dir" if options.state_dir else "XDG_STATE_HOME or HOME"
+    if not options.dry_run:
+        held, holder = take_path_lock(state_dir, options.source)
+        if not held:
+            kept_out(options, report, holder or LockHolder(None, None), time.time())
+            return EXIT_OK
+    check_source(options.source)
     patterns = filters(options)
-    # As spelt, before the state folder is made; once SOURCE_DIR may be looked at, as it is.
-    check_outside_scan(options, Selection(*patterns), state_dir, setting, os.path.abspath)
+    check_outside_scan(options, Selection(*patterns), state_dir,
+                       "--state-dir" if options.state_dir else "XDG_STATE_HOME or HOME")
     state = open_state_folder(state_dir)
     try:
-        if not options.dry_run:
-            held, holder = take_path_lock(state, options.source)
-            if not held:
-                kept_out(options, report, holder or LockHolder(None, None), time.time())
-                return EXIT_OK
-        check_source(options.source)
-        check_outside_scan(options, Selection(*patterns), state_dir, setting)
         return push_source(options, environ, report, destination, state, patterns)
     finally:
         if state.fd is not None:

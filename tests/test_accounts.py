@@ -15,6 +15,7 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import filesystems  # noqa: E402
+import s3server  # noqa: E402
 from helpers import RUN_TIMEOUT, IntegrationCase, files_under, skip_if_foreign  # noqa: E402
 from helpers import write_file  # noqa: E402
 
@@ -88,8 +89,8 @@ class RunLock(IntegrationCase):
         """Date the path's lock (see take_path_lock) and, if there is one, the run lock as
         taken at when."""
         folder = os.path.dirname(self.lock_file())
-        for lock in ("path-%s.lock" % os.path.abspath(source or self.source).replace(
-                "%", "%25").replace("/", "%2F"), os.path.basename(self.lock_file())):
+        for lock in (s3server.s3push.path_lock_name(source or self.source),
+                     os.path.basename(self.lock_file())):
             if os.path.exists(os.path.join(folder, lock)):
                 os.utime(os.path.join(folder, lock), (when, when))
 
@@ -145,14 +146,15 @@ class RunLock(IntegrationCase):
         with filesystems.stoppable_bindfs(self) as (mount, daemon):
             source = os.path.join(mount, "src")
             write_file(source, "a", b"a")
+            os.makedirs(os.path.dirname(self.lock_file()), mode=0o700)   # as runs left it
             daemon.send_signal(signal.SIGSTOP)
             time.sleep(1.5)   # past FUSE's attribute cache (1 s): every look now hangs
             hung = subprocess.Popen(self.command(source=source), env=self.env(),
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     stdin=subprocess.DEVNULL)
             self.addCleanup(hung.kill)
-            path_lock = os.path.join(os.path.dirname(self.lock_file()), "path-%s.lock" % (
-                source.replace("/", "%2F")))
+            path_lock = os.path.join(os.path.dirname(self.lock_file()),
+                                     s3server.s3push.path_lock_name(source))
             deadline = time.monotonic() + RUN_TIMEOUT
             while not os.path.exists(path_lock) or \
                     open(path_lock).read() != "%d\n" % hung.pid:

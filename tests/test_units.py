@@ -590,17 +590,33 @@ class Selection(unittest.TestCase):
         self.assertIn("mode 0770", refused.problem)
         self.assertIn("no HOME", s3push.open_state_folder(None).problem)
 
-    def test_the_path_locks_name_is_the_path_as_given(self):
+    def test_the_path_locks_name_is_the_host_and_the_path_as_given(self):
         name = s3push.path_lock_name
-        self.assertEqual(name("/data/in%/"), "path-%2Fdata%2Fin%25.lock")
-        self.assertEqual(name("/data/./in"), name("/data/in"))
+        host = os.uname().nodename.replace("%", "%25").replace("/", "%2F")
+        self.assertEqual(name("/data/in%/"), "path-%s-%%2Fdata%%2Fin%%25%%2F.lock" % host)
         self.assertEqual(name("in"), name(os.path.join(os.getcwd(), "in")))
+        self.assertNotEqual(name("/data/x/.."), name("/data"))   # x may be a symlink
         self.assertNotEqual(name("/data/in%2Fx"), name("/data/in/x"))
         long = name("/" + "d" * 300)
         self.assertEqual(len(long), len("path-.lock") + 64)
         self.assertNotEqual(long, name("/" + "d" * 301))
         raw = name(os.fsdecode(b"/caf\xe9"))   # not UTF-8: a name all the same
-        self.assertEqual(os.fsencode(raw), b"path-%2Fcaf\xe9.lock")
+        self.assertTrue(os.fsencode(raw).endswith(b"-%2Fcaf\xe9.lock"), raw)
+
+    def test_the_path_lock_waits_for_a_state_folder_outside_the_source(self):
+        top = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, top)
+        state, source = os.path.join(top, "state"), os.path.join(top, "src")
+        for folder in (None, state, os.path.join(source, ".state"), source):
+            self.assertEqual(s3push.take_path_lock(folder, source), (True, None))
+        self.assertEqual(os.listdir(top), [])   # nothing made: neither folder
+        os.mkdir(state)
+        self.assertEqual(s3push.take_path_lock(state, source), (True, None))
+        lock, = os.listdir(state)
+        self.assertEqual(lock, s3push.path_lock_name(source))
+        # (This process holds it now: a second open file of it cannot take it.)
+        held, holder = s3push.take_path_lock(state, source)
+        self.assertEqual((held, holder.pid), (False, os.getpid()))
 
     def test_a_python_without_the_at_calls_is_told_what_is_missing(self):
         s3push.check_platform()
