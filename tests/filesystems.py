@@ -278,36 +278,34 @@ def fill_inodes(mount):
 
 
 @contextlib.contextmanager
+def bindfs(test, *options):
+    """(mount, its daemon's Popen): bindfs with options over a backing folder."""
+    need_root(test, "bindfs")
+    need_fuse(test, "bindfs")
+    binary, env = fusefs_tool(test, "usr/bin/bindfs", "bindfs")
+    with scratch("bindfs") as (top, mount):
+        backing = os.path.join(top, "backing")
+        os.mkdir(backing)
+        argv = [binary, "-f"] + list(options) + [backing, mount]
+        with fuse_daemon(argv, mount, env, os.path.join(top, "bindfs.log")) as daemon:
+            yield mount, daemon
+
+
+@contextlib.contextmanager
 def mode_ignoring_bindfs(test):
     """bindfs --perms=0755 --chmod-ignore over a backing folder: every file and folder
     reads 0755, whatever it was made or chmod'ed with (as on some NAS and container
     mounts), while the backing folder keeps the real modes."""
-    need_root(test, "bindfs")
-    need_fuse(test, "bindfs")
-    bindfs, env = fusefs_tool(test, "usr/bin/bindfs", "bindfs")
-    with scratch("bindfs") as (top, mount):
-        backing = os.path.join(top, "backing")
-        os.mkdir(backing)
-        argv = [bindfs, "-f", "--perms=0755", "--chmod-ignore", backing, mount]
-        with fuse_daemon(argv, mount, env, os.path.join(top, "bindfs.log")):
-            check_modes_ignored(mount, "bindfs")
-            yield mount
+    with bindfs(test, "--perms=0755", "--chmod-ignore") as (mount, _):
+        check_modes_ignored(mount, "bindfs")
+        yield mount
 
 
-@contextlib.contextmanager
 def stoppable_bindfs(test):
-    """(mount, its daemon's Popen): bindfs over a backing folder. Stopped (SIGSTOP), the
-    daemon makes a dead mount: a look at anything in it hangs until it is resumed, as on
-    an NFS mount whose server is gone. Resumed on the way out."""
-    need_root(test, "bindfs")
-    need_fuse(test, "bindfs")
-    bindfs, env = fusefs_tool(test, "usr/bin/bindfs", "bindfs")
-    with scratch("bindfs") as (top, mount):
-        backing = os.path.join(top, "backing")
-        os.mkdir(backing)
-        argv = [bindfs, "-f", backing, mount]
-        with fuse_daemon(argv, mount, env, os.path.join(top, "bindfs.log")) as daemon:
-            yield mount, daemon
+    """(mount, its daemon's Popen): plain bindfs. Stopped (SIGSTOP), the daemon makes a
+    dead mount: a look at anything in it hangs until it is resumed, as on an NFS mount
+    whose server is gone. Resumed on the way out (see fuse_daemon)."""
+    return bindfs(test)
 
 
 @contextlib.contextmanager
