@@ -1318,11 +1318,12 @@ class SilenceWatch(object):
     answered 502 or 504 by a gateway (a proxy, a load balancer: no x-amz-request-id) that
     heard nothing from the endpoint behind it. Counted from when the first of them last
     heard from it (--timeout before it timed out, the gateway's answer itself; not before
-    the last answer) to the last. A gateway's answers make it silent only once requests
-    for two keys or more went unanswered: one file that a gateway always refuses (it
-    breaks the server behind) is that file's failure, not the endpoint's. Any other
-    answer, or a failure that is no timeout (a reset), ends the count. A slow request is
-    retried as usual; with nothing else answered, once.
+    the last answer) to the last. A gateway's answers make it silent only while requests
+    for two keys or more, not given up, go unanswered: a file that a gateway always
+    refuses (it breaks the server behind) is that file's failure, not the endpoint's, and
+    leaves the count once given up. Any other answer, or a failure that is no timeout (a
+    reset), ends the count. A slow request is retried as usual; with nothing else
+    answered, once.
 
     Once silent, every request of the run fails with one UnreachableError (exit 75,
     fatal): those in flight at once (their connections shut), the others before they
@@ -1384,15 +1385,13 @@ class SilenceWatch(object):
                 self.silent(where, now - self.since)
             return self.error()
 
-    def holds(self, key, quiet):
-        """Whether a request for key, out of retries on a gateway's answer, is sent again:
-        while nothing was heard since quiet (self.heard then), for as long as the count
-        may still make the endpoint silent (twice --timeout), and past that while a
-        request for another key went unanswered (the next one makes it silent)."""
+    def given_up(self, key):
+        """The request for key got a gateway's answer to its last retry: its file failed,
+        and its key leaves the count (which ends with no key left)."""
         with self.lock:
-            return self.heard == quiet and self.since is not None and (
-                time.monotonic() - self.since < 2 * self.timeout or
-                bool(self.keys - {key}))
+            self.keys.discard(key)
+            if not self.keys:
+                self.since = None
 
     def silent(self, where, seconds):
         """Give up on the endpoint: requests in flight end now, not a --timeout later."""
@@ -1584,13 +1583,9 @@ class S3Client(object):
         from disk again. validate(response), if given, checks a 2xx answer and raises
         TemporaryError to have the request retried (an ETag that is not the MD5 sent, a
         complete without its result). A server that refuses connections is not retried,
-        nor one that stopped answering (SilenceWatch). A gateway's 502 or 504 (see
-        SilenceWatch) goes on being retried past the retries while nothing is heard from
-        the endpoint (SilenceWatch.holds): the endpoint's silence, counted meanwhile,
-        ends the run within twice --timeout, in one line and not one per file given up.
+        nor one that stopped answering (SilenceWatch).
         """
         retry = corrections = 0
-        quiet = None   # self.watch.heard when the retries ran out on a gateway's answer
         while True:
             self.watch.check()   # a silent endpoint (SilenceWatch) is asked nothing more
             used = self.session.snapshot()
@@ -1610,17 +1605,12 @@ class S3Client(object):
                 if not is_retryable(response):
                     return response
                 retry_after = response.header("retry-after")
-            spent = retry >= self.retries
-            if spent and failure is None and \
-                    response.status in SilenceWatch.GATEWAY_STATUSES:
-                quiet = self.watch.heard if quiet is None else quiet
-                spent = not self.watch.holds(key, quiet)
-            # Past the retries, the backoff's own wait: a Retry-After of 0 is no loop.
-            delay = backoff_delay(retry, "" if retry >= self.retries else retry_after,
-                                  random.random())
-            if spent or not self.deadline.allows_wait(delay):
+            delay = backoff_delay(retry, retry_after, random.random())
+            if retry >= self.retries or not self.deadline.allows_wait(delay):
                 if failure is not None:
                     raise failure
+                if response.status in SilenceWatch.GATEWAY_STATUSES:
+                    self.watch.given_up(key)
                 return response
             self.watch.stopped.wait(delay)
             retry += 1
@@ -6748,8 +6738,7 @@ def add_transfer_options(group):
     group.add_argument("--retries", type=non_negative_int, default=DEFAULT_RETRIES,
                        metavar="N", help="retry a request that failed for a transient reason "
                        "(5xx, throttling, a broken connection) up to N times, with "
-                       "exponential backoff (default %(default)s); a gateway's 502 or 504 "
-                       "past N while nothing else is answered (see --timeout)")
+                       "exponential backoff (default %(default)s)")
     group.add_argument("--jobs", type=positive_int, default=DEFAULT_JOBS, metavar="N",
                        help="files and parts sent at once, each over its own kept-alive "
                        "connection (default %(default)s)")

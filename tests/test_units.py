@@ -1803,15 +1803,17 @@ class SilenceRule(unittest.TestCase):
         self.assertIsNone(watch.since)
         self.assertIsNone(got(502))
         self.assertGreater(watch.since, time.monotonic() - 1)   # not backdated a --timeout
-        self.assertTrue(watch.holds("k", watch.heard))   # sent again past its retries
-        self.assertFalse(watch.holds("k", watch.heard - 1))   # not: answered since
         watch.since -= 10
         self.assertIsNone(got(504))   # one key alone: that file's failure
-        self.assertFalse(watch.holds("k", watch.heard))
-        self.assertTrue(watch.holds("other", watch.heard))
+        watch.given_up("k")   # and once given up, out of the count
+        self.assertIsNone(watch.since)
+        self.assertIsNone(got(502, "next"))
+        watch.since -= 10
+        self.assertIsNone(got(502, "next"))
         watch.since += 6.1   # 3.9 s of gateway answers
         self.assertIsNone(got(504, "other"))
-        self.assertTrue(watch.holds("k", watch.heard))
+        watch.given_up("gone")   # a key not counted: nothing changes
+        self.assertEqual(watch.keys, {"next", "other"})
         watch.since -= 0.2
         error = got(502, "third")
         self.assertIsInstance(error, s3push.UnreachableError)
