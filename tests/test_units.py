@@ -1699,6 +1699,7 @@ class PartsAndRetries(unittest.TestCase):
         self.assertAlmostEqual(s3push.backoff_delay(0, "", 0.5), 0.1)
         self.assertAlmostEqual(s3push.backoff_delay(3, "", 0.999), 0.999 * 1.6)
         self.assertEqual(s3push.backoff_delay(30, "", 0.5), 10.0, "capped at 20 s")
+        self.assertEqual(s3push.backoff_delay(5000, "", 0.5), 10.0, "--retries 5000")
         self.assertEqual(s3push.backoff_delay(0, "3", 0.5), 3.0, "Retry-After wins")
         self.assertEqual(s3push.backoff_delay(0, "9999", 0.5), 60.0)
 
