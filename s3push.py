@@ -6172,9 +6172,11 @@ def take_path_lock(state_dir, source):
     taken, where the state folder is not there yet (it is made once SOURCE_DIR is found),
     is spelt inside SOURCE_DIR (it would hang as well), or cannot keep it (take_run_lock
     says so). The descriptor stays open (the lock held) until the process ends."""
-    if not state_dir:
+    try:   # (abspath: the working directory may be gone; check_source then says so)
+        inside = os.path.relpath(os.path.abspath(state_dir), os.path.abspath(source)) \
+            if state_dir else os.curdir
+    except OSError:
         return True, None
-    inside = os.path.relpath(os.path.abspath(state_dir), os.path.abspath(source))
     if inside != os.pardir and not inside.startswith(os.pardir + os.sep):
         return True, None
     state = open_state_folder(state_dir, make=False)

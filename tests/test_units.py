@@ -617,6 +617,15 @@ class Selection(unittest.TestCase):
         # (This process holds it now: a second open file of it cannot take it.)
         held, holder = s3push.take_path_lock(state, source)
         self.assertEqual((held, holder.pid), (False, os.getpid()))
+        gone = os.path.join(top, "gone")   # a relative SOURCE_DIR, the working folder gone
+        os.mkdir(gone)
+        here = os.getcwd()
+        os.chdir(gone)
+        try:
+            os.rmdir(gone)
+            self.assertEqual(s3push.take_path_lock(state, "src"), (True, None))
+        finally:
+            os.chdir(here)
 
     def test_a_python_without_the_at_calls_is_told_what_is_missing(self):
         s3push.check_platform()
