@@ -4889,57 +4889,111 @@ def fixed_in_place(fd, info):
 TAKE_LEASES = True   # the tests turn it off to exercise the /proc fallback
 
 
-def fd_writable(fdinfo_path):
-    """True when the 'flags:' line of a /proc fdinfo file gives O_WRONLY or O_RDWR."""
+def fd_facts(fdinfo_path):
+    """(writable, mount id) of the descriptor a /proc fdinfo file tells of: writable when
+    its 'flags:' give O_WRONLY or O_RDWR; the mount id None where the kernel does not give
+    it ('mnt_id:' from Linux 3.15)."""
+    writable = mount = None
     with open(fdinfo_path) as handle:
         for line in handle:
-            if line.startswith("flags:"):
-                return int(line.split()[1], 8) & os.O_ACCMODE != os.O_RDONLY
-    return False
+            name, _, value = line.partition(":")
+            if name == "flags":
+                writable = int(value, 8) & os.O_ACCMODE != os.O_RDONLY
+            elif name == "mnt_id":
+                mount = int(value)
+    return bool(writable), mount
 
 
-def proc_writers(proc):
-    """{(device, inode)} of every file open for writing in the processes under proc (those
-    this user may see): /proc/PID/fd names the file, /proc/PID/fdinfo its access mode."""
-    found = set()
-    for pid in os.listdir(proc):
-        if not pid.isdigit():
-            continue
-        try:
-            names = os.listdir(os.path.join(proc, pid, "fd"))
-        except OSError:
-            continue   # gone, or another user's
-        for name in names:
-            try:
-                if fd_writable(os.path.join(proc, pid, "fdinfo", name)):
-                    target = os.stat(os.path.join(proc, pid, "fd", name))
-                    found.add((target.st_dev, target.st_ino))
-            except OSError:
-                continue   # closed meanwhile
+def mount_filesystems(mountinfo_path):
+    """{mount id: 'major:minor' of its filesystem} from a /proc mountinfo file."""
+    found = {}
+    with open(mountinfo_path) as handle:
+        for line in handle:
+            fields = line.split(None, 3)
+            if len(fields) > 2 and fields[0].isdigit():
+                found[int(fields[0])] = fields[2]
     return found
 
 
+class WriterView(object):
+    """The descriptors open for writing in the processes under proc (those this user may
+    see) at one moment: /proc/PID/fdinfo gives each one's access mode and mount, mountinfo
+    each mount's filesystem. Which file a descriptor has open is asked (a stat() of
+    /proc/PID/fd/N) only of those on the filesystem of a file asked about: a stat() of every
+    target would hang on one unrelated file of a dead NFS or FUSE mount. (Inode numbers in
+    fdinfo are no substitute: on overlayfs they need not be those stat() gives.)"""
+
+    def __init__(self, proc):
+        self.proc = proc
+        self.places = []        # (mount id or None, /proc/PID/fd/N) of each such descriptor
+        self.filesystems = {}   # mount id: 'major:minor'
+        self.files = {}         # 'major:minor' (None: unknown): {(device, inode)} open there
+        mounts = {}   # pid: the mounts of its descriptors
+        for pid in os.listdir(proc):
+            if not pid.isdigit():
+                continue
+            try:
+                names = os.listdir(os.path.join(proc, pid, "fd"))
+            except OSError:
+                continue   # gone, or another user's
+            for name in names:
+                try:
+                    writable, mount = fd_facts(os.path.join(proc, pid, "fdinfo", name))
+                except (OSError, ValueError):
+                    continue   # closed meanwhile
+                if writable:
+                    self.places.append((mount, os.path.join(proc, pid, "fd", name)))
+                    mounts.setdefault(pid, set()).add(mount)
+        for pid in ["self"] + sorted(mounts):   # the mounts of other mount namespaces too
+            if pid != "self" and (mounts[pid] - {None}).issubset(self.filesystems):
+                continue
+            try:
+                self.filesystems.update(mount_filesystems(os.path.join(proc, pid,
+                                                                       "mountinfo")))
+            except (OSError, ValueError):
+                pass   # gone: its descriptors are looked at as on unknown filesystems
+
+    def writes(self, fd, info):
+        """Whether a descriptor of the view has the file of info (open as fd) open."""
+        try:
+            mount = fd_facts(os.path.join(self.proc, "self", "fdinfo", str(fd)))[1]
+        except (OSError, ValueError):
+            mount = None
+        filesystem = self.filesystems.get(mount)
+        if filesystem not in self.files:
+            found = set()
+            for place, link in self.places:
+                if filesystem is None or self.filesystems.get(place) in (filesystem, None):
+                    try:
+                        target = os.stat(link)
+                    except OSError:
+                        continue   # closed meanwhile
+                    found.add((target.st_dev, target.st_ino))
+            self.files[filesystem] = found
+        return (info.st_dev, info.st_ino) in self.files[filesystem]
+
+
 class WriterIndex(object):
-    """The files open for writing as /proc shows them: built on first use (an idle tick
-    never pays for it), and again only when a check needs a newer view than the last."""
+    """The files open for writing as /proc shows them: a WriterView built on first use (an
+    idle tick never pays for it), and again only when a check needs a newer view."""
 
     def __init__(self, proc="/proc"):
         self.proc = proc
         self.lock = threading.Lock()
         self.built = None   # time.monotonic() when the last view was started
-        self.writing = frozenset()
+        self.view = None
 
-    def has_writer(self, info, since):
-        """Whether the file of info is open for writing, in a view started after `since`;
-        None when there is no /proc to tell."""
+    def has_writer(self, fd, info, since):
+        """Whether the file of info (open as fd) is open for writing, in a view started
+        after `since`; None when there is no /proc to tell."""
         with self.lock:
             if self.built is None or self.built < since:
                 if not os.path.isdir(os.path.join(self.proc, "self", "fdinfo")):
                     return None
                 started = time.monotonic()
-                self.writing = frozenset(proc_writers(self.proc))
+                self.view = WriterView(self.proc)
                 self.built = started
-            return (info.st_dev, info.st_ino) in self.writing
+            return self.view.writes(fd, info)
 
 
 # still_written's answer where the lease was refused (another account's file, and no
@@ -4965,7 +5019,7 @@ def still_written(fd, info, index, since):
         else:
             fcntl.fcntl(fd, lease, fcntl.F_UNLCK)
             return False
-    seen = index.has_writer(info, since)
+    seen = index.has_writer(fd, info, since)
     return OTHERS_UNSEEN if refused and seen is False else seen
 
 

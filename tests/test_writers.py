@@ -5,20 +5,23 @@ the BSDs: the foreign-platform run) writers go unseen, -v says so once, and --mi
 all there is.
 
 OpenWritersUnit checks the detection in this process (s3push.still_written, WriterIndex,
-fd_writable); OpenWriters runs the real script against writer processes (helpers.WRITER),
+WriterView); OpenWriters runs the real script against writer processes (helpers.WRITER),
 each case with the lease and again with the lease off (TAKE_LEASES, see helpers), so that
 /proc answers; WritersUnseen runs only in the foreign-platform run.
 """
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import filesystems  # noqa: E402
 import s3server  # noqa: E402
 from helpers import (FOREIGN, RUN_TIMEOUT, WRITER, files_under,  # noqa: E402
                      skip_if_foreign, write_file, written)
@@ -196,7 +199,7 @@ class WritersUnseen(FaultCase):
 
 
 class OpenWritersUnit(unittest.TestCase):
-    """still_written, WriterIndex and fd_writable in this process: the lease, the /proc
+    """still_written, WriterIndex and WriterView in this process: the lease, the /proc
     view and their absence (was test_units.OpenWriters; the runs are OpenWriters)."""
 
     def setUp(self):
@@ -255,12 +258,88 @@ class OpenWritersUnit(unittest.TestCase):
         self.assertIsNone(s3push.still_written(self.fd, self.info, index, 0))
 
     def test_fdinfo_flags(self):
-        for flags, writable in (("0100000", False), ("02", True), ("0100001", True),
-                                ("0102002", True), ("02100000", False)):
+        for text, facts in (("flags:\t0100000\nmnt_id:\t25\n", (False, 25)),
+                            ("flags:\t02\nmnt_id:\t7\nino:\t12\n", (True, 7)),
+                            ("pos:\t0\nflags:\t0100001\n", (True, None)),
+                            ("flags:\t0102002\n", (True, None)),
+                            ("flags:\t02100000\nmnt_id:\t3\n", (False, 3))):
             path = os.path.join(self.root, "fdinfo")
             with open(path, "w") as handle:
-                handle.write("pos:\t0\nflags:\t%s\nmnt_id:\t25\n" % flags)
-            self.assertIs(s3push.fd_writable(path), writable, flags)
+                handle.write("pos:\t0\n" + text)
+            self.assertEqual(s3push.fd_facts(path), facts, text)
+
+    def fake_proc(self, fdinfo, mountinfo):
+        """A /proc of one other process (pid 100) whose descriptor 5 is this file, its
+        fdinfo the text fdinfo, and of this one, whose fd is on mount 7 (0:50)."""
+        proc = os.path.join(self.root, "proc")
+        for folder in ("self/fdinfo", "100/fd", "100/fdinfo"):
+            os.makedirs(os.path.join(proc, folder))
+        with open(os.path.join(proc, "self", "fdinfo", str(self.fd)), "w") as handle:
+            handle.write("pos:\t0\nflags:\t0100000\nmnt_id:\t7\n")
+        with open(os.path.join(proc, "self", "mountinfo"), "w") as handle:
+            handle.write("7 1 0:50 / / rw - ext4 /dev/x rw\n%s" % mountinfo)
+        os.symlink(self.path, os.path.join(proc, "100", "fd", "5"))
+        with open(os.path.join(proc, "100", "fdinfo", "5"), "w") as handle:
+            handle.write("pos:\t0\n" + fdinfo)
+        return s3push.WriterIndex(proc)
+
+    def test_only_descriptors_on_the_file_s_filesystem_are_looked_at(self):
+        """The view asks which file a descriptor has open (a stat() of its /proc link)
+        where its mount is of the file's filesystem, or unknown (no mnt_id, a mount of
+        another namespace gone); never where it is of another filesystem."""
+        s3push.TAKE_LEASES = False
+        for fdinfo, mountinfo, seen in (
+                ("flags:\t01\nmnt_id:\t7\n", "", True),
+                ("flags:\t01\nmnt_id:\t8\n", "8 1 0:50 /sub /mnt rw - ext4 /dev/x rw\n", True),
+                ("flags:\t01\n", "", True),
+                ("flags:\t01\nmnt_id:\t9\n", "", True),
+                ("flags:\t01\nmnt_id:\t9\n", "9 1 0:51 / /nfs rw - nfs4 h:/ rw\n", False),
+                ("flags:\t0\nmnt_id:\t7\n", "", False)):
+            shutil.rmtree(os.path.join(self.root, "proc"), ignore_errors=True)
+            index = self.fake_proc(fdinfo, mountinfo)
+            self.assertIs(s3push.still_written(self.fd, self.info, index, time.monotonic()),
+                          seen, (fdinfo, mountinfo))
+
+    def test_a_writer_through_a_bind_mount_is_seen(self):
+        """The same file through another mount of its filesystem: another mount id, the
+        same filesystem, so looked at."""
+        filesystems.need_root(self, "a bind mount")
+        other = tempfile.mkdtemp()
+        self.addCleanup(os.rmdir, other)
+        subprocess.run(["mount", "--bind", self.root, other], check=True)
+        self.addCleanup(filesystems.unmount, other)
+        for leases in (True, False):
+            s3push.TAKE_LEASES = leases
+            with open(os.path.join(other, "f"), "ab"):
+                self.assertIs(s3push.still_written(self.fd, self.info, s3push.WriterIndex(),
+                                                   time.monotonic()), True, leases)
+
+    def test_a_writer_on_a_dead_mount_holds_up_no_check(self):
+        """A process writes a file of a dead mount (a FUSE daemon stopped, as an NFS mount
+        whose server is gone): the /proc view of a file elsewhere still answers."""
+        s3push.TAKE_LEASES = False
+        with filesystems.stoppable_bindfs(self) as (mount, daemon):
+            writer = subprocess.Popen(
+                [sys.executable, "-c", "import sys, time; log = open(sys.argv[1], 'ab'); "
+                 "print(flush=True); time.sleep(600)", os.path.join(mount, "log")],
+                stdout=subprocess.PIPE)
+            try:
+                writer.stdout.readline()   # the log is open
+                daemon.send_signal(signal.SIGSTOP)
+                try:
+                    time.sleep(1.5)   # past FUSE's attribute cache (1 s): every look hangs
+                    answers = []
+                    check = threading.Thread(target=lambda: answers.append(
+                        s3push.still_written(self.fd, self.info, s3push.WriterIndex(),
+                                             time.monotonic())), daemon=True)
+                    check.start()
+                    check.join(RUN_TIMEOUT)
+                    self.assertEqual(answers, [False], "the check hung on the dead mount")
+                finally:
+                    daemon.send_signal(signal.SIGCONT)
+            finally:
+                writer.kill()
+                writer.wait()
 
 
 if __name__ == "__main__":
