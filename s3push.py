@@ -91,8 +91,8 @@ if sys.version_info < (3, 6):
 # Imported by load_deferred_modules() where the scan first finds a file, so that a cron
 # tick with nothing to send never pays for them (they are half the start-up time).
 DEFERRED_MODULES = ("base64", "calendar", "configparser", "datetime", "email.utils", "hashlib",
-                    "hmac", "json", "mimetypes", "random", "shlex", "socket", "ssl", "struct",
-                    "subprocess", "urllib.parse", "xml.etree.ElementTree", "zlib")
+                    "hmac", "json", "mimetypes", "random", "select", "shlex", "socket", "ssl",
+                    "struct", "subprocess", "urllib.parse", "xml.etree.ElementTree", "zlib")
 
 
 def load_deferred_modules():
@@ -1236,6 +1236,8 @@ class Connection(object):
             if self.proxy.authorization:
                 headers = dict(headers, **{"proxy-authorization": self.proxy.authorization})
         head = request_head(method, target, headers)
+        if self.sock is not None and self.ended():
+            self.close()
         if self.sock is None:
             self.open()
         try:
@@ -1247,6 +1249,21 @@ class Connection(object):
         if not answer.reusable:   # closed by the server, or a body left unread in it
             self.close()
         return answer.response
+
+    def ended(self):
+        """Whether the server ended this idle connection (its keep-alive timed out: a FIN,
+        or a 408 said unasked). A request sent on it would be lost to a reset and cost a
+        retry; under --retries 0, its file stays for the next run."""
+        try:
+            if hasattr(self.sock, "pending") and self.sock.pending():
+                return True   # TLS bytes already in: a close_notify, or unasked words
+            if hasattr(select, "poll"):
+                poller = select.poll()
+                poller.register(self.sock, select.POLLIN)
+                return bool(poller.poll(0))
+            return bool(select.select([self.sock], [], [], 0)[0])   # some macOS builds
+        except (OSError, ValueError):   # select: a descriptor above FD_SETSIZE
+            return False
 
     def send(self, head, body):
         if isinstance(body, bytes) and self.rate_limit is None:

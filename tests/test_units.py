@@ -9,6 +9,7 @@ import hashlib
 import inspect
 import os
 import re
+import select
 import shutil
 import socket
 import stat
@@ -1438,6 +1439,48 @@ class CutAnswers(unittest.TestCase):
                          .body, b"to the end")
 
 
+class IdleConnections(unittest.TestCase):
+    """A kept-alive connection that the server ended while it was idle (its keep-alive
+    timeout: a FIN, or a 408 said unasked first) is not used again: the next request goes
+    on a new one, and costs no retry."""
+
+    def test_an_ended_connection_is_replaced(self):
+        for parting in (b"", b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n\r\n"):
+            listener = socket.socket()
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(2)
+            self.addCleanup(listener.close)
+            ended = threading.Event()
+
+            def serve():
+                for number in (1, 2):
+                    client, _ = listener.accept()
+                    with client:
+                        client.recv(65536)
+                        client.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n%d"
+                                       % number)
+                        if number == 1:
+                            client.sendall(parting)
+                            client.shutdown(socket.SHUT_WR)
+                            client.recv(1)   # until the client closes its end
+                            ended.set()
+                        else:
+                            client.recv(65536)   # until the client closes
+            thread = threading.Thread(target=serve, daemon=True)
+            thread.start()
+            connection = s3push.Connection("http", "127.0.0.1", listener.getsockname()[1], 10)
+            try:
+                self.assertEqual(connection.exchange("GET", "/k", {"host": "h"}, b"").body,
+                                 b"1")
+                time.sleep(0.2)   # the server's FIN (and its 408) are in
+                self.assertEqual(connection.exchange("GET", "/k", {"host": "h"}, b"").body,
+                                 b"2", parting)
+                self.assertTrue(ended.wait(10))
+            finally:
+                connection.close()
+                thread.join(10)
+
+
 class AnswerParsing(unittest.TestCase):
     """Connection reads answers itself: over one end of a socketpair, the test's server
     writing raw answers on the other."""
@@ -1456,6 +1499,7 @@ class AnswerParsing(unittest.TestCase):
         server = self.server   # this one: setUp() may make another pair meanwhile
 
         def write():
+            select.select([server], [], [], 10)   # once the request came, as a server does
             server.sendall(raw)
             if close:
                 server.shutdown(socket.SHUT_WR)
@@ -1505,6 +1549,7 @@ class AnswerParsing(unittest.TestCase):
         server = self.server
 
         def trickle():   # a byte at a time: the head is never held whole
+            select.select([server], [], [], 10)   # once the request came
             for byte in range(len(head)):
                 server.sendall(head[byte:byte + 1])
                 time.sleep(0.002)
