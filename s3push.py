@@ -361,6 +361,24 @@ def write_atomically(path, data, mode):
         pass   # the file is whole either way; only its name may not last a power cut
 
 
+TORN_WRITE = re.compile(r"\.[0-9]+\.tmp\Z")   # what a kill in write_atomically leaves
+
+
+def remove_torn_writes(folder):
+    """Remove the PATH.PID.tmp files that write_atomically left in folder when a run was
+    killed mid-write. Only for a folder that no other run writes meanwhile (one that this
+    run's lock keeps)."""
+    try:
+        names = [name for name in os.listdir(folder) if TORN_WRITE.search(name)]
+    except OSError:
+        return
+    for name in names:
+        try:
+            os.unlink(os.path.join(folder, name))
+        except OSError:
+            pass
+
+
 # The interpreter runs the Python of one thread at a time, and a thread hands that lock on
 # at nearly every system call (a dozen for each small file). Threads spread over several
 # CPUs hand it across them, each time waking another CPU to cold caches: on two CPUs that
@@ -5248,6 +5266,7 @@ class Job(object):
         # The folder of this source and destination in the state folder, if usable.
         pair = pair_folder(state.path, options.source, destination) \
             if state.fd is not None else None
+        self.pair = pair
         self.ledger = Ledger(pair, report.notices, state.problem)
         self.manifest = Manifest(options.manifest, options.source, self.run_id,
                                  report.notices) \
@@ -6186,6 +6205,8 @@ def move_or_plan(options, environ, settings, destination, report, files, root, a
         send_manifest_objects(job, own, pending)
     if job.journals is not None:
         job.journals.sweep(root, time.time())
+    if job.pair is not None:
+        remove_torn_writes(job.pair)
     if options.delete_empty_dirs:
         remove_empty_dirs(root, report.tally.moved_from)
 

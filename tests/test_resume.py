@@ -250,7 +250,7 @@ class Resume(FaultCase):
         self.assertIn("XDG_STATE_HOME", result.stderr)
         self.assertEqual(files_under(self.source), [b"f"])
 
-    def test_journals_of_files_gone_or_too_old_are_removed(self):
+    def test_journals_of_files_gone_or_too_old_and_torn_writes_are_removed(self):
         aside = os.path.join(self.tmp, "aside")
         os.makedirs(aside)
         journals = {}
@@ -269,9 +269,16 @@ class Resume(FaultCase):
         for name in ("old.bin", "kept.bin"):
             os.rename(os.path.join(aside, name), os.path.join(self.source, name))
         write_file(self.source, "small", b"x")   # a run with something to do
+        pair = os.path.dirname(journals["kept.bin"])
+        torn = [journals["gone.bin"] + ".4242.tmp", os.path.join(pair, "confirmed.jsonl.17.tmp")]
+        for path in torn:   # what runs killed in write_atomically left
+            write_file(pair, os.path.basename(path), b"{")
+        write_file(pair, "notes.tmp", b"not ours")
         proxy, status, _, err = self.run_through("--exclude", "*.bin")
         self.assertEqual(status, 0, err)
         self.assertEqual(self.journals(), [journals["kept.bin"]])
+        self.assertEqual([os.path.exists(path) for path in torn], [False, False])
+        self.assertTrue(os.path.exists(os.path.join(pair, "notes.tmp")))
 
     def killed_run_of(self, name):
         proxy, status, _, err = self.run_through("--jobs", "1", kill_at=2)
