@@ -4925,24 +4925,25 @@ TAKE_LEASES = True   # the tests turn it off to exercise the /proc fallback
 
 
 def fd_facts(fdinfo_path):
-    """(writable, mount id) of the descriptor a /proc fdinfo file tells of: writable when
-    its 'flags:' give O_WRONLY or O_RDWR; the mount id None where the kernel does not give
-    it ('mnt_id:' from Linux 3.15)."""
-    writable = mount = None
-    with open(fdinfo_path) as handle:
+    """(writable, mount id, inode number) of the descriptor a /proc fdinfo file tells of:
+    writable when its 'flags:' give O_WRONLY or O_RDWR; each number None where the kernel
+    does not give it ('mnt_id:' from Linux 3.15, 'ino:' from 5.14)."""
+    writable, facts = None, {}
+    with open(fdinfo_path, "rb") as handle:
         for line in handle:
-            name, _, value = line.partition(":")
-            if name == "flags":
+            name, _, value = line.partition(b":")
+            if name == b"flags":
                 writable = int(value, 8) & os.O_ACCMODE != os.O_RDONLY
-            elif name == "mnt_id":
-                mount = int(value)
-    return bool(writable), mount
+            elif name in (b"mnt_id", b"ino"):
+                facts[name] = int(value)
+    return bool(writable), facts.get(b"mnt_id"), facts.get(b"ino")
 
 
 def mount_filesystems(mountinfo_path):
-    """{mount id: 'major:minor' of its filesystem} from a /proc mountinfo file."""
+    """{mount id: b'major:minor' of its filesystem} from a /proc mountinfo file (read as
+    bytes: a mount point's name need not decode)."""
     found = {}
-    with open(mountinfo_path) as handle:
+    with open(mountinfo_path, "rb") as handle:
         for line in handle:
             fields = line.split(None, 3)
             if len(fields) > 2 and fields[0].isdigit():
@@ -4952,18 +4953,21 @@ def mount_filesystems(mountinfo_path):
 
 class WriterView(object):
     """The descriptors open for writing in the processes under proc (those this user may
-    see) at one moment: /proc/PID/fdinfo gives each one's access mode and mount, mountinfo
-    each mount's filesystem. Which file a descriptor has open is asked (a stat() of
-    /proc/PID/fd/N) only of those on the filesystem of a file asked about: a stat() of every
-    target would hang on one unrelated file of a dead NFS or FUSE mount. (Inode numbers in
-    fdinfo are no substitute: on overlayfs they need not be those stat() gives.)"""
+    see) at one moment: /proc/PID/fdinfo gives each one's access mode, mount and inode
+    number, mountinfo each mount's filesystem (read once for each mount namespace). Which
+    file a descriptor has open is asked (a stat() of /proc/PID/fd/N) only where it may be
+    the file asked about: of a descriptor on that file's filesystem; of one on a mount no
+    mountinfo shows (lazily unmounted; pipes, sockets), only where fdinfo gives the file's
+    inode number or none. A stat() of every target would hang on one unrelated file of a
+    dead NFS or FUSE mount. (Inode numbers alone are no proof: on overlayfs those of
+    fdinfo need not be those stat() gives.)"""
 
     def __init__(self, proc):
         self.proc = proc
-        self.places = []        # (mount id or None, /proc/PID/fd/N) of each such descriptor
-        self.filesystems = {}   # mount id: 'major:minor'
-        self.files = {}         # 'major:minor' (None: unknown): {(device, inode)} open there
-        mounts = {}   # pid: the mounts of its descriptors
+        self.places = []        # (mount id, inode number, /proc/PID/fd/N) of each
+        self.filesystems = {}   # mount id: b'major:minor'
+        self.files = {}         # b'major:minor': {(device, inode)} open for writing there
+        mounts = {}   # pid: the mount ids of its descriptors
         for pid in os.listdir(proc):
             if not pid.isdigit():
                 continue
@@ -4973,20 +4977,30 @@ class WriterView(object):
                 continue   # gone, or another user's
             for name in names:
                 try:
-                    writable, mount = fd_facts(os.path.join(proc, pid, "fdinfo", name))
+                    writable, mount, inode = fd_facts(os.path.join(proc, pid, "fdinfo",
+                                                                   name))
                 except (OSError, ValueError):
                     continue   # closed meanwhile
                 if writable:
-                    self.places.append((mount, os.path.join(proc, pid, "fd", name)))
+                    self.places.append((mount, inode, os.path.join(proc, pid, "fd", name)))
                     mounts.setdefault(pid, set()).add(mount)
+        namespaces = set()
         for pid in ["self"] + sorted(mounts):   # the mounts of other mount namespaces too
             if pid != "self" and (mounts[pid] - {None}).issubset(self.filesystems):
                 continue
             try:
+                namespace = os.readlink(os.path.join(proc, pid, "ns", "mnt"))
+            except OSError:
+                namespace = None   # read its mountinfo whatever namespace it is in
+            if namespace is not None:
+                if namespace in namespaces:
+                    continue
+                namespaces.add(namespace)
+            try:
                 self.filesystems.update(mount_filesystems(os.path.join(proc, pid,
                                                                        "mountinfo")))
             except (OSError, ValueError):
-                pass   # gone: its descriptors are looked at as on unknown filesystems
+                pass   # gone: its descriptors are looked at as on mounts not shown
 
     def writes(self, fd, info):
         """Whether a descriptor of the view has the file of info (open as fd) open."""
@@ -4996,16 +5010,26 @@ class WriterView(object):
             mount = None
         filesystem = self.filesystems.get(mount)
         if filesystem not in self.files:
-            found = set()
-            for place, link in self.places:
-                if filesystem is None or self.filesystems.get(place) in (filesystem, None):
-                    try:
-                        target = os.stat(link)
-                    except OSError:
-                        continue   # closed meanwhile
-                    found.add((target.st_dev, target.st_ino))
-            self.files[filesystem] = found
-        return (info.st_dev, info.st_ino) in self.files[filesystem]
+            self.files[filesystem] = self.targets(
+                link for place, inode, link in self.places
+                if filesystem is not None and self.filesystems.get(place) == filesystem)
+        return (info.st_dev, info.st_ino) in self.files[filesystem] or \
+            (info.st_dev, info.st_ino) in self.targets(
+                link for place, inode, link in self.places
+                if (filesystem is None or self.filesystems.get(place) is None) and
+                inode in (info.st_ino, None))
+
+    @staticmethod
+    def targets(links):
+        """{(device, inode)} of the files the /proc/PID/fd/N links have open."""
+        found = set()
+        for link in links:
+            try:
+                target = os.stat(link)
+            except OSError:
+                continue   # closed meanwhile
+            found.add((target.st_dev, target.st_ino))
+        return found
 
 
 class WriterIndex(object):

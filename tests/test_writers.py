@@ -258,11 +258,11 @@ class OpenWritersUnit(unittest.TestCase):
         self.assertIsNone(s3push.still_written(self.fd, self.info, index, 0))
 
     def test_fdinfo_flags(self):
-        for text, facts in (("flags:\t0100000\nmnt_id:\t25\n", (False, 25)),
-                            ("flags:\t02\nmnt_id:\t7\nino:\t12\n", (True, 7)),
-                            ("pos:\t0\nflags:\t0100001\n", (True, None)),
-                            ("flags:\t0102002\n", (True, None)),
-                            ("flags:\t02100000\nmnt_id:\t3\n", (False, 3))):
+        for text, facts in (("flags:\t0100000\nmnt_id:\t25\n", (False, 25, None)),
+                            ("flags:\t02\nmnt_id:\t7\nino:\t12\n", (True, 7, 12)),
+                            ("pos:\t0\nflags:\t0100001\n", (True, None, None)),
+                            ("flags:\t0102002\n", (True, None, None)),
+                            ("flags:\t02100000\nmnt_id:\t3\n", (False, 3, None))):
             path = os.path.join(self.root, "fdinfo")
             with open(path, "w") as handle:
                 handle.write("pos:\t0\n" + text)
@@ -276,8 +276,8 @@ class OpenWritersUnit(unittest.TestCase):
             os.makedirs(os.path.join(proc, folder))
         with open(os.path.join(proc, "self", "fdinfo", str(self.fd)), "w") as handle:
             handle.write("pos:\t0\nflags:\t0100000\nmnt_id:\t7\n")
-        with open(os.path.join(proc, "self", "mountinfo"), "w") as handle:
-            handle.write("7 1 0:50 / / rw - ext4 /dev/x rw\n%s" % mountinfo)
+        with open(os.path.join(proc, "self", "mountinfo"), "wb") as handle:
+            handle.write(b"7 1 0:50 / / rw - ext4 /dev/x rw\n" + mountinfo)
         os.symlink(self.path, os.path.join(proc, "100", "fd", "5"))
         with open(os.path.join(proc, "100", "fdinfo", "5"), "w") as handle:
             handle.write("pos:\t0\n" + fdinfo)
@@ -285,16 +285,21 @@ class OpenWritersUnit(unittest.TestCase):
 
     def test_only_descriptors_on_the_file_s_filesystem_are_looked_at(self):
         """The view asks which file a descriptor has open (a stat() of its /proc link)
-        where its mount is of the file's filesystem, or unknown (no mnt_id, a mount of
-        another namespace gone); never where it is of another filesystem."""
+        where its mount is of the file's filesystem; where no mountinfo shows its mount
+        (lazily unmounted) or none was given (an old kernel), only if fdinfo gives the
+        file's inode number or none; never where its mount is of another filesystem."""
         s3push.TAKE_LEASES = False
+        ino = self.info.st_ino
         for fdinfo, mountinfo, seen in (
-                ("flags:\t01\nmnt_id:\t7\n", "", True),
-                ("flags:\t01\nmnt_id:\t8\n", "8 1 0:50 /sub /mnt rw - ext4 /dev/x rw\n", True),
-                ("flags:\t01\n", "", True),
-                ("flags:\t01\nmnt_id:\t9\n", "", True),
-                ("flags:\t01\nmnt_id:\t9\n", "9 1 0:51 / /nfs rw - nfs4 h:/ rw\n", False),
-                ("flags:\t0\nmnt_id:\t7\n", "", False)):
+                ("flags:\t01\nmnt_id:\t7\n", b"", True),
+                ("flags:\t01\nmnt_id:\t8\nino:\t%d\n" % (ino + 1),   # a mount elsewhere
+                 b"8 1 0:50 /sub /mnt rw - ext4 /dev/x rw\n", True),
+                ("flags:\t01\n", b"", True),
+                ("flags:\t01\nmnt_id:\t9\n", b"", True),
+                ("flags:\t01\nmnt_id:\t9\nino:\t%d\n" % ino, b"", True),
+                ("flags:\t01\nmnt_id:\t9\nino:\t%d\n" % (ino + 1), b"", False),
+                ("flags:\t01\nmnt_id:\t9\n", b"9 1 0:51 / /caf\xe9 rw - nfs4 h:/ rw\n", False),
+                ("flags:\t0\nmnt_id:\t7\n", b"", False)):
             shutil.rmtree(os.path.join(self.root, "proc"), ignore_errors=True)
             index = self.fake_proc(fdinfo, mountinfo)
             self.assertIs(s3push.still_written(self.fd, self.info, index, time.monotonic()),
@@ -314,6 +319,16 @@ class OpenWritersUnit(unittest.TestCase):
                 self.assertIs(s3push.still_written(self.fd, self.info, s3push.WriterIndex(),
                                                    time.monotonic()), True, leases)
 
+    def assert_answers(self, message):
+        """still_written (the /proc view) answers, and says no writer."""
+        answers = []
+        check = threading.Thread(target=lambda: answers.append(
+            s3push.still_written(self.fd, self.info, s3push.WriterIndex(),
+                                 time.monotonic())), daemon=True)
+        check.start()
+        check.join(RUN_TIMEOUT)
+        self.assertEqual(answers, [False], message)
+
     def test_a_writer_on_a_dead_mount_holds_up_no_check(self):
         """A process writes a file of a dead mount (a FUSE daemon stopped, as an NFS mount
         whose server is gone): the /proc view of a file elsewhere still answers."""
@@ -328,13 +343,10 @@ class OpenWritersUnit(unittest.TestCase):
                 daemon.send_signal(signal.SIGSTOP)
                 try:
                     time.sleep(1.5)   # past FUSE's attribute cache (1 s): every look hangs
-                    answers = []
-                    check = threading.Thread(target=lambda: answers.append(
-                        s3push.still_written(self.fd, self.info, s3push.WriterIndex(),
-                                             time.monotonic())), daemon=True)
-                    check.start()
-                    check.join(RUN_TIMEOUT)
-                    self.assertEqual(answers, [False], "the check hung on the dead mount")
+                    self.assert_answers("the check hung on the dead mount")
+                    # As an operator clears a hung NFS mount: no mountinfo shows it now.
+                    subprocess.run(["umount", "-l", mount], check=True)
+                    self.assert_answers("the check hung on the dead mount, lazily unmounted")
                 finally:
                     daemon.send_signal(signal.SIGCONT)
             finally:
