@@ -362,19 +362,23 @@ def write_atomically(path, data, mode):
 
 
 TORN_WRITE = re.compile(r"\.[0-9]+\.tmp\Z")   # what a kill in write_atomically leaves
+TORN_WRITE_AGE = 3600   # seconds; a write under way takes far less, on NFS too
 
 
-def remove_torn_writes(folder):
+def remove_torn_writes(folder, now):
     """Remove the PATH.PID.tmp files that write_atomically left in folder when a run was
-    killed mid-write. Only for a folder that no other run writes meanwhile (one that this
-    run's lock keeps)."""
+    killed mid-write, once older than TORN_WRITE_AGE: one of another host whose state
+    folder is this one (a home over NFS) may be under way. Only for a folder that no other
+    run of this host writes meanwhile (one that this run's lock keeps)."""
     try:
         names = [name for name in os.listdir(folder) if TORN_WRITE.search(name)]
     except OSError:
         return
     for name in names:
+        path = os.path.join(folder, name)
         try:
-            os.unlink(os.path.join(folder, name))
+            if now - os.lstat(path).st_mtime > TORN_WRITE_AGE:
+                os.unlink(path)
         except OSError:
             pass
 
@@ -6230,7 +6234,7 @@ def move_or_plan(options, environ, settings, destination, report, files, root, a
     if job.journals is not None:
         job.journals.sweep(root, time.time())
     if job.pair is not None:
-        remove_torn_writes(job.pair)
+        remove_torn_writes(job.pair, time.time())
     if options.delete_empty_dirs:
         remove_empty_dirs(root, report.tally.moved_from)
 

@@ -14,6 +14,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 import urllib.parse
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -274,11 +275,13 @@ class Resume(FaultCase):
         for path in torn:   # what runs killed in write_atomically left
             write_file(pair, os.path.basename(path), b"{")
         write_file(pair, "notes.tmp", b"not ours")
+        write_file(pair, "confirmed.jsonl.18.tmp", b"{", mtime=time.time())   # under way
         proxy, status, _, err = self.run_through("--exclude", "*.bin")
         self.assertEqual(status, 0, err)
         self.assertEqual(self.journals(), [journals["kept.bin"]])
         self.assertEqual([os.path.exists(path) for path in torn], [False, False])
         self.assertTrue(os.path.exists(os.path.join(pair, "notes.tmp")))
+        self.assertTrue(os.path.exists(os.path.join(pair, "confirmed.jsonl.18.tmp")))
 
     def killed_run_of(self, name):
         proxy, status, _, err = self.run_through("--jobs", "1", kill_at=2)
