@@ -3803,6 +3803,37 @@ def pair_folder(state_dir, source, destination):
     return os.path.join(state_dir, name.hexdigest()[:24])
 
 
+PAIR_HOST = "host"   # in a pair_folder: the name of the host whose run kept it last
+
+
+def mark_host(pair, source, notices):
+    """Note this host's name in the pair folder, with a warning where another host's is
+    there: hosts that share a state folder (a home over NFS) share the pair folder of a
+    SOURCE_DIR path and destination, and each one's run drops the others' records. Said
+    once after a host is renamed, or a container made anew, at every run where hosts share."""
+    path = os.path.join(pair, PAIR_HOST)
+    host = os.fsencode(os.uname().nodename)
+    try:
+        with open(path, "rb") as handle:
+            last = handle.read(256)
+    except FileNotFoundError:
+        last = None
+    except OSError:
+        return
+    if last == host:
+        return
+    if last:
+        notices.warning("the state of %s in %s was kept last by host %s, not %s: hosts that "
+                        "share a state folder drop each other's records (give each its own "
+                        "--state-dir); said once if this host was renamed" % (
+                            safe_name(source), safe_name(os.path.dirname(pair)),
+                            safe_name(last), safe_name(host)))
+    try:
+        write_atomically(path, host, 0o600)
+    except OSError:
+        pass   # a full state folder: said by the ledger
+
+
 class Journals(object):
     """The journals of one source and destination, in their pair_folder."""
 
@@ -6223,6 +6254,8 @@ def move_or_plan(options, environ, settings, destination, report, files, root, a
     report.progress = sys.stderr.isatty() if options.progress is None else options.progress
     job = Job(options, session, destination, report, root, asides, state, archive)
     job.ledger.open()
+    if job.pair is not None:
+        mark_host(job.pair, options.source, report.notices)
     try:
         own, pending = begin_manifest(job, options, state)
         move_all(job, files)

@@ -12,18 +12,25 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.parse
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import filesystems  # noqa: E402
 import s3server  # noqa: E402
 from helpers import (RUN_TIMEOUT, files_under, skip_unless_server_checks,  # noqa: E402
                      soak, write_file)
 from test_faults import MIB, FaultCase  # noqa: E402
 
 PART = 5 * MIB
+
+# Runs the command from argv[2] on under the host name argv[1] (in a UTS namespace of its
+# own: unshare --uts).
+RENAMED = ("import os, socket, sys; socket.sethostname(sys.argv[1]); "
+           "os.execv(sys.argv[2], sys.argv[2:])")
 MULTIPART = ("--multipart-threshold", "5MiB", "--part-size", "5MiB")
 
 
@@ -138,6 +145,26 @@ class Resume(FaultCase):
         with open(os.path.join(self.tmp, "summary.json")) as handle:
             self.assertEqual(json.load(handle)["bytes_resumed"], 5 * PART)
         self.assert_landed({"big.bin": data})
+
+    def test_a_state_folder_that_hosts_share_is_said(self):
+        """Runs of another host name (a home over NFS, a container made anew) on the same
+        SOURCE_DIR path and destination: a warning at each change of host."""
+        filesystems.need_root(self, "another host name (unshare)")
+        said = []
+        for number, host in enumerate((None, "s3push-other-host", None, None)):
+            write_file(self.source, "f%d" % number, b"x")   # a run with something to do
+            renamed = [] if host is None else ["unshare", "--uts", sys.executable, "-c",
+                                               RENAMED, host]
+            done = subprocess.run(renamed + self.command(), env=self.env(),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  stdin=subprocess.DEVNULL, timeout=RUN_TIMEOUT)
+            self.assertEqual(done.returncode, 0, done.stderr)
+            said.append(done.stderr.decode())
+        self.assertEqual(["was kept last by host" in err for err in said],
+                         [False, True, True, False])
+        self.assertIn("by host %s, not s3push-other-host: hosts that share a state folder"
+                      % socket.gethostname(), said[1])
+        self.assertEqual(files_under(self.source), [])
 
     def test_a_compressed_upload_resumes_from_the_same_gzip(self):
         # The gzip is made again by the next run, byte for byte (no name, mtime 0), so
