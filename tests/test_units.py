@@ -1450,7 +1450,7 @@ class IdleConnections(unittest.TestCase):
             listener.bind(("127.0.0.1", 0))
             listener.listen(2)
             self.addCleanup(listener.close)
-            ended = threading.Event()
+            parted, ended = threading.Event(), threading.Event()
 
             def serve():
                 for number in (1, 2):
@@ -1462,7 +1462,11 @@ class IdleConnections(unittest.TestCase):
                         if number == 1:
                             client.sendall(parting)
                             client.shutdown(socket.SHUT_WR)
-                            client.recv(1)   # until the client closes its end
+                            parted.set()
+                            try:
+                                client.recv(1)   # until the client closes its end
+                            except ConnectionResetError:
+                                pass   # closed with the 408 unread: a reset
                             ended.set()
                         else:
                             client.recv(65536)   # until the client closes
@@ -1472,7 +1476,9 @@ class IdleConnections(unittest.TestCase):
             try:
                 self.assertEqual(connection.exchange("GET", "/k", {"host": "h"}, b"").body,
                                  b"1")
-                time.sleep(0.2)   # the server's FIN (and its 408) are in
+                # The server's FIN (and its 408) are in before the next request.
+                self.assertTrue(parted.wait(10))
+                self.assertTrue(select.select([connection.sock], [], [], 10)[0])
                 self.assertEqual(connection.exchange("GET", "/k", {"host": "h"}, b"").body,
                                  b"2", parting)
                 self.assertTrue(ended.wait(10))
