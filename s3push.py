@@ -465,6 +465,7 @@ class S3PushError(Exception):
     """An expected failure; its text is one line for the operator, without secrets."""
     exit_code = EXIT_SOFTWARE
     fatal = True   # stop the whole run, not just this file
+    status = None   # the HTTP status of the answer it reports, if it reports one
 
 
 class UsageError(S3PushError):
@@ -527,6 +528,12 @@ class KeyTakenError(FileError):
 
 class UploadGoneError(FileError):
     """NoSuchUpload: the server dropped the multipart upload (some do after a failed part)."""
+
+
+class PartFailedError(TemporaryError):
+    """A part the server failed itself (HTTP 500) every time it was sent: its upload may
+    be broken there for good (rclone's server fails every later part of an upload whose
+    stream broke), so it is started afresh (see multipart_upload)."""
 
 
 class ChangedError(FileError):
@@ -2464,7 +2471,9 @@ def body_headers(digest, check, content_type=None):
 def check_answer(response, what):
     """Raise the S3PushError for a failed answer, including a 200 that carries an <Error>."""
     if not 200 <= response.status < 300:
-        raise error_from_response(response, what)
+        error = error_from_response(response, what)
+        error.status = response.status
+        raise error
     code, _ = response.error
     if code:   # CompleteMultipartUpload can fail after its 200 was sent
         raise error_from_response(Response(500, "error in a 200 answer", response.headers,
@@ -5451,8 +5460,11 @@ def send_parts(client, job, key, fd, plan, sending, journal, resumption, state):
                 tracker.wait(0.5)
     finally:
         job.queue.end_upload()
-    if tracker.error is not None:
-        raise tracker.error
+    error = tracker.error
+    if error is not None:
+        if error.status == 500:
+            raise PartFailedError(str(error))
+        raise error
     if content_stamp(os.fstat(fd)) != state:   # left incomplete: a lifecycle rule removes it
         journal.remove()
         raise ChangedError("changed while it was uploading, between its parts: the "
@@ -5468,8 +5480,9 @@ def multipart_upload(client, job, key, fd, info, sending, journal):
     """A multipart upload, resumed where the journal says an earlier run left it.
 
     Started afresh (once) when the server will not go on with it: the upload is gone
-    (aborted, expired, or completed by an attempt whose answer was lost), or, resumed,
-    it refuses a part sent again (rclone's server will not replace one) or its result.
+    (aborted, expired, or completed by an attempt whose answer was lost), it failed a
+    part every time (PartFailedError), or, resumed, it refuses a part sent again
+    (rclone's server will not replace one) or its result.
     A KeyTakenError keeps the journal: the parts are there for a later run to complete;
     a ChangedError has dropped it (the parts hold bytes of more than one state).
     On failure nothing is aborted (AbortMultipartUpload is a DELETE): the journal lets
@@ -5488,9 +5501,9 @@ def multipart_upload(client, job, key, fd, info, sending, journal):
         return send_parts(client, job, key, fd, plan, sending, journal, resumption, state)
     except (KeyTakenError, ChangedError):
         raise
-    except FileError as exc:
+    except (FileError, PartFailedError) as exc:
         journal.remove()   # never resumed: the server holds something else
-        if resumption is None and not isinstance(exc, UploadGoneError):
+        if resumption is None and not isinstance(exc, (UploadGoneError, PartFailedError)):
             raise
         if resumption is not None:   # its parts go again after all
             job.report.resume_dropped(reused)

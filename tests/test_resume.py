@@ -238,6 +238,64 @@ class Resume(FaultCase):
         with open(summary) as handle:   # the reused parts were sent again after all
             self.assertEqual(json.load(handle)["bytes_resumed"], 0)
 
+    def test_an_upload_whose_parts_the_server_fails_starts_over(self):
+        # As rclone's server does to an upload whose stream broke: every part fails, 500.
+        def failing(status, code, doomed):
+            """Answer status to every part of the uploads in doomed (the first one this
+            run starts if it is empty)."""
+            def rule(request):
+                if request.method != "PUT" or part_number(request.target) is None:
+                    return None
+                upload = request.target.rpartition("uploadId=")[2]
+                doomed.add(upload) if not doomed else None
+                return ("answer", status, code) if upload in doomed else None
+            return rule
+
+        def starts(proxy):
+            return sum("?uploads" in t for _, t in proxy.requests)
+
+        data = os.urandom(2 * PART + 1)
+        write_file(self.source, "big.bin", data)
+        busy = set()   # a busy server (503) is waited for, the upload kept for the next run
+        proxy, status, _, err = self.run_through("--jobs", "1", "--retries", "1",
+                                                 answers=failing(503, "SlowDown", busy))
+        self.assertEqual(status, 75, err)
+        self.assertIn("part 1: SlowDown", err)
+        self.assertEqual((starts(proxy), proxy.parts), (1, [1, 1]))
+        self.assertEqual(files_under(self.source), [b"big.bin"])
+        self.assertEqual(len(self.journals()), 1)
+        # Resumed, its parts failed (500): started afresh at once, and the journal's upload
+        # is never resumed again.
+        proxy, status, _, err = self.run_through("--jobs", "1", "--retries", "1",
+                                                 answers=failing(500, "InternalError", busy))
+        self.assertEqual(status, 0, err)
+        self.assertEqual((starts(proxy), proxy.parts), (1, [1, 1, 1, 2, 3]))
+        self.assert_landed({"big.bin": data})
+        self.assertEqual(self.journals(), [])
+        # Started by this run, the same.
+        data = os.urandom(2 * PART + 1)
+        write_file(self.source, "big.bin", data)
+        proxy, status, _, err = self.run_through("--jobs", "2", "--retries", "1",
+                                                 answers=failing(500, "InternalError", set()))
+        self.assertEqual(status, 0, err)
+        self.assertEqual(starts(proxy), 2)
+        self.assertEqual(proxy.parts.count(1), 3, proxy.parts)
+        self.assert_landed({"big.bin": data})
+        self.assertEqual((files_under(self.source), self.journals()), ([], []))
+        # Failed again by the fresh upload too: kept, and the next run goes on.
+        write_file(self.source, "big.bin", data)
+        proxy, status, _, err = self.run_through("--jobs", "1", "--retries", "0",
+                                                 answers=lambda request: (
+                                                     "answer", 500, "InternalError")
+                                                 if part_number(request.target) else None)
+        self.assertEqual(status, 75, err)
+        self.assertIn("part 1: InternalError", err)
+        self.assertEqual((starts(proxy), proxy.parts), (2, [1, 1]))
+        self.assertEqual((files_under(self.source), len(self.journals())), ([b"big.bin"], 1))
+        proxy, status, _, err = self.run_through("--jobs", "1")
+        self.assertEqual(status, 0, err)
+        self.assert_landed({"big.bin": data})
+
     def test_unusable_journals_start_over_and_say_so(self):
         damages = {"corrupt": lambda text: text[:40] + b"\x00garbage\n" + text[40:],
                    "truncated": lambda text: text[:len(text) // 2] + b"\n",
