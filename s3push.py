@@ -3647,6 +3647,7 @@ class Journal(object):
         self.lock = threading.Lock()
         self.fd = None
         self.checksum = None   # the upload's: set by start()
+        self.pending = None    # the text start() left for the first confirmed part to write
 
     def load(self):
         """(header, parts) of the journal kept for this very file, or None (also when its
@@ -3672,9 +3673,11 @@ class Journal(object):
                  % (self.path, safe_name(self.found.relative), one_line(why)))
         return None
 
-    def start(self, key, plan, resumption):
+    def start(self, key, plan, resumption, once_confirmed=False):
         """Write the journal afresh (a new file renamed over the old): the upload, how it
-        is cut into parts, and the parts of it that are reused."""
+        is cut into parts, and the parts of it that are reused. once_confirmed: only when
+        the first part is confirmed (the journal there until then stays the one resumed
+        should this upload fail before that)."""
         header = {"s3push_journal": JOURNAL_VERSION, "key": key,
                   "upload_id": resumption.upload_id, "created": resumption.created,
                   "part_size": plan.part_size, "headers": plan.headers,
@@ -3686,17 +3689,25 @@ class Journal(object):
         with self.lock:
             self.close_file()
             self.checksum = plan.checksum
-            try:
-                os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
-                write_atomically(self.path, text.encode("utf-8"), 0o600)
-                self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
-            except OSError as exc:
-                self.fail(exc)
+            self.pending = text if once_confirmed else None
+            if not once_confirmed:
+                self.write_start(text)
+
+    def write_start(self, text):
+        try:
+            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+            write_atomically(self.path, text.encode("utf-8"), 0o600)
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        except OSError as exc:
+            self.fail(exc)
 
     def confirmed(self, number, offset, length, sent):
         """Append one part the server confirmed: one write of one line, then fsync."""
         part = JournalPart(offset, length, sent.value.hex(), sent.etag)
         with self.lock:
+            if self.pending is not None:
+                self.write_start(self.pending)
+                self.pending = None
             if self.fd is not None:
                 try:
                     os.write(self.fd, part_line(number, part, self.checksum).encode("utf-8"))
@@ -3722,6 +3733,7 @@ class Journal(object):
         """The upload completed, or is gone: nothing to resume any more."""
         with self.lock:
             self.close_file()
+            self.pending = None
             try:
                 os.unlink(self.path)
             except FileNotFoundError:
@@ -3734,10 +3746,13 @@ class NoJournal(object):
     """What stands for a journal where none is kept (--resume-days 0, no state folder,
     no MD5 to check parts by)."""
 
+    def __init__(self, found):
+        self.found = found
+
     def load(self):
         return None
 
-    def start(self, key, plan, resumption):
+    def start(self, key, plan, resumption, once_confirmed=False):
         pass
 
     def confirmed(self, number, offset, length, sent):
@@ -4760,10 +4775,14 @@ class Report(object):
                 self.notices.line(sys.stdout if verbose else sys.stderr, "resuming %s: %d of "
                                   "%d parts already there" % (safe_name(path), reused, parts))
 
-    def resume_dropped(self, size):
-        """A resumed upload started over: its reused bytes were sent again after all."""
+    def restarted(self, path, exc, reused, verbose):
+        """A multipart upload started over (see multipart_upload), said under -v: reused,
+        the bytes of a resumed one, are sent again after all."""
         with self.lock:
-            self.tally.bytes_resumed -= size
+            self.tally.bytes_resumed -= reused
+            if verbose:
+                self.notices.line(sys.stdout, "%s: its multipart upload starts afresh (%s)"
+                                  % (safe_name(path), exc))
 
     def queued(self, size):
         """The scan queued one more file of this size for the workers."""
@@ -5357,7 +5376,7 @@ class Job(object):
 
     def journal_for(self, found, info):
         if self.journals is None:
-            return NoJournal()
+            return NoJournal(found)
         return self.journals.for_file(found, info)
 
 
@@ -5435,16 +5454,18 @@ class MultipartPlan(collections.namedtuple("MultipartPlan",
     __slots__ = ()
 
 
-def send_parts(client, job, key, fd, plan, sending, journal, resumption, state):
+def send_parts(client, job, key, fd, plan, sending, journal, resumption, state,
+               journal_kept=False):
     """Create the upload (unless it is a Resumption), send the parts it lacks through the
     workers (helping them), then complete it, but only if the file is still in the
     content_stamp it was in before its first part (or reused part) was read: parts read
-    before and after a rewrite in place would make an object that was never the file."""
+    before and after a rewrite in place would make an object that was never the file.
+    journal_kept: the journal stays as it is until a part of this upload is confirmed."""
     if resumption is None:
         resumption = Resumption(create_multipart_upload(client, key, sending), time.time(),
                                 {})
     upload_id, reused = resumption.upload_id, resumption.parts
-    journal.start(key, plan, resumption)
+    journal.start(key, plan, resumption, once_confirmed=journal_kept)
     tracker = PartTracker(len(plan.ranges))
     for number, part in reused.items():
         tracker.finish(number - 1, Sent(part.etag, bytes.fromhex(part.check_hex)))
@@ -5462,7 +5483,7 @@ def send_parts(client, job, key, fd, plan, sending, journal, resumption, state):
         job.queue.end_upload()
     error = tracker.error
     if error is not None:
-        if error.status == 500:
+        if type(error) is TemporaryError and error.status == 500:
             raise PartFailedError(str(error))
         raise error
     if content_stamp(os.fstat(fd)) != state:   # left incomplete: a lifecycle rule removes it
@@ -5482,7 +5503,10 @@ def multipart_upload(client, job, key, fd, info, sending, journal):
     Started afresh (once) when the server will not go on with it: the upload is gone
     (aborted, expired, or completed by an attempt whose answer was lost), it failed a
     part every time (PartFailedError), or, resumed, it refuses a part sent again
-    (rclone's server will not replace one) or its result.
+    (rclone's server will not replace one) or its result. After a PartFailedError the
+    journal stays the resumed upload's until the fresh one has a part: a server failing
+    every upload for a while (not just that one) costs no parts already sent. Not
+    started afresh once the run stops or its --deadline passed.
     A KeyTakenError keeps the journal: the parts are there for a later run to complete;
     a ChangedError has dropped it (the parts hold bytes of more than one state).
     On failure nothing is aborted (AbortMultipartUpload is a DELETE): the journal lets
@@ -5502,12 +5526,16 @@ def multipart_upload(client, job, key, fd, info, sending, journal):
     except (KeyTakenError, ChangedError):
         raise
     except (FileError, PartFailedError) as exc:
-        journal.remove()   # never resumed: the server holds something else
-        if resumption is None and not isinstance(exc, (UploadGoneError, PartFailedError)):
+        failed = isinstance(exc, PartFailedError)
+        if not failed:
+            journal.remove()   # never resumed: the server holds something else
+        if resumption is None and not isinstance(exc, (UploadGoneError, PartFailedError)) \
+                or job.queue.stopped or job.deadline.passed():
             raise
-        if resumption is not None:   # its parts go again after all
-            job.report.resume_dropped(reused)
-        return send_parts(client, job, key, fd, plan, sending, journal, None, state)
+        job.report.restarted(os.path.join(job.source, journal.found.relative), exc,
+                             reused if resumption is not None else 0, job.verbose)
+        return send_parts(client, job, key, fd, plan, sending, journal, None, state,
+                          journal_kept=failed and resumption is not None)
     finally:
         journal.close()
 

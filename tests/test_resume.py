@@ -266,9 +266,10 @@ class Resume(FaultCase):
         self.assertEqual(len(self.journals()), 1)
         # Resumed, its parts failed (500): started afresh at once, and the journal's upload
         # is never resumed again.
-        proxy, status, _, err = self.run_through("--jobs", "1", "--retries", "1",
-                                                 answers=failing(500, "InternalError", busy))
+        proxy, status, out, err = self.run_through("--jobs", "1", "--retries", "1", "-v",
+                                                   answers=failing(500, "InternalError", busy))
         self.assertEqual(status, 0, err)
+        self.assertIn("big.bin: its multipart upload starts afresh (part 1: InternalError", out)
         self.assertEqual((starts(proxy), proxy.parts), (1, [1, 1, 1, 2, 3]))
         self.assert_landed({"big.bin": data})
         self.assertEqual(self.journals(), [])
@@ -282,19 +283,28 @@ class Resume(FaultCase):
         self.assertEqual(proxy.parts.count(1), 3, proxy.parts)
         self.assert_landed({"big.bin": data})
         self.assertEqual((files_under(self.source), self.journals()), ([], []))
-        # Failed again by the fresh upload too: kept, and the next run goes on.
+        # A server failing every part of every upload for a while: the fresh upload has no
+        # part, the journal stays the resumed upload's, and the next run resumes it.
+        data = os.urandom(2 * PART + 1)
         write_file(self.source, "big.bin", data)
+        self.killed_run(3, "--jobs", "1")
+        [journal] = self.journals()
+        with open(journal, "rb") as handle:
+            before = handle.read()
         proxy, status, _, err = self.run_through("--jobs", "1", "--retries", "0",
                                                  answers=lambda request: (
                                                      "answer", 500, "InternalError")
                                                  if part_number(request.target) else None)
         self.assertEqual(status, 75, err)
         self.assertIn("part 1: InternalError", err)
-        self.assertEqual((starts(proxy), proxy.parts), (2, [1, 1]))
-        self.assertEqual((files_under(self.source), len(self.journals())), ([b"big.bin"], 1))
+        self.assertEqual((starts(proxy), proxy.parts), (1, [3, 1]))
+        with open(journal, "rb") as handle:
+            self.assertEqual(handle.read(), before)
         proxy, status, _, err = self.run_through("--jobs", "1")
         self.assertEqual(status, 0, err)
+        self.assertEqual((starts(proxy), proxy.parts), (0, [3]))
         self.assert_landed({"big.bin": data})
+        self.assertEqual((files_under(self.source), self.journals()), ([], []))
 
     def test_unusable_journals_start_over_and_say_so(self):
         damages = {"corrupt": lambda text: text[:40] + b"\x00garbage\n" + text[40:],
