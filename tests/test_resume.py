@@ -305,6 +305,19 @@ class Resume(FaultCase):
         self.assertEqual((starts(proxy), proxy.parts), (0, [3]))
         self.assert_landed({"big.bin": data})
         self.assertEqual((files_under(self.source), self.journals()), ([], []))
+        # Failed once the --deadline passed: not started afresh.
+        write_file(self.source, "big.bin", data)
+
+        def late(request):
+            if part_number(request.target) is None:
+                return None
+            time.sleep(1.5)
+            return ("answer", 500, "InternalError")
+        proxy, status, _, err = self.run_through("--jobs", "3", "--deadline", "1",
+                                                 answers=late)   # all three parts in flight
+        self.assertEqual(status, 75, err)
+        self.assertEqual((starts(proxy), sorted(proxy.parts)), (1, [1, 2, 3]))
+        self.assertEqual(files_under(self.source), [b"big.bin"])
 
     def test_unusable_journals_start_over_and_say_so(self):
         damages = {"corrupt": lambda text: text[:40] + b"\x00garbage\n" + text[40:],
