@@ -5271,6 +5271,7 @@ class WorkQueue(object):
         self.max_files = max_files
         self.producing = True   # the scan may still add files
         self.uploads = 0        # multipart uploads in progress
+        self.moving = set()     # files taken, not yet performed: each may begin one
         self.stopped = False
 
     def add_file(self, task):
@@ -5320,8 +5321,12 @@ class WorkQueue(object):
                 if self.files and not self.stopped:
                     if len(self.files) == self.max_files // 2 + 1:
                         self.room.notify()   # half taken: the scan may fill it again
-                    return self.files.popleft()
-                if self.stopped or (not self.producing and self.uploads == 0):
+                    task = self.files.popleft()
+                    self.moving.add(task)
+                    return task
+                # Not while a file taken may still begin a multipart upload: its parts
+                # would go over fewer connections than --jobs (one, for a file alone).
+                if self.stopped or not (self.producing or self.uploads or self.moving):
                     return None
                 if not wait:
                     return NOT_NOW
@@ -5330,6 +5335,13 @@ class WorkQueue(object):
     def next_part(self):
         with self.work:
             return self.parts.popleft() if self.parts else None
+
+    def performed(self, task):
+        """A task taken by next_task was performed (a file: past its upload)."""
+        with self.work:
+            if task in self.moving:
+                self.moving.discard(task)
+                self.work.notify_all()
 
 
 class Job(object):
@@ -6074,7 +6086,10 @@ def worker(job):
                     return
                 if task is NOT_NOW:
                     continue
-            stopped = task.perform(client)
+            try:
+                stopped = task.perform(client)
+            finally:
+                job.queue.performed(task)
             if stopped is not None:
                 waiting.append(stopped)
             finish_waiting(waiting, keep=1 if stopped is not None else 0)

@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import unittest
 
@@ -412,6 +413,25 @@ class Multipart(IntegrationCase):
         result = self.run_s3push("--multipart-threshold", "5MiB", "--part-size", "5MiB",
                                  endpoint=self.fault_proxy(rule).endpoint)
         self.assertEqual(result.status, 0, result.stderr)
+        self.assert_landed({"big.bin": data})
+
+    def test_the_parts_of_a_file_alone_go_over_every_connection(self):
+        data = os.urandom(2 * 5 * MIB + 1)
+        write_file(self.source, "big.bin", data)
+        met = threading.Barrier(3, timeout=20)   # the three parts, in flight at once
+        late = []
+
+        def rule(request):
+            if "partNumber=" in request.target and not request.attempt:
+                try:
+                    met.wait()
+                except threading.BrokenBarrierError:
+                    late.append(request.target)
+            return None
+        result = self.run_s3push("--multipart-threshold", "5MiB", "--part-size", "5MiB",
+                                 "--jobs", "3", endpoint=self.fault_proxy(rule).endpoint)
+        self.assertEqual(result.status, 0, result.stderr)
+        self.assertEqual(late, [], "the parts went up one after another")
         self.assert_landed({"big.bin": data})
 
     def test_many_files_and_multipart_files_in_parallel(self):
