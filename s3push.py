@@ -5287,8 +5287,12 @@ class WorkQueue(object):
     def begin_upload(self, tasks):
         with self.work:
             self.uploads += 1
-            self.parts.extend(tasks)
-            self.work.notify_all()
+            if not self.stopped:
+                self.parts.extend(tasks)
+                self.work.notify_all()
+                return
+        for task in tasks:   # the run stopped while the upload was being created
+            task.abandon()
 
     def end_upload(self):
         with self.work:
@@ -5518,7 +5522,9 @@ def multipart_upload(client, job, key, fd, info, sending, journal):
     (rclone's server will not replace one) or its result. After a PartFailedError the
     journal stays the resumed upload's until the fresh one has a part: a server failing
     every upload for a while (not just that one) costs no parts already sent. Not
-    started afresh once the run stops or its --deadline passed.
+    started afresh once the run stops or its --deadline passed (a --deadline near may
+    have cut a part's retries short: the fresh upload is still made, as a deadline that
+    always cuts them would otherwise keep a broken upload resumed run after run).
     A KeyTakenError keeps the journal: the parts are there for a later run to complete;
     a ChangedError has dropped it (the parts hold bytes of more than one state).
     On failure nothing is aborted (AbortMultipartUpload is a DELETE): the journal lets
@@ -6094,8 +6100,8 @@ def worker(job):
                 waiting.append(stopped)
             finish_waiting(waiting, keep=1 if stopped is not None else 0)
     except Exception as exc:   # a bug: stop the run, keep the files, say where
-        job.report.crashed(exc)
         job.queue.stop()
+        job.report.crashed(exc)
         try:   # the files uploaded and recorded before it: removed, and reported
             finish_waiting(waiting)
         except Exception:

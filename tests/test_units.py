@@ -1377,6 +1377,33 @@ class Workers(unittest.TestCase):
         self.finished(thread, tasks, client)
         self.assertEqual(log, ["perform a", "finish a", "perform b", "finish b"])
 
+    def test_an_upload_begun_once_the_run_stopped_sends_no_part(self):
+        # Its create was in flight when the --deadline or a signal stopped the queue.
+        queue = s3push.WorkQueue(8)
+        queue.done_producing()
+        parts = [unittest.mock.Mock(), unittest.mock.Mock()]
+        queue.stop()
+        queue.begin_upload(parts)
+        for part in parts:
+            part.abandon.assert_called_once_with()
+        self.assertIsNone(queue.next_task())
+        self.assertIsNone(queue.next_part())
+        queue.end_upload()
+
+    def test_a_worker_waits_while_a_file_taken_may_still_begin_an_upload(self):
+        queue = s3push.WorkQueue(8)
+        file_task = unittest.mock.Mock()
+        queue.add_file(file_task)
+        queue.done_producing()
+        self.assertIs(queue.next_task(), file_task)
+        self.assertIs(queue.next_task(wait=False), s3push.NOT_NOW)   # not None: it stays
+        part = unittest.mock.Mock()
+        queue.begin_upload([part])
+        self.assertIs(queue.next_task(wait=False), part)
+        queue.end_upload()
+        queue.performed(file_task)
+        self.assertIsNone(queue.next_task(wait=False))
+
     def test_a_bug_in_the_next_file_still_finishes_the_waiting_one(self):
         log = []
         tasks = [self.Task(log, "a"), self.Task(log, "b", fails="perform"),
