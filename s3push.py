@@ -5471,17 +5471,17 @@ class MultipartPlan(collections.namedtuple("MultipartPlan",
 
 
 def send_parts(client, job, key, fd, plan, sending, journal, resumption, state,
-               journal_kept=False):
+               once_confirmed=False):
     """Create the upload (unless it is a Resumption), send the parts it lacks through the
     workers (helping them), then complete it, but only if the file is still in the
     content_stamp it was in before its first part (or reused part) was read: parts read
     before and after a rewrite in place would make an object that was never the file.
-    journal_kept: the journal stays as it is until a part of this upload is confirmed."""
+    once_confirmed: the journal stays as it is until a part of this upload is confirmed."""
     if resumption is None:
         resumption = Resumption(create_multipart_upload(client, key, sending), time.time(),
                                 {})
     upload_id, reused = resumption.upload_id, resumption.parts
-    journal.start(key, plan, resumption, once_confirmed=journal_kept)
+    journal.start(key, plan, resumption, once_confirmed)
     tracker = PartTracker(len(plan.ranges))
     for number, part in reused.items():
         tracker.finish(number - 1, Sent(part.etag, bytes.fromhex(part.check_hex)))
@@ -5547,13 +5547,13 @@ def multipart_upload(client, job, key, fd, info, sending, journal):
         failed = isinstance(exc, PartFailedError)
         if not failed:
             journal.remove()   # never resumed: the server holds something else
-        if resumption is None and not isinstance(exc, (UploadGoneError, PartFailedError)) \
+        if resumption is None and not (failed or isinstance(exc, UploadGoneError)) \
                 or job.queue.stopped or job.deadline.passed():
             raise
         job.report.restarted(os.path.join(job.source, journal.found.relative), exc,
                              reused if resumption is not None else 0, job.verbose)
         return send_parts(client, job, key, fd, plan, sending, journal, None, state,
-                          journal_kept=failed and resumption is not None)
+                          once_confirmed=failed and resumption is not None)
     finally:
         journal.close()
 

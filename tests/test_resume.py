@@ -89,6 +89,15 @@ class Resume(FaultCase):
         self.assertEqual(files_under(self.source), [b"big.bin"])
         return proxy
 
+    def killed_with_a_journal(self, data):
+        """big.bin holding data, its run killed at part 3: (its journal, the journal's
+        bytes)."""
+        write_file(self.source, "big.bin", data)
+        self.killed_run(3, "--jobs", "1")
+        [journal] = self.journals()
+        with open(journal, "rb") as handle:
+            return journal, handle.read()
+
     def journals(self):
         return glob.glob(os.path.join(self.home, ".local", "state", "s3push", "*", "*.journal"))
 
@@ -286,11 +295,7 @@ class Resume(FaultCase):
         # A server failing every part of every upload for a while: the fresh upload has no
         # part, the journal stays the resumed upload's, and the next run resumes it.
         data = os.urandom(2 * PART + 1)
-        write_file(self.source, "big.bin", data)
-        self.killed_run(3, "--jobs", "1")
-        [journal] = self.journals()
-        with open(journal, "rb") as handle:
-            before = handle.read()
+        journal, before = self.killed_with_a_journal(data)
         proxy, status, _, err = self.run_through("--jobs", "1", "--retries", "0",
                                                  answers=lambda request: (
                                                      "answer", 500, "InternalError")
@@ -326,11 +331,7 @@ class Resume(FaultCase):
                                                                 b'"s3push_journal": 99')}
         for what, damage in sorted(damages.items()):
             data = os.urandom(3 * PART + 1)
-            write_file(self.source, "big.bin", data)
-            self.killed_run(3, "--jobs", "1")
-            [journal] = self.journals()
-            with open(journal, "rb") as handle:
-                text = handle.read()
+            journal, text = self.killed_with_a_journal(data)
             with open(journal, "wb") as handle:
                 handle.write(damage(text))
             proxy, status, _, err = self.run_through("--jobs", "1", "-v")
